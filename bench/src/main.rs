@@ -1,0 +1,842 @@
+//! `bench`: installs nothing itself (see bench/install.sh); starts every system's path on
+//! loopback, measures, and writes the Markdown report and the PNG chart.
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use relay_bench::chart::{self, Panel};
+use relay_bench::load;
+use relay_bench::procs::{self, Proc, free_port, wait_port};
+use relay_bench::report::{self, FIGS, Results, applies};
+use relay_bench::systems::{self, Ctx, RelayOpts, System, Tools, bench_dir};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Relay vs direct TCP, socat, rathole, bore and an OpenSSH tunnel, side by side on loopback",
+    after_help = "Install the peers first: bash bench/install.sh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+    /// Smoke test: one short run per figure; fails if a path is broken or a figure is missing.
+    #[arg(long)]
+    quick: bool,
+    /// Systems to run, in this order.
+    #[arg(long, value_enum, value_delimiter = ',',
+          default_value = "direct,socat,rathole,bore,ssh,relay")]
+    systems: Vec<System>,
+    /// Systems that must be available (otherwise they are reported as "not available").
+    #[arg(long, value_enum, value_delimiter = ',')]
+    require: Vec<System>,
+    /// Figures to run: tput, latency, http, sessions, idle.
+    #[arg(long, value_delimiter = ',', default_value = "tput,latency,http,sessions,idle")]
+    figures: Vec<String>,
+    /// Repeats per figure (the report shows medians). Default: 5, or 1 with --quick.
+    #[arg(long)]
+    repeats: Option<u32>,
+    /// Seconds per measurement. Default: 10, or 1 with --quick.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Requests per second of the low-rate latency figure.
+    #[arg(long, default_value_t = 200)]
+    low_rate: u32,
+    /// Connections of the high-load latency figure.
+    #[arg(long, default_value_t = 32)]
+    high_conns: usize,
+    /// Idle clients per system for figure 5, as rathole,bore,ssh,relay.
+    /// Default: 1000,200,100,200, or 100,20,10,20 with --quick.
+    #[arg(long, value_delimiter = ',')]
+    idle_n: Vec<usize>,
+    /// Markdown report. Default: docs/BENCHMARKS.md, or bench/out/quick/BENCHMARKS.md with --quick.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// PNG chart. Default: bench/results/benchmarks.png, or bench/out/quick/benchmarks.png.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Extra `relay serve` flags (plain TCP allowed explicitly).
+    #[arg(long, env = "RELAY_BENCH_SERVE_ARGS", default_value = "--allow-plain",
+          allow_hyphen_values = true)]
+    relay_serve_args: String,
+    /// Extra flags of `relay expose` and `relay connect` (plain TCP).
+    #[arg(long, env = "RELAY_BENCH_TERMINAL_ARGS", default_value = "--plain",
+          allow_hyphen_values = true)]
+    relay_terminal_args: String,
+    /// Extra `relay serve` flags of the relay-nosplice system.
+    #[arg(long, env = "RELAY_BENCH_NOSPLICE_ARGS", default_value = "--no-splice",
+          allow_hyphen_values = true)]
+    relay_nosplice_args: String,
+    /// Run our relay over TLS (generated certificate pinned with --fingerprint) instead of
+    /// plain TCP.
+    #[arg(long)]
+    relay_tls: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Runs the echo and HTTP services (started by the bench itself).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        echo_port: u16,
+        #[arg(long)]
+        http_port: u16,
+    },
+}
+
+struct Cfg {
+    quick: bool,
+    dur: Duration,
+    low_rate: u32,
+    high_conns: usize,
+    idle_n: [usize; 4],
+    figures: Vec<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(Sub::Serve {
+        echo_port,
+        http_port,
+    }) = cli.cmd
+    {
+        let r = load::runtime().and_then(|rt| rt.block_on(load::serve(echo_port, http_port)));
+        if let Err(e) = r {
+            eprintln!("bench serve: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    match run(cli) {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn split(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    let started = Instant::now();
+    let quick = cli.quick;
+    let repeats = cli.repeats.unwrap_or(if quick { 1 } else { 5 }).max(1);
+    let dur = Duration::from_secs_f64(cli.duration.unwrap_or(if quick { 1.0 } else { 10.0 }));
+    let idle_default = if quick {
+        [100, 20, 10, 20]
+    } else {
+        [1000, 200, 100, 200]
+    };
+    let mut idle_n = idle_default;
+    for (i, n) in cli.idle_n.iter().take(4).enumerate() {
+        idle_n[i] = *n;
+    }
+    let ws = bench_dir().join("..");
+    let out_dir = if quick {
+        bench_dir().join("out/quick")
+    } else {
+        bench_dir().join("results")
+    };
+    let md_path = cli.out.clone().unwrap_or_else(|| {
+        if quick {
+            out_dir.join("BENCHMARKS.md")
+        } else {
+            ws.join("docs/BENCHMARKS.md")
+        }
+    });
+    let png_path = cli
+        .chart
+        .clone()
+        .unwrap_or_else(|| out_dir.join("benchmarks.png"));
+    let cfg = Cfg {
+        quick,
+        dur,
+        low_rate: cli.low_rate.max(1),
+        high_conns: cli.high_conns.max(1),
+        idle_n,
+        figures: cli.figures.clone(),
+    };
+    let fd_limit = procs::raise_fd_limit();
+    let tools = Tools::locate();
+    let work = bench_dir().join("out/run");
+    let _ = fs::remove_dir_all(&work);
+    let mut ctx = Ctx::new(
+        tools.clone(),
+        work.clone(),
+        RelayOpts {
+            serve_args: split(&cli.relay_serve_args),
+            terminal_args: split(&cli.relay_terminal_args),
+            nosplice_args: split(&cli.relay_nosplice_args),
+            tls: cli.relay_tls,
+        },
+    )?;
+    let mut systems: Vec<System> = Vec::new();
+    for s in &cli.systems {
+        if !systems.contains(s) {
+            systems.push(*s);
+        }
+    }
+    let mut res = Results::default();
+    for &s in &systems {
+        if let Some(why) = tools.missing(s) {
+            if cli.require.contains(&s) {
+                bail!("{s} is required (--require) but {why}");
+            }
+            if !s.is_relay() {
+                res.errors.push(format!("{s}: {why}"));
+            }
+            println!("{s}: {why}");
+            res.unavailable.insert(s, why);
+        }
+    }
+    if cfg.figures.iter().any(|f| f == "tput") && !tools.iperf3.is_file() {
+        bail!("iperf3 not found: run bench/install.sh");
+    }
+    if cfg.figures.iter().any(|f| f == "http") && !tools.wrk.is_file() {
+        bail!("wrk not found: run bench/install.sh");
+    }
+
+    // The services behind every path, in a child process of their own.
+    let (echo, http) = (free_port()?, free_port()?);
+    let exe = std::env::current_exe()?;
+    let mut c = Command::new(&exe);
+    c.args([
+        "serve",
+        "--echo-port",
+        &echo.to_string(),
+        "--http-port",
+        &http.to_string(),
+    ]);
+    let mut svc = vec![Proc::spawn("services", c, &work.join("services.log"))?];
+    wait_port(echo, Duration::from_secs(10), &mut svc)?;
+    wait_port(http, Duration::from_secs(10), &mut svc)?;
+    let rt = load::runtime()?;
+
+    let runnable: Vec<System> = systems
+        .iter()
+        .copied()
+        .filter(|s| !res.unavailable.contains_key(s))
+        .collect();
+    for rep in 0..repeats {
+        // Systems interleaved within each repeat, so drift on a shared machine hits all alike.
+        for &sys in &runnable {
+            println!("[{:>5.1}s] repeat {}/{repeats}: {sys}", started.elapsed().as_secs_f64(), rep + 1);
+            measure_system(sys, &mut ctx, &rt, &cfg, echo, http, &mut res);
+        }
+    }
+    drop(svc);
+
+    // A figure is missing when its required metric has no sample for an applicable system.
+    for &sys in &runnable {
+        for fig in FIGS {
+            let wanted = match fig.id {
+                "lat_low" | "lat_high" => "latency",
+                "rss" => "http",
+                other => other,
+            };
+            if fig.required.is_empty()
+                || !applies(fig.id, sys)
+                || !cfg.figures.iter().any(|f| f == wanted)
+            {
+                continue;
+            }
+            if res.median(fig.required, sys).filter(|v| *v > 0.0).is_none() {
+                res.errors
+                    .push(format!("{sys}: figure {} missing ({})", fig.id, fig.required));
+            }
+        }
+    }
+
+    let md = render_report(&cli, &cfg, &systems, &res, repeats, fd_limit, &tools, &png_path, &md_path);
+    if let Some(d) = md_path.parent() {
+        fs::create_dir_all(d)?;
+    }
+    fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
+    if let Some(d) = png_path.parent() {
+        fs::create_dir_all(d)?;
+    }
+    chart::render(
+        &png_path,
+        &format!(
+            "Relay benchmarks ({}; median of {repeats} run(s), {} s each; {})",
+            if quick { "--quick" } else { "full" },
+            dur.as_secs_f64(),
+            one_line_machine()
+        ),
+        &panels(&res, &runnable),
+    )?;
+    println!();
+    println!("{}", report::tables(&res, &systems));
+    println!("report: {}", md_path.display());
+    println!("chart:  {}", png_path.display());
+    println!("total:  {:.1} s", started.elapsed().as_secs_f64());
+    if res.errors.is_empty() {
+        println!("bench: all selected paths work, every figure present");
+        Ok(true)
+    } else {
+        for e in &res.errors {
+            eprintln!("bench: FAILED: {e}");
+        }
+        Ok(false)
+    }
+}
+
+fn one_line_machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cpus} cores, loopback")
+}
+
+fn panels(res: &Results, systems: &[System]) -> Vec<Panel> {
+    let spec: [(&str, &str); 6] = [
+        ("tput1.gbps", "Throughput, 1 stream (Gbit/s)"),
+        ("tput8.gbps", "Throughput, 8 streams (Gbit/s)"),
+        ("http.rps", "HTTP requests/s (wrk)"),
+        ("lat_low.p50_us", "RTT p50 at low rate (µs)"),
+        ("lat_low.p99_us", "RTT p99 at low rate (µs)"),
+        ("lat_high.p99_us", "RTT p99 at high load (µs)"),
+    ];
+    spec.iter()
+        .map(|(key, title)| Panel {
+            title: title.to_string(),
+            bars: systems
+                .iter()
+                .filter_map(|&s| res.median(key, s).map(|v| (s.name().to_string(), v)))
+                .collect(),
+        })
+        .collect()
+}
+
+fn want(cfg: &Cfg, fig: &str) -> bool {
+    cfg.figures.iter().any(|f| f == fig)
+}
+
+/// Runs every selected figure once for `sys`; failures are recorded, never fatal.
+fn measure_system(
+    sys: System,
+    ctx: &mut Ctx,
+    rt: &tokio::runtime::Runtime,
+    cfg: &Cfg,
+    echo: u16,
+    http: u16,
+    res: &mut Results,
+) {
+    let step = |fig: &str, r: Result<()>, res: &mut Results| {
+        if let Err(e) = r {
+            let msg = format!("{sys}/{fig}: {e:#}");
+            println!("    error: {msg}");
+            res.errors.push(msg);
+        }
+    };
+    if want(cfg, "tput") {
+        let r = fig_tput(sys, ctx, cfg, res);
+        step("tput", r, res);
+    }
+    if want(cfg, "latency") || want(cfg, "sessions") {
+        let r = fig_echo(sys, ctx, rt, cfg, echo, res);
+        step("latency/sessions", r, res);
+    }
+    if want(cfg, "http") {
+        let r = fig_http(sys, ctx, rt, cfg, http, res);
+        step("http", r, res);
+    }
+    if want(cfg, "idle") && applies("idle", sys) {
+        let r = fig_idle(sys, ctx, cfg, echo, res);
+        step("idle", r, res);
+    }
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// Runs a command to completion with a deadline; returns stdout.
+fn run_with_deadline(name: &str, mut c: Command, deadline: Duration) -> Result<String> {
+    use std::io::Read;
+    let tmp = std::env::temp_dir().join(format!("relay-bench-{}-{name}.out", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    c.stdin(std::process::Stdio::null());
+    let mut p = Proc::spawn(name, c, &tmp)?;
+    let start = Instant::now();
+    loop {
+        match p.check_alive() {
+            Ok(()) if start.elapsed() > deadline => bail!("{name} did not finish within {deadline:?}"),
+            Ok(()) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => break,
+        }
+    }
+    drop(p);
+    let mut s = String::new();
+    fs::File::open(&tmp)?.read_to_string(&mut s)?;
+    let _ = fs::remove_file(&tmp);
+    Ok(s)
+}
+
+fn fig_tput(sys: System, ctx: &mut Ctx, cfg: &Cfg, res: &mut Results) -> Result<()> {
+    let port = free_port()?;
+    let mut server = vec![Proc::spawn(
+        "iperf3 -s",
+        {
+            let mut c = Command::new(&ctx.tools.iperf3);
+            c.args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]);
+            c
+        },
+        &ctx.work.join("iperf3-server.log"),
+    )?];
+    wait_port(port, Duration::from_secs(10), &mut server)?;
+    let path = systems::start(sys, port, ctx)?;
+    for streams in [1u32, 8] {
+        let cpu0 = procs::cpu_seconds(&path.forwarders());
+        let mut c = Command::new(&ctx.tools.iperf3);
+        c.args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &path.port.to_string(),
+            "-t",
+            &secs(cfg.dur).to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+            "--connect-timeout",
+            "5000",
+        ]);
+        let out = run_with_deadline("iperf3", c, cfg.dur + Duration::from_secs(20))?;
+        let cpu = procs::cpu_seconds(&path.forwarders()) - cpu0;
+        let j: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| anyhow!("iperf3 JSON: {e}: {}", out.chars().take(300).collect::<String>()))?;
+        if let Some(err) = j.get("error") {
+            bail!("iperf3 -P {streams}: {err}");
+        }
+        let recv = &j["end"]["sum_received"];
+        let bps = recv["bits_per_second"].as_f64().context("iperf3: no bits_per_second")?;
+        let bytes = recv["bytes"].as_f64().context("iperf3: no bytes")?;
+        if bytes <= 0.0 {
+            bail!("iperf3 -P {streams}: no bytes received");
+        }
+        let key = if streams == 1 { "tput1" } else { "tput8" };
+        res.add(&format!("{key}.gbps"), sys, bps / 1e9);
+        if !path.procs.is_empty() {
+            res.add(&format!("{key}.cpu_s_per_gb"), sys, cpu / (bytes / 1e9));
+        }
+        println!(
+            "    tput -P {streams}: {:.2} Gbit/s, forwarders' CPU {cpu:.2} s",
+            bps / 1e9
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(path);
+    drop(server);
+    Ok(())
+}
+
+fn fig_echo(
+    sys: System,
+    ctx: &mut Ctx,
+    rt: &tokio::runtime::Runtime,
+    cfg: &Cfg,
+    echo: u16,
+    res: &mut Results,
+) -> Result<()> {
+    let path = systems::start(sys, echo, ctx)?;
+    let port = path.port;
+    rt.block_on(load::probe_echo(port, Duration::from_secs(15)))?;
+    if want(cfg, "latency") {
+        let low = rt.block_on(load::latency_fixed_rate(port, cfg.low_rate, cfg.dur))?;
+        res.add("lat_low.p50_us", sys, low.p50_us);
+        res.add("lat_low.p99_us", sys, low.p99_us);
+        res.add("lat_low.p999_us", sys, low.p999_us);
+        let high = rt.block_on(load::latency_load(port, cfg.high_conns, cfg.dur))?;
+        res.add("lat_high.p50_us", sys, high.p50_us);
+        res.add("lat_high.p99_us", sys, high.p99_us);
+        res.add("lat_high.p999_us", sys, high.p999_us);
+        res.add("lat_high.per_s", sys, high.per_s);
+        println!(
+            "    rtt low {} req/s: p50 {:.0} µs p99 {:.0} µs; high {} conns: p50 {:.0} µs p99 {:.0} µs, {:.0} req/s",
+            cfg.low_rate, low.p50_us, low.p99_us, cfg.high_conns, high.p50_us, high.p99_us, high.per_s
+        );
+    }
+    if want(cfg, "sessions") {
+        let (per_s, failed) = rt.block_on(load::sessions(port, 8, cfg.dur))?;
+        res.add("sessions.per_s", sys, per_s);
+        res.add("sessions.failed", sys, failed as f64);
+        println!("    sessions: {per_s:.0}/s, {failed} failed");
+    }
+    drop(path);
+    Ok(())
+}
+
+fn fig_http(
+    sys: System,
+    ctx: &mut Ctx,
+    rt: &tokio::runtime::Runtime,
+    cfg: &Cfg,
+    http: u16,
+    res: &mut Results,
+) -> Result<()> {
+    let path = systems::start(sys, http, ctx)?;
+    let port = path.port;
+    rt.block_on(load::probe_http(port, Duration::from_secs(15)))?;
+    let mut c = Command::new(&ctx.tools.wrk);
+    c.args([
+        "-t1",
+        "-c32",
+        &format!("-d{}s", secs(cfg.dur)),
+        "--timeout",
+        "3s",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    let out = run_with_deadline("wrk", c, cfg.dur + Duration::from_secs(20))?;
+    let rps: f64 = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .with_context(|| format!("wrk printed no Requests/sec: {out}"))?;
+    let mut errors = 0f64;
+    for l in out.lines() {
+        let l = l.trim();
+        if let Some(rest) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<f64>().unwrap_or(0.0);
+        }
+        if let Some(rest) = l.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    res.add("http.rps", sys, rps);
+    res.add("http.errors", sys, errors);
+    println!("    http (wrk -c32): {rps:.0} req/s, {errors} errors");
+    if sys != System::Direct {
+        let server = path.server.clone();
+        let all = path.forwarders();
+        let (mut max_s, mut max_a) = (0u64, 0u64);
+        let (per_s, failed) = rt.block_on(load::http_fixed_rate(port, 10, 1000, cfg.dur, || {
+            max_s = max_s.max(procs::rss_kib(&server));
+            max_a = max_a.max(procs::rss_kib(&all));
+        }))?;
+        res.add("rss.server_mib", sys, max_s as f64 / 1024.0);
+        res.add("rss.all_mib", sys, max_a as f64 / 1024.0);
+        res.add("rss.per_s", sys, per_s);
+        println!(
+            "    at {per_s:.0} req/s ({failed} failed): relay RSS {:.1} MiB, all forwarders {:.1} MiB",
+            max_s as f64 / 1024.0,
+            max_a as f64 / 1024.0
+        );
+    }
+    drop(path);
+    Ok(())
+}
+
+/// Waits until the fds of `roots` grew by `want` (or the deadline passes); returns growth.
+fn wait_fds(roots: &[u32], base: usize, want: usize, deadline: Duration) -> usize {
+    let start = Instant::now();
+    let mut last = 0;
+    while start.elapsed() < deadline {
+        last = procs::fd_count(roots).saturating_sub(base);
+        if last >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    last
+}
+
+/// Hook for figure 5 at scale: idle terminals of our relay driven by relay-proto's terminal
+/// state machine (thousands of logins from one process, several 127.x.y.z sources). Until
+/// that generator exists, idle terminals are `relay expose` processes, one login each.
+fn relay_idle_terminals(
+    ctx: &mut Ctx,
+    relay: &Path,
+    listen: &str,
+    n: usize,
+    echo: u16,
+    dir: &Path,
+) -> Result<Vec<Proc>> {
+    let mut v = Vec::with_capacity(n);
+    let term_args = if ctx.relay.tls {
+        Vec::new()
+    } else {
+        ctx.relay.terminal_args.clone()
+    };
+    for i in 0..n {
+        let mut c = Command::new(relay);
+        c.args(["expose", "--server", listen])
+            .args(&term_args)
+            .args(["--user", &format!("idle{i}")])
+            .args(["--service", &format!("svc=127.0.0.1:{echo}")])
+            .env("RELAY_PASSWORD", "bench-password")
+            .current_dir(dir);
+        v.push(Proc::spawn("relay expose (idle)", c, &dir.join("idle.log"))?);
+    }
+    Ok(v)
+}
+
+fn fig_idle(sys: System, ctx: &mut Ctx, cfg: &Cfg, echo: u16, res: &mut Results) -> Result<()> {
+    let t = ctx.tools.clone();
+    let dir = ctx.work.join(format!("idle-{sys}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let log = dir.join("log.txt");
+    let settle = Duration::from_secs(if cfg.quick { 15 } else { 60 });
+    let mut server: Vec<Proc> = Vec::new();
+    let mut clients: Vec<Proc> = Vec::new();
+    let (n, per_client_fds, base_pss, base_sock, base_fds);
+    match sys {
+        System::Rathole => {
+            n = cfg.idle_n[0];
+            let ctl = free_port()?;
+            let mut publics = Vec::with_capacity(n);
+            for _ in 0..n {
+                publics.push(free_port()?);
+            }
+            let st = dir.join("server.toml");
+            let ct = dir.join("client.toml");
+            fs::write(&st, systems::rathole_server_toml(ctl, &publics))?;
+            fs::write(&ct, systems::rathole_client_toml(ctl, &vec![echo; n]))?;
+            let mut c = Command::new(&t.rathole);
+            c.arg("-s").arg(&st);
+            server.push(Proc::spawn("rathole server", c, &log)?);
+            wait_port(ctl, Duration::from_secs(10), &mut server)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let pids = [server[0].pid()];
+            (base_pss, base_sock, base_fds) =
+                (procs::pss_kib(&pids), procs::sockstat_tcp_mem_kib(), procs::fd_count(&pids));
+            let mut c = Command::new(&t.rathole);
+            c.arg("-c").arg(&ct);
+            clients.push(Proc::spawn("rathole client", c, &log)?);
+            per_client_fds = 2; // control channel + public listener
+        }
+        System::Bore => {
+            n = cfg.idle_n[1];
+            server.push(systems::bore_server(&t, &log)?);
+            wait_port(systems::BORE_CONTROL_PORT, Duration::from_secs(10), &mut server)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let pids = [server[0].pid()];
+            (base_pss, base_sock, base_fds) =
+                (procs::pss_kib(&pids), procs::sockstat_tcp_mem_kib(), procs::fd_count(&pids));
+            for _ in 0..n {
+                clients.push(systems::bore_local(&t, echo, free_port()?, &log)?);
+            }
+            per_client_fds = 2;
+        }
+        System::Ssh => {
+            n = cfg.idle_n[2];
+            let (sshd, p) = systems::sshd_start(&t, &dir, n)?;
+            server.push(sshd);
+            wait_port(p, Duration::from_secs(10), &mut server)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let pids = [server[0].pid()];
+            (base_pss, base_sock, base_fds) =
+                (procs::pss_kib(&pids), procs::sockstat_tcp_mem_kib(), procs::fd_count(&pids));
+            for _ in 0..n {
+                clients.push(systems::ssh_reverse(&t, &dir, p, &[(free_port()?, echo)], &log)?);
+                // sshd throttles bursts of unauthenticated connections (MaxStartups).
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            per_client_fds = 2;
+        }
+        System::Relay | System::RelayNosplice => {
+            n = cfg.idle_n[3];
+            let relay = t.relay.clone().context("no relay binary")?;
+            let db = dir.join("relay.db");
+            let db_s = db.to_str().context("path")?.to_string();
+            for i in 0..n {
+                let mut c = Command::new(&relay);
+                c.args(["user", "add", &format!("idle{i}"), "--db", &db_s, "--password-stdin"]);
+                let out = {
+                    use std::io::Write;
+                    let mut ch = c
+                        .stdin(std::process::Stdio::piped())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()?;
+                    if let Some(mut si) = ch.stdin.take() {
+                        si.write_all(b"bench-password\n")?;
+                    }
+                    ch.wait_with_output()?
+                };
+                if !out.status.success() {
+                    bail!("relay user add: {}", String::from_utf8_lossy(&out.stderr).trim());
+                }
+            }
+            let p = free_port()?;
+            let listen = format!("127.0.0.1:{p}");
+            let mut c = Command::new(&relay);
+            c.args(["serve", "--listen", &listen, "--db", &db_s]);
+            if !ctx.relay.tls {
+                c.args(&ctx.relay.serve_args);
+            }
+            c.current_dir(&dir);
+            server.push(Proc::spawn("relay serve", c, &log)?);
+            wait_port(p, Duration::from_secs(10), &mut server)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let pids = [server[0].pid()];
+            (base_pss, base_sock, base_fds) =
+                (procs::pss_kib(&pids), procs::sockstat_tcp_mem_kib(), procs::fd_count(&pids));
+            clients = relay_idle_terminals(ctx, &relay, &listen, n, echo, &dir)?;
+            per_client_fds = 1;
+            res.note(
+                sys,
+                "idle",
+                "idle terminals are `relay expose` processes until relay-proto's load generator lands",
+            );
+        }
+        System::Direct | System::Socat => return Ok(()),
+    }
+    let pids = [server[0].pid()];
+    let grown = wait_fds(&pids, base_fds, n * per_client_fds, settle);
+    std::thread::sleep(Duration::from_millis(500));
+    let pss = procs::pss_kib(&pids).saturating_sub(base_pss);
+    let sock = procs::sockstat_tcp_mem_kib().saturating_sub(base_sock);
+    let held = (grown / per_client_fds).min(n);
+    if held < n {
+        bail!("only {held} of {n} idle clients logged in within {settle:?}");
+    }
+    res.add("idle.n", sys, n as f64);
+    res.add("idle.pss_kib_per", sys, pss as f64 / n as f64);
+    res.add("idle.sock_kib_per", sys, sock as f64 / n as f64);
+    println!(
+        "    idle: {n} clients: relay +{pss} KiB PSS ({:.1} KiB each), kernel TCP +{sock} KiB",
+        pss as f64 / n as f64
+    );
+    drop(clients);
+    drop(server);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render_report(
+    cli: &Cli,
+    cfg: &Cfg,
+    systems: &[System],
+    res: &Results,
+    repeats: u32,
+    fd_limit: u64,
+    tools: &Tools,
+    png: &Path,
+    md: &Path,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks: the relay and its peers, side by side\n");
+    let _ = writeln!(
+        s,
+        "Generated by `relay-bench` ({} mode; {repeats} repeat(s); {} s per measurement). \
+         Every figure is a median over the repeats, measured in the same run, on the same \
+         machine, on the same loopback path shape. Ratios are this system's median divided by \
+         rathole's and by direct TCP's. This machine is shared (2 cores, other builds may run), \
+         so compare within a table, never across runs.\n",
+        if cfg.quick { "--quick" } else { "full" },
+        cfg.dur.as_secs_f64()
+    );
+    let png_rel = relative(png, md);
+    let _ = writeln!(s, "![throughput and latency per system]({png_rel})\n");
+    let _ = writeln!(s, "## Machine\n\n{}- fd limit (raised by the bench): {fd_limit}\n", report::machine());
+    let _ = writeln!(s, "## Versions\n");
+    let v = |p: &Path, a: &[&str]| procs::version_of(p, a);
+    let _ = writeln!(s, "- socat: {}", v(&tools.socat, &["-V"]).replace("socat by Gerhard Rieger and contributors - see www.dest-unreach.org", "").trim());
+    let _ = writeln!(s, "- rathole: {}", v(&tools.rathole, &["--version"]));
+    let _ = writeln!(s, "- bore: {}", v(&tools.bore, &["--version"]));
+    let _ = writeln!(s, "- OpenSSH: {}", v(&tools.ssh, &["-V"]));
+    let _ = writeln!(s, "- iperf3: {}", v(&tools.iperf3, &["--version"]));
+    let _ = writeln!(s, "- wrk: {}", v(&tools.wrk, &["-v"]));
+    let _ = writeln!(
+        s,
+        "- relay: {}\n",
+        tools
+            .relay
+            .as_ref()
+            .map(|p| format!("{} ({})", p.display(), v(p, &["--version"])))
+            .unwrap_or_else(|| "not available".into())
+    );
+    let _ = writeln!(s, "## Paths (hops)\n");
+    let _ = writeln!(s, "| system | path | forwarding processes |\n|---|---|---:|");
+    for &sys in systems {
+        let (p, h) = sys.hops();
+        let _ = writeln!(s, "| {sys} | {p} | {h} |");
+    }
+    let _ = writeln!(
+        s,
+        "\nEvery program listens on 127.0.0.1 on its own port. rathole, bore and ssh have no \
+         client-local side: the client program connects to the public port the relay opened \
+         for the device, so their paths have one process fewer than ours (`relay connect` is \
+         the client's local side). ssh encrypts (its default cipher); rathole, bore, socat and \
+         our relay (unless `--relay-tls`) carry plain TCP.\n"
+    );
+    let _ = writeln!(s, "## Commands\n");
+    let _ = writeln!(s, "```sh\nbash bench/install.sh    # peers: apt socat iperf3 wrk openssh-server openssh-client; cargo install rathole bore-cli into bench/out/tools\nCARGO_TARGET_DIR=/work/target-bench cargo run --release -p relay-bench --bin bench -- {}\n```\n", 
+        std::env::args().skip(1).collect::<Vec<_>>().join(" "));
+    let _ = writeln!(s, "How each path is started (ports are picked free on 127.0.0.1 per run; SVC = the service):\n");
+    let _ = writeln!(s, "```sh");
+    let _ = writeln!(s, "# socat\nsocat TCP-LISTEN:L,bind=127.0.0.1,reuseaddr,fork,backlog=1024 TCP:127.0.0.1:SVC");
+    let _ = writeln!(s, "# rathole (server.toml: [server] bind_addr=127.0.0.1:C, default_token; [server.services.svc0] bind_addr=127.0.0.1:L;\n#          client.toml: [client] remote_addr=127.0.0.1:C; [client.services.svc0] local_addr=127.0.0.1:SVC)\nrathole -s server.toml\nrathole -c client.toml");
+    let _ = writeln!(s, "# bore (its control port 7835 is fixed in bore-cli)\nbore server --bind-addr 127.0.0.1 --bind-tunnels 127.0.0.1 --min-port 1024\nbore local SVC --local-host 127.0.0.1 --to 127.0.0.1 --port L");
+    let _ = writeln!(s, "# ssh (own host key + authorized key in a temp dir; Port P, ListenAddress 127.0.0.1, UsePAM no)\n/usr/sbin/sshd -D -e -f sshd_config\nssh -F /dev/null -N -T -o BatchMode=yes -o ExitOnForwardFailure=yes -i id -p P -R 127.0.0.1:L:127.0.0.1:SVC USER@127.0.0.1");
+    let (sa, ta) = if cli.relay_tls {
+        (String::new(), "--fingerprint FP".to_string())
+    } else {
+        (cli.relay_serve_args.clone(), cli.relay_terminal_args.clone())
+    };
+    let _ = writeln!(s, "# relay\necho PW | relay user add dev --db DIR/relay.db --password-stdin\necho PW | relay user add cli --db DIR/relay.db --password-stdin\nrelay serve --listen 127.0.0.1:P --db DIR/relay.db {sa}\nRELAY_PASSWORD=PW relay expose --server 127.0.0.1:P {ta} --user dev --service svc=127.0.0.1:SVC\nRELAY_PASSWORD=PW relay connect --server 127.0.0.1:P {ta} --user cli dev/svc --listen 127.0.0.1:L");
+    let _ = writeln!(s, "# load\niperf3 -s -B 127.0.0.1 -p SVC   and   iperf3 -c 127.0.0.1 -p L -t D -P 1|8 -J\nwrk -t1 -c32 -dDs --timeout 3s http://127.0.0.1:L/\n```\n");
+    let _ = writeln!(
+        s,
+        "Latency, sessions, the 1,000 req/s HTTP load and the echo/HTTP services are the bench's \
+         own (tokio, one thread each; HdrHistogram). Low rate: {} req/s on one connection; high \
+         load: {} connections closed-loop.\n",
+        cfg.low_rate, cfg.high_conns
+    );
+    let _ = writeln!(s, "## Figures\n\n{}", report::tables(res, systems));
+    let _ = writeln!(s, "## Not measured here yet\n");
+    let _ = writeln!(
+        s,
+        "- Figure 5 at 1,000 / 10,000 / 100,000 terminals for our relay: needs the load \
+         generator built on relay-proto's terminal state machine (hook: \
+         `relay_idle_terminals` in bench/src/main.rs); until then our relay's idle terminals \
+         are `relay expose` processes, at the same N as bore.\n\
+         - Figure 6 (recovery after a relay restart): not in this harness yet.\n\
+         - Figure 7 (splice on/off): the `relay-nosplice` system passes \
+         `{}` to `relay serve`; select it once the relay has such a switch.\n",
+        cli.relay_nosplice_args
+    );
+    if !res.errors.is_empty() {
+        let _ = writeln!(s, "## Failures in this run\n");
+        for e in &res.errors {
+            let _ = writeln!(s, "- {e}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn relative(target: &Path, md: &Path) -> String {
+    let t = fs::canonicalize(target.parent().unwrap_or(Path::new(".")))
+        .map(|p| p.join(target.file_name().unwrap_or_default()))
+        .unwrap_or_else(|_| target.to_path_buf());
+    let base = md
+        .parent()
+        .and_then(|p| fs::canonicalize(p).ok())
+        .unwrap_or_default();
+    let tc: Vec<_> = t.components().collect();
+    let bc: Vec<_> = base.components().collect();
+    let common = tc.iter().zip(&bc).take_while(|(a, b)| a == b).count();
+    let mut r = PathBuf::new();
+    for _ in common..bc.len() {
+        r.push("..");
+    }
+    for c in &tc[common..] {
+        r.push(c);
+    }
+    r.display().to_string()
+}

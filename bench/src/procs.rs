@@ -1,0 +1,241 @@
+//! Child processes that die with the benchmark, and what /proc says about them.
+
+use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process that is killed (with its process group) when dropped, also on panic.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `cmd` in its own process group, stdout/stderr to `log` (appended).
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: the closure only calls async-signal-safe functions (setpgid, prctl).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setpgid(0, 0);
+                // If the benchmark dies without unwinding (SIGKILL), take the child along.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {name}: {:?}", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has already exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} exited early ({st})", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        // SAFETY: plain syscalls on our own child's process group / pid.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+            libc::kill(pid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Polls until something accepts TCP connections on 127.0.0.1:port.
+pub fn wait_port(port: u16, timeout: Duration, procs: &mut [Proc]) -> Result<()> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+        }
+        if start.elapsed() > timeout {
+            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// True when nothing listens on 127.0.0.1:port.
+pub fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+        && TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(100),
+        )
+        .is_err()
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// (ppid, utime+stime+cutime+cstime in ticks) of one process.
+fn stat(pid: u32) -> Option<(u32, u64)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields after the last ')' are plain.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); ppid = field 4; utime..cstime = fields 14..17.
+    let ppid = f.get(1)?.parse().ok()?;
+    let t: u64 = (11..15)
+        .filter_map(|i| f.get(i)?.parse::<u64>().ok())
+        .sum();
+    Some((ppid, t))
+}
+
+/// The given processes and all their live descendants.
+pub fn tree(roots: &[u32]) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                && let Some((ppid, _)) = stat(pid)
+            {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack: Vec<u32> = roots.to_vec();
+    while let Some(p) = stack.pop() {
+        if out.contains(&p) || out.len() > 100_000 {
+            continue;
+        }
+        out.push(p);
+        if let Some(c) = children.get(&p) {
+            stack.extend(c);
+        }
+    }
+    out
+}
+
+/// CPU seconds (user+system, including reaped children) used so far by the trees at `roots`.
+pub fn cpu_seconds(roots: &[u32]) -> f64 {
+    let ticks: u64 = tree(roots).iter().filter_map(|&p| stat(p)).map(|s| s.1).sum();
+    ticks as f64 / clk_tck()
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    let path = if key == "Pss:" {
+        format!("/proc/{pid}/smaps_rollup")
+    } else {
+        format!("/proc/{pid}/status")
+    };
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Sum of VmRSS (KiB) over the trees at `roots`.
+pub fn rss_kib(roots: &[u32]) -> u64 {
+    tree(roots).iter().map(|&p| status_kib(p, "VmRSS:")).sum()
+}
+
+/// Sum of PSS (KiB) over the trees at `roots`: shared pages split among sharers, so a
+/// forking server (sshd) is not counted once per child.
+pub fn pss_kib(roots: &[u32]) -> u64 {
+    tree(roots).iter().map(|&p| status_kib(p, "Pss:")).sum()
+}
+
+/// Number of open file descriptors over the trees at `roots`.
+pub fn fd_count(roots: &[u32]) -> usize {
+    tree(roots)
+        .iter()
+        .filter_map(|p| fs::read_dir(format!("/proc/{p}/fd")).ok())
+        .map(|d| d.count())
+        .sum()
+}
+
+/// Kernel TCP socket memory in KiB (/proc/net/sockstat "TCP: ... mem N", N in pages).
+pub fn sockstat_tcp_mem_kib() -> u64 {
+    let s = fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let pages: u64 = s
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let i = f.iter().position(|w| *w == "mem")?;
+            f.get(i + 1)?.parse().ok()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    pages * page / 1024
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit (children inherit it).
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: r is a valid rlimit for the duration of both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    r.rlim_cur
+}
+
+/// First line of `prog args` output (stdout or stderr), for version strings.
+pub fn version_of(prog: &Path, args: &[&str]) -> String {
+    match Command::new(prog).args(args).stdin(Stdio::null()).output() {
+        Ok(o) => {
+            let mut s = String::from_utf8_lossy(&o.stdout).to_string();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("?")
+                .to_string()
+        }
+        Err(_) => "not found".to_string(),
+    }
+}

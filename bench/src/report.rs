@@ -1,0 +1,298 @@
+//! Results, medians, ratios and the Markdown report.
+
+use crate::systems::System;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+
+/// Every sample of every metric, by (metric key, system).
+#[derive(Debug, Default)]
+pub struct Results {
+    pub samples: BTreeMap<(String, System), Vec<f64>>,
+    /// Systems that could not run at all, and why.
+    pub unavailable: BTreeMap<System, String>,
+    /// (system, figure, note): figures that do not apply or are hooks not yet filled.
+    pub notes: Vec<(System, String, String)>,
+    /// Failures: a broken path or a missing figure.
+    pub errors: Vec<String>,
+}
+
+impl Results {
+    pub fn add(&mut self, key: &str, sys: System, v: f64) {
+        if v.is_finite() {
+            self.samples
+                .entry((key.to_string(), sys))
+                .or_default()
+                .push(v);
+        }
+    }
+
+    pub fn median(&self, key: &str, sys: System) -> Option<f64> {
+        let mut v = self.samples.get(&(key.to_string(), sys))?.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+
+    pub fn note(&mut self, sys: System, fig: &str, note: impl Into<String>) {
+        self.notes.push((sys, fig.to_string(), note.into()));
+    }
+
+    fn note_for(&self, sys: System, fig: &str) -> Option<&str> {
+        self.notes
+            .iter()
+            .rev()
+            .find(|(s, f, _)| *s == sys && f == fig)
+            .map(|(_, _, n)| n.as_str())
+    }
+}
+
+/// One column of a figure's table.
+#[derive(Debug, Clone, Copy)]
+pub struct Col {
+    pub key: &'static str,
+    pub head: &'static str,
+    /// Print "× rathole" and "× direct" columns for this metric.
+    pub ratio: bool,
+}
+
+const fn col(key: &'static str, head: &'static str, ratio: bool) -> Col {
+    Col { key, head, ratio }
+}
+
+/// One figure (one table in the report).
+#[derive(Debug, Clone, Copy)]
+pub struct Fig {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub method: &'static str,
+    pub cols: &'static [Col],
+    /// The metric that must be present for every system the figure applies to.
+    pub required: &'static str,
+}
+
+pub const FIGS: &[Fig] = &[
+    Fig {
+        id: "tput",
+        title: "1. Bulk throughput (client → device direction)",
+        method: "iperf3 -c through the path for D s, 1 stream and 8 parallel streams (-P 8), \
+                 JSON output (end.sum_received). CPU = utime+stime (+ reaped children) of every \
+                 forwarding process of the path, from /proc/PID/stat before/after, per GB received.",
+        cols: &[
+            col("tput1.gbps", "1 stream Gbit/s", true),
+            col("tput1.cpu_s_per_gb", "1 stream CPU s/GB", false),
+            col("tput8.gbps", "8 streams Gbit/s", true),
+            col("tput8.cpu_s_per_gb", "8 streams CPU s/GB", false),
+        ],
+        required: "tput1.gbps",
+    },
+    Fig {
+        id: "lat_low",
+        title: "2a. 64-byte request/response RTT at a fixed low rate",
+        method: "one connection, one 64-byte request every 1/R s (R = --low-rate), the echo \
+                 service answers 64 bytes; RTT from write to last byte read, HdrHistogram.",
+        cols: &[
+            col("lat_low.p50_us", "p50 µs", false),
+            col("lat_low.p99_us", "p99 µs", true),
+            col("lat_low.p999_us", "p99.9 µs", false),
+        ],
+        required: "lat_low.p99_us",
+    },
+    Fig {
+        id: "lat_high",
+        title: "2b. 64-byte request/response RTT at high load",
+        method: "C connections (--high-conns), each sending its next 64-byte request as soon as \
+                 the previous answer arrived (closed loop), for D s.",
+        cols: &[
+            col("lat_high.p50_us", "p50 µs", false),
+            col("lat_high.p99_us", "p99 µs", true),
+            col("lat_high.p999_us", "p99.9 µs", false),
+            col("lat_high.per_s", "req/s", false),
+        ],
+        required: "lat_high.p99_us",
+    },
+    Fig {
+        id: "http",
+        title: "3a. HTTP requests per second",
+        method: "wrk -t1 -c32 -dD s against the bench's own HTTP/1.1 server (keep-alive, \
+                 13-byte body) through the path.",
+        cols: &[col("http.rps", "req/s", true), col("http.errors", "errors", false)],
+        required: "http.rps",
+    },
+    Fig {
+        id: "rss",
+        title: "3b. Relay memory at 1,000 HTTP requests/s",
+        method: "10 keep-alive connections, 100 GET/s each, for D s; the highest VmRSS seen \
+                 (sampled every 200 ms) of the relay-role process tree (socat, rathole server, \
+                 bore server, sshd and its per-connection children, relay serve), and of every \
+                 forwarding process of the path.",
+        cols: &[
+            col("rss.server_mib", "relay RSS MiB", true),
+            col("rss.all_mib", "all forwarders RSS MiB", false),
+            col("rss.per_s", "achieved req/s", false),
+        ],
+        required: "rss.server_mib",
+    },
+    Fig {
+        id: "sessions",
+        title: "4. New sessions per second",
+        method: "8 workers in a closed loop: connect, one 64-byte request/response, close.",
+        cols: &[
+            col("sessions.per_s", "sessions/s", true),
+            col("sessions.failed", "failed", false),
+        ],
+        required: "sessions.per_s",
+    },
+    Fig {
+        id: "idle",
+        title: "5. Idle cost per logged-in idle client",
+        method: "N idle clients are logged in to one relay (rathole: one client with N services, \
+                 each its own control channel; bore: N `bore local`; ssh: N `ssh -N -R`, sshd \
+                 forks per connection; relay: N `relay expose` terminals, until relay-proto's \
+                 load generator lands). Relay-role PSS (proportional set size: shared pages \
+                 split among processes, so forks are not counted twice) and kernel TCP memory \
+                 (/proc/net/sockstat, both ends of loopback connections) before/after, divided \
+                 by N.",
+        cols: &[
+            col("idle.n", "N", false),
+            col("idle.pss_kib_per", "relay KiB/client", true),
+            col("idle.sock_kib_per", "kernel TCP KiB/client", false),
+        ],
+        required: "idle.pss_kib_per",
+    },
+    Fig {
+        id: "splice",
+        title: "7. Our data path: splice(2) on and off",
+        method: "the relay and relay-nosplice rows of figures 1–4 (relay-nosplice starts \
+                 `relay serve` with --relay-nosplice-args).",
+        cols: &[],
+        required: "",
+    },
+];
+
+pub fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Figures that apply to a system (idle needs a relay that holds clients).
+pub fn applies(fig: &str, sys: System) -> bool {
+    match fig {
+        "idle" => !matches!(sys, System::Direct | System::Socat),
+        "rss" => sys != System::Direct,
+        "splice" => false,
+        _ => true,
+    }
+}
+
+/// Tables of every figure, systems as rows.
+pub fn tables(res: &Results, systems: &[System]) -> String {
+    let mut s = String::new();
+    for fig in FIGS {
+        let _ = writeln!(s, "### {}\n", fig.title);
+        let _ = writeln!(s, "{}\n", fig.method);
+        if fig.cols.is_empty() {
+            let have = systems.contains(&System::Relay) && systems.contains(&System::RelayNosplice);
+            let _ = writeln!(
+                s,
+                "{}\n",
+                if have {
+                    "See the relay and relay-nosplice rows above."
+                } else {
+                    "Not measured in this run: select `--systems ...,relay,relay-nosplice` once the relay's splice switch exists."
+                }
+            );
+            continue;
+        }
+        let mut head = String::from("| system |");
+        let mut rule = String::from("|---|");
+        for c in fig.cols {
+            let _ = write!(head, " {} |", c.head);
+            rule.push_str("---:|");
+            if c.ratio {
+                let _ = write!(head, " × rathole | × direct |");
+                rule.push_str("---:|---:|");
+            }
+        }
+        let _ = writeln!(s, "{head}\n{rule}");
+        for &sys in systems {
+            let mut row = format!("| {sys} |");
+            if let Some(why) = res.unavailable.get(&sys) {
+                let _ = writeln!(s, "{row} {why} |");
+                continue;
+            }
+            if !applies(fig.id, sys) {
+                let _ = writeln!(s, "{row} n/a (holds no idle clients) |");
+                continue;
+            }
+            if let Some(n) = res.note_for(sys, fig.id)
+                && res.median(fig.required, sys).is_none()
+            {
+                let _ = writeln!(s, "{row} {n} |");
+                continue;
+            }
+            for c in fig.cols {
+                let v = res.median(c.key, sys);
+                let _ = write!(row, " {} |", v.map(fmt_num).unwrap_or_else(|| "—".into()));
+                if c.ratio {
+                    for r in [System::Rathole, System::Direct] {
+                        let ratio = match (v, res.median(c.key, r)) {
+                            (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                            _ => "—".into(),
+                        };
+                        let _ = write!(row, " {ratio} |");
+                    }
+                }
+            }
+            let _ = writeln!(s, "{row}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// What this machine is.
+pub fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "?".into());
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("- nproc: {nproc}\n- CPU: {cpu}\n- kernel: {kernel}\n- memory: {mem}\n")
+}

@@ -1,0 +1,574 @@
+//! The systems under test and how each one's path is built on loopback:
+//! client program -> (its local side) -> relay -> (device side) -> service.
+
+use crate::procs::{Proc, free_port, port_is_free, wait_port};
+use anyhow::{Context, Result, bail};
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum System {
+    Direct,
+    Socat,
+    Rathole,
+    Bore,
+    Ssh,
+    Relay,
+    /// Our relay with its splice(2) data path switched off (figure 7's hook).
+    RelayNosplice,
+}
+
+impl System {
+    pub const PEERS: [System; 5] = [
+        System::Direct,
+        System::Socat,
+        System::Rathole,
+        System::Bore,
+        System::Ssh,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Direct => "direct",
+            System::Socat => "socat",
+            System::Rathole => "rathole",
+            System::Bore => "bore",
+            System::Ssh => "ssh",
+            System::Relay => "relay",
+            System::RelayNosplice => "relay-nosplice",
+        }
+    }
+
+    pub fn is_relay(self) -> bool {
+        matches!(self, System::Relay | System::RelayNosplice)
+    }
+
+    /// The path, hop by hop, and the number of forwarding processes on it.
+    pub fn hops(self) -> (&'static str, u32) {
+        match self {
+            System::Direct => ("client → service", 0),
+            System::Socat => ("client → socat (fork per connection) → service", 1),
+            System::Rathole => (
+                "client → rathole server (public port) → rathole client → service",
+                2,
+            ),
+            System::Bore => (
+                "client → bore server (public port) → bore local → service",
+                2,
+            ),
+            System::Ssh => (
+                "client → sshd (-R listener, encrypted channel) → ssh -N -R → service",
+                2,
+            ),
+            System::Relay | System::RelayNosplice => (
+                "client → relay connect --listen → relay serve → relay expose → service",
+                3,
+            ),
+        }
+    }
+}
+
+impl fmt::Display for System {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where every external program is.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub socat: PathBuf,
+    pub iperf3: PathBuf,
+    pub wrk: PathBuf,
+    pub sshd: PathBuf,
+    pub ssh: PathBuf,
+    pub ssh_keygen: PathBuf,
+    pub rathole: PathBuf,
+    pub bore: PathBuf,
+    pub relay: Option<PathBuf>,
+}
+
+fn which(name: &str, extra: &[&Path]) -> PathBuf {
+    for d in extra {
+        let p = d.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    for d in ["/usr/sbin", "/usr/bin", "/sbin"] {
+        let p = Path::new(d).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
+}
+
+/// The bench crate's folder (bench/).
+pub fn bench_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Tools {
+    pub fn locate() -> Tools {
+        let tools_bin = bench_dir().join("out/tools/bin");
+        let t = [tools_bin.as_path()];
+        let relay = std::env::var_os("RELAY_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let ws = bench_dir().join("..");
+                let target = std::env::var_os("RELAY_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| ws.join("target"));
+                Some(target.join("release/relay"))
+            })
+            .filter(|p| p.is_file());
+        Tools {
+            socat: which("socat", &[]),
+            iperf3: which("iperf3", &[]),
+            wrk: which("wrk", &[]),
+            sshd: which("sshd", &[Path::new("/usr/sbin")]),
+            ssh: which("ssh", &[]),
+            ssh_keygen: which("ssh-keygen", &[]),
+            rathole: which("rathole", &t),
+            bore: which("bore", &t),
+            relay,
+        }
+    }
+
+    /// Why `sys` cannot run here, if it cannot.
+    pub fn missing(&self, sys: System) -> Option<String> {
+        let need: Vec<&Path> = match sys {
+            System::Direct => vec![],
+            System::Socat => vec![&self.socat],
+            System::Rathole => vec![&self.rathole],
+            System::Bore => vec![&self.bore],
+            System::Ssh => vec![&self.sshd, &self.ssh, &self.ssh_keygen],
+            System::Relay | System::RelayNosplice => match &self.relay {
+                Some(p) => vec![p.as_path()],
+                None => {
+                    return Some(
+                        "not available: no relay binary (set RELAY_BIN or build target/release/relay)"
+                            .into(),
+                    );
+                }
+            },
+        };
+        need.iter()
+            .find(|p| !p.is_file())
+            .map(|p| format!("not available: {} not found (run bench/install.sh)", p.display()))
+    }
+}
+
+/// How our relay is started (its CLI is being written alongside this harness).
+#[derive(Debug, Clone)]
+pub struct RelayOpts {
+    /// Extra `relay serve` flags: the explicit plain-TCP flag, unless `tls`.
+    pub serve_args: Vec<String>,
+    /// Extra flags of `relay expose` / `relay connect`: plain TCP, unless `tls`.
+    pub terminal_args: Vec<String>,
+    /// Extra `relay serve` flags for the relay-nosplice system.
+    pub nosplice_args: Vec<String>,
+    /// Use TLS with the generated certificate and pin it with `--fingerprint`.
+    pub tls: bool,
+}
+
+#[derive(Debug)]
+pub struct Ctx {
+    pub tools: Tools,
+    pub work: PathBuf,
+    pub relay: RelayOpts,
+    seq: u32,
+}
+
+impl Ctx {
+    pub fn new(tools: Tools, work: PathBuf, relay: RelayOpts) -> Result<Ctx> {
+        fs::create_dir_all(&work)?;
+        Ok(Ctx {
+            tools,
+            work,
+            relay,
+            seq: 0,
+        })
+    }
+
+    fn dir(&mut self, sys: System) -> Result<PathBuf> {
+        self.seq += 1;
+        let d = self.work.join(format!("{}-{}", sys.name(), self.seq));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+}
+
+/// One running path. Dropping it stops every process of it (last started first).
+#[derive(Debug)]
+pub struct PathUp {
+    pub system: System,
+    /// Where the client program connects.
+    pub port: u16,
+    /// Every process of the path, in start order.
+    pub procs: Vec<Proc>,
+    /// The "relay" role (rathole server, bore server, sshd, socat, relay serve).
+    pub server: Vec<u32>,
+}
+
+impl PathUp {
+    /// Every forwarding process (CPU accounting).
+    pub fn forwarders(&self) -> Vec<u32> {
+        self.procs.iter().map(Proc::pid).collect()
+    }
+}
+
+impl Drop for PathUp {
+    fn drop(&mut self) {
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+    }
+}
+
+const READY: Duration = Duration::from_secs(15);
+
+fn cmd(prog: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(prog);
+    c.args(args);
+    c
+}
+
+fn run_ok(mut c: Command, input: Option<&str>) -> Result<()> {
+    let prog = format!("{:?}", c.get_program());
+    c.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("run {prog}"))?;
+    if let Some(i) = input
+        && let Some(mut stdin) = child.stdin.take()
+    {
+        stdin.write_all(i.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{prog} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Starts `sys`'s path in front of the service at 127.0.0.1:`target`.
+pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
+    let dir = ctx.dir(sys)?;
+    let log = dir.join("log.txt");
+    let t = ctx.tools.clone();
+    let mut up = PathUp {
+        system: sys,
+        port: target,
+        procs: Vec::new(),
+        server: Vec::new(),
+    };
+    match sys {
+        System::Direct => {}
+        System::Socat => {
+            let l = free_port()?;
+            let listen = format!("TCP-LISTEN:{l},bind=127.0.0.1,reuseaddr,fork,backlog=1024");
+            let to = format!("TCP:127.0.0.1:{target}");
+            up.procs
+                .push(Proc::spawn("socat", cmd(&t.socat, &[&listen, &to]), &log)?);
+            up.port = l;
+        }
+        System::Rathole => {
+            let (ctl, l) = (free_port()?, free_port()?);
+            let server = dir.join("server.toml");
+            let client = dir.join("client.toml");
+            fs::write(&server, rathole_server_toml(ctl, &[l]))?;
+            fs::write(&client, rathole_client_toml(ctl, &[target]))?;
+            let s = Proc::spawn(
+                "rathole server",
+                cmd(&t.rathole, &["-s", path_str(&server)?]),
+                &log,
+            )?;
+            up.procs.push(s);
+            wait_port(ctl, READY, &mut up.procs)?;
+            up.procs.push(Proc::spawn(
+                "rathole client",
+                cmd(&t.rathole, &["-c", path_str(&client)?]),
+                &log,
+            )?);
+            up.port = l;
+        }
+        System::Bore => {
+            let s = bore_server(&t, &log)?;
+            up.procs.push(s);
+            wait_port(BORE_CONTROL_PORT, READY, &mut up.procs)?;
+            let l = free_port()?;
+            up.procs.push(bore_local(&t, target, l, &log)?);
+            up.port = l;
+        }
+        System::Ssh => {
+            let (sshd, p) = sshd_start(&t, &dir, 16)?;
+            up.procs.push(sshd);
+            wait_port(p, READY, &mut up.procs)?;
+            let l = free_port()?;
+            up.procs.push(ssh_reverse(&t, &dir, p, &[(l, target)], &log)?);
+            up.port = l;
+        }
+        System::Relay | System::RelayNosplice => {
+            let relay = t
+                .relay
+                .clone()
+                .context("relay binary not available (RELAY_BIN)")?;
+            let p = free_port()?;
+            let db = dir.join("relay.db");
+            let db_s = path_str(&db)?.to_string();
+            for user in ["dev", "cli"] {
+                let mut c = cmd(&relay, &["user", "add", user, "--db", &db_s, "--password-stdin"]);
+                c.current_dir(&dir);
+                run_ok(c, Some("bench-password\n"))
+                    .with_context(|| format!("relay user add {user}"))?;
+            }
+            let listen = format!("127.0.0.1:{p}");
+            let mut serve = cmd(&relay, &["serve", "--listen", &listen, "--db", &db_s]);
+            if !ctx.relay.tls {
+                serve.args(&ctx.relay.serve_args);
+            }
+            if sys == System::RelayNosplice {
+                serve.args(&ctx.relay.nosplice_args);
+            }
+            serve.current_dir(&dir);
+            up.procs.push(Proc::spawn("relay serve", serve, &log)?);
+            wait_port(p, READY, &mut up.procs)?;
+            let mut term_args: Vec<String> = vec!["--server".into(), listen.clone()];
+            if ctx.relay.tls {
+                let fp = relay_fingerprint(&log)?;
+                term_args.extend(["--fingerprint".into(), fp]);
+            } else {
+                term_args.extend(ctx.relay.terminal_args.iter().cloned());
+            }
+            let svc = format!("svc=127.0.0.1:{target}");
+            let mut expose = cmd(&relay, &["expose"]);
+            expose
+                .args(&term_args)
+                .args(["--user", "dev", "--service", &svc])
+                .env("RELAY_PASSWORD", "bench-password")
+                .current_dir(&dir);
+            up.procs.push(Proc::spawn("relay expose", expose, &log)?);
+            let l = free_port()?;
+            let l_addr = format!("127.0.0.1:{l}");
+            let mut connect = cmd(&relay, &["connect"]);
+            connect
+                .args(&term_args)
+                .args(["--user", "cli", "dev/svc", "--listen", &l_addr])
+                .env("RELAY_PASSWORD", "bench-password")
+                .current_dir(&dir);
+            up.procs.push(Proc::spawn("relay connect", connect, &log)?);
+            up.port = l;
+        }
+    }
+    if let Some(first) = up.procs.first() {
+        up.server = vec![first.pid()];
+    }
+    wait_port(up.port, READY, &mut up.procs)
+        .with_context(|| format!("{sys}: public port; log: {}", log.display()))?;
+    Ok(up)
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+/// bore's control port is fixed in bore-cli (no flag): 7835, which is also our relay's
+/// default port. The bench gives our relay another port; bore gets 7835 on 127.0.0.1.
+pub const BORE_CONTROL_PORT: u16 = 7835;
+
+pub fn bore_server(t: &Tools, log: &Path) -> Result<Proc> {
+    if !port_is_free(BORE_CONTROL_PORT) {
+        bail!(
+            "bore: its control port 127.0.0.1:{BORE_CONTROL_PORT} (fixed in bore-cli) is taken by another program"
+        );
+    }
+    Proc::spawn(
+        "bore server",
+        cmd(
+            &t.bore,
+            &[
+                "server",
+                "--bind-addr",
+                "127.0.0.1",
+                "--bind-tunnels",
+                "127.0.0.1",
+                "--min-port",
+                "1024",
+            ],
+        ),
+        log,
+    )
+}
+
+pub fn bore_local(t: &Tools, target: u16, public: u16, log: &Path) -> Result<Proc> {
+    Proc::spawn(
+        "bore local",
+        cmd(
+            &t.bore,
+            &[
+                "local",
+                &target.to_string(),
+                "--local-host",
+                "127.0.0.1",
+                "--to",
+                "127.0.0.1",
+                "--port",
+                &public.to_string(),
+            ],
+        ),
+        log,
+    )
+}
+
+pub fn rathole_server_toml(ctl: u16, publics: &[u16]) -> String {
+    let mut s = format!("[server]\nbind_addr = \"127.0.0.1:{ctl}\"\ndefault_token = \"bench\"\n\n");
+    for (i, p) in publics.iter().enumerate() {
+        s.push_str(&format!(
+            "[server.services.svc{i}]\nbind_addr = \"127.0.0.1:{p}\"\n\n"
+        ));
+    }
+    s
+}
+
+pub fn rathole_client_toml(ctl: u16, targets: &[u16]) -> String {
+    let mut s =
+        format!("[client]\nremote_addr = \"127.0.0.1:{ctl}\"\ndefault_token = \"bench\"\n\n");
+    for (i, t) in targets.iter().enumerate() {
+        s.push_str(&format!(
+            "[client.services.svc{i}]\nlocal_addr = \"127.0.0.1:{t}\"\n\n"
+        ));
+    }
+    s
+}
+
+fn current_user() -> String {
+    Command::new("id")
+        .arg("-un")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "root".into())
+}
+
+/// Host key, client key and authorized_keys in `dir/keys` (made once per dir).
+fn ssh_keys(t: &Tools, dir: &Path) -> Result<PathBuf> {
+    let keys = dir.join("keys");
+    if keys.join("id").is_file() {
+        return Ok(keys);
+    }
+    fs::create_dir_all(&keys)?;
+    for name in ["host", "id"] {
+        let f = keys.join(name);
+        run_ok(
+            cmd(
+                &t.ssh_keygen,
+                &["-q", "-t", "ed25519", "-N", "", "-f", path_str(&f)?],
+            ),
+            None,
+        )?;
+    }
+    fs::copy(keys.join("id.pub"), keys.join("authorized_keys"))?;
+    Ok(keys)
+}
+
+/// sshd on a fresh loopback port with its own host key; `-D` keeps it in the foreground.
+pub fn sshd_start(t: &Tools, dir: &Path, max_sessions: usize) -> Result<(Proc, u16)> {
+    let keys = ssh_keys(t, dir)?;
+    let p = free_port()?;
+    // sshd's privilege separation directory (Debian's package creates it at boot only).
+    let _ = fs::create_dir_all("/run/sshd");
+    let cfg = dir.join("sshd_config");
+    let m = max_sessions.max(10) * 2;
+    fs::write(
+        &cfg,
+        format!(
+            "Port {p}\nListenAddress 127.0.0.1\nHostKey {k}/host\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {k}/authorized_keys\nStrictModes no\nPubkeyAuthentication yes\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nGatewayPorts no\n\
+             UseDNS no\nLogLevel ERROR\nMaxStartups {m}:30:{m2}\nMaxSessions {m}\n",
+            k = keys.display(),
+            d = dir.display(),
+            m2 = m * 2,
+        ),
+    )?;
+    let log = dir.join("sshd.log");
+    let sshd = Proc::spawn(
+        "sshd",
+        cmd(&t.sshd, &["-D", "-e", "-f", path_str(&cfg)?]),
+        &log,
+    )?;
+    Ok((sshd, p))
+}
+
+/// `ssh -N -R` from the device side: each (public, target) pair is one reverse tunnel.
+pub fn ssh_reverse(
+    t: &Tools,
+    dir: &Path,
+    sshd_port: u16,
+    fwds: &[(u16, u16)],
+    log: &Path,
+) -> Result<Proc> {
+    let keys = ssh_keys(t, dir)?;
+    let mut c = Command::new(&t.ssh);
+    c.args(["-F", "/dev/null", "-N", "-T"])
+        .args(["-o", "BatchMode=yes"])
+        .args(["-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "ExitOnForwardFailure=yes"])
+        .args(["-o", "LogLevel=ERROR"])
+        .arg("-i")
+        .arg(keys.join("id"))
+        .args(["-p", &sshd_port.to_string()]);
+    for (public, target) in fwds {
+        c.arg("-R")
+            .arg(format!("127.0.0.1:{public}:127.0.0.1:{target}"));
+    }
+    c.arg(format!("{}@127.0.0.1", current_user()));
+    Proc::spawn("ssh -R", c, log)
+}
+
+/// The SHA-256 fingerprint `relay serve` prints on start: the first run of 64 hex digits
+/// (colons allowed between byte pairs) in its log.
+fn relay_fingerprint(log: &Path) -> Result<String> {
+    for _ in 0..100 {
+        let s = fs::read_to_string(log).unwrap_or_default();
+        for line in s.lines().filter(|l| l.to_lowercase().contains("fingerprint")) {
+            for word in line.split(|c: char| !(c.is_ascii_hexdigit() || c == ':')) {
+                let hex: String = word.chars().filter(|c| *c != ':').collect();
+                if hex.len() == 64 {
+                    return Ok(word.to_string());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "no SHA-256 fingerprint in relay serve's log {}",
+        log.display()
+    )
+}
