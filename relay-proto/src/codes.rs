@@ -45,6 +45,8 @@ pub enum ErrorCode {
     AccountRemoved = 15,
     /// The relay could not serve the request for a reason of its own (a full table).
     Busy = 16,
+    /// Anything but LOGIN before the login succeeded.
+    NotLoggedIn = 17,
 }
 
 impl ErrorCode {
@@ -81,6 +83,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "relay shutting down",
             ErrorCode::AccountRemoved => "account removed by the operator",
             ErrorCode::Busy => "relay busy",
+            ErrorCode::NotLoggedIn => "log in first",
         }
     }
 }

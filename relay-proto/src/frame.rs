@@ -100,7 +100,11 @@ pub struct Hello {
 
 impl Hello {
     pub const fn current(caps: u32) -> Hello {
-        Hello { magic: MAGIC, version: VERSION, caps }
+        Hello {
+            magic: MAGIC,
+            version: VERSION,
+            caps,
+        }
     }
 }
 
@@ -207,7 +211,10 @@ pub enum Parsed {
 pub enum DecodeError {
     UnknownType(u8),
     /// A control frame longer than [`MAX_CONTROL`].
-    TooLarge { ty: FrameType, len: u16 },
+    TooLarge {
+        ty: FrameType,
+        len: u16,
+    },
     /// The payload does not decode as the frame type's structure (or has bytes left over).
     BadPayload(FrameType),
     /// A DATA frame with no payload.
@@ -263,7 +270,10 @@ pub fn parse(input: &[u8]) -> Result<Option<(Parsed, usize)>, DecodeError> {
         return Ok(None);
     };
     let frame = decode_payload(ty, payload)?;
-    Ok(Some((Parsed::Control(frame), HEADER_LEN + usize::from(len))))
+    Ok(Some((
+        Parsed::Control(frame),
+        HEADER_LEN + usize::from(len),
+    )))
 }
 
 /// Decodes a postcard payload that must use every byte.
@@ -278,8 +288,8 @@ fn decode_payload(ty: FrameType, p: &[u8]) -> Result<Frame, DecodeError> {
     Ok(match ty {
         FrameType::Login => {
             // The hello first, alone: its fields decide how to read the rest.
-            let (hello, _) = postcard::take_from_bytes::<Hello>(p)
-                .map_err(|_| DecodeError::BadPayload(ty))?;
+            let (hello, _) =
+                postcard::take_from_bytes::<Hello>(p).map_err(|_| DecodeError::BadPayload(ty))?;
             if hello.magic != MAGIC {
                 return Err(DecodeError::BadMagic);
             }
@@ -291,18 +301,24 @@ fn decode_payload(ty: FrameType, p: &[u8]) -> Result<Frame, DecodeError> {
         FrameType::LoginOk => Frame::LoginOk(exact(ty, p)?),
         FrameType::KeepAlive => Frame::KeepAlive { seq: exact(ty, p)? },
         FrameType::KeepAliveAck => Frame::KeepAliveAck { seq: exact(ty, p)? },
-        FrameType::List => Frame::List { cursor: exact(ty, p)? },
+        FrameType::List => Frame::List {
+            cursor: exact(ty, p)?,
+        },
         FrameType::ListAnswer => Frame::ListAnswer(exact(ty, p)?),
         FrameType::Demand => Frame::Demand(exact(ty, p)?),
         FrameType::Notice => Frame::Notice(exact(ty, p)?),
-        FrameType::Accept => Frame::Accept { session: exact(ty, p)? },
+        FrameType::Accept => Frame::Accept {
+            session: exact(ty, p)?,
+        },
         FrameType::Reject => Frame::Reject(exact(ty, p)?),
         FrameType::DemandResult => Frame::DemandResult(exact(ty, p)?),
         FrameType::Terminate => {
             exact::<()>(ty, p)?;
             Frame::Terminate
         }
-        FrameType::Release => Frame::Release { reason: exact(ty, p)? },
+        FrameType::Release => Frame::Release {
+            reason: exact(ty, p)?,
+        },
         FrameType::Logout => {
             exact::<()>(ty, p)?;
             Frame::Logout
@@ -318,7 +334,10 @@ fn decode_payload(ty: FrameType, p: &[u8]) -> Result<Frame, DecodeError> {
 /// DATA never reaches payload decoding: `parse` returns its header first.
 #[cold]
 fn unreachable_data() -> Frame {
-    Frame::Error { code: ErrorCode::BadFrame, text: Text::lossy("") }
+    Frame::Error {
+        code: ErrorCode::BadFrame,
+        text: Text::lossy(""),
+    }
 }
 
 impl Frame {
@@ -411,8 +430,13 @@ mod tests {
         roundtrip(Frame::KeepAlive { seq: 7 });
         roundtrip(Frame::Terminate);
         roundtrip(Frame::Logout);
-        roundtrip(Frame::Release { reason: ReleaseReason::PeerLost });
-        roundtrip(Frame::Error { code: ErrorCode::Replaced, text: Text::lossy("x") });
+        roundtrip(Frame::Release {
+            reason: ReleaseReason::PeerLost,
+        });
+        roundtrip(Frame::Error {
+            code: ErrorCode::Replaced,
+            text: Text::lossy("x"),
+        });
     }
 
     #[test]
@@ -425,7 +449,10 @@ mod tests {
             }
             users.push(UserId::new(&s).unwrap()).unwrap();
         }
-        roundtrip(Frame::ListAnswer(ListAnswer { users, next: Some(u32::MAX) }));
+        roundtrip(Frame::ListAnswer(ListAnswer {
+            users,
+            next: Some(u32::MAX),
+        }));
     }
 
     #[test]
@@ -439,11 +466,23 @@ mod tests {
     #[test]
     fn bad_inputs_have_defined_errors() {
         assert_eq!(parse(&[0x7f, 0, 0]), Err(DecodeError::UnknownType(0x7f)));
-        assert!(matches!(parse(&[0x03, 0xff, 0xff]), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            parse(&[0x03, 0xff, 0xff]),
+            Err(DecodeError::TooLarge { .. })
+        ));
         // KEEPALIVE with a trailing byte.
-        assert_eq!(parse(&[0x03, 0, 2, 1, 1]), Err(DecodeError::BadPayload(FrameType::KeepAlive)));
+        assert_eq!(
+            parse(&[0x03, 0, 2, 1, 1]),
+            Err(DecodeError::BadPayload(FrameType::KeepAlive))
+        );
         // LOGIN with a wrong magic and with a future version.
-        assert_eq!(parse(&[0x01, 0, 6, b'H', b'T', b'T', b'P', 1, 0]), Err(DecodeError::BadMagic));
-        assert_eq!(parse(&[0x01, 0, 6, b'R', b'E', b'L', b'Y', 2, 0]), Err(DecodeError::Version(2)));
+        assert_eq!(
+            parse(&[0x01, 0, 6, b'H', b'T', b'T', b'P', 1, 0]),
+            Err(DecodeError::BadMagic)
+        );
+        assert_eq!(
+            parse(&[0x01, 0, 6, b'R', b'E', b'L', b'Y', 2, 0]),
+            Err(DecodeError::Version(2))
+        );
     }
 }

@@ -46,7 +46,9 @@ fn check_name(s: &str, max: usize, allow_empty: bool) -> Result<(), IdentError> 
     if s.len() > max {
         return Err(IdentError::TooLong);
     }
-    if s.chars().any(|c| c.is_control() || c.is_whitespace() || c == '/') {
+    if s.chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '/')
+    {
         return Err(IdentError::BadChar);
     }
     Ok(())
@@ -151,6 +153,14 @@ text_type!(
 );
 
 impl Text {
+    /// The `Display` form of `v`, cut to fit like [`Text::lossy`].
+    pub fn display(v: &impl fmt::Display) -> Self {
+        let mut s: String<MAX_TEXT> = String::new();
+        // A full buffer stops the write early: exactly the cut we want.
+        let _ = fmt::write(&mut Truncating(&mut s), format_args!("{v}"));
+        Text::lossy(&s)
+    }
+
     /// Builds a text, cutting it at a character boundary to fit and replacing control
     /// characters, for messages that must always go out.
     pub fn lossy(s: &str) -> Self {
@@ -257,5 +267,17 @@ mod tests {
         extern crate std;
         let p = Password::new("hunter2").unwrap();
         assert!(!std::format!("{p:?}").contains("hunter2"));
+    }
+}
+
+/// A `fmt::Write` into a bounded string that keeps what fits and then reports an error.
+struct Truncating<'a, const N: usize>(&'a mut String<N>);
+
+impl<const N: usize> fmt::Write for Truncating<'_, N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            self.0.push(c).map_err(|_| fmt::Error)?;
+        }
+        Ok(())
     }
 }

@@ -22,3 +22,6 @@ pub use codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 pub use frame::{Frame, Parsed};
 pub use ident::{Password, ResumeToken, ServiceName, Text, UserId};
 pub use time::{Duration, Instant};
+pub mod relay;
+pub mod rng;
+pub mod terminal;

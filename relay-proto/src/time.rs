@@ -29,7 +29,9 @@ impl Instant {
     }
 
     pub const fn from_secs(secs: u64) -> Self {
-        Instant { millis: secs * 1000 }
+        Instant {
+            millis: secs * 1000,
+        }
     }
 
     pub const fn as_millis(self) -> u64 {
@@ -38,7 +40,9 @@ impl Instant {
 
     /// Time from `earlier` to `self`, zero if `earlier` is later.
     pub const fn saturating_since(self, earlier: Instant) -> Duration {
-        Duration { millis: self.millis.saturating_sub(earlier.millis) }
+        Duration {
+            millis: self.millis.saturating_sub(earlier.millis),
+        }
     }
 }
 
@@ -50,7 +54,9 @@ impl Duration {
     }
 
     pub const fn from_secs(secs: u64) -> Self {
-        Duration { millis: secs * 1000 }
+        Duration {
+            millis: secs * 1000,
+        }
     }
 
     pub const fn as_millis(self) -> u64 {
@@ -59,28 +65,36 @@ impl Duration {
 
     /// Saturating multiplication, for back-off schedules.
     pub const fn saturating_mul(self, k: u64) -> Duration {
-        Duration { millis: self.millis.saturating_mul(k) }
+        Duration {
+            millis: self.millis.saturating_mul(k),
+        }
     }
 }
 
 impl Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, d: Duration) -> Instant {
-        Instant { millis: self.millis.saturating_add(d.millis) }
+        Instant {
+            millis: self.millis.saturating_add(d.millis),
+        }
     }
 }
 
 impl Sub<Duration> for Instant {
     type Output = Instant;
     fn sub(self, d: Duration) -> Instant {
-        Instant { millis: self.millis.saturating_sub(d.millis) }
+        Instant {
+            millis: self.millis.saturating_sub(d.millis),
+        }
     }
 }
 
 impl Add for Duration {
     type Output = Duration;
     fn add(self, d: Duration) -> Duration {
-        Duration { millis: self.millis.saturating_add(d.millis) }
+        Duration {
+            millis: self.millis.saturating_add(d.millis),
+        }
     }
 }
 

@@ -1,0 +1,1212 @@
+//! The relay's core: every protocol decision of the server, sans-IO.
+//!
+//! The host accepts TCP connections and gives each a [`ConnId`] from [`Relay::accept`].
+//! It feeds received bytes to [`Relay::handle_input`], writes what
+//! [`Relay::poll_transmit`] produces, runs [`Relay::handle_timeout`] at
+//! [`Relay::poll_timeout`], reports closed sockets with [`Relay::closed`], and drains
+//! [`Relay::poll_event`] after every call. Logins are checked by the host (the account
+//! store and its costly hash are the host's): [`Event::Authenticate`] asks,
+//! [`Relay::login_verdict`] answers, so the hash never runs inside the core.
+//!
+//! ## The forwarding contract
+//!
+//! Once two connections are paired, DATA payload never passes through the core's memory.
+//! When `handle_input` on A meets a DATA header it queues the same header on B and
+//! returns `Consumed(3)`; for the payload bytes that follow it returns
+//! [`Offer::Forward`]` { to: B, n }`. The host must then first write everything
+//! `poll_transmit(B)` gives (that includes the header), then the `n` bytes, unchanged,
+//! on B. While a payload is under way B's other output waits, so frames never interleave.
+//! A host that knows the remaining count ([`Relay::forward_remaining`]) may move the bytes
+//! any way it likes (one copy, `splice(2)`) and report them with
+//! [`Relay::forwarded`].
+//!
+//! ## Output without buffers
+//!
+//! A connection's pending output is a handful of flags and small fields (an ack to send,
+//! a notice, a result, a release), encoded only when `poll_transmit` is called. So the
+//! core holds no per-connection byte buffers and an idle connection costs one table entry.
+
+mod storage;
+
+pub use storage::{Fixed, FixedIndex, FixedSlab, Queue, Slab, Storage, UserIndex};
+#[cfg(feature = "std")]
+pub use storage::{Heap, HeapSlab};
+
+use heapless::Vec;
+
+use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
+use crate::frame::{
+    self, Credential, Demand, DemandResult, Frame, ListAnswer, LoginOk, Notice, Parsed, caps,
+};
+use crate::ident::{ResumeToken, ServiceName, Text, UserId};
+use crate::time::{Duration, Instant, earliest};
+
+/// Most connections one terminal may hold, whatever the configuration says.
+pub const MAX_CONNS_PER_TERMINAL: usize = 32;
+/// A `poll_transmit` buffer must hold this much: the largest burst of control frames.
+pub const MIN_TRANSMIT_BUF: usize = 4 * frame::MAX_CONTROL_FRAME;
+
+/// A connection, as the host and the core call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ConnId(pub u32);
+
+/// Relay settings. Every bound has a safe default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Keep-alive interval announced to terminals.
+    pub keepalive: Duration,
+    /// A logged-in connection that sends nothing for this long is closed.
+    pub keepalive_timeout: Duration,
+    /// A connection that has not logged in this long after accept is closed.
+    pub handshake_timeout: Duration,
+    /// A target that does not answer a notice within this is given up on.
+    pub demand_timeout: Duration,
+    /// Largest DATA payload accepted (announced in LOGIN_OK).
+    pub max_payload: u16,
+    /// Connections one terminal may hold (at most [`MAX_CONNS_PER_TERMINAL`]).
+    pub max_conns_per_account: u8,
+    /// Sessions (pending and running) one terminal may take part in.
+    pub max_sessions_per_account: u16,
+    /// Failed logins on one connection before it is closed.
+    pub max_login_attempts: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            keepalive: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(90),
+            handshake_timeout: Duration::from_secs(10),
+            demand_timeout: Duration::from_secs(10),
+            max_payload: u16::MAX,
+            max_conns_per_account: 16,
+            max_sessions_per_account: 8,
+            max_login_attempts: 3,
+        }
+    }
+}
+
+/// The relay's access rule: may `from` reach `to`? The host implements it over its
+/// account store; the target may still reject on top of it.
+pub trait Policy {
+    fn may_reach(&self, from: &UserId, to: &UserId) -> bool;
+}
+
+/// Everyone may reach everyone.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AllowAll;
+
+impl Policy for AllowAll {
+    fn may_reach(&self, _: &UserId, _: &UserId) -> bool {
+        true
+    }
+}
+
+/// The host's answer to [`Event::Authenticate`].
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// The credential is good. `instance` names this run of the terminal: a fresh random
+    /// value for a password login, the one inside the token for a resumption. `token` is
+    /// the credential for the terminal's further connections.
+    Accept { instance: u64, token: ResumeToken },
+    /// Refused: `AuthFailed`, `ResumeRejected` or `Throttled` (the host's rate limit).
+    Refuse(ErrorCode),
+}
+
+/// What the host must do, or may log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `conn` has output (or must close): call [`Relay::poll_transmit`].
+    Wake(ConnId),
+    /// Check this credential and answer with [`Relay::login_verdict`].
+    Authenticate {
+        conn: ConnId,
+        user: UserId,
+        credential: Credential,
+    },
+    LoggedIn {
+        conn: ConnId,
+        user: UserId,
+        resumed: bool,
+    },
+    LoginFailed {
+        conn: ConnId,
+        user: UserId,
+        code: ErrorCode,
+    },
+    /// A password login replaced the running instance of `user`.
+    Replaced { user: UserId },
+    /// A demand was refused (accepted ones give [`Event::SessionStarted`]).
+    DemandFailed {
+        from: UserId,
+        to: UserId,
+        service: ServiceName,
+        error: DemandError,
+    },
+    SessionStarted {
+        session: u32,
+        from: UserId,
+        to: UserId,
+        service: ServiceName,
+    },
+    /// `up`: payload bytes from the requester to the target; `down`: the other way.
+    SessionEnded {
+        session: u32,
+        from: UserId,
+        to: UserId,
+        up: u64,
+        down: u64,
+        reason: ReleaseReason,
+    },
+    /// The terminal's last connection is gone (logout, timeout, close).
+    Offline { user: UserId },
+}
+
+/// How the host must treat the bytes it offered to [`Relay::handle_input`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Offer {
+    /// The first `n` bytes were handled; offer the rest again.
+    Consumed(usize),
+    /// The first `n` bytes are payload for `to`: write `poll_transmit(to)`'s bytes, then
+    /// these, on `to`. Then offer the rest again.
+    Forward { to: ConnId, n: usize },
+    /// Only part of a frame: keep the bytes and offer them again with more. Never
+    /// returned for more than [`frame::MAX_CONTROL_FRAME`] bytes.
+    NeedMore,
+}
+
+/// What [`Relay::poll_transmit`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Transmit {
+    /// Bytes written to the buffer.
+    pub len: usize,
+    /// After sending them, close the connection and call [`Relay::closed`].
+    pub close: bool,
+}
+
+/// Errors of the core's API (the host's mistakes, not the network's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum RelayError {
+    /// The connection table is full: close the new socket.
+    TableFull,
+    /// No such connection (already closed).
+    UnknownConn,
+    /// `poll_transmit` needs [`MIN_TRANSMIT_BUF`] bytes.
+    BufferTooSmall,
+}
+
+/// A connection's place in the protocol.
+#[derive(Debug, Clone)]
+enum State {
+    /// Waiting for LOGIN.
+    Handshake,
+    /// LOGIN received; the host is checking it.
+    Authenticating {
+        user: UserId,
+        password: bool,
+    },
+    Idle,
+    /// We routed this connection's DEMAND to `peer`; waiting for its answer.
+    Demanding {
+        peer: u32,
+        session: u32,
+        service: ServiceName,
+        deadline: Instant,
+    },
+    /// `peer` demands a session of us; NOTICE queued or sent.
+    Noticed {
+        peer: u32,
+        session: u32,
+    },
+    /// Paired with `peer`. `sent_end`: this side sent TERMINATE.
+    Session {
+        peer: u32,
+        session: u32,
+        sent_end: bool,
+        requester: bool,
+    },
+    /// The session is over; RELEASE still to send. Stray DATA and TERMINATE are dropped.
+    Releasing,
+    /// A fatal error is queued; close once it is written.
+    Closing,
+}
+
+/// Pending output, encoded by `poll_transmit` in this order (which respects causality:
+/// a result precedes the data it allows, data precedes TERMINATE, TERMINATE precedes
+/// RELEASE).
+#[derive(Debug, Clone, Default)]
+struct Out {
+    login_ok: bool,
+    error: Option<ErrorCode>,
+    ack: Option<u32>,
+    list: Option<u32>,
+    notice: bool,
+    result: Option<DemandResult>,
+    data_header: Option<u16>,
+    terminate: bool,
+    release: Option<ReleaseReason>,
+}
+
+/// One connection's entry in the core's tables.
+#[derive(Debug, Clone)]
+pub struct ConnEntry {
+    state: State,
+    /// The terminal this connection belongs to, once logged in.
+    term: Option<u32>,
+    accepted: Instant,
+    last_rx: Instant,
+    out: Out,
+    /// Payload bytes of the current DATA frame still to pass from this connection.
+    fwd_remaining: u16,
+    /// A DATA header from the peer was written on this connection and its payload is
+    /// still under way: nothing else may be written here until it is complete.
+    locked: bool,
+    /// Payload bytes received from this connection in the current session.
+    bytes: u64,
+    attempts: u8,
+    woken: bool,
+}
+
+/// One logged-in terminal (an "instance": one run of a device).
+#[derive(Debug, Clone)]
+pub struct TermEntry {
+    user: UserId,
+    instance: u64,
+    conns: Vec<u32, MAX_CONNS_PER_TERMINAL>,
+    sessions: u16,
+    token: ResumeToken,
+}
+
+/// Counters the host exports as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub sessions: u64,
+    pub bytes_relayed: u64,
+    pub events_dropped: u64,
+}
+
+/// The relay core over storage `S` with access rule `P`.
+pub struct Relay<S: Storage, P: Policy = AllowAll> {
+    config: Config,
+    policy: P,
+    conns: S::Conns,
+    terms: S::Terms,
+    users: S::Users,
+    events: S::Events,
+    next_session: u32,
+    stats: Stats,
+}
+
+impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Relay")
+            .field("connections", &self.conns.len())
+            .field("terminals", &self.terms.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl<S: Storage, P: Policy> Relay<S, P> {
+    pub fn new(mut config: Config, policy: P) -> Self {
+        config.max_conns_per_account = config
+            .max_conns_per_account
+            .clamp(1, MAX_CONNS_PER_TERMINAL as u8);
+        let (conns, terms, users, events) = S::build();
+        Relay {
+            config,
+            policy,
+            conns,
+            terms,
+            users,
+            events,
+            next_session: 1,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The access rule, for the host to update (it applies to the next demand).
+    pub fn policy_mut(&mut self) -> &mut P {
+        &mut self.policy
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Logged-in terminals.
+    pub fn terminal_count(&self) -> usize {
+        self.terms.len()
+    }
+
+    /// Whether `user` is logged in.
+    pub fn is_online(&self, user: &UserId) -> bool {
+        self.users.get(user).is_some()
+    }
+
+    /// The next event. Drain after every call.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop()
+    }
+
+    fn emit(&mut self, e: Event) {
+        if !self.events.push(e) {
+            self.stats.events_dropped += 1;
+        }
+    }
+
+    fn wake(&mut self, key: u32) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if !c.woken {
+                c.woken = true;
+                self.emit(Event::Wake(ConnId(key)));
+            }
+        }
+    }
+
+    /// A new TCP connection: steps (1)(10). It must log in within the handshake deadline.
+    pub fn accept(&mut self, now: Instant) -> Result<ConnId, RelayError> {
+        let entry = ConnEntry {
+            state: State::Handshake,
+            term: None,
+            accepted: now,
+            last_rx: now,
+            out: Out::default(),
+            fwd_remaining: 0,
+            locked: false,
+            bytes: 0,
+            attempts: 0,
+            woken: false,
+        };
+        self.conns
+            .insert(entry)
+            .map(ConnId)
+            .map_err(|_| RelayError::TableFull)
+    }
+
+    fn user_of(&self, conn: u32) -> Option<&UserId> {
+        let term = self.conns.get(conn)?.term?;
+        self.terms.get(term).map(|t| &t.user)
+    }
+
+    /// Queues an error on `key`. A fatal one closes the connection (see [`Self::close_conn`]).
+    fn fail(&mut self, key: u32, code: ErrorCode) {
+        if code.is_fatal() {
+            self.close_conn(key, Some(code), ReleaseReason::PeerLost);
+        } else if let Some(c) = self.conns.get_mut(key) {
+            c.out.error = Some(code);
+            self.wake(key);
+        }
+    }
+
+    /// Ends `key`'s part in any session (the peer learns `reason`), then closes it after
+    /// writing `code`, if any. Mid-payload the stream cannot take a frame: no frame then.
+    fn close_conn(&mut self, key: u32, code: Option<ErrorCode>, reason: ReleaseReason) {
+        self.detach(key, reason);
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let code = code.filter(|_| !c.locked);
+        c.out = Out {
+            error: code,
+            ..Out::default()
+        };
+        c.state = State::Closing;
+        self.wake(key);
+    }
+
+    /// Takes bytes received on `conn`. Handles at most one frame (or one run of payload)
+    /// per call; call again with the rest. See [`Offer`] and the forwarding contract.
+    pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: &[u8]) -> Offer {
+        let key = conn.0;
+        let Some(c) = self.conns.get_mut(key) else {
+            return Offer::Consumed(input.len());
+        };
+        if input.is_empty() {
+            return Offer::NeedMore;
+        }
+        c.last_rx = now;
+        if matches!(c.state, State::Closing) {
+            return Offer::Consumed(input.len());
+        }
+        if c.fwd_remaining > 0 {
+            return self.pass_payload(key, input.len());
+        }
+        match frame::parse(input) {
+            Ok(None) => Offer::NeedMore,
+            Err(e) => {
+                self.fail(key, e.code());
+                Offer::Consumed(input.len())
+            }
+            Ok(Some((Parsed::DataHeader { len }, n))) => {
+                self.on_data_header(key, len);
+                Offer::Consumed(n)
+            }
+            Ok(Some((Parsed::Control(f), n))) => {
+                self.on_frame(now, key, f);
+                Offer::Consumed(n)
+            }
+        }
+    }
+
+    /// Payload bytes still to come on `conn` for the DATA frame under way.
+    pub fn forward_remaining(&self, conn: ConnId) -> usize {
+        self.conns
+            .get(conn.0)
+            .map_or(0, |c| usize::from(c.fwd_remaining))
+    }
+
+    /// The host moved `n` payload bytes of `conn` by itself (see [`Relay::forward_remaining`]).
+    pub fn forwarded(&mut self, now: Instant, conn: ConnId, n: usize) {
+        if let Some(c) = self.conns.get_mut(conn.0) {
+            c.last_rx = now;
+            self.pass_payload(conn.0, n);
+        }
+    }
+
+    fn pass_payload(&mut self, key: u32, available: usize) -> Offer {
+        let Some(c) = self.conns.get_mut(key) else {
+            return Offer::Consumed(available);
+        };
+        let n = available.min(usize::from(c.fwd_remaining));
+        c.fwd_remaining -= n as u16;
+        c.bytes += n as u64;
+        let done = c.fwd_remaining == 0;
+        let State::Session { peer, .. } = c.state else {
+            // The session ended under the payload: drop the rest of it.
+            return Offer::Consumed(n);
+        };
+        self.stats.bytes_relayed += n as u64;
+        if done {
+            if let Some(pc) = self.conns.get_mut(peer) {
+                pc.locked = false;
+                self.wake(peer);
+            }
+        }
+        Offer::Forward {
+            to: ConnId(peer),
+            n,
+        }
+    }
+
+    fn on_data_header(&mut self, key: u32, len: u16) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if len > self.config.max_payload {
+            return self.fail(key, ErrorCode::FrameTooLarge);
+        }
+        match c.state {
+            State::Session {
+                peer,
+                sent_end: false,
+                ..
+            } => {
+                c.fwd_remaining = len;
+                if let Some(pc) = self.conns.get_mut(peer) {
+                    pc.out.data_header = Some(len);
+                    self.wake(peer);
+                }
+            }
+            // Sent before this side learnt that its session ended: drop it quietly.
+            State::Releasing => c.fwd_remaining = len,
+            State::Handshake | State::Authenticating { .. } => {
+                self.fail(key, ErrorCode::NotLoggedIn)
+            }
+            _ => {
+                // DATA outside a session has no receiver; the stream must be resynced by
+                // skipping its payload, so the connection stays usable.
+                c.fwd_remaining = len;
+                self.fail(key, ErrorCode::UnexpectedFrame);
+            }
+        }
+    }
+}
+
+impl<S: Storage, P: Policy> Relay<S, P> {
+    fn on_frame(&mut self, now: Instant, key: u32, f: Frame) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let logged_in = c.term.is_some();
+        match f {
+            Frame::Login(login) => {
+                if !matches!(c.state, State::Handshake) {
+                    return self.fail(key, ErrorCode::UnexpectedFrame);
+                }
+                c.attempts = c.attempts.saturating_add(1);
+                let password = matches!(login.credential, Credential::Password(_));
+                c.state = State::Authenticating {
+                    user: login.user.clone(),
+                    password,
+                };
+                self.emit(Event::Authenticate {
+                    conn: ConnId(key),
+                    user: login.user,
+                    credential: login.credential,
+                });
+            }
+            _ if !logged_in => self.fail(key, ErrorCode::NotLoggedIn),
+            Frame::KeepAlive { seq } => c.out.ack = Some(seq),
+            Frame::List { cursor } if matches!(c.state, State::Idle) => c.out.list = Some(cursor),
+            Frame::Demand(d) if matches!(c.state, State::Idle) => self.route(now, key, d),
+            Frame::Accept { session } => match c.state {
+                State::Noticed { peer, session: s } if s == session => {
+                    self.start_session(key, peer, session)
+                }
+                _ => self.fail(key, ErrorCode::UnknownSession),
+            },
+            Frame::Reject(r) => match c.state {
+                State::Noticed { peer, session: s } if s == r.session => {
+                    let error = DemandError::Rejected(r.reason);
+                    self.fail_demand(peer, key, error, r.text);
+                }
+                _ => self.fail(key, ErrorCode::UnknownSession),
+            },
+            Frame::Terminate => match c.state {
+                State::Session {
+                    peer,
+                    sent_end: false,
+                    ..
+                } => self.on_terminate(key, peer),
+                // Crossed with the end of the session: nothing to do.
+                State::Releasing => {}
+                _ => self.fail(key, ErrorCode::UnexpectedFrame),
+            },
+            Frame::Logout => {
+                if let Some(term) = c.term {
+                    self.drop_terminal(term, None, ReleaseReason::PeerLoggedOut);
+                }
+            }
+            _ => self.fail(key, ErrorCode::UnexpectedFrame),
+        }
+        if self.conns.get(key).is_some_and(|c| c.has_output()) {
+            self.wake(key);
+        }
+    }
+
+    /// The host's answer to [`Event::Authenticate`] for `conn`. Answers for connections
+    /// that closed meanwhile are ignored.
+    pub fn login_verdict(&mut self, now: Instant, conn: ConnId, verdict: Verdict) {
+        let key = conn.0;
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let State::Authenticating { user, password } = c.state.clone() else {
+            return;
+        };
+        let (instance, token) = match verdict {
+            Verdict::Accept { instance, token } => (instance, token),
+            Verdict::Refuse(code) => return self.refuse_login(key, user, code),
+        };
+        let existing = self.users.get(&user);
+        if let Some(tk) = existing {
+            let current = self.terms.get(tk).map(|t| t.instance);
+            if password {
+                // Newest wins: a rebooted device is reachable at once.
+                self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
+                self.emit(Event::Replaced { user: user.clone() });
+            } else if current != Some(instance) {
+                // A credential of an instance that was replaced since.
+                return self.refuse_login(key, user, ErrorCode::ResumeRejected);
+            }
+        }
+        let term = match self.users.get(&user) {
+            Some(tk) => {
+                let t = self.terms.get_mut(tk).expect("index and table agree");
+                if t.conns.len() >= usize::from(self.config.max_conns_per_account) {
+                    return self.fail(key, ErrorCode::TooManyConnections);
+                }
+                let _ = t.conns.push(key);
+                t.token = token;
+                tk
+            }
+            None => {
+                let mut conns = Vec::new();
+                let _ = conns.push(key);
+                let entry = TermEntry {
+                    user: user.clone(),
+                    instance,
+                    conns,
+                    sessions: 0,
+                    token,
+                };
+                let Ok(tk) = self.terms.insert(entry) else {
+                    return self.fail(key, ErrorCode::Busy);
+                };
+                if !self.users.insert(user.clone(), tk) {
+                    self.terms.remove(tk);
+                    return self.fail(key, ErrorCode::Busy);
+                }
+                tk
+            }
+        };
+        if let Some(c) = self.conns.get_mut(key) {
+            c.term = Some(term);
+            c.state = State::Idle;
+            c.last_rx = now;
+            c.out.login_ok = true;
+        }
+        self.emit(Event::LoggedIn {
+            conn,
+            user,
+            resumed: !password,
+        });
+        self.wake(key);
+    }
+
+    fn refuse_login(&mut self, key: u32, user: UserId, code: ErrorCode) {
+        self.emit(Event::LoginFailed {
+            conn: ConnId(key),
+            user,
+            code,
+        });
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        c.state = State::Handshake;
+        if c.attempts >= self.config.max_login_attempts && !code.is_fatal() {
+            self.fail(key, ErrorCode::Throttled);
+        } else {
+            self.fail(key, code);
+        }
+    }
+
+    /// Step (6): routes a demand from `key`, or answers it with an error at once.
+    fn route(&mut self, now: Instant, key: u32, d: Demand) {
+        let Some(from) = self.user_of(key).cloned() else {
+            return;
+        };
+        let refuse = |error| (error, d.target.clone(), d.service.clone());
+        let outcome = (|| {
+            // The access rule first: a forbidden target's presence is not revealed.
+            if !self.policy.may_reach(&from, &d.target) {
+                return Err(refuse(DemandError::Forbidden));
+            }
+            let tk = self
+                .users
+                .get(&d.target)
+                .ok_or_else(|| refuse(DemandError::TargetOffline))?;
+            let ak = self
+                .conns
+                .get(key)
+                .and_then(|c| c.term)
+                .ok_or_else(|| refuse(DemandError::TargetGone))?;
+            let max = self.config.max_sessions_per_account;
+            let busy = |k| self.terms.get(k).is_none_or(|t| t.sessions >= max);
+            if busy(ak) || busy(tk) {
+                return Err(refuse(DemandError::TooManySessions));
+            }
+            let target = self
+                .terms
+                .get(tk)
+                .ok_or_else(|| refuse(DemandError::TargetGone))?;
+            let idle = target.conns.iter().copied().find(|&ck| {
+                ck != key
+                    && self
+                        .conns
+                        .get(ck)
+                        .is_some_and(|c| matches!(c.state, State::Idle))
+            });
+            idle.map(|ck| (ck, ak, tk))
+                .ok_or_else(|| refuse(DemandError::NoIdleConnection))
+        })();
+        match outcome {
+            Err((error, to, service)) => {
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.out.result = Some(DemandResult::Failed {
+                        error,
+                        text: Text::display(&error),
+                    });
+                }
+                self.emit(Event::DemandFailed {
+                    from,
+                    to,
+                    service,
+                    error,
+                });
+            }
+            Ok((ck, ak, tk)) => {
+                let session = self.next_session;
+                self.next_session = self.next_session.wrapping_add(1).max(1);
+                let deadline = now + self.config.demand_timeout;
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.state = State::Demanding {
+                        peer: ck,
+                        session,
+                        service: d.service,
+                        deadline,
+                    };
+                }
+                if let Some(c) = self.conns.get_mut(ck) {
+                    c.state = State::Noticed { peer: key, session };
+                    c.out.notice = true;
+                }
+                for k in [ak, tk] {
+                    if let Some(t) = self.terms.get_mut(k) {
+                        t.sessions += 1;
+                    }
+                }
+                self.wake(ck);
+            }
+        }
+    }
+
+    fn sessions_done(&mut self, a: u32, b: u32) {
+        for k in [a, b] {
+            if let Some(t) = self
+                .conns
+                .get(k)
+                .and_then(|c| c.term)
+                .and_then(|t| self.terms.get_mut(t))
+            {
+                t.sessions = t.sessions.saturating_sub(1);
+            }
+        }
+    }
+
+    /// The requester's service, read from its `Demanding` state.
+    fn service_of(&self, requester: u32) -> ServiceName {
+        match self.conns.get(requester).map(|c| &c.state) {
+            Some(State::Demanding { service, .. }) => service.clone(),
+            _ => ServiceName::default(),
+        }
+    }
+
+    /// Step (8)(9), accepted: `target` accepted `requester`'s demand.
+    fn start_session(&mut self, target: u32, requester: u32, session: u32) {
+        let service = self.service_of(requester);
+        if let Some(c) = self.conns.get_mut(target) {
+            c.state = State::Session {
+                peer: requester,
+                session,
+                sent_end: false,
+                requester: false,
+            };
+            c.bytes = 0;
+        }
+        if let Some(c) = self.conns.get_mut(requester) {
+            c.state = State::Session {
+                peer: target,
+                session,
+                sent_end: false,
+                requester: true,
+            };
+            c.bytes = 0;
+            c.out.result = Some(DemandResult::Accepted { session });
+        }
+        self.stats.sessions += 1;
+        self.wake(requester);
+        if let (Some(from), Some(to)) = (
+            self.user_of(requester).cloned(),
+            self.user_of(target).cloned(),
+        ) {
+            self.emit(Event::SessionStarted {
+                session,
+                from,
+                to,
+                service,
+            });
+        }
+    }
+
+    /// A demand of `requester` ends without a session; `target` held its notice.
+    fn fail_demand(&mut self, requester: u32, target: u32, error: DemandError, text: Text) {
+        let service = self.service_of(requester);
+        self.sessions_done(requester, target);
+        if let Some(c) = self.conns.get_mut(requester) {
+            c.state = State::Idle;
+            c.out.result = Some(DemandResult::Failed { error, text });
+            self.wake(requester);
+        }
+        if let Some(c) = self.conns.get_mut(target) {
+            c.state = State::Idle;
+        }
+        if let (Some(from), Some(to)) = (
+            self.user_of(requester).cloned(),
+            self.user_of(target).cloned(),
+        ) {
+            self.emit(Event::DemandFailed {
+                from,
+                to,
+                service,
+                error,
+            });
+        }
+    }
+
+    /// Withdraws `target`'s notice: quietly if it was never written, else with RELEASE.
+    fn cancel_notice(&mut self, target: u32) {
+        if let Some(c) = self.conns.get_mut(target) {
+            if c.out.notice {
+                c.out.notice = false;
+                c.state = State::Idle;
+            } else {
+                c.out.release = Some(ReleaseReason::Cancelled);
+                c.state = State::Releasing;
+                self.wake(target);
+            }
+        }
+    }
+
+    /// Step (19)(20): `key` sent TERMINATE. When both sides have, step (21): RELEASE.
+    fn on_terminate(&mut self, key: u32, peer: u32) {
+        if let Some(State::Session { sent_end, .. }) = self.conns.get_mut(key).map(|c| &mut c.state)
+        {
+            *sent_end = true;
+        }
+        let Some(pc) = self.conns.get_mut(peer) else {
+            return;
+        };
+        pc.out.terminate = true;
+        let peer_done = matches!(pc.state, State::Session { sent_end: true, .. });
+        self.wake(peer);
+        if peer_done {
+            self.end_session(key, peer, ReleaseReason::Normal, ReleaseReason::Normal);
+        }
+    }
+
+    /// Ends the session between `a` and `b`, telling each its reason with RELEASE.
+    fn end_session(&mut self, a: u32, b: u32, reason_a: ReleaseReason, reason_b: ReleaseReason) {
+        let Some(State::Session {
+            session, requester, ..
+        }) = self.conns.get(a).map(|c| c.state.clone())
+        else {
+            return;
+        };
+        let (req, tgt) = if requester { (a, b) } else { (b, a) };
+        let users = (self.user_of(req).cloned(), self.user_of(tgt).cloned());
+        let bytes = |k| self.conns.get(k).map_or(0, |c| c.bytes);
+        let (up, down) = (bytes(req), bytes(tgt));
+        self.sessions_done(a, b);
+        for (k, reason) in [(a, reason_a), (b, reason_b)] {
+            if let Some(c) = self.conns.get_mut(k) {
+                if matches!(c.state, State::Closing) {
+                    continue;
+                }
+                c.out.release = Some(reason);
+                c.state = State::Releasing;
+                self.wake(k);
+            }
+        }
+        if let (Some(from), Some(to)) = users {
+            let reason = if reason_a == ReleaseReason::Normal {
+                reason_b
+            } else {
+                reason_a
+            };
+            self.emit(Event::SessionEnded {
+                session,
+                from,
+                to,
+                up,
+                down,
+                reason,
+            });
+        }
+    }
+
+    /// `key` is going away: its demand, notice or session ends; the peer learns `reason`.
+    fn detach(&mut self, key: u32, reason: ReleaseReason) {
+        let Some(c) = self.conns.get(key) else { return };
+        match c.state.clone() {
+            State::Demanding { peer, .. } => {
+                self.sessions_done(key, peer);
+                self.cancel_notice(peer);
+            }
+            State::Noticed { peer, .. } => {
+                let text = Text::display(&DemandError::TargetGone);
+                self.fail_demand(peer, key, DemandError::TargetGone, text);
+            }
+            State::Session { peer, .. } => {
+                // A peer in the middle of receiving our payload cannot be told in-band.
+                let peer_locked = self.conns.get(peer).is_some_and(|p| p.locked);
+                self.end_session(key, peer, reason, reason);
+                if peer_locked {
+                    self.close_conn(peer, None, ReleaseReason::PeerLost);
+                } else if let Some(p) = self.conns.get_mut(peer) {
+                    p.out.data_header = None;
+                }
+            }
+            _ => {}
+        }
+        if let Some(c) = self.conns.get_mut(key) {
+            c.state = State::Idle;
+        }
+    }
+
+    /// Closes every connection of terminal `term` (after `code`, if any) and forgets it.
+    fn drop_terminal(&mut self, term: u32, code: Option<ErrorCode>, reason: ReleaseReason) {
+        let Some(conns) = self.terms.get(term).map(|t| t.conns.clone()) else {
+            return;
+        };
+        // Sessions end first, while their events can still name this terminal.
+        for &ck in &conns {
+            self.close_conn(ck, code, reason);
+        }
+        for &ck in &conns {
+            if let Some(c) = self.conns.get_mut(ck) {
+                c.term = None;
+            }
+        }
+        if let Some(t) = self.terms.remove(term) {
+            self.users.remove(&t.user);
+            self.emit(Event::Offline { user: t.user });
+        }
+    }
+}
+
+impl ConnEntry {
+    fn has_output(&self) -> bool {
+        let o = &self.out;
+        o.login_ok
+            || o.error.is_some()
+            || o.ack.is_some()
+            || o.list.is_some()
+            || o.notice
+            || o.result.is_some()
+            || o.data_header.is_some()
+            || o.terminate
+            || o.release.is_some()
+            || matches!(self.state, State::Closing)
+    }
+}
+
+impl<S: Storage, P: Policy> Relay<S, P> {
+    /// Encodes `conn`'s pending output into `buf` (at least [`MIN_TRANSMIT_BUF`] bytes).
+    /// Returns nothing while a forwarded payload is under way on `conn`.
+    pub fn poll_transmit(&mut self, conn: ConnId, buf: &mut [u8]) -> Result<Transmit, RelayError> {
+        let key = conn.0;
+        if buf.len() < MIN_TRANSMIT_BUF {
+            return Err(RelayError::BufferTooSmall);
+        }
+        let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
+        c.woken = false;
+        if c.locked {
+            return Ok(Transmit {
+                len: 0,
+                close: false,
+            });
+        }
+        let mut out = core::mem::take(&mut c.out);
+        let closing = matches!(c.state, State::Closing);
+        let mut frames: Vec<Frame, 8> = Vec::new();
+        let mut header = None;
+        if core::mem::take(&mut out.login_ok) {
+            if let Some(t) = c.term.and_then(|t| self.terms.get(t)) {
+                let _ = frames.push(Frame::LoginOk(LoginOk {
+                    caps: caps::ALL,
+                    keepalive_ms: self.config.keepalive.as_millis().min(u32::MAX.into()) as u32,
+                    max_payload: self.config.max_payload,
+                    token: t.token.clone(),
+                }));
+            }
+        }
+        if let Some(code) = out.error.take() {
+            let _ = frames.push(Frame::Error {
+                code,
+                text: Text::lossy(code.describe()),
+            });
+        }
+        if !closing {
+            if let Some(seq) = out.ack.take() {
+                let _ = frames.push(Frame::KeepAliveAck { seq });
+            }
+            if let Some(cursor) = out.list.take() {
+                let _ = frames.push(Frame::ListAnswer(self.list_page(cursor)));
+            }
+            if core::mem::take(&mut out.notice) {
+                if let Some(n) = self.notice_for(key) {
+                    let _ = frames.push(Frame::Notice(n));
+                }
+            }
+            if let Some(r) = out.result.take() {
+                let _ = frames.push(Frame::DemandResult(r));
+            }
+            // A DATA header ends the batch: its payload comes next, then the rest.
+            header = out.data_header.take();
+            if header.is_none() {
+                if core::mem::take(&mut out.terminate) {
+                    let _ = frames.push(Frame::Terminate);
+                }
+                if let Some(reason) = out.release.take() {
+                    let _ = frames.push(Frame::Release { reason });
+                }
+            }
+        }
+        let mut len = 0;
+        for f in &frames {
+            len += f
+                .encode(&mut buf[len..])
+                .map_err(|_| RelayError::BufferTooSmall)?;
+        }
+        let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
+        if let Some(h) = header {
+            let bytes =
+                frame::data_header(usize::from(h)).map_err(|_| RelayError::BufferTooSmall)?;
+            buf[len..len + bytes.len()].copy_from_slice(&bytes);
+            len += bytes.len();
+            c.locked = true;
+        }
+        if !closing {
+            if matches!(c.state, State::Releasing)
+                && out.release.is_none()
+                && !out.terminate
+                && header.is_none()
+            {
+                c.state = State::Idle;
+            }
+            c.out = out;
+        }
+        Ok(Transmit {
+            len,
+            close: closing,
+        })
+    }
+
+    /// Page of the online list starting at terminal key `cursor`.
+    fn list_page(&self, cursor: u32) -> ListAnswer {
+        let mut users = Vec::new();
+        let mut next = None;
+        let mut from = cursor;
+        while let Some(k) = self.terms.next_key(from) {
+            if users.is_full() {
+                next = Some(k);
+                break;
+            }
+            if let Some(t) = self.terms.get(k) {
+                let _ = users.push(t.user.clone());
+            }
+            from = k + 1;
+        }
+        ListAnswer { users, next }
+    }
+
+    fn notice_for(&self, key: u32) -> Option<Notice> {
+        let State::Noticed { peer, session } = self.conns.get(key)?.state else {
+            return None;
+        };
+        Some(Notice {
+            session,
+            from: self.user_of(peer)?.clone(),
+            service: self.service_of(peer),
+        })
+    }
+
+    /// When [`Relay::handle_timeout`] next has work for `conn`.
+    pub fn poll_timeout(&self, conn: ConnId) -> Option<Instant> {
+        let c = self.conns.get(conn.0)?;
+        match c.state {
+            State::Closing => None,
+            State::Handshake | State::Authenticating { .. } => {
+                Some(c.accepted + self.config.handshake_timeout)
+            }
+            _ => {
+                // While its payload is under way the host may not be reading this
+                // connection (the receiver is slow): no deadline then.
+                let idle =
+                    (c.fwd_remaining == 0).then(|| c.last_rx + self.config.keepalive_timeout);
+                let demand = match c.state {
+                    State::Demanding { deadline, .. } => Some(deadline),
+                    _ => None,
+                };
+                earliest(idle, demand)
+            }
+        }
+    }
+
+    /// Runs `conn`'s deadlines. Calling early is harmless.
+    pub fn handle_timeout(&mut self, now: Instant, conn: ConnId) {
+        let key = conn.0;
+        let Some(c) = self.conns.get(key) else { return };
+        match c.state {
+            State::Closing => {}
+            State::Handshake | State::Authenticating { .. } => {
+                if now >= c.accepted + self.config.handshake_timeout {
+                    self.close_conn(
+                        key,
+                        Some(ErrorCode::HandshakeTimeout),
+                        ReleaseReason::PeerLost,
+                    );
+                }
+            }
+            _ => {
+                if c.fwd_remaining == 0 && now >= c.last_rx + self.config.keepalive_timeout {
+                    return self.close_conn(
+                        key,
+                        Some(ErrorCode::KeepAliveTimeout),
+                        ReleaseReason::PeerLost,
+                    );
+                }
+                if let State::Demanding { peer, deadline, .. } = c.state {
+                    if now >= deadline {
+                        let text = Text::display(&DemandError::Timeout);
+                        self.fail_demand(key, peer, DemandError::Timeout, text);
+                        self.cancel_notice(peer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The host closed `conn`'s socket (or saw it close). Frees its entry.
+    pub fn closed(&mut self, conn: ConnId) {
+        let key = conn.0;
+        if !matches!(
+            self.conns.get(key).map(|c| &c.state),
+            Some(State::Closing) | None
+        ) {
+            self.detach(key, ReleaseReason::PeerLost);
+        }
+        let Some(c) = self.conns.remove(key) else {
+            return;
+        };
+        let Some(tk) = c.term else { return };
+        let Some(t) = self.terms.get_mut(tk) else {
+            return;
+        };
+        t.conns.retain(|&k| k != key);
+        if t.conns.is_empty() {
+            if let Some(t) = self.terms.remove(tk) {
+                self.users.remove(&t.user);
+                self.emit(Event::Offline { user: t.user });
+            }
+        }
+    }
+
+    /// Graceful shutdown: every connection gets `ShuttingDown` and closes; sessions end.
+    pub fn shutdown(&mut self) {
+        let mut k = 0;
+        while let Some(key) = self.conns.next_key(k) {
+            self.close_conn(
+                key,
+                Some(ErrorCode::ShuttingDown),
+                ReleaseReason::ShuttingDown,
+            );
+            k = key + 1;
+        }
+    }
+
+    /// The operator removed `user`'s account: its connections close now.
+    pub fn remove_user(&mut self, user: &UserId) {
+        if let Some(tk) = self.users.get(user) {
+            self.drop_terminal(
+                tk,
+                Some(ErrorCode::AccountRemoved),
+                ReleaseReason::PeerLoggedOut,
+            );
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! One TCP connection of a terminal, from the terminal's side.
+//!
+//! ```text
+//!  Connecting --connected--> LoggingIn --LOGIN_OK--> Idle <-----------------------+
+//!                               |                    |  \                           |
+//!                          ERROR/close         DEMAND |   NOTICE                    |
+//!                                                    v     v                         |
+//!                                            Demanding   Noticed --REJECT--> Idle   |
+//!                                       RESULT ok |         | ACCEPT                 |
+//!                                                 v         v                        |
+//!                                                 +-> Session --RELEASE--------------+
+//! ```
+//! Any state can end in `Closed` (peer closed, fatal ERROR, keep-alive missed, logout).
+//! The [`Terminal`](super::Terminal) owns these and gives them handles.
+
+use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
+use crate::frame::{
+    self, Credential, Demand, DemandResult, Frame, Hello, Login, Parsed, Reject, caps,
+};
+use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::rng::Jitter;
+use crate::time::{Duration, Instant};
+
+use super::{Config, Offer, SendError};
+
+/// The control frame a connection still has to send. One at a time is enough: each is
+/// the answer to an application call that is refused while another is pending.
+#[derive(Debug, Clone)]
+enum Pending {
+    None,
+    Login,
+    Demand(Demand),
+    Accept(u32),
+    Reject(Reject),
+    Terminate,
+    List(u32),
+    Logout,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum State {
+    /// The host is opening the TCP connection.
+    Connecting {
+        since: Instant,
+    },
+    /// LOGIN queued or sent, no answer yet.
+    LoggingIn {
+        since: Instant,
+        with_token: bool,
+    },
+    Idle,
+    /// DEMAND sent; waiting for DEMAND_RESULT.
+    Demanding {
+        target: UserId,
+    },
+    /// NOTICE received; the application must accept or reject.
+    Noticed {
+        session: u32,
+        from: UserId,
+    },
+    /// Paired. `sent_end`: we sent TERMINATE; `got_end`: the peer's TERMINATE arrived.
+    Session {
+        session: u32,
+        peer: UserId,
+        sent_end: bool,
+        got_end: bool,
+    },
+    /// Finished; the host must close the socket (and may reuse the slot after).
+    Closed,
+}
+
+/// What a frame or timer did to a connection, for the [`Terminal`](super::Terminal) to
+/// turn into events and pool decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    None,
+    LoggedIn {
+        token: ResumeToken,
+        keepalive: Duration,
+        max_payload: u16,
+    },
+    LoginRefused {
+        code: ErrorCode,
+        text: Text,
+        with_token: bool,
+    },
+    Notice {
+        session: u32,
+        from: UserId,
+        service: ServiceName,
+    },
+    Accepted {
+        session: u32,
+        peer: UserId,
+    },
+    DemandFailed {
+        error: DemandError,
+        text: Text,
+    },
+    PeerTerminated,
+    Released {
+        reason: ReleaseReason,
+    },
+    ListPage(frame::ListAnswer),
+    RelayError {
+        code: ErrorCode,
+        text: Text,
+    },
+    Closed(Cause),
+}
+
+/// Why a connection ended, as the terminal saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Cause {
+    /// The relay sent a fatal ERROR frame.
+    Relay(ErrorCode),
+    /// The relay sent bytes that are not a valid frame, or a frame not allowed now.
+    Protocol,
+    /// Nothing arrived within the keep-alive deadline.
+    KeepAliveTimeout,
+    /// No LOGIN_OK within the handshake deadline.
+    HandshakeTimeout,
+    /// The transport failed or the peer closed it.
+    Transport,
+    /// The application logged out or closed it.
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Connection {
+    pub(crate) state: State,
+    pending: Pending,
+    /// Sequence number of the next KEEPALIVE; an unanswered one is `ka_unacked`.
+    ka_seq: u32,
+    ka_due: bool,
+    next_ka: Instant,
+    last_rx: Instant,
+    /// Payload bytes of the current incoming DATA frame not yet handed to the caller.
+    rx_payload: u16,
+    /// Close once the pending output is flushed (after LOGOUT).
+    close_after_flush: bool,
+    login_attempts: u8,
+}
+
+impl Connection {
+    pub(crate) fn new(now: Instant) -> Self {
+        Connection {
+            state: State::Connecting { since: now },
+            pending: Pending::None,
+            ka_seq: 0,
+            ka_due: false,
+            next_ka: now,
+            last_rx: now,
+            rx_payload: 0,
+            close_after_flush: false,
+            login_attempts: 0,
+        }
+    }
+
+    /// The TCP connection is up: log in with the token if there is one.
+    pub(crate) fn connected(&mut self, now: Instant, with_token: bool) {
+        if matches!(self.state, State::Connecting { .. }) {
+            self.state = State::LoggingIn {
+                since: now,
+                with_token,
+            };
+            self.pending = Pending::Login;
+            self.last_rx = now;
+            self.login_attempts = 1;
+        }
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle) && matches!(self.pending, Pending::None)
+    }
+
+    pub(crate) fn is_logged_in(&self) -> bool {
+        !matches!(
+            self.state,
+            State::Connecting { .. } | State::LoggingIn { .. } | State::Closed
+        )
+    }
+
+    /// Whether this connection will be idle once its handshake completes.
+    pub(crate) fn is_coming_up(&self) -> bool {
+        matches!(
+            self.state,
+            State::Connecting { .. } | State::LoggingIn { .. }
+        )
+    }
+
+    fn close(&mut self, cause: Cause) -> Change {
+        self.state = State::Closed;
+        self.pending = Pending::None;
+        Change::Closed(cause)
+    }
+
+    /// Encodes pending control output into `buf`. Returns the number of bytes written.
+    pub(crate) fn poll_transmit(
+        &mut self,
+        buf: &mut [u8],
+        user: &UserId,
+        password: &Password,
+        token: Option<&ResumeToken>,
+    ) -> Result<usize, SendError> {
+        if buf.len() < super::MIN_TRANSMIT_BUF {
+            return Err(SendError::BufferTooSmall);
+        }
+        let mut written = 0;
+        let frame = match core::mem::replace(&mut self.pending, Pending::None) {
+            Pending::None => None,
+            Pending::Login => {
+                let with_token = matches!(
+                    self.state,
+                    State::LoggingIn {
+                        with_token: true,
+                        ..
+                    }
+                );
+                let credential = match (with_token, token) {
+                    (true, Some(t)) => Credential::Resume(t.clone()),
+                    _ => Credential::Password(password.clone()),
+                };
+                Some(Frame::Login(Login {
+                    hello: Hello::current(caps::ALL),
+                    user: user.clone(),
+                    credential,
+                }))
+            }
+            Pending::Demand(d) => Some(Frame::Demand(d)),
+            Pending::Accept(session) => Some(Frame::Accept { session }),
+            Pending::Reject(r) => Some(Frame::Reject(r)),
+            Pending::Terminate => Some(Frame::Terminate),
+            Pending::List(cursor) => Some(Frame::List { cursor }),
+            Pending::Logout => Some(Frame::Logout),
+        };
+        if let Some(frame) = frame {
+            written = frame.encode(buf).map_err(|_| SendError::BufferTooSmall)?;
+        }
+        if self.ka_due {
+            let n = Frame::KeepAlive { seq: self.ka_seq }
+                .encode(&mut buf[written..])
+                .map_err(|_| SendError::BufferTooSmall)?;
+            self.ka_seq = self.ka_seq.wrapping_add(1);
+            self.ka_due = false;
+            written += n;
+        }
+        if self.close_after_flush && written == 0 {
+            self.state = State::Closed;
+        }
+        Ok(written)
+    }
+
+    pub(crate) fn has_output(&self) -> bool {
+        !matches!(self.pending, Pending::None) || self.ka_due
+    }
+
+    /// The header for `len` bytes of session payload the caller writes right after it.
+    pub(crate) fn send_data(&mut self, len: usize, max: u16) -> Result<[u8; 3], SendError> {
+        match self.state {
+            State::Session {
+                sent_end: false, ..
+            } => {}
+            _ => return Err(SendError::NotInSession),
+        }
+        if self.has_output() {
+            return Err(SendError::ControlPending);
+        }
+        if len > usize::from(max) {
+            return Err(SendError::TooLong);
+        }
+        frame::data_header(len).map_err(|_| SendError::TooLong)
+    }
+
+    pub(crate) fn demand(&mut self, target: UserId, service: ServiceName) {
+        self.pending = Pending::Demand(Demand {
+            target: target.clone(),
+            service,
+        });
+        self.state = State::Demanding { target };
+    }
+
+    pub(crate) fn accept(&mut self) -> Result<(), SendError> {
+        let State::Noticed { session, from } = &self.state else {
+            return Err(SendError::NoNotice);
+        };
+        let (session, peer) = (*session, from.clone());
+        self.pending = Pending::Accept(session);
+        self.state = State::Session {
+            session,
+            peer,
+            sent_end: false,
+            got_end: false,
+        };
+        Ok(())
+    }
+
+    pub(crate) fn reject(&mut self, reason: RejectReason, text: Text) -> Result<(), SendError> {
+        let State::Noticed { session, .. } = self.state else {
+            return Err(SendError::NoNotice);
+        };
+        self.pending = Pending::Reject(Reject {
+            session,
+            reason,
+            text,
+        });
+        self.state = State::Idle;
+        Ok(())
+    }
+
+    pub(crate) fn terminate(&mut self) -> Result<(), SendError> {
+        match &mut self.state {
+            State::Session {
+                sent_end: sent_end @ false,
+                ..
+            } => {
+                *sent_end = true;
+                self.pending = Pending::Terminate;
+                Ok(())
+            }
+            _ => Err(SendError::NotInSession),
+        }
+    }
+
+    pub(crate) fn list(&mut self, cursor: u32) {
+        self.pending = Pending::List(cursor);
+    }
+
+    pub(crate) fn logout(&mut self) {
+        self.pending = Pending::Logout;
+        self.close_after_flush = true;
+    }
+
+    /// The next instant at which [`Connection::handle_timeout`] has work.
+    pub(crate) fn poll_timeout(&self, cfg: &Config, keepalive: Duration) -> Option<Instant> {
+        match self.state {
+            State::Connecting { since } | State::LoggingIn { since, .. } => {
+                Some(since + cfg.handshake_timeout)
+            }
+            State::Closed => None,
+            _ => Some(
+                self.next_ka
+                    .min(self.last_rx + self.rx_timeout(cfg, keepalive)),
+            ),
+        }
+    }
+
+    /// How long the relay may stay silent. While a session runs, our own KEEPALIVE can sit
+    /// behind a backlog of payload, so the allowance is the relay's (3 intervals).
+    fn rx_timeout(&self, cfg: &Config, keepalive: Duration) -> Duration {
+        match self.state {
+            State::Session { .. } => keepalive.saturating_mul(3),
+            _ => keepalive + cfg.ack_timeout,
+        }
+    }
+
+    pub(crate) fn handle_timeout(
+        &mut self,
+        now: Instant,
+        cfg: &Config,
+        keepalive: Duration,
+        jitter: &mut Jitter,
+    ) -> Change {
+        match self.state {
+            State::Connecting { since } | State::LoggingIn { since, .. } => {
+                if now >= since + cfg.handshake_timeout {
+                    return self.close(Cause::HandshakeTimeout);
+                }
+            }
+            State::Closed => {}
+            _ => {
+                if now >= self.last_rx + self.rx_timeout(cfg, keepalive) {
+                    return self.close(Cause::KeepAliveTimeout);
+                }
+                if now >= self.next_ka {
+                    self.ka_due = true;
+                    self.next_ka = now + jitter.spread(keepalive, 10);
+                }
+            }
+        }
+        Change::None
+    }
+
+    /// Takes bytes received from the relay. See [`Offer`].
+    pub(crate) fn handle_input(
+        &mut self,
+        now: Instant,
+        input: &[u8],
+        jitter: &mut Jitter,
+    ) -> (Offer, Change) {
+        if input.is_empty() {
+            return (Offer::NeedMore, Change::None);
+        }
+        self.last_rx = now;
+        if self.rx_payload > 0 {
+            let n = input.len().min(usize::from(self.rx_payload));
+            self.rx_payload -= n as u16;
+            return (Offer::Payload(n), Change::None);
+        }
+        if matches!(self.state, State::Closed) {
+            // Whatever follows a fatal error is of no interest.
+            return (Offer::Consumed(input.len()), Change::None);
+        }
+        match frame::parse(input) {
+            Ok(None) => (Offer::NeedMore, Change::None),
+            Err(_) => (Offer::Consumed(input.len()), self.close(Cause::Protocol)),
+            Ok(Some((Parsed::DataHeader { len }, n))) => {
+                if let State::Session { got_end: false, .. } = self.state {
+                    self.rx_payload = len;
+                    (Offer::Consumed(n), Change::None)
+                } else {
+                    (Offer::Consumed(input.len()), self.close(Cause::Protocol))
+                }
+            }
+            Ok(Some((Parsed::Control(f), n))) => {
+                (Offer::Consumed(n), self.on_frame(now, f, jitter))
+            }
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, f: Frame, jitter: &mut Jitter) -> Change {
+        if matches!(f, Frame::KeepAliveAck { .. }) && self.is_logged_in() {
+            return Change::None;
+        }
+        match (&mut self.state, f) {
+            (State::LoggingIn { .. }, Frame::LoginOk(ok)) => {
+                self.state = State::Idle;
+                let keepalive = Duration::from_millis(ok.keepalive_ms.into());
+                self.next_ka = now + jitter.spread(keepalive, 10);
+                Change::LoggedIn {
+                    token: ok.token,
+                    keepalive,
+                    max_payload: ok.max_payload,
+                }
+            }
+            (State::LoggingIn { with_token, .. }, Frame::Error { code, text })
+                if !code.is_fatal() =>
+            {
+                // A refused resumption falls back to the password on the same connection,
+                // once; a refused password is final.
+                let with_token = *with_token;
+                if with_token && self.login_attempts < 2 {
+                    self.login_attempts += 1;
+                    self.state = State::LoggingIn {
+                        since: now,
+                        with_token: false,
+                    };
+                    self.pending = Pending::Login;
+                    Change::None
+                } else {
+                    self.close(Cause::Relay(code));
+                    Change::LoginRefused {
+                        code,
+                        text,
+                        with_token,
+                    }
+                }
+            }
+            (_, Frame::Error { code, text }) => {
+                if code.is_fatal() {
+                    if let State::LoggingIn { with_token, .. } = self.state {
+                        self.close(Cause::Relay(code));
+                        return Change::LoginRefused {
+                            code,
+                            text,
+                            with_token,
+                        };
+                    }
+                    self.close(Cause::Relay(code))
+                } else {
+                    Change::RelayError { code, text }
+                }
+            }
+            (State::Idle, Frame::Notice(n)) => {
+                self.state = State::Noticed {
+                    session: n.session,
+                    from: n.from.clone(),
+                };
+                Change::Notice {
+                    session: n.session,
+                    from: n.from,
+                    service: n.service,
+                }
+            }
+            (State::Idle, Frame::ListAnswer(page)) => Change::ListPage(page),
+            (State::Demanding { target }, Frame::DemandResult(r)) => match r {
+                DemandResult::Accepted { session } => {
+                    let peer = target.clone();
+                    self.state = State::Session {
+                        session,
+                        peer: peer.clone(),
+                        sent_end: false,
+                        got_end: false,
+                    };
+                    Change::Accepted { session, peer }
+                }
+                DemandResult::Failed { error, text } => {
+                    self.state = State::Idle;
+                    Change::DemandFailed { error, text }
+                }
+            },
+            (
+                State::Session {
+                    got_end: got_end @ false,
+                    ..
+                },
+                Frame::Terminate,
+            ) => {
+                *got_end = true;
+                Change::PeerTerminated
+            }
+            // RELEASE ends a session, or withdraws a notice the relay gave up on.
+            (State::Session { .. } | State::Noticed { .. }, Frame::Release { reason }) => {
+                self.state = State::Idle;
+                self.rx_payload = 0;
+                Change::Released { reason }
+            }
+            _ => self.close(Cause::Protocol),
+        }
+    }
+
+    /// The transport ended under us.
+    pub(crate) fn transport_closed(&mut self) -> Change {
+        if matches!(self.state, State::Closed) {
+            Change::None
+        } else {
+            self.close(Cause::Transport)
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! The terminal (device) side: a [`Terminal`] owns up to `N` connections to the relay.
+//!
+//! It logs in once with the password, then opens the other connections with the
+//! resumption credential the relay handed back, keeps `spare` of them idle so the terminal
+//! stays reachable (sequence steps 10–14), sends keep-alives with jitter, reconnects with
+//! back-off, routes demands to idle connections and surfaces everything else as
+//! [`Event`]s. The host owns the sockets: it opens one when asked ([`Event::Open`]),
+//! feeds received bytes to [`Terminal::handle_input`], writes what
+//! [`Terminal::poll_transmit`] produces, and calls [`Terminal::handle_timeout`] when
+//! [`Terminal::poll_timeout`] says.
+//!
+//! Events are queued in a small fixed queue: drain [`Terminal::poll_event`] after every
+//! call. One call produces at most [`EVENTS_PER_CALL`] events.
+
+mod connection;
+
+use heapless::Deque;
+
+use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
+use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD};
+use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::rng::Jitter;
+use crate::time::{Duration, Instant, earliest};
+
+pub use connection::Cause;
+use connection::{Change, Connection, State};
+
+/// A `poll_transmit` buffer must hold this much: a control frame and a keep-alive.
+pub const MIN_TRANSMIT_BUF: usize = MAX_CONTROL_FRAME + 16;
+
+/// A connection slot of a [`Terminal`]; the host maps it to its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Handle(pub u8);
+
+/// Terminal settings. The relay's LOGIN_OK overrides the keep-alive interval.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Idle connections to keep logged in (at least 1: one is what makes us reachable).
+    pub spare: u8,
+    /// Keep-alive interval until the relay announces its own.
+    pub keepalive: Duration,
+    /// How long an idle connection may wait for any frame after a keep-alive is due.
+    pub ack_timeout: Duration,
+    /// From opening a connection to LOGIN_OK.
+    pub handshake_timeout: Duration,
+    /// First reconnect delay; doubles per failure up to `backoff_max`, ±25% jitter.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            spare: 1,
+            keepalive: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the host must do or know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Event {
+    /// Open a TCP (or TLS) connection to the relay for this handle, then call
+    /// [`Terminal::connected`] or [`Terminal::connect_failed`].
+    Open(Handle),
+    /// This handle's connection is finished, and any session on it is over: close its
+    /// socket if it is still open. The handle may be reused by a later `Open`.
+    Closed { handle: Handle, cause: Cause },
+    /// The first connection logged in: the terminal is reachable.
+    LoggedIn,
+    /// The last logged-in connection is gone: unreachable until a reconnect succeeds.
+    Down,
+    /// The relay refused our password (or a resumption and then the password): the
+    /// terminal stops; retrying cannot help until the credentials change.
+    LoginRefused { code: ErrorCode, text: Text },
+    /// Another terminal asks for a session: answer with [`Terminal::accept`] or
+    /// [`Terminal::reject`].
+    Notice {
+        handle: Handle,
+        session: u32,
+        from: UserId,
+        service: ServiceName,
+    },
+    /// Our demand was accepted; the handle carries the session now.
+    Accepted {
+        handle: Handle,
+        session: u32,
+        peer: UserId,
+    },
+    /// Our demand failed; the handle is idle again.
+    DemandFailed {
+        handle: Handle,
+        error: DemandError,
+        text: Text,
+    },
+    /// The peer sent TERMINATE: all its data has arrived. We may still send ours, then
+    /// [`Terminal::terminate`].
+    PeerTerminated { handle: Handle },
+    /// The session on this handle is over; the handle is idle again.
+    SessionEnded {
+        handle: Handle,
+        reason: ReleaseReason,
+    },
+    /// A page of the online list is ready: [`Terminal::online_page`].
+    OnlinePage,
+    /// The relay reported a non-fatal error.
+    RelayError {
+        handle: Handle,
+        code: ErrorCode,
+        text: Text,
+    },
+}
+
+/// How the host must treat the bytes it offered to `handle_input`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Offer {
+    /// The first `n` bytes were protocol; offer the rest (if any) again.
+    Consumed(usize),
+    /// The first `n` bytes are session payload: give them to the application, then offer
+    /// the rest again.
+    Payload(usize),
+    /// The bytes hold only part of a frame: keep them and offer them again with more.
+    NeedMore,
+}
+
+/// Why an application call was refused. Nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SendError {
+    /// No such handle, or its connection is closed.
+    BadHandle,
+    /// Not logged in yet, or logged out.
+    NotLoggedIn,
+    /// No idle connection to carry a demand or a list request.
+    NoIdleConnection,
+    /// The handle has no session (or we already terminated it).
+    NotInSession,
+    /// The handle has no notice to answer.
+    NoNotice,
+    /// Write what `poll_transmit` gives first: control frames go before data.
+    ControlPending,
+    /// More payload than the relay's announced maximum.
+    TooLong,
+    /// The caller's buffer is smaller than [`MIN_TRANSMIT_BUF`].
+    BufferTooSmall,
+}
+
+/// A terminal's connections to one relay. `N` is the most connections it ever holds
+/// (at most 255); `E` the event queue (at least `2 * N + 2`).
+#[derive(Debug)]
+pub struct Terminal<const N: usize, const E: usize = 16> {
+    config: Config,
+    user: UserId,
+    password: Password,
+    token: Option<ResumeToken>,
+    /// The relay's keep-alive interval once known.
+    keepalive: Duration,
+    max_payload: u16,
+    slots: [Option<Connection>; N],
+    events: Deque<Event, E>,
+    jitter: Jitter,
+    /// No new connection before this instant (back-off after failures).
+    retry_at: Instant,
+    failures: u32,
+    /// Logged out or refused: no more connections until `start`.
+    stopped: bool,
+    /// Whether `LoggedIn` was reported and `Down` not yet.
+    up: bool,
+    list: Option<ListAnswer>,
+}
+
+impl<const N: usize, const E: usize> Terminal<N, E> {
+    const SIZES_OK: () = assert!(
+        N >= 1 && N <= 255 && E >= 2 * N + 2,
+        "Terminal<N, E>: need 1 <= N <= 255 and E >= 2N+2"
+    );
+
+    /// A terminal that will log in as `user`. `seed` drives keep-alive and back-off
+    /// jitter (give each device a different one, e.g. from its RNG).
+    pub fn new(config: Config, user: UserId, password: Password, seed: u64) -> Self {
+        let () = Self::SIZES_OK;
+        Terminal {
+            keepalive: config.keepalive,
+            config,
+            user,
+            password,
+            token: None,
+            max_payload: MAX_PAYLOAD as u16,
+            slots: core::array::from_fn(|_| None),
+            events: Deque::new(),
+            jitter: Jitter::new(seed),
+            retry_at: Instant::ZERO,
+            failures: 0,
+            stopped: true,
+            up: false,
+            list: None,
+        }
+    }
+
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+
+    /// Whether at least one connection is logged in.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Largest DATA payload the relay accepts (65,535 until it says otherwise).
+    pub fn max_payload(&self) -> usize {
+        usize::from(self.max_payload)
+    }
+
+    /// Idle logged-in connections right now.
+    pub fn idle_connections(&self) -> usize {
+        self.conns().filter(|(_, c)| c.is_idle()).count()
+    }
+
+    /// Open connection slots right now.
+    pub fn open_connections(&self) -> usize {
+        self.conns().count()
+    }
+
+    fn conns(&self) -> impl Iterator<Item = (Handle, &Connection)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|c| (Handle(i as u8), c)))
+    }
+
+    fn conn_mut(&mut self, h: Handle) -> Result<&mut Connection, SendError> {
+        self.slots
+            .get_mut(usize::from(h.0))
+            .and_then(Option::as_mut)
+            .ok_or(SendError::BadHandle)
+    }
+
+    fn push(&mut self, e: Event) {
+        // E >= 2N+2 covers one call; a host that never drains loses the oldest.
+        if self.events.is_full() {
+            self.events.pop_front();
+        }
+        let _ = self.events.push_back(e);
+    }
+
+    /// The next event, if any. Drain after every call.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Starts (or restarts after `logout` or a refusal) the terminal.
+    pub fn start(&mut self, now: Instant) {
+        self.stopped = false;
+        self.failures = 0;
+        self.retry_at = now;
+        self.replenish(now);
+    }
+
+    /// Replaces the password (after a refusal, say) and forgets the resumption credential.
+    pub fn set_password(&mut self, password: Password) {
+        self.password = password;
+        self.token = None;
+    }
+
+    /// Whether the pool wants another connection.
+    fn wants_connection(&self) -> bool {
+        if self.stopped {
+            return false;
+        }
+        let coming = self.conns().filter(|(_, c)| c.is_coming_up()).count();
+        let idle = self.conns().filter(|(_, c)| c.is_idle()).count();
+        let full = self.slots.iter().all(Option::is_some);
+        // Before the first login, one at a time: the password is checked once.
+        !full && idle + coming < usize::from(self.config.spare.max(1)) && (self.up || coming == 0)
+    }
+
+    fn replenish(&mut self, now: Instant) {
+        while now >= self.retry_at && self.wants_connection() {
+            let Some(i) = self.slots.iter().position(Option::is_none) else {
+                return;
+            };
+            self.slots[i] = Some(Connection::new(now));
+            self.push(Event::Open(Handle(i as u8)));
+        }
+    }
+
+    /// The transport for `h` is up: the connection logs in.
+    pub fn connected(&mut self, h: Handle, now: Instant) {
+        let with_token = self.token.is_some();
+        if let Ok(c) = self.conn_mut(h) {
+            c.connected(now, with_token);
+        }
+    }
+
+    /// The transport for `h` could not be opened: back off, then try again.
+    pub fn connect_failed(&mut self, h: Handle, now: Instant) {
+        self.transport_closed(h, now);
+    }
+
+    /// The transport for `h` closed or failed (read EOF, write error, reset).
+    pub fn transport_closed(&mut self, h: Handle, now: Instant) {
+        if let Ok(c) = self.conn_mut(h) {
+            let change = c.transport_closed();
+            self.apply(h, change, now);
+        }
+    }
+
+    /// Frees a finished slot, reports it, backs off after failures, and refills the pool.
+    fn finish(&mut self, h: Handle, cause: Cause, now: Instant) {
+        self.slots[usize::from(h.0)] = None;
+        if cause != Cause::Local {
+            self.failures = self.failures.saturating_add(1);
+            let exp = self.failures.clamp(1, 16) - 1;
+            let delay = self
+                .config
+                .backoff_min
+                .saturating_mul(1 << exp)
+                .min(self.config.backoff_max);
+            self.retry_at = self.retry_at.max(now + self.jitter.spread(delay, 25));
+        }
+        self.push(Event::Closed { handle: h, cause });
+        if self.up && !self.conns().any(|(_, c)| c.is_logged_in()) {
+            self.up = false;
+            self.push(Event::Down);
+        }
+    }
+
+    /// Turns one connection's change into events and pool decisions.
+    fn apply(&mut self, h: Handle, change: Change, now: Instant) {
+        match change {
+            Change::None => {}
+            Change::LoggedIn {
+                token,
+                keepalive,
+                max_payload,
+            } => {
+                self.token = Some(token);
+                self.keepalive = keepalive;
+                self.max_payload = max_payload;
+                self.failures = 0;
+                self.retry_at = now;
+                if !self.up {
+                    self.up = true;
+                    self.push(Event::LoggedIn);
+                }
+            }
+            Change::LoginRefused {
+                code,
+                text,
+                with_token,
+            } => {
+                self.finish(h, Cause::Relay(code), now);
+                // A refused password (or a replaced instance) cannot be fixed by retrying.
+                let hopeless = !with_token || matches!(code, ErrorCode::Replaced);
+                if hopeless
+                    && matches!(
+                        code,
+                        ErrorCode::AuthFailed | ErrorCode::Replaced | ErrorCode::AccountRemoved
+                    )
+                {
+                    self.stop(now, Cause::Relay(code));
+                    self.push(Event::LoginRefused { code, text });
+                }
+            }
+            Change::Notice {
+                session,
+                from,
+                service,
+            } => {
+                self.push(Event::Notice {
+                    handle: h,
+                    session,
+                    from,
+                    service,
+                });
+            }
+            Change::Accepted { session, peer } => {
+                self.push(Event::Accepted {
+                    handle: h,
+                    session,
+                    peer,
+                });
+            }
+            Change::DemandFailed { error, text } => {
+                self.push(Event::DemandFailed {
+                    handle: h,
+                    error,
+                    text,
+                });
+            }
+            Change::PeerTerminated => self.push(Event::PeerTerminated { handle: h }),
+            Change::Released { reason } => self.push(Event::SessionEnded { handle: h, reason }),
+            Change::ListPage(page) => {
+                self.list = Some(page);
+                self.push(Event::OnlinePage);
+            }
+            Change::RelayError { code, text } => {
+                self.push(Event::RelayError {
+                    handle: h,
+                    code,
+                    text,
+                });
+            }
+            Change::Closed(cause) => {
+                if matches!(
+                    cause,
+                    Cause::Relay(ErrorCode::Replaced | ErrorCode::AccountRemoved)
+                ) {
+                    // Another instance of this user ID took over, or the account is gone.
+                    self.finish(h, cause.clone(), now);
+                    self.stop(now, cause.clone());
+                    if let Cause::Relay(code) = cause {
+                        self.push(Event::LoginRefused {
+                            code,
+                            text: Text::lossy(code.describe()),
+                        });
+                    }
+                } else {
+                    self.finish(h, cause, now);
+                }
+            }
+        }
+        self.replenish(now);
+    }
+
+    /// Closes every connection and opens no more.
+    fn stop(&mut self, now: Instant, cause: Cause) {
+        self.stopped = true;
+        for i in 0..N {
+            if self.slots[i].is_some() {
+                self.finish(Handle(i as u8), cause.clone(), now);
+            }
+        }
+    }
+
+    /// Takes bytes received on `h`. Call again with the rest until it is used up or the
+    /// answer is [`Offer::NeedMore`]. Bytes for an unknown handle are swallowed.
+    pub fn handle_input(&mut self, h: Handle, now: Instant, input: &[u8]) -> Offer {
+        let Some(Some(c)) = self.slots.get_mut(usize::from(h.0)) else {
+            return Offer::Consumed(input.len());
+        };
+        let (offer, change) = c.handle_input(now, input, &mut self.jitter);
+        self.apply(h, change, now);
+        offer
+    }
+
+    /// Writes `h`'s pending control frames into `buf` (at least [`MIN_TRANSMIT_BUF`]).
+    /// Returns how many bytes to send; 0 when there is nothing.
+    pub fn poll_transmit(
+        &mut self,
+        h: Handle,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Result<usize, SendError> {
+        let Some(Some(c)) = self.slots.get_mut(usize::from(h.0)) else {
+            return Err(SendError::BadHandle);
+        };
+        let n = c.poll_transmit(buf, &self.user, &self.password, self.token.as_ref())?;
+        if matches!(c.state, State::Closed) {
+            self.finish(h, Cause::Local, now);
+        }
+        Ok(n)
+    }
+
+    /// Whether `h` has control frames waiting for `poll_transmit`.
+    pub fn has_output(&self, h: Handle) -> bool {
+        matches!(self.slots.get(usize::from(h.0)), Some(Some(c)) if c.has_output())
+    }
+
+    /// The earliest instant at which [`Terminal::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = if self.wants_connection() {
+            Some(self.retry_at)
+        } else {
+            None
+        };
+        for (_, c) in self.conns() {
+            t = earliest(t, c.poll_timeout(&self.config, self.keepalive));
+        }
+        t
+    }
+
+    /// Runs timers: keep-alives, deadlines, reconnects. Calling early is harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let keepalive = self.keepalive;
+        for i in 0..N {
+            let Some(c) = self.slots[i].as_mut() else {
+                continue;
+            };
+            let change = c.handle_timeout(now, &self.config, keepalive, &mut self.jitter);
+            self.apply(Handle(i as u8), change, now);
+        }
+        self.replenish(now);
+    }
+
+    /// Asks the relay for a session with `target` on an idle connection (step 6).
+    /// The answer is [`Event::Accepted`] or [`Event::DemandFailed`] on the returned handle.
+    pub fn demand(&mut self, target: UserId, service: ServiceName) -> Result<Handle, SendError> {
+        let h = self.idle_handle()?;
+        self.conn_mut(h)?.demand(target, service);
+        Ok(h)
+    }
+
+    fn idle_handle(&self) -> Result<Handle, SendError> {
+        if !self.up {
+            return Err(SendError::NotLoggedIn);
+        }
+        self.conns()
+            .find(|(_, c)| c.is_idle())
+            .map(|(h, _)| h)
+            .ok_or(SendError::NoIdleConnection)
+    }
+
+    /// Accepts the notice on `h` (step 8): `h` carries the session from now on.
+    pub fn accept(&mut self, h: Handle, now: Instant) -> Result<(), SendError> {
+        self.conn_mut(h)?.accept()?;
+        self.replenish(now);
+        Ok(())
+    }
+
+    /// Rejects the notice on `h`; the requester gets `reason` and `text`.
+    pub fn reject(&mut self, h: Handle, reason: RejectReason, text: Text) -> Result<(), SendError> {
+        self.conn_mut(h)?.reject(reason, text)
+    }
+
+    /// The DATA header for `len` payload bytes on `h`'s session. Write it, then exactly
+    /// `len` bytes of payload, before anything else on that connection. Refused while
+    /// control output is pending (write `poll_transmit`'s bytes first).
+    pub fn send_data(&mut self, h: Handle, len: usize) -> Result<[u8; 3], SendError> {
+        let max = self.max_payload;
+        self.conn_mut(h)?.send_data(len, max)
+    }
+
+    /// Ends our direction of the session on `h` (step 19): we send no more data. The
+    /// session is over when the peer has terminated too ([`Event::SessionEnded`]).
+    pub fn terminate(&mut self, h: Handle) -> Result<(), SendError> {
+        self.conn_mut(h)?.terminate()
+    }
+
+    /// Asks for a page of the online list; `cursor` 0 is the first page.
+    pub fn request_online(&mut self, cursor: u32) -> Result<Handle, SendError> {
+        let h = self.idle_handle()?;
+        self.conn_mut(h)?.list(cursor);
+        Ok(h)
+    }
+
+    /// The page that [`Event::OnlinePage`] announced.
+    pub fn online_page(&self) -> Option<&ListAnswer> {
+        self.list.as_ref()
+    }
+
+    /// Logs out (step 22): LOGOUT goes out on one logged-in connection; every other
+    /// connection closes now, that one once LOGOUT is written. No reconnects until `start`.
+    pub fn logout(&mut self, now: Instant) {
+        let carrier = self.conns().find(|(_, c)| c.is_logged_in()).map(|(h, _)| h);
+        self.stopped = true;
+        for i in 0..N {
+            let h = Handle(i as u8);
+            if Some(h) == carrier {
+                if let Ok(c) = self.conn_mut(h) {
+                    c.logout();
+                }
+            } else if self.slots[i].is_some() {
+                self.finish(h, Cause::Local, now);
+            }
+        }
+    }
+}
