@@ -1,1 +1,20 @@
-//! Placeholder: filled in by its issue.
+//! relay-host: the relay server and the Linux terminal around relay-proto's state machines.
+//!
+//! This crate does I/O, timers, TLS, storage, configuration, CLI, logs and metrics; every
+//! protocol decision lives in relay-proto.
+//!
+//! - [`store`]: accounts, passwords (argon2id), access rules, the server secret (SQLite).
+//! - [`token`]: resumption credentials (HMAC-SHA256 with the server secret).
+//! - [`tls`]: server identity (given or generated), client trust (roots, CA file, pin).
+//! - [`config`]: `relay serve` configuration (TOML) and limits.
+//! - [`throttle`]: failed-login throttling per account and per source address.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`cli`]: the `relay` command line.
+
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod store;
+pub mod throttle;
+pub mod tls;
+pub mod token;

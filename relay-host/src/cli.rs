@@ -1,0 +1,699 @@
+//! The `relay` command line: `serve`, `user …`, `expose`, `connect`, `online`.
+//!
+//! Every subcommand has `--help`; an error prints one line and exits non-zero (see
+//! `main.rs`). Terminal commands take `RELAY_SERVER`, `RELAY_USER`, `RELAY_FINGERPRINT` and
+//! `RELAY_CA` as flag defaults, and the password from `--password-file` or
+//! `RELAY_PASSWORD` (never from a flag: command lines are visible to every local user).
+
+use std::fmt;
+use std::io::{IsTerminal, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use rustls::pki_types::ServerName;
+
+use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
+use crate::store::{AccessRule, AccountName, AccountStore, SqliteStore};
+use crate::tls::{Fingerprint, ServerIdentity, ServerTrust, client_config};
+
+/// Relay: reach devices behind NAT through a relay server they connect out to.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay server.
+    Serve(ServeArgs),
+    /// Manage the relay's accounts (works while the relay runs).
+    User(UserArgs),
+    /// Stay logged in and let other terminals reach local TCP services.
+    Expose(ExposeArgs),
+    /// Open sessions to another terminal: a local port forward, or stdin/stdout.
+    Connect(ConnectArgs),
+    /// List the user IDs logged in to the relay.
+    Online(OnlineArgs),
+}
+
+/// `relay serve`: flags override the config file, which overrides the defaults.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (every flag below has a key of the same name, plus [limits]).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// TLS listen address [default: 0.0.0.0:7835].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Account store [default: relay.db].
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// PEM certificate chain (with --key); without both, a self-signed certificate is
+    /// generated beside the account store.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key (with --cert).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Serve Prometheus /metrics and /healthz on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Also accept plain TCP (no TLS) on this address, for devices without TLS. Passwords
+    /// and data cross it in clear.
+    #[arg(long, value_name = "ADDR")]
+    pub allow_plain: Option<SocketAddr>,
+}
+
+impl ServeArgs {
+    /// The configuration: the file (if any), then these flags on top, validated.
+    pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
+        let mut config = match &self.config {
+            Some(path) => ServeConfig::load(path)?,
+            None => ServeConfig::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(db) = &self.db {
+            config.db.clone_from(db);
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config.cert = Some(cert.clone());
+            config.key = Some(key.clone());
+        }
+        if self.metrics.is_some() {
+            config.metrics = self.metrics;
+        }
+        if self.allow_plain.is_some() {
+            config.allow_plain = self.allow_plain;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `relay user`.
+#[derive(Debug, Args)]
+pub struct UserArgs {
+    /// Account store.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_DB, global = true)]
+    pub db: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: UserCommand,
+}
+
+/// The `relay user` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create an account (it may reach any account until `relay user allow` says otherwise).
+    Add {
+        /// Account name: 1-32 bytes, no whitespace, control characters or '/'.
+        name: AccountName,
+        /// Read the password from standard input (one trailing newline is removed) instead
+        /// of prompting on the terminal.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete an account; its connections to a running relay close.
+    Del {
+        /// Account name.
+        name: AccountName,
+    },
+    /// Change an account's password (applies to its next login).
+    Passwd {
+        /// Account name.
+        name: AccountName,
+        /// Read the password from standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List accounts, their creation time and whom they may reach.
+    List,
+    /// Set which accounts an account may reach with a connection demand.
+    #[command(group(ArgGroup::new("rule").required(true).args(["targets", "any", "none"])))]
+    Allow {
+        /// Account name.
+        name: AccountName,
+        /// Only these accounts (comma-separated).
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+        targets: Vec<AccountName>,
+        /// Any account (the default for new accounts).
+        #[arg(long)]
+        any: bool,
+        /// No account at all (it can still be reached, per the others' rules).
+        #[arg(long)]
+        none: bool,
+    },
+}
+
+/// Flags every terminal command shares.
+#[derive(Debug, Args)]
+pub struct TerminalArgs {
+    /// Relay address: HOST, HOST:PORT or [IPv6]:PORT (port 7835 when omitted).
+    #[arg(long, env = "RELAY_SERVER", value_name = "ADDR")]
+    pub server: ServerAddr,
+    /// This terminal's user ID.
+    #[arg(long, env = "RELAY_USER", value_name = "NAME")]
+    pub user: AccountName,
+    /// Read the password from FILE (one trailing newline is removed). Without this flag the
+    /// password comes from the RELAY_PASSWORD environment variable.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Trust the relay if its certificate chains to a CA in FILE (PEM). Without --ca or
+    /// --fingerprint, the system's trust store is used.
+    #[arg(
+        long,
+        env = "RELAY_CA",
+        value_name = "FILE",
+        conflicts_with = "fingerprint"
+    )]
+    pub ca: Option<PathBuf>,
+    /// Trust exactly the relay certificate with this SHA-256 fingerprint (as `relay serve`
+    /// prints it).
+    #[arg(long, env = "RELAY_FINGERPRINT", value_name = "SHA256")]
+    pub fingerprint: Option<Fingerprint>,
+    /// Connect without TLS, to a relay's allow_plain listener. The password and the data
+    /// cross the network in clear.
+    #[arg(long, conflicts_with_all = ["ca", "fingerprint"])]
+    pub plain: bool,
+}
+
+impl TerminalArgs {
+    /// The password, from `--password-file` or `RELAY_PASSWORD`.
+    pub fn password(&self) -> anyhow::Result<Vec<u8>> {
+        let password = match &self.password_file {
+            Some(path) => {
+                let raw = std::fs::read(path)
+                    .with_context(|| format!("password file {}", path.display()))?;
+                strip_one_newline(raw)
+            }
+            None => match std::env::var_os("RELAY_PASSWORD") {
+                Some(value) => value.into_encoded_bytes(),
+                None => bail!("no password: set RELAY_PASSWORD or use --password-file FILE"),
+            },
+        };
+        if password.is_empty() {
+            bail!("the password is empty");
+        }
+        Ok(password)
+    }
+
+    /// How to trust the relay; `None` for `--plain`.
+    pub fn trust(&self) -> Option<ServerTrust> {
+        if self.plain {
+            None
+        } else if let Some(fp) = self.fingerprint {
+            Some(ServerTrust::Pinned(fp))
+        } else if let Some(ca) = &self.ca {
+            Some(ServerTrust::CaFile(ca.clone()))
+        } else {
+            Some(ServerTrust::SystemRoots)
+        }
+    }
+
+    /// Resolves everything a terminal needs before it connects (password, TLS trust), so
+    /// mistakes show before any network traffic.
+    fn prepare(&self) -> anyhow::Result<()> {
+        let _password = self.password()?;
+        match self.trust() {
+            Some(trust) => {
+                client_config(&trust)?;
+            }
+            None => tracing::warn!(
+                server = %self.server,
+                "--plain: the password and all data cross the network unencrypted"
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// `relay expose`.
+#[derive(Debug, Args)]
+pub struct ExposeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub terminal: TerminalArgs,
+    /// A local service others may open: NAME=HOST:PORT (repeat for more).
+    #[arg(long = "service", value_name = "NAME=HOST:PORT", required = true)]
+    pub services: Vec<ServiceSpec>,
+    /// Idle connections kept open so the terminal stays reachable while sessions run.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub spare: u16,
+    /// Accept demands only from these user IDs (comma-separated); default: anyone the
+    /// relay lets through.
+    #[arg(long, value_name = "USER,...", value_delimiter = ',')]
+    pub allow: Vec<AccountName>,
+}
+
+/// `relay connect`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("mode").required(true).args(["listen", "stdio"])))]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub terminal: TerminalArgs,
+    /// The terminal to reach, and optionally which of its services: TARGET[/SERVICE].
+    pub target: TargetSpec,
+    /// Accept local TCP connections here; each becomes one session (a port forward).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// One session on standard input and output (for ssh's ProxyCommand).
+    #[arg(long)]
+    pub stdio: bool,
+}
+
+/// `relay online`.
+#[derive(Debug, Args)]
+pub struct OnlineArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub terminal: TerminalArgs,
+}
+
+/// A relay address as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl ServerAddr {
+    /// The name TLS verifies (and sends as SNI when it is a host name).
+    pub fn server_name(&self) -> anyhow::Result<ServerName<'static>> {
+        ServerName::try_from(self.host.clone())
+            .with_context(|| format!("'{}' is not a valid TLS server name", self.host))
+    }
+}
+
+impl FromStr for ServerAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not HOST, HOST:PORT or [IPv6]:PORT");
+        if s.parse::<IpAddr>().is_ok() {
+            return Ok(Self {
+                host: s.to_owned(),
+                port: DEFAULT_PORT,
+            });
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(bad)?),
+            };
+            (host, port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (s, None),
+            }
+        };
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+            return Err(bad());
+        }
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None => DEFAULT_PORT,
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `NAME=HOST:PORT`: a local service `relay expose` offers under NAME.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// The name requesters ask for (same rules as account names).
+    pub name: String,
+    /// Where the service listens, as HOST:PORT (resolved at each session).
+    pub addr: String,
+}
+
+impl FromStr for ServiceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, addr) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}' is not NAME=HOST:PORT"))?;
+        let name = service_name(name)?;
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!("'{addr}' is not HOST:PORT"));
+        }
+        Ok(Self {
+            name,
+            addr: addr.to_owned(),
+        })
+    }
+}
+
+/// `TARGET[/SERVICE]`: whom `relay connect` reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// The target terminal's user ID.
+    pub target: AccountName,
+    /// The service asked for, if any.
+    pub service: Option<String>,
+}
+
+impl FromStr for TargetSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (target, service) = match s.split_once('/') {
+            Some((t, svc)) => (t, Some(service_name(svc)?)),
+            None => (s, None),
+        };
+        let target = AccountName::new(target).map_err(|e| format!("target '{target}': {e}"))?;
+        Ok(Self { target, service })
+    }
+}
+
+/// Service names follow the account name rules (printable, short, no '/').
+fn service_name(name: &str) -> Result<String, String> {
+    AccountName::new(name)
+        .map(|n| n.as_str().to_owned())
+        .map_err(|e| {
+            format!(
+                "service name '{name}': {}",
+                e.to_string().replace("an account name", "it")
+            )
+        })
+}
+
+/// Removes one trailing `\n` or `\r\n`, as `echo` and editors add one.
+fn strip_one_newline(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    bytes
+}
+
+/// A new password for `name`: from standard input with `--password-stdin`, otherwise typed
+/// twice on the terminal.
+fn new_password(from_stdin: bool, name: &AccountName) -> anyhow::Result<Vec<u8>> {
+    let password = if from_stdin {
+        let mut raw = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut raw)
+            .context("reading the password from standard input")?;
+        strip_one_newline(raw)
+    } else if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("New password for {name}: "))?;
+        let again = rpassword::prompt_password("Repeat it: ")?;
+        if first != again {
+            bail!("the two passwords differ; nothing changed");
+        }
+        first.into_bytes()
+    } else {
+        bail!("standard input is not a terminal: give the password with --password-stdin");
+    };
+    if password.is_empty() {
+        bail!("the password is empty");
+    }
+    Ok(password)
+}
+
+fn open_store(path: &Path) -> anyhow::Result<SqliteStore> {
+    Ok(SqliteStore::open(path)?)
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::User(args) => run_user(args),
+        Command::Serve(args) => run_serve(&args),
+        Command::Expose(args) => {
+            args.terminal.prepare()?;
+            not_wired("expose")
+        }
+        Command::Connect(args) => {
+            args.terminal.prepare()?;
+            not_wired("connect")
+        }
+        Command::Online(args) => {
+            args.terminal.prepare()?;
+            not_wired("online")
+        }
+    }
+}
+
+fn not_wired(command: &str) -> anyhow::Result<()> {
+    bail!("relay {command} is not wired to the protocol core yet")
+}
+
+fn run_user(args: UserArgs) -> anyhow::Result<()> {
+    match args.action {
+        UserCommand::Add {
+            name,
+            password_stdin,
+        } => {
+            let store = open_store(&args.db)?;
+            // Fail before prompting if the name is taken.
+            if store.exists(&name)? {
+                bail!("account '{name}' already exists");
+            }
+            let password = new_password(password_stdin, &name)?;
+            store.add(&name, &password)?;
+            println!("added account '{name}'");
+        }
+        UserCommand::Del { name } => {
+            open_store(&args.db)?.delete(&name)?;
+            println!("deleted account '{name}'");
+        }
+        UserCommand::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let store = open_store(&args.db)?;
+            if !store.exists(&name)? {
+                bail!("no account named '{name}'");
+            }
+            let password = new_password(password_stdin, &name)?;
+            store.set_password(&name, &password)?;
+            println!("changed the password of '{name}'");
+        }
+        UserCommand::List => {
+            let accounts = open_store(&args.db)?.list()?;
+            if accounts.is_empty() {
+                eprintln!("no accounts; add one with: relay user add NAME");
+            }
+            for a in accounts {
+                let created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.created);
+                println!(
+                    "{}\tcreated {}\tmay reach: {}",
+                    a.name,
+                    humantime::format_rfc3339_seconds(created),
+                    a.access
+                );
+            }
+        }
+        UserCommand::Allow {
+            name,
+            targets,
+            any,
+            none,
+        } => {
+            let rule = if any {
+                AccessRule::anyone()
+            } else if none {
+                AccessRule::only(Vec::new())
+            } else {
+                AccessRule::only(targets)
+            };
+            open_store(&args.db)?.set_access_rule(&name, &rule)?;
+            println!("'{name}' may reach: {rule}");
+        }
+    }
+    Ok(())
+}
+
+/// Everything `relay serve` can do before the protocol core runs: configuration, account
+/// store, certificate, listeners' warnings.
+fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let store = open_store(&config.db)?;
+    if store.list()?.is_empty() {
+        tracing::warn!(
+            "the account store {} has no accounts; add one with: relay user add NAME --db {}",
+            config.db.display(),
+            config.db.display()
+        );
+    }
+    let identity = match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => ServerIdentity::load(cert, key)?,
+        _ => ServerIdentity::load_or_generate(&config.db)?.0,
+    };
+    identity.server_config()?;
+    tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
+    if let Some(plain) = config.allow_plain {
+        tracing::warn!(%plain, "PLAIN TCP ENABLED: passwords and data on this listener are not encrypted");
+    }
+    not_wired("serve")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn server_addresses() {
+        let p = |s: &str| s.parse::<ServerAddr>();
+        assert_eq!(
+            p("relay.example").unwrap().to_string(),
+            "relay.example:7835"
+        );
+        assert_eq!(p("relay.example:443").unwrap().port, 443);
+        assert_eq!(p("127.0.0.1").unwrap().to_string(), "127.0.0.1:7835");
+        assert_eq!(p("::1").unwrap().to_string(), "[::1]:7835");
+        assert_eq!(p("[::1]:9").unwrap().host, "::1");
+        assert_eq!(p("[::1]").unwrap().port, 7835);
+        for bad in [
+            "",
+            ":7835",
+            "host:port",
+            "[::1",
+            "[::1]x",
+            "a b:1",
+            "host:99999",
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+        assert!(p("relay.example").unwrap().server_name().is_ok());
+    }
+
+    #[test]
+    fn services_and_targets() {
+        let s: ServiceSpec = "ssh=127.0.0.1:22".parse().unwrap();
+        assert_eq!((s.name.as_str(), s.addr.as_str()), ("ssh", "127.0.0.1:22"));
+        assert_eq!(
+            "web=[::1]:80".parse::<ServiceSpec>().unwrap().addr,
+            "[::1]:80"
+        );
+        assert!("ssh".parse::<ServiceSpec>().is_err());
+        assert!("ssh=host".parse::<ServiceSpec>().is_err());
+        assert!("a b=h:1".parse::<ServiceSpec>().is_err());
+        let t: TargetSpec = "cam-1/ssh".parse().unwrap();
+        assert_eq!(t.target.as_str(), "cam-1");
+        assert_eq!(t.service.as_deref(), Some("ssh"));
+        assert_eq!("cam-1".parse::<TargetSpec>().unwrap().service, None);
+        assert!("cam-1/".parse::<TargetSpec>().is_err());
+        assert!("cam-1/a/b".parse::<TargetSpec>().is_err());
+    }
+
+    #[test]
+    fn serve_flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:1000\"\ndb = \"a.db\"\n[limits]\nmax_sessions_per_account = 3\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "relay",
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:2000",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:2000");
+        assert_eq!(c.db, PathBuf::from("a.db"));
+        assert_eq!(c.limits.max_sessions_per_account, 3);
+    }
+
+    #[test]
+    fn terminal_flags() {
+        let fp = Fingerprint([7; 32]).to_string();
+        let cli = Cli::try_parse_from([
+            "relay",
+            "connect",
+            "--server",
+            "r.example",
+            "--user",
+            "me",
+            "--fingerprint",
+            &fp,
+            "cam/ssh",
+            "--stdio",
+        ])
+        .unwrap();
+        let Command::Connect(args) = cli.command else {
+            panic!("not connect")
+        };
+        assert_eq!(
+            args.terminal.trust(),
+            Some(ServerTrust::Pinned(Fingerprint([7; 32])))
+        );
+        // --listen and --stdio exclude each other, and one is needed.
+        for argv in [
+            &["relay", "connect", "--server", "r", "--user", "me", "cam"][..],
+            &[
+                "relay",
+                "connect",
+                "--server",
+                "r",
+                "--user",
+                "me",
+                "cam",
+                "--stdio",
+                "--listen",
+                "127.0.0.1:1",
+            ],
+            &["relay", "expose", "--server", "r", "--user", "me"],
+            &[
+                "relay", "online", "--server", "r", "--user", "me", "--plain", "--ca", "x",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn newline_stripping() {
+        assert_eq!(strip_one_newline(b"pw\n".to_vec()), b"pw");
+        assert_eq!(strip_one_newline(b"pw\r\n".to_vec()), b"pw");
+        assert_eq!(strip_one_newline(b"pw\n\n".to_vec()), b"pw\n");
+        assert_eq!(strip_one_newline(b"pw".to_vec()), b"pw");
+    }
+}

@@ -1,0 +1,328 @@
+//! `relay serve` configuration: a TOML file for everything the flags set, plus the limits.
+//! Flags override the file; the file overrides the defaults. Every field has a default that
+//! works, so an empty file (or none) is a valid configuration.
+//!
+//! ```toml
+//! listen = "0.0.0.0:7835"
+//! db = "/var/lib/relay/relay.db"
+//! metrics = "127.0.0.1:9835"
+//!
+//! [limits]
+//! handshake_timeout = "10s"
+//! max_connections_per_account = 16
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// The relay's fixed, documented TCP port (TLS).
+pub const DEFAULT_PORT: u16 = 7835;
+
+/// The default listen address: every interface, [`DEFAULT_PORT`].
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT);
+
+/// The default account store path (relative to the working directory).
+pub const DEFAULT_DB: &str = "relay.db";
+
+/// Everything `relay serve` needs besides the account store's contents.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// TLS listen address.
+    pub listen: SocketAddr,
+    /// Account store path.
+    pub db: PathBuf,
+    /// PEM certificate chain; with `key`. Neither: a generated self-signed certificate.
+    pub cert: Option<PathBuf>,
+    /// PEM private key; with `cert`.
+    pub key: Option<PathBuf>,
+    /// Where to serve Prometheus `/metrics` and `/healthz`; none by default.
+    pub metrics: Option<SocketAddr>,
+    /// An extra plain-TCP listener for devices without TLS. Passwords cross it in clear, so
+    /// it is never on by default and is logged loudly when set.
+    pub allow_plain: Option<SocketAddr>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN,
+            db: PathBuf::from(DEFAULT_DB),
+            cert: None,
+            key: None,
+            metrics: None,
+            allow_plain: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Bounds on everything a client can make the relay hold. Durations are written like
+/// `"10s"`, `"1m 30s"`, `"250ms"` in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame payload accepted, in bytes.
+    pub max_frame_payload: u32,
+    /// Open connections (idle or in a session) per account.
+    pub max_connections_per_account: u32,
+    /// Concurrent sessions per account.
+    pub max_sessions_per_account: u32,
+    /// Open connections in all.
+    pub max_total_connections: u32,
+    /// A connection that has not logged in by then is closed (no slowloris).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often an idle connection sends a keep-alive.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// An idle connection silent for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// A demand the target has not answered by then fails.
+    #[serde(with = "humantime_serde")]
+    pub demand_timeout: Duration,
+    /// Failed logins per account per minute before further attempts are throttled.
+    pub login_failures_per_account_per_minute: u32,
+    /// Failed logins per source address per minute before further attempts are throttled.
+    pub login_failures_per_source_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_payload: 65_535,
+            max_connections_per_account: 16,
+            max_sessions_per_account: 8,
+            max_total_connections: 200_000,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(90),
+            demand_timeout: Duration::from_secs(10),
+            login_failures_per_account_per_minute: 10,
+            login_failures_per_source_per_minute: 30,
+        }
+    }
+}
+
+/// The configuration is unreadable or inconsistent.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("config file {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation (with line and column).
+        message: String,
+    },
+    /// The values contradict each other or are out of range.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl ServeConfig {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.message().to_owned() + &location(text, e.span()),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values against each other. Run again after flags override the file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.cert.is_some() != self.key.is_some() {
+            return invalid("cert and key go together: set both or neither");
+        }
+        if self.allow_plain == Some(self.listen) {
+            return invalid("allow_plain must be a different address from listen");
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("max_frame_payload", l.max_frame_payload),
+            ("max_connections_per_account", l.max_connections_per_account),
+            ("max_sessions_per_account", l.max_sessions_per_account),
+            ("max_total_connections", l.max_total_connections),
+            (
+                "login_failures_per_account_per_minute",
+                l.login_failures_per_account_per_minute,
+            ),
+            (
+                "login_failures_per_source_per_minute",
+                l.login_failures_per_source_per_minute,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be at least 1"
+                )));
+            }
+        }
+        for (name, value) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("keepalive_interval", l.keepalive_interval),
+            ("keepalive_timeout", l.keepalive_timeout),
+            ("demand_timeout", l.demand_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be longer than zero"
+                )));
+            }
+        }
+        if l.keepalive_timeout <= l.keepalive_interval {
+            return invalid("limits.keepalive_timeout must be longer than keepalive_interval");
+        }
+        if l.max_sessions_per_account > l.max_connections_per_account {
+            return invalid(
+                "limits.max_sessions_per_account cannot exceed max_connections_per_account \
+                 (each session uses one connection)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// " at line L, column C" for a parser error span, so the message points at the mistake.
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!(" (line {line}, column {column})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = ServeConfig::from_toml("").unwrap();
+        assert_eq!(c, ServeConfig::default());
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7835");
+        assert_eq!(c.db, PathBuf::from("relay.db"));
+        assert_eq!(c.limits.max_frame_payload, 65_535);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn full_file() {
+        let c = ServeConfig::from_toml(
+            r#"
+            listen = "[::]:7000"
+            db = "/var/lib/relay/relay.db"
+            cert = "/etc/relay/cert.pem"
+            key = "/etc/relay/key.pem"
+            metrics = "127.0.0.1:9835"
+            allow_plain = "0.0.0.0:7836"
+
+            [limits]
+            max_frame_payload = 16384
+            max_connections_per_account = 4
+            max_sessions_per_account = 2
+            max_total_connections = 1000
+            handshake_timeout = "5s"
+            keepalive_interval = "15s"
+            keepalive_timeout = "1m"
+            demand_timeout = "2500ms"
+            login_failures_per_account_per_minute = 3
+            login_failures_per_source_per_minute = 6
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.metrics, Some("127.0.0.1:9835".parse().unwrap()));
+        assert_eq!(c.allow_plain, Some("0.0.0.0:7836".parse().unwrap()));
+        assert_eq!(c.limits.keepalive_timeout, Duration::from_secs(60));
+        assert_eq!(c.limits.demand_timeout, Duration::from_millis(2500));
+        assert_eq!(c.limits.max_sessions_per_account, 2);
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_their_place() {
+        let err = ServeConfig::from_toml("listen = \"0.0.0.0:7835\"\nlisten_addr = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listen_addr") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = ServeConfig::from_toml("[limits]\nhandshake_timeout = \"ten\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_values_are_refused() {
+        for (text, needle) in [
+            ("cert = \"c.pem\"", "cert and key"),
+            (
+                "[limits]\nmax_total_connections = 0",
+                "max_total_connections",
+            ),
+            ("[limits]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
+            ("[limits]\nkeepalive_timeout = \"30s\"", "keepalive_timeout"),
+            (
+                "[limits]\nmax_sessions_per_account = 17",
+                "max_sessions_per_account",
+            ),
+            ("allow_plain = \"0.0.0.0:7835\"", "allow_plain"),
+        ] {
+            let err = ServeConfig::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        let err = ServeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("relay.toml"), "{err}");
+        std::fs::write(&path, "listen = 5").unwrap();
+        let err = ServeConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("relay.toml") && err.contains("line 1"),
+            "{err}"
+        );
+    }
+}

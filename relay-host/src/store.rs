@@ -1,0 +1,898 @@
+//! The account store: accounts with argon2id password hashes, the relay-side access rule,
+//! and the persistent server secret that keys resumption credentials.
+//!
+//! [`AccountStore`] is the interface the server and the CLI use, so a PostgreSQL store can be
+//! added later without touching them. [`SqliteStore`] is the default implementation.
+//!
+//! The CLI edits the store while `relay serve` runs, so several processes open the same file
+//! at once: the SQLite store uses WAL mode (readers never block the writer) and a busy
+//! timeout (a writer waits for another writer instead of failing). The server notices edits
+//! by polling [`AccountStore::generation`], a counter that triggers bump on every change, so
+//! a deleted account's connections can be closed and a changed rule applies to the next
+//! demand.
+//!
+//! All methods block (SQLite I/O, and argon2 in `add`, `set_password` and
+//! `verify_password`, which take tens of milliseconds by design): async callers run them on
+//! a blocking thread.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use thiserror::Error;
+
+/// Longest account name, in bytes of UTF-8.
+pub const MAX_NAME_LEN: usize = 32;
+
+/// Longest password accepted, in bytes. Bounded so a login cannot make the relay hash an
+/// arbitrarily large input; generous enough for passphrases and generated secrets.
+pub const MAX_PASSWORD_LEN: usize = 256;
+
+/// How long a write waits for another process's write to finish before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema this code creates and understands (kept in `PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// A validated account name: 1 to [`MAX_NAME_LEN`] bytes of UTF-8 with no control
+/// character, no whitespace and no `/` (which separates target and service in
+/// `relay connect TARGET/SERVICE`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountName(String);
+
+/// Why a string is not a valid [`AccountName`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("an account name must not be empty")]
+    Empty,
+    /// The name is longer than [`MAX_NAME_LEN`] bytes.
+    #[error("an account name is at most {MAX_NAME_LEN} bytes (this one is {0})")]
+    TooLong(usize),
+    /// The name contains a control character.
+    #[error("an account name must not contain control characters")]
+    ControlChar,
+    /// The name contains whitespace.
+    #[error("an account name must not contain whitespace")]
+    Whitespace,
+    /// The name contains `/`.
+    #[error("an account name must not contain '/'")]
+    Slash,
+}
+
+impl AccountName {
+    /// Validates `name`.
+    pub fn new(name: &str) -> Result<Self, NameError> {
+        if name.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(NameError::TooLong(name.len()));
+        }
+        for c in name.chars() {
+            // `is_control` covers the ASCII controls and the C1 controls: neither belongs in
+            // a name that is printed in logs and terminals.
+            if c.is_control() {
+                return Err(NameError::ControlChar);
+            }
+            if c.is_whitespace() {
+                return Err(NameError::Whitespace);
+            }
+            if c == '/' {
+                return Err(NameError::Slash);
+            }
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AccountName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for AccountName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for AccountName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for AccountName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Which accounts an account may reach with a connection demand (the relay-side access
+/// rule; the target terminal may still reject any demand on top of it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessRule {
+    /// `None`: any account. `Some(list)`: only the listed accounts (an empty list: none).
+    pub allow: Option<Vec<AccountName>>,
+}
+
+impl AccessRule {
+    /// The default rule: may reach any account.
+    pub fn anyone() -> Self {
+        Self { allow: None }
+    }
+
+    /// May reach only `targets`.
+    pub fn only(targets: Vec<AccountName>) -> Self {
+        Self {
+            allow: Some(targets),
+        }
+    }
+
+    /// Whether this rule lets its account reach `to`.
+    pub fn permits(&self, to: &AccountName) -> bool {
+        match &self.allow {
+            None => true,
+            Some(list) => list.contains(to),
+        }
+    }
+}
+
+impl fmt::Display for AccessRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.allow {
+            None => f.write_str("any"),
+            Some(list) if list.is_empty() => f.write_str("none"),
+            Some(list) => {
+                for (i, name) in list.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    f.write_str(name.as_str())?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One account as listed by [`AccountStore::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountInfo {
+    /// The account's name.
+    pub name: AccountName,
+    /// When the account was created, in seconds since the Unix epoch.
+    pub created: u64,
+    /// Which accounts it may reach.
+    pub access: AccessRule,
+}
+
+/// The relay's 32-byte secret that keys resumption credentials. Kept in the store so it
+/// survives restarts (credentials issued before a restart stay valid). Its `Debug` output
+/// never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerSecret([u8; 32]);
+
+impl ServerSecret {
+    /// Wraps raw key bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The key bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ServerSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServerSecret(..)")
+    }
+}
+
+/// An account store operation failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// `add` of a name that is taken.
+    #[error("account '{0}' already exists")]
+    AlreadyExists(AccountName),
+    /// The named account does not exist.
+    #[error("no account named '{0}'")]
+    NoSuchAccount(AccountName),
+    /// The password is empty or too long.
+    #[error("a password must be 1 to {MAX_PASSWORD_LEN} bytes")]
+    InvalidPassword,
+    /// Hashing a password failed.
+    #[error("hashing the password failed: {0}")]
+    Hash(#[from] argon2::password_hash::Error),
+    /// The store holds data this code cannot read (edited by hand, or damaged).
+    #[error("account store is damaged: {0}")]
+    Corrupt(String),
+    /// The store was written by a newer relay.
+    #[error(
+        "account store has schema version {found}; this relay understands up to {SCHEMA_VERSION}"
+    )]
+    SchemaTooNew {
+        /// The version found in the file.
+        found: i64,
+    },
+    /// Creating or opening the file failed.
+    #[error("account store {}: {source}", path.display())]
+    Io {
+        /// The store's path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// SQLite reported an error.
+    #[error("account store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// A password check failed.
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    /// No account has this name.
+    #[error("unknown account")]
+    UnknownAccount,
+    /// The account exists and the password does not match.
+    #[error("wrong password")]
+    WrongPassword,
+    /// The store could not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The account store as the server and the CLI see it. Implementations are shared between
+/// threads; every method blocks (see the module docs).
+pub trait AccountStore: Send + Sync + fmt::Debug {
+    /// Creates an account; fails with [`StoreError::AlreadyExists`] if the name is taken.
+    /// New accounts may reach anyone.
+    fn add(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError>;
+    /// Deletes an account and its access rule.
+    fn delete(&self, name: &AccountName) -> Result<(), StoreError>;
+    /// Replaces an account's password.
+    fn set_password(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError>;
+    /// All accounts, sorted by name.
+    fn list(&self) -> Result<Vec<AccountInfo>, StoreError>;
+    /// Whether the account exists.
+    fn exists(&self, name: &AccountName) -> Result<bool, StoreError>;
+    /// Checks a password in constant time (through argon2's verifier).
+    fn verify_password(&self, name: &AccountName, password: &[u8]) -> Result<(), VerifyError>;
+    /// The account's access rule.
+    fn access_rule(&self, name: &AccountName) -> Result<AccessRule, StoreError>;
+    /// Replaces the account's access rule. Targets need not exist (yet).
+    fn set_access_rule(&self, name: &AccountName, rule: &AccessRule) -> Result<(), StoreError>;
+    /// Whether `from` may demand a connection to `to`. An account that does not exist (for
+    /// example, deleted a moment ago) may reach nobody.
+    fn may_reach(&self, from: &AccountName, to: &AccountName) -> Result<bool, StoreError> {
+        match self.access_rule(from) {
+            Ok(rule) => Ok(rule.permits(to)),
+            Err(StoreError::NoSuchAccount(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+    /// The persistent server secret (created with the store).
+    fn server_secret(&self) -> Result<ServerSecret, StoreError>;
+    /// A number that changes whenever any process changes accounts or access rules. Cheap:
+    /// poll it (say, once a second) and reload what you cache when it moves.
+    fn generation(&self) -> Result<u64, StoreError>;
+}
+
+/// The SQLite account store: one file, created on first use with mode 0600.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    /// rusqlite's `Connection` is `Send` but not `Sync`; one connection per process handle is
+    /// plenty (each call is short; argon2 runs outside the lock).
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA_V1: &str = "
+CREATE TABLE accounts (
+    name       TEXT PRIMARY KEY NOT NULL,
+    phc        TEXT NOT NULL,              -- argon2id PHC string
+    created    INTEGER NOT NULL,           -- Unix seconds
+    restricted INTEGER NOT NULL DEFAULT 0  -- 0: may reach anyone; 1: only targets in access
+);
+CREATE TABLE access (
+    account TEXT NOT NULL,
+    target  TEXT NOT NULL,
+    PRIMARY KEY (account, target)
+);
+CREATE TABLE server_secret (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    secret BLOB NOT NULL CHECK (length(secret) = 32)
+);
+CREATE TABLE generation (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
+);
+INSERT INTO generation (id, value) VALUES (1, 0);
+CREATE TRIGGER accounts_ins AFTER INSERT ON accounts BEGIN UPDATE generation SET value = value + 1; END;
+CREATE TRIGGER accounts_upd AFTER UPDATE ON accounts BEGIN UPDATE generation SET value = value + 1; END;
+CREATE TRIGGER accounts_del AFTER DELETE ON accounts BEGIN UPDATE generation SET value = value + 1; END;
+CREATE TRIGGER access_ins AFTER INSERT ON access BEGIN UPDATE generation SET value = value + 1; END;
+CREATE TRIGGER access_upd AFTER UPDATE ON access BEGIN UPDATE generation SET value = value + 1; END;
+CREATE TRIGGER access_del AFTER DELETE ON access BEGIN UPDATE generation SET value = value + 1; END;
+";
+
+impl SqliteStore {
+    /// Opens the store at `path`, creating it (mode 0600, set before any data is written)
+    /// and its schema and server secret if it does not exist.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let io_err = |source| StoreError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        // Create the empty file ourselves so its mode is 0600 before SQLite writes a byte;
+        // SQLite gives its -wal and -shm files the database file's mode.
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(file) => {
+                // The umask can only clear bits, but make the mode exact anyway.
+                file.set_permissions(fs::Permissions::from_mode(0o600))
+                    .map_err(io_err)?;
+                tracing::info!(path = %path.display(), "created account store");
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format_args!("{:o}", mode & 0o777),
+                        "account store is readable by other users; chmod 600 it"
+                    );
+                }
+            }
+            Err(e) => return Err(io_err(e)),
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "cannot switch to WAL journal mode (got {mode})"
+            )));
+        }
+        // NORMAL is durable across application crashes in WAL mode; only a power loss may
+        // drop the last commits, which is acceptable for operator edits.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let store = Self {
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates or upgrades the schema. `BEGIN IMMEDIATE` takes the write lock first, so two
+    /// processes creating the same new store cannot both run it.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found: version });
+        }
+        if version == 0 {
+            tx.execute_batch(SCHEMA_V1)?;
+            let mut secret = [0u8; 32];
+            OsRng.fill_bytes(&mut secret);
+            tx.execute(
+                "INSERT INTO server_secret (id, secret) VALUES (1, ?1)",
+                params![&secret[..]],
+            )?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable (SQLite rolls back an
+        // unfinished transaction when the statement or transaction object drops).
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Hashes `password` as an argon2id PHC string with a fresh random salt and the argon2
+/// crate's default (OWASP-recommended) cost.
+fn hash_password(password: &[u8]) -> Result<String, StoreError> {
+    check_password(password)?;
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password, &salt)?
+        .to_string())
+}
+
+fn check_password(password: &[u8]) -> Result<(), StoreError> {
+    if password.is_empty() || password.len() > MAX_PASSWORD_LEN {
+        return Err(StoreError::InvalidPassword);
+    }
+    Ok(())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn stored_name(name: String) -> Result<AccountName, StoreError> {
+    AccountName::new(&name).map_err(|e| StoreError::Corrupt(format!("stored name {name:?}: {e}")))
+}
+
+fn read_rule(
+    conn: &Connection,
+    name: &AccountName,
+    restricted: bool,
+) -> Result<AccessRule, StoreError> {
+    if !restricted {
+        return Ok(AccessRule::anyone());
+    }
+    let mut stmt =
+        conn.prepare_cached("SELECT target FROM access WHERE account = ?1 ORDER BY target")?;
+    let targets = stmt
+        .query_map(params![name.as_str()], |r| r.get::<_, String>(0))?
+        .map(|t| stored_name(t?))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AccessRule::only(targets))
+}
+
+impl AccountStore for SqliteStore {
+    fn add(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError> {
+        // Hash before taking the lock: argon2 is deliberately slow.
+        let phc = hash_password(password)?;
+        let conn = self.lock();
+        match conn.execute(
+            "INSERT INTO accounts (name, phc, created) VALUES (?1, ?2, ?3)",
+            params![name.as_str(), phc, now_unix() as i64],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                Err(StoreError::AlreadyExists(name.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn delete(&self, name: &AccountName) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM access WHERE account = ?1",
+            params![name.as_str()],
+        )?;
+        let n = tx.execute(
+            "DELETE FROM accounts WHERE name = ?1",
+            params![name.as_str()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NoSuchAccount(name.clone()));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_password(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError> {
+        let phc = hash_password(password)?;
+        let n = self.lock().execute(
+            "UPDATE accounts SET phc = ?2 WHERE name = ?1",
+            params![name.as_str(), phc],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NoSuchAccount(name.clone()));
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<AccountInfo>, StoreError> {
+        let mut conn = self.lock();
+        // One read transaction so the accounts and their rules are one consistent snapshot.
+        let tx = conn.transaction()?;
+        let rows = {
+            let mut stmt =
+                tx.prepare_cached("SELECT name, created, restricted FROM accounts ORDER BY name")?;
+            stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, bool>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, created, restricted) in rows {
+            let name = stored_name(name)?;
+            let access = read_rule(&tx, &name, restricted)?;
+            out.push(AccountInfo {
+                name,
+                created: u64::try_from(created).unwrap_or(0),
+                access,
+            });
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn exists(&self, name: &AccountName) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .prepare_cached("SELECT 1 FROM accounts WHERE name = ?1")?
+            .exists(params![name.as_str()])?)
+    }
+
+    fn verify_password(&self, name: &AccountName, password: &[u8]) -> Result<(), VerifyError> {
+        let phc: Option<String> = self
+            .lock()
+            .prepare_cached("SELECT phc FROM accounts WHERE name = ?1")
+            .map_err(StoreError::from)?
+            .query_row(params![name.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(StoreError::from)?;
+        // The lock is released here: argon2 runs without it.
+        let Some(phc) = phc else {
+            return Err(VerifyError::UnknownAccount);
+        };
+        if check_password(password).is_err() {
+            return Err(VerifyError::WrongPassword);
+        }
+        let hash = PasswordHash::new(&phc).map_err(|e| {
+            StoreError::Corrupt(format!("password hash of '{name}' is unreadable: {e}"))
+        })?;
+        // The verifier takes its parameters from the PHC string and compares the digests in
+        // constant time.
+        match Argon2::default().verify_password(password, &hash) {
+            Ok(()) => Ok(()),
+            Err(argon2::password_hash::Error::Password) => Err(VerifyError::WrongPassword),
+            Err(e) => Err(StoreError::Hash(e).into()),
+        }
+    }
+
+    fn access_rule(&self, name: &AccountName) -> Result<AccessRule, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let restricted: Option<bool> = tx
+            .prepare_cached("SELECT restricted FROM accounts WHERE name = ?1")?
+            .query_row(params![name.as_str()], |r| r.get(0))
+            .optional()?;
+        let Some(restricted) = restricted else {
+            return Err(StoreError::NoSuchAccount(name.clone()));
+        };
+        let rule = read_rule(&tx, name, restricted)?;
+        tx.commit()?;
+        Ok(rule)
+    }
+
+    fn set_access_rule(&self, name: &AccountName, rule: &AccessRule) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE accounts SET restricted = ?2 WHERE name = ?1",
+            params![name.as_str(), rule.allow.is_some()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NoSuchAccount(name.clone()));
+        }
+        tx.execute(
+            "DELETE FROM access WHERE account = ?1",
+            params![name.as_str()],
+        )?;
+        if let Some(targets) = &rule.allow {
+            let mut stmt = tx
+                .prepare_cached("INSERT OR IGNORE INTO access (account, target) VALUES (?1, ?2)")?;
+            for target in targets {
+                stmt.execute(params![name.as_str(), target.as_str()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn server_secret(&self) -> Result<ServerSecret, StoreError> {
+        let bytes: Vec<u8> =
+            self.lock()
+                .query_row("SELECT secret FROM server_secret WHERE id = 1", [], |r| {
+                    r.get(0)
+                })?;
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("server secret is not 32 bytes".into()))?;
+        Ok(ServerSecret(bytes))
+    }
+
+    fn generation(&self) -> Result<u64, StoreError> {
+        let value: i64 =
+            self.lock()
+                .query_row("SELECT value FROM generation WHERE id = 1", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(value as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> AccountName {
+        AccountName::new(s).unwrap()
+    }
+
+    fn temp_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("relay.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(AccountName::new("cam-1").is_ok());
+        assert!(AccountName::new("ünïcødé").is_ok());
+        assert!(AccountName::new(&"a".repeat(32)).is_ok());
+        assert_eq!(AccountName::new(""), Err(NameError::Empty));
+        assert_eq!(
+            AccountName::new(&"a".repeat(33)),
+            Err(NameError::TooLong(33))
+        );
+        // 11 two-byte characters: 22 bytes fine; 17 of them: 34 bytes too long.
+        assert!(AccountName::new(&"é".repeat(16)).is_ok());
+        assert_eq!(
+            AccountName::new(&"é".repeat(17)),
+            Err(NameError::TooLong(34))
+        );
+        assert_eq!(AccountName::new("a\u{7}b"), Err(NameError::ControlChar));
+        assert_eq!(AccountName::new("a\tb"), Err(NameError::ControlChar));
+        assert_eq!(AccountName::new("a b"), Err(NameError::Whitespace));
+        assert_eq!(AccountName::new("a\u{a0}b"), Err(NameError::Whitespace));
+        assert_eq!(AccountName::new("cam/ssh"), Err(NameError::Slash));
+    }
+
+    #[test]
+    fn created_with_mode_0600() {
+        let (dir, store) = temp_store();
+        store.add(&name("alice"), b"pw").unwrap();
+        for file in ["relay.db", "relay.db-wal", "relay.db-shm"] {
+            let path = dir.path().join(file);
+            if path.exists() {
+                let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{file}");
+            }
+        }
+        assert!(dir.path().join("relay.db-wal").exists(), "WAL mode is on");
+    }
+
+    #[test]
+    fn crud() {
+        let (_dir, store) = temp_store();
+        let alice = name("alice");
+        let bob = name("bob");
+        assert!(store.list().unwrap().is_empty());
+        store.add(&bob, b"hunter2").unwrap();
+        store.add(&alice, b"correct horse").unwrap();
+        assert!(matches!(
+            store.add(&alice, b"again"),
+            Err(StoreError::AlreadyExists(n)) if n == alice
+        ));
+        let list = store.list().unwrap();
+        let names: Vec<_> = list.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert!(list[0].created > 1_600_000_000);
+        assert_eq!(list[0].access, AccessRule::anyone());
+        assert!(store.exists(&alice).unwrap());
+
+        store.verify_password(&alice, b"correct horse").unwrap();
+        assert!(matches!(
+            store.verify_password(&alice, b"hunter2"),
+            Err(VerifyError::WrongPassword)
+        ));
+        assert!(matches!(
+            store.verify_password(&name("carol"), b"x"),
+            Err(VerifyError::UnknownAccount)
+        ));
+        assert!(matches!(
+            store.verify_password(&alice, b""),
+            Err(VerifyError::WrongPassword)
+        ));
+
+        store.set_password(&alice, b"new one").unwrap();
+        assert!(matches!(
+            store.verify_password(&alice, b"correct horse"),
+            Err(VerifyError::WrongPassword)
+        ));
+        store.verify_password(&alice, b"new one").unwrap();
+        assert!(matches!(
+            store.set_password(&name("carol"), b"x"),
+            Err(StoreError::NoSuchAccount(_))
+        ));
+
+        store.delete(&bob).unwrap();
+        assert!(!store.exists(&bob).unwrap());
+        assert!(matches!(
+            store.delete(&bob),
+            Err(StoreError::NoSuchAccount(_))
+        ));
+        assert!(matches!(
+            store.verify_password(&bob, b"hunter2"),
+            Err(VerifyError::UnknownAccount)
+        ));
+    }
+
+    #[test]
+    fn passwords_are_bounded_and_hashed_as_argon2id() {
+        let (_dir, store) = temp_store();
+        assert!(matches!(
+            store.add(&name("a"), b""),
+            Err(StoreError::InvalidPassword)
+        ));
+        assert!(matches!(
+            store.add(&name("a"), &[b'x'; MAX_PASSWORD_LEN + 1]),
+            Err(StoreError::InvalidPassword)
+        ));
+        store.add(&name("a"), b"pw").unwrap();
+        let phc: String = store
+            .lock()
+            .query_row("SELECT phc FROM accounts", [], |r| r.get(0))
+            .unwrap();
+        assert!(phc.starts_with("$argon2id$"), "{phc}");
+    }
+
+    #[test]
+    fn access_rules() {
+        let (_dir, store) = temp_store();
+        let (a, b, c) = (name("a"), name("b"), name("c"));
+        store.add(&a, b"pw").unwrap();
+        assert!(store.may_reach(&a, &b).unwrap());
+        store
+            .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
+            .unwrap();
+        assert!(store.may_reach(&a, &b).unwrap());
+        assert!(!store.may_reach(&a, &c).unwrap());
+        assert_eq!(store.access_rule(&a).unwrap().to_string(), "b");
+        store
+            .set_access_rule(&a, &AccessRule::only(vec![]))
+            .unwrap();
+        assert!(!store.may_reach(&a, &b).unwrap());
+        assert_eq!(store.access_rule(&a).unwrap().to_string(), "none");
+        store.set_access_rule(&a, &AccessRule::anyone()).unwrap();
+        assert!(store.may_reach(&a, &c).unwrap());
+        // Unknown accounts may reach nobody; setting their rule is an error.
+        assert!(!store.may_reach(&c, &a).unwrap());
+        assert!(matches!(
+            store.set_access_rule(&c, &AccessRule::anyone()),
+            Err(StoreError::NoSuchAccount(_))
+        ));
+        // A deleted and re-created account starts with the default rule again.
+        store
+            .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
+            .unwrap();
+        store.delete(&a).unwrap();
+        store.add(&a, b"pw").unwrap();
+        assert_eq!(store.access_rule(&a).unwrap(), AccessRule::anyone());
+    }
+
+    #[test]
+    fn two_handles_share_one_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let one = SqliteStore::open(&path).unwrap();
+        let two = SqliteStore::open(&path).unwrap();
+        assert_eq!(one.server_secret().unwrap(), two.server_secret().unwrap());
+        let g0 = one.generation().unwrap();
+        two.add(&name("dev"), b"pw").unwrap();
+        let g1 = one.generation().unwrap();
+        assert_ne!(g0, g1, "a change by another handle moves the generation");
+        one.verify_password(&name("dev"), b"pw").unwrap();
+        two.set_access_rule(&name("dev"), &AccessRule::only(vec![]))
+            .unwrap();
+        let g2 = one.generation().unwrap();
+        assert_ne!(g1, g2);
+        assert!(!one.may_reach(&name("dev"), &name("x")).unwrap());
+        one.delete(&name("dev")).unwrap();
+        assert!(!two.exists(&name("dev")).unwrap());
+        assert_ne!(g2, two.generation().unwrap());
+        // Reads do not move it.
+        let g3 = one.generation().unwrap();
+        one.list().unwrap();
+        assert_eq!(g3, one.generation().unwrap());
+    }
+
+    #[test]
+    fn concurrent_writers_wait_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        SqliteStore::open(&path).unwrap();
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let store = SqliteStore::open(&path).unwrap();
+                    for i in 0..5 {
+                        let n = name(&format!("t{t}-{i}"));
+                        // A raw insert skips argon2 (slow in debug builds); the rule update
+                        // below takes the write lock with BEGIN IMMEDIATE.
+                        store
+                            .lock()
+                            .execute(
+                                "INSERT INTO accounts (name, phc, created) VALUES (?1, 'x', 0)",
+                                params![n.as_str()],
+                            )
+                            .unwrap();
+                        store
+                            .set_access_rule(&n, &AccessRule::only(vec![name("peer")]))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.list().unwrap().len(), 20);
+    }
+
+    #[test]
+    fn secret_persists_and_schema_is_versioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let secret = SqliteStore::open(&path).unwrap().server_secret().unwrap();
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(secret, again.server_secret().unwrap());
+        assert_ne!(secret.as_bytes(), &[0u8; 32]);
+        assert_eq!(format!("{secret:?}"), "ServerSecret(..)");
+        again
+            .lock()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(again);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::SchemaTooNew { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_directory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = SqliteStore::open(&dir.path().join("no/such/relay.db")).unwrap_err();
+        assert!(err.to_string().contains("no/such/relay.db"), "{err}");
+    }
+}
