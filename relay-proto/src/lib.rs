@@ -24,4 +24,6 @@ pub use ident::{Password, ResumeToken, ServiceName, Text, UserId};
 pub use time::{Duration, Instant};
 pub mod relay;
 pub mod rng;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod terminal;
