@@ -16,7 +16,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use rustls::pki_types::ServerName;
 
 use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
-use crate::store::{AccessRule, AccountName, AccountStore, SqliteStore};
+use crate::store::{AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, SqliteStore};
 use crate::tls::{Fingerprint, ServerIdentity, ServerTrust, client_config};
 
 /// Relay: reach devices behind NAT through a relay server they connect out to.
@@ -188,7 +188,7 @@ pub struct TerminalArgs {
 
 impl TerminalArgs {
     /// The password, from `--password-file` or `RELAY_PASSWORD`.
-    pub fn password(&self) -> anyhow::Result<Vec<u8>> {
+    pub fn password(&self) -> anyhow::Result<String> {
         let password = match &self.password_file {
             Some(path) => {
                 let raw = std::fs::read(path)
@@ -200,10 +200,7 @@ impl TerminalArgs {
                 None => bail!("no password: set RELAY_PASSWORD or use --password-file FILE"),
             },
         };
-        if password.is_empty() {
-            bail!("the password is empty");
-        }
-        Ok(password)
+        checked_password(password)
     }
 
     /// How to trust the relay; `None` for `--plain`.
@@ -418,7 +415,7 @@ fn strip_one_newline(mut bytes: Vec<u8>) -> Vec<u8> {
 
 /// A new password for `name`: from standard input with `--password-stdin`, otherwise typed
 /// twice on the terminal.
-fn new_password(from_stdin: bool, name: &AccountName) -> anyhow::Result<Vec<u8>> {
+fn new_password(from_stdin: bool, name: &AccountName) -> anyhow::Result<String> {
     let password = if from_stdin {
         let mut raw = Vec::new();
         std::io::stdin()
@@ -435,8 +432,18 @@ fn new_password(from_stdin: bool, name: &AccountName) -> anyhow::Result<Vec<u8>>
     } else {
         bail!("standard input is not a terminal: give the password with --password-stdin");
     };
+    checked_password(password)
+}
+
+/// A password as the protocol carries it: 1 to [`MAX_PASSWORD_LEN`] bytes of UTF-8.
+fn checked_password(bytes: Vec<u8>) -> anyhow::Result<String> {
+    let password =
+        String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("the password is not UTF-8"))?;
     if password.is_empty() {
         bail!("the password is empty");
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        bail!("the password is longer than {MAX_PASSWORD_LEN} bytes");
     }
     Ok(password)
 }

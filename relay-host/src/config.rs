@@ -26,6 +26,10 @@ pub const DEFAULT_PORT: u16 = 7835;
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT);
 
+/// The protocol core's bound on one terminal's connections (relay-proto's
+/// `MAX_CONNS_PER_TERMINAL`); `limits.max_connections_per_account` may not exceed it.
+pub const MAX_CONNECTIONS_PER_ACCOUNT: u8 = 32;
+
 /// The default account store path (relative to the working directory).
 pub const DEFAULT_DB: &str = "relay.db";
 
@@ -69,12 +73,13 @@ impl Default for ServeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Largest frame payload accepted, in bytes.
-    pub max_frame_payload: u32,
-    /// Open connections (idle or in a session) per account.
-    pub max_connections_per_account: u32,
+    /// Largest frame payload accepted, in bytes (the protocol's length field is 16 bits).
+    pub max_frame_payload: u16,
+    /// Open connections (idle or in a session) per account, at most
+    /// [`MAX_CONNECTIONS_PER_ACCOUNT`].
+    pub max_connections_per_account: u8,
     /// Concurrent sessions per account.
-    pub max_sessions_per_account: u32,
+    pub max_sessions_per_account: u16,
     /// Open connections in all.
     pub max_total_connections: u32,
     /// A connection that has not logged in by then is closed (no slowloris).
@@ -173,9 +178,15 @@ impl ServeConfig {
         }
         let l = &self.limits;
         for (name, value) in [
-            ("max_frame_payload", l.max_frame_payload),
-            ("max_connections_per_account", l.max_connections_per_account),
-            ("max_sessions_per_account", l.max_sessions_per_account),
+            ("max_frame_payload", u32::from(l.max_frame_payload)),
+            (
+                "max_connections_per_account",
+                u32::from(l.max_connections_per_account),
+            ),
+            (
+                "max_sessions_per_account",
+                u32::from(l.max_sessions_per_account),
+            ),
             ("max_total_connections", l.max_total_connections),
             (
                 "login_failures_per_account_per_minute",
@@ -204,10 +215,15 @@ impl ServeConfig {
                 )));
             }
         }
+        if l.max_connections_per_account > MAX_CONNECTIONS_PER_ACCOUNT {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_connections_per_account is at most {MAX_CONNECTIONS_PER_ACCOUNT}"
+            )));
+        }
         if l.keepalive_timeout <= l.keepalive_interval {
             return invalid("limits.keepalive_timeout must be longer than keepalive_interval");
         }
-        if l.max_sessions_per_account > l.max_connections_per_account {
+        if l.max_sessions_per_account > u16::from(l.max_connections_per_account) {
             return invalid(
                 "limits.max_sessions_per_account cannot exceed max_connections_per_account \
                  (each session uses one connection)",
@@ -306,6 +322,11 @@ mod tests {
                 "max_sessions_per_account",
             ),
             ("allow_plain = \"0.0.0.0:7835\"", "allow_plain"),
+            ("[limits]\nmax_connections_per_account = 33", "at most 32"),
+            (
+                "[limits]\nmax_frame_payload = 65536",
+                "expected u16 (line 2",
+            ),
         ] {
             let err = ServeConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

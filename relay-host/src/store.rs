@@ -16,6 +16,7 @@
 //! a blocking thread.
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -34,9 +35,10 @@ use thiserror::Error;
 /// Longest account name, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 32;
 
-/// Longest password accepted, in bytes. Bounded so a login cannot make the relay hash an
-/// arbitrarily large input; generous enough for passphrases and generated secrets.
-pub const MAX_PASSWORD_LEN: usize = 256;
+/// Longest password accepted, in bytes of UTF-8: the protocol's bound (relay-proto's
+/// `MAX_PASSWORD`), so every stored password can be sent in a login. Bounded so a login
+/// cannot make the relay hash an arbitrarily large input.
+pub const MAX_PASSWORD_LEN: usize = 128;
 
 /// How long a write waits for another process's write to finish before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -219,7 +221,7 @@ pub enum StoreError {
     #[error("no account named '{0}'")]
     NoSuchAccount(AccountName),
     /// The password is empty or too long.
-    #[error("a password must be 1 to {MAX_PASSWORD_LEN} bytes")]
+    #[error("a password must be 1 to {MAX_PASSWORD_LEN} bytes of UTF-8")]
     InvalidPassword,
     /// Hashing a password failed.
     #[error("hashing the password failed: {0}")]
@@ -267,17 +269,17 @@ pub enum VerifyError {
 pub trait AccountStore: Send + Sync + fmt::Debug {
     /// Creates an account; fails with [`StoreError::AlreadyExists`] if the name is taken.
     /// New accounts may reach anyone.
-    fn add(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError>;
+    fn add(&self, name: &AccountName, password: &str) -> Result<(), StoreError>;
     /// Deletes an account and its access rule.
     fn delete(&self, name: &AccountName) -> Result<(), StoreError>;
     /// Replaces an account's password.
-    fn set_password(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError>;
+    fn set_password(&self, name: &AccountName, password: &str) -> Result<(), StoreError>;
     /// All accounts, sorted by name.
     fn list(&self) -> Result<Vec<AccountInfo>, StoreError>;
     /// Whether the account exists.
     fn exists(&self, name: &AccountName) -> Result<bool, StoreError>;
     /// Checks a password in constant time (through argon2's verifier).
-    fn verify_password(&self, name: &AccountName, password: &[u8]) -> Result<(), VerifyError>;
+    fn verify_password(&self, name: &AccountName, password: &str) -> Result<(), VerifyError>;
     /// The account's access rule.
     fn access_rule(&self, name: &AccountName) -> Result<AccessRule, StoreError>;
     /// Replaces the account's access rule. Targets need not exist (yet).
@@ -431,15 +433,15 @@ impl SqliteStore {
 
 /// Hashes `password` as an argon2id PHC string with a fresh random salt and the argon2
 /// crate's default (OWASP-recommended) cost.
-fn hash_password(password: &[u8]) -> Result<String, StoreError> {
+fn hash_password(password: &str) -> Result<String, StoreError> {
     check_password(password)?;
     let salt = SaltString::generate(&mut OsRng);
     Ok(Argon2::default()
-        .hash_password(password, &salt)?
+        .hash_password(password.as_bytes(), &salt)?
         .to_string())
 }
 
-fn check_password(password: &[u8]) -> Result<(), StoreError> {
+fn check_password(password: &str) -> Result<(), StoreError> {
     if password.is_empty() || password.len() > MAX_PASSWORD_LEN {
         return Err(StoreError::InvalidPassword);
     }
@@ -474,7 +476,7 @@ fn read_rule(
 }
 
 impl AccountStore for SqliteStore {
-    fn add(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError> {
+    fn add(&self, name: &AccountName, password: &str) -> Result<(), StoreError> {
         // Hash before taking the lock: argon2 is deliberately slow.
         let phc = hash_password(password)?;
         let conn = self.lock();
@@ -510,7 +512,7 @@ impl AccountStore for SqliteStore {
         Ok(())
     }
 
-    fn set_password(&self, name: &AccountName, password: &[u8]) -> Result<(), StoreError> {
+    fn set_password(&self, name: &AccountName, password: &str) -> Result<(), StoreError> {
         let phc = hash_password(password)?;
         let n = self.lock().execute(
             "UPDATE accounts SET phc = ?2 WHERE name = ?1",
@@ -559,7 +561,7 @@ impl AccountStore for SqliteStore {
             .exists(params![name.as_str()])?)
     }
 
-    fn verify_password(&self, name: &AccountName, password: &[u8]) -> Result<(), VerifyError> {
+    fn verify_password(&self, name: &AccountName, password: &str) -> Result<(), VerifyError> {
         let phc: Option<String> = self
             .lock()
             .prepare_cached("SELECT phc FROM accounts WHERE name = ?1")
@@ -579,7 +581,7 @@ impl AccountStore for SqliteStore {
         })?;
         // The verifier takes its parameters from the PHC string and compares the digests in
         // constant time.
-        match Argon2::default().verify_password(password, &hash) {
+        match Argon2::default().verify_password(password.as_bytes(), &hash) {
             Ok(()) => Ok(()),
             Err(argon2::password_hash::Error::Password) => Err(VerifyError::WrongPassword),
             Err(e) => Err(StoreError::Hash(e).into()),
@@ -648,6 +650,69 @@ impl AccountStore for SqliteStore {
     }
 }
 
+/// An in-memory copy of the accounts and their access rules, for the questions the relay
+/// asks on its I/O path (may A reach B? does this account still exist?) without touching
+/// the store there. Reload it when [`AccountStore::generation`] moves; [`Self::removed`]
+/// then names the accounts whose connections must close.
+#[derive(Debug, Clone, Default)]
+pub struct AccountsSnapshot {
+    generation: u64,
+    /// Name → (creation time, rule). The creation time tells a deleted-and-re-created
+    /// account from the old one.
+    accounts: HashMap<String, (u64, AccessRule)>,
+}
+
+impl AccountsSnapshot {
+    /// Reads the store. The generation is read first, so a change that lands during the
+    /// read moves it again and the next poll reloads.
+    pub fn load(store: &dyn AccountStore) -> Result<Self, StoreError> {
+        let generation = store.generation()?;
+        let accounts = store
+            .list()?
+            .into_iter()
+            .map(|a| (a.name.as_str().to_owned(), (a.created, a.access)))
+            .collect();
+        Ok(Self {
+            generation,
+            accounts,
+        })
+    }
+
+    /// The store generation this copy was read at.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether `name` is an account.
+    pub fn exists(&self, name: &str) -> bool {
+        self.accounts.contains_key(name)
+    }
+
+    /// Whether `from` may demand a connection to `to` (an unknown `from`: no).
+    pub fn may_reach(&self, from: &str, to: &str) -> bool {
+        self.accounts.get(from).is_some_and(|(_, rule)| {
+            rule.allow
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|n| n.as_str() == to))
+        })
+    }
+
+    /// Accounts in `self` that `newer` no longer has, or has as a new account of the same
+    /// name: their logged-in terminals must be disconnected.
+    pub fn removed(&self, newer: &Self) -> Vec<String> {
+        let mut gone: Vec<String> = self
+            .accounts
+            .iter()
+            .filter(|(name, (created, _))| {
+                newer.accounts.get(*name).is_none_or(|(c, _)| c != created)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        gone.sort();
+        gone
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,7 +753,7 @@ mod tests {
     #[test]
     fn created_with_mode_0600() {
         let (dir, store) = temp_store();
-        store.add(&name("alice"), b"pw").unwrap();
+        store.add(&name("alice"), "pw").unwrap();
         for file in ["relay.db", "relay.db-wal", "relay.db-shm"] {
             let path = dir.path().join(file);
             if path.exists() {
@@ -705,10 +770,10 @@ mod tests {
         let alice = name("alice");
         let bob = name("bob");
         assert!(store.list().unwrap().is_empty());
-        store.add(&bob, b"hunter2").unwrap();
-        store.add(&alice, b"correct horse").unwrap();
+        store.add(&bob, "hunter2").unwrap();
+        store.add(&alice, "correct horse").unwrap();
         assert!(matches!(
-            store.add(&alice, b"again"),
+            store.add(&alice, "again"),
             Err(StoreError::AlreadyExists(n)) if n == alice
         ));
         let list = store.list().unwrap();
@@ -718,28 +783,28 @@ mod tests {
         assert_eq!(list[0].access, AccessRule::anyone());
         assert!(store.exists(&alice).unwrap());
 
-        store.verify_password(&alice, b"correct horse").unwrap();
+        store.verify_password(&alice, "correct horse").unwrap();
         assert!(matches!(
-            store.verify_password(&alice, b"hunter2"),
+            store.verify_password(&alice, "hunter2"),
             Err(VerifyError::WrongPassword)
         ));
         assert!(matches!(
-            store.verify_password(&name("carol"), b"x"),
+            store.verify_password(&name("carol"), "x"),
             Err(VerifyError::UnknownAccount)
         ));
         assert!(matches!(
-            store.verify_password(&alice, b""),
+            store.verify_password(&alice, ""),
             Err(VerifyError::WrongPassword)
         ));
 
-        store.set_password(&alice, b"new one").unwrap();
+        store.set_password(&alice, "new one").unwrap();
         assert!(matches!(
-            store.verify_password(&alice, b"correct horse"),
+            store.verify_password(&alice, "correct horse"),
             Err(VerifyError::WrongPassword)
         ));
-        store.verify_password(&alice, b"new one").unwrap();
+        store.verify_password(&alice, "new one").unwrap();
         assert!(matches!(
-            store.set_password(&name("carol"), b"x"),
+            store.set_password(&name("carol"), "x"),
             Err(StoreError::NoSuchAccount(_))
         ));
 
@@ -750,7 +815,7 @@ mod tests {
             Err(StoreError::NoSuchAccount(_))
         ));
         assert!(matches!(
-            store.verify_password(&bob, b"hunter2"),
+            store.verify_password(&bob, "hunter2"),
             Err(VerifyError::UnknownAccount)
         ));
     }
@@ -759,14 +824,14 @@ mod tests {
     fn passwords_are_bounded_and_hashed_as_argon2id() {
         let (_dir, store) = temp_store();
         assert!(matches!(
-            store.add(&name("a"), b""),
+            store.add(&name("a"), ""),
             Err(StoreError::InvalidPassword)
         ));
         assert!(matches!(
-            store.add(&name("a"), &[b'x'; MAX_PASSWORD_LEN + 1]),
+            store.add(&name("a"), &"x".repeat(MAX_PASSWORD_LEN + 1)),
             Err(StoreError::InvalidPassword)
         ));
-        store.add(&name("a"), b"pw").unwrap();
+        store.add(&name("a"), "pw").unwrap();
         let phc: String = store
             .lock()
             .query_row("SELECT phc FROM accounts", [], |r| r.get(0))
@@ -778,7 +843,7 @@ mod tests {
     fn access_rules() {
         let (_dir, store) = temp_store();
         let (a, b, c) = (name("a"), name("b"), name("c"));
-        store.add(&a, b"pw").unwrap();
+        store.add(&a, "pw").unwrap();
         assert!(store.may_reach(&a, &b).unwrap());
         store
             .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
@@ -804,7 +869,7 @@ mod tests {
             .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
             .unwrap();
         store.delete(&a).unwrap();
-        store.add(&a, b"pw").unwrap();
+        store.add(&a, "pw").unwrap();
         assert_eq!(store.access_rule(&a).unwrap(), AccessRule::anyone());
     }
 
@@ -816,10 +881,10 @@ mod tests {
         let two = SqliteStore::open(&path).unwrap();
         assert_eq!(one.server_secret().unwrap(), two.server_secret().unwrap());
         let g0 = one.generation().unwrap();
-        two.add(&name("dev"), b"pw").unwrap();
+        two.add(&name("dev"), "pw").unwrap();
         let g1 = one.generation().unwrap();
         assert_ne!(g0, g1, "a change by another handle moves the generation");
-        one.verify_password(&name("dev"), b"pw").unwrap();
+        one.verify_password(&name("dev"), "pw").unwrap();
         two.set_access_rule(&name("dev"), &AccessRule::only(vec![]))
             .unwrap();
         let g2 = one.generation().unwrap();
@@ -894,5 +959,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = SqliteStore::open(&dir.path().join("no/such/relay.db")).unwrap_err();
         assert!(err.to_string().contains("no/such/relay.db"), "{err}");
+    }
+
+    #[test]
+    fn snapshot_follows_the_store() {
+        let (_dir, store) = temp_store();
+        let (a, b) = (name("a"), name("b"));
+        store.add(&a, "pw").unwrap();
+        store.add(&b, "pw").unwrap();
+        let first = AccountsSnapshot::load(&store).unwrap();
+        assert!(first.exists("a") && !first.exists("c"));
+        assert!(first.may_reach("a", "b") && first.may_reach("a", "anyone"));
+        assert!(!first.may_reach("c", "a"));
+        assert_eq!(first.generation(), store.generation().unwrap());
+
+        store
+            .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
+            .unwrap();
+        store.delete(&b).unwrap();
+        assert_ne!(first.generation(), store.generation().unwrap());
+        let second = AccountsSnapshot::load(&store).unwrap();
+        assert!(second.may_reach("a", "b") && !second.may_reach("a", "c"));
+        assert_eq!(first.removed(&second), ["b"]);
+        assert!(second.removed(&first).is_empty());
+        // A re-created account (new creation time) counts as removed too.
+        let mut recreated = second.clone();
+        recreated.accounts.get_mut("a").unwrap().0 += 1;
+        assert_eq!(second.removed(&recreated), ["a"]);
     }
 }
