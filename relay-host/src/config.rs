@@ -346,4 +346,13 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn documented_defaults_are_the_real_ones() {
+        let doc = include_str!("../../docs/relay-host-config.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("its end");
+        let documented = ServeConfig::from_toml(&doc[start..end]).unwrap();
+        assert_eq!(documented, ServeConfig::default());
+    }
 }
