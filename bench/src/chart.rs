@@ -6,6 +6,7 @@ use crate::report::fmt_num;
 use anyhow::{Result, anyhow};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 use std::sync::Once;
 
@@ -61,7 +62,7 @@ pub fn render(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
             .margin(12)
             .x_label_area_size(32)
             .y_label_area_size(62)
-            .build_cartesian_2d((0..n).into_segmented(), 0f64..max)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..max)
             .map_err(e)?;
         let fmt_x = |v: &SegmentValue<usize>| match v {
             SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
@@ -79,7 +80,10 @@ pub fn render(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
         chart
             .draw_series(p.bars.iter().enumerate().map(|(i, (name, v))| {
                 let mut r = Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *v)],
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), *v),
+                    ],
                     color(name).filled(),
                 );
                 r.set_margin(0, 0, 10, 10);
@@ -90,8 +94,11 @@ pub fn render(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
             .draw_series(p.bars.iter().enumerate().map(|(i, (_, v))| {
                 Text::new(
                     fmt_num(*v),
-                    (SegmentValue::CenterOf(i), *v + max * 0.02),
-                    ("sans-serif", 14).into_font().color(&BLACK),
+                    (SegmentValue::CenterOf(i), *v + max * 0.01),
+                    ("sans-serif", 14)
+                        .into_font()
+                        .color(&BLACK)
+                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
                 )
             }))
             .map_err(e)?;

@@ -117,9 +117,7 @@ fn stat(pid: u32) -> Option<(u32, u64)> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); ppid = field 4; utime..cstime = fields 14..17.
     let ppid = f.get(1)?.parse().ok()?;
-    let t: u64 = (11..15)
-        .filter_map(|i| f.get(i)?.parse::<u64>().ok())
-        .sum();
+    let t: u64 = (11..15).filter_map(|i| f.get(i)?.parse::<u64>().ok()).sum();
     Some((ppid, t))
 }
 
@@ -151,7 +149,11 @@ pub fn tree(roots: &[u32]) -> Vec<u32> {
 
 /// CPU seconds (user+system, including reaped children) used so far by the trees at `roots`.
 pub fn cpu_seconds(roots: &[u32]) -> f64 {
-    let ticks: u64 = tree(roots).iter().filter_map(|&p| stat(p)).map(|s| s.1).sum();
+    let ticks: u64 = tree(roots)
+        .iter()
+        .filter_map(|&p| stat(p))
+        .map(|s| s.1)
+        .sum();
     ticks as f64 / clk_tck()
 }
 

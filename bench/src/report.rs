@@ -123,7 +123,10 @@ pub const FIGS: &[Fig] = &[
         title: "3a. HTTP requests per second",
         method: "wrk -t1 -c32 -dD s against the bench's own HTTP/1.1 server (keep-alive, \
                  13-byte body) through the path.",
-        cols: &[col("http.rps", "req/s", true), col("http.errors", "errors", false)],
+        cols: &[
+            col("http.rps", "req/s", true),
+            col("http.errors", "errors", false),
+        ],
         required: "http.rps",
     },
     Fig {
@@ -206,6 +209,14 @@ pub fn applies(fig: &str, sys: System) -> bool {
 pub fn tables(res: &Results, systems: &[System]) -> String {
     let mut s = String::new();
     for fig in FIGS {
+        let measured = fig.cols.is_empty()
+            || fig
+                .cols
+                .iter()
+                .any(|c| res.samples.keys().any(|(k, _)| k == c.key));
+        if !measured && res.samples.values().any(|v| !v.is_empty()) {
+            continue; // not selected in this run (--figures)
+        }
         let _ = writeln!(s, "### {}\n", fig.title);
         let _ = writeln!(s, "{}\n", fig.method);
         if fig.cols.is_empty() {
@@ -239,7 +250,12 @@ pub fn tables(res: &Results, systems: &[System]) -> String {
                 continue;
             }
             if !applies(fig.id, sys) {
-                let _ = writeln!(s, "{row} n/a (holds no idle clients) |");
+                let why = if fig.id == "idle" {
+                    "n/a (holds no logged-in clients)"
+                } else {
+                    "n/a (no relay process on this path)"
+                };
+                let _ = writeln!(s, "{row} {why} |");
                 continue;
             }
             if let Some(n) = res.note_for(sys, fig.id)

@@ -166,9 +166,12 @@ impl Tools {
                 }
             },
         };
-        need.iter()
-            .find(|p| !p.is_file())
-            .map(|p| format!("not available: {} not found (run bench/install.sh)", p.display()))
+        need.iter().find(|p| !p.is_file()).map(|p| {
+            format!(
+                "not available: {} not found (run bench/install.sh)",
+                p.display()
+            )
+        })
     }
 }
 
@@ -328,7 +331,8 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             up.procs.push(sshd);
             wait_port(p, READY, &mut up.procs)?;
             let l = free_port()?;
-            up.procs.push(ssh_reverse(&t, &dir, p, &[(l, target)], &log)?);
+            up.procs
+                .push(ssh_reverse(&t, &dir, p, &[(l, target)], &log)?);
             up.port = l;
         }
         System::Relay | System::RelayNosplice => {
@@ -340,7 +344,10 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             let db = dir.join("relay.db");
             let db_s = path_str(&db)?.to_string();
             for user in ["dev", "cli"] {
-                let mut c = cmd(&relay, &["user", "add", user, "--db", &db_s, "--password-stdin"]);
+                let mut c = cmd(
+                    &relay,
+                    &["user", "add", user, "--db", &db_s, "--password-stdin"],
+                );
                 c.current_dir(&dir);
                 run_ok(c, Some("bench-password\n"))
                     .with_context(|| format!("relay user add {user}"))?;
@@ -557,7 +564,10 @@ pub fn ssh_reverse(
 fn relay_fingerprint(log: &Path) -> Result<String> {
     for _ in 0..100 {
         let s = fs::read_to_string(log).unwrap_or_default();
-        for line in s.lines().filter(|l| l.to_lowercase().contains("fingerprint")) {
+        for line in s
+            .lines()
+            .filter(|l| l.to_lowercase().contains("fingerprint"))
+        {
             for word in line.split(|c: char| !(c.is_ascii_hexdigit() || c == ':')) {
                 let hex: String = word.chars().filter(|c| *c != ':').collect();
                 if hex.len() == 64 {
