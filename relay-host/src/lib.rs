@@ -7,12 +7,14 @@
 //! - [`token`]: resumption credentials (HMAC-SHA256 with the server secret).
 //! - [`tls`]: server identity (given or generated), client trust (roots, CA file, pin).
 //! - [`config`]: `relay serve` configuration (TOML) and limits.
+//! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
 //! - [`throttle`]: failed-login throttling per account and per source address.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`cli`]: the `relay` command line.
 
 pub mod cli;
 pub mod config;
+pub mod listen;
 pub mod metrics;
 pub mod store;
 pub mod throttle;
