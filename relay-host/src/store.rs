@@ -431,12 +431,27 @@ impl SqliteStore {
     }
 }
 
-/// Hashes `password` as an argon2id PHC string with a fresh random salt and the argon2
-/// crate's default (OWASP-recommended) cost.
+/// The hasher for new passwords: argon2id v19 with the argon2 crate's default cost
+/// (19 MiB, 2 passes, 1 lane: the OWASP recommendation). Verification reads the cost from
+/// each PHC string, so raising it later keeps old hashes valid.
+#[cfg(not(test))]
+fn hasher() -> Argon2<'static> {
+    Argon2::default()
+}
+
+/// Unit tests hash with a tiny cost: unoptimised argon2 takes most of a second per hash at
+/// the real one. The binary (and so the CLI tests) always uses the real cost.
+#[cfg(test)]
+fn hasher() -> Argon2<'static> {
+    let params = argon2::Params::new(64, 1, 1, None).expect("valid test parameters");
+    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+}
+
+/// Hashes `password` as an argon2id PHC string with a fresh random salt.
 fn hash_password(password: &str) -> Result<String, StoreError> {
     check_password(password)?;
     let salt = SaltString::generate(&mut OsRng);
-    Ok(Argon2::default()
+    Ok(hasher()
         .hash_password(password.as_bytes(), &salt)?
         .to_string())
 }

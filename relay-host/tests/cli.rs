@@ -61,6 +61,15 @@ fn add_list_passwd_allow_del() {
         .failure()
         .stderr("relay: error: account 'cam-1' already exists\n");
 
+    // The binary hashes at the real cost (unit tests use a tiny one).
+    let phc: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT phc FROM accounts WHERE name = 'cam-1'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+
     let store = SqliteStore::open(&db).unwrap();
     // The trailing newline is not part of the password.
     store.verify_password(&name("cam-1"), "s3cret").unwrap();
