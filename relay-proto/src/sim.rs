@@ -35,6 +35,8 @@ pub enum Role {
     Reject(RejectReason),
     /// Never answers notices.
     Ignore,
+    /// A client: rejects notices (busy), keeps what it receives, echoes nothing.
+    Sink,
 }
 
 /// One direction of one TCP connection.
@@ -83,6 +85,10 @@ pub struct Node {
     pub received: BTreeMap<u8, Vec<u8>>,
     /// Payload waiting to be sent per handle, and whether to terminate once it is out.
     outbox: BTreeMap<u8, (VecDeque<u8>, bool)>,
+    /// Session id on each handle that carries one.
+    pub sessions: BTreeMap<u8, u32>,
+    /// What had arrived in each session when the peer's TERMINATE came, by session id.
+    pub at_peer_end: BTreeMap<u32, Vec<u8>>,
 }
 
 /// A relay, its terminals and the pipes between them.
@@ -150,6 +156,8 @@ impl<P: Policy> Sim<P> {
             events: Vec::new(),
             received: BTreeMap::new(),
             outbox: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            at_peer_end: BTreeMap::new(),
         });
         let i = self.nodes.len() - 1;
         self.drain_node(i);
@@ -457,21 +465,38 @@ impl<P: Policy> Sim<P> {
                         l.term_open = false;
                     }
                 }
-                Event::Notice { handle, .. } => match node.role {
+                Event::Notice {
+                    handle, session, ..
+                } => match node.role {
                     Role::Echo => {
                         node.received.insert(handle.0, Vec::new());
+                        node.sessions.insert(handle.0, *session);
                         let _ = node.terminal.accept(*handle, now);
                     }
                     Role::Reject(reason) => {
                         let _ = node.terminal.reject(*handle, reason, Text::lossy("no"));
                     }
+                    Role::Sink => {
+                        let _ =
+                            node.terminal
+                                .reject(*handle, RejectReason::Busy, Text::lossy("busy"));
+                    }
                     Role::Ignore => {}
                 },
-                Event::Accepted { handle, .. } => {
+                Event::Accepted {
+                    handle, session, ..
+                } => {
                     node.received.insert(handle.0, Vec::new());
+                    node.sessions.insert(handle.0, *session);
                 }
-                Event::PeerTerminated { handle } if node.role == Role::Echo => {
-                    node.outbox.entry(handle.0).or_default().1 = true;
+                Event::PeerTerminated { handle } => {
+                    if let Some(s) = node.sessions.get(&handle.0) {
+                        let got = node.received.get(&handle.0).cloned().unwrap_or_default();
+                        node.at_peer_end.insert(*s, got);
+                    }
+                    if node.role == Role::Echo {
+                        node.outbox.entry(handle.0).or_default().1 = true;
+                    }
                 }
                 _ => {}
             }
@@ -581,6 +606,38 @@ impl<P: Policy> Sim<P> {
         self.links
             .iter()
             .filter(|l| l.node == i && l.term_open)
+            .count()
+    }
+
+    /// A line per link of node `i`, for failure messages.
+    pub fn describe_links(&self, i: usize) -> std::string::String {
+        use core::fmt::Write;
+        let mut out = std::string::String::new();
+        for l in self.links.iter().filter(|l| l.node == i) {
+            let _ = writeln!(
+                out,
+                "{:?} {:?} relay_open={} term_open={} up={}{} down={}{} deadline={:?} now={:?} {:?}",
+                l.handle,
+                l.conn,
+                l.relay_open,
+                l.term_open,
+                l.up.bytes.len(),
+                if l.up.closed { "+eof" } else { "" },
+                l.down.bytes.len(),
+                if l.down.closed { "+eof" } else { "" },
+                self.relay.poll_timeout(l.conn),
+                self.now,
+                self.relay.conn_entry(l.conn)
+            );
+        }
+        out
+    }
+
+    /// Connections the relay still holds open for node `i`.
+    pub fn relay_links_of(&self, i: usize) -> usize {
+        self.links
+            .iter()
+            .filter(|l| l.node == i && l.relay_open)
             .count()
     }
 

@@ -34,7 +34,7 @@ pub use storage::{Heap, HeapSlab};
 
 use heapless::Vec;
 
-use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
+use crate::codes::{DemandError, ErrorCode, ReleaseReason};
 use crate::frame::{
     self, Credential, Demand, DemandResult, Frame, ListAnswer, LoginOk, Notice, Parsed, caps,
 };
@@ -284,7 +284,10 @@ pub struct TermEntry {
 /// Counters the host exports as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Sessions started since the core was created.
     pub sessions: u64,
+    /// Sessions running now.
+    pub active_sessions: u64,
     pub bytes_relayed: u64,
     pub events_dropped: u64,
 }
@@ -349,6 +352,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// Logged-in terminals.
     pub fn terminal_count(&self) -> usize {
         self.terms.len()
+    }
+
+    /// The core's entry for `conn`, for diagnostics (its `Debug` form).
+    pub fn conn_entry(&self, conn: ConnId) -> Option<&ConnEntry> {
+        self.conns.get(conn.0)
     }
 
     /// Whether `user` is logged in.
@@ -808,6 +816,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             c.out.result = Some(DemandResult::Accepted { session });
         }
         self.stats.sessions += 1;
+        self.stats.active_sessions += 1;
         self.wake(requester);
         if let (Some(from), Some(to)) = (
             self.user_of(requester).cloned(),
@@ -891,6 +900,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let bytes = |k| self.conns.get(k).map_or(0, |c| c.bytes);
         let (up, down) = (bytes(req), bytes(tgt));
         self.sessions_done(a, b);
+        self.stats.active_sessions -= 1;
         for (k, reason) in [(a, reason_a), (b, reason_b)] {
             if let Some(c) = self.conns.get_mut(k) {
                 if matches!(c.state, State::Closing) {
@@ -1114,10 +1124,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 Some(c.accepted + self.config.handshake_timeout)
             }
             _ => {
-                // While its payload is under way the host may not be reading this
-                // connection (the receiver is slow): no deadline then.
-                let idle =
-                    (c.fwd_remaining == 0).then(|| c.last_rx + self.config.keepalive_timeout);
+                // Also mid-payload: a device that hangs half-way through a DATA frame must
+                // be detected. A receiver so slow that the host reads nothing from this
+                // connection for the whole deadline ends the session too (documented).
+                let idle = Some(c.last_rx + self.config.keepalive_timeout);
                 let demand = match c.state {
                     State::Demanding { deadline, .. } => Some(deadline),
                     _ => None,
@@ -1143,7 +1153,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 }
             }
             _ => {
-                if c.fwd_remaining == 0 && now >= c.last_rx + self.config.keepalive_timeout {
+                if now >= c.last_rx + self.config.keepalive_timeout {
                     return self.close_conn(
                         key,
                         Some(ErrorCode::KeepAliveTimeout),

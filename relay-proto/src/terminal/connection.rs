@@ -43,10 +43,12 @@ pub(crate) enum State {
     Connecting {
         since: Instant,
     },
-    /// LOGIN queued or sent, no answer yet.
+    /// LOGIN queued or sent, no answer yet. `fallback`: a refused token may be followed
+    /// by the password (only when no other connection is up: else we were replaced).
     LoggingIn {
         since: Instant,
         with_token: bool,
+        fallback: bool,
     },
     Idle,
     /// DEMAND sent; waiting for DEMAND_RESULT.
@@ -159,11 +161,12 @@ impl Connection {
     }
 
     /// The TCP connection is up: log in with the token if there is one.
-    pub(crate) fn connected(&mut self, now: Instant, with_token: bool) {
+    pub(crate) fn connected(&mut self, now: Instant, with_token: bool, fallback: bool) {
         if matches!(self.state, State::Connecting { .. }) {
             self.state = State::LoggingIn {
                 since: now,
                 with_token,
+                fallback,
             };
             self.pending = Pending::Login;
             self.last_rx = now;
@@ -434,17 +437,23 @@ impl Connection {
                     max_payload: ok.max_payload,
                 }
             }
-            (State::LoggingIn { with_token, .. }, Frame::Error { code, text })
-                if !code.is_fatal() =>
-            {
+            (
+                State::LoggingIn {
+                    with_token,
+                    fallback,
+                    ..
+                },
+                Frame::Error { code, text },
+            ) if !code.is_fatal() => {
                 // A refused resumption falls back to the password on the same connection,
-                // once; a refused password is final.
+                // once, if allowed; a refused password is final.
                 let with_token = *with_token;
-                if with_token && self.login_attempts < 2 {
+                if with_token && *fallback && self.login_attempts < 2 {
                     self.login_attempts += 1;
                     self.state = State::LoggingIn {
                         since: now,
                         with_token: false,
+                        fallback: false,
                     };
                     self.pending = Pending::Login;
                     Change::None

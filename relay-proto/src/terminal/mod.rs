@@ -294,8 +294,9 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     /// The transport for `h` is up: the connection logs in.
     pub fn connected(&mut self, h: Handle, now: Instant) {
         let with_token = self.token.is_some();
+        let fallback = !self.up;
         if let Ok(c) = self.conn_mut(h) {
-            c.connected(now, with_token);
+            c.connected(now, with_token, fallback);
         }
     }
 
@@ -356,15 +357,21 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                 text,
                 with_token,
             } => {
+                let up = self.up;
                 self.finish(h, Cause::Relay(code), now);
-                // A refused password (or a replaced instance) cannot be fixed by retrying.
-                let hopeless = !with_token || matches!(code, ErrorCode::Replaced);
-                if hopeless
-                    && matches!(
-                        code,
-                        ErrorCode::AuthFailed | ErrorCode::Replaced | ErrorCode::AccountRemoved
-                    )
-                {
+                // A refused token while another connection is up means a newer instance
+                // took our user ID; a refused password cannot be fixed by retrying.
+                let code = if with_token && up && code == ErrorCode::ResumeRejected {
+                    ErrorCode::Replaced
+                } else {
+                    code
+                };
+                let hopeless = match code {
+                    ErrorCode::AuthFailed => !with_token,
+                    ErrorCode::Replaced | ErrorCode::AccountRemoved => true,
+                    _ => false,
+                };
+                if hopeless {
                     self.stop(now, Cause::Relay(code));
                     self.push(Event::LoginRefused { code, text });
                 }
