@@ -489,6 +489,10 @@ impl<P: Policy> Sim<P> {
                     node.received.insert(handle.0, Vec::new());
                     node.sessions.insert(handle.0, *session);
                 }
+                // No session: payload queued for it has nowhere to go.
+                Event::DemandFailed { handle, .. } | Event::SessionEnded { handle, .. } => {
+                    node.outbox.remove(&handle.0);
+                }
                 Event::PeerTerminated { handle } => {
                     if let Some(s) = node.sessions.get(&handle.0) {
                         let got = node.received.get(&handle.0).cloned().unwrap_or_default();
