@@ -469,6 +469,19 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
     }
 
+    /// Where the payload under way on `conn` goes and how much of it is still to come:
+    /// a host reserves room at the receiver before reading more from `conn`
+    /// (backpressure). `None` when no payload is under way or it will be dropped.
+    pub fn forward_target(&self, conn: ConnId) -> Option<(ConnId, usize)> {
+        let c = self.conns.get(conn.0)?;
+        match c.state {
+            State::Session { peer, .. } if c.fwd_remaining > 0 => {
+                Some((ConnId(peer), usize::from(c.fwd_remaining)))
+            }
+            _ => None,
+        }
+    }
+
     /// Payload bytes still to come on `conn` for the DATA frame under way.
     pub fn forward_remaining(&self, conn: ConnId) -> usize {
         self.conns
