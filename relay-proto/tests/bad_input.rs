@@ -1,0 +1,352 @@
+//! Every class of bad input gets a defined outcome, checked frame by frame against the
+//! relay core directly (no harness): an ERROR frame with the right code, then close for
+//! fatal codes or carry on for the others. A session running alongside is not disturbed.
+//! Uses the fixed-capacity (no_std) storage.
+
+use relay_proto::codes::ErrorCode;
+use relay_proto::frame::{
+    self, Credential, Demand, DemandResult, Frame, Hello, Login, Parsed, caps, data_header,
+};
+use relay_proto::relay::{self, AllowAll, ConnId, Event, Fixed, Offer, Relay, Verdict};
+use relay_proto::{Duration, Instant, Password, ResumeToken, ServiceName, UserId};
+
+type Core = Relay<Fixed<16, 8, 64>, AllowAll>;
+
+fn core() -> Core {
+    Relay::new(relay::Config::default(), AllowAll)
+}
+
+const T0: Instant = Instant::from_secs(100);
+
+fn enc(f: &Frame) -> Vec<u8> {
+    let mut b = [0u8; frame::MAX_CONTROL_FRAME];
+    let n = f.encode(&mut b).unwrap();
+    b[..n].to_vec()
+}
+
+fn login(user: &str, pw: &str) -> Vec<u8> {
+    enc(&Frame::Login(Login {
+        hello: Hello::current(caps::ALL),
+        user: UserId::new(user).unwrap(),
+        credential: Credential::Password(Password::new(pw).unwrap()),
+    }))
+}
+
+/// Feeds `bytes` to `conn` as the host would, answering logins (password "pw" is right).
+/// Returns the payload forwards it was told to do.
+fn feed(r: &mut Core, conn: ConnId, bytes: &[u8]) -> Vec<(ConnId, Vec<u8>)> {
+    let mut pos = 0;
+    let mut fwd = Vec::new();
+    while pos < bytes.len() {
+        match r.handle_input(T0, conn, &bytes[pos..]) {
+            Offer::Consumed(n) => pos += n,
+            Offer::Forward { to, n } => {
+                fwd.push((to, bytes[pos..pos + n].to_vec()));
+                pos += n;
+            }
+            Offer::NeedMore => break,
+        }
+        answer_logins(r);
+    }
+    fwd
+}
+
+fn answer_logins(r: &mut Core) {
+    let mut pending = Vec::new();
+    while let Some(e) = r.poll_event() {
+        if let Event::Authenticate {
+            conn, credential, ..
+        } = e
+        {
+            pending.push((conn, credential));
+        }
+    }
+    for (conn, credential) in pending {
+        let ok = matches!(&credential, Credential::Password(p) if p.as_str() == "pw");
+        let verdict = if ok {
+            Verdict::Accept {
+                instance: 1,
+                token: ResumeToken::from_slice(b"t").unwrap(),
+            }
+        } else {
+            Verdict::Refuse(ErrorCode::AuthFailed)
+        };
+        r.login_verdict(T0, conn, verdict);
+    }
+}
+
+/// Everything `conn` would send now, decoded; and whether it must close.
+fn output(r: &mut Core, conn: ConnId) -> (Vec<Frame>, bool) {
+    let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
+    let t = r.poll_transmit(conn, &mut buf).unwrap();
+    let mut frames = Vec::new();
+    let mut pos = 0;
+    while pos < t.len {
+        match frame::parse(&buf[pos..t.len]).unwrap().unwrap() {
+            (Parsed::Control(f), n) => {
+                frames.push(f);
+                pos += n;
+            }
+            (Parsed::DataHeader { len }, n) => {
+                frames.push(Frame::Error {
+                    code: ErrorCode::BadFrame,
+                    text: relay_proto::Text::lossy(&format!("data {len}")),
+                });
+                pos += n;
+            }
+        }
+    }
+    (frames, t.close)
+}
+
+fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|f| match f {
+        Frame::Error { code, .. } => Some(*code),
+        _ => None,
+    })
+}
+
+/// Fresh connection fed `bytes`: the error it gets and whether it closes.
+fn outcome(bytes: &[u8]) -> (Option<ErrorCode>, bool) {
+    let mut r = core();
+    let c = r.accept(T0).unwrap();
+    feed(&mut r, c, bytes);
+    let (frames, close) = output(&mut r, c);
+    (error_code(&frames), close)
+}
+
+#[test]
+fn malformed_frames_before_login() {
+    // Truncated frames wait for more bytes; nothing is sent yet.
+    assert_eq!(outcome(&login("a", "pw")[..5]), (None, false));
+    assert_eq!(outcome(&[0x01]), (None, false));
+    // Unknown type, oversize length, bad payloads.
+    assert_eq!(
+        outcome(&[0x7F, 0, 0]),
+        (Some(ErrorCode::UnknownFrameType), true)
+    );
+    assert_eq!(
+        outcome(b"GET / HTTP/1.1\r\n\r\n"),
+        (Some(ErrorCode::UnknownFrameType), true)
+    );
+    assert_eq!(
+        outcome(&[0x16, 0x03, 0x01, 0x02, 0x00]),
+        (Some(ErrorCode::UnknownFrameType), true),
+        "a TLS hello on a plain port"
+    );
+    assert_eq!(
+        outcome(&[0x01, 0xFF, 0xFF]),
+        (Some(ErrorCode::FrameTooLarge), true)
+    );
+    assert_eq!(
+        outcome(&[0x03, 0, 2, 0xFF, 0xFF]),
+        (Some(ErrorCode::BadFrame), true),
+        "bad postcard payload"
+    );
+    // Wrong magic, future version.
+    let mut l = login("a", "pw");
+    l[3] = b'X';
+    assert_eq!(outcome(&l), (Some(ErrorCode::BadMagic), true));
+    let mut l = login("a", "pw");
+    l[7] = 2;
+    assert_eq!(outcome(&l), (Some(ErrorCode::VersionMismatch), true));
+    // Non-UTF-8 and overlong user IDs: the payload does not decode.
+    let mut l = login("abc", "pw");
+    let at = l.windows(3).position(|w| w == b"abc").unwrap();
+    l[at] = 0xFF;
+    assert_eq!(outcome(&l), (Some(ErrorCode::BadFrame), true));
+    let mut long = login("a", "pw");
+    let at = long.iter().rposition(|&b| b == 1).unwrap(); // the user ID's length byte
+    long[at] = 33;
+    long.splice(at + 1..at + 2, std::iter::repeat_n(b'x', 33));
+    let len = (long.len() - 3) as u16;
+    long[1..3].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(outcome(&long), (Some(ErrorCode::BadFrame), true));
+    // Anything but LOGIN first: data, keep-alive, demand.
+    assert_eq!(
+        outcome(&[0x0C, 0, 1, 0x41]),
+        (Some(ErrorCode::NotLoggedIn), true)
+    );
+    assert_eq!(
+        outcome(&enc(&Frame::KeepAlive { seq: 1 })),
+        (Some(ErrorCode::NotLoggedIn), true)
+    );
+    // An empty DATA frame.
+    assert_eq!(outcome(&[0x0C, 0, 0]), (Some(ErrorCode::BadFrame), true));
+}
+
+fn logged_in(r: &mut Core, user: &str) -> ConnId {
+    let c = r.accept(T0).unwrap();
+    feed(r, c, &login(user, "pw"));
+    let (frames, close) = output(r, c);
+    assert!(matches!(frames[..], [Frame::LoginOk(_)]), "{frames:?}");
+    assert!(!close);
+    c
+}
+
+#[test]
+fn wrong_password_is_retried_then_throttled() {
+    let mut r = core();
+    let c = r.accept(T0).unwrap();
+    for _ in 0..2 {
+        feed(&mut r, c, &login("a", "nope"));
+        assert_eq!(
+            output(&mut r, c),
+            (
+                vec![Frame::Error {
+                    code: ErrorCode::AuthFailed,
+                    text: relay_proto::Text::lossy(ErrorCode::AuthFailed.describe())
+                }],
+                false
+            )
+        );
+    }
+    feed(&mut r, c, &login("a", "nope"));
+    let (frames, close) = output(&mut r, c);
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::Throttled), true)
+    );
+}
+
+#[test]
+fn frames_illegal_in_state_after_login() {
+    let mut r = core();
+    let a = logged_in(&mut r, "a");
+    // A second login, an ACCEPT for no session, a REJECT likewise, a relay-only frame,
+    // TERMINATE outside a session: errors, the connection stays.
+    for (bytes, code) in [
+        (login("a", "pw"), ErrorCode::UnexpectedFrame),
+        (
+            enc(&Frame::Accept { session: 42 }),
+            ErrorCode::UnknownSession,
+        ),
+        (
+            enc(&Frame::Release {
+                reason: relay_proto::ReleaseReason::Normal,
+            }),
+            ErrorCode::UnexpectedFrame,
+        ),
+        (enc(&Frame::Terminate), ErrorCode::UnexpectedFrame),
+    ] {
+        feed(&mut r, a, &bytes);
+        let (frames, close) = output(&mut r, a);
+        assert_eq!(
+            (error_code(&frames), close),
+            (Some(code), false),
+            "{bytes:02x?}"
+        );
+    }
+    // DATA outside a session: error, its payload skipped, the stream stays in sync.
+    let mut bytes = data_header(4).unwrap().to_vec();
+    bytes.extend(b"junk");
+    bytes.extend(enc(&Frame::KeepAlive { seq: 9 }));
+    feed(&mut r, a, &bytes);
+    let (frames, close) = output(&mut r, a);
+    assert_eq!(error_code(&frames), Some(ErrorCode::UnexpectedFrame));
+    assert!(
+        frames.contains(&Frame::KeepAliveAck { seq: 9 }),
+        "{frames:?}"
+    );
+    assert!(!close);
+    // Garbage after login is fatal.
+    feed(&mut r, a, &[0xEE, 0, 0]);
+    assert_eq!(output(&mut r, a).1, true);
+}
+
+#[test]
+fn bad_input_does_not_disturb_a_running_session() {
+    let mut r = core();
+    let a = logged_in(&mut r, "a");
+    let b = logged_in(&mut r, "b");
+    feed(
+        &mut r,
+        a,
+        &enc(&Frame::Demand(Demand {
+            target: UserId::new("b").unwrap(),
+            service: ServiceName::default(),
+        })),
+    );
+    let (frames, _) = output(&mut r, b);
+    let Frame::Notice(n) = &frames[0] else {
+        panic!("{frames:?}")
+    };
+    feed(&mut r, b, &enc(&Frame::Accept { session: n.session }));
+    let (frames, _) = output(&mut r, a);
+    assert!(matches!(
+        frames[0],
+        Frame::DemandResult(DemandResult::Accepted { .. })
+    ));
+
+    // Hostile connections come and go.
+    for garbage in [
+        &[0xFFu8, 0xFF, 0xFF][..],
+        &[0x01, 0xFF, 0xFF],
+        b"\x0c\x00\x01x",
+        &login("b", "wrong"),
+    ] {
+        let h = r.accept(T0).unwrap();
+        feed(&mut r, h, garbage);
+        let _ = output(&mut r, h);
+        r.closed(h);
+    }
+    // A stalled one times out; the session's connections do not.
+    let stall = r.accept(T0).unwrap();
+    let later = T0 + Duration::from_secs(11);
+    r.handle_timeout(later, stall);
+    assert_eq!(output(&mut r, stall).1, true);
+    r.handle_timeout(later, a);
+    r.handle_timeout(later, b);
+
+    // Data still flows, byte-exact, split anywhere.
+    let mut bytes = data_header(5).unwrap().to_vec();
+    bytes.extend(b"hello");
+    // As a host does: keep what the core could not use yet, offer it again with more.
+    let mut fwd = Vec::new();
+    let mut pending = Vec::new();
+    for chunk in bytes.chunks(2) {
+        pending.extend_from_slice(chunk);
+        let mut pos = 0;
+        while pos < pending.len() {
+            match r.handle_input(T0, a, &pending[pos..]) {
+                Offer::Consumed(n) => pos += n,
+                Offer::Forward { to, n } => {
+                    fwd.push((to, pending[pos..pos + n].to_vec()));
+                    pos += n;
+                }
+                Offer::NeedMore => break,
+            }
+        }
+        pending.drain(..pos);
+    }
+    let payload: Vec<u8> = fwd
+        .iter()
+        .flat_map(|(to, p)| {
+            assert_eq!(*to, b);
+            p.clone()
+        })
+        .collect();
+    assert_eq!(payload, b"hello");
+    assert_eq!(r.stats().active_sessions, 1);
+    assert!(r.is_online(&UserId::new("b").unwrap()));
+}
+
+#[test]
+fn oversize_data_for_the_relay_limit() {
+    let mut r: Core = Relay::new(
+        relay::Config {
+            max_payload: 1024,
+            ..Default::default()
+        },
+        AllowAll,
+    );
+    let c = r.accept(T0).unwrap();
+    feed(&mut r, c, &login("a", "pw"));
+    let _ = output(&mut r, c);
+    feed(&mut r, c, &data_header(1025).unwrap());
+    let (frames, close) = output(&mut r, c);
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::FrameTooLarge), true)
+    );
+}
