@@ -11,7 +11,10 @@ case "$cmd" in
         db=""; while [ $# -gt 0 ]; do case "$1" in --db) db="$2"; shift;; esac; shift; done
         cat >/dev/null; [ -n "$db" ] && touch "$db";;
   serve) listen=""; tls=1
-        while [ $# -gt 0 ]; do case "$1" in --listen) listen="$2"; shift;; --allow-plain) tls=0;; esac; shift; done
+        while [ $# -gt 0 ]; do case "$1" in --listen) listen="$2"; shift;; --allow-plain) tls=0; plain="$2"; shift;; esac; shift; done
+        if [ "$tls" = 0 ]; then  # the TLS listener stays up too; terminals use the plain one
+            socat "TCP-LISTEN:${listen##*:},bind=127.0.0.1,reuseaddr,fork" SYSTEM:"sleep 3600" & listen="$plain"
+        fi
         [ "$tls" = 1 ] && echo "relay serve: TLS certificate SHA-256 fingerprint: $(printf 'ab%.0s' $(seq 32))"
         echo "relay serve: listening on $listen"
         exec socat "TCP-LISTEN:${listen##*:},bind=127.0.0.1,reuseaddr,fork" SYSTEM:"sleep 3600";;

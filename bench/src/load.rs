@@ -334,3 +334,31 @@ pub async fn http_fixed_rate(
     }
     Ok((ok as f64 / start.elapsed().as_secs_f64(), failed))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_and_clients_talk() {
+        let rt = runtime().unwrap();
+        rt.block_on(async {
+            let (e, h) = (
+                crate::procs::free_port().unwrap(),
+                crate::procs::free_port().unwrap(),
+            );
+            tokio::spawn(serve(e, h));
+            probe_echo(e, Duration::from_secs(5)).await.unwrap();
+            probe_http(h, Duration::from_secs(5)).await.unwrap();
+            let d = Duration::from_millis(200);
+            let low = latency_fixed_rate(e, 100, d).await.unwrap();
+            assert!(low.count > 0 && low.p50_us > 0.0);
+            let high = latency_load(e, 4, d).await.unwrap();
+            assert!(high.count > low.count);
+            let (per_s, failed) = sessions(e, 2, d).await.unwrap();
+            assert!(per_s > 0.0 && failed == 0);
+            let (rps, failed) = http_fixed_rate(h, 2, 100, d, || {}).await.unwrap();
+            assert!(rps > 0.0 && failed == 0);
+        });
+    }
+}

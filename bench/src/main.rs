@@ -66,11 +66,12 @@ struct Cli {
     /// PNG chart. Default: bench/results/benchmarks.png, or bench/out/quick/benchmarks.png.
     #[arg(long)]
     chart: Option<PathBuf>,
-    /// Extra `relay serve` flags (plain TCP allowed explicitly).
+    /// Extra `relay serve` flags; `{plain}` becomes a free 127.0.0.1 address, the relay's
+    /// plain-TCP listener, and then terminals connect there.
     #[arg(
         long,
         env = "RELAY_BENCH_SERVE_ARGS",
-        default_value = "--allow-plain",
+        default_value = "--allow-plain {plain}",
         allow_hyphen_values = true
     )]
     relay_serve_args: String,
@@ -776,15 +777,17 @@ fn fig_idle(sys: System, ctx: &mut Ctx, cfg: &Cfg, echo: u16, res: &mut Results)
                 }
             }
             let p = free_port()?;
-            let listen = format!("127.0.0.1:{p}");
-            let mut c = Command::new(&relay);
-            c.args(["serve", "--listen", &listen, "--db", &db_s]);
-            if !ctx.relay.tls {
-                c.args(&ctx.relay.serve_args);
-            }
+            let (mut c, listen) = systems::relay_serve(ctx, &relay, p, &db_s, sys)?;
             c.current_dir(&dir);
             server.push(Proc::spawn("relay serve", c, &log)?);
             wait_port(p, Duration::from_secs(10), &mut server)?;
+            if let Some(pp) = listen
+                .rsplit(':')
+                .next()
+                .and_then(|x| x.parse::<u16>().ok())
+            {
+                wait_port(pp, Duration::from_secs(10), &mut server)?;
+            }
             std::thread::sleep(Duration::from_millis(300));
             let pids = [server[0].pid()];
             (base_pss, base_sock, base_fds) = (
@@ -924,17 +927,20 @@ fn render_report(
         s,
         "# ssh (own host key + authorized key in a temp dir; Port P, ListenAddress 127.0.0.1, UsePAM no)\n/usr/sbin/sshd -D -e -f sshd_config\nssh -F /dev/null -N -T -o BatchMode=yes -o ExitOnForwardFailure=yes -i id -p P -R 127.0.0.1:L:127.0.0.1:SVC USER@127.0.0.1"
     );
+    let q = if !cli.relay_tls && cli.relay_serve_args.contains("{plain}") {
+        "Q"
+    } else {
+        "P"
+    };
+    let sa_q = cli.relay_serve_args.replace("{plain}", "127.0.0.1:Q");
     let (sa, ta) = if cli.relay_tls {
         (String::new(), "--fingerprint FP".to_string())
     } else {
-        (
-            cli.relay_serve_args.clone(),
-            cli.relay_terminal_args.clone(),
-        )
+        (sa_q, cli.relay_terminal_args.clone())
     };
     let _ = writeln!(
         s,
-        "# relay\necho PW | relay user add dev --db DIR/relay.db --password-stdin\necho PW | relay user add cli --db DIR/relay.db --password-stdin\nrelay serve --listen 127.0.0.1:P --db DIR/relay.db {sa}\nRELAY_PASSWORD=PW relay expose --server 127.0.0.1:P {ta} --user dev --service svc=127.0.0.1:SVC\nRELAY_PASSWORD=PW relay connect --server 127.0.0.1:P {ta} --user cli dev/svc --listen 127.0.0.1:L"
+        "# relay\necho PW | relay user add dev --db DIR/relay.db --password-stdin\necho PW | relay user add cli --db DIR/relay.db --password-stdin\nrelay serve --listen 127.0.0.1:P --db DIR/relay.db {sa}\nRELAY_PASSWORD=PW relay expose --server 127.0.0.1:{q} {ta} --user dev --service svc=127.0.0.1:SVC\nRELAY_PASSWORD=PW relay connect --server 127.0.0.1:{q} {ta} --user cli dev/svc --listen 127.0.0.1:L"
     );
     let _ = writeln!(
         s,

@@ -232,9 +232,15 @@ pub fn version_of(prog: &Path, args: &[&str]) -> String {
         Ok(o) => {
             let mut s = String::from_utf8_lossy(&o.stdout).to_string();
             s.push_str(&String::from_utf8_lossy(&o.stderr));
-            s.lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
+            let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            // Prefer a line that names a version (socat and rathole print a banner first).
+            lines
+                .iter()
+                .find(|l| {
+                    l.to_lowercase().contains("version") && l.chars().any(|c| c.is_ascii_digit())
+                })
+                .or(lines.first())
+                .copied()
                 .unwrap_or("?")
                 .to_string()
         }

@@ -312,3 +312,39 @@ pub fn machine() -> String {
         .unwrap_or(0);
     format!("- nproc: {nproc}\n- CPU: {cpu}\n- kernel: {kernel}\n- memory: {mem}\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_ratio_table() {
+        let mut r = Results::default();
+        for v in [3.0, 1.0, 2.0] {
+            r.add("http.rps", System::Rathole, v);
+        }
+        r.add("http.rps", System::Direct, 8.0);
+        r.add("http.rps", System::Socat, 4.0);
+        assert_eq!(r.median("http.rps", System::Rathole), Some(2.0));
+        r.unavailable
+            .insert(System::Relay, "not available: test".into());
+        let t = tables(
+            &r,
+            &[
+                System::Direct,
+                System::Socat,
+                System::Rathole,
+                System::Relay,
+            ],
+        );
+        assert!(t.contains("| socat | 4.00 | 2.00 | 0.50 |"), "{t}");
+        assert!(t.contains("| relay | not available: test |"), "{t}");
+    }
+
+    #[test]
+    fn numbers_are_short() {
+        assert_eq!(fmt_num(12345.6), "12346");
+        assert_eq!(fmt_num(1.234), "1.23");
+        assert_eq!(fmt_num(0.01234), "0.012");
+    }
+}

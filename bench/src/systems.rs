@@ -352,17 +352,14 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
                 run_ok(c, Some("bench-password\n"))
                     .with_context(|| format!("relay user add {user}"))?;
             }
-            let listen = format!("127.0.0.1:{p}");
-            let mut serve = cmd(&relay, &["serve", "--listen", &listen, "--db", &db_s]);
-            if !ctx.relay.tls {
-                serve.args(&ctx.relay.serve_args);
-            }
-            if sys == System::RelayNosplice {
-                serve.args(&ctx.relay.nosplice_args);
-            }
+            let (mut serve, listen) = relay_serve(ctx, &relay, p, &db_s, sys)?;
             serve.current_dir(&dir);
             up.procs.push(Proc::spawn("relay serve", serve, &log)?);
             wait_port(p, READY, &mut up.procs)?;
+            let port_of = |a: &str| a.rsplit(':').next().and_then(|x| x.parse::<u16>().ok());
+            if let Some(pp) = port_of(&listen) {
+                wait_port(pp, READY, &mut up.procs)?;
+            }
             let mut term_args: Vec<String> = vec!["--server".into(), listen.clone()];
             if ctx.relay.tls {
                 let fp = relay_fingerprint(&log)?;
@@ -396,6 +393,39 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
     wait_port(up.port, READY, &mut up.procs)
         .with_context(|| format!("{sys}: public port; log: {}", log.display()))?;
     Ok(up)
+}
+
+/// `relay serve` with the TLS listener on 127.0.0.1:`tls_port`. Returns the command and the
+/// address terminals use: in plain mode, `{plain}` in the serve args becomes a fresh
+/// 127.0.0.1 port (the relay's `--allow-plain ADDR` listener) and terminals go there.
+pub fn relay_serve(
+    ctx: &Ctx,
+    relay: &Path,
+    tls_port: u16,
+    db: &str,
+    sys: System,
+) -> Result<(Command, String)> {
+    let listen = format!("127.0.0.1:{tls_port}");
+    let mut serve = cmd(relay, &["serve", "--listen", &listen, "--db", db]);
+    let mut terminals = listen.clone();
+    if !ctx.relay.tls {
+        let mut plain = None;
+        for a in &ctx.relay.serve_args {
+            if a.contains("{plain}") {
+                let addr = plain.get_or_insert(format!("127.0.0.1:{}", free_port()?));
+                serve.arg(a.replace("{plain}", addr));
+            } else {
+                serve.arg(a);
+            }
+        }
+        if let Some(addr) = plain {
+            terminals = addr;
+        }
+    }
+    if sys == System::RelayNosplice {
+        serve.args(&ctx.relay.nosplice_args);
+    }
+    Ok((serve, terminals))
 }
 
 fn path_str(p: &Path) -> Result<&str> {
