@@ -10,6 +10,7 @@ use std::io::{IsTerminal, Read};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Args, Parser, Subcommand};
@@ -459,21 +460,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => run_serve(&args),
         Command::Expose(args) => {
             args.terminal.prepare()?;
-            not_wired("expose")
+            let exposed = crate::client::Exposed {
+                services: args.services.clone(),
+                allow: args.allow.iter().map(|a| a.as_str().to_owned()).collect(),
+            };
+            let spare = u8::try_from(args.spare).unwrap_or(u8::MAX);
+            crate::client::expose(&args.terminal, spare, exposed)
         }
         Command::Connect(args) => {
             args.terminal.prepare()?;
-            not_wired("connect")
+            let target = args.target.target.as_str();
+            let service = args.target.service.as_deref();
+            match args.listen {
+                Some(listen) => {
+                    crate::client::connect_listen(&args.terminal, target, service, listen)
+                }
+                None => crate::client::connect_stdio(&args.terminal, target, service),
+            }
         }
         Command::Online(args) => {
             args.terminal.prepare()?;
-            not_wired("online")
+            crate::client::online(&args.terminal)
         }
     }
-}
-
-fn not_wired(command: &str) -> anyhow::Result<()> {
-    bail!("relay {command} is not wired to the protocol core yet")
 }
 
 fn run_user(args: UserArgs) -> anyhow::Result<()> {
@@ -563,7 +572,7 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(plain) = config.allow_plain {
         tracing::warn!(%plain, "PLAIN TCP ENABLED: passwords and data on this listener are not encrypted");
     }
-    not_wired("serve")
+    crate::server::run(config, Arc::new(store), identity)
 }
 
 #[cfg(test)]

@@ -10,12 +10,17 @@
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
 //! - [`throttle`]: failed-login throttling per account and per source address.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`server`]: `relay serve`, the protocol core on sockets; [`outbox`]: per-connection FIFOs.
+//! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod listen;
 pub mod metrics;
+pub mod outbox;
+pub mod server;
 pub mod store;
 pub mod throttle;
 pub mod tls;

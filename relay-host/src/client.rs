@@ -1,0 +1,944 @@
+//! The Linux terminal: relay-proto's [`Terminal`] on real sockets, for `relay expose`,
+//! `relay connect` and `relay online`.
+//!
+//! The state machine sits behind a `std::sync::Mutex` (never held across an `await`) and
+//! asks for connections with [`Event::Open`]; reconnecting, back-off, keep-alives and the
+//! pool of spare connections are all its decisions. Each relay connection has the same
+//! FIFO + writer as the server ([`Outbox`]): control frames are pulled from
+//! [`Terminal::poll_transmit`] when the FIFO is empty; session payload read from the local
+//! socket is pushed (DATA header, then the bytes) after room is reserved, so a slow relay
+//! connection stops us reading the local application.
+//!
+//! A session's local end (a TCP connection to the exposed service, an accepted local
+//! connection, or stdin/stdout) is *parked* on the handle before the demand or accept goes
+//! out, so payload arriving right behind the answer always finds it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use bytes::{Buf, Bytes, BytesMut};
+use relay_proto::terminal::{self, Event, Handle, Offer, SendError, Terminal};
+use relay_proto::{Password, RejectReason, ReleaseReason, ServiceName, Text, UserId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::cli::{ServerAddr, ServiceSpec, TerminalArgs};
+use crate::outbox::{Outbox, run_writer};
+use crate::tls::{TlsError, client_config};
+
+/// Connection slots of one Linux terminal (the relay allows at most 32 per account).
+pub const SLOTS: usize = 64;
+type Term = Terminal<SLOTS, { 2 * SLOTS + 2 }>;
+
+/// Largest payload read from a local socket at once (one DATA frame).
+const CHUNK: usize = 16 * 1024;
+
+/// Demands that find no idle connection are retried this often, this far apart.
+const DEMAND_RETRIES: u32 = 40;
+const DEMAND_RETRY_DELAY: Duration = Duration::from_millis(150);
+
+type Sink = Box<dyn AsyncWrite + Send + Unpin>;
+type Source = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A session's local end, waiting on its handle for the relay connection's reader.
+struct Parked {
+    sink: Sink,
+    /// Told how the session ended (for `connect`).
+    ended: Option<oneshot::Sender<ReleaseReason>>,
+    /// Dropped when the session is over: stops the local→relay pump.
+    _stop: oneshot::Sender<()>,
+}
+
+/// One relay connection's shared parts.
+struct Slot {
+    out: Outbox,
+    /// Stops the reader (the connection is finished).
+    stop: Notify,
+    parked: Mutex<Option<Parked>>,
+}
+
+impl Slot {
+    fn park(&self, p: Parked) {
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    }
+    fn unpark(&self) -> Option<Parked> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// What the application learns from the terminal.
+#[derive(Debug)]
+enum AppEvent {
+    LoggedIn,
+    Fatal(String),
+    OnlinePage,
+}
+
+struct State {
+    term: Term,
+    slots: Vec<Option<Arc<Slot>>>,
+    /// Demands waiting for their answer, by handle.
+    waiters: HashMap<u8, oneshot::Sender<Result<(), DemandFailure>>>,
+}
+
+/// Why a demand gave no session.
+#[derive(Debug)]
+struct DemandFailure {
+    retry: bool,
+    message: String,
+}
+
+/// What the exposing terminal offers.
+#[derive(Debug, Clone, Default)]
+pub struct Exposed {
+    /// Service name → HOST:PORT.
+    pub services: Vec<ServiceSpec>,
+    /// Requesters allowed (empty: anyone the relay lets through).
+    pub allow: Vec<String>,
+}
+
+struct Ctx {
+    state: Mutex<State>,
+    timer: Notify,
+    epoch: std::time::Instant,
+    server: ServerAddr,
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    app: mpsc::UnboundedSender<AppEvent>,
+    exposed: Option<Exposed>,
+}
+
+impl Ctx {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn now(&self) -> relay_proto::Instant {
+        relay_proto::Instant::from_millis(self.epoch.elapsed().as_millis() as u64)
+    }
+}
+
+impl State {
+    fn slot(&self, h: Handle) -> Option<&Arc<Slot>> {
+        self.slots.get(usize::from(h.0)).and_then(Option::as_ref)
+    }
+    fn is(&self, h: Handle, me: &Arc<Slot>) -> bool {
+        self.slot(h).is_some_and(|s| Arc::ptr_eq(s, me))
+    }
+    /// After every call into the terminal: its events, and writers woken for output.
+    fn after(&mut self, ctx: &Ctx) -> Vec<Event> {
+        let mut events = Vec::new();
+        while let Some(e) = self.term.poll_event() {
+            events.push(e);
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(s) = s {
+                if self.term.has_output(Handle(i as u8)) {
+                    s.out.wake.notify_one();
+                }
+            }
+        }
+        ctx.timer.notify_one();
+        events
+    }
+    /// Pushes `h`'s control output into its FIFO. `true` if it pushed.
+    fn flush_control(&mut self, h: Handle, now: relay_proto::Instant) -> bool {
+        let mut buf = [0u8; terminal::MIN_TRANSMIT_BUF];
+        match self.term.poll_transmit(h, now, &mut buf) {
+            Ok(n) if n > 0 => {
+                if let Some(s) = self.slot(h) {
+                    s.out.push(Bytes::copy_from_slice(&buf[..n]), 0);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A stream to the relay: TLS or plain.
+enum RelayStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for RelayStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for RelayStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Handles events that are not the calling reader's own business.
+fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
+    for e in events {
+        match e {
+            Event::Open(h) => {
+                let slot = Arc::new(Slot {
+                    out: Outbox::new(),
+                    stop: Notify::new(),
+                    parked: Mutex::new(None),
+                });
+                ctx.lock().slots[usize::from(h.0)] = Some(slot.clone());
+                tokio::spawn(open(ctx.clone(), h, slot));
+            }
+            Event::Closed { handle, cause } => {
+                tracing::debug!(handle = handle.0, ?cause, "relay connection closed");
+                let slot = ctx.lock().slots[usize::from(handle.0)].take();
+                if let Some(s) = slot {
+                    s.out.kill();
+                    s.stop.notify_one();
+                    drop(s.unpark());
+                }
+                ctx.lock().waiters.remove(&handle.0);
+            }
+            Event::LoggedIn => {
+                tracing::info!(server = %ctx.server, "logged in to the relay");
+                let _ = ctx.app.send(AppEvent::LoggedIn);
+            }
+            Event::Down => {
+                tracing::warn!(server = %ctx.server, "lost the relay; reconnecting with back-off")
+            }
+            Event::LoginRefused { code, text } => {
+                let _ = ctx.app.send(AppEvent::Fatal(format!(
+                    "the relay refused the login: {} ({code:?})",
+                    text.as_str()
+                )));
+            }
+            Event::Notice {
+                handle,
+                session,
+                from,
+                service,
+            } => on_notice(ctx, handle, session, from, service),
+            Event::Accepted { handle, peer, .. } => {
+                tracing::info!(handle = handle.0, %peer, "session accepted");
+                if let Some(w) = ctx.lock().waiters.remove(&handle.0) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Event::DemandFailed {
+                handle,
+                error,
+                text,
+            } => {
+                let retry = error == relay_proto::DemandError::NoIdleConnection;
+                let detail = text.as_str();
+                let message = if detail.is_empty() || detail == Text::display(&error).as_str() {
+                    error.to_string()
+                } else {
+                    format!("{error}: {detail}")
+                };
+                if let Some(w) = ctx.lock().waiters.remove(&handle.0) {
+                    let _ = w.send(Err(DemandFailure { retry, message }));
+                }
+            }
+            Event::PeerTerminated { .. } | Event::SessionEnded { .. } => {
+                // Handled by the reader of that handle, in order with the payload.
+            }
+            Event::OnlinePage => {
+                let _ = ctx.app.send(AppEvent::OnlinePage);
+            }
+            Event::RelayError { handle, code, text } => {
+                tracing::warn!(handle = handle.0, ?code, "relay error: {}", text.as_str())
+            }
+        }
+    }
+}
+
+/// A demand notice on an exposing terminal: check it, reach the local service, accept.
+fn on_notice(ctx: &Arc<Ctx>, h: Handle, session: u32, from: UserId, service: ServiceName) {
+    let reject = |reason, text: String| {
+        tracing::info!(%from, service = service.as_str(), "rejected: {text}");
+        let mut st = ctx.lock();
+        let _ = st.term.reject(h, reason, Text::lossy(&text));
+        let ev = st.after(ctx);
+        drop(st);
+        dispatch(ctx, ev);
+    };
+    let Some(exposed) = &ctx.exposed else {
+        return reject(
+            RejectReason::Busy,
+            "this terminal accepts no sessions".into(),
+        );
+    };
+    if !exposed.allow.is_empty() && !exposed.allow.iter().any(|a| a == from.as_str()) {
+        return reject(
+            RejectReason::NotAllowed,
+            format!("'{from}' is not allowed here"),
+        );
+    }
+    let wanted = service.as_str();
+    let spec = if wanted.is_empty() && exposed.services.len() == 1 {
+        exposed.services.first()
+    } else {
+        exposed.services.iter().find(|s| s.name == wanted)
+    };
+    let Some(spec) = spec.cloned() else {
+        let text = if wanted.is_empty() {
+            "name a service: TARGET/SERVICE".to_owned()
+        } else {
+            format!("no service '{wanted}' here")
+        };
+        return reject(RejectReason::UnknownService, text);
+    };
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let local =
+            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&spec.addr)).await;
+        let local = match local {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let text = format!("service '{}' unreachable: {e}", spec.name);
+                tracing::warn!(%from, "{text}");
+                let mut st = ctx.lock();
+                let _ = st
+                    .term
+                    .reject(h, RejectReason::ServiceUnavailable, Text::lossy(&text));
+                let ev = st.after(&ctx);
+                drop(st);
+                return dispatch(&ctx, ev);
+            }
+            Err(_) => {
+                let mut st = ctx.lock();
+                let text = format!("service '{}' did not answer", spec.name);
+                let _ = st
+                    .term
+                    .reject(h, RejectReason::ServiceUnavailable, Text::lossy(&text));
+                let ev = st.after(&ctx);
+                drop(st);
+                return dispatch(&ctx, ev);
+            }
+        };
+        let _ = local.set_nodelay(true);
+        let (r, w) = local.into_split();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let mut st = ctx.lock();
+        let Some(slot) = st.slot(h).cloned() else {
+            return;
+        };
+        slot.park(Parked {
+            sink: Box::new(w),
+            ended: None,
+            _stop: stop_tx,
+        });
+        let now = ctx.now();
+        if st.term.accept(h, now).is_err() {
+            drop(slot.unpark());
+            return;
+        }
+        tracing::info!(session, %from, service = spec.name, local = spec.addr, "session accepted");
+        let ev = st.after(&ctx);
+        drop(st);
+        dispatch(&ctx, ev);
+        tokio::spawn(pump(ctx.clone(), h, slot, Box::new(r), stop_rx));
+    });
+}
+
+/// Opens the relay connection for `h` and runs its reader and writer.
+async fn open(ctx: Arc<Ctx>, h: Handle, me: Arc<Slot>) {
+    let stream = match connect_relay(&ctx).await {
+        Ok(s) => s,
+        Err(e) => {
+            let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
+                || format!("{e:#}").contains("invalid peer certificate");
+            tracing::warn!(server = %ctx.server, "cannot connect to the relay: {e:#}");
+            if fatal {
+                let _ = ctx.app.send(AppEvent::Fatal(format!("{e:#}")));
+            }
+            let mut st = ctx.lock();
+            if st.is(h, &me) {
+                let now = ctx.now();
+                st.term.connect_failed(h, now);
+            }
+            let ev = st.after(&ctx);
+            drop(st);
+            return dispatch(&ctx, ev);
+        }
+    };
+    {
+        let mut st = ctx.lock();
+        if !st.is(h, &me) {
+            return;
+        }
+        let now = ctx.now();
+        st.term.connected(h, now);
+        let ev = st.after(&ctx);
+        drop(st);
+        dispatch(&ctx, ev);
+    }
+    let (rd, wr) = tokio::io::split(stream);
+    let writer = {
+        let ctx = ctx.clone();
+        let me = me.clone();
+        tokio::spawn(async move {
+            let pull = || {
+                let mut st = ctx.lock();
+                if !st.is(h, &me) {
+                    return false;
+                }
+                let pushed = st.flush_control(h, ctx.now());
+                let ev = st.after(&ctx);
+                drop(st);
+                dispatch(&ctx, ev);
+                pushed
+            };
+            run_writer(wr, &me.out, pull).await;
+            // A failed write: the reader sees the socket end too.
+            me.stop.notify_one();
+        })
+    };
+    reader(&ctx, h, &me, rd).await;
+    me.out.kill();
+    let _ = writer.await;
+}
+
+async fn connect_relay(ctx: &Ctx) -> anyhow::Result<RelayStream> {
+    let addr = (ctx.server.host.as_str(), ctx.server.port);
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("connecting to {}: timed out", ctx.server))?
+        .with_context(|| format!("connecting to {}", ctx.server))?;
+    let _ = tcp.set_nodelay(true);
+    match &ctx.tls {
+        None => Ok(RelayStream::Plain(tcp)),
+        Some((config, name)) => {
+            let tls = crate::tls::connect(config.clone(), name.clone(), tcp).await?;
+            Ok(RelayStream::Tls(Box::new(tls)))
+        }
+    }
+}
+
+/// Reads the relay connection: protocol to the terminal, payload to the parked local end.
+async fn reader(
+    ctx: &Arc<Ctx>,
+    h: Handle,
+    me: &Arc<Slot>,
+    mut rd: tokio::io::ReadHalf<RelayStream>,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut local: Option<Parked> = None;
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        let n = tokio::select! {
+            r = rd.read_buf(&mut buf) => r.unwrap_or(0),
+            () = me.stop.notified() => return,
+        };
+        if n == 0 {
+            let mut st = ctx.lock();
+            if st.is(h, me) {
+                let now = ctx.now();
+                st.term.transport_closed(h, now);
+            }
+            let ev = st.after(ctx);
+            drop(st);
+            dispatch(ctx, ev);
+            return;
+        }
+        while !buf.is_empty() {
+            let (offer, own, others) = {
+                let mut st = ctx.lock();
+                if !st.is(h, me) {
+                    return;
+                }
+                let now = ctx.now();
+                let offer = st.term.handle_input(h, now, &buf);
+                let (own, others): (Vec<Event>, Vec<Event>) =
+                    st.after(ctx).into_iter().partition(|e| {
+                        matches!(e, Event::PeerTerminated { handle } | Event::SessionEnded { handle, .. } if *handle == h)
+                    });
+                // Under the lock: once the session is released a new demand may park a
+                // new local end on this handle, which must not be taken for the old one.
+                if local.is_none() && (!own.is_empty() || matches!(offer, Offer::Payload(_))) {
+                    local = me.unpark();
+                }
+                if others.iter().any(|e| matches!(e, Event::Closed { handle, cause: terminal::Cause::Protocol } if *handle == h)) {
+                    tracing::debug!(handle = h.0, "protocol error at {:02x?}", &buf[..buf.len().min(24)]);
+                }
+                (offer, own, others)
+            };
+            dispatch(ctx, others);
+            let consumed = match offer {
+                Offer::Consumed(n) => n,
+                Offer::NeedMore => break,
+                Offer::Payload(n) => {
+                    if let Some(p) = local.as_mut() {
+                        if p.sink.write_all(&buf[..n]).await.is_err() {
+                            // The local application went away: end our side.
+                            local = None;
+                            let mut st = ctx.lock();
+                            let _ = st.term.terminate(h);
+                            let ev = st.after(ctx);
+                            drop(st);
+                            dispatch(ctx, ev);
+                        }
+                    }
+                    n
+                }
+            };
+            buf.advance(consumed);
+            for e in own {
+                match e {
+                    Event::PeerTerminated { .. } => {
+                        if let Some(p) = local.as_mut() {
+                            let _ = p.sink.flush().await;
+                            let _ = p.sink.shutdown().await;
+                        }
+                    }
+                    Event::SessionEnded { reason, .. } => {
+                        if let Some(mut p) = local.take() {
+                            let _ = p.sink.flush().await;
+                            let _ = p.sink.shutdown().await;
+                            if let Some(tx) = p.ended.take() {
+                                let _ = tx.send(reason);
+                            }
+                        }
+                        if reason != ReleaseReason::Normal {
+                            tracing::warn!(handle = h.0, ?reason, "session ended abnormally");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Local → relay: reads the local end and sends it as DATA frames on `h`'s session.
+async fn pump(
+    ctx: Arc<Ctx>,
+    h: Handle,
+    me: Arc<Slot>,
+    mut src: Source,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        let max = ctx.lock().term.max_payload().clamp(1, CHUNK);
+        let mut buf = BytesMut::with_capacity(max);
+        let n = tokio::select! {
+            r = src.read_buf(&mut buf) => r.unwrap_or(0),
+            _ = &mut stop => return,
+        };
+        if n == 0 {
+            let mut st = ctx.lock();
+            if st.is(h, &me) {
+                let _ = st.term.terminate(h);
+            }
+            let ev = st.after(&ctx);
+            drop(st);
+            dispatch(&ctx, ev);
+            return;
+        }
+        let reserved = tokio::select! {
+            ok = me.out.reserve(n) => ok,
+            _ = &mut stop => return,
+        };
+        if !reserved {
+            return;
+        }
+        let mut st = ctx.lock();
+        if !st.is(h, &me) {
+            return;
+        }
+        let now = ctx.now();
+        st.flush_control(h, now);
+        match st.term.send_data(h, n) {
+            Ok(header) => {
+                me.out.push(Bytes::copy_from_slice(&header), 0);
+                me.out.push(buf.freeze(), n as u32);
+            }
+            Err(SendError::NotInSession | SendError::BadHandle) => {
+                me.out.release(n as u32);
+                return;
+            }
+            Err(e) => {
+                me.out.release(n as u32);
+                tracing::warn!(handle = h.0, "cannot send: {e:?}");
+                return;
+            }
+        }
+        let ev = st.after(&ctx);
+        drop(st);
+        dispatch(&ctx, ev);
+    }
+}
+
+/// Runs the terminal's timers until the process ends.
+async fn timers(ctx: Arc<Ctx>) {
+    loop {
+        let deadline = ctx.lock().term.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(t) => {
+                    let at = ctx.epoch + Duration::from_millis(t.as_millis());
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                    true
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let fired = tokio::select! {
+            f = sleep => f,
+            () = ctx.timer.notified() => false,
+        };
+        if fired {
+            let mut st = ctx.lock();
+            let now = ctx.now();
+            st.term.handle_timeout(now);
+            let ev = st.after(&ctx);
+            drop(st);
+            dispatch(&ctx, ev);
+        }
+    }
+}
+
+fn start(
+    args: &TerminalArgs,
+    spare: u8,
+    exposed: Option<Exposed>,
+) -> anyhow::Result<(Arc<Ctx>, mpsc::UnboundedReceiver<AppEvent>)> {
+    let password = args.password()?;
+    let user = UserId::new(args.user.as_str()).map_err(|e| anyhow!("user ID: {e:?}"))?;
+    let password = Password::new(&password).map_err(|e| anyhow!("password: {e:?}"))?;
+    let tls = match args.trust() {
+        Some(trust) => Some((client_config(&trust)?, args.server.server_name()?)),
+        // `prepare` already warned loudly about --plain.
+        None => None,
+    };
+    let mut seed = [0u8; 8];
+    getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random seed: {e}"))?;
+    let config = terminal::Config {
+        spare,
+        ..terminal::Config::default()
+    };
+    let term = Term::new(config, user, password, u64::from_le_bytes(seed));
+    let (app, rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Ctx {
+        state: Mutex::new(State {
+            term,
+            slots: vec![None; SLOTS],
+            waiters: HashMap::new(),
+        }),
+        timer: Notify::new(),
+        epoch: std::time::Instant::now(),
+        server: args.server.clone(),
+        tls,
+        app,
+        exposed,
+    });
+    {
+        let mut st = ctx.lock();
+        let now = ctx.now();
+        st.term.start(now);
+        let ev = st.after(&ctx);
+        drop(st);
+        dispatch(&ctx, ev);
+    }
+    tokio::spawn(timers(ctx.clone()));
+    Ok((ctx, rx))
+}
+
+/// Waits for the first login; a fatal event is an error.
+async fn logged_in(rx: &mut mpsc::UnboundedReceiver<AppEvent>) -> anyhow::Result<()> {
+    loop {
+        match rx.recv().await {
+            Some(AppEvent::LoggedIn) => return Ok(()),
+            Some(AppEvent::Fatal(m)) => bail!("{m}"),
+            Some(_) => {}
+            None => bail!("terminal stopped"),
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `relay expose`: stays logged in and serves demands until killed or refused.
+pub fn expose(args: &TerminalArgs, spare: u8, exposed: Exposed) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let (_ctx, mut rx) = start(args, spare, Some(exposed))?;
+        loop {
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(AppEvent::Fatal(m)) => bail!("{m}"),
+                    Some(_) => {}
+                    None => bail!("terminal stopped"),
+                },
+                r = crate::listen::shutdown_signal() => {
+                    r?;
+                    return Ok(());
+                }
+            }
+        }
+    })
+}
+
+/// Opens one session to `target`: demand (retried while the target has no idle
+/// connection), park the local end, wait for the answer. Returns the session's end.
+async fn session(
+    ctx: &Arc<Ctx>,
+    target: &UserId,
+    service: &ServiceName,
+    sink: Sink,
+    src: Source,
+) -> anyhow::Result<oneshot::Receiver<ReleaseReason>> {
+    let mut sink = Some(sink);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (end_tx, end_rx) = oneshot::channel();
+        let (ans_tx, ans_rx) = oneshot::channel();
+        let handle = {
+            let mut st = ctx.lock();
+            match st.term.demand(target.clone(), service.clone()) {
+                Ok(h) => {
+                    let Some(slot) = st.slot(h).cloned() else {
+                        bail!("internal: no slot for handle");
+                    };
+                    slot.park(Parked {
+                        sink: sink.take().ok_or_else(|| anyhow!("internal: sink"))?,
+                        ended: Some(end_tx),
+                        _stop: stop_tx,
+                    });
+                    st.waiters.insert(h.0, ans_tx);
+                    let ev = st.after(ctx);
+                    drop(st);
+                    dispatch(ctx, ev);
+                    Some((h, slot))
+                }
+                Err(SendError::NoIdleConnection | SendError::NotLoggedIn) => None,
+                Err(e) => bail!("cannot demand a session: {e:?}"),
+            }
+        };
+        let failure = match handle {
+            None => DemandFailure {
+                retry: true,
+                message: "no idle connection to the relay".into(),
+            },
+            Some((h, slot)) => match ans_rx.await {
+                Ok(Ok(())) => {
+                    tokio::spawn(pump(ctx.clone(), h, slot, src, stop_rx));
+                    return Ok(end_rx);
+                }
+                Ok(Err(f)) => {
+                    sink = slot.unpark().map(|p| p.sink);
+                    f
+                }
+                Err(_) => bail!("the relay connection closed before the demand was answered"),
+            },
+        };
+        if !failure.retry || attempt >= DEMAND_RETRIES || sink.is_none() {
+            bail!("{}", failure.message);
+        }
+        tokio::time::sleep(DEMAND_RETRY_DELAY).await;
+    }
+}
+
+fn target_of(target: &str, service: Option<&str>) -> anyhow::Result<(UserId, ServiceName)> {
+    let t = UserId::new(target).map_err(|e| anyhow!("target: {e:?}"))?;
+    let s = ServiceName::new(service.unwrap_or(""))
+        .or_else(|_| Ok::<_, anyhow::Error>(ServiceName::default()))?;
+    Ok((t, s))
+}
+
+/// `relay connect --stdio`: one session on stdin/stdout.
+pub fn connect_stdio(
+    args: &TerminalArgs,
+    target: &str,
+    service: Option<&str>,
+) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let (t, s) = target_of(target, service)?;
+        let (ctx, mut rx) = start(args, 1, None)?;
+        logged_in(&mut rx).await?;
+        let end = session(
+            &ctx,
+            &t,
+            &s,
+            Box::new(tokio::io::stdout()),
+            Box::new(tokio::io::stdin()),
+        )
+        .await
+        .with_context(|| target.to_owned())?;
+        let reason = tokio::select! {
+            r = end => r.map_err(|_| anyhow!("session to {target} ended: the relay connection was lost"))?,
+            e = fatal(&mut rx) => return Err(e),
+        };
+        if reason != ReleaseReason::Normal {
+            bail!("session to {target} ended: {}", describe(reason));
+        }
+        Ok(())
+    });
+    // stdin's reader thread may be blocked in read(2): do not wait for it.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    result
+}
+
+async fn fatal(rx: &mut mpsc::UnboundedReceiver<AppEvent>) -> anyhow::Error {
+    loop {
+        match rx.recv().await {
+            Some(AppEvent::Fatal(m)) => return anyhow!("{m}"),
+            Some(_) => {}
+            None => return anyhow!("terminal stopped"),
+        }
+    }
+}
+
+fn describe(reason: ReleaseReason) -> &'static str {
+    match reason {
+        ReleaseReason::Normal => "normally",
+        ReleaseReason::PeerLost => "the peer's connection was lost",
+        ReleaseReason::PeerLoggedOut => "the peer logged out or was replaced",
+        ReleaseReason::Cancelled => "cancelled by the relay",
+        ReleaseReason::ShuttingDown => "the relay is shutting down",
+    }
+}
+
+/// `relay connect --listen`: every accepted local connection becomes one session.
+pub fn connect_listen(
+    args: &TerminalArgs,
+    target: &str,
+    service: Option<&str>,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let (t, s) = target_of(target, service)?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let (ctx, mut rx) = start(args, 2, None)?;
+        logged_in(&mut rx).await?;
+        tracing::info!(%listen, target, "forwarding local connections");
+        loop {
+            let (local, peer) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(p) => p,
+                    Err(e) => { tracing::warn!("accept: {e}"); continue; }
+                },
+                e = fatal(&mut rx) => return Err(e),
+                r = crate::listen::shutdown_signal() => { r?; return Ok(()); }
+            };
+            let _ = local.set_nodelay(true);
+            let (ctx, t, s) = (ctx.clone(), t.clone(), s.clone());
+            let target = target.to_owned();
+            tokio::spawn(async move {
+                let (r, w) = local.into_split();
+                match session(&ctx, &t, &s, Box::new(w), Box::new(r)).await {
+                    Ok(end) => match end.await {
+                        Ok(ReleaseReason::Normal) => {}
+                        Ok(reason) => {
+                            tracing::error!(%peer, "session to {target} ended: {}", describe(reason))
+                        }
+                        Err(_) => tracing::error!(
+                            %peer,
+                            "session to {target} ended: the relay connection was lost"
+                        ),
+                    },
+                    Err(e) => tracing::error!(%peer, "session to {target} failed: {e:#}"),
+                }
+            });
+        }
+    })
+}
+
+/// `relay online`: prints the logged-in user IDs, one a line.
+pub fn online(args: &TerminalArgs) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let (ctx, mut rx) = start(args, 1, None)?;
+        logged_in(&mut rx).await?;
+        let mut cursor = 0;
+        loop {
+            let mut sent = false;
+            for _ in 0..DEMAND_RETRIES {
+                let events = {
+                    let mut st = ctx.lock();
+                    st.term.request_online(cursor).ok().map(|_| st.after(&ctx))
+                };
+                if let Some(ev) = events {
+                    dispatch(&ctx, ev);
+                    sent = true;
+                    break;
+                }
+                tokio::time::sleep(DEMAND_RETRY_DELAY).await;
+            }
+            if !sent {
+                bail!("no idle connection to ask the relay");
+            }
+            let page = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match rx.recv().await {
+                        Some(AppEvent::OnlinePage) => {
+                            return ctx.lock().term.online_page().cloned();
+                        }
+                        Some(AppEvent::Fatal(_)) | None => return None,
+                        Some(_) => {}
+                    }
+                }
+            })
+            .await
+            .map_err(|_| anyhow!("the relay did not answer the online list request"))?
+            .ok_or_else(|| anyhow!("the relay connection was lost"))?;
+            for u in &page.users {
+                println!("{u}");
+            }
+            match page.next {
+                Some(next) => cursor = next,
+                None => return Ok(()),
+            }
+        }
+    });
+    rt.shutdown_timeout(Duration::from_millis(100));
+    result
+}
