@@ -104,6 +104,18 @@ pub enum RejectReason {
     Other = 4,
 }
 
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RejectReason::UnknownService => "no such service",
+            RejectReason::NotAllowed => "requester not allowed",
+            RejectReason::Busy => "busy",
+            RejectReason::ServiceUnavailable => "service unavailable",
+            RejectReason::Other => "rejected",
+        })
+    }
+}
+
 /// Why a demand did not give a session (DEMAND_RESULT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -130,7 +142,7 @@ impl fmt::Display for DemandError {
             DemandError::TargetOffline => f.write_str("target is not logged in"),
             DemandError::NoIdleConnection => f.write_str("target has no idle connection"),
             DemandError::Forbidden => f.write_str("the relay's access rule forbids this target"),
-            DemandError::Rejected(r) => write!(f, "target rejected the demand ({r:?})"),
+            DemandError::Rejected(r) => write!(f, "target rejected the demand: {r}"),
             DemandError::Timeout => f.write_str("target did not answer in time"),
             DemandError::TooManySessions => f.write_str("too many sessions"),
             DemandError::TargetGone => f.write_str("target went away"),

@@ -197,6 +197,8 @@ pub enum Frame {
 }
 
 /// What [`parse`] found at the start of the input.
+// No allocator, so no boxing: a parsed frame lives on the stack once and is moved out.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     /// A whole control frame.

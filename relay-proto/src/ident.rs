@@ -238,6 +238,18 @@ impl fmt::Debug for ResumeToken {
     }
 }
 
+/// A `fmt::Write` into a bounded string that keeps what fits and then reports an error.
+struct Truncating<'a, const N: usize>(&'a mut String<N>);
+
+impl<const N: usize> fmt::Write for Truncating<'_, N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            self.0.push(c).map_err(|_| fmt::Error)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,17 +279,5 @@ mod tests {
         extern crate std;
         let p = Password::new("hunter2").unwrap();
         assert!(!std::format!("{p:?}").contains("hunter2"));
-    }
-}
-
-/// A `fmt::Write` into a bounded string that keeps what fits and then reports an error.
-struct Truncating<'a, const N: usize>(&'a mut String<N>);
-
-impl<const N: usize> fmt::Write for Truncating<'_, N> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for c in s.chars() {
-            self.0.push(c).map_err(|_| fmt::Error)?;
-        }
-        Ok(())
     }
 }

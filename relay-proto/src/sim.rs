@@ -539,10 +539,10 @@ impl<P: Policy> Sim<P> {
             }
             if queue.is_empty() && *end {
                 node.outbox.remove(&h.0);
-                if node.terminal.terminate(h).is_ok() {
-                    if let Ok(n) = node.terminal.poll_transmit(h, self.now, &mut buf) {
-                        self.links[j].up.bytes.extend(&buf[..n]);
-                    }
+                if node.terminal.terminate(h).is_ok()
+                    && let Ok(n) = node.terminal.poll_transmit(h, self.now, &mut buf)
+                {
+                    self.links[j].up.bytes.extend(&buf[..n]);
                 }
             }
         }

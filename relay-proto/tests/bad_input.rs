@@ -251,7 +251,7 @@ fn frames_illegal_in_state_after_login() {
     assert!(!close);
     // Garbage after login is fatal.
     feed(&mut r, a, &[0xEE, 0, 0]);
-    assert_eq!(output(&mut r, a).1, true);
+    assert!(output(&mut r, a).1);
 }
 
 #[test]
@@ -294,7 +294,7 @@ fn bad_input_does_not_disturb_a_running_session() {
     let stall = r.accept(T0).unwrap();
     let later = T0 + Duration::from_secs(11);
     r.handle_timeout(later, stall);
-    assert_eq!(output(&mut r, stall).1, true);
+    assert!(output(&mut r, stall).1);
     r.handle_timeout(later, a);
     r.handle_timeout(later, b);
 
@@ -348,5 +348,148 @@ fn oversize_data_for_the_relay_limit() {
     assert_eq!(
         (error_code(&frames), close),
         (Some(ErrorCode::FrameTooLarge), true)
+    );
+}
+
+/// `a` and `b` logged in and paired; returns (relay, a, b).
+fn session() -> (Core, ConnId, ConnId) {
+    let mut r = core();
+    let a = logged_in(&mut r, "a");
+    let b = logged_in(&mut r, "b");
+    let demand = Demand {
+        target: UserId::new("b").unwrap(),
+        service: ServiceName::default(),
+    };
+    feed(&mut r, a, &enc(&Frame::Demand(demand)));
+    let (frames, _) = output(&mut r, b);
+    let Frame::Notice(n) = &frames[0] else {
+        panic!("{frames:?}")
+    };
+    feed(&mut r, b, &enc(&Frame::Accept { session: n.session }));
+    let _ = output(&mut r, a);
+    (r, a, b)
+}
+
+#[test]
+fn data_after_own_terminate_is_refused_and_not_forwarded() {
+    let (mut r, a, b) = session();
+    feed(&mut r, a, &enc(&Frame::Terminate));
+    let (frames, _) = output(&mut r, b);
+    assert_eq!(frames, vec![Frame::Terminate]);
+    let mut bytes = data_header(3).unwrap().to_vec();
+    bytes.extend(b"bad");
+    let fwd = feed(&mut r, a, &bytes);
+    assert!(
+        fwd.is_empty(),
+        "payload after TERMINATE must not reach the peer: {fwd:?}"
+    );
+    let (frames, close) = output(&mut r, a);
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::UnexpectedFrame), false)
+    );
+    // b's stream is untouched: nothing more for it.
+    assert_eq!(output(&mut r, b), (vec![], false));
+}
+
+#[test]
+fn receiver_mid_payload_is_closed_when_the_sender_dies() {
+    let (mut r, a, b) = session();
+    // Header parsed and flushed to b (as the host must before any payload), then the
+    // first payload bytes: b is mid-frame now.
+    assert!(feed(&mut r, a, &data_header(100).unwrap()).is_empty());
+    let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
+    assert_eq!(r.poll_transmit(b, &mut buf).unwrap().len, 3);
+    let fwd = feed(&mut r, a, &[7u8; 10]);
+    assert_eq!(fwd, vec![(b, vec![7u8; 10])]);
+    r.closed(a);
+    // b cannot be told in-band (its stream is inside a DATA frame): it is closed.
+    let t = r.poll_transmit(b, &mut buf).unwrap();
+    assert_eq!((t.len, t.close), (0, true));
+}
+
+#[test]
+fn full_terminal_table_refuses_login_without_wedging_the_connection() {
+    let mut r: Relay<Fixed<4, 1, 16>, AllowAll> = Relay::new(relay::Config::default(), AllowAll);
+    let a = r.accept(T0).unwrap();
+    let b = r.accept(T0).unwrap();
+    let run = |r: &mut Relay<Fixed<4, 1, 16>, AllowAll>, c: ConnId, bytes: &[u8]| {
+        assert!(matches!(r.handle_input(T0, c, bytes), Offer::Consumed(_)));
+        while let Some(e) = r.poll_event() {
+            if let Event::Authenticate { conn, .. } = e {
+                let token = ResumeToken::from_slice(b"t").unwrap();
+                r.login_verdict(T0, conn, Verdict::Accept { instance: 1, token });
+            }
+        }
+        let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
+        let t = r.poll_transmit(c, &mut buf).unwrap();
+        (
+            frame::parse(&buf[..t.len]).unwrap().map(|(p, _)| p),
+            t.close,
+        )
+    };
+    assert!(matches!(
+        run(&mut r, a, &login("a", "pw")),
+        (Some(Parsed::Control(Frame::LoginOk(_))), false)
+    ));
+    let busy = run(&mut r, b, &login("b", "pw"));
+    assert!(
+        matches!(
+            busy,
+            (
+                Some(Parsed::Control(Frame::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                })),
+                false
+            )
+        ),
+        "{busy:?}"
+    );
+    // The table frees up; the same connection may log in again at once.
+    r.closed(a);
+    assert!(matches!(
+        run(&mut r, b, &login("b", "pw")),
+        (Some(Parsed::Control(Frame::LoginOk(_))), false)
+    ));
+}
+
+#[test]
+fn demand_crossing_a_notice_on_the_same_connection() {
+    let mut r = core();
+    let a = logged_in(&mut r, "a");
+    let b = logged_in(&mut r, "b");
+    let to = |u: &str| {
+        enc(&Frame::Demand(Demand {
+            target: UserId::new(u).unwrap(),
+            service: ServiceName::default(),
+        }))
+    };
+    // b demands a: the relay picks a's only connection for the notice...
+    feed(&mut r, b, &to("a"));
+    // ...while a, not having seen it, demands b on that same connection.
+    feed(&mut r, a, &to("b"));
+    // b's demand is answered NoIdleConnection (it may retry), which frees b's connection;
+    // a's demand goes ahead as a notice to b, after that result (else b, still demanding,
+    // would take it for a crossed notice and ignore it).
+    let (frames, _) = output(&mut r, b);
+    assert!(
+        matches!(
+            &frames[..],
+            [
+                Frame::DemandResult(DemandResult::Failed {
+                    error: relay_proto::DemandError::NoIdleConnection,
+                    ..
+                }),
+                Frame::Notice(_)
+            ]
+        ),
+        "{frames:?}"
+    );
+    let (frames, close) = output(&mut r, a);
+    assert_eq!(
+        (frames, close),
+        (vec![], false),
+        "no error for a: the crossing is normal"
     );
 }

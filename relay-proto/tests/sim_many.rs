@@ -184,7 +184,8 @@ fn run_seed(seed: u64) {
                 ..
             }
         )),
-        "seed {seed}: replaced instance told"
+        "seed {seed}: replaced instance told: {:?}",
+        sim.nodes[old].events
     );
     assert_eq!(
         sim.links_of(old),

@@ -204,16 +204,16 @@ pub enum RelayError {
 enum State {
     /// Waiting for LOGIN.
     Handshake,
-    /// LOGIN received; the host is checking it.
+    /// LOGIN received; the host is checking it. `caps`: what the terminal announced.
     Authenticating {
         user: UserId,
         password: bool,
+        caps: u32,
     },
     Idle,
     /// We routed this connection's DEMAND to `peer`; waiting for its answer.
     Demanding {
         peer: u32,
-        session: u32,
         service: ServiceName,
         deadline: Instant,
     },
@@ -240,7 +240,8 @@ enum State {
 /// RELEASE).
 #[derive(Debug, Clone, Default)]
 struct Out {
-    login_ok: bool,
+    /// LOGIN_OK, with the capabilities both sides have.
+    login_ok: Option<u32>,
     error: Option<ErrorCode>,
     ack: Option<u32>,
     list: Option<u32>,
@@ -262,6 +263,8 @@ pub struct ConnEntry {
     out: Out,
     /// Payload bytes of the current DATA frame still to pass from this connection.
     fwd_remaining: u16,
+    /// The connection those bytes go to; `None`: they are dropped.
+    fwd_to: Option<u32>,
     /// A DATA header from the peer was written on this connection and its payload is
     /// still under way: nothing else may be written here until it is complete.
     locked: bool,
@@ -376,11 +379,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 
     fn wake(&mut self, key: u32) {
-        if let Some(c) = self.conns.get_mut(key) {
-            if !c.woken {
-                c.woken = true;
-                self.emit(Event::Wake(ConnId(key)));
-            }
+        if let Some(c) = self.conns.get_mut(key)
+            && !c.woken
+        {
+            c.woken = true;
+            self.emit(Event::Wake(ConnId(key)));
         }
     }
 
@@ -393,6 +396,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             last_rx: now,
             out: Out::default(),
             fwd_remaining: 0,
+            fwd_to: None,
             locked: false,
             bytes: 0,
             attempts: 0,
@@ -432,6 +436,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             ..Out::default()
         };
         c.state = State::Closing;
+        // Nothing more is forwarded here: the session ended above.
+        c.locked = false;
         self.wake(key);
     }
 
@@ -474,12 +480,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// (backpressure). `None` when no payload is under way or it will be dropped.
     pub fn forward_target(&self, conn: ConnId) -> Option<(ConnId, usize)> {
         let c = self.conns.get(conn.0)?;
-        match c.state {
-            State::Session { peer, .. } if c.fwd_remaining > 0 => {
-                Some((ConnId(peer), usize::from(c.fwd_remaining)))
-            }
-            _ => None,
-        }
+        let peer = c.fwd_target().filter(|_| c.fwd_remaining > 0)?;
+        Some((ConnId(peer), usize::from(c.fwd_remaining)))
     }
 
     /// Payload bytes still to come on `conn` for the DATA frame under way.
@@ -505,16 +507,19 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         c.fwd_remaining -= n as u16;
         c.bytes += n as u64;
         let done = c.fwd_remaining == 0;
-        let State::Session { peer, .. } = c.state else {
-            // The session ended under the payload: drop the rest of it.
+        let target = c.fwd_target();
+        if done {
+            c.fwd_to = None;
+        }
+        let Some(peer) = target else {
+            // Payload nobody may receive (the session ended under it, or DATA that was
+            // not allowed): dropped.
             return Offer::Consumed(n);
         };
         self.stats.bytes_relayed += n as u64;
-        if done {
-            if let Some(pc) = self.conns.get_mut(peer) {
-                pc.locked = false;
-                self.wake(peer);
-            }
+        if done && let Some(pc) = self.conns.get_mut(peer) {
+            pc.locked = false;
+            self.wake(peer);
         }
         Offer::Forward {
             to: ConnId(peer),
@@ -536,6 +541,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 ..
             } => {
                 c.fwd_remaining = len;
+                c.fwd_to = Some(peer);
                 if let Some(pc) = self.conns.get_mut(peer) {
                     pc.out.data_header = Some(len);
                     self.wake(peer);
@@ -572,6 +578,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 c.state = State::Authenticating {
                     user: login.user.clone(),
                     password,
+                    caps: login.hello.caps & caps::ALL,
                 };
                 self.emit(Event::Authenticate {
                     conn: ConnId(key),
@@ -581,8 +588,21 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             }
             _ if !logged_in => self.fail(key, ErrorCode::NotLoggedIn),
             Frame::KeepAlive { seq } => c.out.ack = Some(seq),
-            Frame::List { cursor } if matches!(c.state, State::Idle) => c.out.list = Some(cursor),
+            // Any logged-in state: an answer between frames never disturbs a session.
+            Frame::List { cursor } => c.out.list = Some(cursor),
             Frame::Demand(d) if matches!(c.state, State::Idle) => self.route(now, key, d),
+            Frame::Demand(d) => match c.state {
+                // The terminal demanded on the connection we had just chosen for a notice:
+                // the two crossed. The notice is withdrawn (its requester may retry, the
+                // terminal ignores it) and the demand goes ahead.
+                State::Noticed { peer, .. } => {
+                    c.out.notice = false;
+                    let error = DemandError::NoIdleConnection;
+                    self.fail_demand(peer, key, error, Text::display(&error));
+                    self.route(now, key, d);
+                }
+                _ => self.fail(key, ErrorCode::UnexpectedFrame),
+            },
             Frame::Accept { session } => match c.state {
                 State::Noticed { peer, session: s } if s == session => {
                     self.start_session(key, peer, session)
@@ -625,7 +645,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        let State::Authenticating { user, password } = c.state.clone() else {
+        let State::Authenticating {
+            user,
+            password,
+            caps,
+        } = c.state.clone()
+        else {
             return;
         };
         let (instance, token) = match verdict {
@@ -640,8 +665,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
                 self.emit(Event::Replaced { user: user.clone() });
             } else if current != Some(instance) {
-                // A credential of an instance that was replaced since.
-                return self.refuse_login(key, user, ErrorCode::ResumeRejected);
+                // A genuine credential of an instance that a newer login replaced: that
+                // instance must stop (its ERROR Replaced may never have arrived, e.g. on
+                // a connection closed mid-payload), not fall back to its password and
+                // replace the newer one in turn.
+                return self.fail(key, ErrorCode::Replaced);
             }
         }
         let term = match self.users.get(&user) {
@@ -664,12 +692,14 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     sessions: 0,
                     token,
                 };
+                // A full table: the login is refused like a wrong one (the terminal
+                // backs off and retries), the connection back to its handshake.
                 let Ok(tk) = self.terms.insert(entry) else {
-                    return self.fail(key, ErrorCode::Busy);
+                    return self.refuse_login(key, user, ErrorCode::Busy);
                 };
                 if !self.users.insert(user.clone(), tk) {
                     self.terms.remove(tk);
-                    return self.fail(key, ErrorCode::Busy);
+                    return self.refuse_login(key, user, ErrorCode::Busy);
                 }
                 tk
             }
@@ -678,7 +708,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             c.term = Some(term);
             c.state = State::Idle;
             c.last_rx = now;
-            c.out.login_ok = true;
+            c.out.login_ok = Some(caps);
         }
         self.emit(Event::LoggedIn {
             conn,
@@ -734,13 +764,17 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 .terms
                 .get(tk)
                 .ok_or_else(|| refuse(DemandError::TargetGone))?;
-            let idle = target.conns.iter().copied().find(|&ck| {
-                ck != key
-                    && self
-                        .conns
-                        .get(ck)
-                        .is_some_and(|c| matches!(c.state, State::Idle))
-            });
+            // The most recently heard-from idle connection: after an outage the oldest
+            // ones may be dead without the relay knowing yet.
+            let idle = target
+                .conns
+                .iter()
+                .copied()
+                .filter(|&ck| ck != key)
+                .filter_map(|ck| Some((ck, self.conns.get(ck)?)))
+                .filter(|(_, c)| matches!(c.state, State::Idle))
+                .max_by_key(|(_, c)| c.last_rx)
+                .map(|(ck, _)| ck);
             idle.map(|ck| (ck, ak, tk))
                 .ok_or_else(|| refuse(DemandError::NoIdleConnection))
         })();
@@ -766,7 +800,6 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 if let Some(c) = self.conns.get_mut(key) {
                     c.state = State::Demanding {
                         peer: ck,
-                        session,
                         service: d.service,
                         deadline,
                     };
@@ -992,9 +1025,17 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 }
 
 impl ConnEntry {
+    /// Where the payload under way goes: only to the session peer it was announced to.
+    fn fwd_target(&self) -> Option<u32> {
+        match self.state {
+            State::Session { peer, .. } if self.fwd_to == Some(peer) => Some(peer),
+            _ => None,
+        }
+    }
+
     fn has_output(&self) -> bool {
         let o = &self.out;
-        o.login_ok
+        o.login_ok.is_some()
             || o.error.is_some()
             || o.ack.is_some()
             || o.list.is_some()
@@ -1027,15 +1068,15 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let closing = matches!(c.state, State::Closing);
         let mut frames: Vec<Frame, 8> = Vec::new();
         let mut header = None;
-        if core::mem::take(&mut out.login_ok) {
-            if let Some(t) = c.term.and_then(|t| self.terms.get(t)) {
-                let _ = frames.push(Frame::LoginOk(LoginOk {
-                    caps: caps::ALL,
-                    keepalive_ms: self.config.keepalive.as_millis().min(u32::MAX.into()) as u32,
-                    max_payload: self.config.max_payload,
-                    token: t.token.clone(),
-                }));
-            }
+        if let Some(caps) = out.login_ok.take()
+            && let Some(t) = c.term.and_then(|t| self.terms.get(t))
+        {
+            let _ = frames.push(Frame::LoginOk(LoginOk {
+                caps,
+                keepalive_ms: self.config.keepalive.as_millis().min(u32::MAX.into()) as u32,
+                max_payload: self.config.max_payload,
+                token: t.token.clone(),
+            }));
         }
         if let Some(code) = out.error.take() {
             let _ = frames.push(Frame::Error {
@@ -1050,13 +1091,16 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             if let Some(cursor) = out.list.take() {
                 let _ = frames.push(Frame::ListAnswer(self.list_page(cursor)));
             }
-            if core::mem::take(&mut out.notice) {
-                if let Some(n) = self.notice_for(key) {
-                    let _ = frames.push(Frame::Notice(n));
-                }
-            }
+            // A result frees the connection for a notice that may already be queued:
+            // the result goes first, or the terminal would take the notice for one that
+            // crossed its demand.
             if let Some(r) = out.result.take() {
                 let _ = frames.push(Frame::DemandResult(r));
+            }
+            if core::mem::take(&mut out.notice)
+                && let Some(n) = self.notice_for(key)
+            {
+                let _ = frames.push(Frame::Notice(n));
             }
             // A DATA header ends the batch: its payload comes next, then the rest.
             header = out.data_header.take();
@@ -1173,12 +1217,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                         ReleaseReason::PeerLost,
                     );
                 }
-                if let State::Demanding { peer, deadline, .. } = c.state {
-                    if now >= deadline {
-                        let text = Text::display(&DemandError::Timeout);
-                        self.fail_demand(key, peer, DemandError::Timeout, text);
-                        self.cancel_notice(peer);
-                    }
+                if let State::Demanding { peer, deadline, .. } = c.state
+                    && now >= deadline
+                {
+                    let text = Text::display(&DemandError::Timeout);
+                    self.fail_demand(key, peer, DemandError::Timeout, text);
+                    self.cancel_notice(peer);
                 }
             }
         }
@@ -1201,11 +1245,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             return;
         };
         t.conns.retain(|&k| k != key);
-        if t.conns.is_empty() {
-            if let Some(t) = self.terms.remove(tk) {
-                self.users.remove(&t.user);
-                self.emit(Event::Offline { user: t.user });
-            }
+        if t.conns.is_empty()
+            && let Some(t) = self.terms.remove(tk)
+        {
+            self.users.remove(&t.user);
+            self.emit(Event::Offline { user: t.user });
         }
     }
 

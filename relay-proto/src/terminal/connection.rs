@@ -73,6 +73,8 @@ pub(crate) enum State {
 
 /// What a frame or timer did to a connection, for the [`Terminal`](super::Terminal) to
 /// turn into events and pool decisions.
+// No allocator, so no boxing; a change is built and consumed within one call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
     None,
@@ -492,7 +494,16 @@ impl Connection {
                     service: n.service,
                 }
             }
-            (State::Idle, Frame::ListAnswer(page)) => Change::ListPage(page),
+            (
+                State::Idle
+                | State::Demanding { .. }
+                | State::Noticed { .. }
+                | State::Session { .. },
+                Frame::ListAnswer(page),
+            ) => Change::ListPage(page),
+            // A NOTICE that crossed our DEMAND on this connection: the relay withdraws it
+            // when the DEMAND arrives, so it is void.
+            (State::Demanding { .. }, Frame::Notice(_)) => Change::None,
             (State::Demanding { target }, Frame::DemandResult(r)) => match r {
                 DemandResult::Accepted { session } => {
                     let peer = target.clone();

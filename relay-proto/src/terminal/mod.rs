@@ -357,15 +357,9 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                 text,
                 with_token,
             } => {
-                let up = self.up;
                 self.finish(h, Cause::Relay(code), now);
-                // A refused token while another connection is up means a newer instance
-                // took our user ID; a refused password cannot be fixed by retrying.
-                let code = if with_token && up && code == ErrorCode::ResumeRejected {
-                    ErrorCode::Replaced
-                } else {
-                    code
-                };
+                // A refused password cannot be fixed by retrying; a replaced instance or
+                // a removed account must stop. A refused (expired) token is retried.
                 let hopeless = match code {
                     ErrorCode::AuthFailed => !with_token,
                     ErrorCode::Replaced | ErrorCode::AccountRemoved => true,
@@ -549,6 +543,14 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     /// session is over when the peer has terminated too ([`Event::SessionEnded`]).
     pub fn terminate(&mut self, h: Handle) -> Result<(), SendError> {
         self.conn_mut(h)?.terminate()
+    }
+
+    /// The session on `h`: its id and the peer's user ID.
+    pub fn session(&self, h: Handle) -> Option<(u32, &UserId)> {
+        match &self.slots.get(usize::from(h.0))?.as_ref()?.state {
+            State::Session { session, peer, .. } => Some((*session, peer)),
+            _ => None,
+        }
     }
 
     /// Asks for a page of the online list; `cursor` 0 is the first page.
