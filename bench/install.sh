@@ -4,7 +4,8 @@
 #   crates.io:    rathole, bore-cli  -> bench/out/tools/bin (cargo install --locked --root)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-tools="$here/out/tools"
+# RELAY_BENCH_TOOLS keeps the built peers outside the clone (CI reuses them across runs).
+tools="${RELAY_BENCH_TOOLS:-$here/out/tools}"
 mkdir -p "$tools"
 
 need_apt=()
@@ -30,7 +31,7 @@ jobs="${CARGO_BUILD_JOBS:-1}"
 # Build in a private target dir so a workspace CARGO_TARGET_DIR is not disturbed.
 cinstall() {
     echo "install.sh: cargo install --root $tools $*"
-    CARGO_TARGET_DIR="$here/out/tools-target" cargo install -q -j "$jobs" --root "$tools" "$@"
+    CARGO_TARGET_DIR="$tools-target" cargo install -q -j "$jobs" --root "$tools" "$@"
 }
 if [ -x "$tools/bin/bore" ]; then
     echo "install.sh: bore present"

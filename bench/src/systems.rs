@@ -123,7 +123,11 @@ pub fn bench_dir() -> PathBuf {
 
 impl Tools {
     pub fn locate() -> Tools {
-        let tools_bin = bench_dir().join("out/tools/bin");
+        // Where install.sh put rathole and bore (RELAY_BENCH_TOOLS, else bench/out/tools).
+        let tools_bin = std::env::var_os("RELAY_BENCH_TOOLS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bench_dir().join("out/tools"))
+            .join("bin");
         let t = [tools_bin.as_path()];
         let relay = std::env::var_os("RELAY_BIN")
             .map(PathBuf::from)
