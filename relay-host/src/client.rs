@@ -507,7 +507,9 @@ async fn reader(
                 Offer::NeedMore => break,
                 Offer::Payload(n) => {
                     if let Some(p) = local.as_mut() {
-                        if p.sink.write_all(&buf[..n]).await.is_err() {
+                        // Flush too: stdout buffers (a no-op for TCP).
+                        let wrote = p.sink.write_all(&buf[..n]).await;
+                        if wrote.is_err() || p.sink.flush().await.is_err() {
                             // The local application went away: end our side.
                             local = None;
                             let mut st = ctx.lock();

@@ -1,0 +1,482 @@
+//! End-to-end tests of the `relay` binary on 127.0.0.1: the relay server, exposing
+//! terminals and requesting terminals as separate processes, real TCP and TLS.
+
+#[path = "host_support.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Short deadlines so failures show within seconds.
+const FAST: &str = "keepalive_interval = \"1s\"\nkeepalive_timeout = \"3s\"\nhandshake_timeout = \"2s\"\ndemand_timeout = \"5s\"\nmax_connections_per_account = 32\nmax_sessions_per_account = 30";
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn http_through_the_relay_with_curl() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let web = http_service("hello through the relay\n");
+    let _cam = relay.expose("cam", &["--service", &format!("web=127.0.0.1:{web}")]);
+    let (_me, port) = relay.forward("me", "cam/web");
+    let Some((ok, out)) = curl(&format!("http://127.0.0.1:{port}/")) else {
+        return;
+    };
+    assert!(ok, "curl failed: {out}");
+    assert_eq!(out, "hello through the relay\n");
+    // The relay logged the session with its byte counts.
+    relay
+        .proc()
+        .wait_for("session ended", Duration::from_secs(10));
+    let log = relay.proc().log();
+    assert!(log.contains("session started"), "{log}");
+    assert!(!log.contains(PASSWORD), "the relay logged a password");
+}
+
+#[test]
+fn transfer_200_mb_with_matching_checksums() {
+    let relay = Relay::start(FAST);
+    relay.add_user("store");
+    relay.add_user("up");
+    let svc = checksum_service();
+    let _store = relay.expose("store", &["--service", &format!("sum=127.0.0.1:{svc}")]);
+    let (_up, port) = relay.forward("up", "store/sum");
+    let total: usize = 200 * 1024 * 1024;
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let mut sum = Checksum::default();
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut sent = 0;
+        while sent < total {
+            fill(&mut buf, &mut seed);
+            w.write_all(&buf).unwrap();
+            sum.update(&buf);
+            sent += buf.len();
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+        format!("{} {:016x}", sum.len, sum.value())
+    });
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let local = sender.join().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "200 MiB through the relay (TLS both legs) in {secs:.1}s: {:.0} MiB/s",
+        200.0 / secs
+    );
+    assert_eq!(answer.trim(), local, "checksums differ");
+}
+
+#[test]
+fn fifty_concurrent_sessions() {
+    let relay = Relay::start(FAST);
+    let echo = echo_service();
+    let svc = format!("echo=127.0.0.1:{echo}");
+    let mut procs = Vec::new();
+    let mut ports = Vec::new();
+    for (i, target) in ["echo-a", "echo-b"].into_iter().enumerate() {
+        relay.add_user(target);
+        procs.push(relay.expose(target, &["--service", &svc, "--spare", "8"]));
+        for j in 0..2 {
+            let me = format!("req-{i}-{j}");
+            relay.add_user(&me);
+            let (p, port) = relay.forward(&me, &format!("{target}/echo"));
+            procs.push(p);
+            ports.push(port);
+        }
+    }
+    // 50 sessions, all open at once: each sends, waits for its echo, then waits for all.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(50));
+    let threads: Vec<_> = (0..50)
+        .map(|k| {
+            let port = ports[k % ports.len()];
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut seed = 1 + k as u64;
+                let mut data = vec![0u8; 64 * 1024];
+                fill(&mut data, &mut seed);
+                s.write_all(&data).unwrap();
+                let mut back = vec![0u8; data.len()];
+                s.read_exact(&mut back).unwrap();
+                assert_eq!(back, data, "session {k} echoed something else");
+                barrier.wait();
+                s.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).unwrap();
+                assert!(rest.is_empty());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a session failed");
+    }
+    let log = relay.proc().log();
+    assert!(log.matches("session started").count() >= 50, "{log}");
+}
+
+/// Runs `relay connect --stdio` with an empty stdin; returns (success, stderr).
+fn stdio_attempt(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn expect_error(what: &str, mut cmd: Command, needle: &str) {
+    let started = Instant::now();
+    let (ok, err) = stdio_attempt(&mut cmd);
+    assert!(!ok, "{what}: succeeded");
+    let last = err.lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.starts_with("relay: error:") && last.contains(needle),
+        "{what}: expected one clear line with {needle:?}, got:\n{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15), "{what}: slow");
+    eprintln!("{what}: {last}");
+}
+
+#[test]
+fn each_failure_has_its_own_clear_error() {
+    let relay = Relay::start(FAST);
+    for u in ["cam", "me", "idle", "locked", "picky"] {
+        relay.add_user(u);
+    }
+    let echo = echo_service();
+    let svc = format!("echo=127.0.0.1:{echo}");
+    let _cam = relay.expose("cam", &["--service", &svc]);
+    let _picky = relay.expose("picky", &["--service", &svc, "--allow", "cam"]);
+    relay.user_cmd(&["allow", "locked", "--targets", "idle"]);
+
+    let mut wrong = relay.terminal("me", &["connect", "cam/echo", "--stdio"]);
+    wrong.env("RELAY_PASSWORD", "not the password");
+    expect_error("wrong password", wrong, "wrong user ID or password");
+    expect_error(
+        "unknown user",
+        relay.terminal("nobody", &["connect", "cam/echo", "--stdio"]),
+        "wrong user ID or password",
+    );
+    expect_error(
+        "unknown target",
+        relay.terminal("me", &["connect", "ghost/echo", "--stdio"]),
+        "target is not logged in",
+    );
+    expect_error(
+        "target offline",
+        relay.terminal("me", &["connect", "idle/echo", "--stdio"]),
+        "target is not logged in",
+    );
+    expect_error(
+        "access rule forbids",
+        relay.terminal("locked", &["connect", "cam/echo", "--stdio"]),
+        "access rule forbids",
+    );
+    expect_error(
+        "rejected demand",
+        relay.terminal("me", &["connect", "picky/echo", "--stdio"]),
+        "'me' is not allowed here",
+    );
+    expect_error(
+        "unknown service",
+        relay.terminal("me", &["connect", "cam/nope", "--stdio"]),
+        "no service 'nope' here",
+    );
+    let mut pinned = relay.terminal("me", &["connect", "cam/echo", "--stdio"]);
+    let bad = format!(
+        "{}{}",
+        if relay.fingerprint.starts_with("00") {
+            "11"
+        } else {
+            "00"
+        },
+        &relay.fingerprint[2..]
+    );
+    pinned.args(["--fingerprint", &bad]);
+    // clap takes the last --fingerprint: rebuild the command with only the bad one.
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(["connect", "--server"])
+        .arg(format!("127.0.0.1:{}", relay.tls_port))
+        .args(["--fingerprint", &bad, "--user", "me", "cam/echo", "--stdio"])
+        .env("RELAY_PASSWORD", PASSWORD);
+    drop(pinned);
+    expect_error("TLS fingerprint mismatch", cmd, "fingerprint mismatch");
+    // And the failures never leaked a password into the relay's log.
+    assert!(!relay.proc().log().contains(PASSWORD));
+}
+
+#[test]
+fn ssh_through_the_relay() {
+    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let (Some(sshd), true) = (
+        sshd,
+        Command::new("ssh").arg("-V").output().is_ok()
+            && Command::new("ssh-keygen").arg("-?").output().is_ok(),
+    ) else {
+        eprintln!(
+            "!!! SKIPPED ssh_through_the_relay: sshd/ssh not installed (apt-get install openssh-server openssh-client)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for key in ["host_key", "client_key"] {
+        let ok = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(key))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ssh-keygen");
+    }
+    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+    let port = free_port();
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+             PidFile {pid}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             PermitRootLogin prohibit-password\nLogLevel ERROR\n",
+            hk = d.join("host_key").display(),
+            ak = d.join("authorized_keys").display(),
+            pid = d.join("sshd.pid").display(),
+        ),
+    )
+    .unwrap();
+    // sshd run as root insists on its privilege separation directory.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let mut cmd = Command::new(sshd);
+    cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
+    let _sshd = Proc::spawn("sshd", cmd);
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < T, "sshd did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let relay = Relay::start(FAST);
+    relay.add_user("cam-1");
+    relay.add_user("laptop");
+    let _cam = relay.expose("cam-1", &["--service", &format!("ssh=127.0.0.1:{port}")]);
+    let proxy = format!(
+        "{} connect --server 127.0.0.1:{} --fingerprint {} --user laptop --stdio cam-1/ssh",
+        relay_bin().display(),
+        relay.tls_port,
+        relay.fingerprint
+    );
+    let out = Command::new("ssh")
+        .arg("-o")
+        .arg(format!("ProxyCommand={proxy}"))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(d.join("client_key"))
+        .arg(format!("{user}@cam-1"))
+        .arg("echo ssh-through-relay-ok; uname -s")
+        .env("RELAY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ssh-through-relay-ok"),
+        "ssh failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kill_9_of_the_exposing_terminal_ends_the_session_with_an_error() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let echo = echo_service();
+    let mut cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (me, port) = relay.forward("me", "cam/echo");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+    let killed = Instant::now();
+    cam.child.kill().unwrap(); // SIGKILL
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let took = killed.elapsed();
+    me.wait_for("session to cam ended", Duration::from_secs(5));
+    assert!(
+        took < Duration::from_secs(4),
+        "the requester's session outlived the keep-alive deadline (3s): {took:?}"
+    );
+    let log = me.log();
+    assert!(log.contains("ERROR"), "{log}");
+    eprintln!("session ended {took:?} after kill -9");
+}
+
+#[test]
+fn relay_restart_terminals_come_back_and_new_sessions_work() {
+    let mut relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let echo = echo_service();
+    let cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (me, port) = relay.forward("me", "cam/echo");
+    assert_eq!(round_trip(port, b"before"), b"before");
+    relay.stop();
+    cam.wait_for("lost the relay", T);
+    relay.launch();
+    cam.wait_for_n("logged in to the relay", 2, T);
+    me.wait_for_n("logged in to the relay", 2, T);
+    // Extra connections used the resumption credential, not argon2.
+    relay.proc().wait_for("resumed=true", T);
+    assert_eq!(round_trip(port, b"after restart"), b"after restart");
+}
+
+#[test]
+fn a_restarted_device_replaces_its_old_instance_at_once() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let old_svc = http_service("old\n");
+    let new_svc = http_service("new\n");
+    let mut old = relay.expose("cam", &["--service", &format!("web=127.0.0.1:{old_svc}")]);
+    let (_me, port) = relay.forward("me", "cam/web");
+    let started = Instant::now();
+    let _new = relay.expose("cam", &["--service", &format!("web=127.0.0.1:{new_svc}")]);
+    let (ok, log) = old.wait_exit(T);
+    assert!(!ok && log.contains("replaced"), "{log}");
+    let Some((ok, out)) = curl(&format!("http://127.0.0.1:{port}/")) else {
+        return;
+    };
+    assert!(ok && out == "new\n", "{out}");
+    eprintln!("replaced and reachable in {:?}", started.elapsed());
+}
+
+#[test]
+fn hostile_clients_are_closed_and_a_session_alongside_is_undisturbed() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let svc = checksum_service();
+    let _cam = relay.expose("cam", &["--service", &format!("sum=127.0.0.1:{svc}")]);
+    let (_me, port) = relay.forward("me", "cam/sum");
+    // A session streams 30 MiB while the hostile clients come and go.
+    let session = thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut sum = Checksum::default();
+        let mut seed = 7u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..480 {
+            fill(&mut buf, &mut seed);
+            s.write_all(&buf).unwrap();
+            sum.update(&buf);
+            thread::sleep(Duration::from_millis(5));
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert_eq!(
+            answer.trim(),
+            format!("{} {:016x}", sum.len, sum.value()),
+            "the session alongside was disturbed"
+        );
+    });
+    let plain = relay.plain_port;
+    let closed_within = |mut s: TcpStream, limit: Duration| {
+        let start = Instant::now();
+        s.set_read_timeout(Some(limit + Duration::from_secs(2)))
+            .unwrap();
+        let mut sink = Vec::new();
+        let r = s.read_to_end(&mut sink);
+        assert!(
+            r.is_ok() || start.elapsed() < limit,
+            "not closed within {limit:?}: {r:?}"
+        );
+        start.elapsed()
+    };
+    // Garbage bytes: an unknown frame type.
+    let mut g = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    g.write_all(&[0xEE; 64]).unwrap();
+    let t = closed_within(g, Duration::from_secs(1));
+    eprintln!("garbage: closed after {t:?}");
+    // An oversize length prefix on a control frame (LOGIN, 65,535 bytes).
+    let mut o = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    o.write_all(&[0x01, 0xFF, 0xFF, 0, 0, 0]).unwrap();
+    let t = closed_within(o, Duration::from_secs(1));
+    eprintln!("oversize length: closed after {t:?}");
+    // Never logs in: closed at the handshake deadline (2s).
+    let n = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    let t = closed_within(n, Duration::from_secs(3));
+    assert!(t >= Duration::from_millis(1500), "closed too early: {t:?}");
+    eprintln!("never logs in: closed after {t:?}");
+    // 1,000 connections that open and stall (half plain, half TLS without a handshake).
+    let start = Instant::now();
+    let stalled: Vec<TcpStream> = (0..1000)
+        .map(|i| {
+            let p = if i % 2 == 0 { plain } else { relay.tls_port };
+            TcpStream::connect(("127.0.0.1", p)).unwrap()
+        })
+        .collect();
+    for s in stalled {
+        let left = Duration::from_secs(5).saturating_sub(start.elapsed());
+        closed_within(s, left.max(Duration::from_millis(100)));
+    }
+    eprintln!(
+        "1,000 stalled connections closed after {:?}",
+        start.elapsed()
+    );
+    session.join().expect("session alongside");
+}
+
+#[test]
+fn online_lists_logged_in_terminals() {
+    let relay = Relay::start(FAST);
+    for u in ["cam", "me", "zed"] {
+        relay.add_user(u);
+    }
+    let echo = echo_service();
+    let _cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let _zed = relay.expose("zed", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let out = relay
+        .terminal_plain("me", &["online"])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["cam", "me", "zed"]);
+}
