@@ -358,7 +358,16 @@ fn relay_restart_terminals_come_back_and_new_sessions_work() {
     me.wait_for_n("logged in to the relay", 2, T);
     // Extra connections used the resumption credential, not argon2.
     relay.proc().wait_for("resumed=true", T);
-    assert_eq!(round_trip(port, b"after restart"), b"after restart");
+    // Under a loaded machine the first demand may still race the pool's refill: allow a
+    // few tries, and show the requester's log if none works.
+    let ok = (0..5).any(|_| {
+        let back = round_trip(port, b"after restart");
+        back == b"after restart" || {
+            thread::sleep(Duration::from_secs(1));
+            false
+        }
+    });
+    assert!(ok, "no session after the restart:\n{}", me.log());
 }
 
 #[test]

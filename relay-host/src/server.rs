@@ -51,6 +51,9 @@ pub const TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Bytes read from a socket at once. Payload chunks are split off this buffer.
 const READ_BUF: usize = 32 * 1024;
 
+/// The first read after a quiet spell: enough for control frames.
+const SMALL_READ_BUF: usize = 2048;
+
 /// Payload chunks smaller than this are copied out of the read buffer, so that a trickle
 /// of tiny frames to a slow receiver cannot pin many whole read buffers.
 const COPY_BELOW: usize = 2048;
@@ -393,12 +396,19 @@ async fn check_credential(
 
 /// Reads whatever the socket has into `pending` (allocating a buffer only now), or
 /// returns `Ok(0)` at end of stream. While nothing arrives, no buffer is held.
-async fn read_some(rd: &mut ReadHalf<ClientStream>, pending: &mut BytesMut) -> io::Result<usize> {
+async fn read_some(
+    rd: &mut ReadHalf<ClientStream>,
+    pending: &mut BytesMut,
+    big: &mut bool,
+) -> io::Result<usize> {
     poll_fn(|cx| {
+        // Small reads (control frames, keep-alives) get a small buffer: a big transient one
+        // per idle connection's keep-alive fragments the heap. Bulk gets READ_BUF.
+        let size = if *big { READ_BUF } else { SMALL_READ_BUF };
         let mut buf = if pending.is_empty() {
-            BytesMut::with_capacity(READ_BUF)
+            BytesMut::with_capacity(size)
         } else {
-            let mut b = BytesMut::with_capacity(READ_BUF.max(pending.len() * 2));
+            let mut b = BytesMut::with_capacity(size.max(pending.len() * 2));
             b.extend_from_slice(pending);
             b
         };
@@ -413,6 +423,7 @@ async fn read_some(rd: &mut ReadHalf<ClientStream>, pending: &mut BytesMut) -> i
                 // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity
                 // (`ReadBuf::filled`), which start right at `buf.len()`.
                 unsafe { buf.set_len(start + n) };
+                *big = n >= SMALL_READ_BUF / 2;
                 *pending = buf;
                 Poll::Ready(Ok(n))
             }
@@ -477,6 +488,7 @@ async fn connection(srv: Arc<Server>, accepted: Accepted, handshake: Duration) {
     };
 
     let mut pending = BytesMut::new();
+    let mut big = false;
     let mut deadline = srv.lock().deadline(id);
     loop {
         if me.out.is_dead() {
@@ -484,7 +496,7 @@ async fn connection(srv: Arc<Server>, accepted: Accepted, handshake: Duration) {
         }
         let far = tokio::time::Instant::now() + Duration::from_secs(3600);
         let read = tokio::select! {
-            r = read_some(&mut rd, &mut pending) => r,
+            r = read_some(&mut rd, &mut pending, &mut big) => r,
             () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
                 let mut core = srv.lock();
                 if core.is(id, &me) {
