@@ -493,3 +493,45 @@ fn demand_crossing_a_notice_on_the_same_connection() {
         "no error for a: the crossing is normal"
     );
 }
+
+#[test]
+fn frames_queued_during_a_payload_go_out_after_its_last_byte() {
+    let (mut r, a, b) = session();
+    let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
+    // The header reaches b; b is inside a DATA frame now.
+    assert!(feed(&mut r, a, &data_header(4).unwrap()).is_empty());
+    assert_eq!(r.poll_transmit(b, &mut buf).unwrap().len, 3);
+    // Meanwhile b's keep-alive wants an ack on b's stream: it must wait.
+    feed(&mut r, b, &enc(&Frame::KeepAlive { seq: 5 }));
+    assert_eq!(r.poll_transmit(b, &mut buf).unwrap().len, 0);
+    // The last payload bytes: a host that flushes b right after `Forward`, before
+    // writing them (the contract's order), must get nothing yet.
+    assert_eq!(feed(&mut r, a, b"data"), vec![(b, b"data".to_vec())]);
+    assert_eq!(
+        r.poll_transmit(b, &mut buf).unwrap().len,
+        0,
+        "nothing may precede the payload's end"
+    );
+    // After the payload, the ack.
+    assert_eq!(
+        output(&mut r, b),
+        (vec![Frame::KeepAliveAck { seq: 5 }], false)
+    );
+}
+
+#[test]
+fn shutdown_never_writes_into_an_unfinished_payload() {
+    let (mut r, a, b) = session();
+    let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
+    assert!(feed(&mut r, a, &data_header(100).unwrap()).is_empty());
+    assert_eq!(r.poll_transmit(b, &mut buf).unwrap().len, 3);
+    r.shutdown();
+    // b is mid-payload: closed without a frame; a gets its ERROR.
+    let t = r.poll_transmit(b, &mut buf).unwrap();
+    assert_eq!((t.len, t.close), (0, true));
+    let (frames, close) = output(&mut r, a);
+    assert_eq!(
+        (error_code(&frames), close),
+        (Some(ErrorCode::ShuttingDown), true)
+    );
+}

@@ -268,6 +268,8 @@ pub struct ConnEntry {
     /// A DATA header from the peer was written on this connection and its payload is
     /// still under way: nothing else may be written here until it is complete.
     locked: bool,
+    /// The payload is complete; the next `poll_transmit` lifts `locked`.
+    unlock_next: bool,
     /// Payload bytes received from this connection in the current session.
     bytes: u64,
     attempts: u8,
@@ -398,6 +400,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             fwd_remaining: 0,
             fwd_to: None,
             locked: false,
+            unlock_next: false,
             bytes: 0,
             attempts: 0,
             woken: false,
@@ -426,11 +429,20 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// Ends `key`'s part in any session (the peer learns `reason`), then closes it after
     /// writing `code`, if any. Mid-payload the stream cannot take a frame: no frame then.
     fn close_conn(&mut self, key: u32, code: Option<ErrorCode>, reason: ReleaseReason) {
+        // Closing twice (shutdown after a peer's close) must not add a frame to a stream
+        // that was closed mid-payload.
+        if self
+            .conns
+            .get(key)
+            .is_none_or(|c| matches!(c.state, State::Closing))
+        {
+            return;
+        }
         self.detach(key, reason);
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        let code = code.filter(|_| !c.locked);
+        let code = code.filter(|_| !c.mid_payload());
         c.out = Out {
             error: code,
             ..Out::default()
@@ -438,6 +450,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         c.state = State::Closing;
         // Nothing more is forwarded here: the session ended above.
         c.locked = false;
+        c.unlock_next = false;
         self.wake(key);
     }
 
@@ -518,7 +531,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         };
         self.stats.bytes_relayed += n as u64;
         if done && let Some(pc) = self.conns.get_mut(peer) {
-            pc.locked = false;
+            // Not unlocked yet: the host may flush `peer` before writing these last
+            // bytes. The next `poll_transmit(peer)` unlocks it (and gives nothing), so
+            // frames queued meanwhile go out after the payload whatever the host's order.
+            pc.unlock_next = true;
             self.wake(peer);
         }
         Offer::Forward {
@@ -599,6 +615,13 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     c.out.notice = false;
                     let error = DemandError::NoIdleConnection;
                     self.fail_demand(peer, key, error, Text::display(&error));
+                    self.route(now, key, d);
+                }
+                // Crossed a RELEASE that withdraws a notice we gave up on, not written yet:
+                // the terminal, demanding, would ignore it anyway. Drop it, route.
+                State::Releasing if c.out.release == Some(ReleaseReason::Cancelled) => {
+                    c.out.release = None;
+                    c.state = State::Idle;
                     self.route(now, key, d);
                 }
                 _ => self.fail(key, ErrorCode::UnexpectedFrame),
@@ -988,7 +1011,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             }
             State::Session { peer, .. } => {
                 // A peer in the middle of receiving our payload cannot be told in-band.
-                let peer_locked = self.conns.get(peer).is_some_and(|p| p.locked);
+                let peer_locked = self.conns.get(peer).is_some_and(ConnEntry::mid_payload);
                 self.end_session(key, peer, reason, reason);
                 if peer_locked {
                     self.close_conn(peer, None, ReleaseReason::PeerLost);
@@ -1025,6 +1048,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 }
 
 impl ConnEntry {
+    /// Inside a DATA frame on the way to the terminal: no frame can be written now.
+    fn mid_payload(&self) -> bool {
+        self.locked && !self.unlock_next
+    }
+
     /// Where the payload under way goes: only to the session peer it was announced to.
     fn fwd_target(&self) -> Option<u32> {
         match self.state {
@@ -1059,6 +1087,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
         c.woken = false;
         if c.locked {
+            if c.unlock_next {
+                c.locked = false;
+                c.unlock_next = false;
+                self.wake(key);
+            }
             return Ok(Transmit {
                 len: 0,
                 close: false,

@@ -530,6 +530,9 @@ impl Connection {
                 *got_end = true;
                 Change::PeerTerminated
             }
+            // A RELEASE withdrawing a notice that crossed our DEMAND (we ignored the
+            // notice): void too.
+            (State::Demanding { .. }, Frame::Release { .. }) => Change::None,
             // RELEASE ends a session, or withdraws a notice the relay gave up on.
             (State::Session { .. } | State::Noticed { .. }, Frame::Release { reason }) => {
                 self.state = State::Idle;
