@@ -58,12 +58,70 @@ struct Link {
     /// Bytes a receiver was offered but could not use yet (`NeedMore`).
     relay_rx: Vec<u8>,
     term_rx: Vec<u8>,
+    down_check: FrameCheck,
     /// Each end's socket is open; a link is dropped once both are closed.
     relay_open: bool,
     term_open: bool,
 }
 
+/// Follows a relay → terminal stream as it is written and checks that it is well framed:
+/// payload goes only where a DATA header announced it, frames only between payloads.
+#[derive(Debug, Default)]
+struct FrameCheck {
+    pending: Vec<u8>,
+    payload_left: usize,
+}
+
+impl FrameCheck {
+    fn push(&mut self, bytes: &[u8], is_payload: bool) -> Result<(), std::string::String> {
+        if is_payload {
+            if bytes.len() > self.payload_left {
+                return Err(std::format!(
+                    "{} payload bytes written where {} were announced",
+                    bytes.len(),
+                    self.payload_left
+                ));
+            }
+            self.payload_left -= bytes.len();
+            return Ok(());
+        }
+        if self.payload_left > 0 && !bytes.is_empty() {
+            return Err(std::format!(
+                "frames written inside a payload ({} bytes still due): {bytes:02x?}",
+                self.payload_left
+            ));
+        }
+        self.pending.extend_from_slice(bytes);
+        let mut pos = 0;
+        while pos < self.pending.len() {
+            match crate::frame::parse(&self.pending[pos..]) {
+                Ok(Some((crate::frame::Parsed::DataHeader { len }, n))) => {
+                    pos += n;
+                    if pos != self.pending.len() {
+                        return Err("bytes after a DATA header in the same write".into());
+                    }
+                    self.payload_left = usize::from(len);
+                }
+                Ok(Some((_, n))) => pos += n,
+                Ok(None) => return Err("a partial frame written".into()),
+                Err(e) => return Err(std::format!("undecodable frame written: {e:?}")),
+            }
+        }
+        self.pending.clear();
+        Ok(())
+    }
+}
+
 impl Link {
+    /// Appends relay output (or forwarded payload) to the terminal's pipe, checking that
+    /// the stream stays well framed: the forwarding contract's invariant.
+    fn append_down(&mut self, bytes: &[u8], is_payload: bool) {
+        if let Err(e) = self.down_check.push(bytes, is_payload) {
+            panic!("relay output to {:?} broke framing: {e}", self.conn);
+        }
+        self.down.bytes.extend(bytes);
+    }
+
     fn up_ready(&self) -> bool {
         self.relay_open && (!self.up.bytes.is_empty() || self.up.closed)
     }
@@ -104,6 +162,9 @@ pub struct Sim<P: Policy = AllowAll> {
     instances: u64,
     /// Relay events seen, in order.
     pub relay_events: Vec<relay::Event>,
+    /// Connections woken but not flushed yet: like a host whose writer task pulls
+    /// output later, not at once.
+    deferred: Vec<ConnId>,
 }
 
 impl<P: Policy> core::fmt::Debug for Sim<P> {
@@ -138,6 +199,7 @@ impl<P: Policy> Sim<P> {
             rng: Jitter::new(seed),
             instances: 0,
             relay_events: Vec::new(),
+            deferred: Vec::new(),
         }
     }
 
@@ -171,6 +233,10 @@ impl<P: Policy> Sim<P> {
     /// Delivers one chunk on one pipe, or advances the clock. Returns false when nothing
     /// at all is left to do (no bytes in flight and no deadline).
     pub fn step(&mut self) -> bool {
+        for conn in core::mem::take(&mut self.deferred) {
+            self.flush_relay(conn);
+            self.drain_relay();
+        }
         let busy: Vec<(usize, bool)> = self
             .links
             .iter()
@@ -186,7 +252,8 @@ impl<P: Policy> Sim<P> {
             .map(|(i, up, _)| (i, up))
             .collect();
         if busy.is_empty() {
-            return self.advance_clock();
+            // Deferred flushes first: the clock only moves when nothing else can.
+            return !self.deferred.is_empty() || self.advance_clock();
         }
         let (i, up) = busy[self.random(busy.len())];
         if up {
@@ -216,9 +283,11 @@ impl<P: Policy> Sim<P> {
     }
 
     pub fn in_flight(&self) -> bool {
-        self.links
-            .iter()
-            .any(|l| !self.nodes[l.node].paused && (l.up_ready() || l.down_ready()))
+        !self.deferred.is_empty()
+            || self
+                .links
+                .iter()
+                .any(|l| !self.nodes[l.node].paused && (l.up_ready() || l.down_ready()))
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -294,12 +363,20 @@ impl<P: Policy> Sim<P> {
         let mut rx = core::mem::take(&mut self.links[i].relay_rx);
         let mut pos = 0;
         while pos < rx.len() {
+            // Hosts may flush the receiver before offering payload (to reserve room
+            // there first) or after `Forward`: both orders are part of the contract.
+            let flush_first = self.rng.next_u32() & 1 == 0;
+            if flush_first && let Some((to, _)) = self.relay.forward_target(conn) {
+                self.flush_relay(to);
+            }
             match self.relay.handle_input(self.now, conn, &rx[pos..]) {
                 Offer_::Consumed(n) => pos += n,
                 Offer_::Forward { to, n } => {
-                    self.flush_relay(to);
+                    if !flush_first {
+                        self.flush_relay(to);
+                    }
                     if let Some(j) = self.link_of_conn(to) {
-                        self.links[j].down.bytes.extend(&rx[pos..pos + n]);
+                        self.links[j].append_down(&rx[pos..pos + n], true);
                     }
                     pos += n;
                 }
@@ -331,7 +408,7 @@ impl<P: Policy> Sim<P> {
         let Some(j) = self.link_of_conn(conn) else {
             return;
         };
-        self.links[j].down.bytes.extend(&buf[..t.len]);
+        self.links[j].append_down(&buf[..t.len], false);
         if t.close {
             let l = &mut self.links[j];
             l.down.closed = true;
@@ -345,7 +422,13 @@ impl<P: Policy> Sim<P> {
     fn drain_relay(&mut self) {
         while let Some(e) = self.relay.poll_event() {
             match &e {
-                relay::Event::Wake(c) => self.flush_relay(*c),
+                relay::Event::Wake(c) => {
+                    if self.rng.next_u32() & 1 == 0 {
+                        self.flush_relay(*c);
+                    } else {
+                        self.deferred.push(*c);
+                    }
+                }
                 relay::Event::Authenticate {
                     conn,
                     user,
@@ -447,6 +530,7 @@ impl<P: Policy> Sim<P> {
                             down: Pipe::default(),
                             relay_rx: Vec::new(),
                             term_rx: Vec::new(),
+                            down_check: FrameCheck::default(),
                             relay_open: true,
                             term_open: true,
                         });

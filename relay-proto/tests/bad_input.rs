@@ -227,7 +227,6 @@ fn frames_illegal_in_state_after_login() {
             }),
             ErrorCode::UnexpectedFrame,
         ),
-        (enc(&Frame::Terminate), ErrorCode::UnexpectedFrame),
     ] {
         feed(&mut r, a, &bytes);
         let (frames, close) = output(&mut r, a);
@@ -237,15 +236,34 @@ fn frames_illegal_in_state_after_login() {
             "{bytes:02x?}"
         );
     }
-    // DATA outside a session: error, its payload skipped, the stream stays in sync.
-    let mut bytes = data_header(4).unwrap().to_vec();
-    bytes.extend(b"junk");
-    bytes.extend(enc(&Frame::KeepAlive { seq: 9 }));
+    // DATA and TERMINATE on an idle connection: what a terminal sent before the RELEASE
+    // of its session reached it. Dropped quietly; the stream stays in sync.
+    let mut junk = data_header(4).unwrap().to_vec();
+    junk.extend(b"junk");
+    let mut bytes = [
+        junk.clone(),
+        enc(&Frame::Terminate),
+        enc(&Frame::KeepAlive { seq: 9 }),
+    ]
+    .concat();
+    feed(&mut r, a, &bytes);
+    assert_eq!(
+        output(&mut r, a),
+        (vec![Frame::KeepAliveAck { seq: 9 }], false)
+    );
+    // DATA while a demand is pending (no session yet): error, payload skipped, in sync.
+    let _b = logged_in(&mut r, "b");
+    let demand = Demand {
+        target: UserId::new("b").unwrap(),
+        service: ServiceName::default(),
+    };
+    feed(&mut r, a, &enc(&Frame::Demand(demand)));
+    bytes = [junk, enc(&Frame::KeepAlive { seq: 10 })].concat();
     feed(&mut r, a, &bytes);
     let (frames, close) = output(&mut r, a);
     assert_eq!(error_code(&frames), Some(ErrorCode::UnexpectedFrame));
     assert!(
-        frames.contains(&Frame::KeepAliveAck { seq: 9 }),
+        frames.contains(&Frame::KeepAliveAck { seq: 10 }),
         "{frames:?}"
     );
     assert!(!close);
@@ -534,4 +552,30 @@ fn shutdown_never_writes_into_an_unfinished_payload() {
         (error_code(&frames), close),
         (Some(ErrorCode::ShuttingDown), true)
     );
+}
+
+#[test]
+fn back_to_back_frames_when_the_host_flushes_before_the_payload() {
+    let (mut r, a, b) = session();
+    let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
+    let mut stream = Vec::new();
+    // The other legal order: flush the receiver first (to reserve room there), then offer
+    // the payload. Two DATA frames back to back must reach b as two whole frames.
+    for payload in [&b"first"[..], b"second"] {
+        assert!(feed(&mut r, a, &data_header(payload.len()).unwrap()).is_empty());
+        let (to, _) = r.forward_target(a).unwrap();
+        let t = r.poll_transmit(to, &mut buf).unwrap();
+        stream.extend_from_slice(&buf[..t.len]);
+        for (to, bytes) in feed(&mut r, a, payload) {
+            assert_eq!(to, b);
+            stream.extend(bytes);
+        }
+    }
+    let t = r.poll_transmit(b, &mut buf).unwrap();
+    stream.extend_from_slice(&buf[..t.len]);
+    let mut expect = data_header(5).unwrap().to_vec();
+    expect.extend(b"first");
+    expect.extend(data_header(6).unwrap());
+    expect.extend(b"second");
+    assert_eq!(stream, expect);
 }

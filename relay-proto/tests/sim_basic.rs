@@ -46,9 +46,14 @@ fn login_spares_demand_echo_and_release() {
     let data = pattern(100_000, 7);
     sim.send(alice, h, &data, true);
     sim.settle(STEPS);
-    assert_eq!(
-        sim.nodes[alice].received[&h.0], data,
-        "echo came back byte-exact"
+    let got = &sim.nodes[alice].received[&h.0];
+    let first_diff = got.iter().zip(&data).position(|(a, b)| a != b);
+    assert!(
+        got == &data,
+        "echo came back byte-exact: got {} of {} bytes, first difference at {first_diff:?}; alice events {:?}",
+        got.len(),
+        data.len(),
+        sim.nodes[alice].events
     );
     assert!(sim.nodes[alice].events.iter().any(|e| matches!(e, Event::SessionEnded { handle, reason: ReleaseReason::Normal } if *handle == h)));
     assert_eq!(

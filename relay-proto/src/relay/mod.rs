@@ -270,6 +270,8 @@ pub struct ConnEntry {
     locked: bool,
     /// The payload is complete; the next `poll_transmit` lifts `locked`.
     unlock_next: bool,
+    /// The payload of the DATA header still waiting in `out` is already complete.
+    header_complete: bool,
     /// Payload bytes received from this connection in the current session.
     bytes: u64,
     attempts: u8,
@@ -401,6 +403,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             fwd_to: None,
             locked: false,
             unlock_next: false,
+            header_complete: false,
             bytes: 0,
             attempts: 0,
             woken: false,
@@ -451,6 +454,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         // Nothing more is forwarded here: the session ended above.
         c.locked = false;
         c.unlock_next = false;
+        c.header_complete = false;
         self.wake(key);
     }
 
@@ -534,7 +538,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             // Not unlocked yet: the host may flush `peer` before writing these last
             // bytes. The next `poll_transmit(peer)` unlocks it (and gives nothing), so
             // frames queued meanwhile go out after the payload whatever the host's order.
-            pc.unlock_next = true;
+            // If this frame's header is not even written yet, it is marked when it is.
+            if pc.out.data_header.is_some() {
+                pc.header_complete = true;
+            } else {
+                pc.unlock_next = true;
+            }
             self.wake(peer);
         }
         Offer::Forward {
@@ -563,8 +572,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     self.wake(peer);
                 }
             }
-            // Sent before this side learnt that its session ended: drop it quietly.
-            State::Releasing => c.fwd_remaining = len,
+            // Sent before this side learnt that its session ended (RELEASE may already
+            // be written, so Idle too): drop it quietly, the stream stays in sync.
+            State::Releasing | State::Idle => c.fwd_remaining = len,
             State::Handshake | State::Authenticating { .. } => {
                 self.fail(key, ErrorCode::NotLoggedIn)
             }
@@ -646,7 +656,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     ..
                 } => self.on_terminate(key, peer),
                 // Crossed with the end of the session: nothing to do.
-                State::Releasing => {}
+                State::Releasing | State::Idle => {}
                 _ => self.fail(key, ErrorCode::UnexpectedFrame),
             },
             Frame::Logout => {
@@ -1017,6 +1027,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     self.close_conn(peer, None, ReleaseReason::PeerLost);
                 } else if let Some(p) = self.conns.get_mut(peer) {
                     p.out.data_header = None;
+                    p.header_complete = false;
                 }
             }
             _ => {}
@@ -1087,15 +1098,25 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
         c.woken = false;
         if c.locked {
-            if c.unlock_next {
-                c.locked = false;
-                c.unlock_next = false;
-                self.wake(key);
+            if !c.unlock_next {
+                return Ok(Transmit {
+                    len: 0,
+                    close: false,
+                });
             }
-            return Ok(Transmit {
-                len: 0,
-                close: false,
-            });
+            // The payload is complete. A host that flushes right after the last
+            // `Forward` has not written those bytes yet: give nothing this once (and
+            // wake again). A host that flushes before offering the next frame's payload
+            // needs that frame's header now: it is already waiting, so go on.
+            c.locked = false;
+            c.unlock_next = false;
+            if c.out.data_header.is_none() {
+                self.wake(key);
+                return Ok(Transmit {
+                    len: 0,
+                    close: false,
+                });
+            }
         }
         let mut out = core::mem::take(&mut c.out);
         let closing = matches!(c.state, State::Closing);
@@ -1159,6 +1180,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             buf[len..len + bytes.len()].copy_from_slice(&bytes);
             len += bytes.len();
             c.locked = true;
+            c.unlock_next = core::mem::take(&mut c.header_complete);
         }
         if !closing {
             if matches!(c.state, State::Releasing)
