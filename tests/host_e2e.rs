@@ -108,9 +108,10 @@ fn fifty_concurrent_sessions() {
                 fill(&mut data, &mut seed);
                 s.write_all(&data).unwrap();
                 let mut back = vec![0u8; data.len()];
-                s.read_exact(&mut back).unwrap();
-                assert_eq!(back, data, "session {k} echoed something else");
+                let r = s.read_exact(&mut back);
                 barrier.wait();
+                r.unwrap();
+                assert_eq!(back, data, "session {k} echoed something else");
                 s.shutdown(Shutdown::Write).unwrap();
                 let mut rest = Vec::new();
                 s.read_to_end(&mut rest).unwrap();
@@ -118,8 +119,15 @@ fn fifty_concurrent_sessions() {
             })
         })
         .collect();
-    for t in threads {
-        t.join().expect("a session failed");
+    let failed = threads.into_iter().filter_map(|t| t.join().err()).count();
+    if failed > 0 {
+        for p in &procs {
+            eprintln!("---- terminal log\n{}", p.log());
+        }
+        panic!(
+            "{failed} sessions failed; relay log:\n{}",
+            relay.proc().log()
+        );
     }
     let log = relay.proc().log();
     assert!(log.matches("session started").count() >= 50, "{log}");

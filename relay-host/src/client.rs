@@ -37,8 +37,10 @@ type Term = Terminal<SLOTS, { 2 * SLOTS + 2 }>;
 /// Largest payload read from a local socket at once (one DATA frame).
 const CHUNK: usize = 16 * 1024;
 
-/// Demands that find no idle connection are retried this often, this far apart.
-const DEMAND_RETRIES: u32 = 40;
+/// Demands that find no idle connection are retried this often, this far apart: a burst
+/// of local connections waits for the pool to grow (one login per new connection), up to
+/// 15 s, rather than failing.
+const DEMAND_RETRIES: u32 = 100;
 const DEMAND_RETRY_DELAY: Duration = Duration::from_millis(150);
 
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;

@@ -240,13 +240,26 @@ pub fn watch_accounts(
     store: Arc<dyn AccountStore>,
     every: Duration,
 ) -> Result<watch::Receiver<Arc<AccountsSnapshot>>, StoreError> {
+    watch_accounts_with(store, every, Arc::new(tokio::sync::Notify::new()))
+}
+
+/// [`watch_accounts`], also re-reading the store at once whenever `refresh` is notified
+/// (a login by an account the snapshot does not know yet: added a moment ago).
+pub fn watch_accounts_with(
+    store: Arc<dyn AccountStore>,
+    every: Duration,
+    refresh: Arc<tokio::sync::Notify>,
+) -> Result<watch::Receiver<Arc<AccountsSnapshot>>, StoreError> {
     let first = AccountsSnapshot::load(store.as_ref())?;
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = refresh.notified() => {}
+            }
             if tx.is_closed() {
                 return;
             }

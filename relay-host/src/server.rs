@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::{Limits, ServeConfig};
-use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts};
+use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
 use crate::metrics::{LoginMethod, LoginOutcome, Metrics};
 use crate::outbox::{Outbox, WriterEnd, run_writer};
 use crate::store::{AccountName, AccountStore, AccountsSnapshot, VerifyError};
@@ -98,6 +98,8 @@ struct Server {
     throttle: Mutex<LoginThrottle>,
     metrics: Arc<Metrics>,
     accounts: watch::Receiver<Arc<AccountsSnapshot>>,
+    /// Wakes the account watcher at once (see [`known_to_snapshot`]).
+    refresh_accounts: Arc<tokio::sync::Notify>,
     epoch: std::time::Instant,
 }
 
@@ -304,6 +306,9 @@ async fn authenticate(
         Verdict::Refuse(ErrorCode::Throttled)
     } else {
         let (ok, exists) = check_credential(&srv, &user, credential).await;
+        if ok.is_some() {
+            known_to_snapshot(&srv, &user).await;
+        }
         match ok {
             Some(instance) => {
                 srv.metrics.login(method, LoginOutcome::Ok);
@@ -339,6 +344,19 @@ async fn authenticate(
         core.relay.login_verdict(now, conn, verdict);
         core.drain(&srv);
     }
+}
+
+/// Makes sure the accounts snapshot (which the access rule reads) knows `user` before
+/// its login is answered: an account added a moment ago is otherwise unknown for up to a
+/// poll, and its first demands would be refused.
+async fn known_to_snapshot(srv: &Arc<Server>, user: &UserId) {
+    if srv.accounts.borrow().exists(user.as_str()) {
+        return;
+    }
+    srv.refresh_accounts.notify_one();
+    let mut rx = srv.accounts.clone();
+    let wait = rx.wait_for(|s| s.exists(user.as_str()));
+    let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
 }
 
 /// `(Some(instance), _)` if the credential is good; the `bool` says whether the account
@@ -380,6 +398,17 @@ async fn check_credential(
         }
         Credential::Resume(token) => {
             // The account must still exist: a deleted account's credentials die with it.
+            // The snapshot lags the store by a poll: an account added a moment ago is
+            // confirmed in the store itself (rare, so off the hot path).
+            let exists = exists || {
+                let store = srv.store.clone();
+                let name = AccountName::new(user.as_str());
+                tokio::task::spawn_blocking(move || {
+                    name.is_ok_and(|n| store.exists(&n).unwrap_or(false))
+                })
+                .await
+                .unwrap_or(false)
+            };
             if !exists {
                 return (None, false);
             }
@@ -685,7 +714,12 @@ pub async fn serve(
     let limits = config.limits.clone();
     let metrics = Arc::new(Metrics::new());
     let secret = store.server_secret()?;
-    let accounts = watch_accounts(store.clone(), Duration::from_secs(1))?;
+    let refresh_accounts = Arc::new(tokio::sync::Notify::new());
+    let accounts = watch_accounts_with(
+        store.clone(),
+        Duration::from_secs(1),
+        refresh_accounts.clone(),
+    )?;
     let policy = SnapshotPolicy(accounts.borrow().clone());
     let epoch = std::time::Instant::now();
     let srv = Arc::new(Server {
@@ -704,6 +738,7 @@ pub async fn serve(
         )),
         metrics: metrics.clone(),
         accounts: accounts.clone(),
+        refresh_accounts,
         epoch,
     });
     let _ = srv.epoch;
