@@ -9,70 +9,24 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use tokio_util::either::Either;
+
 use crate::metrics::Metrics;
 use crate::store::{AccountStore, AccountsSnapshot, StoreError};
 
-/// A client connection: TLS, or plain TCP on the explicitly allowed plain listener.
-#[derive(Debug)]
-pub enum ClientStream {
-    /// TLS (boxed: the rustls state is large, plain connections should not pay for it).
-    Tls(Box<TlsStream<TcpStream>>),
-    /// Plain TCP (`allow_plain`); the host may `splice(2)` its payload.
-    Plain(TcpStream),
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// A client connection: TLS (boxed: the rustls state is large, plain connections should
+/// not pay for it), or plain TCP on the explicitly allowed plain listener.
+pub type ClientStream = Either<Box<TlsStream<TcpStream>>, TcpStream>;
 
 /// One slot of the global connection cap; the `relay_connections` gauge counts live slots.
 #[derive(Debug)]
@@ -193,10 +147,10 @@ impl Acceptor {
             let handle = handle.clone();
             tokio::spawn(async move {
                 let stream = match tls {
-                    None => ClientStream::Plain(tcp),
+                    None => Either::Right(tcp),
                     Some(tls) => {
                         match tokio::time::timeout_at(login_deadline, tls.accept(tcp)).await {
-                            Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+                            Ok(Ok(s)) => Either::Left(Box::new(s)),
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, "TLS handshake failed: {e}");
                                 return;
