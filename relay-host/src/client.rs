@@ -164,54 +164,8 @@ impl State {
 }
 
 /// A stream to the relay: TLS or plain.
-enum RelayStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for RelayStream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for RelayStream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            RelayStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            RelayStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+type RelayStream =
+    tokio_util::either::Either<Box<tokio_rustls::client::TlsStream<TcpStream>>, TcpStream>;
 
 /// Handles events that are not the calling reader's own business.
 fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
@@ -445,10 +399,10 @@ async fn connect_relay(ctx: &Ctx) -> anyhow::Result<RelayStream> {
         .with_context(|| format!("connecting to {}", ctx.server))?;
     let _ = tcp.set_nodelay(true);
     match &ctx.tls {
-        None => Ok(RelayStream::Plain(tcp)),
+        None => Ok(RelayStream::Right(tcp)),
         Some((config, name)) => {
             let tls = crate::tls::connect(config.clone(), name.clone(), tcp).await?;
-            Ok(RelayStream::Tls(Box::new(tls)))
+            Ok(RelayStream::Left(Box::new(tls)))
         }
     }
 }
