@@ -98,7 +98,7 @@ struct Server {
     throttle: Mutex<LoginThrottle>,
     metrics: Arc<Metrics>,
     accounts: watch::Receiver<Arc<AccountsSnapshot>>,
-    /// Wakes the account watcher at once (see [`known_to_snapshot`]).
+    /// Wakes the account watcher at once (see [`snapshot_current`]).
     refresh_accounts: Arc<tokio::sync::Notify>,
     epoch: std::time::Instant,
 }
@@ -307,7 +307,7 @@ async fn authenticate(
     } else {
         let (ok, exists) = check_credential(&srv, &user, credential).await;
         if ok.is_some() {
-            known_to_snapshot(&srv, &user).await;
+            snapshot_current(&srv).await;
         }
         match ok {
             Some(instance) => {
@@ -346,16 +346,21 @@ async fn authenticate(
     }
 }
 
-/// Makes sure the accounts snapshot (which the access rule reads) knows `user` before
-/// its login is answered: an account added a moment ago is otherwise unknown for up to a
-/// poll, and its first demands would be refused.
-async fn known_to_snapshot(srv: &Arc<Server>, user: &UserId) {
-    if srv.accounts.borrow().exists(user.as_str()) {
+/// Makes sure the accounts snapshot (which the access rule reads) is current before a
+/// login is answered: an account added, or a rule changed, a moment ago would otherwise
+/// be unknown for up to a poll (1 s). One cheap query per login; the poll still covers
+/// changes made while a terminal stays logged in.
+async fn snapshot_current(srv: &Arc<Server>) {
+    let store = srv.store.clone();
+    let Ok(Ok(generation)) = tokio::task::spawn_blocking(move || store.generation()).await else {
+        return;
+    };
+    if srv.accounts.borrow().generation() == generation {
         return;
     }
     srv.refresh_accounts.notify_one();
     let mut rx = srv.accounts.clone();
-    let wait = rx.wait_for(|s| s.exists(user.as_str()));
+    let wait = rx.wait_for(|s| s.generation() >= generation);
     let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
 }
 
