@@ -30,17 +30,20 @@ use crate::cli::{ServerAddr, ServiceSpec, TerminalArgs};
 use crate::outbox::{Outbox, run_writer};
 use crate::tls::{TlsError, client_config};
 
-/// Connection slots of one Linux terminal (the relay allows at most 32 per account).
-pub const SLOTS: usize = 64;
+/// Connection slots of one Linux terminal: its concurrent sessions plus spares (the
+/// relay's default allows 256 connections and 128 sessions per account).
+pub const SLOTS: usize = 128;
 type Term = Terminal<SLOTS, { 2 * SLOTS + 2 }>;
 
 /// Largest payload read from a local socket at once (one DATA frame).
 const CHUNK: usize = 16 * 1024;
 
-/// Demands that find no idle connection are retried this often, this far apart: a burst
-/// of local connections waits for the pool to grow (one login per new connection), up to
-/// 15 s, rather than failing.
-const DEMAND_RETRIES: u32 = 100;
+/// A demand that finds no idle connection of ours waits for the pool to grow (one login
+/// per new connection), trying again whenever a relay connection's state changes, up to
+/// this long, rather than failing. (The relay itself holds a demand until the target
+/// has an idle connection.)
+const DEMAND_PATIENCE: Duration = Duration::from_secs(15);
+/// Tries again at least this often while waiting (a missed wake costs no more).
 const DEMAND_RETRY_DELAY: Duration = Duration::from_millis(150);
 
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
@@ -106,6 +109,8 @@ pub struct Exposed {
 struct Ctx {
     state: Mutex<State>,
     timer: Notify,
+    /// Some relay connection took input (it may be idle now): waiting demands try again.
+    pool: Notify,
     epoch: std::time::Instant,
     server: ServerAddr,
     tls: Option<(
@@ -443,6 +448,7 @@ async fn reader(
                 }
                 let now = ctx.now();
                 let offer = st.term.handle_input(h, now, &buf);
+                ctx.pool.notify_waiters();
                 let (own, others): (Vec<Event>, Vec<Event>) =
                     st.after(ctx).into_iter().partition(|e| {
                         matches!(e, Event::PeerTerminated { handle } | Event::SessionEnded { handle, .. } if *handle == h)
@@ -622,6 +628,7 @@ fn start(
             waiters: HashMap::new(),
         }),
         timer: Notify::new(),
+        pool: Notify::new(),
         epoch: std::time::Instant::now(),
         server: args.server.clone(),
         tls,
@@ -690,9 +697,11 @@ async fn session(
     src: Source,
 ) -> anyhow::Result<oneshot::Receiver<ReleaseReason>> {
     let mut sink = Some(sink);
-    let mut attempt = 0;
+    let give_up = tokio::time::Instant::now() + DEMAND_PATIENCE;
     loop {
-        attempt += 1;
+        let pool_changed = ctx.pool.notified();
+        tokio::pin!(pool_changed);
+        pool_changed.as_mut().enable();
         let (stop_tx, stop_rx) = oneshot::channel();
         let (end_tx, end_rx) = oneshot::channel();
         let (ans_tx, ans_rx) = oneshot::channel();
@@ -735,10 +744,10 @@ async fn session(
                 Err(_) => bail!("the relay connection closed before the demand was answered"),
             },
         };
-        if !failure.retry || attempt >= DEMAND_RETRIES || sink.is_none() {
+        if !failure.retry || tokio::time::Instant::now() >= give_up || sink.is_none() {
             bail!("{}", failure.message);
         }
-        tokio::time::sleep(DEMAND_RETRY_DELAY).await;
+        let _ = tokio::time::timeout(DEMAND_RETRY_DELAY, pool_changed).await;
     }
 }
 
@@ -859,7 +868,8 @@ pub fn online(args: &TerminalArgs) -> anyhow::Result<()> {
         let mut cursor = 0;
         loop {
             let mut sent = false;
-            for _ in 0..DEMAND_RETRIES {
+            let give_up = tokio::time::Instant::now() + DEMAND_PATIENCE;
+            while tokio::time::Instant::now() < give_up {
                 let events = {
                     let mut st = ctx.lock();
                     st.term.request_online(cursor).ok().map(|_| st.after(&ctx))

@@ -9,7 +9,7 @@
 //!
 //! [limits]
 //! handshake_timeout = "10s"
-//! max_connections_per_account = 16
+//! max_connections_per_account = 256
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,10 +25,6 @@ pub const DEFAULT_PORT: u16 = 7835;
 /// The default listen address: every interface, [`DEFAULT_PORT`].
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT);
-
-/// The protocol core's bound on one terminal's connections (relay-proto's
-/// `MAX_CONNS_PER_TERMINAL`); `limits.max_connections_per_account` may not exceed it.
-pub const MAX_CONNECTIONS_PER_ACCOUNT: u8 = 32;
 
 /// The default account store path (relative to the working directory).
 pub const DEFAULT_DB: &str = "relay.db";
@@ -75,9 +71,9 @@ impl Default for ServeConfig {
 pub struct Limits {
     /// Largest frame payload accepted, in bytes (the protocol's length field is 16 bits).
     pub max_frame_payload: u16,
-    /// Open connections (idle or in a session) per account, at most
-    /// [`MAX_CONNECTIONS_PER_ACCOUNT`].
-    pub max_connections_per_account: u8,
+    /// Open connections (idle or in a session) per account. Each session takes one
+    /// connection on each side, so this bounds an account's sessions plus its spares.
+    pub max_connections_per_account: u16,
     /// Concurrent sessions per account.
     pub max_sessions_per_account: u16,
     /// Open connections in all.
@@ -104,8 +100,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame_payload: 65_535,
-            max_connections_per_account: 16,
-            max_sessions_per_account: 8,
+            max_connections_per_account: 256,
+            max_sessions_per_account: 128,
             max_total_connections: 200_000,
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
@@ -215,15 +211,10 @@ impl ServeConfig {
                 )));
             }
         }
-        if l.max_connections_per_account > MAX_CONNECTIONS_PER_ACCOUNT {
-            return Err(ConfigError::Invalid(format!(
-                "limits.max_connections_per_account is at most {MAX_CONNECTIONS_PER_ACCOUNT}"
-            )));
-        }
         if l.keepalive_timeout <= l.keepalive_interval {
             return invalid("limits.keepalive_timeout must be longer than keepalive_interval");
         }
-        if l.max_sessions_per_account > u16::from(l.max_connections_per_account) {
+        if l.max_sessions_per_account > l.max_connections_per_account {
             return invalid(
                 "limits.max_sessions_per_account cannot exceed max_connections_per_account \
                  (each session uses one connection)",
@@ -318,11 +309,10 @@ mod tests {
             ("[limits]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
             ("[limits]\nkeepalive_timeout = \"30s\"", "keepalive_timeout"),
             (
-                "[limits]\nmax_sessions_per_account = 17",
+                "[limits]\nmax_sessions_per_account = 300",
                 "max_sessions_per_account",
             ),
             ("allow_plain = \"0.0.0.0:7835\"", "allow_plain"),
-            ("[limits]\nmax_connections_per_account = 33", "at most 32"),
             (
                 "[limits]\nmax_frame_payload = 65536",
                 "expected u16 (line 2",

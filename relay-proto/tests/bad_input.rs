@@ -3,107 +3,18 @@
 //! fatal codes or carry on for the others. A session running alongside is not disturbed.
 //! Uses the fixed-capacity (no_std) storage.
 
-use relay_proto::codes::ErrorCode;
-use relay_proto::frame::{
-    self, Credential, Demand, DemandResult, Frame, Hello, Login, Parsed, caps, data_header,
-};
-use relay_proto::relay::{self, AllowAll, ConnId, Event, Fixed, Offer, Relay, Verdict};
-use relay_proto::{Duration, Instant, Password, ResumeToken, ServiceName, UserId};
+mod harness;
 
-type Core = Relay<Fixed<16, 8, 64>, AllowAll>;
+use harness::{T0, enc, error_code, feed, login, output};
+use relay_proto::codes::ErrorCode;
+use relay_proto::frame::{self, Demand, DemandResult, Frame, Parsed, data_header};
+use relay_proto::relay::{self, AllowAll, ConnId, Event, Fixed, Offer, Relay, Verdict};
+use relay_proto::{Duration, ResumeToken, ServiceName, UserId};
+
+type Core = harness::Core<Fixed<16, 8, 64>>;
 
 fn core() -> Core {
     Relay::new(relay::Config::default(), AllowAll)
-}
-
-const T0: Instant = Instant::from_secs(100);
-
-fn enc(f: &Frame) -> Vec<u8> {
-    let mut b = [0u8; frame::MAX_CONTROL_FRAME];
-    let n = f.encode(&mut b).unwrap();
-    b[..n].to_vec()
-}
-
-fn login(user: &str, pw: &str) -> Vec<u8> {
-    enc(&Frame::Login(Login {
-        hello: Hello::current(caps::ALL),
-        user: UserId::new(user).unwrap(),
-        credential: Credential::Password(Password::new(pw).unwrap()),
-    }))
-}
-
-/// Feeds `bytes` to `conn` as the host would, answering logins (password "pw" is right).
-/// Returns the payload forwards it was told to do.
-fn feed(r: &mut Core, conn: ConnId, bytes: &[u8]) -> Vec<(ConnId, Vec<u8>)> {
-    let mut pos = 0;
-    let mut fwd = Vec::new();
-    while pos < bytes.len() {
-        match r.handle_input(T0, conn, &bytes[pos..]) {
-            Offer::Consumed(n) => pos += n,
-            Offer::Forward { to, n } => {
-                fwd.push((to, bytes[pos..pos + n].to_vec()));
-                pos += n;
-            }
-            Offer::NeedMore => break,
-        }
-        answer_logins(r);
-    }
-    fwd
-}
-
-fn answer_logins(r: &mut Core) {
-    let mut pending = Vec::new();
-    while let Some(e) = r.poll_event() {
-        if let Event::Authenticate {
-            conn, credential, ..
-        } = e
-        {
-            pending.push((conn, credential));
-        }
-    }
-    for (conn, credential) in pending {
-        let ok = matches!(&credential, Credential::Password(p) if p.as_str() == "pw");
-        let verdict = if ok {
-            Verdict::Accept {
-                instance: 1,
-                token: ResumeToken::from_slice(b"t").unwrap(),
-            }
-        } else {
-            Verdict::Refuse(ErrorCode::AuthFailed)
-        };
-        r.login_verdict(T0, conn, verdict);
-    }
-}
-
-/// Everything `conn` would send now, decoded; and whether it must close.
-fn output(r: &mut Core, conn: ConnId) -> (Vec<Frame>, bool) {
-    let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
-    let t = r.poll_transmit(conn, &mut buf).unwrap();
-    let mut frames = Vec::new();
-    let mut pos = 0;
-    while pos < t.len {
-        match frame::parse(&buf[pos..t.len]).unwrap().unwrap() {
-            (Parsed::Control(f), n) => {
-                frames.push(f);
-                pos += n;
-            }
-            (Parsed::DataHeader { len }, n) => {
-                frames.push(Frame::Error {
-                    code: ErrorCode::BadFrame,
-                    text: relay_proto::Text::lossy(&format!("data {len}")),
-                });
-                pos += n;
-            }
-        }
-    }
-    (frames, t.close)
-}
-
-fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
-    frames.iter().find_map(|f| match f {
-        Frame::Error { code, .. } => Some(*code),
-        _ => None,
-    })
 }
 
 /// Fresh connection fed `bytes`: the error it gets and whether it closes.
@@ -176,12 +87,7 @@ fn malformed_frames_before_login() {
 }
 
 fn logged_in(r: &mut Core, user: &str) -> ConnId {
-    let c = r.accept(T0).unwrap();
-    feed(r, c, &login(user, "pw"));
-    let (frames, close) = output(r, c);
-    assert!(matches!(frames[..], [Frame::LoginOk(_)]), "{frames:?}");
-    assert!(!close);
-    c
+    harness::logged_in(r, user)
 }
 
 #[test]

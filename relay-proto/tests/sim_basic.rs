@@ -104,3 +104,38 @@ fn silent_terminal_is_detected_and_peer_told() {
     assert!(!sim.relay.is_online(&"cam".try_into().unwrap()));
     let _ = Instant::ZERO;
 }
+
+#[test]
+fn a_burst_of_demands_waits_for_the_targets_new_spares() {
+    let mut sim = Sim::new(4);
+    let cam = sim.add(
+        "cam",
+        Role::Echo,
+        Config {
+            spare: 1,
+            ..Config::default()
+        },
+    );
+    let clients: Vec<usize> = (0..3)
+        .map(|i| sim.add(&format!("c{i}"), Role::Echo, cfg()))
+        .collect();
+    sim.settle(STEPS);
+    assert_eq!(sim.nodes[cam].terminal.idle_connections(), 1);
+    // Three demands at once for a terminal with one idle connection: the relay holds
+    // two of them until cam's terminal has opened new spares, and none fails.
+    let handles: Vec<_> = clients
+        .iter()
+        .map(|&c| (c, sim.demand(c, "cam", "echo").unwrap()))
+        .collect();
+    sim.settle(STEPS);
+    for (c, h) in handles {
+        let node = &sim.nodes[c];
+        assert!(
+            node.events
+                .iter()
+                .any(|e| matches!(e, Event::Accepted { handle, .. } if *handle == h)),
+            "{:?}",
+            node.events
+        );
+    }
+}

@@ -41,8 +41,8 @@ use crate::frame::{
 use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::time::{Duration, Instant, earliest};
 
-/// Most connections one terminal may hold, whatever the configuration says.
-pub const MAX_CONNS_PER_TERMINAL: usize = 32;
+/// "No entry" in the intrusive lists below (a terminal's connections, its waiting demands).
+const NIL: u32 = u32::MAX;
 /// A `poll_transmit` buffer must hold this much: the largest burst of control frames.
 pub const MIN_TRANSMIT_BUF: usize = 4 * frame::MAX_CONTROL_FRAME;
 
@@ -64,9 +64,12 @@ pub struct Config {
     pub demand_timeout: Duration,
     /// Largest DATA payload accepted (announced in LOGIN_OK).
     pub max_payload: u16,
-    /// Connections one terminal may hold (at most [`MAX_CONNS_PER_TERMINAL`]).
-    pub max_conns_per_account: u8,
-    /// Sessions (pending and running) one terminal may take part in.
+    /// Connections one terminal may hold: its sessions plus its spares. A terminal's
+    /// connections are a list threaded through the connection table, so this costs
+    /// nothing until used.
+    pub max_conns_per_account: u16,
+    /// Sessions (pending, waiting for an idle connection, and running) one terminal may
+    /// take part in.
     pub max_sessions_per_account: u16,
     /// Failed logins on one connection before it is closed.
     pub max_login_attempts: u8,
@@ -80,8 +83,8 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             demand_timeout: Duration::from_secs(10),
             max_payload: u16::MAX,
-            max_conns_per_account: 16,
-            max_sessions_per_account: 8,
+            max_conns_per_account: 256,
+            max_sessions_per_account: 128,
             max_login_attempts: 3,
         }
     }
@@ -211,6 +214,13 @@ enum State {
         caps: u32,
     },
     Idle,
+    /// This connection's DEMAND waits for terminal `target` (a key of the terminal
+    /// table) to open an idle connection; it is in that terminal's wait list.
+    Waiting {
+        target: u32,
+        service: ServiceName,
+        deadline: Instant,
+    },
     /// We routed this connection's DEMAND to `peer`; waiting for its answer.
     Demanding {
         peer: u32,
@@ -276,6 +286,11 @@ pub struct ConnEntry {
     bytes: u64,
     attempts: u8,
     woken: bool,
+    /// Neighbours in the terminal's connection list ([`TermEntry::first`]).
+    prev: u32,
+    next: u32,
+    /// Next demand in the target's wait list, while [`State::Waiting`].
+    wait_next: u32,
 }
 
 /// One logged-in terminal (an "instance": one run of a device).
@@ -283,8 +298,13 @@ pub struct ConnEntry {
 pub struct TermEntry {
     user: UserId,
     instance: u64,
-    conns: Vec<u32, MAX_CONNS_PER_TERMINAL>,
+    /// First of its connections, linked through [`ConnEntry::next`].
+    first: u32,
+    conns: u16,
     sessions: u16,
+    /// Demands waiting for one of its connections to be idle, oldest first.
+    wait_head: u32,
+    wait_tail: u32,
     token: ResumeToken,
 }
 
@@ -309,6 +329,10 @@ pub struct Relay<S: Storage, P: Policy = AllowAll> {
     events: S::Events,
     next_session: u32,
     stats: Stats,
+    /// Connections that became idle while a demand may wait for their terminal: served
+    /// at the end of the call (not on the spot, where the caller may still use them).
+    /// When full, a waiting demand is served by the terminal's next idle connection.
+    kicks: Vec<u32, 8>,
 }
 
 impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
@@ -323,9 +347,7 @@ impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
 
 impl<S: Storage, P: Policy> Relay<S, P> {
     pub fn new(mut config: Config, policy: P) -> Self {
-        config.max_conns_per_account = config
-            .max_conns_per_account
-            .clamp(1, MAX_CONNS_PER_TERMINAL as u8);
+        config.max_conns_per_account = config.max_conns_per_account.max(1);
         let (conns, terms, users, events) = S::build();
         Relay {
             config,
@@ -336,6 +358,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             events,
             next_session: 1,
             stats: Stats::default(),
+            kicks: Vec::new(),
         }
     }
 
@@ -407,6 +430,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             bytes: 0,
             attempts: 0,
             woken: false,
+            prev: NIL,
+            next: NIL,
+            wait_next: NIL,
         };
         self.conns
             .insert(entry)
@@ -475,7 +501,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         if c.fwd_remaining > 0 {
             return self.pass_payload(key, input.len());
         }
-        match frame::parse(input) {
+        let offer = match frame::parse(input) {
             Ok(None) => Offer::NeedMore,
             Err(e) => {
                 self.fail(key, e.code());
@@ -489,7 +515,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 self.on_frame(now, key, f);
                 Offer::Consumed(n)
             }
-        }
+        };
+        self.serve_kicks();
+        offer
     }
 
     /// Where the payload under way on `conn` goes and how much of it is still to come:
@@ -674,6 +702,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// The host's answer to [`Event::Authenticate`] for `conn`. Answers for connections
     /// that closed meanwhile are ignored.
     pub fn login_verdict(&mut self, now: Instant, conn: ConnId, verdict: Verdict) {
+        self.verdict(now, conn, verdict);
+        self.serve_kicks();
+    }
+
+    fn verdict(&mut self, now: Instant, conn: ConnId, verdict: Verdict) {
         let key = conn.0;
         let Some(c) = self.conns.get_mut(key) else {
             return;
@@ -708,21 +741,21 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let term = match self.users.get(&user) {
             Some(tk) => {
                 let t = self.terms.get_mut(tk).expect("index and table agree");
-                if t.conns.len() >= usize::from(self.config.max_conns_per_account) {
+                if t.conns >= self.config.max_conns_per_account {
                     return self.fail(key, ErrorCode::TooManyConnections);
                 }
-                let _ = t.conns.push(key);
                 t.token = token;
                 tk
             }
             None => {
-                let mut conns = Vec::new();
-                let _ = conns.push(key);
                 let entry = TermEntry {
                     user: user.clone(),
                     instance,
-                    conns,
+                    first: NIL,
+                    conns: 0,
                     sessions: 0,
+                    wait_head: NIL,
+                    wait_tail: NIL,
                     token,
                 };
                 // A full table: the login is refused like a wrong one (the terminal
@@ -737,6 +770,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 tk
             }
         };
+        self.link(term, key);
         if let Some(c) = self.conns.get_mut(key) {
             c.term = Some(term);
             c.state = State::Idle;
@@ -749,6 +783,148 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             resumed: !password,
         });
         self.wake(key);
+        self.kick(key);
+    }
+
+    /// Adds connection `key` to terminal `tk`'s list.
+    fn link(&mut self, tk: u32, key: u32) {
+        let Some(t) = self.terms.get_mut(tk) else {
+            return;
+        };
+        let first = core::mem::replace(&mut t.first, key);
+        t.conns += 1;
+        if let Some(f) = self.conns.get_mut(first) {
+            f.prev = key;
+        }
+        if let Some(c) = self.conns.get_mut(key) {
+            c.prev = NIL;
+            c.next = first;
+        }
+    }
+
+    /// Takes connection `key` out of terminal `tk`'s list.
+    fn unlink(&mut self, tk: u32, key: u32) {
+        let Some((prev, next)) = self.conns.get_mut(key).map(|c| {
+            let links = (c.prev, c.next);
+            (c.prev, c.next) = (NIL, NIL);
+            links
+        }) else {
+            return;
+        };
+        if let Some(p) = self.conns.get_mut(prev) {
+            p.next = next;
+        } else if let Some(t) = self.terms.get_mut(tk) {
+            t.first = next;
+        }
+        if let Some(n) = self.conns.get_mut(next) {
+            n.prev = prev;
+        }
+        if let Some(t) = self.terms.get_mut(tk) {
+            t.conns = t.conns.saturating_sub(1);
+        }
+    }
+
+    /// The keys of terminal `tk`'s connections.
+    fn term_conns(&self, tk: u32) -> TermConns<'_, S> {
+        TermConns {
+            conns: &self.conns,
+            next: self.terms.get(tk).map_or(NIL, |t| t.first),
+        }
+    }
+
+    /// `key` is idle now: a demand waiting for its terminal may take it (at the end of
+    /// the call, see [`Relay::serve_kicks`]).
+    fn kick(&mut self, key: u32) {
+        let waited_for = self
+            .conns
+            .get(key)
+            .and_then(|c| c.term)
+            .and_then(|t| self.terms.get(t))
+            .is_some_and(|t| t.wait_head != NIL);
+        if waited_for && !self.kicks.contains(&key) {
+            let _ = self.kicks.push(key);
+        }
+    }
+
+    /// Pairs waiting demands with the connections that became idle during this call.
+    fn serve_kicks(&mut self) {
+        while let Some(key) = self.kicks.pop() {
+            let Some(c) = self.conns.get(key) else {
+                continue;
+            };
+            let Some(tk) = c.term.filter(|_| matches!(c.state, State::Idle)) else {
+                continue;
+            };
+            if let Some(requester) = self.pop_waiter(tk) {
+                let Some(State::Waiting {
+                    service, deadline, ..
+                }) = self.conns.get(requester).map(|c| c.state.clone())
+                else {
+                    continue;
+                };
+                self.notify(requester, key, service, deadline);
+            }
+        }
+    }
+
+    /// Takes the oldest demand waiting for terminal `tk` out of its list.
+    fn pop_waiter(&mut self, tk: u32) -> Option<u32> {
+        let head = self.terms.get(tk)?.wait_head;
+        let next = self.conns.get(head)?.wait_next;
+        let t = self.terms.get_mut(tk)?;
+        t.wait_head = next;
+        if next == NIL {
+            t.wait_tail = NIL;
+        }
+        if let Some(c) = self.conns.get_mut(head) {
+            c.wait_next = NIL;
+        }
+        Some(head)
+    }
+
+    /// Appends `requester` to terminal `tk`'s wait list.
+    fn push_waiter(&mut self, tk: u32, requester: u32) {
+        let Some(t) = self.terms.get_mut(tk) else {
+            return;
+        };
+        let tail = core::mem::replace(&mut t.wait_tail, requester);
+        if tail == NIL {
+            t.wait_head = requester;
+        } else if let Some(c) = self.conns.get_mut(tail) {
+            c.wait_next = requester;
+        }
+        if let Some(c) = self.conns.get_mut(requester) {
+            c.wait_next = NIL;
+        }
+    }
+
+    /// Takes `requester` out of terminal `tk`'s wait list, wherever it is.
+    fn remove_waiter(&mut self, tk: u32, requester: u32) {
+        let Some(t) = self.terms.get(tk) else { return };
+        let after = self.conns.get(requester).map_or(NIL, |c| c.wait_next);
+        let mut prev = NIL;
+        let mut k = t.wait_head;
+        while k != NIL && k != requester {
+            prev = k;
+            k = self.conns.get(k).map_or(NIL, |c| c.wait_next);
+        }
+        if k == NIL {
+            return;
+        }
+        if let Some(p) = self.conns.get_mut(prev) {
+            p.wait_next = after;
+        }
+        if let Some(t) = self.terms.get_mut(tk) {
+            if prev == NIL {
+                t.wait_head = after;
+            }
+            if t.wait_tail == requester {
+                t.wait_tail = prev;
+            }
+        }
+        if let Some(c) = self.conns.get_mut(requester) {
+            c.wait_next = NIL;
+        }
     }
 
     fn refuse_login(&mut self, key: u32, user: UserId, code: ErrorCode) {
@@ -768,106 +944,149 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
     }
 
-    /// Step (6): routes a demand from `key`, or answers it with an error at once.
+    /// Step (6): routes a demand from `key` to an idle connection of the target, parks
+    /// it until the target opens one, or answers it with an error at once.
     fn route(&mut self, now: Instant, key: u32, d: Demand) {
         let Some(from) = self.user_of(key).cloned() else {
             return;
         };
-        let refuse = |error| (error, d.target.clone(), d.service.clone());
         let outcome = (|| {
             // The access rule first: a forbidden target's presence is not revealed.
             if !self.policy.may_reach(&from, &d.target) {
-                return Err(refuse(DemandError::Forbidden));
+                return Err(DemandError::Forbidden);
             }
             let tk = self
                 .users
                 .get(&d.target)
-                .ok_or_else(|| refuse(DemandError::TargetOffline))?;
+                .ok_or(DemandError::TargetOffline)?;
             let ak = self
                 .conns
                 .get(key)
                 .and_then(|c| c.term)
-                .ok_or_else(|| refuse(DemandError::TargetGone))?;
+                .ok_or(DemandError::TargetGone)?;
             let max = self.config.max_sessions_per_account;
             let busy = |k| self.terms.get(k).is_none_or(|t| t.sessions >= max);
             if busy(ak) || busy(tk) {
-                return Err(refuse(DemandError::TooManySessions));
+                return Err(DemandError::TooManySessions);
             }
-            let target = self
-                .terms
-                .get(tk)
-                .ok_or_else(|| refuse(DemandError::TargetGone))?;
-            // The most recently heard-from idle connection: after an outage the oldest
-            // ones may be dead without the relay knowing yet.
-            let idle = target
-                .conns
-                .iter()
-                .copied()
-                .filter(|&ck| ck != key)
-                .filter_map(|ck| Some((ck, self.conns.get(ck)?)))
-                .filter(|(_, c)| matches!(c.state, State::Idle))
-                .max_by_key(|(_, c)| c.last_rx)
-                .map(|(ck, _)| ck);
-            idle.map(|ck| (ck, ak, tk))
-                .ok_or_else(|| refuse(DemandError::NoIdleConnection))
+            Ok((ak, tk))
         })();
-        match outcome {
-            Err((error, to, service)) => {
+        let (ak, tk) = match outcome {
+            Ok(keys) => keys,
+            Err(error) => {
                 if let Some(c) = self.conns.get_mut(key) {
                     c.out.result = Some(DemandResult::Failed {
                         error,
                         text: Text::display(&error),
                     });
                 }
-                self.emit(Event::DemandFailed {
+                return self.emit(Event::DemandFailed {
                     from,
-                    to,
-                    service,
+                    to: d.target,
+                    service: d.service,
                     error,
                 });
             }
-            Ok((ck, ak, tk)) => {
-                let session = self.next_session;
-                self.next_session = self.next_session.wrapping_add(1).max(1);
-                let deadline = now + self.config.demand_timeout;
+        };
+        for k in [ak, tk] {
+            if let Some(t) = self.terms.get_mut(k) {
+                t.sessions += 1;
+            }
+        }
+        let deadline = now + self.config.demand_timeout;
+        // The most recently heard-from idle connection: after an outage the oldest ones
+        // may be dead without the relay knowing yet.
+        let idle = self
+            .term_conns(tk)
+            .filter(|&ck| ck != key)
+            .filter_map(|ck| Some((ck, self.conns.get(ck)?)))
+            .filter(|(_, c)| matches!(c.state, State::Idle))
+            .max_by_key(|(_, c)| c.last_rx)
+            .map(|(ck, _)| ck);
+        match idle {
+            Some(ck) => self.notify(key, ck, d.service, deadline),
+            // Every connection of the target is busy: its terminal opens another one
+            // to stay at its spare count, which takes this demand (oldest first).
+            None => {
                 if let Some(c) = self.conns.get_mut(key) {
-                    c.state = State::Demanding {
-                        peer: ck,
+                    c.state = State::Waiting {
+                        target: tk,
                         service: d.service,
                         deadline,
                     };
                 }
-                if let Some(c) = self.conns.get_mut(ck) {
-                    c.state = State::Noticed { peer: key, session };
-                    c.out.notice = true;
-                }
-                for k in [ak, tk] {
-                    if let Some(t) = self.terms.get_mut(k) {
-                        t.sessions += 1;
-                    }
-                }
-                self.wake(ck);
+                self.push_waiter(tk, key);
             }
         }
     }
 
-    fn sessions_done(&mut self, a: u32, b: u32) {
-        for k in [a, b] {
-            if let Some(t) = self
-                .conns
-                .get(k)
-                .and_then(|c| c.term)
-                .and_then(|t| self.terms.get_mut(t))
-            {
+    /// Queues the NOTICE of `requester`'s demand on the target's idle connection `target`.
+    fn notify(&mut self, requester: u32, target: u32, service: ServiceName, deadline: Instant) {
+        let session = self.next_session;
+        self.next_session = self.next_session.wrapping_add(1).max(1);
+        if let Some(c) = self.conns.get_mut(requester) {
+            c.state = State::Demanding {
+                peer: target,
+                service,
+                deadline,
+            };
+        }
+        if let Some(c) = self.conns.get_mut(target) {
+            c.state = State::Noticed {
+                peer: requester,
+                session,
+            };
+            c.out.notice = true;
+        }
+        self.wake(target);
+    }
+
+    /// A session slot of terminals `a` and `b` (keys of the terminal table) is free again.
+    fn slots_done(&mut self, a: Option<u32>, b: Option<u32>) {
+        for k in [a, b].into_iter().flatten() {
+            if let Some(t) = self.terms.get_mut(k) {
                 t.sessions = t.sessions.saturating_sub(1);
             }
         }
     }
 
-    /// The requester's service, read from its `Demanding` state.
+    fn sessions_done(&mut self, a: u32, b: u32) {
+        let term = |k| self.conns.get(k).and_then(|c| c.term);
+        self.slots_done(term(a), term(b));
+    }
+
+    /// A waiting demand of `requester` for terminal `tk` ends unserved.
+    fn fail_waiting(&mut self, requester: u32, tk: u32, error: DemandError) {
+        self.remove_waiter(tk, requester);
+        let service = self.service_of(requester);
+        let own = self.conns.get(requester).and_then(|c| c.term);
+        self.slots_done(own, Some(tk));
+        if let Some(c) = self.conns.get_mut(requester) {
+            c.state = State::Idle;
+            c.out.result = Some(DemandResult::Failed {
+                error,
+                text: Text::display(&error),
+            });
+            self.wake(requester);
+            self.kick(requester);
+        }
+        let to = self.terms.get(tk).map(|t| t.user.clone());
+        if let (Some(from), Some(to)) = (self.user_of(requester).cloned(), to) {
+            self.emit(Event::DemandFailed {
+                from,
+                to,
+                service,
+                error,
+            });
+        }
+    }
+
+    /// The requester's service, read from its `Demanding` or `Waiting` state.
     fn service_of(&self, requester: u32) -> ServiceName {
         match self.conns.get(requester).map(|c| &c.state) {
-            Some(State::Demanding { service, .. }) => service.clone(),
+            Some(State::Demanding { service, .. } | State::Waiting { service, .. }) => {
+                service.clone()
+            }
             _ => ServiceName::default(),
         }
     }
@@ -922,6 +1141,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         if let Some(c) = self.conns.get_mut(target) {
             c.state = State::Idle;
         }
+        self.kick(requester);
+        self.kick(target);
         if let (Some(from), Some(to)) = (
             self.user_of(requester).cloned(),
             self.user_of(target).cloned(),
@@ -941,6 +1162,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             if c.out.notice {
                 c.out.notice = false;
                 c.state = State::Idle;
+                self.kick(target);
             } else {
                 c.out.release = Some(ReleaseReason::Cancelled);
                 c.state = State::Releasing;
@@ -1011,6 +1233,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     fn detach(&mut self, key: u32, reason: ReleaseReason) {
         let Some(c) = self.conns.get(key) else { return };
         match c.state.clone() {
+            State::Waiting { target, .. } => {
+                let own = c.term;
+                self.remove_waiter(target, key);
+                self.slots_done(own, Some(target));
+            }
             State::Demanding { peer, .. } => {
                 self.sessions_done(key, peer);
                 self.cancel_notice(peer);
@@ -1039,22 +1266,57 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// Closes every connection of terminal `term` (after `code`, if any) and forgets it.
     fn drop_terminal(&mut self, term: u32, code: Option<ErrorCode>, reason: ReleaseReason) {
-        let Some(conns) = self.terms.get(term).map(|t| t.conns.clone()) else {
+        let Some(first) = self.terms.get(term).map(|t| t.first) else {
             return;
         };
-        // Sessions end first, while their events can still name this terminal.
-        for &ck in &conns {
+        // Sessions end first, while their events can still name this terminal. Closing
+        // changes states only, never the list.
+        let mut ck = first;
+        while let Some(c) = self.conns.get(ck) {
+            let next = c.next;
             self.close_conn(ck, code, reason);
+            ck = next;
         }
-        for &ck in &conns {
-            if let Some(c) = self.conns.get_mut(ck) {
-                c.term = None;
-            }
+        let mut ck = first;
+        while let Some(c) = self.conns.get_mut(ck) {
+            let next = c.next;
+            (c.term, c.prev, c.next) = (None, NIL, NIL);
+            ck = next;
         }
-        if let Some(t) = self.terms.remove(term) {
+        self.remove_term(term);
+    }
+
+    /// Forgets terminal `tk` (its connections are gone or no longer its own); demands
+    /// waiting for it fail.
+    fn remove_term(&mut self, tk: u32) {
+        while let Some(requester) = self
+            .terms
+            .get(tk)
+            .map(|t| t.wait_head)
+            .filter(|&k| k != NIL)
+        {
+            self.fail_waiting(requester, tk, DemandError::TargetGone);
+        }
+        if let Some(t) = self.terms.remove(tk) {
             self.users.remove(&t.user);
             self.emit(Event::Offline { user: t.user });
         }
+    }
+}
+
+/// Iterates the keys of one terminal's connections.
+struct TermConns<'a, S: Storage> {
+    conns: &'a S::Conns,
+    next: u32,
+}
+
+impl<S: Storage> Iterator for TermConns<'_, S> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        let key = self.next;
+        self.next = self.conns.get(key)?.next;
+        Some(key)
     }
 }
 
@@ -1189,8 +1451,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 && header.is_none()
             {
                 c.state = State::Idle;
+                c.out = out;
+                self.kick(key);
+                self.serve_kicks();
+            } else {
+                c.out = out;
             }
-            c.out = out;
         }
         Ok(Transmit {
             len,
@@ -1241,7 +1507,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 // connection for the whole deadline ends the session too (documented).
                 let idle = Some(c.last_rx + self.config.keepalive_timeout);
                 let demand = match c.state {
-                    State::Demanding { deadline, .. } => Some(deadline),
+                    State::Demanding { deadline, .. } | State::Waiting { deadline, .. } => {
+                        Some(deadline)
+                    }
                     _ => None,
                 };
                 earliest(idle, demand)
@@ -1251,7 +1519,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// Runs `conn`'s deadlines. Calling early is harmless.
     pub fn handle_timeout(&mut self, now: Instant, conn: ConnId) {
-        let key = conn.0;
+        self.timeout(now, conn.0);
+        self.serve_kicks();
+    }
+
+    fn timeout(&mut self, now: Instant, key: u32) {
         let Some(c) = self.conns.get(key) else { return };
         match c.state {
             State::Closing => {}
@@ -1272,12 +1544,19 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                         ReleaseReason::PeerLost,
                     );
                 }
-                if let State::Demanding { peer, deadline, .. } = c.state
-                    && now >= deadline
-                {
-                    let text = Text::display(&DemandError::Timeout);
-                    self.fail_demand(key, peer, DemandError::Timeout, text);
-                    self.cancel_notice(peer);
+                match c.state {
+                    State::Demanding { peer, deadline, .. } if now >= deadline => {
+                        let text = Text::display(&DemandError::Timeout);
+                        self.fail_demand(key, peer, DemandError::Timeout, text);
+                        self.cancel_notice(peer);
+                    }
+                    // The target opened no connection in time (it may be at its limit).
+                    State::Waiting {
+                        target, deadline, ..
+                    } if now >= deadline => {
+                        self.fail_waiting(key, target, DemandError::NoIdleConnection)
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1292,20 +1571,14 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         ) {
             self.detach(key, ReleaseReason::PeerLost);
         }
-        let Some(c) = self.conns.remove(key) else {
-            return;
-        };
-        let Some(tk) = c.term else { return };
-        let Some(t) = self.terms.get_mut(tk) else {
-            return;
-        };
-        t.conns.retain(|&k| k != key);
-        if t.conns.is_empty()
-            && let Some(t) = self.terms.remove(tk)
-        {
-            self.users.remove(&t.user);
-            self.emit(Event::Offline { user: t.user });
+        if let Some(tk) = self.conns.get(key).and_then(|c| c.term) {
+            self.unlink(tk, key);
+            if self.terms.get(tk).is_some_and(|t| t.conns == 0) {
+                self.remove_term(tk);
+            }
         }
+        self.conns.remove(key);
+        self.serve_kicks();
     }
 
     /// Graceful shutdown: every connection gets `ShuttingDown` and closes; sessions end.
@@ -1330,5 +1603,6 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 ReleaseReason::PeerLoggedOut,
             );
         }
+        self.serve_kicks();
     }
 }
