@@ -14,14 +14,19 @@
 //! [`CREDIT`] plus a few control frames.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Mutex;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 
 /// Payload bytes that may wait in one connection's FIFO.
 pub const CREDIT: usize = 256 * 1024;
+
+/// Chunks handed to one vectored write: a DATA header and its payload (and whatever
+/// else is queued) leave in one system call, hence one TCP segment when they fit.
+const BATCH: usize = 16;
 
 #[derive(Debug, Default)]
 struct State {
@@ -119,24 +124,62 @@ impl Outbox {
         }
     }
 
-    fn pop(&self) -> Next {
+    /// Moves up to [`BATCH`] chunks into `batch` (empty on entry).
+    fn pop(&self, batch: &mut Vec<(Bytes, u32)>) -> Next {
         let mut s = self.lock();
         if s.dead {
             return Next::Stop;
         }
-        match s.chunks.pop_front() {
-            Some((chunk, credit)) => Next::Chunk(chunk, credit),
-            None if s.close => Next::Close,
-            None => Next::Empty,
+        let n = s.chunks.len().min(BATCH);
+        batch.extend(s.chunks.drain(..n));
+        match n {
+            0 if s.close => Next::Close,
+            0 => Next::Empty,
+            _ => Next::Chunks,
         }
     }
 }
 
 enum Next {
-    Chunk(Bytes, u32),
+    Chunks,
     Empty,
     Close,
     Stop,
+}
+
+/// Writes every chunk of `batch` to `w`, in order, with vectored writes.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &mut [(Bytes, u32)],
+) -> std::io::Result<()> {
+    let mut first = 0;
+    loop {
+        while first < batch.len() && batch[first].0.is_empty() {
+            first += 1;
+        }
+        if first == batch.len() {
+            return Ok(());
+        }
+        let mut iov = [IoSlice::new(&[]); BATCH];
+        let mut k = 0;
+        for (chunk, _) in &batch[first..] {
+            iov[k] = IoSlice::new(chunk);
+            k += 1;
+        }
+        let mut n = w.write_vectored(&iov[..k]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let chunk = &mut batch[first].0;
+            let step = n.min(chunk.len());
+            chunk.advance(step);
+            n -= step;
+            if chunk.is_empty() {
+                first += 1;
+            }
+        }
+    }
 }
 
 /// How a writer ended.
@@ -158,11 +201,14 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     out: &Outbox,
     mut pull: impl FnMut() -> bool,
 ) -> WriterEnd {
+    let mut batch = Vec::new();
     loop {
-        match out.pop() {
-            Next::Chunk(chunk, credit) => {
-                let ok = w.write_all(&chunk).await.is_ok();
-                out.release(credit);
+        match out.pop(&mut batch) {
+            Next::Chunks => {
+                let ok = write_batch(&mut w, &mut batch).await.is_ok();
+                for (_, credit) in batch.drain(..) {
+                    out.release(credit);
+                }
                 if !ok {
                     return WriterEnd::Failed;
                 }
