@@ -43,6 +43,8 @@ const CHUNK: usize = 16 * 1024;
 /// this long, rather than failing. (The relay itself holds a demand until the target
 /// has an idle connection.)
 const DEMAND_PATIENCE: Duration = Duration::from_secs(15);
+/// How long a terminal stopped by a signal waits for its LOGOUT to leave.
+const LOGOUT_GRACE: Duration = Duration::from_secs(1);
 /// Tries again at least this often while waiting (a missed wake costs no more).
 const DEMAND_RETRY_DELAY: Duration = Duration::from_millis(150);
 
@@ -111,6 +113,8 @@ struct Ctx {
     timer: Notify,
     /// Some relay connection took input (it may be idle now): waiting demands try again.
     pool: Notify,
+    /// Logging out on purpose: losing the relay is expected, not worth a warning.
+    stopping: std::sync::atomic::AtomicBool,
     epoch: std::time::Instant,
     server: ServerAddr,
     tls: Option<(
@@ -199,6 +203,7 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
                 tracing::info!(server = %ctx.server, "logged in to the relay");
                 let _ = ctx.app.send(AppEvent::LoggedIn);
             }
+            Event::Down if ctx.stopping.load(std::sync::atomic::Ordering::Relaxed) => {}
             Event::Down => {
                 tracing::warn!(server = %ctx.server, "lost the relay; reconnecting with back-off")
             }
@@ -629,6 +634,7 @@ fn start(
         }),
         timer: Notify::new(),
         pool: Notify::new(),
+        stopping: Default::default(),
         epoch: std::time::Instant::now(),
         server: args.server.clone(),
         tls,
@@ -672,7 +678,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `relay expose`: stays logged in and serves demands until killed or refused.
 pub fn expose(args: &TerminalArgs, spare: u8, exposed: Exposed) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let (_ctx, mut rx) = start(args, spare, Some(exposed))?;
+        let (ctx, mut rx) = start(args, spare, Some(exposed))?;
         loop {
             tokio::select! {
                 e = rx.recv() => match e {
@@ -682,11 +688,32 @@ pub fn expose(args: &TerminalArgs, spare: u8, exposed: Exposed) -> anyhow::Resul
                 },
                 r = crate::listen::shutdown_signal() => {
                     r?;
+                    log_out(&ctx).await;
                     return Ok(());
                 }
             }
         }
     })
+}
+
+/// Stopped by a signal: sends LOGOUT so the relay takes us offline at once (peers in a
+/// session learn `PeerLoggedOut` rather than waiting for a keep-alive deadline), and
+/// waits a moment for the connections to close.
+async fn log_out(ctx: &Arc<Ctx>) {
+    ctx.stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let events = {
+        let mut st = ctx.lock();
+        let now = ctx.now();
+        st.term.logout(now);
+        st.after(ctx)
+    };
+    dispatch(ctx, events);
+    let deadline = tokio::time::Instant::now() + LOGOUT_GRACE;
+    while tokio::time::Instant::now() < deadline && ctx.lock().slots.iter().any(Option::is_some) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(server = %ctx.server, "logged out");
 }
 
 /// Opens one session to `target`: demand (retried while the target has no idle
@@ -836,7 +863,11 @@ pub fn connect_listen(
                     Err(e) => { tracing::warn!("accept: {e}"); continue; }
                 },
                 e = fatal(&mut rx) => return Err(e),
-                r = crate::listen::shutdown_signal() => { r?; return Ok(()); }
+                r = crate::listen::shutdown_signal() => {
+                    r?;
+                    log_out(&ctx).await;
+                    return Ok(());
+                }
             };
             let _ = local.set_nodelay(true);
             let (ctx, t, s) = (ctx.clone(), t.clone(), s.clone());
