@@ -158,17 +158,52 @@ pub const FIGS: &[Fig] = &[
         title: "5. Idle cost per logged-in idle client",
         method: "N idle clients are logged in to one relay (rathole: one client with N services, \
                  each its own control channel; bore: N `bore local`; ssh: N `ssh -N -R`, sshd \
-                 forks per connection; relay: N `relay expose` terminals, until relay-proto's \
-                 load generator lands). Relay-role PSS (proportional set size: shared pages \
-                 split among processes, so forks are not counted twice) and kernel TCP memory \
-                 (/proc/net/sockstat, both ends of loopback connections) before/after, divided \
-                 by N.",
+                 forks per connection; relay: N relay-proto terminals in the bench's fleet, one \
+                 logged-in idle connection each, keep-alives every 30 s). Relay-role PSS \
+                 (proportional set size: shared pages split among processes, so forks are not \
+                 counted twice) and kernel TCP memory (/proc/net/sockstat, both ends of loopback \
+                 connections) before/after, divided by N. Our relay's row is its first N of 5b.",
         cols: &[
             col("idle.n", "N", false),
             col("idle.pss_kib_per", "relay KiB/client", true),
             col("idle.sock_kib_per", "kernel TCP KiB/client", false),
         ],
         required: "idle.pss_kib_per",
+    },
+    Fig {
+        id: "idle_scale",
+        title: "5b. Our relay's idle cost at scale",
+        method: "N terminals of the bench's fleet (relay-proto's `Terminal` on plain TCP, one \
+                 logged-in idle connection each, 16 source addresses 127.0.1.x bound before \
+                 connect, at most 256 first logins in flight) log in to a fresh `relay serve`; \
+                 done when the relay's `relay_logged_in_terminals` gauge (--metrics) reaches N. \
+                 After 1 s, relay PSS and RssAnon (heap and stacks) and kernel TCP memory \
+                 (/proc/net/sockstat \"mem\": buffer pages of both ends of every connection, the \
+                 fleet's included; idle sockets hold almost none) and kernel slab (/proc/meminfo \
+                 \"Slab\": the socket, inode, file and epoll objects of both ends; machine-wide, so \
+                 noisy at small N) are compared with before the ramp, per terminal. Goal: ≤ 2 KiB of relay user-space \
+                 memory per idle terminal; Tailscale's DERP reports ≈ 63 KB per connection.",
+        cols: &[],
+        required: "",
+    },
+    Fig {
+        id: "recovery",
+        title: "6. Recovery after a relay restart",
+        method: "N fleet terminals plus the dev/cli path (relay expose, relay connect) are logged \
+                 in; `relay serve` gets SIGKILL and is started again at once with the same store \
+                 and ports. Seconds from the kill until it listens again, until the gauge shows \
+                 all N logged in again (the terminals reconnect with relay-proto's back-off: \
+                 0.5 s doubling, ±25% jitter), and until a 64-byte echo through `relay connect` \
+                 works (a new session); and how the relay logged them in again.",
+        cols: &[
+            col("recovery.n", "N", false),
+            col("recovery.listen_s", "listening s", false),
+            col("recovery.relogin_s", "all logged in s", false),
+            col("recovery.session_s", "new session s", false),
+            col("recovery.resumed", "resumption logins", false),
+            col("recovery.password", "password logins", false),
+        ],
+        required: "recovery.relogin_s",
     },
     Fig {
         id: "splice",
@@ -199,6 +234,7 @@ pub fn fmt_num(v: f64) -> String {
 pub fn applies(fig: &str, sys: System) -> bool {
     match fig {
         "idle" => !matches!(sys, System::Direct | System::Socat),
+        "idle_scale" | "recovery" => sys.is_relay(),
         "rss" => sys != System::Direct,
         "splice" => false,
         _ => true,
@@ -219,6 +255,10 @@ pub fn tables(res: &Results, systems: &[System]) -> String {
         }
         let _ = writeln!(s, "### {}\n", fig.title);
         let _ = writeln!(s, "{}\n", fig.method);
+        if fig.id == "idle_scale" {
+            s.push_str(&idle_scale_table(res, systems));
+            continue;
+        }
         if fig.cols.is_empty() {
             let have = systems.contains(&System::Relay) && systems.contains(&System::RelayNosplice);
             let _ = writeln!(
@@ -250,10 +290,10 @@ pub fn tables(res: &Results, systems: &[System]) -> String {
                 continue;
             }
             if !applies(fig.id, sys) {
-                let why = if fig.id == "idle" {
-                    "n/a (holds no logged-in clients)"
-                } else {
-                    "n/a (no relay process on this path)"
+                let why = match fig.id {
+                    "idle" => "n/a (holds no logged-in clients)",
+                    "recovery" => "not measured (figure 6 restarts our relay only)",
+                    _ => "n/a (no relay process on this path)",
                 };
                 let _ = writeln!(s, "{row} {why} |");
                 continue;
@@ -281,6 +321,75 @@ pub fn tables(res: &Results, systems: &[System]) -> String {
         }
         s.push('\n');
     }
+    s
+}
+
+/// Figure 5b: one row per N and relay system, with the peers' per-client figures of
+/// table 5 as the reference.
+fn idle_scale_table(res: &Results, systems: &[System]) -> String {
+    let mut ns: Vec<usize> = res
+        .samples
+        .keys()
+        .filter_map(|(k, _)| {
+            k.strip_prefix("idle_scale.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ns.sort_unstable();
+    ns.dedup();
+    let mut s = String::from(
+        "| system | N | relay PSS KiB/terminal | × rathole | relay RssAnon KiB/terminal | \
+         kernel TCP buffers KiB/terminal | kernel slab KiB/terminal | login ramp s | logins/s | \
+         ≤ 2 KiB goal |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    let rathole = res.median("idle.pss_kib_per", System::Rathole);
+    for &sys in systems.iter().filter(|s| s.is_relay()) {
+        for &n in &ns {
+            let m = |what: &str| res.median(&format!("idle_scale.{n}.{what}"), sys);
+            let Some(pss) = m("pss") else { continue };
+            let f = |v: Option<f64>| v.map(fmt_num).unwrap_or_else(|| "—".into());
+            let ratio = rathole
+                .filter(|r| *r > 0.0)
+                .map(|r| format!("{:.2}", pss / r))
+                .unwrap_or_else(|| "—".into());
+            let login = m("login_s");
+            let goal = if pss <= 2.0 {
+                "met".to_string()
+            } else {
+                format!("**missed** ({:.1}×)", pss / 2.0)
+            };
+            let _ = writeln!(
+                s,
+                "| {sys} | {n} | {} | {ratio} | {} | {} | {} | {} | {} | {goal} |",
+                fmt_num(pss),
+                f(m("anon")),
+                f(m("sock")),
+                f(m("slab")),
+                f(login),
+                f(login.map(|t| n as f64 / t.max(1e-3))),
+            );
+        }
+    }
+    for peer in [System::Rathole, System::Bore, System::Ssh] {
+        if let (Some(n), Some(p)) = (
+            res.median("idle.n", peer),
+            res.median("idle.pss_kib_per", peer),
+        ) {
+            let sock = res.median("idle.sock_kib_per", peer);
+            let _ = writeln!(
+                s,
+                "| {peer} (table 5) | {} | {} | — | — | {} | — | — | — | {} |",
+                fmt_num(n),
+                fmt_num(p),
+                sock.map(fmt_num).unwrap_or_else(|| "—".into()),
+                if p <= 2.0 { "met" } else { "missed" }
+            );
+        }
+    }
+    s.push('\n');
     s
 }
 
