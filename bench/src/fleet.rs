@@ -217,11 +217,9 @@ impl TermTask {
                             self.shared.up.fetch_add(1, Ordering::Relaxed);
                             self.shared.logins.fetch_add(1, Ordering::Relaxed);
                         }
-                        Event::Down => {
-                            if up {
-                                up = false;
-                                self.shared.up.fetch_sub(1, Ordering::Relaxed);
-                            }
+                        Event::Down if up => {
+                            up = false;
+                            self.shared.up.fetch_sub(1, Ordering::Relaxed);
                         }
                         Event::LoginRefused { code, text } => {
                             self.shared.refused.fetch_add(1, Ordering::Relaxed);
