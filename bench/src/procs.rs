@@ -178,6 +178,12 @@ pub fn rss_kib(roots: &[u32]) -> u64 {
     tree(roots).iter().map(|&p| status_kib(p, "VmRSS:")).sum()
 }
 
+/// Sum of RssAnon (KiB: private anonymous pages, i.e. heap and stacks) over the trees at
+/// `roots`.
+pub fn rss_anon_kib(roots: &[u32]) -> u64 {
+    tree(roots).iter().map(|&p| status_kib(p, "RssAnon:")).sum()
+}
+
 /// Sum of PSS (KiB) over the trees at `roots`: shared pages split among sharers, so a
 /// forking server (sshd) is not counted once per child.
 pub fn pss_kib(roots: &[u32]) -> u64 {
@@ -210,18 +216,48 @@ pub fn sockstat_tcp_mem_kib() -> u64 {
     pages * page / 1024
 }
 
-/// Raises RLIMIT_NOFILE to its hard limit (children inherit it).
-pub fn raise_fd_limit() -> u64 {
+/// Kernel slab memory in KiB (/proc/meminfo "Slab"): socket, inode, file and epoll objects
+/// live there, which sockstat's buffer pages do not count. Machine-wide, so only large
+/// differences mean anything.
+pub fn slab_kib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Slab:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Raises RLIMIT_NOFILE (children inherit it) to at least `want` where allowed (root may
+/// raise the hard limit up to fs.nr_open), else to the hard limit. Returns the soft limit.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: r is a valid rlimit for the duration of both calls.
+    // SAFETY: r is a valid rlimit for the duration of every call.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
         }
+        let target = want.min(nr_open);
+        if r.rlim_max < target {
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: target,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return target;
+            }
+        }
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
     r.rlim_cur
 }

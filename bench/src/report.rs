@@ -15,6 +15,8 @@ pub struct Results {
     pub notes: Vec<(System, String, String)>,
     /// Failures: a broken path or a missing figure.
     pub errors: Vec<String>,
+    /// Figure 5b: fleet sizes this machine cannot hold, and why.
+    pub idle_unmeasurable: Vec<(usize, String)>,
 }
 
 impl Results {
@@ -158,17 +160,52 @@ pub const FIGS: &[Fig] = &[
         title: "5. Idle cost per logged-in idle client",
         method: "N idle clients are logged in to one relay (rathole: one client with N services, \
                  each its own control channel; bore: N `bore local`; ssh: N `ssh -N -R`, sshd \
-                 forks per connection; relay: N `relay expose` terminals, until relay-proto's \
-                 load generator lands). Relay-role PSS (proportional set size: shared pages \
-                 split among processes, so forks are not counted twice) and kernel TCP memory \
-                 (/proc/net/sockstat, both ends of loopback connections) before/after, divided \
-                 by N.",
+                 forks per connection; relay: N relay-proto terminals in the bench's fleet, one \
+                 logged-in idle connection each, keep-alives every 30 s). Relay-role PSS \
+                 (proportional set size: shared pages split among processes, so forks are not \
+                 counted twice) and kernel TCP memory (/proc/net/sockstat, both ends of loopback \
+                 connections) before/after, divided by N. Our relay's row is its first N of 5b.",
         cols: &[
             col("idle.n", "N", false),
             col("idle.pss_kib_per", "relay KiB/client", true),
             col("idle.sock_kib_per", "kernel TCP KiB/client", false),
         ],
         required: "idle.pss_kib_per",
+    },
+    Fig {
+        id: "idle_scale",
+        title: "5b. Our relay's idle cost at scale",
+        method: "N terminals of the bench's fleet (relay-proto's `Terminal` on plain TCP, one \
+                 logged-in idle connection each, 16 source addresses 127.0.1.x bound before \
+                 connect, at most 256 first logins in flight) log in to a fresh `relay serve`; \
+                 done when the relay's `relay_logged_in_terminals` gauge (--metrics) reaches N. \
+                 After 1 s, relay PSS and RssAnon (heap and stacks) and kernel TCP memory \
+                 (/proc/net/sockstat \"mem\": buffer pages of both ends of every connection, the \
+                 fleet's included; idle sockets hold almost none) and kernel slab (/proc/meminfo \
+                 \"Slab\": the socket, inode, file and epoll objects of both ends; machine-wide, so \
+                 noisy at small N) are compared with before the ramp, per terminal. Goal: ≤ 2 KiB of relay user-space \
+                 memory per idle terminal; Tailscale's DERP reports ≈ 63 KB per connection.",
+        cols: &[],
+        required: "",
+    },
+    Fig {
+        id: "recovery",
+        title: "6. Recovery after a relay restart",
+        method: "N fleet terminals plus the dev/cli path (relay expose, relay connect) are logged \
+                 in; `relay serve` gets SIGKILL and is started again at once with the same store \
+                 and ports. Seconds from the kill until it listens again, until the gauge shows \
+                 all N logged in again (the terminals reconnect with relay-proto's back-off: \
+                 0.5 s doubling, ±25% jitter), and until a 64-byte echo through `relay connect` \
+                 works (a new session); and how the relay logged them in again.",
+        cols: &[
+            col("recovery.n", "N", false),
+            col("recovery.listen_s", "listening s", false),
+            col("recovery.relogin_s", "all logged in s", false),
+            col("recovery.session_s", "new session s", false),
+            col("recovery.resumed", "resumption logins", false),
+            col("recovery.password", "password logins", false),
+        ],
+        required: "recovery.relogin_s",
     },
     Fig {
         id: "splice",
@@ -184,7 +221,7 @@ pub fn fmt_num(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".into()
-    } else if a >= 1000.0 {
+    } else if a >= 1000.0 || (v.fract() == 0.0 && a < 1e15) {
         format!("{v:.0}")
     } else if a >= 100.0 {
         format!("{v:.1}")
@@ -199,6 +236,7 @@ pub fn fmt_num(v: f64) -> String {
 pub fn applies(fig: &str, sys: System) -> bool {
     match fig {
         "idle" => !matches!(sys, System::Direct | System::Socat),
+        "idle_scale" | "recovery" => sys.is_relay(),
         "rss" => sys != System::Direct,
         "splice" => false,
         _ => true,
@@ -209,27 +247,29 @@ pub fn applies(fig: &str, sys: System) -> bool {
 pub fn tables(res: &Results, systems: &[System]) -> String {
     let mut s = String::new();
     for fig in FIGS {
-        let measured = fig.cols.is_empty()
-            || fig
-                .cols
-                .iter()
-                .any(|c| res.samples.keys().any(|(k, _)| k == c.key));
+        let measured = if fig.id == "idle_scale" {
+            !res.idle_unmeasurable.is_empty()
+                || res
+                    .samples
+                    .keys()
+                    .any(|(k, _)| k.starts_with("idle_scale."))
+        } else {
+            fig.cols.is_empty()
+        } || fig
+            .cols
+            .iter()
+            .any(|c| res.samples.keys().any(|(k, _)| k == c.key));
         if !measured && res.samples.values().any(|v| !v.is_empty()) {
             continue; // not selected in this run (--figures)
         }
         let _ = writeln!(s, "### {}\n", fig.title);
         let _ = writeln!(s, "{}\n", fig.method);
+        if fig.id == "idle_scale" {
+            s.push_str(&idle_scale_table(res, systems));
+            continue;
+        }
         if fig.cols.is_empty() {
-            let have = systems.contains(&System::Relay) && systems.contains(&System::RelayNosplice);
-            let _ = writeln!(
-                s,
-                "{}\n",
-                if have {
-                    "See the relay and relay-nosplice rows above."
-                } else {
-                    "Not measured in this run: select `--systems ...,relay,relay-nosplice` once the relay's splice switch exists."
-                }
-            );
+            s.push_str(&splice_table(res));
             continue;
         }
         let mut head = String::from("| system |");
@@ -250,10 +290,10 @@ pub fn tables(res: &Results, systems: &[System]) -> String {
                 continue;
             }
             if !applies(fig.id, sys) {
-                let why = if fig.id == "idle" {
-                    "n/a (holds no logged-in clients)"
-                } else {
-                    "n/a (no relay process on this path)"
+                let why = match fig.id {
+                    "idle" => "n/a (holds no logged-in clients)",
+                    "recovery" => "not measured (figure 6 restarts our relay only)",
+                    _ => "n/a (no relay process on this path)",
                 };
                 let _ = writeln!(s, "{row} {why} |");
                 continue;
@@ -281,6 +321,251 @@ pub fn tables(res: &Results, systems: &[System]) -> String {
         }
         s.push('\n');
     }
+    s
+}
+
+/// Figure 5b: one row per N and relay system, with the peers' per-client figures of
+/// table 5 as the reference.
+fn idle_scale_table(res: &Results, systems: &[System]) -> String {
+    let mut ns: Vec<usize> = res
+        .samples
+        .keys()
+        .filter_map(|(k, _)| {
+            k.strip_prefix("idle_scale.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ns.sort_unstable();
+    ns.dedup();
+    let mut s = String::from(
+        "| system | N | relay PSS KiB/terminal | × rathole | relay RssAnon KiB/terminal | \
+         kernel TCP buffers KiB/terminal | kernel slab KiB/terminal | login ramp s | logins/s | \
+         ≤ 2 KiB goal |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    let rathole = res.median("idle.pss_kib_per", System::Rathole);
+    for &sys in systems.iter().filter(|s| s.is_relay()) {
+        for &n in &ns {
+            let m = |what: &str| res.median(&format!("idle_scale.{n}.{what}"), sys);
+            let Some(pss) = m("pss") else { continue };
+            let f = |v: Option<f64>| v.map(fmt_num).unwrap_or_else(|| "—".into());
+            let ratio = rathole
+                .filter(|r| *r > 0.0)
+                .map(|r| format!("{:.2}", pss / r))
+                .unwrap_or_else(|| "—".into());
+            let login = m("login_s");
+            let goal = if pss <= 2.0 {
+                "met".to_string()
+            } else {
+                format!("**missed** ({:.1}×)", pss / 2.0)
+            };
+            let _ = writeln!(
+                s,
+                "| {sys} | {n} | {} | {ratio} | {} | {} | {} | {} | {} | {goal} |",
+                fmt_num(pss),
+                f(m("anon")),
+                f(m("sock")),
+                f(m("slab")),
+                f(login),
+                f(login.map(|t| n as f64 / t.max(1e-3))),
+            );
+        }
+    }
+    for &sys in systems.iter().filter(|s| s.is_relay()) {
+        for (n, why) in &res.idle_unmeasurable {
+            let _ = writeln!(s, "| {sys} | {n} | {why} |");
+        }
+    }
+    for peer in [System::Rathole, System::Bore, System::Ssh] {
+        if let (Some(n), Some(p)) = (
+            res.median("idle.n", peer),
+            res.median("idle.pss_kib_per", peer),
+        ) {
+            let sock = res.median("idle.sock_kib_per", peer);
+            let _ = writeln!(
+                s,
+                "| {peer} (table 5) | {} | {} | — | — | {} | — | — | — | {} |",
+                fmt_num(n),
+                fmt_num(p),
+                sock.map(fmt_num).unwrap_or_else(|| "—".into()),
+                if p <= 2.0 { "met" } else { "missed" }
+            );
+        }
+    }
+    s.push('\n');
+    s
+}
+
+/// Figure 7: relay and relay-nosplice side by side on the figures of the data path.
+fn splice_table(res: &Results) -> String {
+    let (on, off) = (System::Relay, System::RelayNosplice);
+    let rows: Vec<(&str, &str)> = VERDICT
+        .iter()
+        .map(|(k, h, _)| (*k, *h))
+        .chain([("tput8.cpu_s_per_gb", "8 streams CPU s/GB")])
+        .filter(|(k, _)| res.median(k, on).is_some() && res.median(k, off).is_some())
+        .collect();
+    if rows.is_empty() {
+        return "Not measured in this run: it needs `--systems ...,relay,relay-nosplice` and a \
+                relay whose `serve` has the splice switch.\n\n"
+            .into();
+    }
+    let mut s = String::from(
+        "| figure | relay (splice) | relay-nosplice | splice ÷ no splice |\n|---|---:|---:|---:|\n",
+    );
+    for (k, h) in rows {
+        let (a, b) = (
+            res.median(k, on).unwrap_or(0.0),
+            res.median(k, off).unwrap_or(0.0),
+        );
+        let r = if b != 0.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(s, "| {h} | {} | {} | {r} |", fmt_num(a), fmt_num(b));
+    }
+    s.push('\n');
+    s
+}
+
+/// Figures where a peer can beat us: (metric, name, higher is better).
+const VERDICT: &[(&str, &str, bool)] = &[
+    ("tput1.gbps", "throughput, 1 stream (Gbit/s)", true),
+    ("tput8.gbps", "throughput, 8 streams (Gbit/s)", true),
+    ("lat_low.p99_us", "RTT p99 at low rate (µs)", false),
+    ("lat_high.p99_us", "RTT p99 at high load (µs)", false),
+    (
+        "lat_high.per_s",
+        "request/response per second at high load",
+        true,
+    ),
+    ("http.rps", "HTTP requests/s", true),
+    (
+        "rss.server_mib",
+        "relay RSS at 1,000 HTTP req/s (MiB)",
+        false,
+    ),
+    ("sessions.per_s", "new sessions per second", true),
+    (
+        "idle.pss_kib_per",
+        "relay memory per idle client (KiB)",
+        false,
+    ),
+];
+
+/// The issue's targets, and every figure where a peer beats our relay, said plainly.
+pub fn verdict(res: &Results, systems: &[System]) -> String {
+    let us = System::Relay;
+    let mut s = String::new();
+    let ours = |k: &str| res.median(k, us);
+    let rathole = |k: &str| res.median(k, System::Rathole);
+    let f = |v: Option<f64>| v.map(fmt_num).unwrap_or_else(|| "—".into());
+    let _ = writeln!(
+        s,
+        "| target (issue 6) | relay | rathole | relay ÷ rathole | |\n|---|---:|---:|---:|---|"
+    );
+    let status = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "**MISSED**",
+        None => "**not measured**",
+    };
+    for (k, name, higher) in [
+        ("tput1.gbps", "throughput, 1 stream ≥ 1.5× rathole", true),
+        ("tput8.gbps", "throughput, 8 streams ≥ 1.5× rathole", true),
+        ("http.rps", "HTTP requests/s ≥ 1.5× rathole", true),
+        ("lat_low.p99_us", "p99 RTT at low rate ≤ rathole's", false),
+        ("lat_high.p99_us", "p99 RTT at high load ≤ rathole's", false),
+    ] {
+        let (a, b) = (ours(k), rathole(k));
+        let ratio = match (a, b) {
+            (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+            _ => None,
+        };
+        let ok = ratio.map(|r| if higher { r >= 1.5 } else { r <= 1.0 });
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} |",
+            f(a),
+            f(b),
+            ratio
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "—".into()),
+            status(ok)
+        );
+    }
+    let largest = res
+        .samples
+        .keys()
+        .filter(|(_, sys)| *sys == us)
+        .filter_map(|(k, _)| {
+            k.strip_prefix("idle_scale.")?
+                .strip_suffix(".pss")?
+                .parse::<usize>()
+                .ok()
+        })
+        .max();
+    let idle = largest.and_then(|n| Some((n, res.median(&format!("idle_scale.{n}.pss"), us)?)));
+    let _ = writeln!(
+        s,
+        "| ≤ 2 KiB relay memory per idle terminal at 100,000 | {} | {} | — | {} |",
+        idle.map(|(n, v)| format!("{} KiB at N = {n}", fmt_num(v)))
+            .unwrap_or_else(|| "—".into()),
+        f(rathole("idle.pss_kib_per")),
+        match idle {
+            Some((n, _)) if n < 100_000 => "**not measured at 100,000** (see 5b)",
+            Some((_, v)) => status(Some(v <= 2.0)),
+            None => status(None),
+        }
+    );
+    let rec = ours("recovery.relogin_s");
+    let rec_n = ours("recovery.n").unwrap_or(0.0);
+    let _ = writeln!(
+        s,
+        "| 10,000 terminals back within 10 s of a restart | {} | not measured | — | {} |",
+        rec.map(|v| format!("{} s at N = {}", fmt_num(v), fmt_num(rec_n)))
+            .unwrap_or_else(|| "—".into()),
+        match rec {
+            Some(_) if rec_n < 10_000.0 => "**not measured at 10,000**",
+            Some(v) => status(Some(v <= 10.0)),
+            None => status(None),
+        }
+    );
+    s.push('\n');
+    let mut losses = Vec::new();
+    for (k, name, higher) in VERDICT {
+        let Some(a) = ours(k) else { continue };
+        let better: Vec<String> = systems
+            .iter()
+            .filter(|p| !p.is_relay() && **p != System::Direct)
+            .filter_map(|&p| {
+                let b = res.median(k, p)?;
+                let beats = if *higher { b > a } else { b < a };
+                beats.then(|| format!("{p} {}", fmt_num(b)))
+            })
+            .collect();
+        if !better.is_empty() {
+            losses.push(format!(
+                "- **We lose** on {name}: relay {} vs {}.",
+                fmt_num(a),
+                better.join(", ")
+            ));
+        }
+    }
+    for e in res.errors.iter().filter(|e| e.starts_with("relay")) {
+        losses.push(format!("- **Our relay failed** a figure: {e}"));
+    }
+    if losses.is_empty() {
+        s.push_str("No peer beats our relay on any figure of this run (direct TCP aside).\n");
+    } else {
+        s.push_str("Where a peer (direct TCP aside) beats our relay in this run:\n\n");
+        for l in losses {
+            let _ = writeln!(s, "{l}");
+        }
+    }
+    s.push('\n');
     s
 }
 
@@ -337,7 +622,7 @@ mod tests {
                 System::Relay,
             ],
         );
-        assert!(t.contains("| socat | 4.00 | 2.00 | 0.50 |"), "{t}");
+        assert!(t.contains("| socat | 4 | 2.00 | 0.50 |"), "{t}");
         assert!(t.contains("| relay | not available: test |"), "{t}");
     }
 
@@ -346,5 +631,6 @@ mod tests {
         assert_eq!(fmt_num(12345.6), "12346");
         assert_eq!(fmt_num(1.234), "1.23");
         assert_eq!(fmt_num(0.01234), "0.012");
+        assert_eq!(fmt_num(200.0), "200");
     }
 }

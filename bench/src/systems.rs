@@ -346,48 +346,16 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
                 .context("relay binary not available (RELAY_BIN)")?;
             let p = free_port()?;
             let db = dir.join("relay.db");
-            let db_s = path_str(&db)?.to_string();
-            for user in ["dev", "cli"] {
-                let mut c = cmd(
-                    &relay,
-                    &["user", "add", user, "--db", &db_s, "--password-stdin"],
-                );
-                c.current_dir(&dir);
-                run_ok(c, Some("bench-password\n"))
-                    .with_context(|| format!("relay user add {user}"))?;
-            }
-            let (mut serve, listen) = relay_serve(ctx, &relay, p, &db_s, sys)?;
-            serve.current_dir(&dir);
-            up.procs.push(Proc::spawn("relay serve", serve, &log)?);
-            wait_port(p, READY, &mut up.procs)?;
-            let port_of = |a: &str| a.rsplit(':').next().and_then(|x| x.parse::<u16>().ok());
-            if let Some(pp) = port_of(&listen) {
-                wait_port(pp, READY, &mut up.procs)?;
-            }
-            let mut term_args: Vec<String> = vec!["--server".into(), listen.clone()];
-            if ctx.relay.tls {
-                let fp = relay_fingerprint(&log)?;
-                term_args.extend(["--fingerprint".into(), fp]);
-            } else {
-                term_args.extend(ctx.relay.terminal_args.iter().cloned());
-            }
-            let svc = format!("svc=127.0.0.1:{target}");
-            let mut expose = cmd(&relay, &["expose"]);
-            expose
-                .args(&term_args)
-                .args(["--user", "dev", "--service", &svc])
-                .env("RELAY_PASSWORD", "bench-password")
-                .current_dir(&dir);
-            up.procs.push(Proc::spawn("relay expose", expose, &log)?);
-            let l = free_port()?;
-            let l_addr = format!("127.0.0.1:{l}");
-            let mut connect = cmd(&relay, &["connect"]);
-            connect
-                .args(&term_args)
-                .args(["--user", "cli", "dev/svc", "--listen", &l_addr])
-                .env("RELAY_PASSWORD", "bench-password")
-                .current_dir(&dir);
-            up.procs.push(Proc::spawn("relay connect", connect, &log)?);
+            relay_users(&relay, &db, &dir)?;
+            let serve = relay_serve(ctx, p, path_str(&db)?, sys, &[])?;
+            up.procs.push(Proc::spawn(
+                "relay serve",
+                serve.command(&relay, &dir),
+                &log,
+            )?);
+            serve.wait(&mut up.procs)?;
+            let (terminals, l) = relay_terminals(ctx, &relay, &serve, target, &dir, &log)?;
+            up.procs.extend(terminals);
             up.port = l;
         }
     }
@@ -399,37 +367,130 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
     Ok(up)
 }
 
-/// `relay serve` with the TLS listener on 127.0.0.1:`tls_port`. Returns the command and the
-/// address terminals use: in plain mode, `{plain}` in the serve args becomes a fresh
-/// 127.0.0.1 port (the relay's `--allow-plain ADDR` listener) and terminals go there.
+/// The two accounts of every relay path: `dev` (exposes the service) and `cli` (connects),
+/// made with the relay's own CLI (full argon2 cost), which also creates the store.
+pub fn relay_users(relay: &Path, db: &Path, dir: &Path) -> Result<()> {
+    for user in ["dev", "cli"] {
+        let mut c = cmd(
+            relay,
+            &[
+                "user",
+                "add",
+                user,
+                "--db",
+                path_str(db)?,
+                "--password-stdin",
+            ],
+        );
+        c.current_dir(dir);
+        run_ok(c, Some("bench-password\n")).with_context(|| format!("relay user add {user}"))?;
+    }
+    Ok(())
+}
+
+/// How `relay serve` is started: the same flags again after a restart (figure 6).
+#[derive(Debug, Clone)]
+pub struct RelayServe {
+    pub args: Vec<String>,
+    /// The TLS listener (127.0.0.1:P).
+    pub tls: String,
+    /// Where terminals connect: the plain listener, or the TLS one with `--relay-tls`.
+    pub listen: String,
+}
+
+impl RelayServe {
+    pub fn command(&self, relay: &Path, dir: &Path) -> Command {
+        let mut c = Command::new(relay);
+        c.args(&self.args).current_dir(dir);
+        c
+    }
+
+    /// Waits until both listeners accept connections.
+    pub fn wait(&self, procs: &mut [Proc]) -> Result<()> {
+        for a in [&self.tls, &self.listen] {
+            let port = a
+                .rsplit(':')
+                .next()
+                .and_then(|x| x.parse::<u16>().ok())
+                .with_context(|| format!("no port in {a}"))?;
+            wait_port(port, READY, procs)?;
+        }
+        Ok(())
+    }
+}
+
+/// `relay serve` with the TLS listener on 127.0.0.1:`tls_port` and `extra` flags. In plain
+/// mode, `{plain}` in the serve args becomes a fresh 127.0.0.1 port (the relay's
+/// `--allow-plain ADDR` listener) and terminals go there.
 pub fn relay_serve(
     ctx: &Ctx,
-    relay: &Path,
     tls_port: u16,
     db: &str,
     sys: System,
-) -> Result<(Command, String)> {
-    let listen = format!("127.0.0.1:{tls_port}");
-    let mut serve = cmd(relay, &["serve", "--listen", &listen, "--db", db]);
-    let mut terminals = listen.clone();
+    extra: &[String],
+) -> Result<RelayServe> {
+    let tls = format!("127.0.0.1:{tls_port}");
+    let mut args: Vec<String> = ["serve", "--listen", &tls, "--db", db]
+        .map(String::from)
+        .to_vec();
+    let mut listen = tls.clone();
     if !ctx.relay.tls {
         let mut plain = None;
         for a in &ctx.relay.serve_args {
             if a.contains("{plain}") {
                 let addr = plain.get_or_insert(format!("127.0.0.1:{}", free_port()?));
-                serve.arg(a.replace("{plain}", addr));
+                args.push(a.replace("{plain}", addr));
             } else {
-                serve.arg(a);
+                args.push(a.clone());
             }
         }
         if let Some(addr) = plain {
-            terminals = addr;
+            listen = addr;
         }
     }
     if sys == System::RelayNosplice {
-        serve.args(&ctx.relay.nosplice_args);
+        args.extend(ctx.relay.nosplice_args.iter().cloned());
     }
-    Ok((serve, terminals))
+    args.extend(extra.iter().cloned());
+    Ok(RelayServe { args, tls, listen })
+}
+
+/// `relay expose` (user dev, service svc -> 127.0.0.1:`target`) and `relay connect`
+/// (user cli, dev/svc, listening on a fresh port), started against `serve`. Returns them
+/// and the port the client program connects to.
+pub fn relay_terminals(
+    ctx: &Ctx,
+    relay: &Path,
+    serve: &RelayServe,
+    target: u16,
+    dir: &Path,
+    log: &Path,
+) -> Result<(Vec<Proc>, u16)> {
+    let mut term_args: Vec<String> = vec!["--server".into(), serve.listen.clone()];
+    if ctx.relay.tls {
+        let fp = relay_fingerprint(log)?;
+        term_args.extend(["--fingerprint".into(), fp]);
+    } else {
+        term_args.extend(ctx.relay.terminal_args.iter().cloned());
+    }
+    let svc = format!("svc=127.0.0.1:{target}");
+    let mut expose = cmd(relay, &["expose"]);
+    expose
+        .args(&term_args)
+        .args(["--user", "dev", "--service", &svc])
+        .env("RELAY_PASSWORD", "bench-password")
+        .current_dir(dir);
+    let mut procs = vec![Proc::spawn("relay expose", expose, log)?];
+    let l = free_port()?;
+    let l_addr = format!("127.0.0.1:{l}");
+    let mut connect = cmd(relay, &["connect"]);
+    connect
+        .args(&term_args)
+        .args(["--user", "cli", "dev/svc", "--listen", &l_addr])
+        .env("RELAY_PASSWORD", "bench-password")
+        .current_dir(dir);
+    procs.push(Proc::spawn("relay connect", connect, log)?);
+    Ok((procs, l))
 }
 
 fn path_str(p: &Path) -> Result<&str> {
