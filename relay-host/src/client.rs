@@ -36,7 +36,7 @@ pub const SLOTS: usize = 128;
 type Term = Terminal<SLOTS, { 2 * SLOTS + 2 }>;
 
 /// Largest payload read from a local socket at once (one DATA frame).
-const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = 64 * 1024 - 1;
 
 /// A demand that finds no idle connection of ours waits for the pool to grow (one login
 /// per new connection), trying again whenever a relay connection's state changes, up to
