@@ -25,7 +25,7 @@
 //! and dropped when everything in it was handled; only a partial control frame is kept.
 
 use std::collections::BTreeSet;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -723,8 +723,14 @@ fn pull_control(srv: &Arc<Server>, id: ConnId, me: &Arc<Conn>) -> bool {
     pushed
 }
 
-/// One client connection, from accept to close, in one task.
-async fn connection(srv: Arc<Server>, accepted: Accepted, handshake: Duration) {
+/// One client connection, from accept to close, in one task. The setup runs now; the
+/// future keeps only what the connection needs while it lives (its size is part of every
+/// connection's memory).
+fn connection(
+    srv: Arc<Server>,
+    accepted: Accepted,
+    handshake: Duration,
+) -> impl Future<Output = ()> + Send + 'static {
     let Accepted {
         stream,
         peer,
@@ -751,18 +757,22 @@ async fn connection(srv: Arc<Server>, accepted: Accepted, handshake: Duration) {
                     armed: NOT_ARMED,
                 });
                 core.arm(id);
-                id
+                Some(id)
             }
             Err(e) => {
                 tracing::warn!(%peer, "connection refused: {e:?}");
-                return;
+                None
             }
         }
     };
-    let mut io = ConnIo::new(stream);
-    poll_fn(|cx| io.poll(cx, &srv, id, &me)).await;
-    srv.lock().finish(&srv, id, &me);
-    drop(slot);
+    let mut io = id.map(|_| ConnIo::new(stream));
+    async move {
+        if let (Some(id), Some(io)) = (id, &mut io) {
+            poll_fn(|cx| io.poll(cx, &srv, id, &me)).await;
+            srv.lock().finish(&srv, id, &me);
+        }
+        drop(slot);
+    }
 }
 
 /// Offers `buf` to the core until it is used up, only a partial frame is left, or payload
@@ -856,8 +866,13 @@ pub fn run(
     store: Arc<dyn AccountStore>,
     identity: ServerIdentity,
 ) -> anyhow::Result<()> {
+    // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
+    // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
+    // of threads, each with its stack and malloc arena, that outlive the burst.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads((2 * cores).max(4))
         .build()
         .context("starting the async runtime")?;
     rt.block_on(serve(config, store, identity, async {
