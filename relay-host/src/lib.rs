@@ -10,13 +10,15 @@
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
 //! - [`throttle`]: failed-login throttling per account and per source address.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
-//! - [`server`]: `relay serve`, the protocol core on sockets; [`outbox`]: per-connection FIFOs.
+//! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
+//!   FIFOs ([`outbox`]: the terminal's).
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line.
 
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod fifo;
 pub mod listen;
 pub mod metrics;
 pub mod outbox;

@@ -149,7 +149,11 @@ impl Acceptor {
                 let stream = match tls {
                     None => Either::Right(tcp),
                     Some(tls) => {
-                        match tokio::time::timeout_at(login_deadline, tls.accept(tcp)).await {
+                        // Boxed: the handshake's state (over a kilobyte) would otherwise be
+                        // part of every connection task for its whole life, plain TCP too.
+                        let handshake =
+                            Box::pin(tokio::time::timeout_at(login_deadline, tls.accept(tcp)));
+                        match handshake.await {
                             Ok(Ok(s)) => Either::Left(Box::new(s)),
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, "TLS handshake failed: {e}");

@@ -1,28 +1,36 @@
 //! `relay serve`: relay-proto's core on real sockets.
 //!
 //! One [`Core`] (the protocol core plus a handle per connection) behind a
-//! `std::sync::Mutex`, never held across an `await`. Each connection has two tasks:
+//! `std::sync::Mutex`, never held across an `await` or any I/O. Each connection is one
+//! task ([`ConnIo`]) that polls both directions of its socket:
 //!
-//! - a *reader* that reads the socket, offers the bytes to the core and runs the
-//!   connection's deadline; for payload it first asks [`Relay::forward_target`] where the
-//!   bytes go and reserves room in that connection's [`Outbox`] (no lock held), then hands
-//!   the core exactly that many bytes and pushes the chunk into the receiver's FIFO;
-//! - a *writer* ([`run_writer`]) that writes its FIFO in order and, when the FIFO is empty,
-//!   pulls control output from the core ([`Relay::poll_transmit`]).
+//! - *reading*: it reads the socket and offers the bytes to the core; for payload it first
+//!   asks [`Relay::forward_target`] where the bytes go and takes credit in that
+//!   connection's [`Fifo`] (or waits for it without reading more: backpressure), then
+//!   hands the core exactly that many bytes and pushes the chunk into the receiver's FIFO;
+//! - *writing*: it writes its own FIFO in order and, when the FIFO is empty, pulls control
+//!   output from the core ([`Relay::poll_transmit`]).
 //!
-//! So control output is pulled (an [`Event::Wake`] only wakes the writer), payload is
-//! pushed by the sender's reader, and every push happens under the core lock: the FIFO's
-//! order is the core's order, which is what the forwarding contract requires.
+//! So control output is pulled (an [`Event::Wake`] only wakes the task), payload is
+//! pushed by the sender, and every push happens under the core lock: the FIFO's order is
+//! the core's order, which is what the forwarding contract requires.
+//!
+//! Deadlines (handshake, keep-alive, demand) are not a timer per connection: the core's
+//! deadlines sit in one ordered set ([`Core::arm`]) and one timer task runs those that
+//! are due. An entry is only moved *earlier*; a deadline that moved later (a keep-alive
+//! arrived) fires early once, which the core allows, and is re-armed then. So an idle
+//! connection costs one set entry and keep-alives cost no timer work.
 //!
 //! Idle connections hold no read buffer: a buffer is allocated when the socket has data
 //! and dropped when everything in it was handled; only a partial control frame is kept.
 
-use std::future::poll_fn;
+use std::collections::BTreeSet;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -32,14 +40,14 @@ use relay_proto::relay::{
     self, ConnId, Event, Heap, MIN_TRANSMIT_BUF, Offer, Policy, Relay, Verdict,
 };
 use relay_proto::{DemandError, ErrorCode, ResumeToken, UserId};
-use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::{Limits, ServeConfig};
+use crate::fifo::{Chunk, Fifo, Next};
 use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
 use crate::metrics::{LoginMethod, LoginOutcome, Metrics};
-use crate::outbox::{Outbox, WriterEnd, run_writer};
 use crate::store::{AccountName, AccountStore, AccountsSnapshot, VerifyError};
 use crate::throttle::{DEFAULT_MAX_TRACKED, LoginThrottle};
 use crate::tls::ServerIdentity;
@@ -72,20 +80,33 @@ impl Policy for SnapshotPolicy {
     }
 }
 
-/// What the relay keeps per connection besides the core's entry.
+/// What the relay keeps per connection besides the core's entry, shared by the
+/// connection's task, its peer's task (pushes, credit) and the core's lock holder (wakes).
 #[derive(Debug)]
 struct Conn {
-    out: Outbox,
-    /// Re-arms the reader's deadline (the core changed this connection's state).
-    timer: Notify,
+    out: Fifo,
     peer: SocketAddr,
+}
+
+/// [`Slot::armed`] when the connection has no entry in [`Core::timers`].
+const NOT_ARMED: u64 = u64::MAX;
+
+/// A connection's handle in the core's table.
+struct Slot {
+    conn: Arc<Conn>,
+    /// The time (core milliseconds) of its entry in [`Core::timers`], or [`NOT_ARMED`].
+    armed: u64,
 }
 
 /// The protocol core and the connections' handles, behind one lock.
 struct Core {
     relay: Relay<Heap, SnapshotPolicy>,
     /// Indexed by `ConnId.0` (the core reuses small keys).
-    conns: Vec<Option<Arc<Conn>>>,
+    conns: Vec<Option<Slot>>,
+    /// Deadlines of all connections, `(core milliseconds, ConnId.0)`, earliest first.
+    timers: BTreeSet<(u64, u32)>,
+    /// Wakes the timer task when an entry earlier than all others was added.
+    timer_wake: Arc<Notify>,
     epoch: std::time::Instant,
     bytes_seen: u64,
 }
@@ -100,7 +121,6 @@ struct Server {
     accounts: watch::Receiver<Arc<AccountsSnapshot>>,
     /// Wakes the account watcher at once (see [`snapshot_current`]).
     refresh_accounts: Arc<tokio::sync::Notify>,
-    epoch: std::time::Instant,
 }
 
 /// The core's configuration from the operator's limits.
@@ -150,7 +170,56 @@ impl Core {
     }
 
     fn conn(&self, id: ConnId) -> Option<&Arc<Conn>> {
-        self.conns.get(id.0 as usize).and_then(Option::as_ref)
+        self.conns
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|s| &s.conn)
+    }
+
+    /// Makes sure `id` has a timer entry no later than the core's next deadline for it.
+    /// A later deadline keeps the earlier entry (it fires early, harmlessly, and re-arms).
+    fn arm(&mut self, id: ConnId) {
+        let Some(at) = self.relay.poll_timeout(id) else {
+            return;
+        };
+        let at = at.as_millis();
+        let Some(Some(slot)) = self.conns.get_mut(id.0 as usize) else {
+            return;
+        };
+        if at >= slot.armed {
+            return;
+        }
+        if slot.armed != NOT_ARMED {
+            self.timers.remove(&(slot.armed, id.0));
+        }
+        slot.armed = at;
+        if self.timers.first().is_none_or(|&(first, _)| at < first) {
+            self.timer_wake.notify_one();
+        }
+        self.timers.insert((at, id.0));
+    }
+
+    /// Runs the deadlines that are due and re-arms those connections.
+    fn fire(&mut self, srv: &Arc<Server>) {
+        let now = self.now();
+        let mut due = Vec::new();
+        while let Some(&(at, key)) = self.timers.first() {
+            if at > now.as_millis() {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(Some(slot)) = self.conns.get_mut(key as usize) {
+                slot.armed = NOT_ARMED;
+            }
+            due.push(ConnId(key));
+        }
+        for &id in &due {
+            self.relay.handle_timeout(now, id);
+        }
+        for id in due {
+            self.arm(id);
+        }
+        self.drain(srv);
     }
 
     fn is(&self, id: ConnId, me: &Arc<Conn>) -> bool {
@@ -167,7 +236,8 @@ impl Core {
             return false;
         };
         if t.len > 0 {
-            c.out.push(Bytes::copy_from_slice(&buf[..t.len]), 0);
+            c.out
+                .push(Chunk::Bytes(Bytes::copy_from_slice(&buf[..t.len]), 0));
         }
         if t.close {
             c.out.close_after_flush();
@@ -179,21 +249,25 @@ impl Core {
     fn finish(&mut self, srv: &Arc<Server>, id: ConnId, me: &Arc<Conn>) {
         if self.is(id, me) {
             self.relay.closed(id);
-            self.conns[id.0 as usize] = None;
+            if let Some(slot) = self.conns[id.0 as usize].take()
+                && slot.armed != NOT_ARMED
+            {
+                self.timers.remove(&(slot.armed, id.0));
+            }
             self.drain(srv);
         }
         me.out.kill();
-        me.timer.notify_one();
     }
 
-    /// Handles the core's events: wakes writers, starts login checks, logs, counts.
+    /// Handles the core's events: wakes tasks, starts login checks, logs, counts.
     fn drain(&mut self, srv: &Arc<Server>) {
         while let Some(e) = self.relay.poll_event() {
             match e {
                 Event::Wake(c) => {
-                    if let Some(c) = self.conn(c) {
-                        c.out.wake.notify_one();
-                        c.timer.notify_one();
+                    if let Some(conn) = self.conn(c) {
+                        conn.out.wake();
+                        // Its state changed: a deadline may have come nearer.
+                        self.arm(c);
                     }
                 }
                 Event::Authenticate {
@@ -265,12 +339,6 @@ impl Core {
             self.bytes_seen = stats.bytes_relayed;
         }
     }
-
-    fn deadline(&self, id: ConnId) -> Option<tokio::time::Instant> {
-        self.relay
-            .poll_timeout(id)
-            .map(|t| to_tokio_instant(self.epoch, t))
-    }
 }
 
 impl Server {
@@ -278,6 +346,31 @@ impl Server {
         // The core is only ever changed through its own methods; a panic in one connection
         // task must not take the whole relay down with a poisoned lock.
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The one timer of all connections: sleeps until the earliest entry of [`Core::timers`]
+/// (or until an earlier one is added) and runs what is due. Holds the server only while
+/// it runs deadlines, so it ends once the server is gone.
+async fn run_timers(srv: Weak<Server>, wake: Arc<Notify>, epoch: std::time::Instant) {
+    loop {
+        let next = {
+            let Some(srv) = srv.upgrade() else { return };
+            srv.lock().timers.first().map(|&(at, _)| at)
+        };
+        match next {
+            Some(at) => {
+                let at = to_tokio_instant(epoch, relay_proto::Instant::from_millis(at));
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {
+                        let Some(srv) = srv.upgrade() else { return };
+                        srv.lock().fire(&srv);
+                    }
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
     }
 }
 
@@ -342,6 +435,7 @@ async fn authenticate(
     if core.is(conn, &me) {
         let now = core.now();
         core.relay.login_verdict(now, conn, verdict);
+        core.arm(conn);
         core.drain(&srv);
     }
 }
@@ -428,46 +522,215 @@ async fn check_credential(
     }
 }
 
-/// Reads whatever the socket has into `pending` (allocating a buffer only now), or
-/// returns `Ok(0)` at end of stream. While nothing arrives, no buffer is held.
-async fn read_some(
-    rd: &mut ReadHalf<ClientStream>,
-    pending: &mut BytesMut,
-    big: &mut bool,
-) -> io::Result<usize> {
-    poll_fn(|cx| {
+/// How a connection's task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The core asked to close; the FIFO was flushed and the socket shut down.
+    Closed,
+    /// Someone else finished the connection (shutdown, replaced, deleted account).
+    Killed,
+    /// End of stream, a read or write error, or the core forgot the connection.
+    Gone,
+}
+
+/// What [`offer`] left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Everything handled (or only a partial control frame is left in the buffer).
+    Done,
+    /// Payload waits for credit at its receiver; the task is registered for it.
+    Stalled,
+    /// The core no longer knows this connection.
+    Stop,
+}
+
+/// One connection's I/O, owned by its single task: the socket, the bytes read and not yet
+/// handled, and the chunk being written. Both directions are polled by that one task, so
+/// a connection costs one task and no second stack of futures.
+struct ConnIo {
+    stream: ClientStream,
+    /// Bytes read and not yet handled: a partial control frame, or payload waiting for
+    /// credit. Empty (no allocation) while the connection is idle.
+    pending: BytesMut,
+    /// The last read filled most of a small buffer: read big next time.
+    big: bool,
+    /// Payload in `pending` waits for credit: offer it again before reading.
+    stalled: bool,
+    /// The chunk being written (advanced as it goes) and the credit it returns.
+    writing: Option<(Bytes, u32)>,
+    /// Written since the last flush (TLS keeps records until flushed).
+    unflushed: bool,
+    /// Written since the core was last asked for output.
+    wrote: bool,
+}
+
+impl ConnIo {
+    fn new(stream: ClientStream) -> Self {
+        Self {
+            stream,
+            pending: BytesMut::new(),
+            big: false,
+            stalled: false,
+            writing: None,
+            unflushed: false,
+            wrote: false,
+        }
+    }
+
+    /// Drives both directions until neither can make progress (`Pending`) or the
+    /// connection ends.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        srv: &Arc<Server>,
+        id: ConnId,
+        me: &Arc<Conn>,
+    ) -> Poll<End> {
+        loop {
+            if let Poll::Ready(end) = self.poll_write(cx, srv, id, me) {
+                return Poll::Ready(end);
+            }
+            match self.poll_read(cx, srv, id, me) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => return Poll::Ready(End::Gone),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Writes the FIFO in order; when it is empty, pulls control output from the core.
+    /// `Pending` when the socket is full or there is nothing to write.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        srv: &Arc<Server>,
+        id: ConnId,
+        me: &Arc<Conn>,
+    ) -> Poll<End> {
+        loop {
+            if let Some((chunk, credit)) = &mut self.writing {
+                while !chunk.is_empty() {
+                    match Pin::new(&mut self.stream).poll_write(cx, chunk) {
+                        Poll::Ready(Ok(n)) if n > 0 => chunk.advance(n),
+                        Poll::Ready(_) => return Poll::Ready(End::Gone),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                me.out.release(*credit);
+                self.writing = None;
+                self.unflushed = true;
+                self.wrote = true;
+            }
+            match me.out.pop(cx) {
+                Next::Chunk(Chunk::Bytes(b, credit)) => self.writing = Some((b, credit)),
+                Next::Stop => return Poll::Ready(End::Killed),
+                Next::Close => {
+                    let s = Pin::new(&mut self.stream);
+                    if ready!(s.poll_flush(cx)).is_ok() {
+                        let _ = ready!(Pin::new(&mut self.stream).poll_shutdown(cx));
+                    }
+                    return Poll::Ready(End::Closed);
+                }
+                Next::Empty { pull } => {
+                    if (pull || std::mem::take(&mut self.wrote)) && pull_control(srv, id, me) {
+                        continue;
+                    }
+                    if self.unflushed {
+                        match Pin::new(&mut self.stream).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.unflushed = false,
+                            Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Reads what the socket has and offers it to the core. `Ready(true)`: progress,
+    /// `Ready(false)`: the connection is over, `Pending`: nothing to read or stalled.
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        srv: &Arc<Server>,
+        id: ConnId,
+        me: &Arc<Conn>,
+    ) -> Poll<bool> {
+        if self.stalled {
+            match offer(cx, srv, id, me, &mut self.pending) {
+                Step::Stop => return Poll::Ready(false),
+                Step::Stalled => return Poll::Pending,
+                Step::Done => self.stalled = false,
+            }
+        }
+        match ready!(self.poll_read_some(cx)) {
+            Ok(0) | Err(_) => return Poll::Ready(false),
+            Ok(_) => {}
+        }
+        match offer(cx, srv, id, me, &mut self.pending) {
+            Step::Stop => return Poll::Ready(false),
+            Step::Stalled => {
+                self.stalled = true;
+                return Poll::Pending;
+            }
+            Step::Done => {}
+        }
+        if self.pending.is_empty() {
+            // Idle again: give the read buffer back (chunks split off it live on).
+            self.pending = BytesMut::new();
+        } else if self.pending.capacity() > 4 * self.pending.len() + 1024 {
+            self.pending = BytesMut::from(&self.pending[..]);
+        }
+        Poll::Ready(true)
+    }
+
+    /// Reads whatever the socket has into `pending` (allocating a buffer only now), or
+    /// `Ok(0)` at end of stream. While nothing arrives, no buffer is held.
+    fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         // Small reads (control frames, keep-alives) get a small buffer: a big transient one
         // per idle connection's keep-alive fragments the heap. Bulk gets READ_BUF.
-        let size = if *big { READ_BUF } else { SMALL_READ_BUF };
-        let mut buf = if pending.is_empty() {
+        let size = if self.big { READ_BUF } else { SMALL_READ_BUF };
+        let mut buf = if self.pending.is_empty() {
             BytesMut::with_capacity(size)
         } else {
-            let mut b = BytesMut::with_capacity(size.max(pending.len() * 2));
-            b.extend_from_slice(pending);
+            let mut b = BytesMut::with_capacity(size.max(self.pending.len() * 2));
+            b.extend_from_slice(&self.pending);
             b
         };
         let start = buf.len();
-        let spare = buf.spare_capacity_mut();
-        let mut rb = ReadBuf::uninit(spare);
-        match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity
-                // (`ReadBuf::filled`), which start right at `buf.len()`.
-                unsafe { buf.set_len(start + n) };
-                *big = n >= SMALL_READ_BUF / 2;
-                *pending = buf;
-                Poll::Ready(Ok(n))
-            }
-        }
-    })
-    .await
+        let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity
+        // (`ReadBuf::filled`), which start right at `buf.len()`.
+        unsafe { buf.set_len(start + n) };
+        self.big = n >= SMALL_READ_BUF / 2;
+        self.pending = buf;
+        Poll::Ready(Ok(n))
+    }
 }
 
-/// One client connection, from accept to close.
-async fn connection(srv: Arc<Server>, accepted: Accepted, handshake: Duration) {
+/// Asks the core for `id`'s control output and queues it. `true` if it queued anything
+/// (or a close).
+fn pull_control(srv: &Arc<Server>, id: ConnId, me: &Arc<Conn>) -> bool {
+    let mut core = srv.lock();
+    if !core.is(id, me) {
+        return false;
+    }
+    let pushed = core.flush_control(id);
+    core.drain(srv);
+    pushed
+}
+
+/// One client connection, from accept to close, in one task. The setup runs now; the
+/// future keeps only what the connection needs while it lives (its size is part of every
+/// connection's memory).
+fn connection(
+    srv: Arc<Server>,
+    accepted: Accepted,
+    handshake: Duration,
+) -> impl Future<Output = ()> + Send + 'static {
     let Accepted {
         stream,
         peer,
@@ -475,8 +738,7 @@ async fn connection(srv: Arc<Server>, accepted: Accepted, handshake: Duration) {
         slot,
     } = accepted;
     let me = Arc::new(Conn {
-        out: Outbox::new(),
-        timer: Notify::new(),
+        out: Fifo::new(),
         peer,
     });
     let id = {
@@ -488,161 +750,76 @@ async fn connection(srv: Arc<Server>, accepted: Accepted, handshake: Duration) {
             Ok(id) => {
                 let i = id.0 as usize;
                 if core.conns.len() <= i {
-                    core.conns.resize(i + 1, None);
+                    core.conns.resize_with(i + 1, || None);
                 }
-                core.conns[i] = Some(me.clone());
-                id
+                core.conns[i] = Some(Slot {
+                    conn: me.clone(),
+                    armed: NOT_ARMED,
+                });
+                core.arm(id);
+                Some(id)
             }
             Err(e) => {
                 tracing::warn!(%peer, "connection refused: {e:?}");
-                return;
+                None
             }
         }
     };
-    let (mut rd, wr) = tokio::io::split(stream);
-
-    let writer = {
-        let srv = srv.clone();
-        let me = me.clone();
-        tokio::spawn(async move {
-            let pull = || {
-                let mut core = srv.lock();
-                if !core.is(id, &me) {
-                    return false;
-                }
-                let pushed = core.flush_control(id);
-                core.drain(&srv);
-                pushed
-            };
-            let end = run_writer(wr, &me.out, pull).await;
-            if end != WriterEnd::Killed {
-                srv.lock().finish(&srv, id, &me);
-            }
-        })
-    };
-
-    let mut pending = BytesMut::new();
-    let mut big = false;
-    let mut deadline = srv.lock().deadline(id);
-    loop {
-        if me.out.is_dead() {
-            break;
+    let mut io = id.map(|_| ConnIo::new(stream));
+    async move {
+        if let (Some(id), Some(io)) = (id, &mut io) {
+            poll_fn(|cx| io.poll(cx, &srv, id, &me)).await;
+            srv.lock().finish(&srv, id, &me);
         }
-        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-        let read = tokio::select! {
-            r = read_some(&mut rd, &mut pending, &mut big) => r,
-            () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
-                let mut core = srv.lock();
-                if core.is(id, &me) {
-                    let now = core.now();
-                    core.relay.handle_timeout(now, id);
-                    core.drain(&srv);
-                    deadline = core.deadline(id);
-                }
-                continue;
-            }
-            () = me.timer.notified() => {
-                deadline = srv.lock().deadline(id);
-                continue;
-            }
-        };
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if !offer(&srv, id, &me, &mut pending, &mut deadline).await {
-            break;
-        }
-        if pending.is_empty() {
-            // Idle again: give the read buffer back (chunks split off it live on).
-            pending = BytesMut::new();
-        } else if pending.capacity() > 4 * pending.len() + 1024 {
-            pending = BytesMut::from(&pending[..]);
-        }
+        drop(slot);
     }
-    srv.lock().finish(&srv, id, &me);
-    let _ = writer.await;
-    drop(slot);
 }
 
-/// Offers `buf` to the core until it is used up or only a partial frame is left. Payload
-/// goes to the receiver's FIFO after room is reserved there. `false`: stop reading.
-async fn offer(
+/// Offers `buf` to the core until it is used up, only a partial frame is left, or payload
+/// must wait for credit at its receiver (then `cx` is woken when credit comes back). All
+/// under one lock: payload is pushed into the receiver's FIFO in the core's order.
+fn offer(
+    cx: &mut Context<'_>,
     srv: &Arc<Server>,
     id: ConnId,
     me: &Arc<Conn>,
     buf: &mut BytesMut,
-    deadline: &mut Option<tokio::time::Instant>,
-) -> bool {
-    while !buf.is_empty() {
-        // Control frames (and payload for a dead peer) under one lock.
-        let target = {
-            let mut core = srv.lock();
-            if !core.is(id, me) {
-                return false;
-            }
-            let now = core.now();
-            let mut target = None;
-            while !buf.is_empty() {
-                if let Some((to, remaining)) = core.relay.forward_target(id) {
-                    target = core.conn(to).cloned().map(|c| (to, remaining, c));
-                    if target.is_some() {
-                        break;
-                    }
-                }
-                match core.relay.handle_input(now, id, buf) {
-                    Offer::Consumed(n) => buf.advance(n),
-                    Offer::NeedMore => break,
-                    Offer::Forward { to, n } => {
-                        // Only when the receiver has no handle any more: nothing to write.
-                        let chunk = chunk_of(buf, n);
-                        if let Some(c) = core.conn(to) {
-                            c.out.push(chunk, 0);
-                        }
-                    }
-                }
-            }
-            core.drain(srv);
-            *deadline = core.deadline(id);
-            match target {
-                Some(t) => t,
-                None => return true,
-            }
-        };
-        let (to, remaining, dest) = target;
-        let m = buf.len().min(remaining);
-        // Room at the receiver first, without the lock: this is the backpressure. Our own
-        // deadline keeps running meanwhile (a receiver that takes nothing for the whole
-        // keep-alive deadline ends the session, as the core documents).
-        let reserved = loop {
-            let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-            tokio::select! {
-                ok = dest.out.reserve(m) => break ok,
-                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
-                    let mut core = srv.lock();
-                    if !core.is(id, me) { return false; }
-                    let now = core.now();
-                    core.relay.handle_timeout(now, id);
-                    core.drain(srv);
-                    *deadline = core.deadline(id);
-                    if core.relay.forward_target(id).map(|t| t.0) != Some(to) {
-                        break false;
-                    }
-                }
-                () = me.timer.notified() => {
-                    if me.out.is_dead() { return false; }
-                    *deadline = srv.lock().deadline(id);
-                }
-            }
-        };
-        let mut core = srv.lock();
-        if !core.is(id, me) {
-            if reserved {
-                dest.out.release(m as u32);
-            }
-            return false;
+) -> Step {
+    let mut core = srv.lock();
+    if !core.is(id, me) {
+        return Step::Stop;
+    }
+    let now = core.now();
+    let step = loop {
+        if buf.is_empty() {
+            break Step::Done;
         }
-        let now = core.now();
+        let target = core
+            .relay
+            .forward_target(id)
+            .and_then(|(to, remaining)| Some((to, remaining, core.conn(to)?.clone())));
+        let Some((to, remaining, dest)) = target else {
+            match core.relay.handle_input(now, id, buf) {
+                Offer::Consumed(n) => buf.advance(n),
+                Offer::NeedMore => break Step::Done,
+                Offer::Forward { to, n } => {
+                    // Only when the receiver has no handle any more: nothing to write.
+                    let chunk = chunk_of(buf, n);
+                    if let Some(c) = core.conn(to) {
+                        c.out.push(Chunk::Bytes(chunk, 0));
+                    }
+                }
+            }
+            continue;
+        };
+        // Room at the receiver first: this is the backpressure. Our own deadline keeps
+        // running meanwhile (a receiver that takes nothing for the whole keep-alive
+        // deadline ends the session, as the core documents).
+        let m = buf.len().min(remaining);
+        let Poll::Ready(credit) = dest.out.poll_reserve(cx, m) else {
+            break Step::Stalled;
+        };
+        let credit = credit.unwrap_or(0);
         // The receiver's pending output (this frame's DATA header) goes first. Not after
         // `handle_input`: the last chunk of a frame unlocks the receiver, and control frames
         // queued meanwhile (a keep-alive ack, TERMINATE) must follow the payload.
@@ -650,33 +827,25 @@ async fn offer(
         match core.relay.handle_input(now, id, &buf[..m]) {
             Offer::Forward { to: t, n } => {
                 let chunk = chunk_of(buf, n);
-                let same = core.is(t, &dest) && reserved;
-                if reserved {
-                    dest.out
-                        .release(if same { (m - n) as u32 } else { m as u32 });
-                }
+                let used = if t == to { credit.min(n as u32) } else { 0 };
+                dest.out.release(credit - used);
                 if let Some(c) = core.conn(t) {
-                    c.out.push(chunk, if same { n as u32 } else { 0 });
+                    c.out.push(Chunk::Bytes(chunk, used));
                 }
             }
             Offer::Consumed(n) => {
                 buf.advance(n);
-                if reserved {
-                    dest.out.release(m as u32);
-                }
+                dest.out.release(credit);
             }
             Offer::NeedMore => {
-                if reserved {
-                    dest.out.release(m as u32);
-                }
-                core.drain(srv);
-                return true;
+                dest.out.release(credit);
+                break Step::Done;
             }
         }
-        core.drain(srv);
-        *deadline = core.deadline(id);
-    }
-    true
+    };
+    core.arm(id);
+    core.drain(srv);
+    step
 }
 
 /// The first `n` bytes of `buf` as a chunk: split off (no copy) when large, copied when
@@ -697,8 +866,13 @@ pub fn run(
     store: Arc<dyn AccountStore>,
     identity: ServerIdentity,
 ) -> anyhow::Result<()> {
+    // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
+    // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
+    // of threads, each with its stack and malloc arena, that outlive the burst.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads((2 * cores).max(4))
         .build()
         .context("starting the async runtime")?;
     rt.block_on(serve(config, store, identity, async {
@@ -727,10 +901,13 @@ pub async fn serve(
     )?;
     let policy = SnapshotPolicy(accounts.borrow().clone());
     let epoch = std::time::Instant::now();
+    let timer_wake = Arc::new(Notify::new());
     let srv = Arc::new(Server {
         core: Mutex::new(Core {
             relay: Relay::new(core_config(&limits), policy),
             conns: Vec::new(),
+            timers: BTreeSet::new(),
+            timer_wake: timer_wake.clone(),
             epoch,
             bytes_seen: 0,
         }),
@@ -744,9 +921,8 @@ pub async fn serve(
         metrics: metrics.clone(),
         accounts: accounts.clone(),
         refresh_accounts,
-        epoch,
     });
-    let _ = srv.epoch;
+    tokio::spawn(run_timers(Arc::downgrade(&srv), timer_wake, epoch));
 
     // Account edits: new access rules for the next demand; deleted accounts close now.
     {
