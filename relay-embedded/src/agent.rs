@@ -2,31 +2,31 @@
 //!
 //! All protocol decisions (login, spares, keep-alive, back-off, demand routing) are the
 //! terminal's; the agent only moves bytes and events between it, the sockets and the
-//! application, with fixed buffers: one carry buffer per connection for a frame split
-//! across reads (and for payload the service could not take yet), and one transmit
-//! scratch shared by all connections.
+//! application. It holds no receive buffer per connection: received bytes stay in the
+//! socket until they are used ([`Transport::peek`], [`Transport::consume`]), so a frame
+//! split across packets simply waits there, and payload the service cannot take yet is
+//! backpressure in the socket's window. One scratch buffer, shared by all connections,
+//! holds a control frame while it is decoded or encoded.
 
 use relay_proto::codes::RejectReason;
-use relay_proto::frame::{HEADER_LEN, MAX_CONTROL_FRAME};
+use relay_proto::frame::HEADER_LEN;
 use relay_proto::ident::{Password, ServiceName, Text, UserId};
 use relay_proto::terminal::{
     Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal,
 };
 use relay_proto::time::Instant;
 
-use embedded_io::{Read, ReadReady};
-
 use crate::log::{log_debug, log_warn};
 use crate::service::{Decision, Out, Service, Session, SessionInfo};
 use crate::transport::{LinkState, Transport, write_exact};
 
-/// Carry buffer per connection: the largest control frame must fit, since the terminal
-/// asks for more bytes (`NeedMore`) until a whole frame is there.
-pub const RX_CARRY: usize = MAX_CONTROL_FRAME;
-
 /// The smallest socket transmit buffer that works: control frames are written only when
 /// this much space is free, so they never have to be split or held back half-written.
 pub const MIN_SOCKET_TX: usize = MIN_TRANSMIT_BUF;
+
+/// The smallest socket receive buffer that works: a whole control frame must fit, since
+/// the terminal decodes a frame only once all of it has arrived.
+pub const MIN_SOCKET_RX: usize = relay_proto::frame::MAX_CONTROL_FRAME;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -42,11 +42,9 @@ enum Phase {
 #[derive(Debug)]
 struct Link {
     phase: Phase,
-    /// Received bytes not yet used: the first `rx_payload` of them are session payload
-    /// the terminal already accounted for, the rest are not yet offered to it.
-    rx: [u8; RX_CARRY],
-    rx_len: u16,
-    rx_payload: u16,
+    /// The first `payload` bytes still in the socket are session payload the terminal
+    /// already accounted for: they go to the service, never to the terminal again.
+    payload: u16,
     session: Option<SessionInfo>,
 }
 
@@ -54,25 +52,14 @@ impl Link {
     const fn new() -> Self {
         Link {
             phase: Phase::Idle,
-            rx: [0; RX_CARRY],
-            rx_len: 0,
-            rx_payload: 0,
+            payload: 0,
             session: None,
         }
     }
 
     fn reset(&mut self) {
         self.phase = Phase::Idle;
-        self.rx_len = 0;
-        self.rx_payload = 0;
-    }
-
-    /// Drops the first `n` buffered bytes.
-    fn consume(&mut self, n: usize) {
-        let len = usize::from(self.rx_len);
-        let n = n.min(len);
-        self.rx.copy_within(n..len, 0);
-        self.rx_len = (len - n) as u16;
+        self.payload = 0;
     }
 }
 
@@ -85,6 +72,8 @@ impl Link {
 pub struct Agent<const N: usize, const E: usize = 16> {
     terminal: Terminal<N, E>,
     links: [Link; N],
+    /// A control frame being decoded or encoded, or payload on its way to the service;
+    /// shared, since the agent handles one connection at a time.
     scratch: [u8; MIN_TRANSMIT_BUF],
 }
 
@@ -249,7 +238,8 @@ impl<const N: usize, const E: usize> Agent<N, E> {
         self.drain(now, t, svc);
     }
 
-    /// Reads what the slot has, feeds the terminal, hands payload to the service.
+    /// Offers what the slot received to the terminal, frame by frame, and hands payload
+    /// to the service. Bytes are consumed from the socket only once used.
     fn receive<T: Transport, S: Service>(
         &mut self,
         slot: usize,
@@ -262,63 +252,39 @@ impl<const N: usize, const E: usize> Agent<N, E> {
             if self.links[slot].phase != Phase::Open {
                 return;
             }
-            // Payload first: it came before anything still in the buffer.
-            if !self.deliver(slot, now, t, svc) {
-                return;
-            }
-            // Offer the buffered bytes to the terminal, frame by frame.
-            let mut need_more = false;
-            while self.links[slot].phase == Phase::Open
-                && self.links[slot].rx_len > 0
-                && self.links[slot].rx_payload == 0
-            {
-                let link = &mut self.links[slot];
-                let len = usize::from(link.rx_len);
-                let offer = self.terminal.handle_input(h, now, &link.rx[..len]);
-                match offer {
-                    Offer::Consumed(n) => link.consume(n.max(1)),
-                    Offer::Payload(n) => {
-                        link.rx_payload = n.min(len) as u16;
-                    }
-                    Offer::NeedMore => need_more = true,
-                }
-                self.drain(now, t, svc);
-                if need_more {
-                    break;
-                }
+            // Payload first: it came before anything after it in the stream.
+            if self.links[slot].payload > 0 {
                 if !self.deliver(slot, now, t, svc) {
                     return;
                 }
+                continue;
             }
-            let link = &mut self.links[slot];
-            if link.phase != Phase::Open {
-                return;
-            }
-            let len = usize::from(link.rx_len);
-            if len == RX_CARRY {
-                // A frame larger than any the protocol allows: the terminal would have
-                // refused it, so this cannot happen; close rather than spin.
-                log_warn!("relay: {:?} frame larger than the carry buffer", h);
-                return self.fail(slot, now, t, svc);
-            }
-            let read = {
-                let mut io = t.io(slot);
-                match io.read_ready() {
-                    Ok(true) => io.read(&mut link.rx[len..]).map_err(|_| ()),
-                    Ok(false) => return,
-                    Err(_) => Err(()),
-                }
+            let n = match t.peek(slot, &mut self.scratch) {
+                Ok(0) => return,
+                Ok(n) => n.min(self.scratch.len()),
+                // The relay closed and every byte was used, or the stack failed.
+                Err(_) => return self.fail(slot, now, t, svc),
             };
-            match read {
-                Ok(n) if n > 0 => link.rx_len = (len + n.min(RX_CARRY - len)) as u16,
-                // End of stream, or the stack failed: the connection is gone.
-                _ => return self.fail(slot, now, t, svc),
+            let bytes = self.scratch.get(..n).unwrap_or(&[]);
+            match self.terminal.handle_input(h, now, bytes) {
+                Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
+                Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
+                Offer::NeedMore if n == self.scratch.len() => {
+                    // A frame larger than any the protocol allows: the terminal would have
+                    // refused it, so this cannot happen; close rather than spin.
+                    log_warn!("relay: {:?} frame larger than the scratch buffer", h);
+                    return self.fail(slot, now, t, svc);
+                }
+                // The rest of the frame is still on its way: it waits in the socket.
+                Offer::NeedMore => return self.drain(now, t, svc),
             }
+            self.drain(now, t, svc);
         }
     }
 
-    /// Hands buffered payload to the service. Returns false when some is left (the
-    /// service is full: stop reading) or the slot closed.
+    /// Hands accounted payload to the service, as much as the scratch holds at a time.
+    /// Returns false when some is left (the service is full: stop reading, the socket's
+    /// window pushes back) or the slot closed.
     fn deliver<T: Transport, S: Service>(
         &mut self,
         slot: usize,
@@ -327,18 +293,28 @@ impl<const N: usize, const E: usize> Agent<N, E> {
         svc: &mut S,
     ) -> bool {
         let Agent {
-            terminal, links, ..
+            terminal,
+            links,
+            scratch,
         } = self;
         let link = &mut links[slot];
-        let pending = usize::from(link.rx_payload);
-        if pending == 0 {
-            return true;
+        let pending = usize::from(link.payload).min(scratch.len());
+        let available = match t.peek(slot, scratch.get_mut(..pending).unwrap_or_default()) {
+            Ok(n) => n.min(pending),
+            Err(_) => {
+                self.fail(slot, now, t, svc);
+                return false;
+            }
+        };
+        if available == 0 {
+            return false;
         }
         let mut wire = Wire {
             terminal,
             transport: t,
             broken: false,
         };
+        let data = scratch.get(..available).unwrap_or(&[]);
         let used = match link.session.as_mut().filter(|s| s.open) {
             Some(info) => {
                 let mut s = Session {
@@ -346,19 +322,19 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                     info,
                     out: &mut wire,
                 };
-                svc.on_data(&mut s, &link.rx[..pending]).min(pending)
+                svc.on_data(&mut s, data).min(available)
             }
             // No session to take it (a stray after the service closed): drop it.
-            None => pending,
+            None => available,
         };
         let broken = wire.broken;
-        link.consume(used);
-        link.rx_payload = (pending - used) as u16;
+        t.consume(slot, used);
+        link.payload -= used as u16;
         if broken {
             self.fail(slot, now, t, svc);
             return false;
         }
-        used == pending
+        used == available
     }
 
     /// Lets the service write on a running session.
