@@ -580,3 +580,173 @@ fn reject_text(reason: RejectReason) -> Text {
         RejectReason::Other => "rejected",
     })
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use core::convert::Infallible as Never;
+    use relay_proto::frame::{self, Frame, LoginOk, Notice};
+    use relay_proto::ident::ResumeToken;
+    use std::vec::Vec;
+
+    /// One slot whose received bytes become visible `step` at a time, so every frame is
+    /// split at every boundary; it records what the agent consumes and sends.
+    #[derive(Default)]
+    struct Trickle {
+        rx: Vec<u8>,
+        visible: usize,
+        consumed: usize,
+        tx: Vec<u8>,
+        open: bool,
+    }
+
+    struct Sink<'a>(&'a mut Vec<u8>);
+    impl embedded_io::ErrorType for Sink<'_> {
+        type Error = Never;
+    }
+    impl embedded_io::Write for Sink<'_> {
+        fn write(&mut self, b: &[u8]) -> Result<usize, Never> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> Result<(), Never> {
+            Ok(())
+        }
+    }
+
+    impl Transport for Trickle {
+        type Error = Never;
+        type Io<'a> = Sink<'a>;
+
+        fn open(&mut self, _: usize) -> Result<(), Never> {
+            self.open = true;
+            Ok(())
+        }
+        fn state(&mut self, _: usize) -> LinkState {
+            if self.open {
+                LinkState::Open
+            } else {
+                LinkState::Closed
+            }
+        }
+        fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, Never> {
+            let avail = &self.rx[self.consumed..self.visible];
+            let n = avail.len().min(buf.len());
+            buf[..n].copy_from_slice(&avail[..n]);
+            Ok(n)
+        }
+        fn consume(&mut self, _: usize, n: usize) {
+            assert!(
+                self.consumed + n <= self.visible,
+                "consumed bytes never peeked"
+            );
+            self.consumed += n;
+        }
+        fn io(&mut self, _: usize) -> Sink<'_> {
+            Sink(&mut self.tx)
+        }
+        fn send_space(&mut self, _: usize) -> usize {
+            4096
+        }
+        fn close(&mut self, _: usize, _: bool) {
+            self.open = false;
+        }
+    }
+
+    /// Takes at most two payload bytes per call, so payload waits in the "socket".
+    #[derive(Default)]
+    struct Slow {
+        got: Vec<u8>,
+        notices: usize,
+        peer_ended: bool,
+    }
+
+    impl Service for Slow {
+        fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
+            self.notices += 1;
+            Decision::Accept
+        }
+        fn on_data(&mut self, _: &mut Session<'_>, data: &[u8]) -> usize {
+            let n = data.len().min(2);
+            self.got.extend_from_slice(&data[..n]);
+            n
+        }
+        fn on_peer_end(&mut self, _: &mut Session<'_>) {
+            self.peer_ended = true;
+        }
+    }
+
+    fn encode(f: Frame, out: &mut Vec<u8>) {
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = f.encode(&mut buf).unwrap();
+        out.extend_from_slice(&buf[..n]);
+    }
+
+    #[test]
+    fn split_frames_wait_in_the_socket_and_payload_is_delivered_exactly_once() {
+        let payload = b"hello, relay: payload longer than a poll takes";
+        let mut rx = Vec::new();
+        encode(
+            Frame::LoginOk(LoginOk {
+                caps: 3,
+                keepalive_ms: 30_000,
+                max_payload: 1024,
+                token: ResumeToken::from_slice(&[7; 48]).unwrap(),
+            }),
+            &mut rx,
+        );
+        encode(
+            Frame::Notice(Notice {
+                session: 9,
+                from: UserId::new("alice").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+            &mut rx,
+        );
+        rx.extend_from_slice(&frame::data_header(payload.len()).unwrap());
+        rx.extend_from_slice(payload);
+        encode(Frame::Terminate, &mut rx);
+
+        for step in [1, 2, 3, 5, 64] {
+            let config = Config {
+                spare: 1,
+                ..Config::default()
+            };
+            let mut agent: Agent<1, 4> = Agent::new(
+                config,
+                UserId::new("cam").unwrap(),
+                Password::new("pw").unwrap(),
+                1,
+            );
+            let mut t = Trickle {
+                rx: rx.clone(),
+                ..Trickle::default()
+            };
+            let mut svc = Slow::default();
+            let now = Instant::from_millis(1);
+            agent.start(now);
+            // Open, connect, LOGIN out.
+            agent.poll(now, &mut t, &mut svc);
+            agent.poll(now, &mut t, &mut svc);
+            assert!(t.tx.starts_with(&[0x01]), "LOGIN first, step {step}");
+            while t.visible < t.rx.len() {
+                t.visible = (t.visible + step).min(t.rx.len());
+                for _ in 0..4 {
+                    agent.poll(now, &mut t, &mut svc);
+                }
+            }
+            for _ in 0..payload.len() {
+                agent.poll(now, &mut t, &mut svc);
+            }
+            assert!(agent.is_up(), "step {step}");
+            assert_eq!(svc.notices, 1, "step {step}");
+            assert_eq!(svc.got, payload, "step {step}");
+            assert!(svc.peer_ended, "step {step}");
+            assert_eq!(t.consumed, t.rx.len(), "step {step}");
+            // ACCEPT followed the LOGIN.
+            assert!(t.tx.windows(2).any(|w| w == [0x09, 0]), "step {step}");
+        }
+    }
+}
