@@ -231,7 +231,12 @@ impl<const N: usize, const E: usize> Agent<N, E> {
             }
             (Phase::Open, LinkState::Closed) => {
                 log_debug!("relay: {:?} transport closed", h);
-                self.terminal.transport_closed(h, now);
+                // What the relay sent before closing still counts (a last ERROR frame
+                // says why); a frame it never finished does not hold the slot open.
+                self.receive(slot, now, t, svc);
+                if self.links[slot].phase == Phase::Open {
+                    self.terminal.transport_closed(h, now);
+                }
             }
             _ => return,
         }
@@ -587,6 +592,7 @@ mod tests {
 
     use super::*;
     use core::convert::Infallible as Never;
+    use relay_proto::codes::ErrorCode;
     use relay_proto::frame::{self, Frame, LoginOk, Notice};
     use relay_proto::ident::ResumeToken;
     use std::vec::Vec;
@@ -600,6 +606,9 @@ mod tests {
         consumed: usize,
         tx: Vec<u8>,
         open: bool,
+        /// The relay closed its side after `rx`.
+        fin: bool,
+        closes: usize,
     }
 
     struct Sink<'a>(&'a mut Vec<u8>);
@@ -625,7 +634,7 @@ mod tests {
             Ok(())
         }
         fn state(&mut self, _: usize) -> LinkState {
-            if self.open {
+            if self.open && !self.fin {
                 LinkState::Open
             } else {
                 LinkState::Closed
@@ -652,6 +661,7 @@ mod tests {
         }
         fn close(&mut self, _: usize, _: bool) {
             self.open = false;
+            self.closes += 1;
         }
     }
 
@@ -661,6 +671,7 @@ mod tests {
         got: Vec<u8>,
         notices: usize,
         peer_ended: bool,
+        closed: Vec<Cause>,
     }
 
     impl Service for Slow {
@@ -676,6 +687,88 @@ mod tests {
         fn on_peer_end(&mut self, _: &mut Session<'_>) {
             self.peer_ended = true;
         }
+        fn on_event(&mut self, e: &Event) {
+            if let Event::Closed { cause, .. } = e {
+                self.closed.push(cause.clone());
+            }
+        }
+    }
+
+    fn login_ok(rx: &mut Vec<u8>) {
+        encode(
+            Frame::LoginOk(LoginOk {
+                caps: 3,
+                keepalive_ms: 30_000,
+                max_payload: 1024,
+                token: ResumeToken::from_slice(&[7; 48]).unwrap(),
+            }),
+            rx,
+        );
+    }
+
+    /// An agent with one connection that has sent its LOGIN; then all of `rx` arrives
+    /// at once, with `fin` followed by the relay closing its side, and the agent polls.
+    fn run(rx: Vec<u8>, fin: bool) -> (Trickle, Slow) {
+        let mut agent: Agent<1, 4> = Agent::new(
+            Config::default(),
+            UserId::new("cam").unwrap(),
+            Password::new("pw").unwrap(),
+            1,
+        );
+        let mut t = Trickle {
+            rx,
+            ..Trickle::default()
+        };
+        let mut svc = Slow::default();
+        let now = Instant::from_millis(1);
+        agent.start(now);
+        agent.poll(now, &mut t, &mut svc);
+        agent.poll(now, &mut t, &mut svc);
+        t.visible = t.rx.len();
+        t.fin = fin;
+        agent.poll(now, &mut t, &mut svc);
+        (t, svc)
+    }
+
+    #[test]
+    fn a_last_error_before_the_relay_closes_is_read() {
+        let mut rx = Vec::new();
+        login_ok(&mut rx);
+        encode(
+            Frame::Error {
+                code: ErrorCode::ShuttingDown,
+                text: Text::lossy("bye"),
+            },
+            &mut rx,
+        );
+        let (t, svc) = run(rx, true);
+        assert_eq!(svc.closed, [Cause::Relay(ErrorCode::ShuttingDown)]);
+        assert_eq!((t.consumed, t.closes), (t.rx.len(), 1));
+    }
+
+    #[test]
+    fn a_frame_the_relay_never_finished_does_not_hold_the_slot() {
+        let mut rx = Vec::new();
+        login_ok(&mut rx);
+        let mut notice = Vec::new();
+        encode(
+            Frame::Notice(Notice {
+                session: 1,
+                from: UserId::new("alice").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+            &mut notice,
+        );
+        rx.extend_from_slice(&notice[..notice.len() / 2]);
+        let (t, svc) = run(rx.clone(), false);
+        assert!(
+            svc.closed.is_empty(),
+            "waits for the rest while the stream is open"
+        );
+        assert_eq!(t.closes, 0);
+        let (t, svc) = run(rx, true);
+        assert_eq!(svc.closed, [Cause::Transport]);
+        assert_eq!(t.closes, 1);
     }
 
     fn encode(f: Frame, out: &mut Vec<u8>) {
@@ -688,15 +781,7 @@ mod tests {
     fn split_frames_wait_in_the_socket_and_payload_is_delivered_exactly_once() {
         let payload = b"hello, relay: payload longer than a poll takes";
         let mut rx = Vec::new();
-        encode(
-            Frame::LoginOk(LoginOk {
-                caps: 3,
-                keepalive_ms: 30_000,
-                max_payload: 1024,
-                token: ResumeToken::from_slice(&[7; 48]).unwrap(),
-            }),
-            &mut rx,
-        );
+        login_ok(&mut rx);
         encode(
             Frame::Notice(Notice {
                 session: 9,

@@ -170,10 +170,10 @@ impl<'y, const N: usize> Transport for Bound<'_, 'y, N> {
         };
         match s.state() {
             State::SynSent | State::SynReceived => LinkState::Opening,
-            State::Established | State::FinWait1 | State::FinWait2 | State::CloseWait => {
-                LinkState::Open
-            }
-            _ if s.recv_queue() > 0 => LinkState::Open,
+            // FIN-WAIT: we closed our side (after LOGOUT); the relay's may still come.
+            State::Established | State::FinWait1 | State::FinWait2 => LinkState::Open,
+            // The relay closed its side, or the connection is gone; `peek` still shows
+            // what arrived before.
             _ => LinkState::Closed,
         }
     }

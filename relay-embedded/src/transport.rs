@@ -16,12 +16,14 @@ use embedded_io::Write;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum LinkState {
-    /// No connection (never opened, failed, reset, or fully closed and drained).
+    /// No connection, or the relay closed its side (FIN), reset it, or it failed. The
+    /// agent still reads what `peek` shows, so a frame the relay sent just before
+    /// closing (an ERROR saying why) is not lost.
     Closed,
     /// Connecting (SYN sent, no answer yet).
     Opening,
-    /// Established: bytes flow. Stays `Open` after the peer's FIN until the received
-    /// bytes are read, so nothing the relay sent before closing is lost.
+    /// Established: bytes flow both ways (or we closed our side and the relay's still
+    /// flows).
     Open,
 }
 
