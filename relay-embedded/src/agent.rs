@@ -120,6 +120,10 @@ impl<T: Transport, const N: usize, const E: usize> Out for Wire<'_, T, N, E> {
     fn terminate(&mut self, h: Handle) -> bool {
         self.terminal.terminate(h).is_ok()
     }
+
+    fn session(&self, h: Handle) -> Option<(u32, &UserId)> {
+        self.terminal.session(h)
+    }
 }
 
 impl<const N: usize, const E: usize> Agent<N, E> {
@@ -147,11 +151,9 @@ impl<const N: usize, const E: usize> Agent<N, E> {
     /// [`Service`] (`on_open` with `requester: true`), or the demand fails with an
     /// [`Event::DemandFailed`] through [`Service::on_event`].
     pub fn demand(&mut self, target: UserId, service: ServiceName) -> Result<Handle, SendError> {
-        let h = self.terminal.demand(target.clone(), service.clone())?;
+        let h = self.terminal.demand(target, service.clone())?;
         if let Some(link) = self.links.get_mut(usize::from(h.0)) {
             link.session = Some(SessionInfo {
-                id: 0,
-                peer: target,
                 service,
                 requester: true,
                 peer_ended: false,
@@ -176,7 +178,8 @@ impl<const N: usize, const E: usize> Agent<N, E> {
         &mut self.terminal
     }
 
-    /// The session on `h`, if one runs there.
+    /// The session on `h`, if one runs there. Its relay session number and peer are the
+    /// terminal's: [`Terminal::session`].
     pub fn session(&self, h: Handle) -> Option<&SessionInfo> {
         self.links
             .get(usize::from(h.0))
@@ -478,17 +481,15 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                 }
                 Event::Notice {
                     handle,
-                    session,
                     from,
                     service,
+                    ..
                 } => {
                     let slot = usize::from(handle.0);
                     match svc.on_notice(&from, &service) {
                         Decision::Accept if slot < N => {
                             if self.terminal.accept(handle, now).is_ok() {
                                 self.links[slot].session = Some(SessionInfo {
-                                    id: session,
-                                    peer: from,
                                     service,
                                     requester: false,
                                     peer_ended: false,
@@ -504,26 +505,19 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                         }
                     }
                 }
-                Event::Accepted {
-                    handle,
-                    session,
-                    peer,
-                } => {
+                Event::Accepted { handle, .. } => {
                     let slot = usize::from(handle.0);
                     if slot >= N {
                         continue;
                     }
-                    let info = self.links[slot].session.get_or_insert(SessionInfo {
-                        id: session,
-                        peer: peer.clone(),
+                    // A demand made through the terminal directly has no record yet.
+                    self.links[slot].session.get_or_insert(SessionInfo {
                         service: ServiceName::default(),
                         requester: true,
                         peer_ended: false,
                         ended: false,
                         open: false,
                     });
-                    info.id = session;
-                    info.peer = peer;
                     self.open_session(slot, t, svc);
                 }
                 Event::DemandFailed { handle, .. } => {
@@ -672,6 +666,8 @@ mod tests {
         notices: usize,
         peer_ended: bool,
         closed: Vec<Cause>,
+        /// The session as the service saw it when data arrived.
+        seen: Option<(u32, UserId)>,
     }
 
     impl Service for Slow {
@@ -679,7 +675,8 @@ mod tests {
             self.notices += 1;
             Decision::Accept
         }
-        fn on_data(&mut self, _: &mut Session<'_>, data: &[u8]) -> usize {
+        fn on_data(&mut self, s: &mut Session<'_>, data: &[u8]) -> usize {
+            self.seen = s.id().zip(s.peer().cloned());
             let n = data.len().min(2);
             self.got.extend_from_slice(&data[..n]);
             n
@@ -828,6 +825,7 @@ mod tests {
             assert!(agent.is_up(), "step {step}");
             assert_eq!(svc.notices, 1, "step {step}");
             assert_eq!(svc.got, payload, "step {step}");
+            assert_eq!(svc.seen, Some((9, UserId::new("alice").unwrap())));
             assert!(svc.peer_ended, "step {step}");
             assert_eq!(t.consumed, t.rx.len(), "step {step}");
             // ACCEPT followed the LOGIN.
