@@ -1,104 +1,143 @@
 #!/usr/bin/env bash
-# The TAP example behind a masquerading gateway, in network namespaces this script makes
-# (and removes on exit). Topology:
+# The TAP example against the real relay, behind a masquerading gateway, in network
+# namespaces this script makes (and removes on exit). Topology:
 #
-#   [ns gw]  tap_device (smoltcp, 10.77.1.2) --tap-- 10.77.1.1  gateway  10.77.2.1 --veth--
-#   [ns wan]                                                    10.77.2.2  relay :7000
+#   [ns gw]  tap_device (smoltcp, 10.77.1.2) --tap0-- 10.77.1.1 gateway 10.77.2.1 --veth--+
+#   [ns pub] 10.77.2.2: `relay serve` (plain TCP :7000), `relay connect`, curl  <----------+
 #
-# The gateway namespace forwards and MASQUERADEs 10.77.1.0/24, so the relay sees the
-# device as 10.77.2.1: the device is NATed and only connects out. The device side has no
-# kernel TCP: its stack is smoltcp on the TAP.
+# The gateway forwards and MASQUERADEs 10.77.1.0/24, and the public side has no route
+# back to it: the device is reachable only through the connections it opens itself. Its
+# TCP/IP is smoltcp on the TAP (no kernel TCP on the device side); the relay, `relay
+# connect` and curl run on the kernel stack of the public namespace.
 #
-# With relay-host's `relay` binary (RELAY_BIN, default target/release/relay) the full
-# end-to-end runs: `relay serve` in wan, `relay connect` fetches the status page and
-# echoes 1 MB. TODO(relay-host): that part is wired below but relay-host's CLI flags are
-# not final; until it is, the script runs the NAT smoke test: a kernel listener in wan
-# must receive the device's LOGIN (magic "RELY") from the masqueraded address.
+# What must hold:
+#   1. the relay sees the device's login arrive from the gateway's address (NAT works);
+#   2. the device's stack answers on its LAN, and has no route from the public side;
+#   3. curl fetches the device's HTTP status page through `relay connect --listen`;
+#   4. 1 MiB of random bytes round-trips byte-exact through the device's echo service
+#      (`relay connect --stdio`, sha256 compared), and the device's status page counts it.
 #
-# Needs root, ip(8), iptables (Debian: apt-get install iptables). Exit 77 = skipped.
+# Needs root, ip(8), iptables, curl, sha256sum (exit 77 = skipped, only for missing
+# root or tools). Builds `relay` (release) and the example (debug) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "embedded_nat: needs root; skipped"; exit 77; }
-for t in ip iptables python3; do
+for t in ip iptables curl sha256sum head timeout; do
   command -v "$t" >/dev/null || { echo "embedded_nat: $t missing; skipped"; exit 77; }
 done
 
 SUF=$$
-GW=relay-gw-$SUF
-WAN=relay-wan-$SUF
+GW=rlye-gw-$SUF
+PUB=rlye-pub-$SUF
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-LOG=$(mktemp -d)
+TMP=$(mktemp -d)
 PIDS=()
+PASSED=0
 
 cleanup() {
+  local rc=$?
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   ip netns del "$GW" 2>/dev/null || true
-  ip netns del "$WAN" 2>/dev/null || true
-  rm -rf "$LOG"
+  ip netns del "$PUB" 2>/dev/null || true
+  if [ "$rc" != 0 ]; then
+    for f in relay device connect-http connect-echo; do
+      [ -f "$TMP/$f.log" ] && { echo "--- $f log (last 40 lines)"; tail -n 40 "$TMP/$f.log"; }
+    done
+    echo "embedded_nat: $PASSED passed, 1 failed"
+  fi
+  rm -rf "$TMP"
+  exit "$rc"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
+fail() { echo "embedded_nat: FAILED: $*" >&2; exit 1; }
+ok() { PASSED=$((PASSED + 1)); echo "embedded_nat: ok $PASSED: $*"; }
+
+# Waits up to $3 seconds for the log file $1 to contain the pattern $2.
+wait_log() {
+  local deadline=$((SECONDS + $3))
+  until grep -q -- "$2" "$1" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "no '$2' in $(basename "$1") after $3 s"
+    sleep 0.2
+  done
+}
+
+cargo build -j1 -q --release -p relay-host --bin relay
 cargo build -j1 -q -p relay-examples --example tap_device
-DEVICE_BIN="$CARGO_TARGET_DIR/debug/examples/tap_device"
+RELAY="$CARGO_TARGET_DIR/release/relay"
+DEVICE="$CARGO_TARGET_DIR/debug/examples/tap_device"
 
 ip netns add "$GW"
-ip netns add "$WAN"
-ip link add veth-gw-$SUF netns "$GW" type veth peer name veth-wan-$SUF netns "$WAN"
+ip netns add "$PUB"
+ip link add "veth-g$SUF" netns "$GW" type veth peer name "veth-p$SUF" netns "$PUB"
 ip -n "$GW" link set lo up
-ip -n "$WAN" link set lo up
-ip -n "$GW" addr add 10.77.2.1/24 dev veth-gw-$SUF
-ip -n "$WAN" addr add 10.77.2.2/24 dev veth-wan-$SUF
-ip -n "$GW" link set veth-gw-$SUF up
-ip -n "$WAN" link set veth-wan-$SUF up
+ip -n "$PUB" link set lo up
+ip -n "$GW" addr add 10.77.2.1/24 dev "veth-g$SUF"
+ip -n "$PUB" addr add 10.77.2.2/24 dev "veth-p$SUF"
+ip -n "$GW" link set "veth-g$SUF" up
+ip -n "$PUB" link set "veth-p$SUF" up
 ip -n "$GW" tuntap add dev tap0 mode tap
 ip -n "$GW" addr add 10.77.1.1/24 dev tap0
 ip -n "$GW" link set tap0 up
 ip netns exec "$GW" sysctl -q -w net.ipv4.ip_forward=1
-ip netns exec "$GW" iptables -t nat -A POSTROUTING -s 10.77.1.0/24 -o veth-gw-$SUF -j MASQUERADE
-# The relay has no route back to 10.77.1.0/24: only the NAT makes replies work.
+ip netns exec "$GW" iptables -t nat -A POSTROUTING -s 10.77.1.0/24 -o "veth-g$SUF" -j MASQUERADE
 
-RELAY_BIN="${RELAY_BIN:-$CARGO_TARGET_DIR/release/relay}"
-if [ -x "$RELAY_BIN" ] && [ "${RELAY_E2E:-0}" = 1 ]; then
-  # TODO(relay-host): adjust to the final CLI once relay-host lands.
-  ip netns exec "$WAN" "$RELAY_BIN" serve --listen 10.77.2.2:7000 --allow-plain-tcp \
-    >"$LOG/relay.log" 2>&1 & PIDS+=($!)
-  sleep 1
-  ip netns exec "$GW" "$DEVICE_BIN" --tap tap0 --ip 10.77.1.2/24 --gw 10.77.1.1 \
-    --relay 10.77.2.2:7000 --user cam-1 --password device-secret --seconds 60 \
-    >"$LOG/device.log" 2>&1 & PIDS+=($!)
-  echo "embedded_nat: e2e wiring pending relay-host; see TODO above" >&2
-  exit 77
-fi
+# The relay, with a fresh account store: the device, and one account per client (a new
+# password login of the same user ID would replace the running one).
+DB="$TMP/relay.db"
+for account in cam-1:device-secret web:user-secret echo:user-secret; do
+  printf '%s\n' "${account#*:}" | "$RELAY" user add "${account%%:*}" --db "$DB" --password-stdin \
+    >>"$TMP/relay.log" 2>&1
+done
+ip netns exec "$PUB" "$RELAY" serve --db "$DB" --listen 10.77.2.2:7835 \
+  --allow-plain 10.77.2.2:7000 >>"$TMP/relay.log" 2>&1 &
+PIDS+=($!)
+wait_log "$TMP/relay.log" "listening" 20
 
-# Smoke test: a kernel listener in wan stands in for the relay and records what arrives.
-ip netns exec "$WAN" python3 - >"$LOG/listener.out" 2>&1 <<'PY' & PIDS+=($!)
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("10.77.2.2", 7000)); s.listen(4); s.settimeout(20)
-c, peer = s.accept(); c.settimeout(5)
-data = b""
-try:
-    while len(data) < 8:
-        b = c.recv(4096)
-        if not b: break
-        data += b
-except socket.timeout:
-    pass
-print("peer", peer[0], "bytes", len(data), "magic", data[3:7] if len(data) >= 7 else data)
-PY
-sleep 0.5
-ip netns exec "$GW" "$DEVICE_BIN" --tap tap0 --ip 10.77.1.2/24 --gw 10.77.1.1 \
-  --relay 10.77.2.2:7000 --user cam-1 --password device-secret --seconds 6 \
-  >"$LOG/device.log" 2>&1 || true
-wait "${PIDS[0]}" || true
-PIDS=()
-cat "$LOG/listener.out"
-if grep -q "peer 10.77.2.1 " "$LOG/listener.out" && grep -q "RELY" "$LOG/listener.out"; then
-  echo "embedded_nat: 1 passed, 0 failed (device LOGIN arrived through NAT from 10.77.2.1)"
-else
-  echo "--- device log"; cat "$LOG/device.log"
-  echo "embedded_nat: 0 passed, 1 failed"
-  exit 1
-fi
+ip netns exec "$GW" "$DEVICE" --tap tap0 --ip 10.77.1.2/24 --gw 10.77.1.1 \
+  --relay 10.77.2.2:7000 --user cam-1 --password device-secret >"$TMP/device.log" 2>&1 &
+PIDS+=($!)
+wait_log "$TMP/device.log" "logged in" 20
+wait_log "$TMP/relay.log" "login user=cam-1" 5
+grep -q "login user=cam-1 .*peer=Some(10\.77\.2\.1:" "$TMP/relay.log" \
+  || fail "the relay did not see cam-1 arrive from the gateway's address 10.77.2.1"
+ok "device logged in through NAT (the relay saw it as 10.77.2.1)"
+
+# A TCP probe to the device's port 80 (nothing listens there): from the gateway, smoltcp
+# answers with a reset; from the public side there is no route at all.
+probe() { ip netns exec "$1" timeout 3 bash -c 'exec 3<>/dev/tcp/10.77.1.2/80' 2>&1 || true; }
+probe "$GW" | grep -q "Connection refused" || fail "the device's stack does not answer on its LAN"
+probe "$PUB" | grep -q "Network is unreachable" \
+  || fail "the device's LAN address is reachable directly from the public side"
+ok "device answers on its LAN and is not routable from the public side"
+
+export RELAY_PASSWORD=user-secret
+CONNECT=("$RELAY" connect --plain --server 10.77.2.2:7000)
+ip netns exec "$PUB" "${CONNECT[@]}" --user web cam-1/http --listen 127.0.0.1:8080 \
+  >"$TMP/connect-http.log" 2>&1 &
+PIDS+=($!)
+wait_log "$TMP/connect-http.log" "forwarding local connections" 20
+page=$(ip netns exec "$PUB" curl -sS --max-time 10 http://127.0.0.1:8080/status) \
+  || fail "curl through the relay failed"
+echo "$page" | sed 's/^/    /'
+grep -q "relay-embedded device" <<<"$page" && grep -q "logged_in: true" <<<"$page" \
+  || fail "the status page is not the device's"
+ok "HTTP status page served by the device, fetched with curl through the relay"
+
+head -c 1048576 /dev/urandom >"$TMP/payload"
+ip netns exec "$PUB" timeout 60 "${CONNECT[@]}" --user echo cam-1/echo --stdio \
+  <"$TMP/payload" >"$TMP/echoed" 2>"$TMP/connect-echo.log" \
+  || fail "relay connect --stdio to cam-1/echo exited with $?"
+sent=$(sha256sum <"$TMP/payload" | cut -d' ' -f1)
+got=$(sha256sum <"$TMP/echoed" | cut -d' ' -f1)
+[ "$sent" = "$got" ] \
+  || fail "echo differs: sent 1048576 B sha256 $sent, got $(stat -c %s "$TMP/echoed") B sha256 $got"
+page=$(ip netns exec "$PUB" curl -sS --max-time 10 http://127.0.0.1:8080/status) \
+  || fail "second curl through the relay failed"
+grep -q "bytes_echoed: 1048576" <<<"$page" || fail "the device did not count 1048576 echoed bytes"
+ok "1 MiB random payload echoed byte-exact by the device (sha256 $sent, device counted it)"
+
+echo "embedded_nat: $PASSED passed, 0 failed"

@@ -34,7 +34,9 @@ const CONNS: usize = 2;
 /// Terminal event queue: the minimum, 2N + 2.
 const EVENTS: usize = 2 * CONNS + 2;
 /// Socket buffers per connection. The transmit buffer must hold at least
-/// `relay_embedded::MIN_SOCKET_TX` (339 bytes) free for a control frame.
+/// `relay_embedded::MIN_SOCKET_TX` (339 bytes) free for a control frame, the receive
+/// buffer a whole control frame (`MIN_SOCKET_RX`, 323 bytes): the agent keeps received
+/// bytes in the socket until they are used.
 const SOCK_RX: usize = 1024;
 const SOCK_TX: usize = 1024;
 const MTU: usize = 1514;

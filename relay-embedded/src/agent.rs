@@ -2,31 +2,31 @@
 //!
 //! All protocol decisions (login, spares, keep-alive, back-off, demand routing) are the
 //! terminal's; the agent only moves bytes and events between it, the sockets and the
-//! application, with fixed buffers: one carry buffer per connection for a frame split
-//! across reads (and for payload the service could not take yet), and one transmit
-//! scratch shared by all connections.
+//! application. It holds no receive buffer per connection: received bytes stay in the
+//! socket until they are used ([`Transport::peek`], [`Transport::consume`]), so a frame
+//! split across packets simply waits there, and payload the service cannot take yet is
+//! backpressure in the socket's window. One scratch buffer, shared by all connections,
+//! holds a control frame while it is decoded or encoded.
 
 use relay_proto::codes::RejectReason;
-use relay_proto::frame::{HEADER_LEN, MAX_CONTROL_FRAME};
+use relay_proto::frame::HEADER_LEN;
 use relay_proto::ident::{Password, ServiceName, Text, UserId};
 use relay_proto::terminal::{
     Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal,
 };
 use relay_proto::time::Instant;
 
-use embedded_io::{Read, ReadReady};
-
 use crate::log::{log_debug, log_warn};
 use crate::service::{Decision, Out, Service, Session, SessionInfo};
 use crate::transport::{LinkState, Transport, write_exact};
 
-/// Carry buffer per connection: the largest control frame must fit, since the terminal
-/// asks for more bytes (`NeedMore`) until a whole frame is there.
-pub const RX_CARRY: usize = MAX_CONTROL_FRAME;
-
 /// The smallest socket transmit buffer that works: control frames are written only when
 /// this much space is free, so they never have to be split or held back half-written.
 pub const MIN_SOCKET_TX: usize = MIN_TRANSMIT_BUF;
+
+/// The smallest socket receive buffer that works: a whole control frame must fit, since
+/// the terminal decodes a frame only once all of it has arrived.
+pub const MIN_SOCKET_RX: usize = relay_proto::frame::MAX_CONTROL_FRAME;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -42,11 +42,9 @@ enum Phase {
 #[derive(Debug)]
 struct Link {
     phase: Phase,
-    /// Received bytes not yet used: the first `rx_payload` of them are session payload
-    /// the terminal already accounted for, the rest are not yet offered to it.
-    rx: [u8; RX_CARRY],
-    rx_len: u16,
-    rx_payload: u16,
+    /// The first `payload` bytes still in the socket are session payload the terminal
+    /// already accounted for: they go to the service, never to the terminal again.
+    payload: u16,
     session: Option<SessionInfo>,
 }
 
@@ -54,25 +52,14 @@ impl Link {
     const fn new() -> Self {
         Link {
             phase: Phase::Idle,
-            rx: [0; RX_CARRY],
-            rx_len: 0,
-            rx_payload: 0,
+            payload: 0,
             session: None,
         }
     }
 
     fn reset(&mut self) {
         self.phase = Phase::Idle;
-        self.rx_len = 0;
-        self.rx_payload = 0;
-    }
-
-    /// Drops the first `n` buffered bytes.
-    fn consume(&mut self, n: usize) {
-        let len = usize::from(self.rx_len);
-        let n = n.min(len);
-        self.rx.copy_within(n..len, 0);
-        self.rx_len = (len - n) as u16;
+        self.payload = 0;
     }
 }
 
@@ -85,6 +72,8 @@ impl Link {
 pub struct Agent<const N: usize, const E: usize = 16> {
     terminal: Terminal<N, E>,
     links: [Link; N],
+    /// A control frame being decoded or encoded, or payload on its way to the service;
+    /// shared, since the agent handles one connection at a time.
     scratch: [u8; MIN_TRANSMIT_BUF],
 }
 
@@ -131,6 +120,10 @@ impl<T: Transport, const N: usize, const E: usize> Out for Wire<'_, T, N, E> {
     fn terminate(&mut self, h: Handle) -> bool {
         self.terminal.terminate(h).is_ok()
     }
+
+    fn session(&self, h: Handle) -> Option<(u32, &UserId)> {
+        self.terminal.session(h)
+    }
 }
 
 impl<const N: usize, const E: usize> Agent<N, E> {
@@ -158,11 +151,9 @@ impl<const N: usize, const E: usize> Agent<N, E> {
     /// [`Service`] (`on_open` with `requester: true`), or the demand fails with an
     /// [`Event::DemandFailed`] through [`Service::on_event`].
     pub fn demand(&mut self, target: UserId, service: ServiceName) -> Result<Handle, SendError> {
-        let h = self.terminal.demand(target.clone(), service.clone())?;
+        let h = self.terminal.demand(target, service.clone())?;
         if let Some(link) = self.links.get_mut(usize::from(h.0)) {
             link.session = Some(SessionInfo {
-                id: 0,
-                peer: target,
                 service,
                 requester: true,
                 peer_ended: false,
@@ -187,7 +178,8 @@ impl<const N: usize, const E: usize> Agent<N, E> {
         &mut self.terminal
     }
 
-    /// The session on `h`, if one runs there.
+    /// The session on `h`, if one runs there. Its relay session number and peer are the
+    /// terminal's: [`Terminal::session`].
     pub fn session(&self, h: Handle) -> Option<&SessionInfo> {
         self.links
             .get(usize::from(h.0))
@@ -242,14 +234,20 @@ impl<const N: usize, const E: usize> Agent<N, E> {
             }
             (Phase::Open, LinkState::Closed) => {
                 log_debug!("relay: {:?} transport closed", h);
-                self.terminal.transport_closed(h, now);
+                // What the relay sent before closing still counts (a last ERROR frame
+                // says why); a frame it never finished does not hold the slot open.
+                self.receive(slot, now, t, svc);
+                if self.links[slot].phase == Phase::Open {
+                    self.terminal.transport_closed(h, now);
+                }
             }
             _ => return,
         }
         self.drain(now, t, svc);
     }
 
-    /// Reads what the slot has, feeds the terminal, hands payload to the service.
+    /// Offers what the slot received to the terminal, frame by frame, and hands payload
+    /// to the service. Bytes are consumed from the socket only once used.
     fn receive<T: Transport, S: Service>(
         &mut self,
         slot: usize,
@@ -262,63 +260,39 @@ impl<const N: usize, const E: usize> Agent<N, E> {
             if self.links[slot].phase != Phase::Open {
                 return;
             }
-            // Payload first: it came before anything still in the buffer.
-            if !self.deliver(slot, now, t, svc) {
-                return;
-            }
-            // Offer the buffered bytes to the terminal, frame by frame.
-            let mut need_more = false;
-            while self.links[slot].phase == Phase::Open
-                && self.links[slot].rx_len > 0
-                && self.links[slot].rx_payload == 0
-            {
-                let link = &mut self.links[slot];
-                let len = usize::from(link.rx_len);
-                let offer = self.terminal.handle_input(h, now, &link.rx[..len]);
-                match offer {
-                    Offer::Consumed(n) => link.consume(n.max(1)),
-                    Offer::Payload(n) => {
-                        link.rx_payload = n.min(len) as u16;
-                    }
-                    Offer::NeedMore => need_more = true,
-                }
-                self.drain(now, t, svc);
-                if need_more {
-                    break;
-                }
+            // Payload first: it came before anything after it in the stream.
+            if self.links[slot].payload > 0 {
                 if !self.deliver(slot, now, t, svc) {
                     return;
                 }
+                continue;
             }
-            let link = &mut self.links[slot];
-            if link.phase != Phase::Open {
-                return;
-            }
-            let len = usize::from(link.rx_len);
-            if len == RX_CARRY {
-                // A frame larger than any the protocol allows: the terminal would have
-                // refused it, so this cannot happen; close rather than spin.
-                log_warn!("relay: {:?} frame larger than the carry buffer", h);
-                return self.fail(slot, now, t, svc);
-            }
-            let read = {
-                let mut io = t.io(slot);
-                match io.read_ready() {
-                    Ok(true) => io.read(&mut link.rx[len..]).map_err(|_| ()),
-                    Ok(false) => return,
-                    Err(_) => Err(()),
-                }
+            let n = match t.peek(slot, &mut self.scratch) {
+                Ok(0) => return,
+                Ok(n) => n.min(self.scratch.len()),
+                // The relay closed and every byte was used, or the stack failed.
+                Err(_) => return self.fail(slot, now, t, svc),
             };
-            match read {
-                Ok(n) if n > 0 => link.rx_len = (len + n.min(RX_CARRY - len)) as u16,
-                // End of stream, or the stack failed: the connection is gone.
-                _ => return self.fail(slot, now, t, svc),
+            let bytes = self.scratch.get(..n).unwrap_or(&[]);
+            match self.terminal.handle_input(h, now, bytes) {
+                Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
+                Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
+                Offer::NeedMore if n == self.scratch.len() => {
+                    // A frame larger than any the protocol allows: the terminal would have
+                    // refused it, so this cannot happen; close rather than spin.
+                    log_warn!("relay: {:?} frame larger than the scratch buffer", h);
+                    return self.fail(slot, now, t, svc);
+                }
+                // The rest of the frame is still on its way: it waits in the socket.
+                Offer::NeedMore => return self.drain(now, t, svc),
             }
+            self.drain(now, t, svc);
         }
     }
 
-    /// Hands buffered payload to the service. Returns false when some is left (the
-    /// service is full: stop reading) or the slot closed.
+    /// Hands accounted payload to the service, as much as the scratch holds at a time.
+    /// Returns false when some is left (the service is full: stop reading, the socket's
+    /// window pushes back) or the slot closed.
     fn deliver<T: Transport, S: Service>(
         &mut self,
         slot: usize,
@@ -327,18 +301,28 @@ impl<const N: usize, const E: usize> Agent<N, E> {
         svc: &mut S,
     ) -> bool {
         let Agent {
-            terminal, links, ..
+            terminal,
+            links,
+            scratch,
         } = self;
         let link = &mut links[slot];
-        let pending = usize::from(link.rx_payload);
-        if pending == 0 {
-            return true;
+        let pending = usize::from(link.payload).min(scratch.len());
+        let available = match t.peek(slot, scratch.get_mut(..pending).unwrap_or_default()) {
+            Ok(n) => n.min(pending),
+            Err(_) => {
+                self.fail(slot, now, t, svc);
+                return false;
+            }
+        };
+        if available == 0 {
+            return false;
         }
         let mut wire = Wire {
             terminal,
             transport: t,
             broken: false,
         };
+        let data = scratch.get(..available).unwrap_or(&[]);
         let used = match link.session.as_mut().filter(|s| s.open) {
             Some(info) => {
                 let mut s = Session {
@@ -346,19 +330,19 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                     info,
                     out: &mut wire,
                 };
-                svc.on_data(&mut s, &link.rx[..pending]).min(pending)
+                svc.on_data(&mut s, data).min(available)
             }
             // No session to take it (a stray after the service closed): drop it.
-            None => pending,
+            None => available,
         };
         let broken = wire.broken;
-        link.consume(used);
-        link.rx_payload = (pending - used) as u16;
+        t.consume(slot, used);
+        link.payload -= used as u16;
         if broken {
             self.fail(slot, now, t, svc);
             return false;
         }
-        used == pending
+        used == available
     }
 
     /// Lets the service write on a running session.
@@ -497,17 +481,15 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                 }
                 Event::Notice {
                     handle,
-                    session,
                     from,
                     service,
+                    ..
                 } => {
                     let slot = usize::from(handle.0);
                     match svc.on_notice(&from, &service) {
                         Decision::Accept if slot < N => {
                             if self.terminal.accept(handle, now).is_ok() {
                                 self.links[slot].session = Some(SessionInfo {
-                                    id: session,
-                                    peer: from,
                                     service,
                                     requester: false,
                                     peer_ended: false,
@@ -523,26 +505,19 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                         }
                     }
                 }
-                Event::Accepted {
-                    handle,
-                    session,
-                    peer,
-                } => {
+                Event::Accepted { handle, .. } => {
                     let slot = usize::from(handle.0);
                     if slot >= N {
                         continue;
                     }
-                    let info = self.links[slot].session.get_or_insert(SessionInfo {
-                        id: session,
-                        peer: peer.clone(),
+                    // A demand made through the terminal directly has no record yet.
+                    self.links[slot].session.get_or_insert(SessionInfo {
                         service: ServiceName::default(),
                         requester: true,
                         peer_ended: false,
                         ended: false,
                         open: false,
                     });
-                    info.id = session;
-                    info.peer = peer;
                     self.open_session(slot, t, svc);
                 }
                 Event::DemandFailed { handle, .. } => {
@@ -603,4 +578,258 @@ fn reject_text(reason: RejectReason) -> Text {
         RejectReason::ServiceUnavailable => "service unavailable",
         RejectReason::Other => "rejected",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use core::convert::Infallible as Never;
+    use relay_proto::codes::ErrorCode;
+    use relay_proto::frame::{self, Frame, LoginOk, Notice};
+    use relay_proto::ident::ResumeToken;
+    use std::vec::Vec;
+
+    /// One slot whose received bytes become visible `step` at a time, so every frame is
+    /// split at every boundary; it records what the agent consumes and sends.
+    #[derive(Default)]
+    struct Trickle {
+        rx: Vec<u8>,
+        visible: usize,
+        consumed: usize,
+        tx: Vec<u8>,
+        open: bool,
+        /// The relay closed its side after `rx`.
+        fin: bool,
+        closes: usize,
+    }
+
+    struct Sink<'a>(&'a mut Vec<u8>);
+    impl embedded_io::ErrorType for Sink<'_> {
+        type Error = Never;
+    }
+    impl embedded_io::Write for Sink<'_> {
+        fn write(&mut self, b: &[u8]) -> Result<usize, Never> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> Result<(), Never> {
+            Ok(())
+        }
+    }
+
+    impl Transport for Trickle {
+        type Error = Never;
+        type Io<'a> = Sink<'a>;
+
+        fn open(&mut self, _: usize) -> Result<(), Never> {
+            self.open = true;
+            Ok(())
+        }
+        fn state(&mut self, _: usize) -> LinkState {
+            if self.open && !self.fin {
+                LinkState::Open
+            } else {
+                LinkState::Closed
+            }
+        }
+        fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, Never> {
+            let avail = &self.rx[self.consumed..self.visible];
+            let n = avail.len().min(buf.len());
+            buf[..n].copy_from_slice(&avail[..n]);
+            Ok(n)
+        }
+        fn consume(&mut self, _: usize, n: usize) {
+            assert!(
+                self.consumed + n <= self.visible,
+                "consumed bytes never peeked"
+            );
+            self.consumed += n;
+        }
+        fn io(&mut self, _: usize) -> Sink<'_> {
+            Sink(&mut self.tx)
+        }
+        fn send_space(&mut self, _: usize) -> usize {
+            4096
+        }
+        fn close(&mut self, _: usize, _: bool) {
+            self.open = false;
+            self.closes += 1;
+        }
+    }
+
+    /// Takes at most two payload bytes per call, so payload waits in the "socket".
+    #[derive(Default)]
+    struct Slow {
+        got: Vec<u8>,
+        notices: usize,
+        peer_ended: bool,
+        closed: Vec<Cause>,
+        /// The session as the service saw it when data arrived.
+        seen: Option<(u32, UserId)>,
+    }
+
+    impl Service for Slow {
+        fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
+            self.notices += 1;
+            Decision::Accept
+        }
+        fn on_data(&mut self, s: &mut Session<'_>, data: &[u8]) -> usize {
+            self.seen = s.id().zip(s.peer().cloned());
+            let n = data.len().min(2);
+            self.got.extend_from_slice(&data[..n]);
+            n
+        }
+        fn on_peer_end(&mut self, _: &mut Session<'_>) {
+            self.peer_ended = true;
+        }
+        fn on_event(&mut self, e: &Event) {
+            if let Event::Closed { cause, .. } = e {
+                self.closed.push(cause.clone());
+            }
+        }
+    }
+
+    fn login_ok(rx: &mut Vec<u8>) {
+        encode(
+            Frame::LoginOk(LoginOk {
+                caps: 3,
+                keepalive_ms: 30_000,
+                max_payload: 1024,
+                token: ResumeToken::from_slice(&[7; 48]).unwrap(),
+            }),
+            rx,
+        );
+    }
+
+    /// An agent with one connection that has sent its LOGIN; then all of `rx` arrives
+    /// at once, with `fin` followed by the relay closing its side, and the agent polls.
+    fn run(rx: Vec<u8>, fin: bool) -> (Trickle, Slow) {
+        let mut agent: Agent<1, 4> = Agent::new(
+            Config::default(),
+            UserId::new("cam").unwrap(),
+            Password::new("pw").unwrap(),
+            1,
+        );
+        let mut t = Trickle {
+            rx,
+            ..Trickle::default()
+        };
+        let mut svc = Slow::default();
+        let now = Instant::from_millis(1);
+        agent.start(now);
+        agent.poll(now, &mut t, &mut svc);
+        agent.poll(now, &mut t, &mut svc);
+        t.visible = t.rx.len();
+        t.fin = fin;
+        agent.poll(now, &mut t, &mut svc);
+        (t, svc)
+    }
+
+    #[test]
+    fn a_last_error_before_the_relay_closes_is_read() {
+        let mut rx = Vec::new();
+        login_ok(&mut rx);
+        encode(
+            Frame::Error {
+                code: ErrorCode::ShuttingDown,
+                text: Text::lossy("bye"),
+            },
+            &mut rx,
+        );
+        let (t, svc) = run(rx, true);
+        assert_eq!(svc.closed, [Cause::Relay(ErrorCode::ShuttingDown)]);
+        assert_eq!((t.consumed, t.closes), (t.rx.len(), 1));
+    }
+
+    #[test]
+    fn a_frame_the_relay_never_finished_does_not_hold_the_slot() {
+        let mut rx = Vec::new();
+        login_ok(&mut rx);
+        let mut notice = Vec::new();
+        encode(
+            Frame::Notice(Notice {
+                session: 1,
+                from: UserId::new("alice").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+            &mut notice,
+        );
+        rx.extend_from_slice(&notice[..notice.len() / 2]);
+        let (t, svc) = run(rx.clone(), false);
+        assert!(
+            svc.closed.is_empty(),
+            "waits for the rest while the stream is open"
+        );
+        assert_eq!(t.closes, 0);
+        let (t, svc) = run(rx, true);
+        assert_eq!(svc.closed, [Cause::Transport]);
+        assert_eq!(t.closes, 1);
+    }
+
+    fn encode(f: Frame, out: &mut Vec<u8>) {
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = f.encode(&mut buf).unwrap();
+        out.extend_from_slice(&buf[..n]);
+    }
+
+    #[test]
+    fn split_frames_wait_in_the_socket_and_payload_is_delivered_exactly_once() {
+        let payload = b"hello, relay: payload longer than a poll takes";
+        let mut rx = Vec::new();
+        login_ok(&mut rx);
+        encode(
+            Frame::Notice(Notice {
+                session: 9,
+                from: UserId::new("alice").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+            &mut rx,
+        );
+        rx.extend_from_slice(&frame::data_header(payload.len()).unwrap());
+        rx.extend_from_slice(payload);
+        encode(Frame::Terminate, &mut rx);
+
+        for step in [1, 2, 3, 5, 64] {
+            let config = Config {
+                spare: 1,
+                ..Config::default()
+            };
+            let mut agent: Agent<1, 4> = Agent::new(
+                config,
+                UserId::new("cam").unwrap(),
+                Password::new("pw").unwrap(),
+                1,
+            );
+            let mut t = Trickle {
+                rx: rx.clone(),
+                ..Trickle::default()
+            };
+            let mut svc = Slow::default();
+            let now = Instant::from_millis(1);
+            agent.start(now);
+            // Open, connect, LOGIN out.
+            agent.poll(now, &mut t, &mut svc);
+            agent.poll(now, &mut t, &mut svc);
+            assert!(t.tx.starts_with(&[0x01]), "LOGIN first, step {step}");
+            while t.visible < t.rx.len() {
+                t.visible = (t.visible + step).min(t.rx.len());
+                for _ in 0..4 {
+                    agent.poll(now, &mut t, &mut svc);
+                }
+            }
+            for _ in 0..payload.len() {
+                agent.poll(now, &mut t, &mut svc);
+            }
+            assert!(agent.is_up(), "step {step}");
+            assert_eq!(svc.notices, 1, "step {step}");
+            assert_eq!(svc.got, payload, "step {step}");
+            assert_eq!(svc.seen, Some((9, UserId::new("alice").unwrap())));
+            assert!(svc.peer_ended, "step {step}");
+            assert_eq!(t.consumed, t.rx.len(), "step {step}");
+            // ACCEPT followed the LOGIN.
+            assert!(t.tx.windows(2).any(|w| w == [0x09, 0]), "step {step}");
+        }
+    }
 }

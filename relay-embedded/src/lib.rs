@@ -27,7 +27,7 @@ mod service;
 mod smol;
 mod transport;
 
-pub use agent::{Agent, MIN_SOCKET_TX, RX_CARRY};
+pub use agent::{Agent, MIN_SOCKET_RX, MIN_SOCKET_TX};
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 #[cfg(feature = "smoltcp")]
 pub use smol::{Bound, SmolError, SmolTcp, TcpIo, proto_instant, smol_instant};

@@ -20,13 +20,11 @@ pub enum Decision {
     Reject(RejectReason),
 }
 
-/// What the agent knows about a session, for the service.
+/// What the agent keeps about a session, for the service. The relay's session number
+/// and the peer's user ID are the terminal's ([`Session::id`], [`Session::peer`]): kept
+/// once, not per layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
-    /// The relay's session number.
-    pub id: u32,
-    /// The other terminal.
-    pub peer: UserId,
     /// The service name the requester asked for (`""` when none).
     pub service: ServiceName,
     /// Whether this device asked for the session ([`crate::Agent::demand`]).
@@ -45,6 +43,8 @@ pub(crate) trait Out {
     fn write(&mut self, h: Handle, data: &[u8]) -> usize;
     fn space(&mut self, h: Handle) -> usize;
     fn terminate(&mut self, h: Handle) -> bool;
+    /// The relay's session number and the peer, while the session runs.
+    fn session(&self, h: Handle) -> Option<(u32, &UserId)>;
 }
 
 /// One running session, as a service sees it during a callback.
@@ -72,6 +72,16 @@ impl Session<'_> {
 
     pub fn info(&self) -> &SessionInfo {
         self.info
+    }
+
+    /// The other terminal. `None` only once the relay has ended the session.
+    pub fn peer(&self) -> Option<&UserId> {
+        self.out.session(self.handle).map(|(_, peer)| peer)
+    }
+
+    /// The relay's session number (as in its logs). `None` as for [`Session::peer`].
+    pub fn id(&self) -> Option<u32> {
+        self.out.session(self.handle).map(|(id, _)| id)
     }
 
     /// Sends as much of `data` as the connection takes now (one DATA frame) and returns

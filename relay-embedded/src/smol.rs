@@ -115,33 +115,12 @@ impl<'y, const N: usize> Bound<'_, 'y, N> {
     }
 }
 
-/// One socket as an embedded-io byte stream (non-blocking: check `read_ready` first).
+/// One socket's send side as an embedded-io writer.
 #[derive(Debug)]
 pub struct TcpIo<'s, 'y>(Option<&'s mut tcp::Socket<'y>>);
 
 impl embedded_io::ErrorType for TcpIo<'_, '_> {
     type Error = SmolError;
-}
-
-impl embedded_io::Read for TcpIo<'_, '_> {
-    /// `Ok(0)` is end of stream (the relay closed); an empty buffer with the stream
-    /// still open is an error rather than a block, since the agent never waits.
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, SmolError> {
-        let s = self.0.as_mut().ok_or(SmolError::State)?;
-        match s.recv_slice(buf) {
-            Ok(0) if !buf.is_empty() && s.may_recv() => Err(SmolError::State),
-            Ok(n) => Ok(n),
-            Err(tcp::RecvError::Finished) => Ok(0),
-            Err(tcp::RecvError::InvalidState) => Err(SmolError::State),
-        }
-    }
-}
-
-impl embedded_io::ReadReady for TcpIo<'_, '_> {
-    fn read_ready(&mut self) -> Result<bool, SmolError> {
-        let s = self.0.as_mut().ok_or(SmolError::State)?;
-        Ok(s.can_recv() || !s.may_recv())
-    }
 }
 
 impl embedded_io::Write for TcpIo<'_, '_> {
@@ -191,11 +170,38 @@ impl<'y, const N: usize> Transport for Bound<'_, 'y, N> {
         };
         match s.state() {
             State::SynSent | State::SynReceived => LinkState::Opening,
-            State::Established | State::FinWait1 | State::FinWait2 | State::CloseWait => {
-                LinkState::Open
-            }
-            _ if s.recv_queue() > 0 => LinkState::Open,
+            // FIN-WAIT: we closed our side (after LOGOUT); the relay's may still come.
+            State::Established | State::FinWait1 | State::FinWait2 => LinkState::Open,
+            // The relay closed its side, or the connection is gone; `peek` still shows
+            // what arrived before.
             _ => LinkState::Closed,
+        }
+    }
+
+    fn peek(&mut self, slot: usize, buf: &mut [u8]) -> Result<usize, SmolError> {
+        let s = self.socket(slot).ok_or(SmolError::State)?;
+        match s.peek_slice(buf) {
+            // The relay's FIN after the last byte (or a reset): the stream is over.
+            Ok(0) if !buf.is_empty() && !s.may_recv() => Err(SmolError::State),
+            Ok(n) => Ok(n),
+            Err(_) => Err(SmolError::State),
+        }
+    }
+
+    fn consume(&mut self, slot: usize, mut n: usize) {
+        let Some(s) = self.socket(slot) else {
+            return;
+        };
+        // Two rounds at most: the bytes may wrap around the end of the ring buffer.
+        while n > 0 {
+            let taken = s.recv(|b| {
+                let k = n.min(b.len());
+                (k, k)
+            });
+            match taken {
+                Ok(k) if k > 0 => n -= k,
+                _ => return,
+            }
         }
     }
 

@@ -1,24 +1,29 @@
 //! What the agent needs from a TCP stack: `N` connection slots to one relay.
 //!
-//! The byte path of each slot is plain [`embedded_io`] (`Read`, `Write`, `ReadReady`), so
-//! a stack that already speaks embedded-io (embassy-net, an AT-command modem driver, a
-//! host socket in tests) needs only the four slot operations below on top. The agent
-//! never blocks: it reads only after `read_ready` says so and writes only as many bytes
+//! The send side of each slot is plain [`embedded_io::Write`]. The receive side is
+//! `peek` and `consume`: the agent looks at received bytes in place and drops them only
+//! once used, so the stack's receive buffer is the only receive buffer (no copy held per
+//! connection, and a service that cannot keep up leaves bytes in the socket, where TCP's
+//! window pushes back). smoltcp (`peek_slice`), embassy-net (`read_with`) and host
+//! sockets (`MSG_PEEK`) all offer that; an AT-command modem driver that cannot peek
+//! keeps a small buffer of its own. The agent never blocks: it writes only as many bytes
 //! as [`Transport::send_space`] promised, which is why that figure must be exact (a DATA
 //! frame's header and its payload must reach the stream together).
 
-use embedded_io::{Read, ReadReady, Write};
+use embedded_io::Write;
 
 /// Where a slot's connection stands, as far as the stack knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum LinkState {
-    /// No connection (never opened, failed, reset, or fully closed and drained).
+    /// No connection, or the relay closed its side (FIN), reset it, or it failed. The
+    /// agent still reads what `peek` shows, so a frame the relay sent just before
+    /// closing (an ERROR saying why) is not lost.
     Closed,
     /// Connecting (SYN sent, no answer yet).
     Opening,
-    /// Established: bytes flow. Stays `Open` after the peer's FIN until the received
-    /// bytes are read, so nothing the relay sent before closing is lost.
+    /// Established: bytes flow both ways (or we closed our side and the relay's still
+    /// flows).
     Open,
 }
 
@@ -27,10 +32,8 @@ pub enum LinkState {
 /// The slot index is the relay-proto [`Handle`](relay_proto::terminal::Handle) number.
 pub trait Transport {
     type Error: embedded_io::Error;
-    /// The byte stream of one slot.
-    type Io<'a>: Read<Error = Self::Error>
-        + Write<Error = Self::Error>
-        + ReadReady<Error = Self::Error>
+    /// The send side of one slot.
+    type Io<'a>: Write<Error = Self::Error>
     where
         Self: 'a;
 
@@ -40,7 +43,16 @@ pub trait Transport {
     /// The slot's connection state.
     fn state(&mut self, slot: usize) -> LinkState;
 
-    /// The slot's byte stream (only used while [`LinkState::Open`]).
+    /// Copies the first received bytes that are not consumed yet into `buf`, as many as
+    /// fit, without consuming them. `Ok(0)`: nothing new right now. An error: the stream
+    /// is over (the relay closed and every byte was consumed) or broken. Only used while
+    /// [`LinkState::Open`].
+    fn peek(&mut self, slot: usize, buf: &mut [u8]) -> Result<usize, Self::Error>;
+
+    /// Drops the first `n` received bytes (never more than the last `peek` returned).
+    fn consume(&mut self, slot: usize, n: usize);
+
+    /// The slot's send side (only used while [`LinkState::Open`]).
     fn io(&mut self, slot: usize) -> Self::Io<'_>;
 
     /// Bytes that `write` takes right now without blocking, all in one call or several.

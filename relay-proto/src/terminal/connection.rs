@@ -14,13 +14,12 @@
 //! The [`Terminal`](super::Terminal) owns these and gives them handles.
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
-use crate::frame::{
-    self, Credential, Demand, DemandResult, Frame, Hello, Login, Parsed, Reject, caps,
-};
+use crate::frame::{self, DemandResult};
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant};
 
+use super::wire::{self, Cred, Inbound, Outbound};
 use super::{Config, Offer, SendError};
 
 /// The control frame a connection still has to send. One at a time is enough: each is
@@ -29,9 +28,14 @@ use super::{Config, Offer, SendError};
 enum Pending {
     None,
     Login,
-    Demand(Demand),
+    /// DEMAND for this service; the target is in [`State::Demanding`].
+    Demand(ServiceName),
     Accept(u32),
-    Reject(Reject),
+    Reject {
+        session: u32,
+        reason: RejectReason,
+        text: Text,
+    },
     Terminate,
     List(u32),
     Logout,
@@ -213,39 +217,51 @@ impl Connection {
             return Err(SendError::BufferTooSmall);
         }
         let mut written = 0;
-        let frame = match core::mem::replace(&mut self.pending, Pending::None) {
-            Pending::None => None,
-            Pending::Login => {
+        let frame = match (&self.pending, &self.state) {
+            (Pending::None, _) => None,
+            (Pending::Login, state) => {
                 let with_token = matches!(
-                    self.state,
+                    state,
                     State::LoggingIn {
                         with_token: true,
                         ..
                     }
                 );
                 let credential = match (with_token, token) {
-                    (true, Some(t)) => Credential::Resume(t.clone()),
-                    _ => Credential::Password(password.clone()),
+                    (true, Some(t)) => Cred::Resume(t),
+                    _ => Cred::Password(password),
                 };
-                Some(Frame::Login(Login {
-                    hello: Hello::current(caps::ALL),
-                    user: user.clone(),
-                    credential,
-                }))
+                Some(Outbound::Login { user, credential })
             }
-            Pending::Demand(d) => Some(Frame::Demand(d)),
-            Pending::Accept(session) => Some(Frame::Accept { session }),
-            Pending::Reject(r) => Some(Frame::Reject(r)),
-            Pending::Terminate => Some(Frame::Terminate),
-            Pending::List(cursor) => Some(Frame::List { cursor }),
-            Pending::Logout => Some(Frame::Logout),
+            (Pending::Demand(service), State::Demanding { target }) => {
+                Some(Outbound::Demand { target, service })
+            }
+            // A demand is pending only while demanding.
+            (Pending::Demand(_), _) => None,
+            (Pending::Accept(session), _) => Some(Outbound::Accept(*session)),
+            (
+                Pending::Reject {
+                    session,
+                    reason,
+                    text,
+                },
+                _,
+            ) => Some(Outbound::Reject {
+                session: *session,
+                reason: *reason,
+                text,
+            }),
+            (Pending::Terminate, _) => Some(Outbound::Terminate),
+            (Pending::List(cursor), _) => Some(Outbound::List(*cursor)),
+            (Pending::Logout, _) => Some(Outbound::Logout),
         };
         if let Some(frame) = frame {
             written = frame.encode(buf).map_err(|_| SendError::BufferTooSmall)?;
         }
+        self.pending = Pending::None;
         if self.ka_due {
-            let n = Frame::KeepAlive { seq: self.ka_seq }
-                .encode(&mut buf[written..])
+            let n = Outbound::KeepAlive(self.ka_seq)
+                .encode(buf.get_mut(written..).unwrap_or_default())
                 .map_err(|_| SendError::BufferTooSmall)?;
             self.ka_seq = self.ka_seq.wrapping_add(1);
             self.ka_due = false;
@@ -279,10 +295,7 @@ impl Connection {
     }
 
     pub(crate) fn demand(&mut self, target: UserId, service: ServiceName) {
-        self.pending = Pending::Demand(Demand {
-            target: target.clone(),
-            service,
-        });
+        self.pending = Pending::Demand(service);
         self.state = State::Demanding { target };
     }
 
@@ -305,11 +318,11 @@ impl Connection {
         let State::Noticed { session, .. } = self.state else {
             return Err(SendError::NoNotice);
         };
-        self.pending = Pending::Reject(Reject {
+        self.pending = Pending::Reject {
             session,
             reason,
             text,
-        });
+        };
         self.state = State::Idle;
         Ok(())
     }
@@ -407,10 +420,10 @@ impl Connection {
             // Whatever follows a fatal error is of no interest.
             return (Offer::Consumed(input.len()), Change::None);
         }
-        match frame::parse(input) {
+        match wire::parse(input) {
             Ok(None) => (Offer::NeedMore, Change::None),
             Err(_) => (Offer::Consumed(input.len()), self.close(Cause::Protocol)),
-            Ok(Some((Parsed::DataHeader { len }, n))) => {
+            Ok(Some((Inbound::Data(len), n))) => {
                 if let State::Session { got_end: false, .. } = self.state {
                     self.rx_payload = len;
                     (Offer::Consumed(n), Change::None)
@@ -418,25 +431,30 @@ impl Connection {
                     (Offer::Consumed(input.len()), self.close(Cause::Protocol))
                 }
             }
-            Ok(Some((Parsed::Control(f), n))) => {
-                (Offer::Consumed(n), self.on_frame(now, f, jitter))
-            }
+            Ok(Some((f, n))) => (Offer::Consumed(n), self.on_frame(now, f, jitter)),
         }
     }
 
-    fn on_frame(&mut self, now: Instant, f: Frame, jitter: &mut Jitter) -> Change {
-        if matches!(f, Frame::KeepAliveAck { .. }) && self.is_logged_in() {
+    fn on_frame(&mut self, now: Instant, f: Inbound, jitter: &mut Jitter) -> Change {
+        if matches!(f, Inbound::KeepAliveAck) && self.is_logged_in() {
             return Change::None;
         }
         match (&mut self.state, f) {
-            (State::LoggingIn { .. }, Frame::LoginOk(ok)) => {
+            (
+                State::LoggingIn { .. },
+                Inbound::LoginOk {
+                    keepalive_ms,
+                    max_payload,
+                    token,
+                },
+            ) => {
                 self.state = State::Idle;
-                let keepalive = Duration::from_millis(ok.keepalive_ms.into());
+                let keepalive = Duration::from_millis(keepalive_ms.into());
                 self.next_ka = now + jitter.spread(keepalive, 10);
                 Change::LoggedIn {
-                    token: ok.token,
+                    token,
                     keepalive,
-                    max_payload: ok.max_payload,
+                    max_payload,
                 }
             }
             (
@@ -445,7 +463,7 @@ impl Connection {
                     fallback,
                     ..
                 },
-                Frame::Error { code, text },
+                Inbound::Error { code, text },
             ) if !code.is_fatal() => {
                 // A refused resumption falls back to the password on the same connection,
                 // once, if allowed; a refused password is final.
@@ -468,7 +486,7 @@ impl Connection {
                     }
                 }
             }
-            (_, Frame::Error { code, text }) => {
+            (_, Inbound::Error { code, text }) => {
                 if code.is_fatal() {
                     if let State::LoggingIn { with_token, .. } = self.state {
                         self.close(Cause::Relay(code));
@@ -483,15 +501,22 @@ impl Connection {
                     Change::RelayError { code, text }
                 }
             }
-            (State::Idle, Frame::Notice(n)) => {
+            (
+                State::Idle,
+                Inbound::Notice {
+                    session,
+                    from,
+                    service,
+                },
+            ) => {
                 self.state = State::Noticed {
-                    session: n.session,
-                    from: n.from.clone(),
+                    session,
+                    from: from.clone(),
                 };
                 Change::Notice {
-                    session: n.session,
-                    from: n.from,
-                    service: n.service,
+                    session,
+                    from,
+                    service,
                 }
             }
             (
@@ -499,12 +524,12 @@ impl Connection {
                 | State::Demanding { .. }
                 | State::Noticed { .. }
                 | State::Session { .. },
-                Frame::ListAnswer(page),
+                Inbound::ListAnswer(page),
             ) => Change::ListPage(page),
             // A NOTICE that crossed our DEMAND on this connection: the relay withdraws it
             // when the DEMAND arrives, so it is void.
-            (State::Demanding { .. }, Frame::Notice(_)) => Change::None,
-            (State::Demanding { target }, Frame::DemandResult(r)) => match r {
+            (State::Demanding { .. }, Inbound::Notice { .. }) => Change::None,
+            (State::Demanding { target }, Inbound::DemandResult(r)) => match r {
                 DemandResult::Accepted { session } => {
                     let peer = target.clone();
                     self.state = State::Session {
@@ -525,16 +550,16 @@ impl Connection {
                     got_end: got_end @ false,
                     ..
                 },
-                Frame::Terminate,
+                Inbound::Terminate,
             ) => {
                 *got_end = true;
                 Change::PeerTerminated
             }
             // A RELEASE withdrawing a notice that crossed our DEMAND (we ignored the
             // notice): void too.
-            (State::Demanding { .. }, Frame::Release { .. }) => Change::None,
+            (State::Demanding { .. }, Inbound::Release(_)) => Change::None,
             // RELEASE ends a session, or withdraws a notice the relay gave up on.
-            (State::Session { .. } | State::Noticed { .. }, Frame::Release { reason }) => {
+            (State::Session { .. } | State::Noticed { .. }, Inbound::Release(reason)) => {
                 self.state = State::Idle;
                 self.rx_payload = 0;
                 Change::Released { reason }

@@ -13,6 +13,7 @@
 //! call. One call produces at most [`EVENTS_PER_CALL`] events.
 
 mod connection;
+mod wire;
 
 use heapless::Deque;
 
