@@ -62,10 +62,15 @@ fn raise_fd_limit(n: u64) {
             lim.rlim_max = n;
         }
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            // Not root: as far as the hard limit goes.
+            // No CAP_SYS_RESOURCE: as far as the hard limit goes.
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            assert!(
+                lim.rlim_cur >= n,
+                "{n} descriptors needed, the hard limit is {} (raise it as root)",
+                lim.rlim_cur
+            );
         }
     }
 }

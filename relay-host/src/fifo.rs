@@ -34,6 +34,10 @@ pub const CREDIT: u32 = 256 * 1024;
 pub enum Chunk {
     /// Bytes in user space: control frames, or payload that returns `credit` once written.
     Bytes(Bytes, u32),
+    /// `n` payload bytes waiting in a pipe ([`crate::splice`]); each byte returns one
+    /// credit as it leaves the pipe.
+    #[cfg(target_os = "linux")]
+    Pipe(std::sync::Arc<crate::splice::Pipe>, usize),
 }
 
 #[derive(Debug)]
@@ -170,6 +174,17 @@ impl Fifo {
             s.senders.push(cx.waker().clone());
         }
         Poll::Pending
+    }
+
+    /// Registers `cx` to be woken at the next [`Fifo::release`] (a pipe with no room waits
+    /// for the receiver to drain it). `false` if the connection is gone.
+    #[cfg(target_os = "linux")]
+    pub fn register_sender(&self, cx: &mut Context<'_>) -> bool {
+        let mut s = self.lock();
+        if !s.dead && !s.senders.iter().any(|w| w.will_wake(cx.waker())) {
+            s.senders.push(cx.waker().clone());
+        }
+        !s.dead
     }
 
     /// Gives back `n` credit (written, or reserved and not used) and wakes the senders.

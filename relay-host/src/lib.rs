@@ -11,7 +11,7 @@
 //! - [`throttle`]: failed-login throttling per account and per source address.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
-//!   FIFOs ([`outbox`]: the terminal's).
+//!   FIFOs ([`outbox`]: the terminal's); `splice`: payload socket to socket on Linux.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line.
 
@@ -23,6 +23,8 @@ pub mod listen;
 pub mod metrics;
 pub mod outbox;
 pub mod server;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod store;
 pub mod throttle;
 pub mod tls;

@@ -40,7 +40,15 @@ use relay_proto::relay::{
     self, ConnId, Event, Heap, MIN_TRANSMIT_BUF, Offer, Policy, Relay, Verdict,
 };
 use relay_proto::{DemandError, ErrorCode, ResumeToken, UserId};
+#[cfg(target_os = "linux")]
+use std::os::fd::AsRawFd;
+#[cfg(target_os = "linux")]
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::either::Either;
+
+#[cfg(target_os = "linux")]
+use crate::splice::Pipe;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -86,6 +94,8 @@ impl Policy for SnapshotPolicy {
 struct Conn {
     out: Fifo,
     peer: SocketAddr,
+    /// Payload for this connection may arrive as [`Chunk::Pipe`] (plain TCP, splice on).
+    splice: bool,
 }
 
 /// [`Slot::armed`] when the connection has no entry in [`Core::timers`].
@@ -121,6 +131,8 @@ struct Server {
     accounts: watch::Receiver<Arc<AccountsSnapshot>>,
     /// Wakes the account watcher at once (see [`snapshot_current`]).
     refresh_accounts: Arc<tokio::sync::Notify>,
+    /// Payload between plain-TCP connections moves with `splice(2)` ([`crate::splice`]).
+    splice: bool,
 }
 
 /// The core's configuration from the operator's limits.
@@ -562,6 +574,13 @@ struct ConnIo {
     unflushed: bool,
     /// Written since the core was last asked for output.
     wrote: bool,
+    /// The pipe this connection's payload goes through ([`crate::splice`]) and the
+    /// receiver it was filled for; only while it forwards.
+    #[cfg(target_os = "linux")]
+    pipe: Option<(Arc<Pipe>, Arc<Conn>)>,
+    /// The pipe chunk being written to this socket and the bytes of it still to go.
+    #[cfg(target_os = "linux")]
+    splicing: Option<(Arc<Pipe>, usize)>,
 }
 
 impl ConnIo {
@@ -574,6 +593,10 @@ impl ConnIo {
             writing: None,
             unflushed: false,
             wrote: false,
+            #[cfg(target_os = "linux")]
+            pipe: None,
+            #[cfg(target_os = "linux")]
+            splicing: None,
         }
     }
 
@@ -621,8 +644,16 @@ impl ConnIo {
                 self.unflushed = true;
                 self.wrote = true;
             }
+            #[cfg(target_os = "linux")]
+            if self.splicing.is_some()
+                && let Err(end) = ready!(self.poll_splice_out(cx, me))
+            {
+                return Poll::Ready(end);
+            }
             match me.out.pop(cx) {
                 Next::Chunk(Chunk::Bytes(b, credit)) => self.writing = Some((b, credit)),
+                #[cfg(target_os = "linux")]
+                Next::Chunk(Chunk::Pipe(pipe, n)) => self.splicing = Some((pipe, n)),
                 Next::Stop => return Poll::Ready(End::Killed),
                 Next::Close => {
                     let s = Pin::new(&mut self.stream);
@@ -664,7 +695,20 @@ impl ConnIo {
                 Step::Done => self.stalled = false,
             }
         }
-        match ready!(self.poll_read_some(cx)) {
+        #[cfg(target_os = "linux")]
+        if self.pending.is_empty()
+            && me.splice
+            && let Some(p) = self.poll_splice_in(cx, srv, id, me)
+        {
+            return p;
+        }
+        let read = self.poll_read_some(cx, me.splice);
+        // The socket is quiet: a drained pipe is given back (an idle connection holds none).
+        #[cfg(target_os = "linux")]
+        if read.is_pending() && self.pipe.as_ref().is_some_and(|(p, _)| p.is_empty()) {
+            self.pipe = None;
+        }
+        match ready!(read) {
             Ok(0) | Err(_) => return Poll::Ready(false),
             Ok(_) => {}
         }
@@ -686,13 +730,23 @@ impl ConnIo {
     }
 
     /// Reads whatever the socket has into `pending` (allocating a buffer only now), or
-    /// `Ok(0)` at end of stream. While nothing arrives, no buffer is held.
-    fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// `Ok(0)` at end of stream. While nothing arrives, no buffer is held. `header_first`:
+    /// with nothing pending, read one frame header only, so that a DATA frame's payload
+    /// stays in the socket for `splice(2)`.
+    fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        header_first: bool,
+    ) -> Poll<io::Result<usize>> {
         // Small reads (control frames, keep-alives) get a small buffer: a big transient one
         // per idle connection's keep-alive fragments the heap. Bulk gets READ_BUF.
         let size = if self.big { READ_BUF } else { SMALL_READ_BUF };
         let mut buf = if self.pending.is_empty() {
-            BytesMut::with_capacity(size)
+            if header_first {
+                BytesMut::with_capacity(relay_proto::frame::HEADER_LEN)
+            } else {
+                BytesMut::with_capacity(size)
+            }
         } else {
             let mut b = BytesMut::with_capacity(size.max(self.pending.len() * 2));
             b.extend_from_slice(&self.pending);
@@ -708,6 +762,139 @@ impl ConnIo {
         self.big = n >= SMALL_READ_BUF / 2;
         self.pending = buf;
         Poll::Ready(Ok(n))
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl ConnIo {
+    /// The payload under way on this connection, moved socket to pipe when its receiver
+    /// takes pipe chunks. `None`: not applicable now (no payload under way, a TLS side, a
+    /// receiver gone, no pipe to be had): read and copy instead.
+    fn poll_splice_in(
+        &mut self,
+        cx: &mut Context<'_>,
+        srv: &Arc<Server>,
+        id: ConnId,
+        me: &Arc<Conn>,
+    ) -> Option<Poll<bool>> {
+        let Either::Right(tcp) = &self.stream else {
+            return None;
+        };
+        let (to, remaining, dest) = {
+            let core = srv.lock();
+            let (to, remaining) = core.relay.forward_target(id)?;
+            (to, remaining, core.conn(to)?.clone())
+        };
+        if !dest.splice {
+            return None;
+        }
+        if !matches!(&self.pipe, Some((_, d)) if Arc::ptr_eq(d, &dest)) {
+            // A new receiver gets a new pipe: the old one may still hold the previous
+            // receiver's bytes.
+            self.pipe = Some((Arc::new(Pipe::new().ok()?), dest.clone()));
+        }
+        let pipe = self.pipe.as_ref().map(|(p, _)| p.clone())?;
+        // Only as much as the pipe takes now: bytes in it always have their chunk queued.
+        // Registered before the second look, so a drain in between is not missed.
+        if pipe.room() == 0 && (!dest.out.register_sender(cx) || pipe.room() == 0) {
+            // A receiver that is gone: the copy path drops the payload.
+            return (!dest.out.is_dead()).then_some(Poll::Pending);
+        }
+        let want = remaining.min(pipe.room());
+        let credit = match dest.out.poll_reserve(cx, want) {
+            Poll::Pending => return Some(Poll::Pending),
+            Poll::Ready(None) => return None,
+            Poll::Ready(Some(c)) => c,
+        };
+        let want = want.min(credit as usize);
+        let fd = tcp.as_raw_fd();
+        let moved = loop {
+            match tcp.poll_read_ready(cx) {
+                Poll::Pending => {
+                    dest.out.release(credit);
+                    return Some(Poll::Pending);
+                }
+                Poll::Ready(Err(_)) => {
+                    dest.out.release(credit);
+                    return Some(Poll::Ready(false));
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            // EAGAIN means "socket empty" or "pipe full" (a pipe counts buffers, not
+            // bytes). Only an empty pipe makes it the socket's, which may then be marked
+            // not ready; otherwise wait for the receiver to drain and try again.
+            let r = tcp.try_io(Interest::READABLE, || match pipe.fill(fd, want) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !pipe.is_empty() => Ok(None),
+                r => r.map(Some),
+            });
+            match r {
+                Ok(Some(n)) => break n,
+                Ok(None) => {
+                    dest.out.release(credit);
+                    if dest.out.register_sender(cx) && !pipe.is_empty() {
+                        return Some(Poll::Pending);
+                    }
+                    return Some(Poll::Ready(true));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    dest.out.release(credit);
+                    return Some(Poll::Ready(false));
+                }
+            }
+        };
+        if moved == 0 {
+            dest.out.release(credit);
+            return Some(Poll::Ready(false));
+        }
+        let mut core = srv.lock();
+        if !core.is(id, me) {
+            dest.out.release(credit);
+            return Some(Poll::Ready(false));
+        }
+        let now = core.now();
+        let same = core.relay.forward_target(id).map(|t| t.0) == Some(to) && core.is(to, &dest);
+        if same {
+            // The receiver's pending output (this frame's DATA header) goes first.
+            core.flush_control(to);
+        }
+        core.relay.forwarded(now, id, moved);
+        if same {
+            dest.out.release(credit - moved as u32);
+            dest.out.push(Chunk::Pipe(pipe, moved));
+        } else {
+            // The payload is dropped (the core says so); so are its bytes, with the pipe.
+            dest.out.release(credit);
+            self.pipe = None;
+        }
+        core.arm(id);
+        core.drain(srv);
+        Some(Poll::Ready(true))
+    }
+
+    /// Writes the pipe chunk under way to this socket, giving back credit as it goes.
+    fn poll_splice_out(&mut self, cx: &mut Context<'_>, me: &Arc<Conn>) -> Poll<Result<(), End>> {
+        let (Some((pipe, left)), Either::Right(tcp)) = (&mut self.splicing, &self.stream) else {
+            return Poll::Ready(Err(End::Gone));
+        };
+        let fd = tcp.as_raw_fd();
+        while *left > 0 {
+            if ready!(tcp.poll_write_ready(cx)).is_err() {
+                return Poll::Ready(Err(End::Gone));
+            }
+            match tcp.try_io(Interest::WRITABLE, || pipe.drain(fd, *left)) {
+                Ok(0) => return Poll::Ready(Err(End::Gone)),
+                Ok(n) => {
+                    *left -= n;
+                    me.out.release(n as u32);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(Err(End::Gone)),
+            }
+        }
+        self.splicing = None;
+        self.wrote = true;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -740,6 +927,7 @@ fn connection(
     let me = Arc::new(Conn {
         out: Fifo::new(),
         peer,
+        splice: srv.splice && cfg!(target_os = "linux") && matches!(stream, Either::Right(_)),
     });
     let id = {
         let mut core = srv.lock();
@@ -921,6 +1109,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         accounts: accounts.clone(),
         refresh_accounts,
+        splice: config.splice,
     });
     tokio::spawn(run_timers(Arc::downgrade(&srv), timer_wake, epoch));
 
