@@ -93,14 +93,14 @@ struct Cli {
         allow_hyphen_values = true
     )]
     relay_terminal_args: String,
-    /// Extra `relay serve` flags of the relay-nosplice system.
+    /// Extra `relay serve` flags of the relay-splice system.
     #[arg(
         long,
-        env = "RELAY_BENCH_NOSPLICE_ARGS",
-        default_value = "--no-splice",
+        env = "RELAY_BENCH_SPLICE_ARGS",
+        default_value = "--splice",
         allow_hyphen_values = true
     )]
-    relay_nosplice_args: String,
+    relay_splice_args: String,
     /// Run our relay over TLS (generated certificate pinned with --fingerprint) instead of
     /// plain TCP.
     #[arg(long)]
@@ -251,7 +251,7 @@ fn run(cli: Cli) -> Result<bool> {
         RelayOpts {
             serve_args: split(&cli.relay_serve_args),
             terminal_args: split(&cli.relay_terminal_args),
-            nosplice_args: split(&cli.relay_nosplice_args),
+            splice_args: split(&cli.relay_splice_args),
             tls: cli.relay_tls,
         },
     )?;
@@ -963,7 +963,7 @@ fn fig_idle(sys: System, ctx: &mut Ctx, cfg: &Cfg, echo: u16, res: &mut Results)
             }
             per_client_fds = 2;
         }
-        System::Direct | System::Socat | System::Relay | System::RelayNosplice => return Ok(()),
+        System::Direct | System::Socat | System::Relay | System::RelaySplice => return Ok(()),
     }
     let pids = [server[0].pid()];
     let grown = wait_fds(&pids, base_fds, n * per_client_fds, settle);
@@ -1134,8 +1134,8 @@ fn render_report(
     let _ = writeln!(
         s,
         "- Figure 6 for the peers: only our relay is restarted under load.\n\
-         - Figure 7 needs `relay-nosplice` among the systems (it passes `{}` to `relay serve`).\n",
-        cli.relay_nosplice_args
+         - Figure 7 needs `relay-splice` among the systems (it passes `{}` to `relay serve`).\n",
+        cli.relay_splice_args
     );
     if !res.errors.is_empty() {
         let _ = writeln!(s, "## Failures in this run\n");

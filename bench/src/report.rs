@@ -210,8 +210,8 @@ pub const FIGS: &[Fig] = &[
     Fig {
         id: "splice",
         title: "7. Our data path: splice(2) on and off",
-        method: "the relay and relay-nosplice rows of figures 1–4 (relay-nosplice starts \
-                 `relay serve` with --relay-nosplice-args).",
+        method: "the relay (copy, the default) and relay-splice rows of figures 1–4 \
+                 (relay-splice starts `relay serve` with --relay-splice-args, default --splice).",
         cols: &[],
         required: "",
     },
@@ -398,9 +398,9 @@ fn idle_scale_table(res: &Results, systems: &[System]) -> String {
     s
 }
 
-/// Figure 7: relay and relay-nosplice side by side on the figures of the data path.
+/// Figure 7: relay and relay-splice side by side on the figures of the data path.
 fn splice_table(res: &Results) -> String {
-    let (on, off) = (System::Relay, System::RelayNosplice);
+    let (on, off) = (System::RelaySplice, System::Relay);
     let rows: Vec<(&str, &str)> = VERDICT
         .iter()
         .map(|(k, h, _)| (*k, *h))
@@ -408,12 +408,12 @@ fn splice_table(res: &Results) -> String {
         .filter(|(k, _)| res.median(k, on).is_some() && res.median(k, off).is_some())
         .collect();
     if rows.is_empty() {
-        return "Not measured in this run: it needs `--systems ...,relay,relay-nosplice` and a \
+        return "Not measured in this run: it needs `--systems ...,relay,relay-splice` and a \
                 relay whose `serve` has the splice switch.\n\n"
             .into();
     }
     let mut s = String::from(
-        "| figure | relay (splice) | relay-nosplice | splice ÷ no splice |\n|---|---:|---:|---:|\n",
+        "| figure | relay-splice | relay (copy) | splice ÷ copy |\n|---|---:|---:|---:|\n",
     );
     for (k, h) in rows {
         let (a, b) = (

@@ -18,8 +18,8 @@ pub enum System {
     Bore,
     Ssh,
     Relay,
-    /// Our relay with its splice(2) data path switched off (figure 7's hook).
-    RelayNosplice,
+    /// Our relay with its splice(2) data path switched on (figure 7; the default copies).
+    RelaySplice,
 }
 
 impl System {
@@ -39,12 +39,12 @@ impl System {
             System::Bore => "bore",
             System::Ssh => "ssh",
             System::Relay => "relay",
-            System::RelayNosplice => "relay-nosplice",
+            System::RelaySplice => "relay-splice",
         }
     }
 
     pub fn is_relay(self) -> bool {
-        matches!(self, System::Relay | System::RelayNosplice)
+        matches!(self, System::Relay | System::RelaySplice)
     }
 
     /// The path, hop by hop, and the number of forwarding processes on it.
@@ -64,7 +64,7 @@ impl System {
                 "client → sshd (-R listener, encrypted channel) → ssh -N -R → service",
                 2,
             ),
-            System::Relay | System::RelayNosplice => (
+            System::Relay | System::RelaySplice => (
                 "client → relay connect --listen → relay serve → relay expose → service",
                 3,
             ),
@@ -160,7 +160,7 @@ impl Tools {
             System::Rathole => vec![&self.rathole],
             System::Bore => vec![&self.bore],
             System::Ssh => vec![&self.sshd, &self.ssh, &self.ssh_keygen],
-            System::Relay | System::RelayNosplice => match &self.relay {
+            System::Relay | System::RelaySplice => match &self.relay {
                 Some(p) => vec![p.as_path()],
                 None => {
                     return Some(
@@ -186,8 +186,8 @@ pub struct RelayOpts {
     pub serve_args: Vec<String>,
     /// Extra flags of `relay expose` / `relay connect`: plain TCP, unless `tls`.
     pub terminal_args: Vec<String>,
-    /// Extra `relay serve` flags for the relay-nosplice system.
-    pub nosplice_args: Vec<String>,
+    /// Extra `relay serve` flags for the relay-splice system (default `--splice`).
+    pub splice_args: Vec<String>,
     /// Use TLS with the generated certificate and pin it with `--fingerprint`.
     pub tls: bool,
 }
@@ -339,7 +339,7 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
                 .push(ssh_reverse(&t, &dir, p, &[(l, target)], &log)?);
             up.port = l;
         }
-        System::Relay | System::RelayNosplice => {
+        System::Relay | System::RelaySplice => {
             let relay = t
                 .relay
                 .clone()
@@ -448,8 +448,8 @@ pub fn relay_serve(
             listen = addr;
         }
     }
-    if sys == System::RelayNosplice {
-        args.extend(ctx.relay.nosplice_args.iter().cloned());
+    if sys == System::RelaySplice {
+        args.extend(ctx.relay.splice_args.iter().cloned());
     }
     args.extend(extra.iter().cloned());
     Ok(RelayServe { args, tls, listen })

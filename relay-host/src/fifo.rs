@@ -200,6 +200,29 @@ impl Fifo {
         senders.into_iter().for_each(Waker::wake);
     }
 
+    /// Moves the byte chunks queued right after the one just popped into `more` (as many
+    /// as fit), so that they leave with it in one vectored write.
+    pub fn pop_more<const N: usize>(&self, more: &mut heapless::Vec<(Bytes, u32), N>) {
+        let mut s = self.lock();
+        while !more.is_full() && matches!(s.chunks.front(), Some(Chunk::Bytes(..))) {
+            if let Some(Chunk::Bytes(b, credit)) = s.chunks.pop_front() {
+                let _ = more.push((b, credit));
+            }
+        }
+    }
+
+    /// Puts chunks taken by [`Fifo::pop_more`] and not written back at the front, in
+    /// their order (the socket was full).
+    pub fn unpop(&self, more: impl DoubleEndedIterator<Item = (Bytes, u32)>) {
+        let mut s = self.lock();
+        if s.dead {
+            return;
+        }
+        for (b, credit) in more.rev() {
+            s.chunks.push_front(Chunk::Bytes(b, credit));
+        }
+    }
+
     /// The next chunk to write. When there is none, `cx`'s waker is registered first, so
     /// that a push (or [`Fifo::wake`]) after this call is never missed.
     pub fn pop(&self, cx: &mut Context<'_>) -> Next {
@@ -261,5 +284,25 @@ mod tests {
         out.kill();
         assert_eq!(out.poll_reserve(&mut cx, 1), Poll::Ready(None));
         assert!(matches!(out.pop(&mut cx), Next::Stop));
+    }
+
+    #[test]
+    fn a_batch_taken_and_partly_put_back_keeps_the_order() {
+        let mut cx = Context::from_waker(Waker::noop());
+        let out = Fifo::new();
+        for c in [&b"a"[..], b"b", b"c", b"d"] {
+            out.push(Chunk::Bytes(Bytes::from_static(c), 1));
+        }
+        assert_eq!(bytes(out.pop(&mut cx)), b"a");
+        let mut more: heapless::Vec<(Bytes, u32), 2> = heapless::Vec::new();
+        out.pop_more(&mut more);
+        let taken: Vec<&[u8]> = more.iter().map(|(b, _)| &b[..]).collect();
+        assert_eq!(taken, [b"b", b"c"], "as many as fit, in order");
+        // "b" was written; "c" goes back in front of "d".
+        out.unpop(more.into_iter().skip(1));
+        out.push(Chunk::Bytes(Bytes::from_static(b"e"), 1));
+        assert_eq!(bytes(out.pop(&mut cx)), b"c");
+        assert_eq!(bytes(out.pop(&mut cx)), b"d");
+        assert_eq!(bytes(out.pop(&mut cx)), b"e");
     }
 }

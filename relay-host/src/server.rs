@@ -70,6 +70,9 @@ const READ_BUF: usize = 32 * 1024;
 /// The first read after a quiet spell: enough for control frames.
 const SMALL_READ_BUF: usize = 2048;
 
+/// Chunks handed to one vectored write.
+const WRITE_BATCH: usize = 16;
+
 /// Payload chunks smaller than this are copied out of the read buffer, so that a trickle
 /// of tiny frames to a slow receiver cannot pin many whole read buffers.
 const COPY_BELOW: usize = 2048;
@@ -631,18 +634,10 @@ impl ConnIo {
         me: &Arc<Conn>,
     ) -> Poll<End> {
         loop {
-            if let Some((chunk, credit)) = &mut self.writing {
-                while !chunk.is_empty() {
-                    match Pin::new(&mut self.stream).poll_write(cx, chunk) {
-                        Poll::Ready(Ok(n)) if n > 0 => chunk.advance(n),
-                        Poll::Ready(_) => return Poll::Ready(End::Gone),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                me.out.release(*credit);
-                self.writing = None;
-                self.unflushed = true;
-                self.wrote = true;
+            if self.writing.is_some()
+                && let Err(end) = ready!(self.poll_write_batch(cx, me))
+            {
+                return Poll::Ready(end);
             }
             #[cfg(target_os = "linux")]
             if self.splicing.is_some()
@@ -677,6 +672,54 @@ impl ConnIo {
                 }
             }
         }
+    }
+
+    /// Writes the chunk under way together with the byte chunks queued behind it, in one
+    /// vectored write each time (a DATA header and its payload leave in one system call,
+    /// hence one segment). The batch lives on the stack: nothing is kept per connection.
+    fn poll_write_batch(&mut self, cx: &mut Context<'_>, me: &Arc<Conn>) -> Poll<Result<(), End>> {
+        let mut more: heapless::Vec<(Bytes, u32), { WRITE_BATCH - 1 }> = heapless::Vec::new();
+        me.out.pop_more(&mut more);
+        let mut next = 0;
+        while let Some((chunk, credit)) = &mut self.writing {
+            let mut iov = [io::IoSlice::new(&[]); WRITE_BATCH];
+            iov[0] = io::IoSlice::new(chunk);
+            let mut k = 1;
+            for (b, _) in &more[next..] {
+                iov[k] = io::IoSlice::new(b);
+                k += 1;
+            }
+            let mut n = match Pin::new(&mut self.stream).poll_write_vectored(cx, &iov[..k]) {
+                Poll::Ready(Ok(n)) if n > 0 => n,
+                Poll::Ready(_) => return Poll::Ready(Err(End::Gone)),
+                Poll::Pending => {
+                    me.out.unpop(more.into_iter().skip(next));
+                    return Poll::Pending;
+                }
+            };
+            self.unflushed = true;
+            self.wrote = true;
+            while n > 0 || chunk.is_empty() {
+                let step = n.min(chunk.len());
+                chunk.advance(step);
+                n -= step;
+                if !chunk.is_empty() {
+                    break;
+                }
+                me.out.release(*credit);
+                match more.get_mut(next) {
+                    Some(m) => {
+                        (*chunk, *credit) = (std::mem::take(&mut m.0), m.1);
+                        next += 1;
+                    }
+                    None => {
+                        self.writing = None;
+                        break;
+                    }
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Reads what the socket has and offers it to the core. `Ready(true)`: progress,
