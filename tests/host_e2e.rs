@@ -549,3 +549,112 @@ fn splice_path_transfers_with_matching_checksums() {
     let local = sender.join().unwrap();
     assert_eq!(answer.trim(), local, "checksums differ");
 }
+
+/// `relay user del` while the relay runs: the account's connections close at once (its
+/// session ends on the requester's side), its terminal is told why and stops, and it
+/// cannot log in again.
+#[test]
+fn deleting_an_account_closes_its_connections_at_once() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let echo = echo_service();
+    let mut cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (_me, port) = relay.forward("me", "cam/echo");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+
+    let deleted = Instant::now();
+    relay.user_cmd(&["del", "cam"]);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let took = deleted.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the deleted account's session lasted {took:?}"
+    );
+    let (ok, log) = cam.wait_exit(Duration::from_secs(10));
+    assert!(!ok, "the removed terminal stops with an error:\n{log}");
+    assert!(log.contains("account removed"), "{log}");
+    relay.proc().wait_for("offline", Duration::from_secs(5));
+    // The account is gone for good: a new login is refused.
+    let out = relay.terminal("cam", &["online"]).output().unwrap();
+    assert!(!out.status.success());
+    eprintln!("session closed {took:?} after relay user del");
+}
+
+/// `--metrics` (here the config file's `metrics` key) serves Prometheus text whose
+/// counters follow what happened, and `/healthz`.
+#[test]
+fn metrics_and_healthz_follow_the_traffic() {
+    let metrics = free_port();
+    let relay = Relay::start_with(&format!("metrics = \"127.0.0.1:{metrics}\""), FAST);
+    for u in ["cam", "me", "ops"] {
+        relay.add_user(u);
+    }
+    let get = |path: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let health = get("/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    let echo = echo_service();
+    let _cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (_me, port) = relay.forward("me", "cam/echo");
+    let data = vec![7u8; 100_000];
+    assert_eq!(round_trip(port, &data), data);
+    expect_error(
+        "unknown target",
+        relay.terminal("ops", &["connect", "ghost", "--stdio"]),
+        "not logged in",
+    );
+    let bad = relay
+        .terminal("cam", &["online"])
+        .env("RELAY_PASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+
+    // ops's connections close as its process exits: wait for the relay to see it.
+    let mut text = get("/metrics");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !text.contains("relay_logged_in_terminals 2\n") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        text = get("/metrics");
+    }
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in:\n{text}"))
+    };
+    assert!(value("relay_connections ") >= 4.0, "{text}");
+    assert_eq!(value("relay_logged_in_terminals "), 2.0, "{text}");
+    // Both directions of the echo, payload only.
+    assert!(value("relay_relayed_bytes_total ") >= 200_000.0, "{text}");
+    // cam, me and ops; ops has gone.
+    assert!(value("relay_logins_total{method=\"password\",outcome=\"ok\"} ") >= 3.0);
+    assert!(value("relay_logins_total{method=\"password\",outcome=\"failed\"} ") >= 1.0);
+    assert!(value("relay_logins_total{method=\"resumption\",outcome=\"ok\"} ") >= 2.0);
+    assert_eq!(
+        value("relay_demands_total{outcome=\"accepted\"} "),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("relay_demands_total{outcome=\"offline\"} "),
+        1.0,
+        "{text}"
+    );
+}

@@ -155,8 +155,14 @@ pub struct Relay {
 impl Relay {
     /// A relay whose `[limits]` section is `limits` (TOML lines).
     pub fn start(limits: &str) -> Relay {
+        Relay::start_with("", limits)
+    }
+
+    /// A relay whose config file has `top` (TOML lines before any section) and the
+    /// `[limits]` section `limits`.
+    pub fn start_with(top: &str, limits: &str) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = format!("[limits]\n{limits}\n");
+        let config = format!("{top}\n[limits]\n{limits}\n");
         let mut r = Relay {
             dir,
             tls_port: free_port(),
