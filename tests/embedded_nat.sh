@@ -65,9 +65,12 @@ wait_log() {
   done
 }
 
-cargo build -j1 -q --release -p relay-host --bin relay
-cargo build -j1 -q -p relay-examples --example tap_device
-RELAY="$CARGO_TARGET_DIR/release/relay"
+# Debug builds: `cargo test --workspace` has built both already, so this costs nothing
+# in scripts/test-all (a release build here would be a second, slow one: the benchmark
+# step builds its own with other profile settings).
+cargo build -q -p relay-host --bin relay
+cargo build -q -p relay-examples --example tap_device
+RELAY="$CARGO_TARGET_DIR/debug/relay"
 DEVICE="$CARGO_TARGET_DIR/debug/examples/tap_device"
 
 ip netns add "$GW"

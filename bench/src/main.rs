@@ -971,9 +971,16 @@ fn fig_idle(sys: System, ctx: &mut Ctx, cfg: &Cfg, echo: u16, res: &mut Results)
     let pss = procs::pss_kib(&pids).saturating_sub(base_pss);
     let sock = procs::sockstat_tcp_mem_kib().saturating_sub(base_sock);
     let held = (grown / per_client_fds).min(n);
-    if held < n {
+    // A peer client or two can lose its port race (bore and ssh ask for a remote port the
+    // bench picked free a moment before): the figure is per client that held on. A larger
+    // shortfall means the path is broken.
+    if held * 100 < n * 95 {
         bail!("only {held} of {n} idle clients logged in within {settle:?}");
     }
+    if held < n {
+        println!("    idle: {held} of {n} clients held on; the figure is per client held");
+    }
+    let n = held.max(1);
     res.add("idle.n", sys, n as f64);
     res.add("idle.pss_kib_per", sys, pss as f64 / n as f64);
     res.add("idle.sock_kib_per", sys, sock as f64 / n as f64);
@@ -1133,10 +1140,16 @@ fn render_report(
     }
     let _ = writeln!(
         s,
-        "- Figure 6 for the peers: only our relay is restarted under load.\n\
-         - Figure 7 needs `relay-splice` among the systems (it passes `{}` to `relay serve`).\n",
-        cli.relay_splice_args
+        "- Figure 6 for the peers: only our relay is restarted under load."
     );
+    if !systems.contains(&System::RelaySplice) {
+        let _ = writeln!(
+            s,
+            "- Figure 7 needs `relay-splice` among the systems (it passes `{}` to `relay serve`).",
+            cli.relay_splice_args
+        );
+    }
+    s.push('\n');
     if !res.errors.is_empty() {
         let _ = writeln!(s, "## Failures in this run\n");
         for e in &res.errors {
