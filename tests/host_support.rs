@@ -250,31 +250,14 @@ impl Relay {
     /// A terminal command (`expose`, `connect`, `online`) with the given arguments, over
     /// TLS pinned to the relay's certificate.
     pub fn terminal(&self, user: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(relay_bin());
-        cmd.arg(args[0])
-            .arg("--server")
-            .arg(format!("127.0.0.1:{}", self.tls_port))
-            .arg("--fingerprint")
-            .arg(&self.fingerprint)
-            .arg("--user")
-            .arg(user)
-            .args(&args[1..])
-            .env("RELAY_PASSWORD", PASSWORD);
-        cmd
+        let server = format!("127.0.0.1:{}", self.tls_port);
+        terminal_cmd(&[&server, "--fingerprint", &self.fingerprint], user, args)
     }
 
     /// The same over the plain listener.
     pub fn terminal_plain(&self, user: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(relay_bin());
-        cmd.arg(args[0])
-            .arg("--server")
-            .arg(format!("127.0.0.1:{}", self.plain_port))
-            .arg("--plain")
-            .arg("--user")
-            .arg(user)
-            .args(&args[1..])
-            .env("RELAY_PASSWORD", PASSWORD);
-        cmd
+        let server = format!("127.0.0.1:{}", self.plain_port);
+        terminal_cmd(&[&server, "--plain"], user, args)
     }
 
     /// `relay expose` for `user`, waited until logged in.
@@ -297,6 +280,20 @@ impl Relay {
         p.wait_for("forwarding local connections", Duration::from_secs(20));
         (p, port)
     }
+}
+
+/// `relay SUBCOMMAND --server ADDR [how to reach it] --user USER [rest]`, password in
+/// the environment. `args[0]` is the subcommand; `server` starts with the address.
+fn terminal_cmd(server: &[&str], user: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(relay_bin());
+    cmd.arg(args[0])
+        .arg("--server")
+        .args(server)
+        .arg("--user")
+        .arg(user)
+        .args(&args[1..])
+        .env("RELAY_PASSWORD", PASSWORD);
+    cmd
 }
 
 impl Drop for Relay {

@@ -703,11 +703,15 @@ mod tests {
         );
     }
 
-    /// An agent with one connection that has sent its LOGIN; then all of `rx` arrives
-    /// at once, with `fin` followed by the relay closing its side, and the agent polls.
-    fn run(rx: Vec<u8>, fin: bool) -> (Trickle, Slow) {
-        let mut agent: Agent<1, 4> = Agent::new(
-            Config::default(),
+    /// An agent with one connection (one spare) that has opened it and sent its LOGIN;
+    /// the relay's bytes `rx` are all queued, none visible yet.
+    fn logging_in(rx: Vec<u8>) -> (Agent<1, 4>, Trickle, Slow, Instant) {
+        let config = Config {
+            spare: 1,
+            ..Config::default()
+        };
+        let mut agent = Agent::new(
+            config,
             UserId::new("cam").unwrap(),
             Password::new("pw").unwrap(),
             1,
@@ -721,6 +725,13 @@ mod tests {
         agent.start(now);
         agent.poll(now, &mut t, &mut svc);
         agent.poll(now, &mut t, &mut svc);
+        (agent, t, svc, now)
+    }
+
+    /// An agent with one connection that has sent its LOGIN; then all of `rx` arrives
+    /// at once, with `fin` followed by the relay closing its side, and the agent polls.
+    fn run(rx: Vec<u8>, fin: bool) -> (Trickle, Slow) {
+        let (mut agent, mut t, mut svc, now) = logging_in(rx);
         t.visible = t.rx.len();
         t.fin = fin;
         agent.poll(now, &mut t, &mut svc);
@@ -792,26 +803,7 @@ mod tests {
         encode(Frame::Terminate, &mut rx);
 
         for step in [1, 2, 3, 5, 64] {
-            let config = Config {
-                spare: 1,
-                ..Config::default()
-            };
-            let mut agent: Agent<1, 4> = Agent::new(
-                config,
-                UserId::new("cam").unwrap(),
-                Password::new("pw").unwrap(),
-                1,
-            );
-            let mut t = Trickle {
-                rx: rx.clone(),
-                ..Trickle::default()
-            };
-            let mut svc = Slow::default();
-            let now = Instant::from_millis(1);
-            agent.start(now);
-            // Open, connect, LOGIN out.
-            agent.poll(now, &mut t, &mut svc);
-            agent.poll(now, &mut t, &mut svc);
+            let (mut agent, mut t, mut svc, now) = logging_in(rx.clone());
             assert!(t.tx.starts_with(&[0x01]), "LOGIN first, step {step}");
             while t.visible < t.rx.len() {
                 t.visible = (t.visible + step).min(t.rx.len());

@@ -296,20 +296,13 @@ fn on_notice(ctx: &Arc<Ctx>, h: Handle, session: u32, from: UserId, service: Ser
             tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&spec.addr)).await;
         let local = match local {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let text = format!("service '{}' unreachable: {e}", spec.name);
+            failed => {
+                let text = match failed {
+                    Ok(Err(e)) => format!("service '{}' unreachable: {e}", spec.name),
+                    _ => format!("service '{}' did not answer", spec.name),
+                };
                 tracing::warn!(%from, "{text}");
                 let mut st = ctx.lock();
-                let _ = st
-                    .term
-                    .reject(h, RejectReason::ServiceUnavailable, Text::lossy(&text));
-                let ev = st.after(&ctx);
-                drop(st);
-                return dispatch(&ctx, ev);
-            }
-            Err(_) => {
-                let mut st = ctx.lock();
-                let text = format!("service '{}' did not answer", spec.name);
                 let _ = st
                     .term
                     .reject(h, RejectReason::ServiceUnavailable, Text::lossy(&text));
