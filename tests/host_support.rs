@@ -48,6 +48,15 @@ pub fn free_port() -> u16 {
 }
 
 /// A child process whose standard error is collected; killed when dropped.
+/// Polls `done` every 20 ms until it holds; fails with `fail()` after `timeout`.
+fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool, fail: impl Fn() -> String) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "{}", fail());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub struct Proc {
     pub child: Child,
     pub log: Arc<Mutex<String>>,
@@ -94,16 +103,21 @@ impl Proc {
 
     /// Waits until the log holds `needle` `n` times.
     pub fn wait_for_n(&self, needle: &str, n: usize, timeout: Duration) {
-        let start = Instant::now();
-        while self.count(needle) < n {
-            assert!(
-                start.elapsed() < timeout,
-                "{}: no {n}x {needle:?} within {timeout:?}; log:\n{}",
-                self.name,
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("no {n}x {needle:?}");
+        poll_until(
+            timeout,
+            || self.count(needle) >= n,
+            || self.failed(&what, timeout),
+        );
+    }
+
+    /// The message of a wait that timed out, with the log.
+    fn failed(&self, what: &str, timeout: Duration) -> String {
+        format!(
+            "{}: {what} within {timeout:?}; log:\n{}",
+            self.name,
+            self.log()
+        )
     }
 
     pub fn wait_for(&self, needle: &str, timeout: Duration) {
@@ -112,20 +126,23 @@ impl Proc {
 
     /// Waits for the process to exit; returns (success, log).
     pub fn wait_exit(&mut self, timeout: Duration) -> (bool, String) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                thread::sleep(Duration::from_millis(50));
-                return (status.success(), self.log());
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "{} still running after {timeout:?}; log:\n{}",
-                self.name,
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        let mut status = None;
+        let (log, name) = (self.log.clone(), &self.name);
+        let child = &mut self.child;
+        poll_until(
+            timeout,
+            || {
+                status = child.try_wait().expect("try_wait");
+                status.is_some()
+            },
+            || {
+                let log = log.lock().unwrap();
+                format!("{name}: did not exit within {timeout:?}; log:\n{log}")
+            },
+        );
+        // The last lines of its log may still be on their way through the pipe.
+        thread::sleep(Duration::from_millis(50));
+        (status.is_some_and(|s| s.success()), self.log())
     }
 
     pub fn signal(&self, sig: &str) {

@@ -230,18 +230,8 @@ fn bad_input_does_not_disturb_a_running_session() {
     let mut pending = Vec::new();
     for chunk in bytes.chunks(2) {
         pending.extend_from_slice(chunk);
-        let mut pos = 0;
-        while pos < pending.len() {
-            match r.handle_input(T0, a, &pending[pos..]) {
-                Offer::Consumed(n) => pos += n,
-                Offer::Forward { to, n } => {
-                    fwd.push((to, pending[pos..pos + n].to_vec()));
-                    pos += n;
-                }
-                Offer::NeedMore => break,
-            }
-        }
-        pending.drain(..pos);
+        let used = harness::offer(&mut r, a, &pending, &mut fwd);
+        pending.drain(..used);
     }
     let payload: Vec<u8> = fwd
         .iter()

@@ -52,8 +52,21 @@ pub fn demand(target: &str) -> Vec<u8> {
 /// Feeds `bytes` to `conn` as the host would, answering logins (password "pw" and the
 /// token [`TOKEN`] are right). Returns the payload forwards it was told to do.
 pub fn feed<S: Storage>(r: &mut Core<S>, conn: ConnId, bytes: &[u8]) -> Vec<(ConnId, Vec<u8>)> {
-    let mut pos = 0;
     let mut fwd = Vec::new();
+    offer(r, conn, bytes, &mut fwd);
+    fwd
+}
+
+/// Offers `bytes` to `conn` until the core needs more, appending the payload forwards to
+/// `fwd`. Returns how many bytes it took: a host keeps the rest and offers it again with
+/// what arrives next.
+pub fn offer<S: Storage>(
+    r: &mut Core<S>,
+    conn: ConnId,
+    bytes: &[u8],
+    fwd: &mut Vec<(ConnId, Vec<u8>)>,
+) -> usize {
+    let mut pos = 0;
     while pos < bytes.len() {
         match r.handle_input(T0, conn, &bytes[pos..]) {
             Offer::Consumed(n) => pos += n,
@@ -65,7 +78,7 @@ pub fn feed<S: Storage>(r: &mut Core<S>, conn: ConnId, bytes: &[u8]) -> Vec<(Con
         }
         answer_logins(r);
     }
-    fwd
+    pos
 }
 
 pub fn answer_logins<S: Storage>(r: &mut Core<S>) {
