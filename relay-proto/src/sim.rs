@@ -17,7 +17,7 @@ use std::vec::Vec;
 use crate::codes::RejectReason;
 use crate::frame::Credential;
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
-use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Verdict};
+use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Storage, Verdict};
 use crate::rng::Jitter;
 use crate::terminal::{self, Event, Handle, Offer, Terminal};
 use crate::time::{Duration, Instant};
@@ -149,10 +149,11 @@ pub struct Node {
     pub at_peer_end: BTreeMap<u32, Vec<u8>>,
 }
 
-/// A relay, its terminals and the pipes between them.
-pub struct Sim<P: Policy = AllowAll> {
+/// A relay, its terminals and the pipes between them. The relay keeps its tables in
+/// `S`: growing ones, or the fixed ones of a no_std relay.
+pub struct Sim<P: Policy = AllowAll, S: Storage = Heap> {
     pub now: Instant,
-    pub relay: Relay<Heap, P>,
+    pub relay: Relay<S, P>,
     pub nodes: Vec<Node>,
     pub accounts: BTreeMap<UserId, Password>,
     /// Largest chunk one delivery carries.
@@ -167,7 +168,7 @@ pub struct Sim<P: Policy = AllowAll> {
     deferred: Vec<ConnId>,
 }
 
-impl<P: Policy> core::fmt::Debug for Sim<P> {
+impl<P: Policy, S: Storage> core::fmt::Debug for Sim<P, S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Sim")
             .field("now", &self.now)
@@ -187,7 +188,7 @@ impl Sim<AllowAll> {
     }
 }
 
-impl<P: Policy> Sim<P> {
+impl<P: Policy, S: Storage> Sim<P, S> {
     pub fn with(seed: u64, config: relay::Config, policy: P) -> Self {
         Sim {
             now: Instant::from_secs(1),

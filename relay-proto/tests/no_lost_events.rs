@@ -83,10 +83,17 @@ fn full_of_sessions() -> (Core<Small>, Vec<ConnId>, Vec<ConnId>) {
                 })
             })
             .expect("an idle connection of dev is noticed");
-        feed(&mut r, noticed.0, &enc(&Frame::Accept { session: noticed.1 }));
+        feed(
+            &mut r,
+            noticed.0,
+            &enc(&Frame::Accept { session: noticed.1 }),
+        );
         let (frames, _) = output(&mut r, c);
         assert!(
-            matches!(frames[..], [Frame::DemandResult(DemandResult::Accepted { .. })]),
+            matches!(
+                frames[..],
+                [Frame::DemandResult(DemandResult::Accepted { .. })]
+            ),
             "{frames:?}"
         );
     }
@@ -108,8 +115,12 @@ fn check_dev_gone(r: &Core<Small>, seen: &Seen, dev: &[ConnId], cli: &[ConnId]) 
             "{c:?} never told its session ended"
         );
     }
-    assert_eq!(r.connection_count(), cli.len());
     assert_eq!(r.stats().active_sessions, 0);
+}
+
+/// Only `cli`'s connections are left.
+fn check_only(r: &Core<Small>, cli: &[ConnId]) {
+    assert_eq!(r.connection_count(), cli.len());
     assert!(!r.is_online(&UserId::new("dev").unwrap()));
 }
 
@@ -120,6 +131,7 @@ fn removing_a_user_with_16_connections_closes_all_of_them() {
     r.remove_user(&UserId::new("dev").unwrap());
     settle(&mut r, &mut seen);
     check_dev_gone(&r, &seen, &dev, &cli);
+    check_only(&r, &cli);
 }
 
 #[test]
@@ -130,6 +142,7 @@ fn a_logout_with_16_connections_closes_all_of_them() {
     r.handle_input(T0, dev[0], &enc(&Frame::Logout));
     settle(&mut r, &mut seen);
     check_dev_gone(&r, &seen, &dev, &cli);
+    check_only(&r, &cli);
 }
 
 #[test]
@@ -143,7 +156,15 @@ fn a_replacing_login_with_16_connections_closes_all_of_them() {
     r.handle_input(T0, newer, &login("dev", "pw"));
     settle(&mut r, &mut seen);
     check_dev_gone(&r, &seen, &dev, &cli[..15]);
-    assert!(r.is_online(&UserId::new("dev").unwrap()), "the newer one is");
+    assert_eq!(
+        r.connection_count(),
+        16,
+        "cli's 15 and the newer instance's"
+    );
+    assert!(
+        r.is_online(&UserId::new("dev").unwrap()),
+        "the newer one is"
+    );
 }
 
 /// Every connection that frees up in one call serves a waiting demand: `mid` has 11

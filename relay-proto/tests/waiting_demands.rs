@@ -11,7 +11,7 @@ use relay_proto::codes::{DemandError, ErrorCode};
 use relay_proto::frame::{DemandResult, Frame};
 use relay_proto::relay::{self, AllowAll, ConnId, Fixed, Relay};
 
-type Core = harness::Core<Fixed<512, 8, 64>>;
+type Core = harness::Core<Fixed<512, 8, { relay::max_events_per_call(512) }>>;
 
 fn core(config: relay::Config) -> Core {
     Relay::new(config, AllowAll)

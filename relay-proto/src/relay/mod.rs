@@ -27,12 +27,14 @@
 //! core holds no per-connection byte buffers and an idle connection costs one table entry.
 
 mod storage;
+mod wakes;
 
 pub use storage::{Fixed, FixedIndex, FixedSlab, Queue, Slab, Storage, UserIndex};
 #[cfg(feature = "std")]
 pub use storage::{Heap, HeapSlab};
 
 use heapless::Vec;
+use wakes::{KickLink, Lists, WakeLink};
 
 use crate::codes::{DemandError, ErrorCode, ReleaseReason};
 use crate::frame::{
@@ -45,6 +47,14 @@ use crate::time::{Duration, Instant, earliest};
 const NIL: u32 = u32::MAX;
 /// A `poll_transmit` buffer must hold this much: the largest burst of control frames.
 pub const MIN_TRANSMIT_BUF: usize = 4 * frame::MAX_CONTROL_FRAME;
+
+/// The most events (other than [`Event::Wake`]) one call into a core with `conns`
+/// connections can queue: one per connection it touches (each session, demand or login
+/// ends or starts on one connection's account), plus `Replaced` and `Offline` of one
+/// terminal and `Offline` of another. A [`Storage`]'s event queue holds at least this.
+pub const fn max_events_per_call(conns: usize) -> usize {
+    conns + 3
+}
 
 /// A connection, as the host and the core call it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -285,7 +295,10 @@ pub struct ConnEntry {
     /// Payload bytes received from this connection in the current session.
     bytes: u64,
     attempts: u8,
-    woken: bool,
+    /// Its place in the wake list (output the host has not been told about).
+    wake: WakeLink,
+    /// Its place in the kick list (idle since the start of this call).
+    kick: KickLink,
     /// Neighbours in the terminal's connection list ([`TermEntry::first`]).
     prev: u32,
     next: u32,
@@ -316,7 +329,6 @@ pub struct Stats {
     /// Sessions running now.
     pub active_sessions: u64,
     pub bytes_relayed: u64,
-    pub events_dropped: u64,
 }
 
 /// The relay core over storage `S` with access rule `P`.
@@ -329,10 +341,8 @@ pub struct Relay<S: Storage, P: Policy = AllowAll> {
     events: S::Events,
     next_session: u32,
     stats: Stats,
-    /// Connections that became idle while a demand may wait for their terminal: served
-    /// at the end of the call (not on the spot, where the caller may still use them).
-    /// When full, a waiting demand is served by the terminal's next idle connection.
-    kicks: Vec<u32, 8>,
+    /// The wake and kick lists, threaded through `conns`.
+    lists: Lists,
 }
 
 impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
@@ -358,7 +368,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             events,
             next_session: 1,
             stats: Stats::default(),
-            kicks: Vec::new(),
+            lists: Lists::default(),
         }
     }
 
@@ -394,24 +404,23 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         self.users.get(user).is_some()
     }
 
-    /// The next event. Drain after every call.
+    /// The next event: the queued ones, then a [`Event::Wake`] for each connection with
+    /// output. Drain after every call: the queue holds what one call may emit
+    /// ([`max_events_per_call`]), wakes take no room in it.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop()
+        self.events.pop().or_else(|| self.pop_wake())
     }
 
+    /// Queues `e`. Cannot fail: one call emits at most [`max_events_per_call`] events
+    /// (at most one per connection it touches, plus a terminal's `Replaced` and
+    /// `Offline`), the queue holds that many ([`Storage`]), and the host drains it
+    /// after every call. A host that does not drain breaks the contract: that panics
+    /// rather than lose an event.
     fn emit(&mut self, e: Event) {
-        if !self.events.push(e) {
-            self.stats.events_dropped += 1;
-        }
-    }
-
-    fn wake(&mut self, key: u32) {
-        if let Some(c) = self.conns.get_mut(key)
-            && !c.woken
-        {
-            c.woken = true;
-            self.emit(Event::Wake(ConnId(key)));
-        }
+        assert!(
+            self.events.push(e),
+            "relay core: events not drained after a call"
+        );
     }
 
     /// A new TCP connection: steps (1)(10). It must log in within the handshake deadline.
@@ -429,7 +438,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             header_complete: false,
             bytes: 0,
             attempts: 0,
-            woken: false,
+            wake: WakeLink::Out,
+            kick: KickLink::Out,
             prev: NIL,
             next: NIL,
             wait_next: NIL,
@@ -832,23 +842,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
     }
 
-    /// `key` is idle now: a demand waiting for its terminal may take it (at the end of
-    /// the call, see [`Relay::serve_kicks`]).
-    fn kick(&mut self, key: u32) {
-        let waited_for = self
-            .conns
-            .get(key)
-            .and_then(|c| c.term)
-            .and_then(|t| self.terms.get(t))
-            .is_some_and(|t| t.wait_head != NIL);
-        if waited_for && !self.kicks.contains(&key) {
-            let _ = self.kicks.push(key);
-        }
-    }
-
     /// Pairs waiting demands with the connections that became idle during this call.
     fn serve_kicks(&mut self) {
-        while let Some(key) = self.kicks.pop() {
+        while let Some(key) = self.pop_kick() {
             let Some(c) = self.conns.get(key) else {
                 continue;
             };
@@ -1304,6 +1300,23 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 }
 
+/// Encodes a burst of control frames into a `poll_transmit` buffer.
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Writer<'_> {
+    /// Cannot fail: a burst is at most one frame of each kind, and the largest burst
+    /// fits [`MIN_TRANSMIT_BUF`] (see the test `largest_burst_fits`).
+    fn put(&mut self, f: &Frame) {
+        let n = f
+            .encode(&mut self.buf[self.len..])
+            .expect("a burst fits MIN_TRANSMIT_BUF");
+        self.len += n;
+    }
+}
+
 /// Iterates the keys of one terminal's connections.
 struct TermConns<'a, S: Storage> {
     conns: &'a S::Conns,
@@ -1358,7 +1371,6 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             return Err(RelayError::BufferTooSmall);
         }
         let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
-        c.woken = false;
         if c.locked {
             if !c.unlock_next {
                 return Ok(Transmit {
@@ -1382,12 +1394,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
         let mut out = core::mem::take(&mut c.out);
         let closing = matches!(c.state, State::Closing);
-        let mut frames: Vec<Frame, 8> = Vec::new();
+        let mut w = Writer { buf, len: 0 };
         let mut header = None;
         if let Some(caps) = out.login_ok.take()
             && let Some(t) = c.term.and_then(|t| self.terms.get(t))
         {
-            let _ = frames.push(Frame::LoginOk(LoginOk {
+            w.put(&Frame::LoginOk(LoginOk {
                 caps,
                 keepalive_ms: self.config.keepalive.as_millis().min(u32::MAX.into()) as u32,
                 max_payload: self.config.max_payload,
@@ -1395,46 +1407,41 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             }));
         }
         if let Some(code) = out.error.take() {
-            let _ = frames.push(Frame::Error {
+            w.put(&Frame::Error {
                 code,
                 text: Text::lossy(code.describe()),
             });
         }
         if !closing {
             if let Some(seq) = out.ack.take() {
-                let _ = frames.push(Frame::KeepAliveAck { seq });
+                w.put(&Frame::KeepAliveAck { seq });
             }
             if let Some(cursor) = out.list.take() {
-                let _ = frames.push(Frame::ListAnswer(self.list_page(cursor)));
+                w.put(&Frame::ListAnswer(self.list_page(cursor)));
             }
             // A result frees the connection for a notice that may already be queued:
             // the result goes first, or the terminal would take the notice for one that
             // crossed its demand.
             if let Some(r) = out.result.take() {
-                let _ = frames.push(Frame::DemandResult(r));
+                w.put(&Frame::DemandResult(r));
             }
             if core::mem::take(&mut out.notice)
                 && let Some(n) = self.notice_for(key)
             {
-                let _ = frames.push(Frame::Notice(n));
+                w.put(&Frame::Notice(n));
             }
             // A DATA header ends the batch: its payload comes next, then the rest.
             header = out.data_header.take();
             if header.is_none() {
                 if core::mem::take(&mut out.terminate) {
-                    let _ = frames.push(Frame::Terminate);
+                    w.put(&Frame::Terminate);
                 }
                 if let Some(reason) = out.release.take() {
-                    let _ = frames.push(Frame::Release { reason });
+                    w.put(&Frame::Release { reason });
                 }
             }
         }
-        let mut len = 0;
-        for f in &frames {
-            len += f
-                .encode(&mut buf[len..])
-                .map_err(|_| RelayError::BufferTooSmall)?;
-        }
+        let Writer { buf, mut len } = w;
         let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
         if let Some(h) = header {
             let bytes =
@@ -1467,19 +1474,19 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// Page of the online list starting at terminal key `cursor`.
     fn list_page(&self, cursor: u32) -> ListAnswer {
         let mut users = Vec::new();
-        let mut next = None;
         let mut from = cursor;
         while let Some(k) = self.terms.next_key(from) {
-            if users.is_full() {
-                next = Some(k);
-                break;
-            }
-            if let Some(t) = self.terms.get(k) {
-                let _ = users.push(t.user.clone());
+            if let Some(t) = self.terms.get(k)
+                && users.push(t.user.clone()).is_err()
+            {
+                return ListAnswer {
+                    users,
+                    next: Some(k),
+                };
             }
             from = k + 1;
         }
-        ListAnswer { users, next }
+        ListAnswer { users, next: None }
     }
 
     fn notice_for(&self, key: u32) -> Option<Notice> {
@@ -1565,20 +1572,25 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// The host closed `conn`'s socket (or saw it close). Frees its entry.
     pub fn closed(&mut self, conn: ConnId) {
         let key = conn.0;
-        if !matches!(
-            self.conns.get(key).map(|c| &c.state),
-            Some(State::Closing) | None
-        ) {
+        let Some(c) = self.conns.get(key) else { return };
+        if !matches!(c.state, State::Closing) {
             self.detach(key, ReleaseReason::PeerLost);
         }
-        if let Some(tk) = self.conns.get(key).and_then(|c| c.term) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        // Not idle any more: no waiting demand is served by it below.
+        c.state = State::Closing;
+        if let Some(tk) = c.term {
             self.unlink(tk, key);
             if self.terms.get(tk).is_some_and(|t| t.conns == 0) {
                 self.remove_term(tk);
             }
         }
-        self.conns.remove(key);
+        // The kick list may run through this entry: empty it while the entry exists.
         self.serve_kicks();
+        self.unwake(key);
+        self.conns.remove(key);
     }
 
     /// Graceful shutdown: every connection gets `ShuttingDown` and closes; sessions end.
@@ -1604,5 +1616,60 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             );
         }
         self.serve_kicks();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codes::{DemandError, RejectReason};
+    use crate::frame::ListAnswer;
+
+    /// [`Writer::put`] cannot fail: the longest burst `poll_transmit` writes (one frame
+    /// of each kind, each at its largest) fits [`MIN_TRANSMIT_BUF`].
+    #[test]
+    fn largest_burst_fits() {
+        let long = |n| "x".repeat(n);
+        let user = UserId::new(&long(crate::ident::MAX_USER_ID)).unwrap();
+        let text = Text::lossy(&long(crate::ident::MAX_TEXT));
+        let burst = [
+            Frame::LoginOk(LoginOk {
+                caps: u32::MAX,
+                keepalive_ms: u32::MAX,
+                max_payload: u16::MAX,
+                token: ResumeToken::from_slice(&[0xFF; crate::ident::MAX_TOKEN]).unwrap(),
+            }),
+            Frame::Error {
+                code: ErrorCode::UnexpectedFrame,
+                text: text.clone(),
+            },
+            Frame::KeepAliveAck { seq: u32::MAX },
+            Frame::ListAnswer(ListAnswer {
+                users: core::iter::repeat_n(user.clone(), frame::LIST_PAGE).collect(),
+                next: Some(u32::MAX),
+            }),
+            Frame::DemandResult(DemandResult::Failed {
+                error: DemandError::Rejected(RejectReason::NotAllowed),
+                text,
+            }),
+            Frame::Notice(Notice {
+                session: u32::MAX,
+                from: user,
+                service: ServiceName::new(&long(crate::ident::MAX_SERVICE)).unwrap(),
+            }),
+            Frame::Terminate,
+            Frame::Release {
+                reason: ReleaseReason::ShuttingDown,
+            },
+        ];
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        let mut w = Writer {
+            buf: &mut buf,
+            len: 0,
+        };
+        for f in &burst {
+            w.put(f);
+        }
+        assert!(w.len + frame::HEADER_LEN <= MIN_TRANSMIT_BUF, "{}", w.len);
     }
 }

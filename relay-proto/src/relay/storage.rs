@@ -27,9 +27,10 @@ pub trait UserIndex {
     fn remove(&mut self, user: &UserId);
 }
 
-/// A FIFO of events.
+/// A FIFO of events. Its capacity must be at least
+/// [`max_events_per_call`](super::max_events_per_call) of the connection table's.
 pub trait Queue<T> {
-    /// Returns `false` (and drops `value`) when full.
+    /// Returns `false` (and drops `value`) when full: the core never lets that happen.
     fn push(&mut self, value: T) -> bool;
     fn pop(&mut self) -> Option<T>;
 }
@@ -137,9 +138,18 @@ impl<T, const N: usize> Queue<T> for heapless::Deque<T, N> {
     }
 }
 
-/// Fixed tables: `C` connections, `T` terminals, `E` queued events.
+/// Fixed tables: `C` connections, `T` terminals, `E` queued events. `E` must be at
+/// least [`max_events_per_call`](super::max_events_per_call)`(C)`: a smaller one does
+/// not build.
 #[derive(Debug)]
 pub struct Fixed<const C: usize, const T: usize, const E: usize>;
+
+impl<const C: usize, const T: usize, const E: usize> Fixed<C, T, E> {
+    const ROOM_FOR_ONE_CALL: () = assert!(
+        E >= super::max_events_per_call(C),
+        "Fixed<C, T, E>: E must be at least max_events_per_call(C) = C + 3"
+    );
+}
 
 impl<const C: usize, const T: usize, const E: usize> Storage for Fixed<C, T, E> {
     type Conns = FixedSlab<super::ConnEntry, C>;
@@ -147,6 +157,7 @@ impl<const C: usize, const T: usize, const E: usize> Storage for Fixed<C, T, E> 
     type Users = FixedIndex<T>;
     type Events = heapless::Deque<super::Event, E>;
     fn build() -> (Self::Conns, Self::Terms, Self::Users, Self::Events) {
+        let () = Self::ROOM_FOR_ONE_CALL;
         Default::default()
     }
 }
