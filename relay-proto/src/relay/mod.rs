@@ -26,6 +26,7 @@
 //! a notice, a result, a release), encoded only when `poll_transmit` is called. So the
 //! core holds no per-connection byte buffers and an idle connection costs one table entry.
 
+mod instances;
 mod storage;
 mod wakes;
 
@@ -34,11 +35,13 @@ pub use storage::{Fixed, FixedIndex, FixedSlab, Queue, Slab, Storage, UserIndex}
 pub use storage::{Heap, HeapSlab};
 
 use heapless::Vec;
+pub use instances::Kind;
+use instances::{Admitted, RELAY_CAPS};
 use wakes::{KickLink, Lists, WakeLink};
 
 use crate::codes::{DemandError, ErrorCode, ReleaseReason};
 use crate::frame::{
-    self, Credential, Demand, DemandResult, Frame, ListAnswer, LoginOk, Notice, Parsed, caps,
+    self, Credential, Demand, DemandResult, Frame, ListAnswer, LoginOk, Notice, Parsed,
 };
 use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::time::{Duration, Instant, earliest};
@@ -83,6 +86,10 @@ pub struct Config {
     pub max_sessions_per_account: u16,
     /// Failed logins on one connection before it is closed.
     pub max_login_attempts: u8,
+    /// Requester instances (LOGIN with [`caps::REQUESTER`]) one user ID may run at once,
+    /// beside its one reachable instance. Past it a new one gets ERROR
+    /// `TooManyConnections`.
+    pub max_requesters_per_account: u16,
 }
 
 impl Default for Config {
@@ -96,6 +103,7 @@ impl Default for Config {
             max_conns_per_account: 256,
             max_sessions_per_account: 128,
             max_login_attempts: 3,
+            max_requesters_per_account: 16,
         }
     }
 }
@@ -148,7 +156,7 @@ pub enum Event {
         user: UserId,
         code: ErrorCode,
     },
-    /// A password login replaced the running instance of `user`.
+    /// A password login replaced the reachable instance of `user`.
     Replaced { user: UserId },
     /// A demand was refused (accepted ones give [`Event::SessionStarted`]).
     DemandFailed {
@@ -172,7 +180,8 @@ pub enum Event {
         down: u64,
         reason: ReleaseReason,
     },
-    /// The terminal's last connection is gone (logout, timeout, close).
+    /// The reachable instance's last connection is gone (logout, timeout, close): `user`
+    /// takes no demands now. (A requester instance ends without an event.)
     Offline { user: UserId },
 }
 
@@ -311,6 +320,9 @@ pub struct ConnEntry {
 pub struct TermEntry {
     user: UserId,
     instance: u64,
+    kind: Kind,
+    /// The next instance of the same user ID ([`NIL`]: the last).
+    sibling: u32,
     /// First of its connections, linked through [`ConnEntry::next`].
     first: u32,
     conns: u16,
@@ -399,9 +411,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         self.conns.get(conn.0)
     }
 
-    /// Whether `user` is logged in.
+    /// Whether `user` has a reachable instance (requester instances do not count).
     pub fn is_online(&self, user: &UserId) -> bool {
-        self.users.get(user).is_some()
+        self.reachable(user).is_some()
     }
 
     /// The next event: the queued ones, then a [`Event::Wake`] for each connection with
@@ -642,7 +654,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 c.state = State::Authenticating {
                     user: login.user.clone(),
                     password,
-                    caps: login.hello.caps & caps::ALL,
+                    caps: login.hello.caps & RELAY_CAPS,
                 };
                 self.emit(Event::Authenticate {
                     conn: ConnId(key),
@@ -733,67 +745,14 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             Verdict::Accept { instance, token } => (instance, token),
             Verdict::Refuse(code) => return self.refuse_login(key, user, code),
         };
-        let existing = self.users.get(&user);
-        if let Some(tk) = existing {
-            let current = self.terms.get(tk).map(|t| t.instance);
-            if password {
-                // Newest wins: a rebooted device is reachable at once.
-                self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
-                self.emit(Event::Replaced { user: user.clone() });
-            } else if current != Some(instance) {
-                // A genuine credential of an instance that a newer login replaced: that
-                // instance must stop (its ERROR Replaced may never have arrived, e.g. on
-                // a connection closed mid-payload), not fall back to its password and
-                // replace the newer one in turn.
-                return self.fail(key, ErrorCode::Replaced);
-            }
-        }
-        let term = match self.users.get(&user) {
-            Some(tk) => {
-                let t = self.terms.get_mut(tk).expect("index and table agree");
-                if t.conns >= self.config.max_conns_per_account {
-                    return self.fail(key, ErrorCode::TooManyConnections);
-                }
-                t.token = token;
-                tk
-            }
-            None => {
-                let entry = TermEntry {
-                    user: user.clone(),
-                    instance,
-                    first: NIL,
-                    conns: 0,
-                    sessions: 0,
-                    wait_head: NIL,
-                    wait_tail: NIL,
-                    token,
-                };
-                // A full table: the login is refused like a wrong one (the terminal
-                // backs off and retries), the connection back to its handshake.
-                let Ok(tk) = self.terms.insert(entry) else {
-                    return self.refuse_login(key, user, ErrorCode::Busy);
-                };
-                if !self.users.insert(user.clone(), tk) {
-                    self.terms.remove(tk);
-                    return self.refuse_login(key, user, ErrorCode::Busy);
-                }
-                tk
-            }
-        };
-        self.link(term, key);
-        if let Some(c) = self.conns.get_mut(key) {
-            c.term = Some(term);
-            c.state = State::Idle;
-            c.last_rx = now;
-            c.out.login_ok = Some(caps);
-        }
-        self.emit(Event::LoggedIn {
-            conn,
+        let admitted = Admitted {
             user,
-            resumed: !password,
-        });
-        self.wake(key);
-        self.kick(key);
+            password,
+            caps,
+            instance,
+            token,
+        };
+        self.admit(now, key, admitted);
     }
 
     /// Adds connection `key` to terminal `tk`'s list.
@@ -952,8 +911,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 return Err(DemandError::Forbidden);
             }
             let tk = self
-                .users
-                .get(&d.target)
+                .reachable(&d.target)
                 .ok_or(DemandError::TargetOffline)?;
             let ak = self
                 .conns
@@ -1293,8 +1251,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         {
             self.fail_waiting(requester, tk, DemandError::TargetGone);
         }
-        if let Some(t) = self.terms.remove(tk) {
-            self.users.remove(&t.user);
+        self.unchain(tk);
+        if let Some(t) = self.terms.remove(tk)
+            && t.kind == Kind::Reachable
+        {
             self.emit(Event::Offline { user: t.user });
         }
     }
@@ -1476,7 +1436,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let mut users = Vec::new();
         let mut from = cursor;
         while let Some(k) = self.terms.next_key(from) {
-            if let Some(t) = self.terms.get(k)
+            if let Some(t) = self.terms.get(k).filter(|t| t.kind == Kind::Reachable)
                 && users.push(t.user.clone()).is_err()
             {
                 return ListAnswer {
@@ -1606,9 +1566,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
     }
 
-    /// The operator removed `user`'s account: its connections close now.
+    /// The operator removed `user`'s account: the connections of all its instances
+    /// close now.
     pub fn remove_user(&mut self, user: &UserId) {
-        if let Some(tk) = self.users.get(user) {
+        while let Some(tk) = self.users.get(user) {
             self.drop_terminal(
                 tk,
                 Some(ErrorCode::AccountRemoved),

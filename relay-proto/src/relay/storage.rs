@@ -24,6 +24,8 @@ pub trait UserIndex {
     fn get(&self, user: &UserId) -> Option<u32>;
     /// Returns `false` when the index is full.
     fn insert(&mut self, user: UserId, key: u32) -> bool;
+    /// Points `user`, which is in the index, at `key` (needs no room).
+    fn retarget(&mut self, user: &UserId, key: u32);
     fn remove(&mut self, user: &UserId);
 }
 
@@ -121,6 +123,11 @@ impl<const N: usize> UserIndex for FixedIndex<N> {
     fn insert(&mut self, user: UserId, key: u32) -> bool {
         self.remove(&user);
         self.entries.push((user, key)).is_ok()
+    }
+    fn retarget(&mut self, user: &UserId, key: u32) {
+        if let Some(e) = self.entries.iter_mut().find(|(u, _)| u == user) {
+            e.1 = key;
+        }
     }
     fn remove(&mut self, user: &UserId) {
         if let Some(i) = self.entries.iter().position(|(u, _)| u == user) {
@@ -229,6 +236,11 @@ mod heap {
         fn insert(&mut self, user: UserId, key: u32) -> bool {
             HashMap::insert(self, user, key);
             true
+        }
+        fn retarget(&mut self, user: &UserId, key: u32) {
+            if let Some(k) = HashMap::get_mut(self, user) {
+                *k = key;
+            }
         }
         fn remove(&mut self, user: &UserId) {
             HashMap::remove(self, user);
