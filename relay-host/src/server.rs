@@ -114,10 +114,10 @@ struct Slot {
 /// The protocol core and the connections' handles, behind one lock.
 struct Core {
     relay: Relay<Heap, SnapshotPolicy>,
-    /// Indexed by `ConnId.0` (the core reuses small keys).
+    /// Indexed by [`ConnId::index`] (the core reuses small keys).
     conns: Vec<Option<Slot>>,
-    /// Deadlines of all connections, `(core milliseconds, ConnId.0)`, earliest first.
-    timers: BTreeSet<(u64, u32)>,
+    /// Deadlines of all connections, `(core milliseconds, connection)`, earliest first.
+    timers: BTreeSet<(u64, ConnId)>,
     /// Wakes the timer task when an entry earlier than all others was added.
     timer_wake: Arc<Notify>,
     epoch: std::time::Instant,
@@ -186,7 +186,7 @@ impl Core {
 
     fn conn(&self, id: ConnId) -> Option<&Arc<Conn>> {
         self.conns
-            .get(id.0 as usize)
+            .get(id.index())
             .and_then(Option::as_ref)
             .map(|s| &s.conn)
     }
@@ -198,35 +198,35 @@ impl Core {
             return;
         };
         let at = at.as_millis();
-        let Some(Some(slot)) = self.conns.get_mut(id.0 as usize) else {
+        let Some(Some(slot)) = self.conns.get_mut(id.index()) else {
             return;
         };
         if at >= slot.armed {
             return;
         }
         if slot.armed != NOT_ARMED {
-            self.timers.remove(&(slot.armed, id.0));
+            self.timers.remove(&(slot.armed, id));
         }
         slot.armed = at;
         if self.timers.first().is_none_or(|&(first, _)| at < first) {
             self.timer_wake.notify_one();
         }
-        self.timers.insert((at, id.0));
+        self.timers.insert((at, id));
     }
 
     /// Runs the deadlines that are due and re-arms those connections.
     fn fire(&mut self, srv: &Arc<Server>) {
         let now = self.now();
         let mut due = Vec::new();
-        while let Some(&(at, key)) = self.timers.first() {
+        while let Some(&(at, id)) = self.timers.first() {
             if at > now.as_millis() {
                 break;
             }
             self.timers.pop_first();
-            if let Some(Some(slot)) = self.conns.get_mut(key as usize) {
+            if let Some(Some(slot)) = self.conns.get_mut(id.index()) {
                 slot.armed = NOT_ARMED;
             }
-            due.push(ConnId(key));
+            due.push(id);
         }
         for &id in &due {
             self.relay.handle_timeout(now, id);
@@ -264,10 +264,10 @@ impl Core {
     fn finish(&mut self, srv: &Arc<Server>, id: ConnId, me: &Arc<Conn>) {
         if self.is(id, me) {
             self.relay.closed(id);
-            if let Some(slot) = self.conns[id.0 as usize].take()
+            if let Some(slot) = self.conns[id.index()].take()
                 && slot.armed != NOT_ARMED
             {
-                self.timers.remove(&(slot.armed, id.0));
+                self.timers.remove(&(slot.armed, id));
             }
             self.drain(srv);
         }
@@ -300,11 +300,11 @@ impl Core {
                     resumed,
                 } => {
                     let peer = self.conn(conn).map(|c| c.peer);
-                    tracing::info!(%user, resumed, conn = conn.0, ?peer, "login");
+                    tracing::info!(%user, resumed, conn = conn.index(), ?peer, "login");
                 }
                 Event::LoginFailed { conn, user, code } => {
                     let peer = self.conn(conn).map(|c| c.peer);
-                    tracing::info!(%user, conn = conn.0, ?peer, error = %code, "login refused");
+                    tracing::info!(%user, conn = conn.index(), ?peer, error = %code, "login refused");
                 }
                 Event::Replaced { user } => {
                     tracing::info!(%user, "a new login replaced the running instance")
@@ -979,7 +979,7 @@ fn connection(
         let at = to_relay_instant(core.epoch, since);
         match core.relay.accept(at) {
             Ok(id) => {
-                let i = id.0 as usize;
+                let i = id.index();
                 if core.conns.len() <= i {
                     core.conns.resize_with(i + 1, || None);
                 }

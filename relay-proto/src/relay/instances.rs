@@ -9,7 +9,7 @@
 //! [`TermEntry::sibling`], so a user's instances cost no table of their own.
 
 use super::{
-    ConnId, Event, NIL, Policy, Relay, ReleaseReason, Slab, State, Storage, TermEntry, UserIndex,
+    Event, NIL, Phase, Policy, Relay, ReleaseReason, Slab, State, Storage, TermEntry, UserIndex,
 };
 use crate::codes::ErrorCode;
 use crate::frame::caps;
@@ -101,13 +101,15 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         };
         self.link(term, key);
         if let Some(c) = self.conns.get_mut(key) {
-            c.term = Some(term);
-            c.state = State::Idle;
+            c.state = State::In {
+                term,
+                phase: Phase::Idle,
+            };
             c.last_rx = now;
             c.out.login_ok = Some(caps);
         }
         self.emit(Event::LoggedIn {
-            conn: ConnId(key),
+            conn: self.id(key),
             user: a.user,
             resumed: !a.password,
         });

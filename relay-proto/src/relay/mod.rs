@@ -26,6 +26,7 @@
 //! a notice, a result, a release), encoded only when `poll_transmit` is called. So the
 //! core holds no per-connection byte buffers and an idle connection costs one table entry.
 
+mod conn;
 mod instances;
 mod storage;
 mod wakes;
@@ -34,10 +35,12 @@ pub use storage::{Fixed, FixedIndex, FixedSlab, Queue, Slab, Storage, UserIndex}
 #[cfg(feature = "std")]
 pub use storage::{Heap, HeapSlab};
 
+use conn::{Acks, Forward, Out, Outbound, Phase, State};
+pub use conn::{ConnEntry, ConnId};
 use heapless::Vec;
 pub use instances::Kind;
 use instances::{Admitted, RELAY_CAPS};
-use wakes::{KickLink, Lists, WakeLink};
+use wakes::Lists;
 
 use crate::codes::{DemandError, ErrorCode, ReleaseReason};
 use crate::frame::{
@@ -58,11 +61,6 @@ pub const MIN_TRANSMIT_BUF: usize = 4 * frame::MAX_CONTROL_FRAME;
 pub const fn max_events_per_call(conns: usize) -> usize {
     conns + 3
 }
-
-/// A connection, as the host and the core call it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct ConnId(pub u32);
 
 /// Relay settings. Every bound has a safe default.
 #[derive(Debug, Clone)]
@@ -221,100 +219,6 @@ pub enum RelayError {
     BufferTooSmall,
 }
 
-/// A connection's place in the protocol.
-#[derive(Debug, Clone)]
-enum State {
-    /// Waiting for LOGIN.
-    Handshake,
-    /// LOGIN received; the host is checking it. `caps`: what the terminal announced.
-    Authenticating {
-        user: UserId,
-        password: bool,
-        caps: u32,
-    },
-    Idle,
-    /// This connection's DEMAND waits for terminal `target` (a key of the terminal
-    /// table) to open an idle connection; it is in that terminal's wait list.
-    Waiting {
-        target: u32,
-        service: ServiceName,
-        deadline: Instant,
-    },
-    /// We routed this connection's DEMAND to `peer`; waiting for its answer.
-    Demanding {
-        peer: u32,
-        service: ServiceName,
-        deadline: Instant,
-    },
-    /// `peer` demands a session of us; NOTICE queued or sent.
-    Noticed {
-        peer: u32,
-        session: u32,
-    },
-    /// Paired with `peer`. `sent_end`: this side sent TERMINATE.
-    Session {
-        peer: u32,
-        session: u32,
-        sent_end: bool,
-        requester: bool,
-    },
-    /// The session is over; RELEASE still to send. Stray DATA and TERMINATE are dropped.
-    Releasing,
-    /// A fatal error is queued; close once it is written.
-    Closing,
-}
-
-/// Pending output, encoded by `poll_transmit` in this order (which respects causality:
-/// a result precedes the data it allows, data precedes TERMINATE, TERMINATE precedes
-/// RELEASE).
-#[derive(Debug, Clone, Default)]
-struct Out {
-    /// LOGIN_OK, with the capabilities both sides have.
-    login_ok: Option<u32>,
-    error: Option<ErrorCode>,
-    ack: Option<u32>,
-    list: Option<u32>,
-    notice: bool,
-    result: Option<DemandResult>,
-    data_header: Option<u16>,
-    terminate: bool,
-    release: Option<ReleaseReason>,
-}
-
-/// One connection's entry in the core's tables.
-#[derive(Debug, Clone)]
-pub struct ConnEntry {
-    state: State,
-    /// The terminal this connection belongs to, once logged in.
-    term: Option<u32>,
-    accepted: Instant,
-    last_rx: Instant,
-    out: Out,
-    /// Payload bytes of the current DATA frame still to pass from this connection.
-    fwd_remaining: u16,
-    /// The connection those bytes go to; `None`: they are dropped.
-    fwd_to: Option<u32>,
-    /// A DATA header from the peer was written on this connection and its payload is
-    /// still under way: nothing else may be written here until it is complete.
-    locked: bool,
-    /// The payload is complete; the next `poll_transmit` lifts `locked`.
-    unlock_next: bool,
-    /// The payload of the DATA header still waiting in `out` is already complete.
-    header_complete: bool,
-    /// Payload bytes received from this connection in the current session.
-    bytes: u64,
-    attempts: u8,
-    /// Its place in the wake list (output the host has not been told about).
-    wake: WakeLink,
-    /// Its place in the kick list (idle since the start of this call).
-    kick: KickLink,
-    /// Neighbours in the terminal's connection list ([`TermEntry::first`]).
-    prev: u32,
-    next: u32,
-    /// Next demand in the target's wait list, while [`State::Waiting`].
-    wait_next: u32,
-}
-
 /// One logged-in terminal (an "instance": one run of a device).
 #[derive(Debug, Clone)]
 pub struct TermEntry {
@@ -355,6 +259,8 @@ pub struct Relay<S: Storage, P: Policy = AllowAll> {
     stats: Stats,
     /// The wake and kick lists, threaded through `conns`.
     lists: Lists,
+    /// The generation the next accepted connection gets (see [`ConnId`]).
+    generations: u32,
 }
 
 impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
@@ -381,6 +287,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             next_session: 1,
             stats: Stats::default(),
             lists: Lists::default(),
+            generations: 0,
         }
     }
 
@@ -408,7 +315,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// The core's entry for `conn`, for diagnostics (its `Debug` form).
     pub fn conn_entry(&self, conn: ConnId) -> Option<&ConnEntry> {
-        self.conns.get(conn.0)
+        self.conns.get(self.key(conn)?)
     }
 
     /// Whether `user` has a reachable instance (requester instances do not count).
@@ -437,33 +344,28 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// A new TCP connection: steps (1)(10). It must log in within the handshake deadline.
     pub fn accept(&mut self, now: Instant) -> Result<ConnId, RelayError> {
-        let entry = ConnEntry {
-            state: State::Handshake,
-            term: None,
-            accepted: now,
-            last_rx: now,
-            out: Out::default(),
-            fwd_remaining: 0,
-            fwd_to: None,
-            locked: false,
-            unlock_next: false,
-            header_complete: false,
-            bytes: 0,
-            attempts: 0,
-            wake: WakeLink::Out,
-            kick: KickLink::Out,
-            prev: NIL,
-            next: NIL,
-            wait_next: NIL,
-        };
-        self.conns
-            .insert(entry)
-            .map(ConnId)
-            .map_err(|_| RelayError::TableFull)
+        let generation = self.generations;
+        self.generations = self.generations.wrapping_add(1);
+        let key = self
+            .conns
+            .insert(ConnEntry::new(now, generation))
+            .map_err(|_| RelayError::TableFull)?;
+        Ok(ConnId::new(key, generation))
+    }
+
+    /// The table key of `conn`, if it names a live connection (not a stale handle).
+    fn key(&self, conn: ConnId) -> Option<u32> {
+        let c = self.conns.get(conn.key())?;
+        (c.generation == conn.generation()).then_some(conn.key())
+    }
+
+    /// The handle of the connection at `key`.
+    fn id(&self, key: u32) -> ConnId {
+        ConnId::new(key, self.conns.get(key).map_or(0, |c| c.generation))
     }
 
     fn user_of(&self, conn: u32) -> Option<&UserId> {
-        let term = self.conns.get(conn)?.term?;
+        let term = self.conns.get(conn)?.term()?;
         self.terms.get(term).map(|t| &t.user)
     }
 
@@ -482,11 +384,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     fn close_conn(&mut self, key: u32, code: Option<ErrorCode>, reason: ReleaseReason) {
         // Closing twice (shutdown after a peer's close) must not add a frame to a stream
         // that was closed mid-payload.
-        if self
-            .conns
-            .get(key)
-            .is_none_or(|c| matches!(c.state, State::Closing))
-        {
+        if self.conns.get(key).is_none_or(ConnEntry::is_closing) {
             return;
         }
         self.detach(key, reason);
@@ -498,18 +396,18 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             error: code,
             ..Out::default()
         };
-        c.state = State::Closing;
+        c.state = State::Closing { term: c.term() };
         // Nothing more is forwarded here: the session ended above.
-        c.locked = false;
-        c.unlock_next = false;
-        c.header_complete = false;
+        c.outbound = Outbound::Free;
         self.wake(key);
     }
 
     /// Takes bytes received on `conn`. Handles at most one frame (or one run of payload)
     /// per call; call again with the rest. See [`Offer`] and the forwarding contract.
     pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: &[u8]) -> Offer {
-        let key = conn.0;
+        let Some(key) = self.key(conn) else {
+            return Offer::Consumed(input.len());
+        };
         let Some(c) = self.conns.get_mut(key) else {
             return Offer::Consumed(input.len());
         };
@@ -517,10 +415,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             return Offer::NeedMore;
         }
         c.last_rx = now;
-        if matches!(c.state, State::Closing) {
+        if c.is_closing() {
             return Offer::Consumed(input.len());
         }
-        if c.fwd_remaining > 0 {
+        if c.inbound.is_some() {
             return self.pass_payload(key, input.len());
         }
         let offer = match frame::parse(input) {
@@ -546,23 +444,24 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// a host reserves room at the receiver before reading more from `conn`
     /// (backpressure). `None` when no payload is under way or it will be dropped.
     pub fn forward_target(&self, conn: ConnId) -> Option<(ConnId, usize)> {
-        let c = self.conns.get(conn.0)?;
-        let peer = c.fwd_target().filter(|_| c.fwd_remaining > 0)?;
-        Some((ConnId(peer), usize::from(c.fwd_remaining)))
+        let c = self.conns.get(self.key(conn)?)?;
+        let peer = c.fwd_target()?;
+        Some((self.id(peer), usize::from(c.inbound?.remaining)))
     }
 
     /// Payload bytes still to come on `conn` for the DATA frame under way.
     pub fn forward_remaining(&self, conn: ConnId) -> usize {
-        self.conns
-            .get(conn.0)
-            .map_or(0, |c| usize::from(c.fwd_remaining))
+        self.key(conn)
+            .and_then(|k| self.conns.get(k)?.inbound)
+            .map_or(0, |f| usize::from(f.remaining))
     }
 
     /// The host moved `n` payload bytes of `conn` by itself (see [`Relay::forward_remaining`]).
     pub fn forwarded(&mut self, now: Instant, conn: ConnId, n: usize) {
-        if let Some(c) = self.conns.get_mut(conn.0) {
+        let Some(key) = self.key(conn) else { return };
+        if let Some(c) = self.conns.get_mut(key) {
             c.last_rx = now;
-            self.pass_payload(conn.0, n);
+            self.pass_payload(key, n);
         }
     }
 
@@ -570,34 +469,32 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(c) = self.conns.get_mut(key) else {
             return Offer::Consumed(available);
         };
-        let n = available.min(usize::from(c.fwd_remaining));
-        c.fwd_remaining -= n as u16;
+        let Some(fwd) = c.inbound else {
+            return Offer::Consumed(0);
+        };
+        let n = available.min(usize::from(fwd.remaining));
+        let remaining = fwd.remaining - n as u16;
         c.bytes += n as u64;
-        let done = c.fwd_remaining == 0;
         let target = c.fwd_target();
-        if done {
-            c.fwd_to = None;
-        }
+        c.inbound = (remaining > 0).then_some(Forward { remaining, ..fwd });
         let Some(peer) = target else {
             // Payload nobody may receive (the session ended under it, or DATA that was
             // not allowed): dropped.
             return Offer::Consumed(n);
         };
         self.stats.bytes_relayed += n as u64;
-        if done && let Some(pc) = self.conns.get_mut(peer) {
+        if remaining == 0
+            && let Some(pc) = self.conns.get_mut(peer)
+        {
             // Not unlocked yet: the host may flush `peer` before writing these last
             // bytes. The next `poll_transmit(peer)` unlocks it (and gives nothing), so
             // frames queued meanwhile go out after the payload whatever the host's order.
             // If this frame's header is not even written yet, it is marked when it is.
-            if pc.out.data_header.is_some() {
-                pc.header_complete = true;
-            } else {
-                pc.unlock_next = true;
-            }
+            pc.outbound.complete();
             self.wake(peer);
         }
         Offer::Forward {
-            to: ConnId(peer),
+            to: self.id(peer),
             n,
         }
     }
@@ -609,31 +506,40 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         if len > self.config.max_payload {
             return self.fail(key, ErrorCode::FrameTooLarge);
         }
-        match c.state {
-            State::Session {
-                peer,
-                sent_end: false,
-                ..
-            } => {
-                c.fwd_remaining = len;
-                c.fwd_to = Some(peer);
-                if let Some(pc) = self.conns.get_mut(peer) {
-                    pc.out.data_header = Some(len);
-                    self.wake(peer);
-                }
-            }
-            // Sent before this side learnt that its session ended (RELEASE may already
-            // be written, so Idle too): drop it quietly, the stream stays in sync.
-            State::Releasing | State::Idle => c.fwd_remaining = len,
-            State::Handshake | State::Authenticating { .. } => {
+        let drop = Forward {
+            remaining: len,
+            pass: false,
+        };
+        match &c.state {
+            State::Handshake | State::Authenticating { .. } | State::Closing { .. } => {
                 self.fail(key, ErrorCode::NotLoggedIn)
             }
-            _ => {
-                // DATA outside a session has no receiver; the stream must be resynced by
-                // skipping its payload, so the connection stays usable.
-                c.fwd_remaining = len;
-                self.fail(key, ErrorCode::UnexpectedFrame);
-            }
+            State::In { phase, .. } => match *phase {
+                Phase::Session {
+                    peer,
+                    sent_end: false,
+                    ..
+                } => {
+                    c.inbound = Some(Forward {
+                        remaining: len,
+                        pass: true,
+                    });
+                    if let Some(pc) = self.conns.get_mut(peer) {
+                        pc.outbound.queue(len);
+                        self.wake(peer);
+                    }
+                }
+                // Sent before this side learnt that its session ended (RELEASE may
+                // already be written, so Idle too): drop it quietly, the stream stays in
+                // sync (§3.10).
+                Phase::Releasing | Phase::Idle => c.inbound = Some(drop),
+                _ => {
+                    // DATA outside a session has no receiver; the stream must be resynced
+                    // by skipping its payload, so the connection stays usable.
+                    c.inbound = Some(drop);
+                    self.fail(key, ErrorCode::UnexpectedFrame);
+                }
+            },
         }
     }
 }
@@ -643,74 +549,63 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        let logged_in = c.term.is_some();
-        match f {
-            Frame::Login(login) => {
-                if !matches!(c.state, State::Handshake) {
-                    return self.fail(key, ErrorCode::UnexpectedFrame);
-                }
-                c.attempts = c.attempts.saturating_add(1);
-                let password = matches!(login.credential, Credential::Password(_));
-                c.state = State::Authenticating {
-                    user: login.user.clone(),
-                    password,
-                    caps: login.hello.caps & RELAY_CAPS,
-                };
-                self.emit(Event::Authenticate {
-                    conn: ConnId(key),
-                    user: login.user,
-                    credential: login.credential,
+        let phase = match (&c.state, f) {
+            (State::Handshake, Frame::Login(login)) => return self.on_login(key, login),
+            (State::In { phase, .. }, f) => (phase.clone(), f),
+            (_, Frame::Login(_)) => return self.fail(key, ErrorCode::UnexpectedFrame),
+            _ => return self.fail(key, ErrorCode::NotLoggedIn),
+        };
+        match phase {
+            (_, Frame::KeepAlive { seq }) => {
+                let count = c.out.acks.map_or(0, |a| a.count);
+                c.out.acks = Some(Acks {
+                    last: seq,
+                    count: count.saturating_add(1),
                 });
             }
-            _ if !logged_in => self.fail(key, ErrorCode::NotLoggedIn),
-            Frame::KeepAlive { seq } => c.out.ack = Some(seq),
             // Any logged-in state: an answer between frames never disturbs a session.
-            Frame::List { cursor } => c.out.list = Some(cursor),
-            Frame::Demand(d) if matches!(c.state, State::Idle) => self.route(now, key, d),
-            Frame::Demand(d) => match c.state {
-                // The terminal demanded on the connection we had just chosen for a notice:
-                // the two crossed. The notice is withdrawn (its requester may retry, the
-                // terminal ignores it) and the demand goes ahead.
-                State::Noticed { peer, .. } => {
-                    c.out.notice = false;
-                    let error = DemandError::NoIdleConnection;
-                    self.fail_demand(peer, key, error, Text::display(&error));
-                    self.route(now, key, d);
-                }
-                // Crossed a RELEASE that withdraws a notice we gave up on, not written yet:
-                // the terminal, demanding, would ignore it anyway. Drop it, route.
-                State::Releasing if c.out.release == Some(ReleaseReason::Cancelled) => {
-                    c.out.release = None;
-                    c.state = State::Idle;
-                    self.route(now, key, d);
-                }
-                _ => self.fail(key, ErrorCode::UnexpectedFrame),
-            },
-            Frame::Accept { session } => match c.state {
-                State::Noticed { peer, session: s } if s == session => {
-                    self.start_session(key, peer, session)
-                }
-                _ => self.fail(key, ErrorCode::UnknownSession),
-            },
-            Frame::Reject(r) => match c.state {
-                State::Noticed { peer, session: s } if s == r.session => {
-                    let error = DemandError::Rejected(r.reason);
-                    self.fail_demand(peer, key, error, r.text);
-                }
-                _ => self.fail(key, ErrorCode::UnknownSession),
-            },
-            Frame::Terminate => match c.state {
-                State::Session {
+            (_, Frame::List { cursor }) => c.out.list = Some(cursor),
+            (Phase::Idle, Frame::Demand(d)) => self.route(now, key, d),
+            // The terminal demanded on the connection we had just chosen for a notice:
+            // the two crossed. The notice is withdrawn (its requester may retry, the
+            // terminal ignores it) and the demand goes ahead.
+            (Phase::Noticed { peer, .. }, Frame::Demand(d)) => {
+                c.out.notice = false;
+                let error = DemandError::NoIdleConnection;
+                self.fail_demand(peer, key, error, Text::display(&error));
+                self.route(now, key, d);
+            }
+            // Crossed a RELEASE that withdraws a notice we gave up on, not written yet:
+            // the terminal, demanding, would ignore it anyway. Drop it, route.
+            (Phase::Releasing, Frame::Demand(d))
+                if c.out.release == Some(ReleaseReason::Cancelled) =>
+            {
+                c.out.release = None;
+                c.set_phase(Phase::Idle);
+                self.route(now, key, d);
+            }
+            (Phase::Noticed { peer, session: s }, Frame::Accept { session }) if s == session => {
+                self.start_session(key, peer, session)
+            }
+            (Phase::Noticed { peer, session: s }, Frame::Reject(r)) if s == r.session => {
+                let error = DemandError::Rejected(r.reason);
+                self.fail_demand(peer, key, error, r.text);
+            }
+            (_, Frame::Accept { .. } | Frame::Reject(_)) => {
+                self.fail(key, ErrorCode::UnknownSession)
+            }
+            (
+                Phase::Session {
                     peer,
                     sent_end: false,
                     ..
-                } => self.on_terminate(key, peer),
-                // Crossed with the end of the session: nothing to do.
-                State::Releasing | State::Idle => {}
-                _ => self.fail(key, ErrorCode::UnexpectedFrame),
-            },
-            Frame::Logout => {
-                if let Some(term) = c.term {
+                },
+                Frame::Terminate,
+            ) => self.on_terminate(key, peer),
+            // Crossed with the end of the session: nothing to do (§3.11).
+            (Phase::Releasing | Phase::Idle, Frame::Terminate) => {}
+            (_, Frame::Logout) => {
+                if let Some(term) = c.term() {
                     self.drop_terminal(term, None, ReleaseReason::PeerLoggedOut);
                 }
             }
@@ -721,6 +616,25 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
     }
 
+    /// LOGIN on a fresh connection: the host checks the credential.
+    fn on_login(&mut self, key: u32, login: frame::Login) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        c.attempts = c.attempts.saturating_add(1);
+        let password = matches!(login.credential, Credential::Password(_));
+        c.state = State::Authenticating {
+            user: login.user.clone(),
+            password,
+            caps: login.hello.caps & RELAY_CAPS,
+        };
+        self.emit(Event::Authenticate {
+            conn: self.id(key),
+            user: login.user,
+            credential: login.credential,
+        });
+    }
+
     /// The host's answer to [`Event::Authenticate`] for `conn`. Answers for connections
     /// that closed meanwhile are ignored.
     pub fn login_verdict(&mut self, now: Instant, conn: ConnId, verdict: Verdict) {
@@ -729,7 +643,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 
     fn verdict(&mut self, now: Instant, conn: ConnId, verdict: Verdict) {
-        let key = conn.0;
+        let Some(key) = self.key(conn) else { return };
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
@@ -807,13 +721,13 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             let Some(c) = self.conns.get(key) else {
                 continue;
             };
-            let Some(tk) = c.term.filter(|_| matches!(c.state, State::Idle)) else {
+            let Some(tk) = c.term().filter(|_| c.is_idle()) else {
                 continue;
             };
             if let Some(requester) = self.pop_waiter(tk) {
-                let Some(State::Waiting {
+                let Some(Phase::Waiting {
                     service, deadline, ..
-                }) = self.conns.get(requester).map(|c| c.state.clone())
+                }) = self.conns.get(requester).and_then(|c| c.phase().cloned())
                 else {
                     continue;
                 };
@@ -884,7 +798,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     fn refuse_login(&mut self, key: u32, user: UserId, code: ErrorCode) {
         self.emit(Event::LoginFailed {
-            conn: ConnId(key),
+            conn: self.id(key),
             user,
             code,
         });
@@ -916,7 +830,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             let ak = self
                 .conns
                 .get(key)
-                .and_then(|c| c.term)
+                .and_then(|c| c.term())
                 .ok_or(DemandError::TargetGone)?;
             let max = self.config.max_sessions_per_account;
             let busy = |k| self.terms.get(k).is_none_or(|t| t.sessions >= max);
@@ -954,7 +868,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             .term_conns(tk)
             .filter(|&ck| ck != key)
             .filter_map(|ck| Some((ck, self.conns.get(ck)?)))
-            .filter(|(_, c)| matches!(c.state, State::Idle))
+            .filter(|(_, c)| c.is_idle())
             .max_by_key(|(_, c)| c.last_rx)
             .map(|(ck, _)| ck);
         match idle {
@@ -963,11 +877,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             // to stay at its spare count, which takes this demand (oldest first).
             None => {
                 if let Some(c) = self.conns.get_mut(key) {
-                    c.state = State::Waiting {
+                    c.set_phase(Phase::Waiting {
                         target: tk,
                         service: d.service,
                         deadline,
-                    };
+                    });
                 }
                 self.push_waiter(tk, key);
             }
@@ -979,17 +893,17 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let session = self.next_session;
         self.next_session = self.next_session.wrapping_add(1).max(1);
         if let Some(c) = self.conns.get_mut(requester) {
-            c.state = State::Demanding {
+            c.set_phase(Phase::Demanding {
                 peer: target,
                 service,
                 deadline,
-            };
+            });
         }
         if let Some(c) = self.conns.get_mut(target) {
-            c.state = State::Noticed {
+            c.set_phase(Phase::Noticed {
                 peer: requester,
                 session,
-            };
+            });
             c.out.notice = true;
         }
         self.wake(target);
@@ -1005,7 +919,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 
     fn sessions_done(&mut self, a: u32, b: u32) {
-        let term = |k| self.conns.get(k).and_then(|c| c.term);
+        let term = |k| self.conns.get(k).and_then(ConnEntry::term);
         self.slots_done(term(a), term(b));
     }
 
@@ -1013,10 +927,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     fn fail_waiting(&mut self, requester: u32, tk: u32, error: DemandError) {
         self.remove_waiter(tk, requester);
         let service = self.service_of(requester);
-        let own = self.conns.get(requester).and_then(|c| c.term);
+        let own = self.conns.get(requester).and_then(ConnEntry::term);
         self.slots_done(own, Some(tk));
         if let Some(c) = self.conns.get_mut(requester) {
-            c.state = State::Idle;
+            c.set_phase(Phase::Idle);
             c.out.result = Some(DemandResult::Failed {
                 error,
                 text: Text::display(&error),
@@ -1037,8 +951,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// The requester's service, read from its `Demanding` or `Waiting` state.
     fn service_of(&self, requester: u32) -> ServiceName {
-        match self.conns.get(requester).map(|c| &c.state) {
-            Some(State::Demanding { service, .. } | State::Waiting { service, .. }) => {
+        match self.conns.get(requester).and_then(ConnEntry::phase) {
+            Some(Phase::Demanding { service, .. } | Phase::Waiting { service, .. }) => {
                 service.clone()
             }
             _ => ServiceName::default(),
@@ -1049,21 +963,21 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     fn start_session(&mut self, target: u32, requester: u32, session: u32) {
         let service = self.service_of(requester);
         if let Some(c) = self.conns.get_mut(target) {
-            c.state = State::Session {
+            c.set_phase(Phase::Session {
                 peer: requester,
                 session,
                 sent_end: false,
                 requester: false,
-            };
+            });
             c.bytes = 0;
         }
         if let Some(c) = self.conns.get_mut(requester) {
-            c.state = State::Session {
+            c.set_phase(Phase::Session {
                 peer: target,
                 session,
                 sent_end: false,
                 requester: true,
-            };
+            });
             c.bytes = 0;
             c.out.result = Some(DemandResult::Accepted { session });
         }
@@ -1088,12 +1002,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let service = self.service_of(requester);
         self.sessions_done(requester, target);
         if let Some(c) = self.conns.get_mut(requester) {
-            c.state = State::Idle;
+            c.set_phase(Phase::Idle);
             c.out.result = Some(DemandResult::Failed { error, text });
             self.wake(requester);
         }
         if let Some(c) = self.conns.get_mut(target) {
-            c.state = State::Idle;
+            c.set_phase(Phase::Idle);
         }
         self.kick(requester);
         self.kick(target);
@@ -1115,11 +1029,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         if let Some(c) = self.conns.get_mut(target) {
             if c.out.notice {
                 c.out.notice = false;
-                c.state = State::Idle;
+                c.set_phase(Phase::Idle);
                 self.kick(target);
             } else {
                 c.out.release = Some(ReleaseReason::Cancelled);
-                c.state = State::Releasing;
+                c.set_phase(Phase::Releasing);
                 self.wake(target);
             }
         }
@@ -1127,7 +1041,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// Step (19)(20): `key` sent TERMINATE. When both sides have, step (21): RELEASE.
     fn on_terminate(&mut self, key: u32, peer: u32) {
-        if let Some(State::Session { sent_end, .. }) = self.conns.get_mut(key).map(|c| &mut c.state)
+        if let Some(State::In {
+            phase: Phase::Session { sent_end, .. },
+            ..
+        }) = self.conns.get_mut(key).map(|c| &mut c.state)
         {
             *sent_end = true;
         }
@@ -1135,7 +1052,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             return;
         };
         pc.out.terminate = true;
-        let peer_done = matches!(pc.state, State::Session { sent_end: true, .. });
+        let peer_done = matches!(pc.phase(), Some(Phase::Session { sent_end: true, .. }));
         self.wake(peer);
         if peer_done {
             self.end_session(key, peer, ReleaseReason::Normal, ReleaseReason::Normal);
@@ -1144,9 +1061,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// Ends the session between `a` and `b`, telling each its reason with RELEASE.
     fn end_session(&mut self, a: u32, b: u32, reason_a: ReleaseReason, reason_b: ReleaseReason) {
-        let Some(State::Session {
+        let Some(&Phase::Session {
             session, requester, ..
-        }) = self.conns.get(a).map(|c| c.state.clone())
+        }) = self.conns.get(a).and_then(ConnEntry::phase)
         else {
             return;
         };
@@ -1158,11 +1075,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         self.stats.active_sessions -= 1;
         for (k, reason) in [(a, reason_a), (b, reason_b)] {
             if let Some(c) = self.conns.get_mut(k) {
-                if matches!(c.state, State::Closing) {
+                if c.is_closing() {
                     continue;
                 }
                 c.out.release = Some(reason);
-                c.state = State::Releasing;
+                c.set_phase(Phase::Releasing);
                 self.wake(k);
             }
         }
@@ -1186,35 +1103,34 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// `key` is going away: its demand, notice or session ends; the peer learns `reason`.
     fn detach(&mut self, key: u32, reason: ReleaseReason) {
         let Some(c) = self.conns.get(key) else { return };
-        match c.state.clone() {
-            State::Waiting { target, .. } => {
-                let own = c.term;
+        let own = c.term();
+        match c.phase() {
+            Some(&Phase::Waiting { target, .. }) => {
                 self.remove_waiter(target, key);
                 self.slots_done(own, Some(target));
             }
-            State::Demanding { peer, .. } => {
+            Some(&Phase::Demanding { peer, .. }) => {
                 self.sessions_done(key, peer);
                 self.cancel_notice(peer);
             }
-            State::Noticed { peer, .. } => {
+            Some(&Phase::Noticed { peer, .. }) => {
                 let text = Text::display(&DemandError::TargetGone);
                 self.fail_demand(peer, key, DemandError::TargetGone, text);
             }
-            State::Session { peer, .. } => {
+            Some(&Phase::Session { peer, .. }) => {
                 // A peer in the middle of receiving our payload cannot be told in-band.
                 let peer_locked = self.conns.get(peer).is_some_and(ConnEntry::mid_payload);
                 self.end_session(key, peer, reason, reason);
                 if peer_locked {
                     self.close_conn(peer, None, ReleaseReason::PeerLost);
                 } else if let Some(p) = self.conns.get_mut(peer) {
-                    p.out.data_header = None;
-                    p.header_complete = false;
+                    p.outbound.withdraw();
                 }
             }
             _ => {}
         }
         if let Some(c) = self.conns.get_mut(key) {
-            c.state = State::Idle;
+            c.set_phase(Phase::Idle);
         }
     }
 
@@ -1234,7 +1150,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let mut ck = first;
         while let Some(c) = self.conns.get_mut(ck) {
             let next = c.next;
-            (c.term, c.prev, c.next) = (None, NIL, NIL);
+            (c.state, c.prev, c.next) = (State::Closing { term: None }, NIL, NIL);
             ck = next;
         }
         self.remove_term(term);
@@ -1266,14 +1182,39 @@ struct Writer<'a> {
     len: usize,
 }
 
+/// KEEPALIVE_ACKs written in one burst at most; the rest follow in the next.
+const ACKS_PER_BURST: u16 = 16;
+
 impl Writer<'_> {
-    /// Cannot fail: a burst is at most one frame of each kind, and the largest burst
-    /// fits [`MIN_TRANSMIT_BUF`] (see the test `largest_burst_fits`).
+    /// Cannot fail: a burst is at most one frame of each kind (and [`ACKS_PER_BURST`]
+    /// acks), and the largest burst fits [`MIN_TRANSMIT_BUF`] (test `largest_burst_fits`).
     fn put(&mut self, f: &Frame) {
         let n = f
             .encode(&mut self.buf[self.len..])
             .expect("a burst fits MIN_TRANSMIT_BUF");
         self.len += n;
+    }
+
+    /// One ACK per KEEPALIVE owed, oldest first (their `seq`s are consecutive, §3.3).
+    /// Returns those left for the next burst.
+    fn put_acks(&mut self, acks: Acks) -> Option<Acks> {
+        let now = acks.count.min(ACKS_PER_BURST);
+        let later = acks.count - now;
+        let first = acks.last.wrapping_sub(u32::from(acks.count) - 1);
+        for i in 0..now {
+            let seq = first.wrapping_add(u32::from(i));
+            self.put(&Frame::KeepAliveAck { seq });
+        }
+        (later > 0).then_some(Acks {
+            last: acks.last,
+            count: later,
+        })
+    }
+
+    fn put_data_header(&mut self, len: u16) {
+        let h = frame::data_header(usize::from(len)).expect("DATA of 1..=max_payload bytes");
+        self.buf[self.len..self.len + h.len()].copy_from_slice(&h);
+        self.len += h.len();
     }
 }
 
@@ -1293,71 +1234,81 @@ impl<S: Storage> Iterator for TermConns<'_, S> {
     }
 }
 
-impl ConnEntry {
-    /// Inside a DATA frame on the way to the terminal: no frame can be written now.
-    fn mid_payload(&self) -> bool {
-        self.locked && !self.unlock_next
-    }
-
-    /// Where the payload under way goes: only to the session peer it was announced to.
-    fn fwd_target(&self) -> Option<u32> {
-        match self.state {
-            State::Session { peer, .. } if self.fwd_to == Some(peer) => Some(peer),
-            _ => None,
-        }
-    }
-
-    fn has_output(&self) -> bool {
-        let o = &self.out;
-        o.login_ok.is_some()
-            || o.error.is_some()
-            || o.ack.is_some()
-            || o.list.is_some()
-            || o.notice
-            || o.result.is_some()
-            || o.data_header.is_some()
-            || o.terminate
-            || o.release.is_some()
-            || matches!(self.state, State::Closing)
-    }
-}
-
 impl<S: Storage, P: Policy> Relay<S, P> {
     /// Encodes `conn`'s pending output into `buf` (at least [`MIN_TRANSMIT_BUF`] bytes).
     /// Returns nothing while a forwarded payload is under way on `conn`.
     pub fn poll_transmit(&mut self, conn: ConnId, buf: &mut [u8]) -> Result<Transmit, RelayError> {
-        let key = conn.0;
         if buf.len() < MIN_TRANSMIT_BUF {
             return Err(RelayError::BufferTooSmall);
         }
+        let key = self.key(conn).ok_or(RelayError::UnknownConn)?;
+        let nothing = Transmit {
+            len: 0,
+            close: false,
+        };
         let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
-        if c.locked {
-            if !c.unlock_next {
-                return Ok(Transmit {
-                    len: 0,
-                    close: false,
-                });
-            }
+        match c.outbound {
+            Outbound::Payload => return Ok(nothing),
             // The payload is complete. A host that flushes right after the last
             // `Forward` has not written those bytes yet: give nothing this once (and
             // wake again). A host that flushes before offering the next frame's payload
             // needs that frame's header now: it is already waiting, so go on.
-            c.locked = false;
-            c.unlock_next = false;
-            if c.out.data_header.is_none() {
+            Outbound::Done { next: None } => {
+                c.outbound = Outbound::Free;
                 self.wake(key);
-                return Ok(Transmit {
-                    len: 0,
-                    close: false,
-                });
+                return Ok(nothing);
+            }
+            Outbound::Done {
+                next: Some((len, complete)),
+            } => c.outbound = Outbound::Queued { len, complete },
+            Outbound::Free | Outbound::Queued { .. } => {}
+        }
+        let closing = c.is_closing();
+        let mut out = core::mem::take(&mut c.out);
+        let mut w = Writer { buf, len: 0 };
+        self.write_control(key, &mut out, closing, &mut w);
+        let Some(c) = self.conns.get_mut(key) else {
+            return Err(RelayError::UnknownConn);
+        };
+        // A DATA header ends the burst: its payload comes next, then the rest.
+        if let (false, Outbound::Queued { len, complete }) = (closing, c.outbound) {
+            w.put_data_header(len);
+            c.outbound = if complete {
+                Outbound::Done { next: None }
+            } else {
+                Outbound::Payload
+            };
+        } else if !closing {
+            if core::mem::take(&mut out.terminate) {
+                w.put(&Frame::Terminate);
+            }
+            if let Some(reason) = out.release.take() {
+                w.put(&Frame::Release { reason });
+                // RELEASE written: the connection is idle and may serve a waiting demand.
+                if c.phase() == Some(&Phase::Releasing) {
+                    c.set_phase(Phase::Idle);
+                    self.kick(key);
+                }
             }
         }
-        let mut out = core::mem::take(&mut c.out);
-        let closing = matches!(c.state, State::Closing);
-        let mut w = Writer { buf, len: 0 };
-        let mut header = None;
+        if let Some(c) = self.conns.get_mut(key).filter(|_| !closing) {
+            c.out = out;
+            if c.has_output() {
+                self.wake(key);
+            }
+        }
+        self.serve_kicks();
+        Ok(Transmit {
+            len: w.len,
+            close: closing,
+        })
+    }
+
+    /// Writes the control frames of `out` that come before a DATA header, in order.
+    fn write_control(&self, key: u32, out: &mut Out, closing: bool, w: &mut Writer<'_>) {
+        let term = self.conns.get(key).and_then(ConnEntry::term);
         if let Some(caps) = out.login_ok.take()
-            && let Some(t) = c.term.and_then(|t| self.terms.get(t))
+            && let Some(t) = term.and_then(|t| self.terms.get(t))
         {
             w.put(&Frame::LoginOk(LoginOk {
                 caps,
@@ -1372,63 +1323,26 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 text: Text::lossy(code.describe()),
             });
         }
-        if !closing {
-            if let Some(seq) = out.ack.take() {
-                w.put(&Frame::KeepAliveAck { seq });
-            }
-            if let Some(cursor) = out.list.take() {
-                w.put(&Frame::ListAnswer(self.list_page(cursor)));
-            }
-            // A result frees the connection for a notice that may already be queued:
-            // the result goes first, or the terminal would take the notice for one that
-            // crossed its demand.
-            if let Some(r) = out.result.take() {
-                w.put(&Frame::DemandResult(r));
-            }
-            if core::mem::take(&mut out.notice)
-                && let Some(n) = self.notice_for(key)
-            {
-                w.put(&Frame::Notice(n));
-            }
-            // A DATA header ends the batch: its payload comes next, then the rest.
-            header = out.data_header.take();
-            if header.is_none() {
-                if core::mem::take(&mut out.terminate) {
-                    w.put(&Frame::Terminate);
-                }
-                if let Some(reason) = out.release.take() {
-                    w.put(&Frame::Release { reason });
-                }
-            }
+        if closing {
+            return;
         }
-        let Writer { buf, mut len } = w;
-        let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
-        if let Some(h) = header {
-            let bytes =
-                frame::data_header(usize::from(h)).map_err(|_| RelayError::BufferTooSmall)?;
-            buf[len..len + bytes.len()].copy_from_slice(&bytes);
-            len += bytes.len();
-            c.locked = true;
-            c.unlock_next = core::mem::take(&mut c.header_complete);
+        if let Some(acks) = out.acks.take() {
+            out.acks = w.put_acks(acks);
         }
-        if !closing {
-            if matches!(c.state, State::Releasing)
-                && out.release.is_none()
-                && !out.terminate
-                && header.is_none()
-            {
-                c.state = State::Idle;
-                c.out = out;
-                self.kick(key);
-                self.serve_kicks();
-            } else {
-                c.out = out;
-            }
+        if let Some(cursor) = out.list.take() {
+            w.put(&Frame::ListAnswer(self.list_page(cursor)));
         }
-        Ok(Transmit {
-            len,
-            close: closing,
-        })
+        // A result frees the connection for a notice that may already be queued: the
+        // result goes first, or the terminal would take the notice for one that crossed
+        // its demand.
+        if let Some(r) = out.result.take() {
+            w.put(&Frame::DemandResult(r));
+        }
+        if core::mem::take(&mut out.notice)
+            && let Some(n) = self.notice_for(key)
+        {
+            w.put(&Frame::Notice(n));
+        }
     }
 
     /// Page of the online list starting at terminal key `cursor`.
@@ -1450,7 +1364,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 
     fn notice_for(&self, key: u32) -> Option<Notice> {
-        let State::Noticed { peer, session } = self.conns.get(key)?.state else {
+        let &Phase::Noticed { peer, session } = self.conns.get(key)?.phase()? else {
             return None;
         };
         Some(Notice {
@@ -1462,9 +1376,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// When [`Relay::handle_timeout`] next has work for `conn`.
     pub fn poll_timeout(&self, conn: ConnId) -> Option<Instant> {
-        let c = self.conns.get(conn.0)?;
+        let c = self.conns.get(self.key(conn)?)?;
         match c.state {
-            State::Closing => None,
+            State::Closing { .. } => None,
             State::Handshake | State::Authenticating { .. } => {
                 Some(c.accepted + self.config.handshake_timeout)
             }
@@ -1473,9 +1387,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 // be detected. A receiver so slow that the host reads nothing from this
                 // connection for the whole deadline ends the session too (documented).
                 let idle = Some(c.last_rx + self.config.keepalive_timeout);
-                let demand = match c.state {
-                    State::Demanding { deadline, .. } | State::Waiting { deadline, .. } => {
-                        Some(deadline)
+                let demand = match c.phase() {
+                    Some(Phase::Demanding { deadline, .. } | Phase::Waiting { deadline, .. }) => {
+                        Some(*deadline)
                     }
                     _ => None,
                 };
@@ -1486,14 +1400,16 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// Runs `conn`'s deadlines. Calling early is harmless.
     pub fn handle_timeout(&mut self, now: Instant, conn: ConnId) {
-        self.timeout(now, conn.0);
+        if let Some(key) = self.key(conn) {
+            self.timeout(now, key);
+        }
         self.serve_kicks();
     }
 
     fn timeout(&mut self, now: Instant, key: u32) {
         let Some(c) = self.conns.get(key) else { return };
         match c.state {
-            State::Closing => {}
+            State::Closing { .. } => {}
             State::Handshake | State::Authenticating { .. } => {
                 if now >= c.accepted + self.config.handshake_timeout {
                     self.close_conn(
@@ -1511,16 +1427,16 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                         ReleaseReason::PeerLost,
                     );
                 }
-                match c.state {
-                    State::Demanding { peer, deadline, .. } if now >= deadline => {
+                match c.phase() {
+                    Some(&Phase::Demanding { peer, deadline, .. }) if now >= deadline => {
                         let text = Text::display(&DemandError::Timeout);
                         self.fail_demand(key, peer, DemandError::Timeout, text);
                         self.cancel_notice(peer);
                     }
                     // The target opened no connection in time (it may be at its limit).
-                    State::Waiting {
+                    Some(&Phase::Waiting {
                         target, deadline, ..
-                    } if now >= deadline => {
+                    }) if now >= deadline => {
                         self.fail_waiting(key, target, DemandError::NoIdleConnection)
                     }
                     _ => {}
@@ -1531,17 +1447,17 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// The host closed `conn`'s socket (or saw it close). Frees its entry.
     pub fn closed(&mut self, conn: ConnId) {
-        let key = conn.0;
-        let Some(c) = self.conns.get(key) else { return };
-        if !matches!(c.state, State::Closing) {
+        let Some(key) = self.key(conn) else { return };
+        if self.conns.get(key).is_some_and(|c| !c.is_closing()) {
             self.detach(key, ReleaseReason::PeerLost);
         }
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
         // Not idle any more: no waiting demand is served by it below.
-        c.state = State::Closing;
-        if let Some(tk) = c.term {
+        let term = c.term();
+        c.state = State::Closing { term };
+        if let Some(tk) = term {
             self.unlink(tk, key);
             if self.terms.get(tk).is_some_and(|t| t.conns == 0) {
                 self.remove_term(tk);
@@ -1631,6 +1547,34 @@ mod tests {
         for f in &burst {
             w.put(f);
         }
+        let acks = Acks {
+            last: u32::MAX,
+            count: u16::MAX,
+        };
+        assert!(w.put_acks(acks).is_some(), "the rest waits");
         assert!(w.len + frame::HEADER_LEN <= MIN_TRANSMIT_BUF, "{}", w.len);
+    }
+
+    /// A handle kept after its connection closed names nothing, not the connection
+    /// that took the same table slot.
+    #[test]
+    fn a_stale_handle_is_unknown() {
+        let mut r: Relay<Fixed<2, 1, 5>> = Relay::new(Config::default(), AllowAll);
+        let old = r.accept(Instant::from_secs(1)).unwrap();
+        r.closed(old);
+        let new = r.accept(Instant::from_secs(1)).unwrap();
+        assert_eq!(old.index(), new.index(), "the slot is reused");
+        assert_ne!(old, new);
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        assert_eq!(r.poll_transmit(old, &mut buf), Err(RelayError::UnknownConn));
+        let keepalive = [0x03, 0, 1, 7];
+        assert_eq!(
+            r.handle_input(Instant::from_secs(1), old, &keepalive),
+            Offer::Consumed(4)
+        );
+        r.closed(old);
+        assert_eq!(r.connection_count(), 1, "the new one is untouched");
+        assert!(r.conn_entry(new).is_some() && r.conn_entry(old).is_none());
+        assert_eq!(r.poll_transmit(new, &mut buf).map(|t| t.len), Ok(0));
     }
 }

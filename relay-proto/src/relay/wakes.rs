@@ -8,7 +8,7 @@
 //! - The **kick list**: connections that became idle during the current call while a
 //!   demand may wait for their terminal; served (and emptied) at the end of every call.
 
-use super::{ConnEntry, ConnId, Event, NIL, Policy, Relay, Slab, Storage};
+use super::{ConnEntry, Event, NIL, Policy, Relay, Slab, Storage};
 
 /// A connection's membership in the wake list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +94,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let key = self.lists.wake_head;
         self.conns.get(key)?;
         self.unwake(key);
-        Some(Event::Wake(ConnId(key)))
+        Some(Event::Wake(self.id(key)))
     }
 
     /// `key` is idle now: a demand waiting for its terminal may take it at the end of the
