@@ -355,7 +355,8 @@ impl RelaySide {
                     }
                     pos += n;
                 }
-                Offer::NeedMore => break,
+                // Held bytes (behind a LOGIN) go again at the next poll, after the verdict.
+                Offer::NeedMore | Offer::Hold => break,
             }
             self.drain(now);
         }
@@ -543,7 +544,7 @@ fn term_config(spare: u8) -> terminal::Config {
 
 fn relay_config() -> relay::Config {
     relay::Config {
-        keepalive: Duration::from_secs(10),
+        keepalive_interval: Duration::from_secs(10),
         keepalive_timeout: Duration::from_secs(30),
         ..relay::Config::default()
     }

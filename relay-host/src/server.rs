@@ -142,12 +142,12 @@ struct Server {
 pub fn core_config(l: &Limits) -> relay::Config {
     let d = |d: Duration| relay_proto::Duration::from_millis(d.as_millis() as u64);
     relay::Config {
-        keepalive: d(l.keepalive_interval),
+        keepalive_interval: d(l.keepalive_interval),
         keepalive_timeout: d(l.keepalive_timeout),
         handshake_timeout: d(l.handshake_timeout),
         demand_timeout: d(l.demand_timeout),
-        max_payload: l.max_frame_payload,
-        max_conns_per_account: l.max_connections_per_account,
+        max_frame_payload: l.max_frame_payload,
+        max_connections_per_account: l.max_connections_per_account,
         max_sessions_per_account: l.max_sessions_per_account,
         ..relay::Config::default()
     }
@@ -1006,8 +1006,9 @@ fn connection(
     }
 }
 
-/// Offers `buf` to the core until it is used up, only a partial frame is left, or payload
-/// must wait for credit at its receiver (then `cx` is woken when credit comes back). All
+/// Offers `buf` to the core until it is used up, only a partial frame is left, payload
+/// must wait for credit at its receiver (then `cx` is woken when credit comes back), or
+/// frames behind a LOGIN wait for its verdict (woken by the verdict's `Wake`). All
 /// under one lock: payload is pushed into the receiver's FIFO in the core's order.
 fn offer(
     cx: &mut Context<'_>,
@@ -1033,6 +1034,8 @@ fn offer(
             match core.relay.handle_input(now, id, buf) {
                 Offer::Consumed(n) => buf.advance(n),
                 Offer::NeedMore => break Step::Done,
+                // Frames behind a LOGIN under check: the verdict's wake polls us again.
+                Offer::Hold => break Step::Stalled,
                 Offer::Forward { to, n } => {
                     // Only when the receiver has no handle any more: nothing to write.
                     let chunk = chunk_of(buf, n);
@@ -1068,7 +1071,8 @@ fn offer(
                 buf.advance(n);
                 dest.out.release(credit);
             }
-            Offer::NeedMore => {
+            // (`Hold` only before login, never with a payload under way.)
+            Offer::NeedMore | Offer::Hold => {
                 dest.out.release(credit);
                 break Step::Done;
             }

@@ -128,7 +128,7 @@ fn forwarding(c: &mut Criterion) {
                             moved += black_box(&input[pos..pos + n]).len();
                             pos += n;
                         }
-                        Offer::NeedMore => unreachable!(),
+                        Offer::NeedMore | Offer::Hold => unreachable!(),
                     }
                 }
                 while r.poll_event().is_some() {}

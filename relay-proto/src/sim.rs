@@ -381,7 +381,9 @@ impl<P: Policy, S: Storage> Sim<P, S> {
                     }
                     pos += n;
                 }
-                Offer_::NeedMore => break,
+                // Held bytes (behind a LOGIN) wait for the next delivery, as a host
+                // offers them again at the verdict's wake (the sim answers at once).
+                Offer_::NeedMore | Offer_::Hold => break,
             }
             self.drain_relay();
         }

@@ -249,7 +249,7 @@ fn bad_input_does_not_disturb_a_running_session() {
 fn oversize_data_for_the_relay_limit() {
     let mut r: Core = Relay::new(
         relay::Config {
-            max_payload: 1024,
+            max_frame_payload: 1024,
             ..Default::default()
         },
         AllowAll,

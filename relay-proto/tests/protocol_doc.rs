@@ -257,3 +257,126 @@ fn a_wrong_example_is_refused() {
         assert!(check(&misnoted).is_err(), "not refused: {misnoted:?}");
     }
 }
+
+// ---- §7 and §8: the defaults and bounds the text gives are the code's ----
+
+const HOST_CONFIG_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/relay-host-config.md");
+
+/// A default as the docs write it: `30 s`, `"10s"`, `65,535`: milliseconds for
+/// durations, the number otherwise.
+fn value(text: &str) -> Option<u64> {
+    let t = text.trim().trim_matches('"').replace(',', "");
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "" => Some(n),
+        "s" => Some(n * 1000),
+        "ms" => Some(n),
+        _ => None,
+    }
+}
+
+/// `(setting, default)` of every row of PROTOCOL.md's §7 and §8 tables whose `setting`
+/// column is a `name` in backticks.
+fn doc_settings(doc: &str) -> BTreeMap<String, String> {
+    let start = doc.find("\n## 7. ").expect("§7");
+    let end = doc.find("\n## 9. ").expect("§9");
+    let mut out = BTreeMap::new();
+    for line in doc[start..end].lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // | name | `setting` | [side |] default | rule |
+        let Some(setting) = cells
+            .get(2)
+            .and_then(|c| c.strip_prefix('`')?.strip_suffix('`'))
+        else {
+            continue;
+        };
+        let default = if cells.len() == 7 { cells[4] } else { cells[3] };
+        out.insert(setting.to_string(), default.to_string());
+    }
+    out
+}
+
+/// `key = value` lines of relay-host-config.md's `[limits]` block.
+fn host_limits(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .skip_while(|l| l.trim() != "[limits]")
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .filter_map(|l| {
+            let l = l.split('#').next()?;
+            let (k, v) = l.split_once('=')?;
+            Some((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The code's defaults, by setting name.
+fn code_settings() -> BTreeMap<&'static str, u64> {
+    let c = relay_proto::relay::Config::default();
+    BTreeMap::from([
+        ("keepalive_interval", c.keepalive_interval.as_millis()),
+        ("keepalive_timeout", c.keepalive_timeout.as_millis()),
+        ("handshake_timeout", c.handshake_timeout.as_millis()),
+        ("demand_timeout", c.demand_timeout.as_millis()),
+        ("max_frame_payload", c.max_frame_payload.into()),
+        (
+            "max_connections_per_account",
+            c.max_connections_per_account.into(),
+        ),
+        (
+            "max_sessions_per_account",
+            c.max_sessions_per_account.into(),
+        ),
+        ("max_login_attempts", c.max_login_attempts.into()),
+        (
+            "max_requesters_per_account",
+            c.max_requesters_per_account.into(),
+        ),
+        ("MAX_PAYLOAD", frame::MAX_PAYLOAD as u64),
+        ("MAX_CONTROL", frame::MAX_CONTROL as u64),
+        ("LIST_PAGE", frame::LIST_PAGE as u64),
+    ])
+}
+
+#[test]
+fn the_defaults_and_bounds_tables_are_the_codes() {
+    let doc = doc_settings(&doc());
+    let host_text = std::fs::read_to_string(HOST_CONFIG_PATH).unwrap();
+    let host = host_limits(&host_text);
+    assert!(host.len() >= 8, "relay-host-config.md [limits]: {host:?}");
+    let code = code_settings();
+    let mut errors = Vec::new();
+    for (name, want) in &code {
+        match doc.get(*name).map(|d| value(d)) {
+            Some(Some(v)) if v == *want => {}
+            other => errors.push(format!("PROTOCOL.md {name}: {other:?}, code {want}")),
+        }
+    }
+    for (name, text) in &doc {
+        let v = value(text);
+        if let Some(h) = host.get(name)
+            && value(h) != v
+        {
+            errors.push(format!(
+                "{name}: PROTOCOL.md {text}, relay-host-config.md {h}"
+            ));
+        }
+        if !code.contains_key(name.as_str()) && !host.contains_key(name) {
+            errors.push(format!("PROTOCOL.md names `{name}`: no such setting"));
+        }
+    }
+    for (name, h) in &host {
+        if let Some(&want) = code.get(name.as_str())
+            && value(h) != Some(want)
+        {
+            errors.push(format!("relay-host-config.md {name} = {h}, code {want}"));
+        }
+        if !doc.contains_key(name) {
+            errors.push(format!(
+                "relay-host-config.md {name}: not in PROTOCOL.md §7/§8"
+            ));
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}

@@ -160,7 +160,7 @@ fn a_requester_that_leaves_stops_waiting() {
 fn a_terminal_holds_hundreds_of_sessions_up_to_its_limit() {
     const N: usize = 200;
     let config = relay::Config {
-        max_conns_per_account: N as u16,
+        max_connections_per_account: N as u16,
         max_sessions_per_account: N as u16,
         ..relay::Config::default()
     };

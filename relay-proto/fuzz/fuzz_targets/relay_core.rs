@@ -58,6 +58,8 @@ impl Host {
                     assert!(pending.len() - pos < frame::MAX_CONTROL_FRAME);
                     break;
                 }
+                // Offered again with the next chunk, after the verdict below.
+                Offer::Hold => break,
             }
         }
         pending.drain(..pos);

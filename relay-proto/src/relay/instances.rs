@@ -90,7 +90,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(t) = self.terms.get_mut(term) else {
             return;
         };
-        if t.conns >= self.config.max_conns_per_account {
+        if t.conns >= self.config.max_connections_per_account {
             return self.fail(key, ErrorCode::TooManyConnections);
         }
         t.token = a.token;

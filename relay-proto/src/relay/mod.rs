@@ -66,7 +66,7 @@ pub const fn max_events_per_call(conns: usize) -> usize {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Keep-alive interval announced to terminals.
-    pub keepalive: Duration,
+    pub keepalive_interval: Duration,
     /// A logged-in connection that sends nothing for this long is closed.
     pub keepalive_timeout: Duration,
     /// A connection that has not logged in this long after accept is closed.
@@ -74,17 +74,17 @@ pub struct Config {
     /// A target that does not answer a notice within this is given up on.
     pub demand_timeout: Duration,
     /// Largest DATA payload accepted (announced in LOGIN_OK).
-    pub max_payload: u16,
+    pub max_frame_payload: u16,
     /// Connections one terminal may hold: its sessions plus its spares. A terminal's
     /// connections are a list threaded through the connection table, so this costs
     /// nothing until used.
-    pub max_conns_per_account: u16,
+    pub max_connections_per_account: u16,
     /// Sessions (pending, waiting for an idle connection, and running) one terminal may
     /// take part in.
     pub max_sessions_per_account: u16,
     /// Failed logins on one connection before it is closed.
     pub max_login_attempts: u8,
-    /// Requester instances (LOGIN with [`caps::REQUESTER`]) one user ID may run at once,
+    /// Requester instances (LOGIN with [`crate::frame::caps::REQUESTER`]) one user ID may run at once,
     /// beside its one reachable instance. Past it a new one gets ERROR
     /// `TooManyConnections`.
     pub max_requesters_per_account: u16,
@@ -93,12 +93,12 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            keepalive: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(90),
             handshake_timeout: Duration::from_secs(10),
             demand_timeout: Duration::from_secs(10),
-            max_payload: u16::MAX,
-            max_conns_per_account: 256,
+            max_frame_payload: u16::MAX,
+            max_connections_per_account: 256,
             max_sessions_per_account: 128,
             max_login_attempts: 3,
             max_requesters_per_account: 16,
@@ -195,6 +195,11 @@ pub enum Offer {
     /// Only part of a frame: keep the bytes and offer them again with more. Never
     /// returned for more than [`frame::MAX_CONTROL_FRAME`] bytes.
     NeedMore,
+    /// The connection's LOGIN is being checked: keep the bytes and offer them again after
+    /// [`Relay::login_verdict`] (the verdict wakes the connection). A terminal may send
+    /// frames right behind its LOGIN (§6.2 of docs/PROTOCOL.md); they are handled in the
+    /// state the verdict leads to.
+    Hold,
 }
 
 /// What [`Relay::poll_transmit`] wrote.
@@ -275,7 +280,7 @@ impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
 
 impl<S: Storage, P: Policy> Relay<S, P> {
     pub fn new(mut config: Config, policy: P) -> Self {
-        config.max_conns_per_account = config.max_conns_per_account.max(1);
+        config.max_connections_per_account = config.max_connections_per_account.max(1);
         let (conns, terms, users, events) = S::build();
         Relay {
             config,
@@ -415,8 +420,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             return Offer::NeedMore;
         }
         c.last_rx = now;
-        if c.is_closing() {
-            return Offer::Consumed(input.len());
+        match c.state {
+            State::Closing { .. } => return Offer::Consumed(input.len()),
+            State::Authenticating { .. } => return Offer::Hold,
+            _ => {}
         }
         if c.inbound.is_some() {
             return self.pass_payload(key, input.len());
@@ -503,7 +510,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        if len > self.config.max_payload {
+        if len > self.config.max_frame_payload {
             return self.fail(key, ErrorCode::FrameTooLarge);
         }
         let drop = Forward {
@@ -1312,8 +1319,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         {
             w.put(&Frame::LoginOk(LoginOk {
                 caps,
-                keepalive_ms: self.config.keepalive.as_millis().min(u32::MAX.into()) as u32,
-                max_payload: self.config.max_payload,
+                keepalive_ms: self
+                    .config
+                    .keepalive_interval
+                    .as_millis()
+                    .min(u32::MAX.into()) as u32,
+                max_payload: self.config.max_frame_payload,
                 token: t.token.clone(),
             }));
         }

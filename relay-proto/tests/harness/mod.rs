@@ -74,7 +74,8 @@ pub fn offer<S: Storage>(
                 fwd.push((to, bytes[pos..pos + n].to_vec()));
                 pos += n;
             }
-            Offer::NeedMore => break,
+            // Logins are answered after every step (below): a held LOGIN has none.
+            Offer::NeedMore | Offer::Hold => break,
         }
         answer_logins(r);
     }
