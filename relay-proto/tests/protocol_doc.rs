@@ -6,10 +6,21 @@
 //! the same bytes. The line right after the block, `Decoded: `…``, must be the decoded
 //! value's `Debug` form, secrets shown (for DATA: the header, then the payload). Every frame type must
 //! have at least one example.
+//!
+//! The defaults and bounds of §7 and §8 are the code's (and relay-host-config.md's), and
+//! every frame §6.2 says a state does not allow gets the answer it says.
+
+mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use relay_proto::frame::{self, Credential, Frame, FrameType, Parsed};
+use harness::{T0, demand, enc, error_code, feed, logged_in, login, output};
+use relay_proto::codes::{ErrorCode, RejectReason, ReleaseReason};
+use relay_proto::frame::{
+    self, Credential, DemandResult, Frame, FrameType, ListAnswer, LoginOk, Notice, Parsed, Reject,
+};
+use relay_proto::relay::{self, AllowAll, ConnId, Fixed, Relay};
+use relay_proto::{ResumeToken, ServiceName, Text, UserId};
 
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
 
@@ -376,6 +387,191 @@ fn the_defaults_and_bounds_tables_are_the_codes() {
             errors.push(format!(
                 "relay-host-config.md {name}: not in PROTOCOL.md §7/§8"
             ));
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+// ---- §6.2: every frame a state does not allow gets what the table says ----
+
+type Core = harness::Core<Fixed<8, 4, { relay::max_events_per_call(8) }>>;
+
+/// The relay's answer to a frame: an ERROR (and whether it closes), or nothing.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Error(ErrorCode, bool),
+    Nothing,
+}
+
+/// "ERROR UnexpectedFrame", "ERROR NotLoggedIn, close", "nothing".
+fn answer_of(text: &str) -> Answer {
+    if text == "nothing" {
+        return Answer::Nothing;
+    }
+    let (code, close) = match text.strip_suffix(", close") {
+        Some(c) => (c, true),
+        None => (text, false),
+    };
+    let code = match code.strip_prefix("ERROR ").expect(text) {
+        "NotLoggedIn" => ErrorCode::NotLoggedIn,
+        "UnexpectedFrame" => ErrorCode::UnexpectedFrame,
+        "UnknownSession" => ErrorCode::UnknownSession,
+        other => panic!("§6.2's table answers {other}: add it here"),
+    };
+    Answer::Error(code, close)
+}
+
+/// The bytes of a frame named as §6.2 names it (ACCEPT and REJECT name no waiting
+/// session; DATA carries one byte).
+fn frame_bytes(name: &str) -> Vec<u8> {
+    let user = || UserId::new("z").unwrap();
+    let f = match name {
+        "LOGIN" => return login("a", "pw"),
+        "DEMAND" => return demand("b"),
+        "DATA" => return vec![0x0C, 0, 1, 0x55],
+        "KEEPALIVE" => Frame::KeepAlive { seq: 1 },
+        "LIST" => Frame::List { cursor: 0 },
+        "ACCEPT" => Frame::Accept { session: 999 },
+        "REJECT" => Frame::Reject(Reject {
+            session: 999,
+            reason: RejectReason::Busy,
+            text: Text::default(),
+        }),
+        "TERMINATE" => Frame::Terminate,
+        "LOGOUT" => Frame::Logout,
+        "LOGIN_OK" => Frame::LoginOk(LoginOk {
+            caps: 0,
+            keepalive_ms: 1,
+            max_payload: 1,
+            token: ResumeToken::default(),
+        }),
+        "KEEPALIVE_ACK" => Frame::KeepAliveAck { seq: 1 },
+        "LIST_ANSWER" => Frame::ListAnswer(ListAnswer {
+            users: Default::default(),
+            next: None,
+        }),
+        "NOTICE" => Frame::Notice(Notice {
+            session: 1,
+            from: user(),
+            service: ServiceName::default(),
+        }),
+        "DEMAND_RESULT" => Frame::DemandResult(DemandResult::Accepted { session: 1 }),
+        "RELEASE" => Frame::Release {
+            reason: ReleaseReason::Normal,
+        },
+        "ERROR" => Frame::Error {
+            code: ErrorCode::Busy,
+            text: Text::default(),
+        },
+        other => panic!("§6.2 names a frame {other:?}"),
+    };
+    enc(&f)
+}
+
+/// The first NOTICE `conn` has to send.
+fn noticed(r: &mut Core, conn: ConnId) -> u32 {
+    let (frames, _) = output(r, conn);
+    frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::Notice(n) => Some(n.session),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{frames:?}"))
+}
+
+/// A relay and a connection in the state §6.2 names, its output flushed (but for
+/// Releasing, whose RELEASE is still to write).
+fn in_state(name: &str) -> (Core, ConnId) {
+    let mut r: Core = Relay::new(relay::Config::default(), AllowAll);
+    if name == "Handshake" {
+        let c = r.accept(T0).unwrap();
+        return (r, c);
+    }
+    let b = logged_in(&mut r, "b");
+    let a = logged_in(&mut r, "a");
+    let c = match name {
+        "Idle" => a,
+        "Demanding" => {
+            feed(&mut r, a, &demand("b"));
+            a
+        }
+        "Noticed" => {
+            feed(&mut r, a, &demand("b"));
+            noticed(&mut r, b);
+            b
+        }
+        "Waiting" => {
+            let other = logged_in(&mut r, "c");
+            feed(&mut r, other, &demand("b"));
+            noticed(&mut r, b);
+            feed(&mut r, a, &demand("b"));
+            a
+        }
+        "Session" | "Session after its own TERMINATE" | "Releasing" => {
+            feed(&mut r, a, &demand("b"));
+            let session = noticed(&mut r, b);
+            feed(&mut r, b, &enc(&Frame::Accept { session }));
+            match name {
+                "Session after its own TERMINATE" => feed(&mut r, a, &enc(&Frame::Terminate)),
+                "Releasing" => {
+                    output(&mut r, a);
+                    r.closed(b);
+                    return (r, a);
+                }
+                _ => vec![],
+            };
+            a
+        }
+        other => panic!("§6.2 names a state {other:?}"),
+    };
+    output(&mut r, c);
+    (r, c)
+}
+
+/// Rows `state | frames | relay sends` of §6.2's "Frames a state does not allow".
+fn not_allowed(doc: &str) -> Vec<(String, Vec<String>, String)> {
+    let start = doc
+        .find("**Frames a state does not allow**")
+        .expect("the table");
+    doc[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let frames = cells[2]
+                .split(" (")
+                .next()
+                .unwrap()
+                .split(", ")
+                .map(String::from)
+                .collect();
+            (cells[1].to_string(), frames, cells[3].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_frame_a_state_does_not_allow_gets_what_the_state_table_says() {
+    let rows = not_allowed(&doc());
+    assert!(rows.len() >= 10, "{rows:?}");
+    let mut errors = Vec::new();
+    for (state, frames, sends) in &rows {
+        let want = answer_of(sends);
+        for name in frames {
+            let (mut r, c) = in_state(state);
+            feed(&mut r, c, &frame_bytes(name));
+            let (out, close) = output(&mut r, c);
+            let got = match error_code(&out) {
+                Some(code) => Answer::Error(code, close),
+                None if close => Answer::Error(ErrorCode::BadFrame, true),
+                None => Answer::Nothing,
+            };
+            if got != want {
+                errors.push(format!("{state} + {name}: {got:?}, §6.2 says {want:?}"));
+            }
         }
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
