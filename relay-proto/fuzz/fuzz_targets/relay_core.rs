@@ -1,5 +1,6 @@
 //! The relay core driven by arbitrary bytes on many connections. The run starts deep:
-//! three logged-in terminals, `a` in a session with `b`. The input is then a script of
+//! three logged-in terminals, `a` in a session with `b`, and a requester instance of
+//! `b` beside its reachable one. The input is then a script of
 //! operations (accept, feed a chunk to a connection, advance time, close, flush).
 //! Checks: no panic, forwards only to live connections, `NeedMore` never holds a whole
 //! frame's worth, and the core's counts agree with the host's view.
@@ -18,6 +19,8 @@ struct Host {
     /// Each open connection and the bytes it was offered but could not use yet.
     conns: Vec<(ConnId, Vec<u8>)>,
     buf: Vec<u8>,
+    /// Instances handed out so far (each password login starts a new one).
+    instances: u64,
 }
 
 fn enc(f: Frame) -> Vec<u8> {
@@ -26,9 +29,9 @@ fn enc(f: Frame) -> Vec<u8> {
     b[..n].to_vec()
 }
 
-fn login(u: &str) -> Vec<u8> {
+fn login(u: &str, caps: u32) -> Vec<u8> {
     enc(Frame::Login(Login {
-        hello: Hello::current(caps::ALL),
+        hello: Hello::current(caps),
         user: UserId::new(u).unwrap(),
         credential: Credential::Password(Password::new("pw").unwrap()),
     }))
@@ -75,10 +78,12 @@ impl Host {
         }
         for (conn, cred) in auth {
             let verdict = match cred {
-                Credential::Password(p) if p.as_str() == "pw" => Verdict::Accept {
-                    instance: 7,
-                    token: ResumeToken::from_slice(&7u64.to_be_bytes()).unwrap(),
-                },
+                Credential::Password(p) if p.as_str() == "pw" => {
+                    self.instances += 1;
+                    let instance = self.instances;
+                    let token = ResumeToken::from_slice(&instance.to_be_bytes()).unwrap();
+                    Verdict::Accept { instance, token }
+                }
                 Credential::Resume(t) if t.as_bytes().len() == 8 => {
                     let mut b = [0u8; 8];
                     b.copy_from_slice(t.as_bytes());
@@ -113,18 +118,22 @@ fuzz_target!(|data: &[u8]| {
         now: Instant::from_secs(1),
         conns: Vec::new(),
         buf: vec![0u8; relay::MIN_TRANSMIT_BUF],
+        instances: 0,
     };
-    // Setup: b and c log in, a logs in and demands b, b accepts session 1.
-    for _ in 0..3 {
+    // Setup: b and c log in (b also as a requester), a logs in and demands b, b accepts
+    // session 1.
+    for _ in 0..4 {
         h.accept();
     }
-    h.drive(1, &login("b"));
-    h.drive(2, &login("c"));
+    h.drive(1, &login("b", caps::ALL));
+    h.drive(2, &login("c", caps::ALL));
+    h.drive(3, &login("b", caps::ALL | caps::REQUESTER));
     let demand = Demand { target: UserId::new("b").unwrap(), service: ServiceName::default() };
-    h.drive(0, &login("a"));
+    h.drive(0, &login("a", caps::ALL));
     h.drive(0, &enc(Frame::Demand(demand)));
     h.drive(1, &enc(Frame::Accept { session: 1 }));
     assert_eq!(h.r.stats().active_sessions, 1);
+    assert_eq!(h.r.terminal_count(), 4, "b's requester instance did not replace b");
 
     let mut i = 0;
     let next = |i: &mut usize| {
