@@ -165,7 +165,9 @@ pub(super) struct Forward {
 }
 
 /// KEEPALIVE_ACKs owed: one per KEEPALIVE received, the latest `seq` last. Terminals
-/// number their keep-alives consecutively (§3.3), so a run needs no more than this.
+/// number their keep-alives consecutively (§3.3), so a run needs no more than this. The
+/// count stops at 65,535 owed (a terminal that sends that many while its connection's
+/// output is held behind a payload gets no more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Acks {
     pub last: u32,

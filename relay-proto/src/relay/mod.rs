@@ -25,6 +25,15 @@
 //! A connection's pending output is a handful of flags and small fields (an ack to send,
 //! a notice, a result, a release), encoded only when `poll_transmit` is called. So the
 //! core holds no per-connection byte buffers and an idle connection costs one table entry.
+//!
+//! ## No event is lost
+//!
+//! Wakes are a list threaded through the connection table (`wakes.rs`), so any number of
+//! connections can be woken by one call (a user with hundreds of connections removed)
+//! without a queue to overflow. The other events of one call are bounded by
+//! [`max_events_per_call`] and the event queue holds that many (fixed storage refuses to
+//! build with less): a host that drains after every call never loses one. Which
+//! instances a user ID has (one reachable, several requesters) is in `instances.rs`.
 
 mod conn;
 mod instances;
@@ -556,13 +565,13 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        let phase = match (&c.state, f) {
+        // (Authenticating holds its input, Closing ignores it: neither gets here.)
+        let (phase, f) = match (&c.state, f) {
             (State::Handshake, Frame::Login(login)) => return self.on_login(key, login),
             (State::In { phase, .. }, f) => (phase.clone(), f),
-            (_, Frame::Login(_)) => return self.fail(key, ErrorCode::UnexpectedFrame),
             _ => return self.fail(key, ErrorCode::NotLoggedIn),
         };
-        match phase {
+        match (phase, f) {
             (_, Frame::KeepAlive { seq }) => {
                 let count = c.out.acks.map_or(0, |a| a.count);
                 c.out.acks = Some(Acks {
