@@ -198,12 +198,12 @@ fn each_failure_has_its_own_clear_error() {
     expect_error(
         "rejected demand",
         relay.terminal("me", &["connect", "picky/echo", "--stdio"]),
-        "'me' is not allowed here",
+        "target rejected the demand: requester not allowed",
     );
     expect_error(
         "unknown service",
         relay.terminal("me", &["connect", "cam/nope", "--stdio"]),
-        "no service 'nope' here",
+        "target rejected the demand: no such service",
     );
     let mut pinned = relay.terminal("me", &["connect", "cam/echo", "--stdio"]);
     let bad = format!(

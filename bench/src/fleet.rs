@@ -14,7 +14,7 @@
 
 use anyhow::{Context, Result, bail};
 use relay_proto::terminal::{Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, Terminal};
-use relay_proto::{Password, RejectReason, Text, UserId, frame::MAX_CONTROL_FRAME};
+use relay_proto::{Password, RejectReason, UserId, frame::MAX_CONTROL_FRAME};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
 use std::path::Path;
@@ -228,11 +228,7 @@ impl TermTask {
                             return;
                         }
                         Event::Notice { handle, .. } => {
-                            let _ = self.term.reject(
-                                handle,
-                                RejectReason::Other,
-                                Text::lossy("idle bench terminal"),
-                            );
+                            let _ = self.term.reject(handle, RejectReason::Other);
                         }
                         _ => {}
                     }

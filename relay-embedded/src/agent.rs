@@ -8,9 +8,8 @@
 //! backpressure in the socket's window. One scratch buffer, shared by all connections,
 //! holds a control frame while it is decoded or encoded.
 
-use relay_proto::codes::RejectReason;
 use relay_proto::frame::HEADER_LEN;
-use relay_proto::ident::{Password, ServiceName, Text, UserId};
+use relay_proto::ident::{Password, ServiceName, UserId};
 use relay_proto::terminal::{
     Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal,
 };
@@ -501,7 +500,7 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                         }
                         Decision::Accept => {}
                         Decision::Reject(reason) => {
-                            let _ = self.terminal.reject(handle, reason, reject_text(reason));
+                            let _ = self.terminal.reject(handle, reason);
                         }
                     }
                 }
@@ -569,17 +568,6 @@ impl<const N: usize, const E: usize> Agent<N, E> {
     }
 }
 
-/// A short reason text; the code is what programs act on.
-fn reject_text(reason: RejectReason) -> Text {
-    Text::lossy(match reason {
-        RejectReason::UnknownService => "no such service",
-        RejectReason::NotAllowed => "not allowed",
-        RejectReason::Busy => "busy",
-        RejectReason::ServiceUnavailable => "service unavailable",
-        RejectReason::Other => "rejected",
-    })
-}
-
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -588,7 +576,7 @@ mod tests {
     use core::convert::Infallible as Never;
     use relay_proto::codes::ErrorCode;
     use relay_proto::frame::{self, Frame, LoginOk, Notice};
-    use relay_proto::ident::ResumeToken;
+    use relay_proto::ident::{ResumeToken, Text};
     use std::vec::Vec;
 
     /// One slot whose received bytes become visible `step` at a time, so every frame is
@@ -783,6 +771,50 @@ mod tests {
         let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
         let n = f.encode(&mut buf).unwrap();
         out.extend_from_slice(&buf[..n]);
+    }
+
+    /// Ends every session as soon as it opens (a service with nothing to say).
+    struct Hangup;
+    impl Service for Hangup {
+        fn on_open(&mut self, s: &mut Session<'_>) {
+            s.terminate();
+        }
+        fn on_data(&mut self, _: &mut Session<'_>, data: &[u8]) -> usize {
+            data.len()
+        }
+    }
+
+    /// The control frames in `bytes`, as the relay would read them.
+    fn frames(bytes: &[u8]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((frame::Parsed::Control(f), n))) = frame::parse(&bytes[pos..]) {
+            out.push(f);
+            pos += n;
+        }
+        out
+    }
+
+    #[test]
+    fn a_service_that_ends_the_session_in_on_open_sends_accept_then_terminate() {
+        let mut rx = Vec::new();
+        login_ok(&mut rx);
+        encode(
+            Frame::Notice(Notice {
+                session: 4,
+                from: UserId::new("alice").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+            &mut rx,
+        );
+        let (mut agent, mut t, _, now) = logging_in(rx);
+        t.visible = t.rx.len();
+        agent.poll(now, &mut t, &mut Hangup);
+        let sent = frames(&t.tx);
+        assert!(
+            sent.ends_with(&[Frame::Accept { session: 4 }, Frame::Terminate]),
+            "{sent:?}"
+        );
     }
 
     #[test]

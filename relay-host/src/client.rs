@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use relay_proto::terminal::{self, Event, Handle, Offer, SendError, Terminal};
-use relay_proto::{Password, RejectReason, ReleaseReason, ServiceName, Text, UserId};
+use relay_proto::{Password, RejectReason, ReleaseReason, ServiceName, UserId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -232,8 +232,10 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
             } => {
                 let retry = error == relay_proto::DemandError::NoIdleConnection;
                 let detail = text.as_str();
-                let message = if detail.is_empty() || detail == Text::display(&error).as_str() {
-                    error.to_string()
+                let summary = error.to_string();
+                // A rejection's text is its reason's (one table): said once.
+                let message = if detail.is_empty() || summary.ends_with(detail) {
+                    summary
                 } else {
                     format!("{error}: {detail}")
                 };
@@ -259,7 +261,7 @@ fn on_notice(ctx: &Arc<Ctx>, h: Handle, session: u32, from: UserId, service: Ser
     let reject = |reason, text: String| {
         tracing::info!(%from, service = service.as_str(), "rejected: {text}");
         let mut st = ctx.lock();
-        let _ = st.term.reject(h, reason, Text::lossy(&text));
+        let _ = st.term.reject(h, reason);
         let ev = st.after(ctx);
         drop(st);
         dispatch(ctx, ev);
@@ -303,9 +305,7 @@ fn on_notice(ctx: &Arc<Ctx>, h: Handle, session: u32, from: UserId, service: Ser
                 };
                 tracing::warn!(%from, "{text}");
                 let mut st = ctx.lock();
-                let _ = st
-                    .term
-                    .reject(h, RejectReason::ServiceUnavailable, Text::lossy(&text));
+                let _ = st.term.reject(h, RejectReason::ServiceUnavailable);
                 let ev = st.after(&ctx);
                 drop(st);
                 return dispatch(&ctx, ev);

@@ -16,7 +16,7 @@ use std::vec::Vec;
 
 use crate::codes::RejectReason;
 use crate::frame::Credential;
-use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::ident::{Password, ResumeToken, ServiceName, UserId};
 use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Verdict};
 use crate::rng::Jitter;
 use crate::terminal::{self, Event, Handle, Offer, Terminal};
@@ -558,12 +558,10 @@ impl<P: Policy> Sim<P> {
                         let _ = node.terminal.accept(*handle, now);
                     }
                     Role::Reject(reason) => {
-                        let _ = node.terminal.reject(*handle, reason, Text::lossy("no"));
+                        let _ = node.terminal.reject(*handle, reason);
                     }
                     Role::Sink => {
-                        let _ =
-                            node.terminal
-                                .reject(*handle, RejectReason::Busy, Text::lossy("busy"));
+                        let _ = node.terminal.reject(*handle, RejectReason::Busy);
                     }
                     Role::Ignore => {}
                 },

@@ -19,27 +19,33 @@ use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant};
 
-use super::wire::{self, Cred, Inbound, Outbound};
+use heapless::Deque;
+
+use super::wire::{self, Cred, Inbound, NoRoom, Outbound};
 use super::{Config, Offer, SendError};
 
-/// The control frame a connection still has to send. One at a time is enough: each is
-/// the answer to an application call that is refused while another is pending.
-#[derive(Debug, Clone)]
-enum Pending {
-    None,
-    Login,
-    /// DEMAND for this service; the target is in [`State::Demanding`].
-    Demand(ServiceName),
+/// A control frame an application call owes the relay until `poll_transmit` writes it.
+/// They wait in call order, so no call overwrites another's frame. LOGIN and DEMAND are
+/// not here: they are owed by the state itself ([`State::LoggingIn`],
+/// [`State::Demanding`]), and nothing else can be owed before them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owed {
     Accept(u32),
+    /// The text is the reason's ([`RejectReason::describe`]): nothing to store.
     Reject {
         session: u32,
         reason: RejectReason,
-        text: Text,
     },
     Terminate,
     List(u32),
     Logout,
 }
+
+/// The most frames calls can owe between two flushes: a LIST (on an idle connection), an
+/// answer to the NOTICE that arrives next, the session's TERMINATE and the LOGOUT. A call
+/// that finds no room is refused with [`SendError::ControlPending`] before it changes
+/// anything.
+const OWED: usize = 4;
 
 #[derive(Debug, Clone)]
 pub(crate) enum State {
@@ -47,17 +53,21 @@ pub(crate) enum State {
     Connecting {
         since: Instant,
     },
-    /// LOGIN queued or sent, no answer yet. `fallback`: a refused token may be followed
-    /// by the password (only when no other connection is up: else we were replaced).
+    /// LOGIN owed (`sent` false) or sent, no answer yet. `fallback`: a refused token may
+    /// be followed by the password (only when no other connection is up: else we were
+    /// replaced).
     LoggingIn {
         since: Instant,
         with_token: bool,
         fallback: bool,
+        sent: bool,
     },
     Idle,
-    /// DEMAND sent; waiting for DEMAND_RESULT.
+    /// DEMAND owed (`sent` false) or sent; waiting for DEMAND_RESULT.
     Demanding {
         target: UserId,
+        service: ServiceName,
+        sent: bool,
     },
     /// NOTICE received; the application must accept or reject.
     Noticed {
@@ -138,7 +148,7 @@ pub enum Cause {
 #[derive(Debug, Clone)]
 pub(crate) struct Connection {
     pub(crate) state: State,
-    pending: Pending,
+    owed: Deque<Owed, OWED>,
     /// Sequence number of the next KEEPALIVE; an unanswered one is `ka_unacked`.
     ka_seq: u32,
     ka_due: bool,
@@ -155,7 +165,7 @@ impl Connection {
     pub(crate) fn new(now: Instant) -> Self {
         Connection {
             state: State::Connecting { since: now },
-            pending: Pending::None,
+            owed: Deque::new(),
             ka_seq: 0,
             ka_due: false,
             next_ka: now,
@@ -173,15 +183,15 @@ impl Connection {
                 since: now,
                 with_token,
                 fallback,
+                sent: false,
             };
-            self.pending = Pending::Login;
             self.last_rx = now;
             self.login_attempts = 1;
         }
     }
 
     pub(crate) fn is_idle(&self) -> bool {
-        matches!(self.state, State::Idle) && matches!(self.pending, Pending::None)
+        matches!(self.state, State::Idle) && self.owed.is_empty() && !self.close_after_flush
     }
 
     pub(crate) fn is_logged_in(&self) -> bool {
@@ -201,11 +211,13 @@ impl Connection {
 
     fn close(&mut self, cause: Cause) -> Change {
         self.state = State::Closed;
-        self.pending = Pending::None;
+        self.owed.clear();
         Change::Closed(cause)
     }
 
-    /// Encodes pending control output into `buf`. Returns the number of bytes written.
+    /// Encodes owed control frames into `buf`, in the order they were owed, as many as
+    /// fit (each fits alone in [`super::MIN_TRANSMIT_BUF`]), then a due KEEPALIVE.
+    /// Returns the number of bytes written.
     pub(crate) fn poll_transmit(
         &mut self,
         buf: &mut [u8],
@@ -217,64 +229,99 @@ impl Connection {
             return Err(SendError::BufferTooSmall);
         }
         let mut written = 0;
-        let frame = match (&self.pending, &self.state) {
-            (Pending::None, _) => None,
-            (Pending::Login, state) => {
-                let with_token = matches!(
-                    state,
-                    State::LoggingIn {
-                        with_token: true,
-                        ..
-                    }
-                );
-                let credential = match (with_token, token) {
-                    (true, Some(t)) => Cred::Resume(t),
-                    _ => Cred::Password(password),
-                };
-                Some(Outbound::Login { user, credential })
+        loop {
+            let rest = buf.get_mut(written..).unwrap_or_default();
+            match self.encode_owed(rest, user, password, token) {
+                Some(Ok(n)) => {
+                    written += n;
+                    self.mark_sent();
+                }
+                Some(Err(NoRoom)) | None => break,
             }
-            (Pending::Demand(service), State::Demanding { target }) => {
-                Some(Outbound::Demand { target, service })
-            }
-            // A demand is pending only while demanding.
-            (Pending::Demand(_), _) => None,
-            (Pending::Accept(session), _) => Some(Outbound::Accept(*session)),
-            (
-                Pending::Reject {
-                    session,
-                    reason,
-                    text,
-                },
-                _,
-            ) => Some(Outbound::Reject {
-                session: *session,
-                reason: *reason,
-                text,
-            }),
-            (Pending::Terminate, _) => Some(Outbound::Terminate),
-            (Pending::List(cursor), _) => Some(Outbound::List(*cursor)),
-            (Pending::Logout, _) => Some(Outbound::Logout),
-        };
-        if let Some(frame) = frame {
-            written = frame.encode(buf).map_err(|_| SendError::BufferTooSmall)?;
         }
-        self.pending = Pending::None;
         if self.ka_due {
-            let n = Outbound::KeepAlive(self.ka_seq)
-                .encode(buf.get_mut(written..).unwrap_or_default())
-                .map_err(|_| SendError::BufferTooSmall)?;
-            self.ka_seq = self.ka_seq.wrapping_add(1);
-            self.ka_due = false;
-            written += n;
+            let rest = buf.get_mut(written..).unwrap_or_default();
+            if let Ok(n) = Outbound::KeepAlive(self.ka_seq).encode(rest) {
+                self.ka_seq = self.ka_seq.wrapping_add(1);
+                self.ka_due = false;
+                written += n;
+            }
         }
-        if self.close_after_flush && written == 0 {
+        if self.close_after_flush && written == 0 && !self.has_output() {
             self.state = State::Closed;
         }
         Ok(written)
     }
 
+    /// Encodes the first owed frame into `buf`; `None` when nothing is owed.
+    fn encode_owed(
+        &self,
+        buf: &mut [u8],
+        user: &UserId,
+        password: &Password,
+        token: Option<&ResumeToken>,
+    ) -> Option<Result<usize, NoRoom>> {
+        let frame = match &self.state {
+            State::LoggingIn {
+                with_token,
+                sent: false,
+                ..
+            } => {
+                let credential = match (with_token, token) {
+                    (true, Some(t)) => Cred::Resume(t),
+                    _ => Cred::Password(password),
+                };
+                Outbound::Login { user, credential }
+            }
+            State::Demanding {
+                target,
+                service,
+                sent: false,
+            } => Outbound::Demand { target, service },
+            _ => match *self.owed.front()? {
+                Owed::Accept(session) => Outbound::Accept(session),
+                Owed::Reject { session, reason } => Outbound::Reject { session, reason },
+                Owed::Terminate => Outbound::Terminate,
+                Owed::List(cursor) => Outbound::List(cursor),
+                Owed::Logout => Outbound::Logout,
+            },
+        };
+        Some(frame.encode(buf))
+    }
+
+    /// The frame [`Connection::encode_owed`] encoded is written.
+    fn mark_sent(&mut self) {
+        match &mut self.state {
+            State::LoggingIn { sent, .. } | State::Demanding { sent, .. } if !*sent => {
+                *sent = true;
+            }
+            _ => {
+                self.owed.pop_front();
+            }
+        }
+    }
+
     pub(crate) fn has_output(&self) -> bool {
-        !matches!(self.pending, Pending::None) || self.ka_due
+        let state_owes = matches!(
+            self.state,
+            State::LoggingIn { sent: false, .. } | State::Demanding { sent: false, .. }
+        );
+        state_owes || !self.owed.is_empty() || self.ka_due
+    }
+
+    /// Queues `o` if there is room and the connection is not logging out; `change` runs
+    /// only then, so a refused call changes nothing.
+    fn owe(&mut self, o: Owed, change: impl FnOnce(&mut State)) -> Result<(), SendError> {
+        if self.close_after_flush {
+            return Err(SendError::NotLoggedIn);
+        }
+        if self.owed.is_full() {
+            return Err(SendError::ControlPending);
+        }
+        change(&mut self.state);
+        self.owed
+            .push_back(o)
+            .map_err(|_| SendError::ControlPending)
     }
 
     /// The header for `len` bytes of session payload the caller writes right after it.
@@ -294,60 +341,68 @@ impl Connection {
         frame::data_header(len).map_err(|_| SendError::TooLong)
     }
 
+    /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed.
     pub(crate) fn demand(&mut self, target: UserId, service: ServiceName) {
-        self.pending = Pending::Demand(service);
-        self.state = State::Demanding { target };
+        self.state = State::Demanding {
+            target,
+            service,
+            sent: false,
+        };
     }
 
     pub(crate) fn accept(&mut self) -> Result<(), SendError> {
-        let State::Noticed { session, from } = &self.state else {
-            return Err(SendError::NoNotice);
-        };
-        let (session, peer) = (*session, from.clone());
-        self.pending = Pending::Accept(session);
-        self.state = State::Session {
-            session,
-            peer,
-            sent_end: false,
-            got_end: false,
-        };
-        Ok(())
-    }
-
-    pub(crate) fn reject(&mut self, reason: RejectReason, text: Text) -> Result<(), SendError> {
         let State::Noticed { session, .. } = self.state else {
             return Err(SendError::NoNotice);
         };
-        self.pending = Pending::Reject {
-            session,
-            reason,
-            text,
+        self.owe(Owed::Accept(session), |state| {
+            if let State::Noticed { session, from } = state {
+                let peer = core::mem::take(from);
+                *state = State::Session {
+                    session: *session,
+                    peer,
+                    sent_end: false,
+                    got_end: false,
+                };
+            }
+        })
+    }
+
+    pub(crate) fn reject(&mut self, reason: RejectReason) -> Result<(), SendError> {
+        let State::Noticed { session, .. } = self.state else {
+            return Err(SendError::NoNotice);
         };
-        self.state = State::Idle;
-        Ok(())
+        self.owe(Owed::Reject { session, reason }, |state| {
+            *state = State::Idle
+        })
     }
 
     pub(crate) fn terminate(&mut self) -> Result<(), SendError> {
-        match &mut self.state {
+        if !matches!(
+            self.state,
             State::Session {
-                sent_end: sent_end @ false,
+                sent_end: false,
                 ..
-            } => {
-                *sent_end = true;
-                self.pending = Pending::Terminate;
-                Ok(())
             }
-            _ => Err(SendError::NotInSession),
+        ) {
+            return Err(SendError::NotInSession);
         }
+        self.owe(Owed::Terminate, |state| {
+            if let State::Session { sent_end, .. } = state {
+                *sent_end = true;
+            }
+        })
     }
 
-    pub(crate) fn list(&mut self, cursor: u32) {
-        self.pending = Pending::List(cursor);
+    /// Only on an idle connection, like [`Connection::demand`].
+    pub(crate) fn list(&mut self, cursor: u32) -> Result<(), SendError> {
+        self.owe(Owed::List(cursor), |_| {})
     }
 
-    pub(crate) fn logout(&mut self) {
-        self.pending = Pending::Logout;
+    /// LOGOUT after whatever is owed; the connection closes once it is written.
+    pub(crate) fn logout(&mut self) -> Result<(), SendError> {
+        self.owe(Owed::Logout, |_| {})?;
         self.close_after_flush = true;
+        Ok(())
     }
 
     /// The next instant at which [`Connection::handle_timeout`] has work.
@@ -474,8 +529,8 @@ impl Connection {
                         since: now,
                         with_token: false,
                         fallback: false,
+                        sent: false,
                     };
-                    self.pending = Pending::Login;
                     Change::None
                 } else {
                     self.close(Cause::Relay(code));
@@ -529,7 +584,7 @@ impl Connection {
             // A NOTICE that crossed our DEMAND on this connection: the relay withdraws it
             // when the DEMAND arrives, so it is void.
             (State::Demanding { .. }, Inbound::Notice { .. }) => Change::None,
-            (State::Demanding { target }, Inbound::DemandResult(r)) => match r {
+            (State::Demanding { target, .. }, Inbound::DemandResult(r)) => match r {
                 DemandResult::Accepted { session } => {
                     let peer = target.clone();
                     self.state = State::Session {
@@ -561,6 +616,10 @@ impl Connection {
             // RELEASE ends a session, or withdraws a notice the relay gave up on.
             (State::Session { .. } | State::Noticed { .. }, Inbound::Release(reason)) => {
                 self.state = State::Idle;
+                // The session is over: an ACCEPT or TERMINATE for it not written yet is
+                // void (the relay would answer it with an error on an idle connection).
+                self.owed
+                    .retain(|o| !matches!(o, Owed::Accept(_) | Owed::Terminate));
                 self.rx_payload = 0;
                 Change::Released { reason }
             }

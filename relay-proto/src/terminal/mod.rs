@@ -527,9 +527,10 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         Ok(())
     }
 
-    /// Rejects the notice on `h`; the requester gets `reason` and `text`.
-    pub fn reject(&mut self, h: Handle, reason: RejectReason, text: Text) -> Result<(), SendError> {
-        self.conn_mut(h)?.reject(reason, text)
+    /// Rejects the notice on `h`; the requester gets `reason` and its text
+    /// ([`RejectReason::describe`]).
+    pub fn reject(&mut self, h: Handle, reason: RejectReason) -> Result<(), SendError> {
+        self.conn_mut(h)?.reject(reason)
     }
 
     /// The DATA header for `len` payload bytes on `h`'s session. Write it, then exactly
@@ -557,7 +558,7 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     /// Asks for a page of the online list; `cursor` 0 is the first page.
     pub fn request_online(&mut self, cursor: u32) -> Result<Handle, SendError> {
         let h = self.idle_handle()?;
-        self.conn_mut(h)?.list(cursor);
+        self.conn_mut(h)?.list(cursor)?;
         Ok(h)
     }
 
@@ -573,13 +574,14 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         self.stopped = true;
         for i in 0..N {
             let h = Handle(i as u8);
-            if Some(h) == carrier {
-                if let Ok(c) = self.conn_mut(h) {
-                    c.logout();
-                }
-            } else if self.slots[i].is_some() {
+            // A carrier that owes too much for a LOGOUT closes like the others.
+            let carried = Some(h) == carrier && self.conn_mut(h).and_then(|c| c.logout()).is_ok();
+            if !carried && self.slots[i].is_some() {
                 self.finish(h, Cause::Local, now);
             }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

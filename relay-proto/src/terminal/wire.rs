@@ -268,10 +268,10 @@ pub(crate) enum Outbound<'a> {
         service: &'a ServiceName,
     },
     Accept(u32),
+    /// The text is the reason's ([`RejectReason::describe`]).
     Reject {
         session: u32,
         reason: RejectReason,
-        text: &'a Text,
     },
     Terminate,
     Logout,
@@ -330,14 +330,10 @@ impl Outbound<'_> {
                 w.varint(session)?;
                 FrameType::Accept
             }
-            Outbound::Reject {
-                session,
-                reason,
-                text,
-            } => {
+            Outbound::Reject { session, reason } => {
                 w.varint(session)?;
                 w.varint(reason as u32)?;
-                w.str(text.as_str())?;
+                w.str(reason.describe())?;
                 FrameType::Reject
             }
             Outbound::Terminate => FrameType::Terminate,
@@ -592,7 +588,6 @@ mod tests {
             token in prop::collection::vec(any::<u8>(), 0..=64),
             n in any::<u32>(),
             reason in reject_reason_s(),
-            text in text(),
         ) {
             let password = Password::new(&password).unwrap();
             let token = ResumeToken::from_slice(&token).unwrap();
@@ -611,8 +606,12 @@ mod tests {
                 ),
                 (Outbound::Accept(n), Some(Frame::Accept { session: n })),
                 (
-                    Outbound::Reject { session: n, reason, text: &text },
-                    Some(Frame::Reject(Reject { session: n, reason, text: text.clone() })),
+                    Outbound::Reject { session: n, reason },
+                    Some(Frame::Reject(Reject {
+                        session: n,
+                        reason,
+                        text: Text::lossy(reason.describe()),
+                    })),
                 ),
                 (Outbound::Terminate, Some(Frame::Terminate)),
                 (Outbound::Logout, Some(Frame::Logout)),

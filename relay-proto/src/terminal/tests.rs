@@ -1,0 +1,179 @@
+//! Unit tests of the terminal next to its transitions: a relay scripted frame by frame,
+//! and what the terminal writes and reports in answer.
+
+extern crate std;
+
+use std::vec::Vec;
+
+use super::*;
+use crate::frame::{self, DemandResult, Frame, LoginOk, Notice, Parsed};
+use crate::ident::ResumeToken;
+
+/// A terminal with two slots, and the clock.
+struct Rig {
+    t: Terminal<2>,
+    now: Instant,
+}
+
+const H0: Handle = Handle(0);
+
+impl Rig {
+    /// A terminal whose first connection (`H0`) has logged in; its LOGIN was written.
+    fn up() -> Rig {
+        let mut r = Rig {
+            t: Terminal::new(
+                Config::default(),
+                UserId::new("dev").unwrap(),
+                Password::new("pw").unwrap(),
+                7,
+            ),
+            now: Instant::from_secs(1),
+        };
+        r.t.start(r.now);
+        assert_eq!(r.events(), [Event::Open(H0)]);
+        r.t.connected(H0, r.now);
+        assert!(matches!(r.sent(H0)[..], [Frame::Login(_)]));
+        r.feed(
+            H0,
+            Frame::LoginOk(LoginOk {
+                caps: frame::caps::ALL,
+                keepalive_ms: 30_000,
+                max_payload: 4096,
+                token: ResumeToken::from_slice(b"token").unwrap(),
+            }),
+        );
+        assert_eq!(r.events()[0], Event::LoggedIn);
+        r
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        core::iter::from_fn(|| self.t.poll_event()).collect()
+    }
+
+    /// The relay sends `f` on `h`, all at once.
+    fn feed(&mut self, h: Handle, f: Frame) {
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = f.encode(&mut buf).unwrap();
+        assert_eq!(
+            self.t.handle_input(h, self.now, &buf[..n]),
+            Offer::Consumed(n)
+        );
+    }
+
+    /// The control frames `h` writes now.
+    fn sent(&mut self, h: Handle) -> Vec<Frame> {
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        let n = self.t.poll_transmit(h, self.now, &mut buf).unwrap();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < n {
+            let (parsed, used) = frame::parse(&buf[pos..n]).unwrap().unwrap();
+            let Parsed::Control(f) = parsed else {
+                panic!("DATA header in control output");
+            };
+            out.push(f);
+            pos += used;
+        }
+        out
+    }
+
+    /// A NOTICE for session `session` arrives on `h`.
+    fn notice(&mut self, h: Handle, session: u32) {
+        self.feed(
+            h,
+            Frame::Notice(Notice {
+                session,
+                from: UserId::new("peer").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+        );
+        assert!(matches!(self.events()[..], [Event::Notice { .. }, ..]));
+    }
+}
+
+#[test]
+fn accept_then_terminate_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    r.notice(H0, 5);
+    r.t.accept(H0, r.now).unwrap();
+    r.t.terminate(H0).unwrap();
+    assert_eq!(r.sent(H0), [Frame::Accept { session: 5 }, Frame::Terminate]);
+}
+
+#[test]
+fn list_then_accept_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    assert_eq!(r.t.request_online(0), Ok(H0));
+    r.notice(H0, 6);
+    r.t.accept(H0, r.now).unwrap();
+    assert_eq!(
+        r.sent(H0),
+        [Frame::List { cursor: 0 }, Frame::Accept { session: 6 }]
+    );
+}
+
+#[test]
+fn accept_then_logout_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    r.notice(H0, 7);
+    r.t.accept(H0, r.now).unwrap();
+    r.t.logout(r.now);
+    assert_eq!(r.sent(H0), [Frame::Accept { session: 7 }, Frame::Logout]);
+}
+
+#[test]
+fn reject_then_logout_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    r.notice(H0, 8);
+    r.t.reject(H0, RejectReason::Busy).unwrap();
+    r.t.logout(r.now);
+    let sent = r.sent(H0);
+    assert!(
+        matches!(sent[..], [Frame::Reject(ref j), Frame::Logout] if j.session == 8),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_demand_accepted_then_terminated_sends_terminate() {
+    let mut r = Rig::up();
+    let h =
+        r.t.demand(
+            UserId::new("cam").unwrap(),
+            ServiceName::new("ssh").unwrap(),
+        )
+        .unwrap();
+    assert!(matches!(r.sent(h)[..], [Frame::Demand(_)]));
+    r.feed(
+        h,
+        Frame::DemandResult(DemandResult::Accepted { session: 9 }),
+    );
+    r.t.terminate(h).unwrap();
+    r.t.logout(r.now);
+    assert_eq!(r.sent(h), [Frame::Terminate, Frame::Logout]);
+}
+
+#[test]
+fn a_release_before_the_flush_voids_the_sessions_accept_and_terminate() {
+    let mut r = Rig::up();
+    assert_eq!(r.t.request_online(0), Ok(H0));
+    r.notice(H0, 10);
+    r.t.accept(H0, r.now).unwrap();
+    r.t.terminate(H0).unwrap();
+    r.feed(
+        H0,
+        Frame::Release {
+            reason: crate::codes::ReleaseReason::Cancelled,
+        },
+    );
+    assert_eq!(r.sent(H0), [Frame::List { cursor: 0 }]);
+}
+
+#[test]
+fn nothing_is_owed_after_logout() {
+    let mut r = Rig::up();
+    r.notice(H0, 11);
+    r.t.logout(r.now);
+    assert_eq!(r.t.accept(H0, r.now), Err(SendError::NotLoggedIn));
+    assert_eq!(r.sent(H0), [Frame::Logout]);
+}
