@@ -26,7 +26,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 /// One connection slot: the terminal keeps exactly one idle logged-in connection.
-type Term = Terminal<1, 4>;
+type Term = Terminal<1>;
 const H: Handle = Handle(0);
 
 /// Source addresses 127.0.1.1 ..= 127.0.1.SOURCES (about 28,000 ports each).

@@ -63,13 +63,13 @@ impl Link {
 }
 
 /// A device's connections to one relay: `N` connections (`N` socket slots in the
-/// transport), `E` the terminal's event queue (at least `2N + 2`).
+/// transport).
 ///
 /// Call [`Agent::poll`] after every `Interface::poll` (or whenever a socket may have
 /// changed) and at the latest at the instant it returns.
 #[derive(Debug)]
-pub struct Agent<const N: usize, const E: usize = 16> {
-    terminal: Terminal<N, E>,
+pub struct Agent<const N: usize> {
+    terminal: Terminal<N>,
     links: [Link; N],
     /// A control frame being decoded or encoded, or payload on its way to the service;
     /// shared, since the agent handles one connection at a time.
@@ -77,14 +77,14 @@ pub struct Agent<const N: usize, const E: usize = 16> {
 }
 
 /// Session output over the terminal and the transport (see [`Out`]).
-struct Wire<'x, T: Transport, const N: usize, const E: usize> {
-    terminal: &'x mut Terminal<N, E>,
+struct Wire<'x, T: Transport, const N: usize> {
+    terminal: &'x mut Terminal<N>,
     transport: &'x mut T,
     /// A write failed half-way: the stream is corrupt and the slot must close.
     broken: bool,
 }
 
-impl<T: Transport, const N: usize, const E: usize> Out for Wire<'_, T, N, E> {
+impl<T: Transport, const N: usize> Out for Wire<'_, T, N> {
     fn space(&mut self, h: Handle) -> usize {
         if self.terminal.has_output(h) {
             return 0;
@@ -125,7 +125,7 @@ impl<T: Transport, const N: usize, const E: usize> Out for Wire<'_, T, N, E> {
     }
 }
 
-impl<const N: usize, const E: usize> Agent<N, E> {
+impl<const N: usize> Agent<N> {
     /// An agent that logs in as `user`. `seed` drives keep-alive and back-off jitter:
     /// give each device its own (from the RNG peripheral or a unique ID).
     pub fn new(config: Config, user: UserId, password: Password, seed: u64) -> Self {
@@ -169,11 +169,11 @@ impl<const N: usize, const E: usize> Agent<N, E> {
     }
 
     /// The protocol state machine, for what the agent does not wrap (online list, ...).
-    pub fn terminal(&self) -> &Terminal<N, E> {
+    pub fn terminal(&self) -> &Terminal<N> {
         &self.terminal
     }
 
-    pub fn terminal_mut(&mut self) -> &mut Terminal<N, E> {
+    pub fn terminal_mut(&mut self) -> &mut Terminal<N> {
         &mut self.terminal
     }
 
@@ -284,6 +284,8 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                 }
                 // The rest of the frame is still on its way: it waits in the socket.
                 Offer::NeedMore => return self.drain(now, t, svc),
+                // Drained just below; then the same bytes again.
+                Offer::Blocked => {}
             }
             self.drain(now, t, svc);
         }
@@ -693,7 +695,7 @@ mod tests {
 
     /// An agent with one connection (one spare) that has opened it and sent its LOGIN;
     /// the relay's bytes `rx` are all queued, none visible yet.
-    fn logging_in(rx: Vec<u8>) -> (Agent<1, 4>, Trickle, Slow, Instant) {
+    fn logging_in(rx: Vec<u8>) -> (Agent<1>, Trickle, Slow, Instant) {
         let config = Config {
             spare: 1,
             ..Config::default()

@@ -33,7 +33,7 @@ use crate::tls::{TlsError, client_config};
 /// Connection slots of one Linux terminal: its concurrent sessions plus spares (the
 /// relay's default allows 256 connections and 128 sessions per account).
 pub const SLOTS: usize = 128;
-type Term = Terminal<SLOTS, { 2 * SLOTS + 2 }>;
+type Term = Terminal<SLOTS>;
 
 /// Largest payload read from a local socket at once (one DATA frame).
 const CHUNK: usize = 64 * 1024 - 1;
@@ -465,6 +465,8 @@ async fn reader(
             let consumed = match offer {
                 Offer::Consumed(n) => n,
                 Offer::NeedMore => break,
+                // `after` drained the events: the same bytes again.
+                Offer::Blocked => 0,
                 Offer::Payload(n) => {
                     if let Some(p) = local.as_mut() {
                         // Flush too: stdout buffers (a no-op for TCP).

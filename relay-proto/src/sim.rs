@@ -24,7 +24,7 @@ use crate::time::{Duration, Instant};
 
 /// Connections per simulated terminal.
 pub const CONNS: usize = 4;
-type Term = Terminal<CONNS, 16>;
+type Term = Terminal<CONNS>;
 
 /// What a terminal's application does with notices and data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -490,6 +490,8 @@ impl<P: Policy> Sim<P> {
                     pos += n;
                 }
                 Offer::NeedMore => break,
+                // Drained just below; then the same bytes again.
+                Offer::Blocked => {}
             }
             self.drain_node(node);
         }

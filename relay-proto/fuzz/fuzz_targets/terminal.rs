@@ -7,7 +7,7 @@ use relay_proto::terminal::{self, Config, Event, Handle, Offer, Terminal};
 use relay_proto::{Duration, Instant, Password, ServiceName, UserId};
 
 fuzz_target!(|data: &[u8]| {
-    let mut t: Terminal<4, 10> = Terminal::new(
+    let mut t: Terminal<4> = Terminal::new(
         Config::default(),
         UserId::new("dev").unwrap(),
         Password::new("pw").unwrap(),
@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
                             }
                             pos += n;
                         }
-                        Offer::NeedMore => break,
+                        Offer::NeedMore | Offer::Blocked => break,
                     }
                 }
                 let _ = t.send_data(h, 10);

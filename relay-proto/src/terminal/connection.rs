@@ -49,9 +49,11 @@ const OWED: usize = 4;
 
 #[derive(Debug, Clone)]
 pub(crate) enum State {
-    /// The host is opening the TCP connection.
+    /// The host is opening the TCP connection; `announced`: [`super::Event::Open`] was
+    /// reported.
     Connecting {
         since: Instant,
+        announced: bool,
     },
     /// LOGIN owed (`sent` false) or sent, no answer yet. `fallback`: a refused token may
     /// be followed by the password (only when no other connection is up: else we were
@@ -81,8 +83,8 @@ pub(crate) enum State {
         sent_end: bool,
         got_end: bool,
     },
-    /// Finished; the host must close the socket (and may reuse the slot after).
-    Closed,
+    /// Finished; the slot is freed once [`super::Event::Closed`] is reported.
+    Closed(Cause),
 }
 
 /// What a frame or timer did to a connection, for the [`Terminal`](super::Terminal) to
@@ -124,7 +126,6 @@ pub(crate) enum Change {
         code: ErrorCode,
         text: Text,
     },
-    Closed(Cause),
 }
 
 /// Why a connection ended, as the terminal saw it.
@@ -164,7 +165,10 @@ pub(crate) struct Connection {
 impl Connection {
     pub(crate) fn new(now: Instant) -> Self {
         Connection {
-            state: State::Connecting { since: now },
+            state: State::Connecting {
+                since: now,
+                announced: false,
+            },
             owed: Deque::new(),
             ka_seq: 0,
             ka_due: false,
@@ -197,8 +201,12 @@ impl Connection {
     pub(crate) fn is_logged_in(&self) -> bool {
         !matches!(
             self.state,
-            State::Connecting { .. } | State::LoggingIn { .. } | State::Closed
+            State::Connecting { .. } | State::LoggingIn { .. } | State::Closed(_)
         )
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
     }
 
     /// Whether this connection will be idle once its handshake completes.
@@ -209,10 +217,11 @@ impl Connection {
         )
     }
 
-    fn close(&mut self, cause: Cause) -> Change {
-        self.state = State::Closed;
+    /// Ends the connection; the terminal sees the state and does the rest.
+    pub(crate) fn close(&mut self, cause: Cause) -> Change {
+        self.state = State::Closed(cause);
         self.owed.clear();
-        Change::Closed(cause)
+        Change::None
     }
 
     /// Encodes owed control frames into `buf`, in the order they were owed, as many as
@@ -248,7 +257,7 @@ impl Connection {
             }
         }
         if self.close_after_flush && written == 0 && !self.has_output() {
-            self.state = State::Closed;
+            self.close(Cause::Local);
         }
         Ok(written)
     }
@@ -408,10 +417,10 @@ impl Connection {
     /// The next instant at which [`Connection::handle_timeout`] has work.
     pub(crate) fn poll_timeout(&self, cfg: &Config, keepalive: Duration) -> Option<Instant> {
         match self.state {
-            State::Connecting { since } | State::LoggingIn { since, .. } => {
+            State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 Some(since + cfg.handshake_timeout)
             }
-            State::Closed => None,
+            State::Closed(_) => None,
             _ => Some(
                 self.next_ka
                     .min(self.last_rx + self.rx_timeout(cfg, keepalive)),
@@ -434,25 +443,23 @@ impl Connection {
         cfg: &Config,
         keepalive: Duration,
         jitter: &mut Jitter,
-    ) -> Change {
+    ) {
         match self.state {
-            State::Connecting { since } | State::LoggingIn { since, .. } => {
+            State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 if now >= since + cfg.handshake_timeout {
-                    return self.close(Cause::HandshakeTimeout);
+                    self.close(Cause::HandshakeTimeout);
                 }
             }
-            State::Closed => {}
+            State::Closed(_) => {}
             _ => {
                 if now >= self.last_rx + self.rx_timeout(cfg, keepalive) {
-                    return self.close(Cause::KeepAliveTimeout);
-                }
-                if now >= self.next_ka {
+                    self.close(Cause::KeepAliveTimeout);
+                } else if now >= self.next_ka {
                     self.ka_due = true;
                     self.next_ka = now + jitter.spread(keepalive, 10);
                 }
             }
         }
-        Change::None
     }
 
     /// Takes bytes received from the relay. See [`Offer`].
@@ -470,10 +477,6 @@ impl Connection {
             let n = input.len().min(usize::from(self.rx_payload));
             self.rx_payload -= n as u16;
             return (Offer::Payload(n), Change::None);
-        }
-        if matches!(self.state, State::Closed) {
-            // Whatever follows a fatal error is of no interest.
-            return (Offer::Consumed(input.len()), Change::None);
         }
         match wire::parse(input) {
             Ok(None) => (Offer::NeedMore, Change::None),
@@ -628,11 +631,9 @@ impl Connection {
     }
 
     /// The transport ended under us.
-    pub(crate) fn transport_closed(&mut self) -> Change {
-        if matches!(self.state, State::Closed) {
-            Change::None
-        } else {
-            self.close(Cause::Transport)
+    pub(crate) fn transport_closed(&mut self) {
+        if !self.is_closed() {
+            self.close(Cause::Transport);
         }
     }
 }

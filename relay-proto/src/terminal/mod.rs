@@ -9,13 +9,11 @@
 //! [`Terminal::poll_transmit`] produces, and calls [`Terminal::handle_timeout`] when
 //! [`Terminal::poll_timeout`] says.
 //!
-//! Events are queued in a small fixed queue: drain [`Terminal::poll_event`] after every
-//! call. One call produces at most [`EVENTS_PER_CALL`] events.
+//! Drain [`Terminal::poll_event`] after every call. No event is ever lost (see
+//! [`Terminal`]): most are derived from state, and input waits while one is not polled.
 
 mod connection;
 mod wire;
-
-use heapless::Deque;
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD};
@@ -129,6 +127,9 @@ pub enum Offer {
     Payload(usize),
     /// The bytes hold only part of a frame: keep them and offer them again with more.
     NeedMore,
+    /// Nothing was taken: the event the previous frame produced waits in
+    /// [`Terminal::poll_event`]. Drain the events, then offer the same bytes again.
+    Blocked,
 }
 
 /// Why an application call was refused. Nothing changed.
@@ -154,9 +155,16 @@ pub enum SendError {
 }
 
 /// A terminal's connections to one relay. `N` is the most connections it ever holds
-/// (at most 255); `E` the event queue (at least `2 * N + 2`).
+/// (at most 255).
+///
+/// Its events are derived from its state rather than queued, so none can be lost however
+/// late the host drains them: a slot's `Open` and `Closed` are states of the slot (a
+/// closed slot is reused only once its `Closed` was reported), `LoggedIn` and `Down` the
+/// difference between being up and what the host was told, `LoginRefused` a record kept
+/// until reported. The one event a frame produces waits in a single place, and
+/// [`Terminal::handle_input`] takes no more input ([`Offer::Blocked`]) until it is polled.
 #[derive(Debug)]
-pub struct Terminal<const N: usize, const E: usize = 16> {
+pub struct Terminal<const N: usize> {
     config: Config,
     user: UserId,
     password: Password,
@@ -165,23 +173,24 @@ pub struct Terminal<const N: usize, const E: usize = 16> {
     keepalive: Duration,
     max_payload: u16,
     slots: [Option<Connection>; N],
-    events: Deque<Event, E>,
+    /// The event the last frame produced, until polled.
+    event: Option<Event>,
     jitter: Jitter,
     /// No new connection before this instant (back-off after failures).
     retry_at: Instant,
     failures: u32,
     /// Logged out or refused: no more connections until `start`.
     stopped: bool,
-    /// Whether `LoggedIn` was reported and `Down` not yet.
+    /// Whether a connection is logged in, and whether the host was last told so.
     up: bool,
+    told_up: bool,
+    /// Why the terminal stopped, until reported as [`Event::LoginRefused`].
+    refusal: Option<(ErrorCode, Text)>,
     list: Option<ListAnswer>,
 }
 
-impl<const N: usize, const E: usize> Terminal<N, E> {
-    const SIZES_OK: () = assert!(
-        N >= 1 && N <= 255 && E >= 2 * N + 2,
-        "Terminal<N, E>: need 1 <= N <= 255 and E >= 2N+2"
-    );
+impl<const N: usize> Terminal<N> {
+    const SIZES_OK: () = assert!(N >= 1 && N <= 255, "Terminal<N>: need 1 <= N <= 255");
 
     /// A terminal that will log in as `user`. `seed` drives keep-alive and back-off
     /// jitter (give each device a different one, e.g. from its RNG).
@@ -195,12 +204,14 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
             token: None,
             max_payload: MAX_PAYLOAD as u16,
             slots: core::array::from_fn(|_| None),
-            events: Deque::new(),
+            event: None,
             jitter: Jitter::new(seed),
             retry_at: Instant::ZERO,
             failures: 0,
             stopped: true,
             up: false,
+            told_up: false,
+            refusal: None,
             list: None,
         }
     }
@@ -229,31 +240,64 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         self.conns().count()
     }
 
+    /// The connections not closed.
     fn conns(&self) -> impl Iterator<Item = (Handle, &Connection)> {
         self.slots
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|c| (Handle(i as u8), c)))
+            .filter(|(_, c)| !c.is_closed())
     }
 
     fn conn_mut(&mut self, h: Handle) -> Result<&mut Connection, SendError> {
-        self.slots
-            .get_mut(usize::from(h.0))
-            .and_then(Option::as_mut)
-            .ok_or(SendError::BadHandle)
+        open_slot(&mut self.slots, h).ok_or(SendError::BadHandle)
     }
 
-    fn push(&mut self, e: Event) {
-        // E >= 2N+2 covers one call; a host that never drains loses the oldest.
-        if self.events.is_full() {
-            self.events.pop_front();
-        }
-        let _ = self.events.push_back(e);
-    }
-
-    /// The next event, if any. Drain after every call.
+    /// The next event, if any. Drain after every call: [`Terminal::handle_input`] takes
+    /// nothing more while one waits. Order: `LoggedIn`, the frame's event, each `Closed`
+    /// (slot order), `Down`, `LoginRefused`, each `Open`.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        if self.up && !self.told_up {
+            self.told_up = true;
+            return Some(Event::LoggedIn);
+        }
+        if let Some(e) = self.event.take() {
+            return Some(e);
+        }
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(Connection {
+                state: State::Closed(cause),
+                ..
+            }) = slot
+            {
+                let cause = cause.clone();
+                *slot = None;
+                return Some(Event::Closed {
+                    handle: Handle(i as u8),
+                    cause,
+                });
+            }
+        }
+        if !self.up && self.told_up {
+            self.told_up = false;
+            return Some(Event::Down);
+        }
+        if let Some((code, text)) = self.refusal.take() {
+            return Some(Event::LoginRefused { code, text });
+        }
+        self.slots.iter_mut().enumerate().find_map(|(i, slot)| {
+            let Some(Connection {
+                state: State::Connecting { announced, .. },
+                ..
+            }) = slot
+            else {
+                return None;
+            };
+            (!*announced).then(|| {
+                *announced = true;
+                Event::Open(Handle(i as u8))
+            })
+        })
     }
 
     /// Starts (or restarts after `logout` or a refusal) the terminal.
@@ -284,11 +328,10 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
 
     fn replenish(&mut self, now: Instant) {
         while now >= self.retry_at && self.wants_connection() {
-            let Some(i) = self.slots.iter().position(Option::is_none) else {
+            let Some(slot) = self.slots.iter_mut().find(|s| s.is_none()) else {
                 return;
             };
-            self.slots[i] = Some(Connection::new(now));
-            self.push(Event::Open(Handle(i as u8)));
+            *slot = Some(Connection::new(now));
         }
     }
 
@@ -309,14 +352,23 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     /// The transport for `h` closed or failed (read EOF, write error, reset).
     pub fn transport_closed(&mut self, h: Handle, now: Instant) {
         if let Ok(c) = self.conn_mut(h) {
-            let change = c.transport_closed();
-            self.apply(h, change, now);
+            c.transport_closed();
+            self.settle(h, now);
         }
+        self.replenish(now);
     }
 
-    /// Frees a finished slot, reports it, backs off after failures, and refills the pool.
-    fn finish(&mut self, h: Handle, cause: Cause, now: Instant) {
-        self.slots[usize::from(h.0)] = None;
+    /// After a call into `h`'s connection, which was open: if it closed, back off after a
+    /// failure, stop on a cause that retrying cannot fix, and track whether we are up.
+    fn settle(&mut self, h: Handle, now: Instant) {
+        let Some(Connection {
+            state: State::Closed(cause),
+            ..
+        }) = self.slots.get(usize::from(h.0)).and_then(Option::as_ref)
+        else {
+            return;
+        };
+        let cause = cause.clone();
         if cause != Cause::Local {
             self.failures = self.failures.saturating_add(1);
             let exp = self.failures.clamp(1, 16) - 1;
@@ -327,17 +379,25 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                 .min(self.config.backoff_max);
             self.retry_at = self.retry_at.max(now + self.jitter.spread(delay, 25));
         }
-        self.push(Event::Closed { handle: h, cause });
-        if self.up && !self.conns().any(|(_, c)| c.is_logged_in()) {
-            self.up = false;
-            self.push(Event::Down);
+        let up = self.conns().any(|(_, c)| c.is_logged_in());
+        self.up = up;
+        // Another instance of this user ID took over, or the account is gone.
+        if let Cause::Relay(code @ (ErrorCode::Replaced | ErrorCode::AccountRemoved)) = cause {
+            self.stop(Cause::Relay(code));
+            self.refuse(code, Text::lossy(code.describe()));
         }
     }
 
-    /// Turns one connection's change into events and pool decisions.
-    fn apply(&mut self, h: Handle, change: Change, now: Instant) {
-        match change {
-            Change::None => {}
+    /// Stops for good (until `start`) and keeps why for [`Event::LoginRefused`]. The first
+    /// reason stands until it is reported.
+    fn refuse(&mut self, code: ErrorCode, text: Text) {
+        self.refusal.get_or_insert((code, text));
+    }
+
+    /// Turns one frame's change into an event and pool decisions.
+    fn apply(&mut self, h: Handle, change: Change, now: Instant) -> Option<Event> {
+        let event = match change {
+            Change::None => None,
             Change::LoggedIn {
                 token,
                 keepalive,
@@ -348,17 +408,14 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                 self.max_payload = max_payload;
                 self.failures = 0;
                 self.retry_at = now;
-                if !self.up {
-                    self.up = true;
-                    self.push(Event::LoggedIn);
-                }
+                self.up = true;
+                None
             }
             Change::LoginRefused {
                 code,
                 text,
                 with_token,
             } => {
-                self.finish(h, Cause::Relay(code), now);
                 // A refused password cannot be fixed by retrying; a replaced instance or
                 // a removed account must stop. A refused (expired) token is retried.
                 let hopeless = match code {
@@ -367,89 +424,71 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                     _ => false,
                 };
                 if hopeless {
-                    self.stop(now, Cause::Relay(code));
-                    self.push(Event::LoginRefused { code, text });
+                    self.stop(Cause::Relay(code));
+                    self.refuse(code, text);
                 }
+                None
             }
             Change::Notice {
                 session,
                 from,
                 service,
-            } => {
-                self.push(Event::Notice {
-                    handle: h,
-                    session,
-                    from,
-                    service,
-                });
-            }
-            Change::Accepted { session, peer } => {
-                self.push(Event::Accepted {
-                    handle: h,
-                    session,
-                    peer,
-                });
-            }
-            Change::DemandFailed { error, text } => {
-                self.push(Event::DemandFailed {
-                    handle: h,
-                    error,
-                    text,
-                });
-            }
-            Change::PeerTerminated => self.push(Event::PeerTerminated { handle: h }),
-            Change::Released { reason } => self.push(Event::SessionEnded { handle: h, reason }),
+            } => Some(Event::Notice {
+                handle: h,
+                session,
+                from,
+                service,
+            }),
+            Change::Accepted { session, peer } => Some(Event::Accepted {
+                handle: h,
+                session,
+                peer,
+            }),
+            Change::DemandFailed { error, text } => Some(Event::DemandFailed {
+                handle: h,
+                error,
+                text,
+            }),
+            Change::PeerTerminated => Some(Event::PeerTerminated { handle: h }),
+            Change::Released { reason } => Some(Event::SessionEnded { handle: h, reason }),
             Change::ListPage(page) => {
                 self.list = Some(page);
-                self.push(Event::OnlinePage);
+                Some(Event::OnlinePage)
             }
-            Change::RelayError { code, text } => {
-                self.push(Event::RelayError {
-                    handle: h,
-                    code,
-                    text,
-                });
-            }
-            Change::Closed(cause) => {
-                if matches!(
-                    cause,
-                    Cause::Relay(ErrorCode::Replaced | ErrorCode::AccountRemoved)
-                ) {
-                    // Another instance of this user ID took over, or the account is gone.
-                    self.finish(h, cause.clone(), now);
-                    self.stop(now, cause.clone());
-                    if let Cause::Relay(code) = cause {
-                        self.push(Event::LoginRefused {
-                            code,
-                            text: Text::lossy(code.describe()),
-                        });
-                    }
-                } else {
-                    self.finish(h, cause, now);
-                }
-            }
-        }
+            Change::RelayError { code, text } => Some(Event::RelayError {
+                handle: h,
+                code,
+                text,
+            }),
+        };
+        self.settle(h, now);
         self.replenish(now);
+        event
     }
 
-    /// Closes every connection and opens no more.
-    fn stop(&mut self, now: Instant, cause: Cause) {
+    /// Closes every open connection and opens no more.
+    fn stop(&mut self, cause: Cause) {
         self.stopped = true;
         for i in 0..N {
-            if self.slots[i].is_some() {
-                self.finish(Handle(i as u8), cause.clone(), now);
+            if let Ok(c) = self.conn_mut(Handle(i as u8)) {
+                c.close(cause.clone());
             }
         }
+        self.up = false;
     }
 
     /// Takes bytes received on `h`. Call again with the rest until it is used up or the
-    /// answer is [`Offer::NeedMore`]. Bytes for an unknown handle are swallowed.
+    /// answer is [`Offer::NeedMore`] (or [`Offer::Blocked`]: drain the events first).
+    /// Bytes for an unknown or closed handle are swallowed.
     pub fn handle_input(&mut self, h: Handle, now: Instant, input: &[u8]) -> Offer {
-        let Some(Some(c)) = self.slots.get_mut(usize::from(h.0)) else {
+        if self.event.is_some() {
+            return Offer::Blocked;
+        }
+        let Some(c) = open_slot(&mut self.slots, h) else {
             return Offer::Consumed(input.len());
         };
         let (offer, change) = c.handle_input(now, input, &mut self.jitter);
-        self.apply(h, change, now);
+        self.event = self.apply(h, change, now);
         offer
     }
 
@@ -461,13 +500,10 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         now: Instant,
         buf: &mut [u8],
     ) -> Result<usize, SendError> {
-        let Some(Some(c)) = self.slots.get_mut(usize::from(h.0)) else {
-            return Err(SendError::BadHandle);
-        };
+        let c = open_slot(&mut self.slots, h).ok_or(SendError::BadHandle)?;
         let n = c.poll_transmit(buf, &self.user, &self.password, self.token.as_ref())?;
-        if matches!(c.state, State::Closed) {
-            self.finish(h, Cause::Local, now);
-        }
+        // After LOGOUT the connection closes here.
+        self.settle(h, now);
         Ok(n)
     }
 
@@ -493,11 +529,12 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     pub fn handle_timeout(&mut self, now: Instant) {
         let keepalive = self.keepalive;
         for i in 0..N {
-            let Some(c) = self.slots[i].as_mut() else {
+            let h = Handle(i as u8);
+            let Some(c) = self.slots[i].as_mut().filter(|c| !c.is_closed()) else {
                 continue;
             };
-            let change = c.handle_timeout(now, &self.config, keepalive, &mut self.jitter);
-            self.apply(Handle(i as u8), change, now);
+            c.handle_timeout(now, &self.config, keepalive, &mut self.jitter);
+            self.settle(h, now);
         }
         self.replenish(now);
     }
@@ -576,11 +613,20 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
             let h = Handle(i as u8);
             // A carrier that owes too much for a LOGOUT closes like the others.
             let carried = Some(h) == carrier && self.conn_mut(h).and_then(|c| c.logout()).is_ok();
-            if !carried && self.slots[i].is_some() {
-                self.finish(h, Cause::Local, now);
+            if let (false, Ok(c)) = (carried, self.conn_mut(h)) {
+                c.close(Cause::Local);
+                self.settle(h, now);
             }
         }
     }
+}
+
+/// `h`'s connection unless it is closed (a closed one only waits to be reported).
+fn open_slot(slots: &mut [Option<Connection>], h: Handle) -> Option<&mut Connection> {
+    slots
+        .get_mut(usize::from(h.0))
+        .and_then(Option::as_mut)
+        .filter(|c| !c.is_closed())
 }
 
 #[cfg(test)]

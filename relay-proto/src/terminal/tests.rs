@@ -177,3 +177,78 @@ fn nothing_is_owed_after_logout() {
     assert_eq!(r.t.accept(H0, r.now), Err(SendError::NotLoggedIn));
     assert_eq!(r.sent(H0), [Frame::Logout]);
 }
+
+/// A host that does not drain events after every call still gets every event: the
+/// terminal refuses input while an event waits, instead of dropping the oldest.
+#[test]
+fn no_event_is_dropped_when_the_host_drains_late() {
+    let mut r = Rig::up();
+    let mut seen = Vec::new();
+    for session in 0..40 {
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = Frame::Notice(Notice {
+            session,
+            from: UserId::new("peer").unwrap(),
+            service: ServiceName::new("echo").unwrap(),
+        })
+        .encode(&mut buf)
+        .unwrap();
+        loop {
+            match r.t.handle_input(H0, r.now, &buf[..n]) {
+                Offer::Consumed(m) if m == n => break,
+                // Refused until the host drains.
+                _ => seen.extend(r.events()),
+            }
+        }
+        r.t.reject(H0, RejectReason::Busy).unwrap();
+        r.sent(H0);
+    }
+    seen.extend(r.events());
+    let notices: Vec<u32> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Notice { session, .. } => Some(*session),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notices, (0..40).collect::<Vec<_>>());
+}
+
+/// Every connection of a terminal closing in one call (the relay says `Replaced`): each
+/// `Closed`, then `Down` and `LoginRefused`, reported in that order, none lost even
+/// with the smallest terminal.
+#[test]
+fn a_replaced_terminal_reports_every_close() {
+    let mut r = Rig::up();
+    // A demand takes the idle connection: the pool opens a second.
+    r.t.demand(UserId::new("cam").unwrap(), ServiceName::default())
+        .unwrap();
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    r.feed(
+        H0,
+        Frame::Error {
+            code: ErrorCode::Replaced,
+            text: Text::lossy("x"),
+        },
+    );
+    let events = r.events();
+    assert!(
+        matches!(
+            events[..],
+            [
+                Event::Closed { handle: H0, .. },
+                Event::Closed {
+                    handle: Handle(1),
+                    ..
+                },
+                Event::Down,
+                Event::LoginRefused {
+                    code: ErrorCode::Replaced,
+                    ..
+                }
+            ]
+        ),
+        "{events:?}"
+    );
+}
