@@ -658,3 +658,46 @@ fn metrics_and_healthz_follow_the_traffic() {
         "{text}"
     );
 }
+
+/// Issue 10, finding 1: one account, many processes. A device runs `relay expose`; with
+/// the same account two `relay connect --listen` forwards and `relay online` run at
+/// once, and `relay online` with the device's own user ID too. Requesters replace no
+/// instance: every process stays up and both forwards carry sessions at the same time.
+#[test]
+fn requesters_of_one_account_run_side_by_side_and_replace_nothing() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let echo = echo_service();
+    let mut cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (mut first, p1) = relay.forward("me", "cam/echo");
+    let (mut second, p2) = relay.forward("me", "cam/echo");
+    for user in ["me", "cam"] {
+        let out = relay
+            .terminal(user, &["online"])
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && listed.lines().any(|l| l == "cam"),
+            "online as {user}: {listed}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sessions: Vec<_> = [
+        (p1, b"through the first".to_vec()),
+        (p2, b"and the second".to_vec()),
+    ]
+    .into_iter()
+    .map(|(port, data)| thread::spawn(move || (round_trip(port, &data), data)))
+    .collect();
+    for s in sessions {
+        let (got, sent) = s.join().unwrap();
+        assert_eq!(got, sent);
+    }
+    for p in [&mut cam, &mut first, &mut second] {
+        let exited = p.child.try_wait().unwrap();
+        assert!(exited.is_none(), "{} exited: {}", p.name, p.log());
+    }
+}

@@ -615,7 +615,14 @@ fn start(
     };
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random seed: {e}"))?;
+    // Only `expose` takes demands; `connect` and `online` log in as requesters, so they
+    // replace no instance of the account (not even the device's own) and many run at once.
+    let kind = match exposed {
+        Some(_) => terminal::Kind::Reachable,
+        None => terminal::Kind::Requester,
+    };
     let config = terminal::Config {
+        kind,
         spare,
         ..terminal::Config::default()
     };

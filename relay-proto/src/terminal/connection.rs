@@ -15,13 +15,13 @@
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 use crate::frame::{self, DemandResult};
-use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant};
 
 use heapless::Deque;
 
-use super::wire::{self, Cred, Inbound, NoRoom, Outbound};
+use super::wire::{self, Cred, Inbound, LoginAs, NoRoom, Outbound};
 use super::{Config, Offer, SendError};
 
 /// A control frame an application call owes the relay until `poll_transmit` writes it.
@@ -230,9 +230,7 @@ impl Connection {
     pub(crate) fn poll_transmit(
         &mut self,
         buf: &mut [u8],
-        user: &UserId,
-        password: &Password,
-        token: Option<&ResumeToken>,
+        login: &LoginAs<'_>,
     ) -> Result<usize, SendError> {
         if buf.len() < super::MIN_TRANSMIT_BUF {
             return Err(SendError::BufferTooSmall);
@@ -240,7 +238,7 @@ impl Connection {
         let mut written = 0;
         loop {
             let rest = buf.get_mut(written..).unwrap_or_default();
-            match self.encode_owed(rest, user, password, token) {
+            match self.encode_owed(rest, login) {
                 Some(Ok(n)) => {
                     written += n;
                     self.mark_sent();
@@ -263,24 +261,22 @@ impl Connection {
     }
 
     /// Encodes the first owed frame into `buf`; `None` when nothing is owed.
-    fn encode_owed(
-        &self,
-        buf: &mut [u8],
-        user: &UserId,
-        password: &Password,
-        token: Option<&ResumeToken>,
-    ) -> Option<Result<usize, NoRoom>> {
+    fn encode_owed(&self, buf: &mut [u8], login: &LoginAs<'_>) -> Option<Result<usize, NoRoom>> {
         let frame = match &self.state {
             State::LoggingIn {
                 with_token,
                 sent: false,
                 ..
             } => {
-                let credential = match (with_token, token) {
+                let credential = match (with_token, login.token) {
                     (true, Some(t)) => Cred::Resume(t),
-                    _ => Cred::Password(password),
+                    _ => Cred::Password(login.password),
                 };
-                Outbound::Login { user, credential }
+                Outbound::Login {
+                    user: login.user,
+                    caps: login.caps,
+                    credential,
+                }
             }
             State::Demanding {
                 target,

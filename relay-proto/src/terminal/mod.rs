@@ -16,7 +16,7 @@ mod connection;
 mod wire;
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
-use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD};
+use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD, caps};
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant, earliest};
@@ -32,9 +32,35 @@ pub const MIN_TRANSMIT_BUF: usize = MAX_CONTROL_FRAME + 16;
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Handle(pub u8);
 
+/// What kind of instance of its user ID a terminal is (docs/PROTOCOL.md §10.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Kind {
+    /// Takes demands (a device, `relay expose`): a newer reachable login of the same user
+    /// ID replaces it.
+    #[default]
+    Reachable,
+    /// Only makes demands or asks for the online list (`relay connect`, `relay online`):
+    /// its LOGIN carries [`caps::REQUESTER`](crate::frame::caps::REQUESTER), it replaces
+    /// nothing and is never a demand's target; any number run at once.
+    Requester,
+}
+
+impl Kind {
+    /// The capability bits its LOGIN announces.
+    pub(crate) const fn caps(self) -> u32 {
+        match self {
+            Kind::Reachable => caps::ALL,
+            Kind::Requester => caps::ALL | caps::REQUESTER,
+        }
+    }
+}
+
 /// Terminal settings. The relay's LOGIN_OK overrides the keep-alive interval.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Reachable or requester.
+    pub kind: Kind,
     /// Idle connections to keep logged in (at least 1: one is what makes us reachable).
     pub spare: u8,
     /// Keep-alive interval until the relay announces its own.
@@ -51,6 +77,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            kind: Kind::Reachable,
             spare: 1,
             keepalive: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(10),
@@ -501,7 +528,13 @@ impl<const N: usize> Terminal<N> {
         buf: &mut [u8],
     ) -> Result<usize, SendError> {
         let c = open_slot(&mut self.slots, h).ok_or(SendError::BadHandle)?;
-        let n = c.poll_transmit(buf, &self.user, &self.password, self.token.as_ref())?;
+        let login = wire::LoginAs {
+            user: &self.user,
+            password: &self.password,
+            token: self.token.as_ref(),
+            caps: self.config.kind.caps(),
+        };
+        let n = c.poll_transmit(buf, &login)?;
         // After LOGOUT the connection closes here.
         self.settle(h, now);
         Ok(n)

@@ -20,9 +20,14 @@ const H0: Handle = Handle(0);
 impl Rig {
     /// A terminal whose first connection (`H0`) has logged in; its LOGIN was written.
     fn up() -> Rig {
+        Rig::up_as(Config::default()).0
+    }
+
+    /// The same with `config`, and the LOGIN it wrote.
+    fn up_as(config: Config) -> (Rig, frame::Login) {
         let mut r = Rig {
             t: Terminal::new(
-                Config::default(),
+                config,
                 UserId::new("dev").unwrap(),
                 Password::new("pw").unwrap(),
                 7,
@@ -32,7 +37,10 @@ impl Rig {
         r.t.start(r.now);
         assert_eq!(r.events(), [Event::Open(H0)]);
         r.t.connected(H0, r.now);
-        assert!(matches!(r.sent(H0)[..], [Frame::Login(_)]));
+        let [Frame::Login(login)] = &r.sent(H0)[..] else {
+            panic!("LOGIN first");
+        };
+        let login = login.clone();
         r.feed(
             H0,
             Frame::LoginOk(LoginOk {
@@ -43,7 +51,7 @@ impl Rig {
             }),
         );
         assert_eq!(r.events()[0], Event::LoggedIn);
-        r
+        (r, login)
     }
 
     fn events(&mut self) -> Vec<Event> {
@@ -251,4 +259,16 @@ fn a_replaced_terminal_reports_every_close() {
         ),
         "{events:?}"
     );
+}
+
+#[test]
+fn a_requester_announces_the_requester_bit_and_a_reachable_terminal_does_not() {
+    let requester = Config {
+        kind: Kind::Requester,
+        ..Config::default()
+    };
+    let (_, login) = Rig::up_as(requester);
+    assert_eq!(login.hello.caps, frame::caps::ALL | frame::caps::REQUESTER);
+    let (_, login) = Rig::up_as(Config::default());
+    assert_eq!(login.hello.caps, frame::caps::ALL);
 }
