@@ -149,8 +149,13 @@ impl<const N: usize> Agent<N> {
     /// Asks the relay for a session with `target`. The session is served by the same
     /// [`Service`] (`on_open` with `requester: true`), or the demand fails with an
     /// [`Event::DemandFailed`] through [`Service::on_event`].
-    pub fn demand(&mut self, target: UserId, service: ServiceName) -> Result<Handle, SendError> {
-        let h = self.terminal.demand(target, service.clone())?;
+    pub fn demand(
+        &mut self,
+        target: UserId,
+        service: ServiceName,
+        now: Instant,
+    ) -> Result<Handle, SendError> {
+        let h = self.terminal.demand(target, service.clone(), now)?;
         if let Some(link) = self.links.get_mut(usize::from(h.0)) {
             link.session = Some(SessionInfo {
                 service,

@@ -40,8 +40,8 @@ const CHUNK: usize = 64 * 1024 - 1;
 
 /// A demand that finds no idle connection of ours waits for the pool to grow (one login
 /// per new connection), trying again whenever a relay connection's state changes, up to
-/// this long, rather than failing. (The relay itself holds a demand until the target
-/// has an idle connection.)
+/// this long, rather than failing. (The relay holds a demand until the target has an
+/// idle connection, and the terminal retries one it gave up on.)
 const DEMAND_PATIENCE: Duration = Duration::from_secs(15);
 /// How long a terminal stopped by a signal waits for its LOGOUT to leave.
 const LOGOUT_GRACE: Duration = Duration::from_secs(1);
@@ -92,10 +92,10 @@ struct State {
     waiters: HashMap<u8, oneshot::Sender<Result<(), DemandFailure>>>,
 }
 
-/// Why a demand gave no session.
+/// Why a demand gave no session. The terminal already retried what can be retried
+/// (the target had no idle connection): this is final.
 #[derive(Debug)]
 struct DemandFailure {
-    retry: bool,
     message: String,
 }
 
@@ -230,7 +230,6 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
                 error,
                 text,
             } => {
-                let retry = error == relay_proto::DemandError::NoIdleConnection;
                 let detail = text.as_str();
                 let summary = error.to_string();
                 // A rejection's text is its reason's (one table): said once.
@@ -240,7 +239,7 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
                     format!("{error}: {detail}")
                 };
                 if let Some(w) = ctx.lock().waiters.remove(&handle.0) {
-                    let _ = w.send(Err(DemandFailure { retry, message }));
+                    let _ = w.send(Err(DemandFailure { message }));
                 }
             }
             Event::PeerTerminated { .. } | Event::SessionEnded { .. } => {
@@ -258,39 +257,28 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
 
 /// A demand notice on an exposing terminal: check it, reach the local service, accept.
 fn on_notice(ctx: &Arc<Ctx>, h: Handle, session: u32, from: UserId, service: ServiceName) {
-    let reject = |reason, text: String| {
-        tracing::info!(%from, service = service.as_str(), "rejected: {text}");
-        let mut st = ctx.lock();
-        let _ = st.term.reject(h, reason);
-        let ev = st.after(ctx);
-        drop(st);
-        dispatch(ctx, ev);
+    // Admission is the terminal's rule (relay-proto), the same on every device.
+    let admitted = match &ctx.exposed {
+        Some(exposed) => {
+            let names: Vec<&str> = exposed.services.iter().map(|s| s.name.as_str()).collect();
+            let allow: Vec<&str> = exposed.allow.iter().map(String::as_str).collect();
+            terminal::admit(&from, &service, &names, &allow).and_then(|i| {
+                let spec = exposed.services.get(i).cloned();
+                spec.ok_or(RejectReason::UnknownService)
+            })
+        }
+        None => Err(RejectReason::Busy),
     };
-    let Some(exposed) = &ctx.exposed else {
-        return reject(
-            RejectReason::Busy,
-            "this terminal accepts no sessions".into(),
-        );
-    };
-    if !exposed.allow.is_empty() && !exposed.allow.iter().any(|a| a == from.as_str()) {
-        return reject(
-            RejectReason::NotAllowed,
-            format!("'{from}' is not allowed here"),
-        );
-    }
-    let wanted = service.as_str();
-    let spec = if wanted.is_empty() && exposed.services.len() == 1 {
-        exposed.services.first()
-    } else {
-        exposed.services.iter().find(|s| s.name == wanted)
-    };
-    let Some(spec) = spec.cloned() else {
-        let text = if wanted.is_empty() {
-            "name a service: TARGET/SERVICE".to_owned()
-        } else {
-            format!("no service '{wanted}' here")
-        };
-        return reject(RejectReason::UnknownService, text);
+    let spec = match admitted {
+        Ok(spec) => spec,
+        Err(reason) => {
+            tracing::info!(%from, service = service.as_str(), "rejected: {reason}");
+            let mut st = ctx.lock();
+            let _ = st.term.reject(h, reason);
+            let ev = st.after(ctx);
+            drop(st);
+            return dispatch(ctx, ev);
+        }
     };
     let ctx = ctx.clone();
     tokio::spawn(async move {
@@ -718,8 +706,8 @@ async fn log_out(ctx: &Arc<Ctx>) {
     tracing::info!(server = %ctx.server, "logged out");
 }
 
-/// Opens one session to `target`: demand (retried while the target has no idle
-/// connection), park the local end, wait for the answer. Returns the session's end.
+/// Opens one session to `target`: wait for an idle connection of ours, park the local
+/// end, demand, wait for the answer. Returns the session's end.
 async fn session(
     ctx: &Arc<Ctx>,
     target: &UserId,
@@ -738,7 +726,7 @@ async fn session(
         let (ans_tx, ans_rx) = oneshot::channel();
         let handle = {
             let mut st = ctx.lock();
-            match st.term.demand(target.clone(), service.clone()) {
+            match st.term.demand(target.clone(), service.clone(), ctx.now()) {
                 Ok(h) => {
                     let Some(slot) = st.slot(h).cloned() else {
                         bail!("internal: no slot for handle");
@@ -758,25 +746,19 @@ async fn session(
                 Err(e) => bail!("cannot demand a session: {e:?}"),
             }
         };
-        let failure = match handle {
-            None => DemandFailure {
-                retry: true,
-                message: "no idle connection to the relay".into(),
-            },
-            Some((h, slot)) => match ans_rx.await {
+        if let Some((h, slot)) = handle {
+            // The terminal retries a target without an idle connection itself.
+            return match ans_rx.await {
                 Ok(Ok(())) => {
                     tokio::spawn(pump(ctx.clone(), h, slot, src, stop_rx));
-                    return Ok(end_rx);
+                    Ok(end_rx)
                 }
-                Ok(Err(f)) => {
-                    sink = slot.unpark().map(|p| p.sink);
-                    f
-                }
+                Ok(Err(f)) => bail!("{}", f.message),
                 Err(_) => bail!("the relay connection closed before the demand was answered"),
-            },
-        };
-        if !failure.retry || tokio::time::Instant::now() >= give_up || sink.is_none() {
-            bail!("{}", failure.message);
+            };
+        }
+        if tokio::time::Instant::now() >= give_up {
+            bail!("no idle connection to the relay");
         }
         let _ = tokio::time::timeout(DEMAND_RETRY_DELAY, pool_changed).await;
     }

@@ -646,7 +646,7 @@ impl<P: Policy> Sim<P> {
     ) -> Result<Handle, terminal::SendError> {
         let target = UserId::new(target).expect("valid target");
         let service = ServiceName::new(service).expect("valid service");
-        let h = self.nodes[i].terminal.demand(target, service)?;
+        let h = self.nodes[i].terminal.demand(target, service, self.now)?;
         self.drain_node(i);
         Ok(h)
     }

@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
                 t.handle_timeout(now);
             }
             1 => {
-                let _ = t.demand(UserId::new("peer").unwrap(), ServiceName::default());
+                let _ = t.demand(UserId::new("peer").unwrap(), ServiceName::default(), now);
             }
             _ => {
                 let Some(&h) = open.get(usize::from(sel) % open.len().max(1)) else { continue };

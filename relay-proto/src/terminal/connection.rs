@@ -65,11 +65,14 @@ pub(crate) enum State {
         sent: bool,
     },
     Idle,
-    /// DEMAND owed (`sent` false) or sent; waiting for DEMAND_RESULT.
+    /// Our demand: DEMAND owed, sent, or to be sent again. The relay's answer
+    /// `NoIdleConnection` (the target's connections are all busy) is retried until
+    /// `give_up`; only then is it the application's.
     Demanding {
         target: UserId,
         service: ServiceName,
-        sent: bool,
+        give_up: Instant,
+        step: Step,
     },
     /// NOTICE received; the application must accept or reject.
     Noticed {
@@ -85,6 +88,17 @@ pub(crate) enum State {
     },
     /// Finished; the slot is freed once [`super::Event::Closed`] is reported.
     Closed(Cause),
+}
+
+/// Where a demand stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// DEMAND to write.
+    Owed,
+    /// Written; waiting for DEMAND_RESULT.
+    Sent,
+    /// The relay had no idle connection of the target: DEMAND again at this instant.
+    RetryAt(Instant),
 }
 
 /// What a frame or timer did to a connection, for the [`Terminal`](super::Terminal) to
@@ -281,7 +295,8 @@ impl Connection {
             State::Demanding {
                 target,
                 service,
-                sent: false,
+                step: Step::Owed,
+                ..
             } => Outbound::Demand { target, service },
             _ => match *self.owed.front()? {
                 Owed::Accept(session) => Outbound::Accept(session),
@@ -297,9 +312,8 @@ impl Connection {
     /// The frame [`Connection::encode_owed`] encoded is written.
     fn mark_sent(&mut self) {
         match &mut self.state {
-            State::LoggingIn { sent, .. } | State::Demanding { sent, .. } if !*sent => {
-                *sent = true;
-            }
+            State::LoggingIn { sent, .. } if !*sent => *sent = true,
+            State::Demanding { step, .. } if *step == Step::Owed => *step = Step::Sent,
             _ => {
                 self.owed.pop_front();
             }
@@ -309,7 +323,11 @@ impl Connection {
     pub(crate) fn has_output(&self) -> bool {
         let state_owes = matches!(
             self.state,
-            State::LoggingIn { sent: false, .. } | State::Demanding { sent: false, .. }
+            State::LoggingIn { sent: false, .. }
+                | State::Demanding {
+                    step: Step::Owed,
+                    ..
+                }
         );
         state_owes || !self.owed.is_empty() || self.ka_due
     }
@@ -347,11 +365,12 @@ impl Connection {
     }
 
     /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed.
-    pub(crate) fn demand(&mut self, target: UserId, service: ServiceName) {
+    pub(crate) fn demand(&mut self, target: UserId, service: ServiceName, give_up: Instant) {
         self.state = State::Demanding {
             target,
             service,
-            sent: false,
+            give_up,
+            step: Step::Owed,
         };
     }
 
@@ -417,10 +436,18 @@ impl Connection {
                 Some(since + cfg.handshake_timeout)
             }
             State::Closed(_) => None,
-            _ => Some(
-                self.next_ka
-                    .min(self.last_rx + self.rx_timeout(cfg, keepalive)),
-            ),
+            _ => {
+                let alive = self
+                    .next_ka
+                    .min(self.last_rx + self.rx_timeout(cfg, keepalive));
+                Some(match self.state {
+                    State::Demanding {
+                        step: Step::RetryAt(t),
+                        ..
+                    } => alive.min(t),
+                    _ => alive,
+                })
+            }
         }
     }
 
@@ -450,9 +477,16 @@ impl Connection {
             _ => {
                 if now >= self.last_rx + self.rx_timeout(cfg, keepalive) {
                     self.close(Cause::KeepAliveTimeout);
-                } else if now >= self.next_ka {
+                    return;
+                }
+                if now >= self.next_ka {
                     self.ka_due = true;
                     self.next_ka = now + jitter.spread(keepalive, 10);
+                }
+                if let State::Demanding { step, .. } = &mut self.state
+                    && matches!(*step, Step::RetryAt(t) if now >= t)
+                {
+                    *step = Step::Owed;
                 }
             }
         }
@@ -462,6 +496,7 @@ impl Connection {
     pub(crate) fn handle_input(
         &mut self,
         now: Instant,
+        cfg: &Config,
         input: &[u8],
         jitter: &mut Jitter,
     ) -> (Offer, Change) {
@@ -485,11 +520,11 @@ impl Connection {
                     (Offer::Consumed(input.len()), self.close(Cause::Protocol))
                 }
             }
-            Ok(Some((f, n))) => (Offer::Consumed(n), self.on_frame(now, f, jitter)),
+            Ok(Some((f, n))) => (Offer::Consumed(n), self.on_frame(now, cfg, f, jitter)),
         }
     }
 
-    fn on_frame(&mut self, now: Instant, f: Inbound, jitter: &mut Jitter) -> Change {
+    fn on_frame(&mut self, now: Instant, cfg: &Config, f: Inbound, jitter: &mut Jitter) -> Change {
         if matches!(f, Inbound::KeepAliveAck) && self.is_logged_in() {
             return Change::None;
         }
@@ -583,6 +618,16 @@ impl Connection {
             // A NOTICE that crossed our DEMAND on this connection: the relay withdraws it
             // when the DEMAND arrives, so it is void.
             (State::Demanding { .. }, Inbound::Notice { .. }) => Change::None,
+            (
+                State::Demanding { give_up, step, .. },
+                Inbound::DemandResult(DemandResult::Failed {
+                    error: DemandError::NoIdleConnection,
+                    ..
+                }),
+            ) if now + cfg.demand_retry < *give_up => {
+                *step = Step::RetryAt(now + cfg.demand_retry);
+                Change::None
+            }
             (State::Demanding { target, .. }, Inbound::DemandResult(r)) => match r {
                 DemandResult::Accepted { session } => {
                     let peer = target.clone();

@@ -12,8 +12,11 @@
 //! Drain [`Terminal::poll_event`] after every call. No event is ever lost (see
 //! [`Terminal`]): most are derived from state, and input waits while one is not polled.
 
+mod admission;
 mod connection;
 mod wire;
+
+pub use admission::admit;
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD, caps};
@@ -69,6 +72,11 @@ pub struct Config {
     pub ack_timeout: Duration,
     /// From opening a connection to LOGIN_OK.
     pub handshake_timeout: Duration,
+    /// How long a demand the relay answers with `NoIdleConnection` (every connection of
+    /// the target busy) is tried again before [`Event::DemandFailed`] reports it.
+    pub demand_patience: Duration,
+    /// The pause before each such retry.
+    pub demand_retry: Duration,
     /// First reconnect delay; doubles per failure up to `backoff_max`, ±25% jitter.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -82,6 +90,8 @@ impl Default for Config {
             keepalive: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            demand_patience: Duration::from_secs(15),
+            demand_retry: Duration::from_millis(150),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
         }
@@ -514,7 +524,7 @@ impl<const N: usize> Terminal<N> {
         let Some(c) = open_slot(&mut self.slots, h) else {
             return Offer::Consumed(input.len());
         };
-        let (offer, change) = c.handle_input(now, input, &mut self.jitter);
+        let (offer, change) = c.handle_input(now, &self.config, input, &mut self.jitter);
         self.event = self.apply(h, change, now);
         offer
     }
@@ -574,9 +584,17 @@ impl<const N: usize> Terminal<N> {
 
     /// Asks the relay for a session with `target` on an idle connection (step 6).
     /// The answer is [`Event::Accepted`] or [`Event::DemandFailed`] on the returned handle.
-    pub fn demand(&mut self, target: UserId, service: ServiceName) -> Result<Handle, SendError> {
+    /// While the relay answers `NoIdleConnection` the demand is made again, every
+    /// `demand_retry`, until `demand_patience` from `now` has passed.
+    pub fn demand(
+        &mut self,
+        target: UserId,
+        service: ServiceName,
+        now: Instant,
+    ) -> Result<Handle, SendError> {
         let h = self.idle_handle()?;
-        self.conn_mut(h)?.demand(target, service);
+        let give_up = now + self.config.demand_patience;
+        self.conn_mut(h)?.demand(target, service, give_up);
         Ok(h)
     }
 

@@ -149,6 +149,7 @@ fn a_demand_accepted_then_terminated_sends_terminate() {
         r.t.demand(
             UserId::new("cam").unwrap(),
             ServiceName::new("ssh").unwrap(),
+            r.now,
         )
         .unwrap();
     assert!(matches!(r.sent(h)[..], [Frame::Demand(_)]));
@@ -229,7 +230,7 @@ fn no_event_is_dropped_when_the_host_drains_late() {
 fn a_replaced_terminal_reports_every_close() {
     let mut r = Rig::up();
     // A demand takes the idle connection: the pool opens a second.
-    r.t.demand(UserId::new("cam").unwrap(), ServiceName::default())
+    r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
         .unwrap();
     r.t.handle_timeout(r.now);
     assert_eq!(r.events(), [Event::Open(Handle(1))]);
@@ -271,4 +272,79 @@ fn a_requester_announces_the_requester_bit_and_a_reachable_terminal_does_not() {
     assert_eq!(login.hello.caps, frame::caps::ALL | frame::caps::REQUESTER);
     let (_, login) = Rig::up_as(Config::default());
     assert_eq!(login.hello.caps, frame::caps::ALL);
+}
+
+/// A demand on `H0` whose DEMAND was written.
+fn demanding(r: &mut Rig) {
+    let h =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+            .unwrap();
+    assert_eq!(h, H0);
+    assert!(matches!(r.sent(H0)[..], [Frame::Demand(_)]));
+}
+
+fn no_idle() -> Frame {
+    Frame::DemandResult(DemandResult::Failed {
+        error: DemandError::NoIdleConnection,
+        text: Text::lossy("target has no idle connection"),
+    })
+}
+
+#[test]
+fn no_idle_connection_is_retried_after_the_retry_delay_without_an_event() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.feed(H0, no_idle());
+    // Only the pool's spare connection.
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    assert_eq!(r.sent(H0), []);
+    let retry = r.now + Config::default().demand_retry;
+    assert!(r.t.poll_timeout().is_some_and(|t| t <= retry));
+    r.now = retry;
+    r.t.handle_timeout(r.now);
+    assert!(matches!(r.sent(H0)[..], [Frame::Demand(_)]));
+    r.feed(
+        H0,
+        Frame::DemandResult(DemandResult::Accepted { session: 3 }),
+    );
+    assert!(matches!(
+        r.events()[..],
+        [Event::Accepted { session: 3, .. }]
+    ));
+}
+
+#[test]
+fn no_idle_connection_past_the_patience_is_reported() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.now = r.now + Config::default().demand_patience;
+    r.feed(H0, no_idle());
+    assert!(matches!(
+        r.events()[..],
+        [Event::DemandFailed {
+            error: DemandError::NoIdleConnection,
+            ..
+        }]
+    ));
+    assert_eq!(r.t.idle_connections(), 1);
+}
+
+#[test]
+fn other_demand_failures_are_reported_at_once() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.feed(
+        H0,
+        Frame::DemandResult(DemandResult::Failed {
+            error: DemandError::TargetOffline,
+            text: Text::lossy("offline"),
+        }),
+    );
+    assert!(matches!(
+        r.events()[..],
+        [Event::DemandFailed {
+            error: DemandError::TargetOffline,
+            ..
+        }]
+    ));
 }
