@@ -1,6 +1,6 @@
 //! The terminal driver: a [`Terminal`] wired to a non-blocking [`Link`] (the sockets)
 //! and a [`Service`] (the application), written once for every binding
-//! (relay-embedded's agent runs it over smoltcp).
+//! (relay-embedded's agent runs it over smoltcp, the simulation over its pipes).
 //!
 //! All protocol decisions (login, spares, keep-alive, back-off, demand routing) are the
 //! terminal's; the driver only moves bytes and events between it, the sockets and the
@@ -443,10 +443,15 @@ impl<const N: usize> Driver<N> {
                         continue;
                     }
                     self.links[slot].reset();
-                    if t.open(slot).is_ok() {
-                        self.links[slot].phase = Phase::Opening;
-                    } else {
+                    if t.open(slot).is_err() {
                         self.terminal.connect_failed(h, now);
+                    } else if t.state(slot) == LinkState::Open {
+                        // Up at once (a stack that connects synchronously): LOGIN
+                        // goes out in this poll, not the next.
+                        self.links[slot].phase = Phase::Open;
+                        self.terminal.connected(h, now);
+                    } else {
+                        self.links[slot].phase = Phase::Opening;
                     }
                 }
                 Event::Closed { handle, cause } => {
@@ -480,7 +485,7 @@ impl<const N: usize> Driver<N> {
                                 self.open_session(slot, t, svc);
                             }
                         }
-                        Decision::Accept => {}
+                        Decision::Accept | Decision::Ignore => {}
                         Decision::Reject(reason) => {
                             let _ = self.terminal.reject(handle, reason);
                         }

@@ -18,6 +18,9 @@ use crate::terminal::{Event, Handle};
 pub enum Decision {
     Accept,
     Reject(RejectReason),
+    /// No answer: the relay withdraws the notice (RELEASE `Cancelled`) at its demand
+    /// deadline, and the requester gets `Timeout`.
+    Ignore,
 }
 
 /// What the driver keeps about a session, for the service. The relay's session number
