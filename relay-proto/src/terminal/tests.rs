@@ -348,3 +348,210 @@ fn other_demand_failures_are_reported_at_once() {
         }]
     ));
 }
+
+// One test per row of PROTOCOL.md §6.1's transition table not covered above.
+
+/// The cause `h`'s connection closed with, from the events.
+fn closed(events: &[Event], h: Handle) -> Option<Cause> {
+    events.iter().find_map(|e| match e {
+        Event::Closed { handle, cause } if *handle == h => Some(cause.clone()),
+        _ => None,
+    })
+}
+
+fn error(code: ErrorCode) -> Frame {
+    Frame::Error {
+        code,
+        text: Text::lossy(code.describe()),
+    }
+}
+
+#[test]
+fn connecting_past_the_handshake_deadline_closes() {
+    let mut r = Rig {
+        t: Terminal::new(
+            Config::default(),
+            UserId::new("dev").unwrap(),
+            Password::new("pw").unwrap(),
+            7,
+        ),
+        now: Instant::from_secs(1),
+    };
+    r.t.start(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)]);
+    r.now = r.now + Config::default().handshake_timeout;
+    r.t.handle_timeout(r.now);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::HandshakeTimeout));
+}
+
+#[test]
+fn a_refused_token_falls_back_to_the_password_once_when_down() {
+    let mut r = Rig::up();
+    // The relay goes away; the terminal, down, reconnects with its token.
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    r.now = r.now + Duration::from_secs(120);
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)]);
+    r.t.connected(H0, r.now);
+    let [Frame::Login(login)] = &r.sent(H0)[..] else {
+        panic!("LOGIN");
+    };
+    assert!(matches!(login.credential, frame::Credential::Resume(_)));
+    r.feed(H0, error(ErrorCode::ResumeRejected));
+    let [Frame::Login(login)] = &r.sent(H0)[..] else {
+        panic!("a second LOGIN");
+    };
+    assert!(matches!(login.credential, frame::Credential::Password(_)));
+    // A refused password then is final: the terminal stops.
+    r.feed(H0, error(ErrorCode::AuthFailed));
+    let events = r.events();
+    assert_eq!(
+        closed(&events, H0),
+        Some(Cause::Relay(ErrorCode::AuthFailed))
+    );
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::LoginRefused {
+            code: ErrorCode::AuthFailed,
+            ..
+        }
+    )));
+    r.t.handle_timeout(r.now + Duration::from_secs(600));
+    assert_eq!(r.events(), [], "stopped: no reconnect");
+}
+
+#[test]
+fn logging_in_and_any_other_frame_closes() {
+    let mut r = Rig {
+        t: Terminal::new(
+            Config::default(),
+            UserId::new("dev").unwrap(),
+            Password::new("pw").unwrap(),
+            7,
+        ),
+        now: Instant::from_secs(1),
+    };
+    r.t.start(r.now);
+    r.events();
+    r.t.connected(H0, r.now);
+    r.sent(H0);
+    r.feed(H0, Frame::Terminate);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+}
+
+#[test]
+fn a_notice_withdrawn_by_release_leaves_the_connection_idle() {
+    let mut r = Rig::up();
+    r.notice(H0, 12);
+    r.feed(
+        H0,
+        Frame::Release {
+            reason: crate::codes::ReleaseReason::Cancelled,
+        },
+    );
+    assert!(matches!(
+        r.events()[..],
+        [Event::SessionEnded { handle: H0, .. }]
+    ));
+    assert_eq!(r.t.idle_connections(), 1);
+}
+
+#[test]
+fn a_notice_crossing_our_demand_is_ignored() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.feed(
+        H0,
+        Frame::Notice(Notice {
+            session: 13,
+            from: UserId::new("peer").unwrap(),
+            service: ServiceName::default(),
+        }),
+    );
+    assert!(!r.events().iter().any(|e| matches!(e, Event::Notice { .. })));
+    r.feed(
+        H0,
+        Frame::DemandResult(DemandResult::Accepted { session: 14 }),
+    );
+    assert!(
+        r.events()
+            .iter()
+            .any(|e| matches!(e, Event::Accepted { session: 14, .. }))
+    );
+}
+
+#[test]
+fn the_peers_terminate_then_data_closes() {
+    let mut r = Rig::up();
+    r.notice(H0, 15);
+    r.t.accept(H0, r.now).unwrap();
+    r.sent(H0);
+    r.feed(H0, Frame::Terminate);
+    assert_eq!(r.events(), [Event::PeerTerminated { handle: H0 }]);
+    let header = frame::data_header(1).unwrap();
+    assert_eq!(
+        r.t.handle_input(H0, r.now, &header),
+        Offer::Consumed(header.len())
+    );
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+}
+
+#[test]
+fn data_or_release_on_an_idle_connection_closes() {
+    let mut r = Rig::up();
+    let header = frame::data_header(4).unwrap();
+    r.t.handle_input(H0, r.now, &header);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+    let mut r = Rig::up();
+    r.feed(
+        H0,
+        Frame::Release {
+            reason: crate::codes::ReleaseReason::Normal,
+        },
+    );
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+}
+
+#[test]
+fn keepalive_is_sent_when_due_and_silence_past_the_deadline_closes() {
+    let mut r = Rig::up();
+    // LOGIN_OK said 30 s; the first KEEPALIVE is due within 30 s ± 10%.
+    let due = r.t.poll_timeout().unwrap();
+    assert!(due <= r.now + Duration::from_secs(33));
+    r.now = due;
+    r.t.handle_timeout(r.now);
+    assert!(matches!(r.sent(H0)[..], [Frame::KeepAlive { .. }]));
+    r.now = Instant::from_secs(1) + Duration::from_secs(30) + Config::default().ack_timeout;
+    r.t.handle_timeout(r.now);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::KeepAliveTimeout));
+}
+
+#[test]
+fn errors_while_idle_fatal_closes_non_fatal_is_reported() {
+    let mut r = Rig::up();
+    r.feed(H0, error(ErrorCode::UnknownSession));
+    assert!(matches!(
+        r.events()[..],
+        [Event::RelayError {
+            code: ErrorCode::UnknownSession,
+            ..
+        }]
+    ));
+    assert_eq!(r.t.idle_connections(), 1);
+    r.feed(H0, error(ErrorCode::ShuttingDown));
+    assert_eq!(
+        closed(&r.events(), H0),
+        Some(Cause::Relay(ErrorCode::ShuttingDown))
+    );
+}
+
+#[test]
+fn logout_closes_once_written() {
+    let mut r = Rig::up();
+    r.t.logout(r.now);
+    assert_eq!(r.sent(H0), [Frame::Logout]);
+    assert_eq!(r.events(), []);
+    assert_eq!(r.sent(H0), []);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Local));
+}
