@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     t.start(now);
     let mut buf = [0u8; terminal::MIN_TRANSMIT_BUF];
     let mut open: Vec<Handle> = Vec::new();
-    let mut drain = |t: &mut Terminal<4>, open: &mut Vec<Handle>, now: Instant| {
+    let drain = |t: &mut Terminal<4>, open: &mut Vec<Handle>, now: Instant| {
         while let Some(e) = t.poll_event() {
             match e {
                 Event::Open(h) => {
