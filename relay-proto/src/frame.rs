@@ -37,11 +37,12 @@ pub mod caps {
     pub const RESUME: u32 = 1 << 0;
     /// The terminal may ask for the online list.
     pub const LIST: u32 = 1 << 1;
-    /// The instance only makes demands: it replaces no other instance of its user ID and
-    /// is never a demand's target (docs/PROTOCOL.md §10.1).
-    pub const REQUESTER: u32 = 1 << 2;
     /// Everything version 1 defines.
     pub const ALL: u32 = RESUME | LIST;
+    /// This instance only demands and lists: it never replaces the user ID's reachable
+    /// instance and is never a demand target (docs/PROTOCOL.md §9, §10.1). Not in
+    /// [`ALL`]: a terminal that does not set it is a reachable instance, as in version 1.
+    pub const REQUESTER: u32 = 1 << 2;
 }
 
 /// The frame type byte. The values are the protocol; see docs/PROTOCOL.md.
