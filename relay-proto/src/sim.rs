@@ -21,7 +21,7 @@ use crate::codes::RejectReason;
 use crate::driver::{self, Decision, Driver, LinkError, LinkState, Service, Session};
 use crate::frame::Credential;
 use crate::ident::{Password, ResumeToken, ServiceName, UserId};
-use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Verdict};
+use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Storage, Verdict};
 use crate::rng::Jitter;
 use crate::terminal::{self, Event, Handle, Terminal};
 use crate::time::{Duration, Instant};
@@ -152,189 +152,11 @@ pub struct Node {
     pub at_peer_end: BTreeMap<u32, Vec<u8>>,
 }
 
-impl Node {
-    pub fn terminal(&self) -> &Terminal<CONNS> {
-        self.driver.terminal()
-    }
-}
-
-/// A node's application as the driver's [`Service`]: the role's answers, and the
-/// records tests check.
-struct App<'a> {
-    role: Role,
-    events: &'a mut Vec<Event>,
-    received: &'a mut BTreeMap<u8, Vec<u8>>,
-    outbox: &'a mut BTreeMap<u8, (VecDeque<u8>, bool)>,
-    sessions: &'a mut BTreeMap<u8, u32>,
-    at_peer_end: &'a mut BTreeMap<u32, Vec<u8>>,
-}
-
-impl Service for App<'_> {
-    fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
-        match self.role {
-            Role::Echo => Decision::Accept,
-            Role::Reject(reason) => Decision::Reject(reason),
-            Role::Sink => Decision::Reject(RejectReason::Busy),
-            Role::Ignore => Decision::Ignore,
-        }
-    }
-
-    fn on_open(&mut self, s: &mut Session<'_>) {
-        let h = s.handle().0;
-        self.received.insert(h, Vec::new());
-        if let Some(id) = s.id() {
-            self.sessions.insert(h, id);
-        }
-    }
-
-    fn on_data(&mut self, s: &mut Session<'_>, data: &[u8]) -> usize {
-        let h = s.handle().0;
-        self.received.entry(h).or_default().extend_from_slice(data);
-        if self.role == Role::Echo {
-            self.outbox.entry(h).or_default().0.extend(data);
-        }
-        data.len()
-    }
-
-    /// Writes queued payload as far as the pipe takes it; terminates once it is out.
-    fn on_writable(&mut self, s: &mut Session<'_>) {
-        let h = s.handle().0;
-        let Some((queue, end)) = self.outbox.get_mut(&h) else {
-            return;
-        };
-        while !queue.is_empty() {
-            let n = s.write(queue.as_slices().0);
-            if n == 0 {
-                return;
-            }
-            queue.drain(..n);
-        }
-        if *end {
-            self.outbox.remove(&h);
-            s.terminate();
-        }
-    }
-
-    fn on_peer_end(&mut self, s: &mut Session<'_>) {
-        let h = s.handle().0;
-        if let Some(id) = self.sessions.get(&h) {
-            let got = self.received.get(&h).cloned().unwrap_or_default();
-            self.at_peer_end.insert(*id, got);
-        }
-        if self.role == Role::Echo {
-            self.outbox.entry(h).or_default().1 = true;
-        }
-    }
-
-    fn on_event(&mut self, e: &Event) {
-        // No session: payload queued for it has nowhere to go.
-        if let Event::Closed { handle, .. }
-        | Event::DemandFailed { handle, .. }
-        | Event::SessionEnded { handle, .. } = e
-        {
-            self.outbox.remove(&handle.0);
-        }
-        self.events.push(e.clone());
-    }
-}
-
-/// One node's ends of the pipes, as its driver's link. Opening a slot is accepting a
-/// relay connection at once.
-struct Pipes<'a, P: Policy> {
-    node: usize,
-    now: Instant,
-    links: &'a mut Vec<Link>,
-    relay: &'a mut Relay<Heap, P>,
-    rng: &'a mut Jitter,
-    capacity: usize,
-    write_errors_per_mille: u32,
-}
-
-impl<P: Policy> Pipes<'_, P> {
-    fn link(&mut self, slot: usize) -> Option<&mut Link> {
-        let node = self.node;
-        self.links
-            .iter_mut()
-            .find(|l| l.term_open && l.node == node && usize::from(l.handle.0) == slot)
-    }
-}
-
-impl<P: Policy> driver::Link for Pipes<'_, P> {
-    fn open(&mut self, slot: usize) -> Result<(), LinkError> {
-        // Whatever the slot held before is dropped, as a socket's `connect` would.
-        self.close(slot, false);
-        let conn = self.relay.accept(self.now).map_err(|_| LinkError)?;
-        self.links.push(Link {
-            node: self.node,
-            handle: Handle(slot as u8),
-            conn,
-            up: Pipe::default(),
-            down: Pipe::default(),
-            relay_rx: Vec::new(),
-            term_rx: Vec::new(),
-            down_check: FrameCheck::default(),
-            relay_open: true,
-            term_open: true,
-        });
-        Ok(())
-    }
-
-    fn state(&mut self, slot: usize) -> LinkState {
-        match self.link(slot) {
-            Some(l) if !(l.down.closed && l.down.bytes.is_empty()) => LinkState::Open,
-            _ => LinkState::Closed,
-        }
-    }
-
-    fn peek(&mut self, slot: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
-        let l = self.link(slot).ok_or(LinkError)?;
-        if l.term_rx.is_empty() && l.down.closed && l.down.bytes.is_empty() {
-            return Err(LinkError);
-        }
-        let n = l.term_rx.len().min(buf.len());
-        buf[..n].copy_from_slice(&l.term_rx[..n]);
-        Ok(n)
-    }
-
-    fn consume(&mut self, slot: usize, n: usize) {
-        if let Some(l) = self.link(slot) {
-            l.term_rx.drain(..n.min(l.term_rx.len()));
-        }
-    }
-
-    fn write(&mut self, slot: usize, bytes: &[u8]) -> Result<(), LinkError> {
-        let fail = self.rng.next_u32() % 1000 < self.write_errors_per_mille;
-        let capacity = self.capacity;
-        let l = self.link(slot).ok_or(LinkError)?;
-        if fail || l.up.closed || l.up.bytes.len() + bytes.len() > capacity {
-            return Err(LinkError);
-        }
-        l.up.bytes.extend(bytes);
-        Ok(())
-    }
-
-    fn send_space(&mut self, slot: usize) -> usize {
-        let capacity = self.capacity;
-        match self.link(slot) {
-            Some(l) if !l.up.closed => capacity.saturating_sub(l.up.bytes.len()),
-            _ => 0,
-        }
-    }
-
-    /// The terminal's socket is gone: the link now only carries EOF up.
-    fn close(&mut self, slot: usize, _graceful: bool) {
-        if let Some(l) = self.link(slot) {
-            l.up.closed = true;
-            l.down.bytes.clear();
-            l.term_open = false;
-        }
-    }
-}
-
-/// A relay, its terminals and the pipes between them.
-pub struct Sim<P: Policy = AllowAll> {
+/// A relay, its terminals and the pipes between them. The relay keeps its tables in
+/// `S`: growing ones, or the fixed ones of a no_std relay.
+pub struct Sim<P: Policy = AllowAll, S: Storage = Heap> {
     pub now: Instant,
-    pub relay: Relay<Heap, P>,
+    pub relay: Relay<S, P>,
     pub nodes: Vec<Node>,
     pub accounts: BTreeMap<UserId, Password>,
     /// Largest chunk one delivery carries.
@@ -353,7 +175,7 @@ pub struct Sim<P: Policy = AllowAll> {
     deferred: Vec<ConnId>,
 }
 
-impl<P: Policy> core::fmt::Debug for Sim<P> {
+impl<P: Policy, S: Storage> core::fmt::Debug for Sim<P, S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Sim")
             .field("now", &self.now)
@@ -373,7 +195,7 @@ impl Sim<AllowAll> {
     }
 }
 
-impl<P: Policy> Sim<P> {
+impl<P: Policy, S: Storage> Sim<P, S> {
     pub fn with(seed: u64, config: relay::Config, policy: P) -> Self {
         Sim {
             now: Instant::from_secs(1),
@@ -784,6 +606,185 @@ impl<P: Policy> Sim<P> {
     pub fn sleep(&mut self, d: Duration, max_steps: usize) -> usize {
         let until = self.now + d;
         self.run_until(until, max_steps)
+    }
+}
+
+impl Node {
+    pub fn terminal(&self) -> &Terminal<CONNS> {
+        self.driver.terminal()
+    }
+}
+
+/// A node's application as the driver's [`Service`]: the role's answers, and the
+/// records tests check.
+struct App<'a> {
+    role: Role,
+    events: &'a mut Vec<Event>,
+    received: &'a mut BTreeMap<u8, Vec<u8>>,
+    outbox: &'a mut BTreeMap<u8, (VecDeque<u8>, bool)>,
+    sessions: &'a mut BTreeMap<u8, u32>,
+    at_peer_end: &'a mut BTreeMap<u32, Vec<u8>>,
+}
+
+impl Service for App<'_> {
+    fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
+        match self.role {
+            Role::Echo => Decision::Accept,
+            Role::Reject(reason) => Decision::Reject(reason),
+            Role::Sink => Decision::Reject(RejectReason::Busy),
+            Role::Ignore => Decision::Ignore,
+        }
+    }
+
+    fn on_open(&mut self, s: &mut Session<'_>) {
+        let h = s.handle().0;
+        self.received.insert(h, Vec::new());
+        if let Some(id) = s.id() {
+            self.sessions.insert(h, id);
+        }
+    }
+
+    fn on_data(&mut self, s: &mut Session<'_>, data: &[u8]) -> usize {
+        let h = s.handle().0;
+        self.received.entry(h).or_default().extend_from_slice(data);
+        if self.role == Role::Echo {
+            self.outbox.entry(h).or_default().0.extend(data);
+        }
+        data.len()
+    }
+
+    /// Writes queued payload as far as the pipe takes it; terminates once it is out.
+    fn on_writable(&mut self, s: &mut Session<'_>) {
+        let h = s.handle().0;
+        let Some((queue, end)) = self.outbox.get_mut(&h) else {
+            return;
+        };
+        while !queue.is_empty() {
+            let n = s.write(queue.as_slices().0);
+            if n == 0 {
+                return;
+            }
+            queue.drain(..n);
+        }
+        if *end {
+            self.outbox.remove(&h);
+            s.terminate();
+        }
+    }
+
+    fn on_peer_end(&mut self, s: &mut Session<'_>) {
+        let h = s.handle().0;
+        if let Some(id) = self.sessions.get(&h) {
+            let got = self.received.get(&h).cloned().unwrap_or_default();
+            self.at_peer_end.insert(*id, got);
+        }
+        if self.role == Role::Echo {
+            self.outbox.entry(h).or_default().1 = true;
+        }
+    }
+
+    fn on_event(&mut self, e: &Event) {
+        // No session: payload queued for it has nowhere to go.
+        if let Event::Closed { handle, .. }
+        | Event::DemandFailed { handle, .. }
+        | Event::SessionEnded { handle, .. } = e
+        {
+            self.outbox.remove(&handle.0);
+        }
+        self.events.push(e.clone());
+    }
+}
+
+/// One node's ends of the pipes, as its driver's link. Opening a slot is accepting a
+/// relay connection at once.
+struct Pipes<'a, P: Policy, S: Storage> {
+    node: usize,
+    now: Instant,
+    links: &'a mut Vec<Link>,
+    relay: &'a mut Relay<S, P>,
+    rng: &'a mut Jitter,
+    capacity: usize,
+    write_errors_per_mille: u32,
+}
+
+impl<P: Policy, S: Storage> Pipes<'_, P, S> {
+    fn link(&mut self, slot: usize) -> Option<&mut Link> {
+        let node = self.node;
+        self.links
+            .iter_mut()
+            .find(|l| l.term_open && l.node == node && usize::from(l.handle.0) == slot)
+    }
+}
+
+impl<P: Policy, S: Storage> driver::Link for Pipes<'_, P, S> {
+    fn open(&mut self, slot: usize) -> Result<(), LinkError> {
+        // Whatever the slot held before is dropped, as a socket's `connect` would.
+        self.close(slot, false);
+        let conn = self.relay.accept(self.now).map_err(|_| LinkError)?;
+        self.links.push(Link {
+            node: self.node,
+            handle: Handle(slot as u8),
+            conn,
+            up: Pipe::default(),
+            down: Pipe::default(),
+            relay_rx: Vec::new(),
+            term_rx: Vec::new(),
+            down_check: FrameCheck::default(),
+            relay_open: true,
+            term_open: true,
+        });
+        Ok(())
+    }
+
+    fn state(&mut self, slot: usize) -> LinkState {
+        match self.link(slot) {
+            Some(l) if !(l.down.closed && l.down.bytes.is_empty()) => LinkState::Open,
+            _ => LinkState::Closed,
+        }
+    }
+
+    fn peek(&mut self, slot: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
+        let l = self.link(slot).ok_or(LinkError)?;
+        if l.term_rx.is_empty() && l.down.closed && l.down.bytes.is_empty() {
+            return Err(LinkError);
+        }
+        let n = l.term_rx.len().min(buf.len());
+        buf[..n].copy_from_slice(&l.term_rx[..n]);
+        Ok(n)
+    }
+
+    fn consume(&mut self, slot: usize, n: usize) {
+        if let Some(l) = self.link(slot) {
+            l.term_rx.drain(..n.min(l.term_rx.len()));
+        }
+    }
+
+    fn write(&mut self, slot: usize, bytes: &[u8]) -> Result<(), LinkError> {
+        let fail = self.rng.next_u32() % 1000 < self.write_errors_per_mille;
+        let capacity = self.capacity;
+        let l = self.link(slot).ok_or(LinkError)?;
+        if fail || l.up.closed || l.up.bytes.len() + bytes.len() > capacity {
+            return Err(LinkError);
+        }
+        l.up.bytes.extend(bytes);
+        Ok(())
+    }
+
+    fn send_space(&mut self, slot: usize) -> usize {
+        let capacity = self.capacity;
+        match self.link(slot) {
+            Some(l) if !l.up.closed => capacity.saturating_sub(l.up.bytes.len()),
+            _ => 0,
+        }
+    }
+
+    /// The terminal's socket is gone: the link now only carries EOF up.
+    fn close(&mut self, slot: usize, _graceful: bool) {
+        if let Some(l) = self.link(slot) {
+            l.up.closed = true;
+            l.down.bytes.clear();
+            l.term_open = false;
+        }
     }
 }
 
