@@ -760,7 +760,8 @@ impl<P: Policy, S: Storage> driver::Link for Pipes<'_, P, S> {
     }
 
     fn write(&mut self, slot: usize, bytes: &[u8]) -> Result<(), LinkError> {
-        let fail = self.rng.next_u32() % 1000 < self.write_errors_per_mille;
+        let fail = self.write_errors_per_mille > 0
+            && self.rng.next_u32() % 1000 < self.write_errors_per_mille;
         let capacity = self.capacity;
         let l = self.link(slot).ok_or(LinkError)?;
         if fail || l.up.closed || l.up.bytes.len() + bytes.len() > capacity {
