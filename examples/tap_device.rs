@@ -319,8 +319,7 @@ fn run(args: Args) -> Result<(), String> {
         spare: 2,
         ..terminal::Config::default()
     };
-    let mut agent: Agent<CONNS, { 2 * CONNS + 2 }> =
-        Agent::new(cfg, args.user, args.password, seed);
+    let mut agent: Agent<CONNS> = Agent::new(cfg, args.user, args.password, seed);
     let mut device = Device {
         slots: Default::default(),
         started,

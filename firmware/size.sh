@@ -39,6 +39,6 @@ le() { local w=$1; echo $((16#${w:6:2}${w:4:2}${w:2:2}${w:0:2})); }
 read -r w0 w1 w2 w3 <<<"$words"
 echo
 echo "== RAM on the target (size_of, no heap) =="
-printf 'Terminal<2, 6> (relay-proto state machine): %5d B\n' "$(le "$w0")"
-printf 'Agent<2, 6> (terminal + per-connection glue + one shared scratch): %5d B  (%d B per connection)\n' "$(le "$w1")" $(( $(le "$w1") / 2 ))
+printf 'Terminal<2> (relay-proto state machine): %5d B\n' "$(le "$w0")"
+printf 'Agent<2> (terminal + per-connection glue + one shared scratch): %5d B  (%d B per connection)\n' "$(le "$w1")" $(( $(le "$w1") / 2 ))
 printf 'socket buffers per connection: rx %d B + tx %d B\n' "$(le "$w2")" "$(le "$w3")"

@@ -683,7 +683,10 @@ impl World {
         c.received.clear();
         c.open = false;
         c.ended = false;
-        self.device.alice.demand(uid("cam"), svc(service)).unwrap()
+        self.device
+            .alice
+            .demand(uid("cam"), svc(service), self.now)
+            .unwrap()
     }
 }
 
@@ -816,7 +819,10 @@ fn embedded_demand_rejected() {
         })
     }));
     w.device.alice_svc.events.clear();
-    w.device.alice.demand(uid("nobody"), svc("echo")).unwrap();
+    w.device
+        .alice
+        .demand(uid("nobody"), svc("echo"), w.now)
+        .unwrap();
     assert!(w.run_until(Duration::from_secs(10), |w| {
         w.device.alice_svc.events.iter().any(|e| {
             matches!(

@@ -198,12 +198,12 @@ fn each_failure_has_its_own_clear_error() {
     expect_error(
         "rejected demand",
         relay.terminal("me", &["connect", "picky/echo", "--stdio"]),
-        "'me' is not allowed here",
+        "target rejected the demand: requester not allowed",
     );
     expect_error(
         "unknown service",
         relay.terminal("me", &["connect", "cam/nope", "--stdio"]),
-        "no service 'nope' here",
+        "target rejected the demand: no such service",
     );
     let mut pinned = relay.terminal("me", &["connect", "cam/echo", "--stdio"]);
     let bad = format!(
@@ -495,7 +495,8 @@ fn online_lists_logged_in_terminals() {
         .map(str::to_owned)
         .collect();
     names.sort();
-    assert_eq!(names, ["cam", "me", "zed"]);
+    // `online` logs in as a requester: it lists the reachable terminals, not itself.
+    assert_eq!(names, ["cam", "zed"]);
 }
 
 /// The splice(2) path (`relay serve --splice`, plain TCP on both legs): 64 MiB with
@@ -657,4 +658,47 @@ fn metrics_and_healthz_follow_the_traffic() {
         1.0,
         "{text}"
     );
+}
+
+/// Issue 10, finding 1: one account, many processes. A device runs `relay expose`; with
+/// the same account two `relay connect --listen` forwards and `relay online` run at
+/// once, and `relay online` with the device's own user ID too. Requesters replace no
+/// instance: every process stays up and both forwards carry sessions at the same time.
+#[test]
+fn requesters_of_one_account_run_side_by_side_and_replace_nothing() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let echo = echo_service();
+    let mut cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (mut first, p1) = relay.forward("me", "cam/echo");
+    let (mut second, p2) = relay.forward("me", "cam/echo");
+    for user in ["me", "cam"] {
+        let out = relay
+            .terminal(user, &["online"])
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && listed.lines().any(|l| l == "cam"),
+            "online as {user}: {listed}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sessions: Vec<_> = [
+        (p1, b"through the first".to_vec()),
+        (p2, b"and the second".to_vec()),
+    ]
+    .into_iter()
+    .map(|(port, data)| thread::spawn(move || (round_trip(port, &data), data)))
+    .collect();
+    for s in sessions {
+        let (got, sent) = s.join().unwrap();
+        assert_eq!(got, sent);
+    }
+    for p in [&mut cam, &mut first, &mut second] {
+        let exited = p.child.try_wait().unwrap();
+        assert!(exited.is_none(), "{} exited: {}", p.name, p.log());
+    }
 }

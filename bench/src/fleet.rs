@@ -14,7 +14,7 @@
 
 use anyhow::{Context, Result, bail};
 use relay_proto::terminal::{Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, Terminal};
-use relay_proto::{Password, RejectReason, Text, UserId, frame::MAX_CONTROL_FRAME};
+use relay_proto::{Password, RejectReason, UserId, frame::MAX_CONTROL_FRAME};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
 use std::path::Path;
@@ -26,7 +26,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 /// One connection slot: the terminal keeps exactly one idle logged-in connection.
-type Term = Terminal<1, 4>;
+type Term = Terminal<1>;
 const H: Handle = Handle(0);
 
 /// Source addresses 127.0.1.1 ..= 127.0.1.SOURCES (about 28,000 ports each).
@@ -228,11 +228,7 @@ impl TermTask {
                             return;
                         }
                         Event::Notice { handle, .. } => {
-                            let _ = self.term.reject(
-                                handle,
-                                RejectReason::Other,
-                                Text::lossy("idle bench terminal"),
-                            );
+                            let _ = self.term.reject(handle, RejectReason::Other);
                         }
                         _ => {}
                     }

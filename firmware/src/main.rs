@@ -31,8 +31,6 @@ use relay_embedded::{Agent, Echo, SmolTcp, smol_instant};
 
 /// Relay connections (one logged-in spare plus one for a session).
 const CONNS: usize = 2;
-/// Terminal event queue: the minimum, 2N + 2.
-const EVENTS: usize = 2 * CONNS + 2;
 /// Socket buffers per connection. The transmit buffer must hold at least
 /// `relay_embedded::MIN_SOCKET_TX` (339 bytes) free for a control frame, the receive
 /// buffer a whole control frame (`MIN_SOCKET_RX`, 323 bytes): the agent keeps received
@@ -42,15 +40,15 @@ const SOCK_TX: usize = 1024;
 const MTU: usize = 1514;
 
 #[cfg(not(feature = "no-terminal"))]
-type DeviceAgent = Agent<CONNS, EVENTS>;
+type DeviceAgent = Agent<CONNS>;
 
 /// Footprint probe read by `size.sh` (target sizes, not the host's):
-/// `[size_of Terminal<2,6>, size_of Agent<2,6>, socket rx, socket tx]`.
+/// `[size_of Terminal<2>, size_of Agent<2>, socket rx, socket tx]`.
 #[used]
 #[unsafe(no_mangle)]
 static RELAY_FOOTPRINT: [u32; 4] = [
-    core::mem::size_of::<relay_embedded::relay_proto::terminal::Terminal<CONNS, EVENTS>>() as u32,
-    core::mem::size_of::<relay_embedded::Agent<CONNS, EVENTS>>() as u32,
+    core::mem::size_of::<relay_embedded::relay_proto::terminal::Terminal<CONNS>>() as u32,
+    core::mem::size_of::<relay_embedded::Agent<CONNS>>() as u32,
     SOCK_RX as u32,
     SOCK_TX as u32,
 ];

@@ -1,583 +1,142 @@
-//! The agent: relay-proto's [`Terminal`] wired to a [`Transport`] and a [`Service`].
+//! The agent: relay-proto's terminal [`Driver`] over a [`Transport`], serving a
+//! [`Service`].
 //!
-//! All protocol decisions (login, spares, keep-alive, back-off, demand routing) are the
-//! terminal's; the agent only moves bytes and events between it, the sockets and the
-//! application. It holds no receive buffer per connection: received bytes stay in the
-//! socket until they are used ([`Transport::peek`], [`Transport::consume`]), so a frame
-//! split across packets simply waits there, and payload the service cannot take yet is
-//! backpressure in the socket's window. One scratch buffer, shared by all connections,
-//! holds a control frame while it is decoded or encoded.
+//! The driver (relay-proto) does all the work; this is its smoltcp-facing shape: a
+//! [`Transport`] (embedded-io's `Write` for the send side) adapted to the driver's
+//! [`Link`], and every terminal event logged (defmt or `log`, or nothing).
 
-use relay_proto::codes::RejectReason;
-use relay_proto::frame::HEADER_LEN;
-use relay_proto::ident::{Password, ServiceName, Text, UserId};
-use relay_proto::terminal::{
-    Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal,
+use relay_proto::driver::{
+    Decision, Driver, Link, LinkError, LinkState, Service, Session, SessionInfo,
 };
+use relay_proto::ident::{Password, ServiceName, UserId};
+use relay_proto::terminal::{Config, Event, Handle, SendError, Terminal};
 use relay_proto::time::Instant;
 
-use crate::log::{log_debug, log_warn};
-use crate::service::{Decision, Out, Service, Session, SessionInfo};
-use crate::transport::{LinkState, Transport, write_exact};
+use crate::log::log_debug;
+use crate::transport::{Transport, write_exact};
 
-/// The smallest socket transmit buffer that works: control frames are written only when
-/// this much space is free, so they never have to be split or held back half-written.
-pub const MIN_SOCKET_TX: usize = MIN_TRANSMIT_BUF;
-
-/// The smallest socket receive buffer that works: a whole control frame must fit, since
-/// the terminal decodes a frame only once all of it has arrived.
-pub const MIN_SOCKET_RX: usize = relay_proto::frame::MAX_CONTROL_FRAME;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// No connection on this slot.
-    Idle,
-    /// The transport is connecting.
-    Opening,
-    /// Connected and handed to the terminal.
-    Open,
-}
-
-/// One connection slot's glue state.
-#[derive(Debug)]
-struct Link {
-    phase: Phase,
-    /// The first `payload` bytes still in the socket are session payload the terminal
-    /// already accounted for: they go to the service, never to the terminal again.
-    payload: u16,
-    session: Option<SessionInfo>,
-}
-
-impl Link {
-    const fn new() -> Self {
-        Link {
-            phase: Phase::Idle,
-            payload: 0,
-            session: None,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.phase = Phase::Idle;
-        self.payload = 0;
-    }
-}
+pub use relay_proto::driver::{MIN_SOCKET_RX, MIN_SOCKET_TX};
 
 /// A device's connections to one relay: `N` connections (`N` socket slots in the
-/// transport), `E` the terminal's event queue (at least `2N + 2`).
+/// transport).
 ///
 /// Call [`Agent::poll`] after every `Interface::poll` (or whenever a socket may have
 /// changed) and at the latest at the instant it returns.
 #[derive(Debug)]
-pub struct Agent<const N: usize, const E: usize = 16> {
-    terminal: Terminal<N, E>,
-    links: [Link; N],
-    /// A control frame being decoded or encoded, or payload on its way to the service;
-    /// shared, since the agent handles one connection at a time.
-    scratch: [u8; MIN_TRANSMIT_BUF],
-}
+pub struct Agent<const N: usize>(Driver<N>);
 
-/// Session output over the terminal and the transport (see [`Out`]).
-struct Wire<'x, T: Transport, const N: usize, const E: usize> {
-    terminal: &'x mut Terminal<N, E>,
-    transport: &'x mut T,
-    /// A write failed half-way: the stream is corrupt and the slot must close.
-    broken: bool,
-}
+/// A [`Transport`] as the driver's [`Link`].
+struct Adapted<'t, T>(&'t mut T);
 
-impl<T: Transport, const N: usize, const E: usize> Out for Wire<'_, T, N, E> {
-    fn space(&mut self, h: Handle) -> usize {
-        if self.terminal.has_output(h) {
-            return 0;
-        }
-        self.transport
-            .send_space(usize::from(h.0))
-            .saturating_sub(HEADER_LEN)
-            .min(self.terminal.max_payload())
+impl<T: Transport> Link for Adapted<'_, T> {
+    fn open(&mut self, slot: usize) -> Result<(), LinkError> {
+        self.0.open(slot).map_err(|_| LinkError)
     }
-
-    fn write(&mut self, h: Handle, data: &[u8]) -> usize {
-        let n = data.len().min(self.space(h));
-        if n == 0 || self.broken {
-            return 0;
-        }
-        let Ok(header) = self.terminal.send_data(h, n) else {
-            return 0;
-        };
-        let mut io = self.transport.io(usize::from(h.0));
-        let ok = write_exact(&mut io, &header).is_ok()
-            && data
-                .get(..n)
-                .is_some_and(|payload| write_exact(&mut io, payload).is_ok());
-        if ok {
-            n
-        } else {
-            self.broken = true;
-            0
-        }
+    fn state(&mut self, slot: usize) -> LinkState {
+        self.0.state(slot)
     }
-
-    fn terminate(&mut self, h: Handle) -> bool {
-        self.terminal.terminate(h).is_ok()
+    fn peek(&mut self, slot: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
+        self.0.peek(slot, buf).map_err(|_| LinkError)
     }
-
-    fn session(&self, h: Handle) -> Option<(u32, &UserId)> {
-        self.terminal.session(h)
+    fn consume(&mut self, slot: usize, n: usize) {
+        self.0.consume(slot, n);
+    }
+    fn write(&mut self, slot: usize, bytes: &[u8]) -> Result<(), LinkError> {
+        write_exact(&mut self.0.io(slot), bytes).map_err(|()| LinkError)
+    }
+    fn send_space(&mut self, slot: usize) -> usize {
+        self.0.send_space(slot)
+    }
+    fn close(&mut self, slot: usize, graceful: bool) {
+        self.0.close(slot, graceful);
     }
 }
 
-impl<const N: usize, const E: usize> Agent<N, E> {
+/// The application's service with every terminal event logged on the way.
+struct Logged<'s, S>(&'s mut S);
+
+impl<S: Service> Service for Logged<'_, S> {
+    fn on_notice(&mut self, from: &UserId, service: &ServiceName) -> Decision {
+        self.0.on_notice(from, service)
+    }
+    fn on_open(&mut self, s: &mut Session<'_>) {
+        self.0.on_open(s);
+    }
+    fn on_data(&mut self, s: &mut Session<'_>, data: &[u8]) -> usize {
+        self.0.on_data(s, data)
+    }
+    fn on_writable(&mut self, s: &mut Session<'_>) {
+        self.0.on_writable(s);
+    }
+    fn on_peer_end(&mut self, s: &mut Session<'_>) {
+        self.0.on_peer_end(s);
+    }
+    fn on_close(&mut self, handle: Handle) {
+        self.0.on_close(handle);
+    }
+    fn on_event(&mut self, event: &Event) {
+        log_debug!("relay: {:?}", event);
+        self.0.on_event(event);
+    }
+}
+
+impl<const N: usize> Agent<N> {
     /// An agent that logs in as `user`. `seed` drives keep-alive and back-off jitter:
     /// give each device its own (from the RNG peripheral or a unique ID).
     pub fn new(config: Config, user: UserId, password: Password, seed: u64) -> Self {
-        Agent {
-            terminal: Terminal::new(config, user, password, seed),
-            links: [const { Link::new() }; N],
-            scratch: [0; MIN_TRANSMIT_BUF],
-        }
+        Agent(Driver::new(config, user, password, seed))
     }
 
     /// Starts connecting (and reconnecting, from now on). The first `poll` opens sockets.
     pub fn start(&mut self, now: Instant) {
-        self.terminal.start(now);
+        self.0.start(now);
     }
 
     /// Logs out: LOGOUT on one connection, the others close; no reconnects until `start`.
     pub fn logout(&mut self, now: Instant) {
-        self.terminal.logout(now);
+        self.0.logout(now);
     }
 
-    /// Asks the relay for a session with `target`. The session is served by the same
-    /// [`Service`] (`on_open` with `requester: true`), or the demand fails with an
-    /// [`Event::DemandFailed`] through [`Service::on_event`].
-    pub fn demand(&mut self, target: UserId, service: ServiceName) -> Result<Handle, SendError> {
-        let h = self.terminal.demand(target, service.clone())?;
-        if let Some(link) = self.links.get_mut(usize::from(h.0)) {
-            link.session = Some(SessionInfo {
-                service,
-                requester: true,
-                peer_ended: false,
-                ended: false,
-                open: false,
-            });
-        }
-        Ok(h)
+    /// Asks the relay for a session with `target` (see [`Driver::demand`]).
+    pub fn demand(
+        &mut self,
+        target: UserId,
+        service: ServiceName,
+        now: Instant,
+    ) -> Result<Handle, SendError> {
+        self.0.demand(target, service, now)
     }
 
     /// Whether at least one connection is logged in (the device is reachable).
     pub fn is_up(&self) -> bool {
-        self.terminal.is_up()
+        self.0.is_up()
     }
 
     /// The protocol state machine, for what the agent does not wrap (online list, ...).
-    pub fn terminal(&self) -> &Terminal<N, E> {
-        &self.terminal
+    pub fn terminal(&self) -> &Terminal<N> {
+        self.0.terminal()
     }
 
-    pub fn terminal_mut(&mut self) -> &mut Terminal<N, E> {
-        &mut self.terminal
+    pub fn terminal_mut(&mut self) -> &mut Terminal<N> {
+        self.0.terminal_mut()
     }
 
-    /// The session on `h`, if one runs there. Its relay session number and peer are the
-    /// terminal's: [`Terminal::session`].
+    /// The session on `h`, if one runs there.
     pub fn session(&self, h: Handle) -> Option<&SessionInfo> {
-        self.links
-            .get(usize::from(h.0))
-            .and_then(|l| l.session.as_ref())
-            .filter(|s| s.open)
+        self.0.session(h)
     }
 
-    /// Does all pending work: socket state changes, received bytes, timers, service
-    /// output, control frames. Returns when the agent next needs a poll even if no
-    /// packet arrives (`None`: only when a packet arrives).
+    /// Does all pending work (see [`Driver::poll`]). Returns when the agent next needs a
+    /// poll even if no packet arrives (`None`: only when a packet arrives).
     pub fn poll<T: Transport, S: Service>(
         &mut self,
         now: Instant,
         transport: &mut T,
         service: &mut S,
     ) -> Option<Instant> {
-        self.drain(now, transport, service);
-        for slot in 0..N {
-            self.check_link(slot, now, transport, service);
-            self.receive(slot, now, transport, service);
-        }
-        if self.terminal.poll_timeout().is_some_and(|t| t <= now) {
-            self.terminal.handle_timeout(now);
-            self.drain(now, transport, service);
-        }
-        for slot in 0..N {
-            self.transmit(slot, now, transport, service);
-            self.writable(slot, now, transport, service);
-            self.transmit(slot, now, transport, service);
-        }
-        self.terminal.poll_timeout()
+        self.0
+            .poll(now, &mut Adapted(transport), &mut Logged(service))
     }
-
-    /// Follows the transport's state: connection up, connect failed, connection lost.
-    fn check_link<T: Transport, S: Service>(
-        &mut self,
-        slot: usize,
-        now: Instant,
-        t: &mut T,
-        svc: &mut S,
-    ) {
-        let h = Handle(slot as u8);
-        match (self.links[slot].phase, t.state(slot)) {
-            (Phase::Opening, LinkState::Open) => {
-                log_debug!("relay: {:?} connected", h);
-                self.links[slot].phase = Phase::Open;
-                self.terminal.connected(h, now);
-            }
-            (Phase::Opening, LinkState::Closed) => {
-                log_debug!("relay: {:?} connect failed", h);
-                self.terminal.connect_failed(h, now);
-            }
-            (Phase::Open, LinkState::Closed) => {
-                log_debug!("relay: {:?} transport closed", h);
-                // What the relay sent before closing still counts (a last ERROR frame
-                // says why); a frame it never finished does not hold the slot open.
-                self.receive(slot, now, t, svc);
-                if self.links[slot].phase == Phase::Open {
-                    self.terminal.transport_closed(h, now);
-                }
-            }
-            _ => return,
-        }
-        self.drain(now, t, svc);
-    }
-
-    /// Offers what the slot received to the terminal, frame by frame, and hands payload
-    /// to the service. Bytes are consumed from the socket only once used.
-    fn receive<T: Transport, S: Service>(
-        &mut self,
-        slot: usize,
-        now: Instant,
-        t: &mut T,
-        svc: &mut S,
-    ) {
-        let h = Handle(slot as u8);
-        loop {
-            if self.links[slot].phase != Phase::Open {
-                return;
-            }
-            // Payload first: it came before anything after it in the stream.
-            if self.links[slot].payload > 0 {
-                if !self.deliver(slot, now, t, svc) {
-                    return;
-                }
-                continue;
-            }
-            let n = match t.peek(slot, &mut self.scratch) {
-                Ok(0) => return,
-                Ok(n) => n.min(self.scratch.len()),
-                // The relay closed and every byte was used, or the stack failed.
-                Err(_) => return self.fail(slot, now, t, svc),
-            };
-            let bytes = self.scratch.get(..n).unwrap_or(&[]);
-            match self.terminal.handle_input(h, now, bytes) {
-                Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
-                Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
-                Offer::NeedMore if n == self.scratch.len() => {
-                    // A frame larger than any the protocol allows: the terminal would have
-                    // refused it, so this cannot happen; close rather than spin.
-                    log_warn!("relay: {:?} frame larger than the scratch buffer", h);
-                    return self.fail(slot, now, t, svc);
-                }
-                // The rest of the frame is still on its way: it waits in the socket.
-                Offer::NeedMore => return self.drain(now, t, svc),
-            }
-            self.drain(now, t, svc);
-        }
-    }
-
-    /// Hands accounted payload to the service, as much as the scratch holds at a time.
-    /// Returns false when some is left (the service is full: stop reading, the socket's
-    /// window pushes back) or the slot closed.
-    fn deliver<T: Transport, S: Service>(
-        &mut self,
-        slot: usize,
-        now: Instant,
-        t: &mut T,
-        svc: &mut S,
-    ) -> bool {
-        let Agent {
-            terminal,
-            links,
-            scratch,
-        } = self;
-        let link = &mut links[slot];
-        let pending = usize::from(link.payload).min(scratch.len());
-        let available = match t.peek(slot, scratch.get_mut(..pending).unwrap_or_default()) {
-            Ok(n) => n.min(pending),
-            Err(_) => {
-                self.fail(slot, now, t, svc);
-                return false;
-            }
-        };
-        if available == 0 {
-            return false;
-        }
-        let mut wire = Wire {
-            terminal,
-            transport: t,
-            broken: false,
-        };
-        let data = scratch.get(..available).unwrap_or(&[]);
-        let used = match link.session.as_mut().filter(|s| s.open) {
-            Some(info) => {
-                let mut s = Session {
-                    handle: Handle(slot as u8),
-                    info,
-                    out: &mut wire,
-                };
-                svc.on_data(&mut s, data).min(available)
-            }
-            // No session to take it (a stray after the service closed): drop it.
-            None => available,
-        };
-        let broken = wire.broken;
-        t.consume(slot, used);
-        link.payload -= used as u16;
-        if broken {
-            self.fail(slot, now, t, svc);
-            return false;
-        }
-        used == available
-    }
-
-    /// Lets the service write on a running session.
-    fn writable<T: Transport, S: Service>(
-        &mut self,
-        slot: usize,
-        now: Instant,
-        t: &mut T,
-        svc: &mut S,
-    ) {
-        let Agent {
-            terminal, links, ..
-        } = self;
-        let link = &mut links[slot];
-        if link.phase != Phase::Open {
-            return;
-        }
-        let Some(info) = link.session.as_mut().filter(|s| s.open && !s.ended) else {
-            return;
-        };
-        let mut wire = Wire {
-            terminal,
-            transport: t,
-            broken: false,
-        };
-        let mut s = Session {
-            handle: Handle(slot as u8),
-            info,
-            out: &mut wire,
-        };
-        svc.on_writable(&mut s);
-        if wire.broken {
-            self.fail(slot, now, t, svc);
-        }
-    }
-
-    /// Writes the slot's pending control frames when the socket has room for any.
-    fn transmit<T: Transport, S: Service>(
-        &mut self,
-        slot: usize,
-        now: Instant,
-        t: &mut T,
-        svc: &mut S,
-    ) {
-        let h = Handle(slot as u8);
-        if self.links[slot].phase != Phase::Open
-            || !self.terminal.has_output(h)
-            || t.send_space(slot) < MIN_TRANSMIT_BUF
-        {
-            return;
-        }
-        match self.terminal.poll_transmit(h, now, &mut self.scratch) {
-            Ok(0) | Err(_) => {}
-            Ok(n) => {
-                let bytes = self.scratch.get(..n).unwrap_or(&[]);
-                if write_exact(&mut t.io(slot), bytes).is_err() {
-                    return self.fail(slot, now, t, svc);
-                }
-            }
-        }
-        // After LOGOUT the terminal finishes the slot here.
-        self.drain(now, t, svc);
-    }
-
-    /// The transport misbehaved (read or write error, EOF): the terminal closes the slot.
-    fn fail<T: Transport, S: Service>(
-        &mut self,
-        slot: usize,
-        now: Instant,
-        t: &mut T,
-        svc: &mut S,
-    ) {
-        self.terminal.transport_closed(Handle(slot as u8), now);
-        self.drain(now, t, svc);
-    }
-
-    fn open_session<T: Transport, S: Service>(&mut self, slot: usize, t: &mut T, svc: &mut S) {
-        let Agent {
-            terminal, links, ..
-        } = self;
-        let Some(info) = links[slot].session.as_mut() else {
-            return;
-        };
-        info.open = true;
-        let mut wire = Wire {
-            terminal,
-            transport: t,
-            broken: false,
-        };
-        let mut s = Session {
-            handle: Handle(slot as u8),
-            info,
-            out: &mut wire,
-        };
-        svc.on_open(&mut s);
-    }
-
-    fn close_session<S: Service>(&mut self, slot: usize, svc: &mut S) {
-        if self.links[slot]
-            .session
-            .take()
-            .is_some_and(|info| info.open)
-        {
-            svc.on_close(Handle(slot as u8));
-        }
-    }
-
-    /// Acts on every queued terminal event.
-    fn drain<T: Transport, S: Service>(&mut self, now: Instant, t: &mut T, svc: &mut S) {
-        while let Some(event) = self.terminal.poll_event() {
-            log_debug!("relay: {:?}", event);
-            svc.on_event(&event);
-            match event {
-                Event::Open(h) => {
-                    let slot = usize::from(h.0);
-                    if slot >= N {
-                        continue;
-                    }
-                    self.links[slot].reset();
-                    if t.open(slot).is_ok() {
-                        self.links[slot].phase = Phase::Opening;
-                    } else {
-                        self.terminal.connect_failed(h, now);
-                    }
-                }
-                Event::Closed { handle, cause } => {
-                    let slot = usize::from(handle.0);
-                    if slot >= N {
-                        continue;
-                    }
-                    self.close_session(slot, svc);
-                    if self.links[slot].phase != Phase::Idle {
-                        t.close(slot, cause == Cause::Local);
-                    }
-                    self.links[slot].reset();
-                }
-                Event::Notice {
-                    handle,
-                    from,
-                    service,
-                    ..
-                } => {
-                    let slot = usize::from(handle.0);
-                    match svc.on_notice(&from, &service) {
-                        Decision::Accept if slot < N => {
-                            if self.terminal.accept(handle, now).is_ok() {
-                                self.links[slot].session = Some(SessionInfo {
-                                    service,
-                                    requester: false,
-                                    peer_ended: false,
-                                    ended: false,
-                                    open: false,
-                                });
-                                self.open_session(slot, t, svc);
-                            }
-                        }
-                        Decision::Accept => {}
-                        Decision::Reject(reason) => {
-                            let _ = self.terminal.reject(handle, reason, reject_text(reason));
-                        }
-                    }
-                }
-                Event::Accepted { handle, .. } => {
-                    let slot = usize::from(handle.0);
-                    if slot >= N {
-                        continue;
-                    }
-                    // A demand made through the terminal directly has no record yet.
-                    self.links[slot].session.get_or_insert(SessionInfo {
-                        service: ServiceName::default(),
-                        requester: true,
-                        peer_ended: false,
-                        ended: false,
-                        open: false,
-                    });
-                    self.open_session(slot, t, svc);
-                }
-                Event::DemandFailed { handle, .. } => {
-                    if let Some(link) = self.links.get_mut(usize::from(handle.0)) {
-                        link.session = None;
-                    }
-                }
-                Event::PeerTerminated { handle } => {
-                    let slot = usize::from(handle.0);
-                    let Agent {
-                        terminal, links, ..
-                    } = self;
-                    let Some(info) = links
-                        .get_mut(slot)
-                        .and_then(|l| l.session.as_mut())
-                        .filter(|s| s.open)
-                    else {
-                        continue;
-                    };
-                    info.peer_ended = true;
-                    let mut wire = Wire {
-                        terminal,
-                        transport: t,
-                        broken: false,
-                    };
-                    let mut s = Session {
-                        handle,
-                        info,
-                        out: &mut wire,
-                    };
-                    svc.on_peer_end(&mut s);
-                    if wire.broken {
-                        self.terminal.transport_closed(handle, now);
-                    }
-                }
-                Event::SessionEnded { handle, .. } => {
-                    let slot = usize::from(handle.0);
-                    if slot < N {
-                        self.close_session(slot, svc);
-                    }
-                }
-                Event::LoggedIn
-                | Event::Down
-                | Event::LoginRefused { .. }
-                | Event::OnlinePage
-                | Event::RelayError { .. } => {}
-            }
-        }
-    }
-}
-
-/// A short reason text; the code is what programs act on.
-fn reject_text(reason: RejectReason) -> Text {
-    Text::lossy(match reason {
-        RejectReason::UnknownService => "no such service",
-        RejectReason::NotAllowed => "not allowed",
-        RejectReason::Busy => "busy",
-        RejectReason::ServiceUnavailable => "service unavailable",
-        RejectReason::Other => "rejected",
-    })
 }
 
 #[cfg(test)]
@@ -588,7 +147,8 @@ mod tests {
     use core::convert::Infallible as Never;
     use relay_proto::codes::ErrorCode;
     use relay_proto::frame::{self, Frame, LoginOk, Notice};
-    use relay_proto::ident::ResumeToken;
+    use relay_proto::ident::{ResumeToken, Text};
+    use relay_proto::terminal::Cause;
     use std::vec::Vec;
 
     /// One slot whose received bytes become visible `step` at a time, so every frame is
@@ -705,7 +265,7 @@ mod tests {
 
     /// An agent with one connection (one spare) that has opened it and sent its LOGIN;
     /// the relay's bytes `rx` are all queued, none visible yet.
-    fn logging_in(rx: Vec<u8>) -> (Agent<1, 4>, Trickle, Slow, Instant) {
+    fn logging_in(rx: Vec<u8>) -> (Agent<1>, Trickle, Slow, Instant) {
         let config = Config {
             spare: 1,
             ..Config::default()
@@ -783,6 +343,50 @@ mod tests {
         let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
         let n = f.encode(&mut buf).unwrap();
         out.extend_from_slice(&buf[..n]);
+    }
+
+    /// Ends every session as soon as it opens (a service with nothing to say).
+    struct Hangup;
+    impl Service for Hangup {
+        fn on_open(&mut self, s: &mut Session<'_>) {
+            s.terminate();
+        }
+        fn on_data(&mut self, _: &mut Session<'_>, data: &[u8]) -> usize {
+            data.len()
+        }
+    }
+
+    /// The control frames in `bytes`, as the relay would read them.
+    fn frames(bytes: &[u8]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((frame::Parsed::Control(f), n))) = frame::parse(&bytes[pos..]) {
+            out.push(f);
+            pos += n;
+        }
+        out
+    }
+
+    #[test]
+    fn a_service_that_ends_the_session_in_on_open_sends_accept_then_terminate() {
+        let mut rx = Vec::new();
+        login_ok(&mut rx);
+        encode(
+            Frame::Notice(Notice {
+                session: 4,
+                from: UserId::new("alice").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+            &mut rx,
+        );
+        let (mut agent, mut t, _, now) = logging_in(rx);
+        t.visible = t.rx.len();
+        agent.poll(now, &mut t, &mut Hangup);
+        let sent = frames(&t.tx);
+        assert!(
+            sent.ends_with(&[Frame::Accept { session: 4 }, Frame::Terminate]),
+            "{sent:?}"
+        );
     }
 
     #[test]

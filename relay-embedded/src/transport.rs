@@ -12,20 +12,7 @@
 
 use embedded_io::Write;
 
-/// Where a slot's connection stands, as far as the stack knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum LinkState {
-    /// No connection, or the relay closed its side (FIN), reset it, or it failed. The
-    /// agent still reads what `peek` shows, so a frame the relay sent just before
-    /// closing (an ERROR saying why) is not lost.
-    Closed,
-    /// Connecting (SYN sent, no answer yet).
-    Opening,
-    /// Established: bytes flow both ways (or we closed our side and the relay's still
-    /// flows).
-    Open,
-}
+pub use relay_proto::driver::LinkState;
 
 /// `N` connection slots to the relay, driven by [`crate::Agent`].
 ///

@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use relay_proto::terminal::{self, Event, Handle, Offer, SendError, Terminal};
-use relay_proto::{Password, RejectReason, ReleaseReason, ServiceName, Text, UserId};
+use relay_proto::{Password, RejectReason, ReleaseReason, ServiceName, UserId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -33,15 +33,15 @@ use crate::tls::{TlsError, client_config};
 /// Connection slots of one Linux terminal: its concurrent sessions plus spares (the
 /// relay's default allows 256 connections and 128 sessions per account).
 pub const SLOTS: usize = 128;
-type Term = Terminal<SLOTS, { 2 * SLOTS + 2 }>;
+type Term = Terminal<SLOTS>;
 
 /// Largest payload read from a local socket at once (one DATA frame).
 const CHUNK: usize = 64 * 1024 - 1;
 
 /// A demand that finds no idle connection of ours waits for the pool to grow (one login
 /// per new connection), trying again whenever a relay connection's state changes, up to
-/// this long, rather than failing. (The relay itself holds a demand until the target
-/// has an idle connection.)
+/// this long, rather than failing. (The relay holds a demand until the target has an
+/// idle connection, and the terminal retries one it gave up on.)
 const DEMAND_PATIENCE: Duration = Duration::from_secs(15);
 /// How long a terminal stopped by a signal waits for its LOGOUT to leave.
 const LOGOUT_GRACE: Duration = Duration::from_secs(1);
@@ -92,10 +92,10 @@ struct State {
     waiters: HashMap<u8, oneshot::Sender<Result<(), DemandFailure>>>,
 }
 
-/// Why a demand gave no session.
+/// Why a demand gave no session. The terminal already retried what can be retried
+/// (the target had no idle connection): this is final.
 #[derive(Debug)]
 struct DemandFailure {
-    retry: bool,
     message: String,
 }
 
@@ -230,15 +230,16 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
                 error,
                 text,
             } => {
-                let retry = error == relay_proto::DemandError::NoIdleConnection;
                 let detail = text.as_str();
-                let message = if detail.is_empty() || detail == Text::display(&error).as_str() {
-                    error.to_string()
+                let summary = error.to_string();
+                // A rejection's text is its reason's (one table): said once.
+                let message = if detail.is_empty() || summary.ends_with(detail) {
+                    summary
                 } else {
                     format!("{error}: {detail}")
                 };
                 if let Some(w) = ctx.lock().waiters.remove(&handle.0) {
-                    let _ = w.send(Err(DemandFailure { retry, message }));
+                    let _ = w.send(Err(DemandFailure { message }));
                 }
             }
             Event::PeerTerminated { .. } | Event::SessionEnded { .. } => {
@@ -256,39 +257,28 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
 
 /// A demand notice on an exposing terminal: check it, reach the local service, accept.
 fn on_notice(ctx: &Arc<Ctx>, h: Handle, session: u32, from: UserId, service: ServiceName) {
-    let reject = |reason, text: String| {
-        tracing::info!(%from, service = service.as_str(), "rejected: {text}");
-        let mut st = ctx.lock();
-        let _ = st.term.reject(h, reason, Text::lossy(&text));
-        let ev = st.after(ctx);
-        drop(st);
-        dispatch(ctx, ev);
+    // Admission is the terminal's rule (relay-proto), the same on every device.
+    let admitted = match &ctx.exposed {
+        Some(exposed) => {
+            let names: Vec<&str> = exposed.services.iter().map(|s| s.name.as_str()).collect();
+            let allow: Vec<&str> = exposed.allow.iter().map(String::as_str).collect();
+            terminal::admit(&from, &service, &names, &allow).and_then(|i| {
+                let spec = exposed.services.get(i).cloned();
+                spec.ok_or(RejectReason::UnknownService)
+            })
+        }
+        None => Err(RejectReason::Busy),
     };
-    let Some(exposed) = &ctx.exposed else {
-        return reject(
-            RejectReason::Busy,
-            "this terminal accepts no sessions".into(),
-        );
-    };
-    if !exposed.allow.is_empty() && !exposed.allow.iter().any(|a| a == from.as_str()) {
-        return reject(
-            RejectReason::NotAllowed,
-            format!("'{from}' is not allowed here"),
-        );
-    }
-    let wanted = service.as_str();
-    let spec = if wanted.is_empty() && exposed.services.len() == 1 {
-        exposed.services.first()
-    } else {
-        exposed.services.iter().find(|s| s.name == wanted)
-    };
-    let Some(spec) = spec.cloned() else {
-        let text = if wanted.is_empty() {
-            "name a service: TARGET/SERVICE".to_owned()
-        } else {
-            format!("no service '{wanted}' here")
-        };
-        return reject(RejectReason::UnknownService, text);
+    let spec = match admitted {
+        Ok(spec) => spec,
+        Err(reason) => {
+            tracing::info!(%from, service = service.as_str(), "rejected: {reason}");
+            let mut st = ctx.lock();
+            let _ = st.term.reject(h, reason);
+            let ev = st.after(ctx);
+            drop(st);
+            return dispatch(ctx, ev);
+        }
     };
     let ctx = ctx.clone();
     tokio::spawn(async move {
@@ -303,9 +293,7 @@ fn on_notice(ctx: &Arc<Ctx>, h: Handle, session: u32, from: UserId, service: Ser
                 };
                 tracing::warn!(%from, "{text}");
                 let mut st = ctx.lock();
-                let _ = st
-                    .term
-                    .reject(h, RejectReason::ServiceUnavailable, Text::lossy(&text));
+                let _ = st.term.reject(h, RejectReason::ServiceUnavailable);
                 let ev = st.after(&ctx);
                 drop(st);
                 return dispatch(&ctx, ev);
@@ -465,6 +453,8 @@ async fn reader(
             let consumed = match offer {
                 Offer::Consumed(n) => n,
                 Offer::NeedMore => break,
+                // `after` drained the events: the same bytes again.
+                Offer::Blocked => 0,
                 Offer::Payload(n) => {
                     if let Some(p) = local.as_mut() {
                         // Flush too: stdout buffers (a no-op for TCP).
@@ -613,7 +603,14 @@ fn start(
     };
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random seed: {e}"))?;
+    // Only `expose` takes demands; `connect` and `online` log in as requesters, so they
+    // replace no instance of the account (not even the device's own) and many run at once.
+    let kind = match exposed {
+        Some(_) => terminal::Kind::Reachable,
+        None => terminal::Kind::Requester,
+    };
     let config = terminal::Config {
+        kind,
         spare,
         ..terminal::Config::default()
     };
@@ -709,8 +706,8 @@ async fn log_out(ctx: &Arc<Ctx>) {
     tracing::info!(server = %ctx.server, "logged out");
 }
 
-/// Opens one session to `target`: demand (retried while the target has no idle
-/// connection), park the local end, wait for the answer. Returns the session's end.
+/// Opens one session to `target`: wait for an idle connection of ours, park the local
+/// end, demand, wait for the answer. Returns the session's end.
 async fn session(
     ctx: &Arc<Ctx>,
     target: &UserId,
@@ -729,7 +726,7 @@ async fn session(
         let (ans_tx, ans_rx) = oneshot::channel();
         let handle = {
             let mut st = ctx.lock();
-            match st.term.demand(target.clone(), service.clone()) {
+            match st.term.demand(target.clone(), service.clone(), ctx.now()) {
                 Ok(h) => {
                     let Some(slot) = st.slot(h).cloned() else {
                         bail!("internal: no slot for handle");
@@ -749,25 +746,19 @@ async fn session(
                 Err(e) => bail!("cannot demand a session: {e:?}"),
             }
         };
-        let failure = match handle {
-            None => DemandFailure {
-                retry: true,
-                message: "no idle connection to the relay".into(),
-            },
-            Some((h, slot)) => match ans_rx.await {
+        if let Some((h, slot)) = handle {
+            // The terminal retries a target without an idle connection itself.
+            return match ans_rx.await {
                 Ok(Ok(())) => {
                     tokio::spawn(pump(ctx.clone(), h, slot, src, stop_rx));
-                    return Ok(end_rx);
+                    Ok(end_rx)
                 }
-                Ok(Err(f)) => {
-                    sink = slot.unpark().map(|p| p.sink);
-                    f
-                }
+                Ok(Err(f)) => bail!("{}", f.message),
                 Err(_) => bail!("the relay connection closed before the demand was answered"),
-            },
-        };
-        if !failure.retry || tokio::time::Instant::now() >= give_up || sink.is_none() {
-            bail!("{}", failure.message);
+            };
+        }
+        if tokio::time::Instant::now() >= give_up {
+            bail!("no idle connection to the relay");
         }
         let _ = tokio::time::timeout(DEMAND_RETRY_DELAY, pool_changed).await;
     }

@@ -230,3 +230,53 @@ fn terminal_commands_check_their_inputs_first() {
         .failure()
         .stderr(predicate::str::contains("none.pem"));
 }
+
+/// The LOGIN a terminal command sends first, read by a stand-in relay on loopback.
+fn first_login(args: &[&str]) -> relay_proto::frame::Login {
+    use relay_proto::frame::{Frame, Parsed, parse};
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap().to_string();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("relay"))
+        .args(&args[..1])
+        .args(["--server", &server, "--plain", "--user", "me"])
+        .args(&args[1..])
+        .env("RELAY_PASSWORD", "secret")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let login = loop {
+        if let Some((Parsed::Control(Frame::Login(l)), _)) = parse(&got).unwrap() {
+            break l;
+        }
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{args:?}: closed before a whole LOGIN");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    login
+}
+
+#[test]
+fn connect_and_online_log_in_as_requesters_and_expose_as_reachable() {
+    use relay_proto::frame::caps;
+    let requester = caps::ALL | caps::REQUESTER;
+    for args in [
+        &["connect", "cam/echo", "--stdio"][..],
+        &["connect", "cam/echo", "--listen", "127.0.0.1:0"],
+        &["online"],
+    ] {
+        assert_eq!(first_login(args).hello.caps, requester, "{args:?}");
+    }
+    let expose = first_login(&["expose", "--service", "echo=127.0.0.1:7"]);
+    assert_eq!(expose.hello.caps, caps::ALL);
+}

@@ -9,17 +9,13 @@ use relay_proto::relay::{ConnEntry, TermEntry};
 use relay_proto::terminal::Terminal;
 
 fn main() {
-    let t1 = size_of::<Terminal<1, 4>>();
-    let t2 = size_of::<Terminal<2, 6>>();
-    println!("terminal manager, 1 connection (E=4):   {t1:>5} bytes");
-    println!("terminal manager, 2 connections (E=6):  {t2:>5} bytes");
-    println!(
-        "terminal manager, 2 connections (E=16): {:>5} bytes",
-        size_of::<Terminal<2, 16>>()
-    );
+    let t1 = size_of::<Terminal<1>>();
+    let t2 = size_of::<Terminal<2>>();
+    println!("terminal manager, 1 connection:         {t1:>5} bytes");
+    println!("terminal manager, 2 connections:        {t2:>5} bytes");
     println!(
         "one terminal connection machine (slot): {:>5} bytes",
-        size_of::<Terminal<2, 6>>() - size_of::<Terminal<1, 6>>()
+        t2 - t1
     );
     println!(
         "relay core, per-connection entry:       {:>5} bytes",

@@ -104,15 +104,23 @@ pub enum RejectReason {
     Other = 4,
 }
 
-impl fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl RejectReason {
+    /// The text a REJECT with this reason carries: one table for every terminal, so a
+    /// requester reads the same words whichever device turned it away.
+    pub const fn describe(self) -> &'static str {
+        match self {
             RejectReason::UnknownService => "no such service",
             RejectReason::NotAllowed => "requester not allowed",
             RejectReason::Busy => "busy",
             RejectReason::ServiceUnavailable => "service unavailable",
             RejectReason::Other => "rejected",
-        })
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
     }
 }
 

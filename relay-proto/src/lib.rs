@@ -22,6 +22,7 @@ pub use codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 pub use frame::{Frame, Parsed};
 pub use ident::{Password, ResumeToken, ServiceName, Text, UserId};
 pub use time::{Duration, Instant};
+pub mod driver;
 pub mod relay;
 pub mod rng;
 #[cfg(feature = "sim")]

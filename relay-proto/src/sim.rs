@@ -8,23 +8,26 @@
 //! earliest deadline. The relay side follows the forwarding contract exactly as a host
 //! must: on `Forward { to, n }` it writes `poll_transmit(to)` first, then the payload.
 //!
-//! Applications are simple roles ([`Role`]); tests script clients through [`Sim`]'s
-//! methods and check what each terminal received.
+//! Each terminal runs the one terminal driver every binding runs ([`Driver`]), over the
+//! pipes as its [`Link`](crate::driver::Link): bounded ([`Sim::pipe_capacity`]) and, if
+//! asked, failing writes ([`Sim::write_errors_per_mille`]). Applications are simple roles
+//! ([`Role`]) served through the driver's [`Service`]; tests script clients through
+//! [`Sim`]'s methods and check what each terminal received.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::vec::Vec;
 
 use crate::codes::RejectReason;
+use crate::driver::{self, Decision, Driver, LinkError, LinkState, Service, Session};
 use crate::frame::Credential;
-use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::ident::{Password, ResumeToken, ServiceName, UserId};
 use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Storage, Verdict};
 use crate::rng::Jitter;
-use crate::terminal::{self, Event, Handle, Offer, Terminal};
+use crate::terminal::{self, Event, Handle, Terminal};
 use crate::time::{Duration, Instant};
 
 /// Connections per simulated terminal.
 pub const CONNS: usize = 4;
-type Term = Terminal<CONNS, 16>;
 
 /// What a terminal's application does with notices and data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +136,7 @@ impl Link {
 /// A simulated device.
 #[derive(Debug)]
 pub struct Node {
-    pub terminal: Term,
+    driver: Driver<CONNS>,
     pub role: Role,
     /// A paused node does nothing at all: it reads nothing, sends nothing, runs no timer.
     pub paused: bool,
@@ -158,6 +161,10 @@ pub struct Sim<P: Policy = AllowAll, S: Storage = Heap> {
     pub accounts: BTreeMap<UserId, Password>,
     /// Largest chunk one delivery carries.
     pub max_chunk: usize,
+    /// Bytes a terminal → relay pipe holds; a terminal writes only what fits.
+    pub pipe_capacity: usize,
+    /// Chance, per thousand, that a terminal's write fails (its connection then closes).
+    pub write_errors_per_mille: u32,
     links: Vec<Link>,
     rng: Jitter,
     instances: u64,
@@ -196,6 +203,8 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             nodes: Vec::new(),
             accounts: BTreeMap::new(),
             max_chunk: 64,
+            pipe_capacity: usize::MAX,
+            write_errors_per_mille: 0,
             links: Vec::new(),
             rng: Jitter::new(seed),
             instances: 0,
@@ -210,10 +219,10 @@ impl<P: Policy, S: Storage> Sim<P, S> {
         let password = Password::new("secret").expect("valid");
         self.accounts.insert(user.clone(), password.clone());
         let seed = u64::from(self.rng.next_u32());
-        let mut terminal = Term::new(config, user, password, seed);
-        terminal.start(self.now);
+        let mut driver = Driver::new(config, user, password, seed);
+        driver.start(self.now);
         self.nodes.push(Node {
-            terminal,
+            driver,
             role,
             paused: false,
             events: Vec::new(),
@@ -223,7 +232,7 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             at_peer_end: BTreeMap::new(),
         });
         let i = self.nodes.len() - 1;
-        self.drain_node(i);
+        self.poll_node(i);
         i
     }
 
@@ -301,7 +310,7 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             .nodes
             .iter()
             .filter(|n| !n.paused)
-            .filter_map(|n| n.terminal.poll_timeout());
+            .filter_map(|n| n.terminal().poll_timeout());
         relay.chain(nodes).min()
     }
 
@@ -326,12 +335,11 @@ impl<P: Policy, S: Storage> Sim<P, S> {
         for i in 0..self.nodes.len() {
             if !self.nodes[i].paused
                 && self.nodes[i]
-                    .terminal
+                    .terminal()
                     .poll_timeout()
                     .is_some_and(|d| d <= now)
             {
-                self.nodes[i].terminal.handle_timeout(now);
-                self.drain_node(i);
+                self.poll_node(i);
             }
         }
         true
@@ -341,12 +349,6 @@ impl<P: Policy, S: Storage> Sim<P, S> {
         self.links
             .iter()
             .position(|l| l.relay_open && l.conn == conn)
-    }
-
-    fn link_of_handle(&self, node: usize, h: Handle) -> Option<usize> {
-        self.links
-            .iter()
-            .position(|l| l.term_open && l.node == node && l.handle == h)
     }
 
     fn gc_links(&mut self) {
@@ -359,7 +361,7 @@ impl<P: Policy, S: Storage> Sim<P, S> {
         let l = &mut self.links[i];
         let n = chunk.min(l.up.bytes.len());
         l.relay_rx.extend(l.up.bytes.drain(..n));
-        let conn = l.conn;
+        let (conn, node) = (l.conn, l.node);
         let eof = l.up.bytes.is_empty() && l.up.closed;
         let mut rx = core::mem::take(&mut self.links[i].relay_rx);
         let mut pos = 0;
@@ -399,6 +401,10 @@ impl<P: Policy, S: Storage> Sim<P, S> {
                 self.drain_relay();
                 self.gc_links();
             }
+        }
+        if self.pipe_capacity != usize::MAX && n > 0 {
+            // Room in a bounded pipe: the terminal may write what waited for it.
+            self.poll_node(node);
         }
     }
 
@@ -472,172 +478,38 @@ impl<P: Policy, S: Storage> Sim<P, S> {
         }
     }
 
-    /// Relay → terminal.
+    /// Relay → terminal: a chunk reaches the terminal's socket, and its driver runs.
     fn deliver_down(&mut self, i: usize) {
         let chunk = 1 + self.random(self.max_chunk);
         let l = &mut self.links[i];
         let n = chunk.min(l.down.bytes.len());
         l.term_rx.extend(l.down.bytes.drain(..n));
-        let (node, h) = (l.node, l.handle);
-        let eof = l.down.bytes.is_empty() && l.down.closed;
-        let mut rx = core::mem::take(&mut self.links[i].term_rx);
-        let mut pos = 0;
-        while pos < rx.len() {
-            let offer = self.nodes[node]
-                .terminal
-                .handle_input(h, self.now, &rx[pos..]);
-            match offer {
-                Offer::Consumed(n) => pos += n,
-                Offer::Payload(n) => {
-                    self.on_payload(node, h, &rx[pos..pos + n]);
-                    pos += n;
-                }
-                Offer::NeedMore => break,
-            }
-            self.drain_node(node);
-        }
-        rx.drain(..pos);
-        if let Some(i) = self.link_of_handle(node, h) {
-            self.links[i].term_rx = rx;
-            if eof {
-                self.links[i].term_open = false;
-                self.links[i].up.closed = true;
-                self.nodes[node].terminal.transport_closed(h, self.now);
-                self.drain_node(node);
-                self.gc_links();
-            }
-        }
+        let node = l.node;
+        self.poll_node(node);
     }
 
-    fn on_payload(&mut self, node: usize, h: Handle, bytes: &[u8]) {
-        let n = &mut self.nodes[node];
-        n.received.entry(h.0).or_default().extend_from_slice(bytes);
-        if n.role == Role::Echo {
-            n.outbox.entry(h.0).or_default().0.extend(bytes);
-        }
-    }
-
-    /// Handles a node's events and writes its output (control first, then payload).
-    fn drain_node(&mut self, i: usize) {
-        while let Some(e) = self.nodes[i].terminal.poll_event() {
-            let now = self.now;
-            let node = &mut self.nodes[i];
-            match &e {
-                Event::Open(h) => {
-                    if let Ok(conn) = self.relay.accept(now) {
-                        self.links.push(Link {
-                            node: i,
-                            handle: *h,
-                            conn,
-                            up: Pipe::default(),
-                            down: Pipe::default(),
-                            relay_rx: Vec::new(),
-                            term_rx: Vec::new(),
-                            down_check: FrameCheck::default(),
-                            relay_open: true,
-                            term_open: true,
-                        });
-                        node.terminal.connected(*h, now);
-                    } else {
-                        node.terminal.connect_failed(*h, now);
-                    }
-                }
-                Event::Closed { handle, .. } => {
-                    node.outbox.remove(&handle.0);
-                    if let Some(j) = self.link_of_handle(i, *handle) {
-                        // The terminal's socket is gone: the link now only carries EOF up.
-                        let l = &mut self.links[j];
-                        l.up.closed = true;
-                        l.down.bytes.clear();
-                        l.term_open = false;
-                    }
-                }
-                Event::Notice {
-                    handle, session, ..
-                } => match node.role {
-                    Role::Echo => {
-                        node.received.insert(handle.0, Vec::new());
-                        node.sessions.insert(handle.0, *session);
-                        let _ = node.terminal.accept(*handle, now);
-                    }
-                    Role::Reject(reason) => {
-                        let _ = node.terminal.reject(*handle, reason, Text::lossy("no"));
-                    }
-                    Role::Sink => {
-                        let _ =
-                            node.terminal
-                                .reject(*handle, RejectReason::Busy, Text::lossy("busy"));
-                    }
-                    Role::Ignore => {}
-                },
-                Event::Accepted {
-                    handle, session, ..
-                } => {
-                    node.received.insert(handle.0, Vec::new());
-                    node.sessions.insert(handle.0, *session);
-                }
-                // No session: payload queued for it has nowhere to go.
-                Event::DemandFailed { handle, .. } | Event::SessionEnded { handle, .. } => {
-                    node.outbox.remove(&handle.0);
-                }
-                Event::PeerTerminated { handle } => {
-                    if let Some(s) = node.sessions.get(&handle.0) {
-                        let got = node.received.get(&handle.0).cloned().unwrap_or_default();
-                        node.at_peer_end.insert(*s, got);
-                    }
-                    if node.role == Role::Echo {
-                        node.outbox.entry(handle.0).or_default().1 = true;
-                    }
-                }
-                _ => {}
-            }
-            self.nodes[i].events.push(e);
-        }
-        self.flush_node(i);
-    }
-
-    /// Writes node `i`'s control output and queued payload into its up pipes.
-    fn flush_node(&mut self, i: usize) {
-        let mut buf = [0u8; terminal::MIN_TRANSMIT_BUF];
-        for j in 0..self.links.len() {
-            if self.links[j].node != i || !self.links[j].term_open || self.links[j].up.closed {
-                continue;
-            }
-            let h = self.links[j].handle;
-            let node = &mut self.nodes[i];
-            if let Ok(n) = node.terminal.poll_transmit(h, self.now, &mut buf) {
-                self.links[j].up.bytes.extend(&buf[..n]);
-            }
-            let max = node
-                .terminal
-                .max_payload()
-                .min(1 + self.rng.next_u32() as usize % 3000);
-            let Some((queue, end)) = node.outbox.get_mut(&h.0) else {
-                continue;
-            };
-            while !queue.is_empty() {
-                let len = queue.len().min(max);
-                let Ok(header) = node.terminal.send_data(h, len) else {
-                    break;
-                };
-                let up = &mut self.links[j].up.bytes;
-                up.extend(header);
-                up.extend(queue.drain(..len));
-            }
-            if queue.is_empty() && *end {
-                node.outbox.remove(&h.0);
-                if node.terminal.terminate(h).is_ok()
-                    && let Ok(n) = node.terminal.poll_transmit(h, self.now, &mut buf)
-                {
-                    self.links[j].up.bytes.extend(&buf[..n]);
-                }
-            }
-        }
-        // poll_transmit may have finished a connection (LOGOUT written).
-        while self.nodes[i].terminal.poll_event().is_some_and(|e| {
-            self.nodes[i].events.push(e);
-            true
-        }) {}
+    /// Runs node `i`'s driver once: events, received bytes, timers, output.
+    fn poll_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let mut app = App {
+            role: node.role,
+            events: &mut node.events,
+            received: &mut node.received,
+            outbox: &mut node.outbox,
+            sessions: &mut node.sessions,
+            at_peer_end: &mut node.at_peer_end,
+        };
+        let mut pipes = Pipes {
+            node: i,
+            now: self.now,
+            links: &mut self.links,
+            relay: &mut self.relay,
+            rng: &mut self.rng,
+            capacity: self.pipe_capacity,
+            write_errors_per_mille: self.write_errors_per_mille,
+        };
+        node.driver.poll(self.now, &mut pipes, &mut app);
+        self.gc_links();
     }
 
     /// Node `i` asks for a session with `target`. Returns the handle carrying it.
@@ -649,8 +521,8 @@ impl<P: Policy, S: Storage> Sim<P, S> {
     ) -> Result<Handle, terminal::SendError> {
         let target = UserId::new(target).expect("valid target");
         let service = ServiceName::new(service).expect("valid service");
-        let h = self.nodes[i].terminal.demand(target, service)?;
-        self.drain_node(i);
+        let h = self.nodes[i].driver.demand(target, service, self.now)?;
+        self.poll_node(i);
         Ok(h)
     }
 
@@ -659,17 +531,17 @@ impl<P: Policy, S: Storage> Sim<P, S> {
         let entry = self.nodes[i].outbox.entry(h.0).or_default();
         entry.0.extend(bytes);
         entry.1 |= end;
-        self.drain_node(i);
+        self.poll_node(i);
     }
 
     pub fn logout(&mut self, i: usize) {
-        self.nodes[i].terminal.logout(self.now);
-        self.drain_node(i);
+        self.nodes[i].driver.logout(self.now);
+        self.poll_node(i);
     }
 
     pub fn request_online(&mut self, i: usize, cursor: u32) -> Result<Handle, terminal::SendError> {
-        let h = self.nodes[i].terminal.request_online(cursor)?;
-        self.drain_node(i);
+        let h = self.nodes[i].driver.terminal_mut().request_online(cursor)?;
+        self.poll_node(i);
         Ok(h)
     }
 
@@ -736,6 +608,186 @@ impl<P: Policy, S: Storage> Sim<P, S> {
     pub fn sleep(&mut self, d: Duration, max_steps: usize) -> usize {
         let until = self.now + d;
         self.run_until(until, max_steps)
+    }
+}
+
+impl Node {
+    pub fn terminal(&self) -> &Terminal<CONNS> {
+        self.driver.terminal()
+    }
+}
+
+/// A node's application as the driver's [`Service`]: the role's answers, and the
+/// records tests check.
+struct App<'a> {
+    role: Role,
+    events: &'a mut Vec<Event>,
+    received: &'a mut BTreeMap<u8, Vec<u8>>,
+    outbox: &'a mut BTreeMap<u8, (VecDeque<u8>, bool)>,
+    sessions: &'a mut BTreeMap<u8, u32>,
+    at_peer_end: &'a mut BTreeMap<u32, Vec<u8>>,
+}
+
+impl Service for App<'_> {
+    fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
+        match self.role {
+            Role::Echo => Decision::Accept,
+            Role::Reject(reason) => Decision::Reject(reason),
+            Role::Sink => Decision::Reject(RejectReason::Busy),
+            Role::Ignore => Decision::Ignore,
+        }
+    }
+
+    fn on_open(&mut self, s: &mut Session<'_>) {
+        let h = s.handle().0;
+        self.received.insert(h, Vec::new());
+        if let Some(id) = s.id() {
+            self.sessions.insert(h, id);
+        }
+    }
+
+    fn on_data(&mut self, s: &mut Session<'_>, data: &[u8]) -> usize {
+        let h = s.handle().0;
+        self.received.entry(h).or_default().extend_from_slice(data);
+        if self.role == Role::Echo {
+            self.outbox.entry(h).or_default().0.extend(data);
+        }
+        data.len()
+    }
+
+    /// Writes queued payload as far as the pipe takes it; terminates once it is out.
+    fn on_writable(&mut self, s: &mut Session<'_>) {
+        let h = s.handle().0;
+        let Some((queue, end)) = self.outbox.get_mut(&h) else {
+            return;
+        };
+        while !queue.is_empty() {
+            let n = s.write(queue.as_slices().0);
+            if n == 0 {
+                return;
+            }
+            queue.drain(..n);
+        }
+        if *end {
+            self.outbox.remove(&h);
+            s.terminate();
+        }
+    }
+
+    fn on_peer_end(&mut self, s: &mut Session<'_>) {
+        let h = s.handle().0;
+        if let Some(id) = self.sessions.get(&h) {
+            let got = self.received.get(&h).cloned().unwrap_or_default();
+            self.at_peer_end.insert(*id, got);
+        }
+        if self.role == Role::Echo {
+            self.outbox.entry(h).or_default().1 = true;
+        }
+    }
+
+    fn on_event(&mut self, e: &Event) {
+        // No session: payload queued for it has nowhere to go.
+        if let Event::Closed { handle, .. }
+        | Event::DemandFailed { handle, .. }
+        | Event::SessionEnded { handle, .. } = e
+        {
+            self.outbox.remove(&handle.0);
+        }
+        self.events.push(e.clone());
+    }
+}
+
+/// One node's ends of the pipes, as its driver's link. Opening a slot is accepting a
+/// relay connection at once.
+struct Pipes<'a, P: Policy, S: Storage> {
+    node: usize,
+    now: Instant,
+    links: &'a mut Vec<Link>,
+    relay: &'a mut Relay<S, P>,
+    rng: &'a mut Jitter,
+    capacity: usize,
+    write_errors_per_mille: u32,
+}
+
+impl<P: Policy, S: Storage> Pipes<'_, P, S> {
+    fn link(&mut self, slot: usize) -> Option<&mut Link> {
+        let node = self.node;
+        self.links
+            .iter_mut()
+            .find(|l| l.term_open && l.node == node && usize::from(l.handle.0) == slot)
+    }
+}
+
+impl<P: Policy, S: Storage> driver::Link for Pipes<'_, P, S> {
+    fn open(&mut self, slot: usize) -> Result<(), LinkError> {
+        // Whatever the slot held before is dropped, as a socket's `connect` would.
+        self.close(slot, false);
+        let conn = self.relay.accept(self.now).map_err(|_| LinkError)?;
+        self.links.push(Link {
+            node: self.node,
+            handle: Handle(slot as u8),
+            conn,
+            up: Pipe::default(),
+            down: Pipe::default(),
+            relay_rx: Vec::new(),
+            term_rx: Vec::new(),
+            down_check: FrameCheck::default(),
+            relay_open: true,
+            term_open: true,
+        });
+        Ok(())
+    }
+
+    fn state(&mut self, slot: usize) -> LinkState {
+        match self.link(slot) {
+            Some(l) if !(l.down.closed && l.down.bytes.is_empty()) => LinkState::Open,
+            _ => LinkState::Closed,
+        }
+    }
+
+    fn peek(&mut self, slot: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
+        let l = self.link(slot).ok_or(LinkError)?;
+        if l.term_rx.is_empty() && l.down.closed && l.down.bytes.is_empty() {
+            return Err(LinkError);
+        }
+        let n = l.term_rx.len().min(buf.len());
+        buf[..n].copy_from_slice(&l.term_rx[..n]);
+        Ok(n)
+    }
+
+    fn consume(&mut self, slot: usize, n: usize) {
+        if let Some(l) = self.link(slot) {
+            l.term_rx.drain(..n.min(l.term_rx.len()));
+        }
+    }
+
+    fn write(&mut self, slot: usize, bytes: &[u8]) -> Result<(), LinkError> {
+        let fail = self.write_errors_per_mille > 0
+            && self.rng.next_u32() % 1000 < self.write_errors_per_mille;
+        let capacity = self.capacity;
+        let l = self.link(slot).ok_or(LinkError)?;
+        if fail || l.up.closed || l.up.bytes.len() + bytes.len() > capacity {
+            return Err(LinkError);
+        }
+        l.up.bytes.extend(bytes);
+        Ok(())
+    }
+
+    fn send_space(&mut self, slot: usize) -> usize {
+        let capacity = self.capacity;
+        match self.link(slot) {
+            Some(l) if !l.up.closed => capacity.saturating_sub(l.up.bytes.len()),
+            _ => 0,
+        }
+    }
+
+    /// The terminal's socket is gone: the link now only carries EOF up.
+    fn close(&mut self, slot: usize, _graceful: bool) {
+        if let Some(l) = self.link(slot) {
+            l.up.closed = true;
+            l.down.bytes.clear();
+            l.term_open = false;
+        }
     }
 }
 

@@ -27,8 +27,8 @@ fn login_spares_demand_echo_and_release() {
     let cam = sim.add("cam-1", Role::Echo, cfg());
     let alice = sim.add("alice", Role::Echo, cfg());
     sim.settle(STEPS);
-    assert!(sim.nodes[cam].terminal.is_up());
-    assert_eq!(sim.nodes[cam].terminal.idle_connections(), 2);
+    assert!(sim.nodes[cam].terminal().is_up());
+    assert_eq!(sim.nodes[cam].terminal().idle_connections(), 2);
     assert_eq!(sim.relay.terminal_count(), 2);
 
     let h = sim.demand(alice, "cam-1", "echo").unwrap();
@@ -40,8 +40,8 @@ fn login_spares_demand_echo_and_release() {
             .any(|e| matches!(e, Event::Accepted { handle, .. } if *handle == h))
     );
     // Both sides opened a new spare (steps 10-14).
-    assert_eq!(sim.nodes[alice].terminal.idle_connections(), 2);
-    assert_eq!(sim.nodes[cam].terminal.idle_connections(), 2);
+    assert_eq!(sim.nodes[alice].terminal().idle_connections(), 2);
+    assert_eq!(sim.nodes[cam].terminal().idle_connections(), 2);
 
     let data = pattern(100_000, 7);
     sim.send(alice, h, &data, true);
@@ -57,7 +57,7 @@ fn login_spares_demand_echo_and_release() {
     );
     assert!(sim.nodes[alice].events.iter().any(|e| matches!(e, Event::SessionEnded { handle, reason: ReleaseReason::Normal } if *handle == h)));
     assert_eq!(
-        sim.nodes[alice].terminal.idle_connections(),
+        sim.nodes[alice].terminal().idle_connections(),
         3,
         "the session's connection is idle again"
     );
@@ -120,7 +120,7 @@ fn a_burst_of_demands_waits_for_the_targets_new_spares() {
         .map(|i| sim.add(&format!("c{i}"), Role::Echo, cfg()))
         .collect();
     sim.settle(STEPS);
-    assert_eq!(sim.nodes[cam].terminal.idle_connections(), 1);
+    assert_eq!(sim.nodes[cam].terminal().idle_connections(), 1);
     // Three demands at once for a terminal with one idle connection: the relay holds
     // two of them until cam's terminal has opened new spares, and none fails.
     let handles: Vec<_> = clients
@@ -138,4 +138,65 @@ fn a_burst_of_demands_waits_for_the_targets_new_spares() {
             node.events
         );
     }
+}
+
+/// The terminal driver over bounded pipes whose writes sometimes fail: a failed write
+/// closes that connection (the session on it ends, the terminal reconnects), never
+/// corrupts a stream. Every echo either comes back byte-exact or its session reports
+/// how it ended; both terminals are up again afterwards.
+#[test]
+fn bounded_pipes_with_write_errors() {
+    let (mut clean_sessions, mut broken_sessions) = (0, 0);
+    for seed in 0..40 {
+        let mut sim = Sim::new(seed);
+        sim.pipe_capacity = 700;
+        sim.write_errors_per_mille = 5;
+        let cam = sim.add("cam", Role::Echo, cfg());
+        let alice = sim.add("alice", Role::Sink, cfg());
+        sim.sleep(Duration::from_secs(5), STEPS);
+        let mut sent = Vec::new();
+        for i in 0..4u8 {
+            if let Ok(h) = sim.demand(alice, "cam", "echo") {
+                let data = pattern(5_000 + 1_000 * usize::from(i), i);
+                sim.send(alice, h, &data, true);
+                sent.push((h, data));
+            }
+        }
+        sim.sleep(Duration::from_secs(60), STEPS);
+        for (h, data) in sent {
+            let node = &sim.nodes[alice];
+            let clean = node.events.iter().any(|e| {
+                matches!(e, Event::SessionEnded { handle, reason: ReleaseReason::Normal } if *handle == h)
+            });
+            if clean {
+                clean_sessions += 1;
+                assert_eq!(
+                    node.received[&h.0], data,
+                    "seed {seed}: {h:?} echoed exactly"
+                );
+            } else {
+                broken_sessions += 1;
+                let told = node.events.iter().any(|e| match e {
+                    Event::SessionEnded { handle, .. }
+                    | Event::Closed { handle, .. }
+                    | Event::DemandFailed { handle, .. } => *handle == h,
+                    _ => false,
+                });
+                assert!(told, "seed {seed}: {h:?} neither echoed nor ended");
+            }
+        }
+        sim.write_errors_per_mille = 0;
+        sim.sleep(Duration::from_secs(120), STEPS);
+        for n in [cam, alice] {
+            assert!(
+                sim.nodes[n].terminal().is_up(),
+                "seed {seed}: node {n} up again"
+            );
+        }
+    }
+    // Both outcomes happened: the failing writes were exercised, and not everywhere.
+    assert!(
+        clean_sessions > 0 && broken_sessions > 0,
+        "{clean_sessions} clean, {broken_sessions} broken"
+    );
 }

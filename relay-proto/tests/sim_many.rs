@@ -83,7 +83,7 @@ fn run_seed<S: Storage>(seed: u64) {
 
     // Everyone logged in, with its spares.
     for (i, n) in sim.nodes.iter().enumerate() {
-        assert!(n.terminal.is_up(), "seed {seed}: node {i} up");
+        assert!(n.terminal().is_up(), "seed {seed}: node {i} up");
     }
     assert_eq!(sim.relay.terminal_count(), sim.nodes.len(), "seed {seed}");
 
@@ -94,7 +94,7 @@ fn run_seed<S: Storage>(seed: u64) {
         sim.request_online(clients[0], cursor).unwrap();
         sim.settle(STEPS);
         let page = sim.nodes[clients[0]]
-            .terminal
+            .terminal()
             .online_page()
             .unwrap()
             .clone();
@@ -107,7 +107,7 @@ fn run_seed<S: Storage>(seed: u64) {
     let all: BTreeSet<String> = sim
         .nodes
         .iter()
-        .map(|n| n.terminal.user().as_str().to_owned())
+        .map(|n| n.terminal().user().as_str().to_owned())
         .collect();
     assert_eq!(online, all, "seed {seed}: online list");
 
@@ -143,7 +143,7 @@ fn run_seed<S: Storage>(seed: u64) {
             1 => leaver,
             _ => servers[rng.below(servers.len())],
         };
-        let name = sim.nodes[target].terminal.user().as_str().to_owned();
+        let name = sim.nodes[target].terminal().user().as_str().to_owned();
         let h = sim.demand(c, &name, "echo").unwrap();
         let len = 1 + rng.below(6000);
         let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
@@ -166,7 +166,7 @@ fn run_seed<S: Storage>(seed: u64) {
             if failed(&sim, *c, *h) != Some(DemandError::NoIdleConnection) {
                 continue;
             }
-            let name = sim.nodes[*target].terminal.user().as_str().to_owned();
+            let name = sim.nodes[*target].terminal().user().as_str().to_owned();
             if let Ok(nh) = sim.demand(*c, &name, "echo") {
                 sim.send(*c, nh, data, true);
                 *h = nh;
@@ -206,7 +206,7 @@ fn run_seed<S: Storage>(seed: u64) {
         !sim.relay.is_online(&UserId::new("leaver").unwrap()),
         "seed {seed}"
     );
-    assert!(sim.nodes[replacement].terminal.is_up(), "seed {seed}");
+    assert!(sim.nodes[replacement].terminal().is_up(), "seed {seed}");
 
     let mut busy = 0;
     for (c, h, target, data) in &sent {
@@ -271,7 +271,7 @@ fn run_seed<S: Storage>(seed: u64) {
             }
             other => panic!(
                 "seed {seed}: session on {h:?} to {} ended with {other:?}\nclient events: {:?}\nclient links:\n{}target links:\n{}",
-                sim.nodes[*target].terminal.user(),
+                sim.nodes[*target].terminal().user(),
                 node.events,
                 sim.describe_links(*c),
                 sim.describe_links(*target)
@@ -303,9 +303,9 @@ fn run_seed<S: Storage>(seed: u64) {
     for &s in servers[1..].iter().chain(&clients) {
         let n = &sim.nodes[s];
         assert!(
-            n.terminal.idle_connections() >= 1,
+            n.terminal().idle_connections() >= 1,
             "seed {seed}: {} has a spare",
-            n.terminal.user()
+            n.terminal().user()
         );
     }
 }

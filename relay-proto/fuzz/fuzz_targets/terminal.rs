@@ -1,14 +1,26 @@
-//! A terminal fed arbitrary bytes from a "relay" on its connections, with timers: never
-//! panics, and `Payload` never claims more bytes than offered.
+//! A terminal fed arbitrary bytes from a "relay" on its connections, with timers and
+//! application calls in any order, draining its events only now and then: never panics,
+//! `Payload` never claims more bytes than offered, and input refused while an event
+//! waits (`Blocked`) is taken once the events are drained.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_proto::terminal::{self, Config, Event, Handle, Offer, Terminal};
-use relay_proto::{Duration, Instant, Password, ServiceName, UserId};
+use relay_proto::terminal::{self, Config, Event, Handle, Kind, Offer, Terminal};
+use relay_proto::{Duration, Instant, Password, RejectReason, ServiceName, UserId};
 
 fuzz_target!(|data: &[u8]| {
-    let mut t: Terminal<4, 10> = Terminal::new(
-        Config::default(),
+    let kind = if data.first().is_some_and(|b| b & 1 == 1) {
+        Kind::Requester
+    } else {
+        Kind::Reachable
+    };
+    let config = Config {
+        kind,
+        spare: 2,
+        ..Config::default()
+    };
+    let mut t: Terminal<4> = Terminal::new(
+        config,
         UserId::new("dev").unwrap(),
         Password::new("pw").unwrap(),
         1,
@@ -17,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     t.start(now);
     let mut buf = [0u8; terminal::MIN_TRANSMIT_BUF];
     let mut open: Vec<Handle> = Vec::new();
-    for chunk in data.chunks(17) {
+    let drain = |t: &mut Terminal<4>, open: &mut Vec<Handle>, now: Instant| {
         while let Some(e) = t.poll_event() {
             match e {
                 Event::Open(h) => {
@@ -25,23 +37,41 @@ fuzz_target!(|data: &[u8]| {
                     open.push(h);
                 }
                 Event::Closed { handle, .. } => open.retain(|h| *h != handle),
-                Event::Notice { handle, .. } => {
-                    let _ = t.accept(handle, now);
+                Event::Notice { handle, session, .. } => {
+                    let _ = if session % 2 == 0 {
+                        t.accept(handle, now)
+                    } else {
+                        t.reject(handle, RejectReason::Busy)
+                    };
                 }
                 _ => {}
             }
         }
+    };
+    for chunk in data.chunks(17) {
         let Some((&sel, bytes)) = chunk.split_first() else { continue };
-        match sel % 5 {
+        let h = open.get(usize::from(sel) % open.len().max(1)).copied();
+        match sel % 8 {
             0 => {
                 now = now + Duration::from_millis(u64::from(sel) * 500);
                 t.handle_timeout(now);
             }
             1 => {
-                let _ = t.demand(UserId::new("peer").unwrap(), ServiceName::default());
+                let _ = t.demand(UserId::new("peer").unwrap(), ServiceName::default(), now);
             }
+            2 => {
+                let _ = t.request_online(u32::from(sel));
+            }
+            3 => drain(&mut t, &mut open, now),
+            4 => {
+                if let Some(h) = h {
+                    let _ = t.terminate(h);
+                    let _ = t.send_data(h, usize::from(sel));
+                }
+            }
+            5 if sel > 250 => t.logout(now),
             _ => {
-                let Some(&h) = open.get(usize::from(sel) % open.len().max(1)) else { continue };
+                let Some(h) = h else { continue };
                 let _ = t.poll_transmit(h, now, &mut buf);
                 let mut pos = 0;
                 while pos < bytes.len() {
@@ -53,10 +83,14 @@ fuzz_target!(|data: &[u8]| {
                             }
                             pos += n;
                         }
+                        Offer::Blocked => {
+                            drain(&mut t, &mut open, now);
+                            assert_ne!(t.handle_input(h, now, &bytes[pos..]), Offer::Blocked);
+                            break;
+                        }
                         Offer::NeedMore => break,
                     }
                 }
-                let _ = t.send_data(h, 10);
             }
         }
     }

@@ -15,49 +15,64 @@
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 use crate::frame::{self, DemandResult};
-use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant};
 
-use super::wire::{self, Cred, Inbound, Outbound};
+use heapless::Deque;
+
+use super::wire::{self, Cred, Inbound, LoginAs, NoRoom, Outbound};
 use super::{Config, Offer, SendError};
 
-/// The control frame a connection still has to send. One at a time is enough: each is
-/// the answer to an application call that is refused while another is pending.
-#[derive(Debug, Clone)]
-enum Pending {
-    None,
-    Login,
-    /// DEMAND for this service; the target is in [`State::Demanding`].
-    Demand(ServiceName),
+/// A control frame an application call owes the relay until `poll_transmit` writes it.
+/// They wait in call order, so no call overwrites another's frame. LOGIN and DEMAND are
+/// not here: they are owed by the state itself ([`State::LoggingIn`],
+/// [`State::Demanding`]), and nothing else can be owed before them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owed {
     Accept(u32),
+    /// The text is the reason's ([`RejectReason::describe`]): nothing to store.
     Reject {
         session: u32,
         reason: RejectReason,
-        text: Text,
     },
     Terminate,
     List(u32),
     Logout,
 }
 
+/// The most frames calls can owe between two flushes: a LIST (on an idle connection), an
+/// answer to the NOTICE that arrives next, the session's TERMINATE and the LOGOUT. A call
+/// that finds no room is refused with [`SendError::ControlPending`] before it changes
+/// anything.
+const OWED: usize = 4;
+
 #[derive(Debug, Clone)]
 pub(crate) enum State {
-    /// The host is opening the TCP connection.
+    /// The host is opening the TCP connection; `announced`: [`super::Event::Open`] was
+    /// reported.
     Connecting {
         since: Instant,
+        announced: bool,
     },
-    /// LOGIN queued or sent, no answer yet. `fallback`: a refused token may be followed
-    /// by the password (only when no other connection is up: else we were replaced).
+    /// LOGIN owed (`sent` false) or sent, no answer yet. `fallback`: a refused token may
+    /// be followed by the password (only when no other connection is up: else we were
+    /// replaced).
     LoggingIn {
         since: Instant,
         with_token: bool,
         fallback: bool,
+        sent: bool,
     },
     Idle,
-    /// DEMAND sent; waiting for DEMAND_RESULT.
+    /// Our demand: DEMAND owed, sent, or to be sent again. The relay's answer
+    /// `NoIdleConnection` (the target's connections are all busy) is retried until
+    /// `give_up`; only then is it the application's.
     Demanding {
         target: UserId,
+        service: ServiceName,
+        give_up: Instant,
+        step: Step,
     },
     /// NOTICE received; the application must accept or reject.
     Noticed {
@@ -71,8 +86,19 @@ pub(crate) enum State {
         sent_end: bool,
         got_end: bool,
     },
-    /// Finished; the host must close the socket (and may reuse the slot after).
-    Closed,
+    /// Finished; the slot is freed once [`super::Event::Closed`] is reported.
+    Closed(Cause),
+}
+
+/// Where a demand stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// DEMAND to write.
+    Owed,
+    /// Written; waiting for DEMAND_RESULT.
+    Sent,
+    /// The relay had no idle connection of the target: DEMAND again at this instant.
+    RetryAt(Instant),
 }
 
 /// What a frame or timer did to a connection, for the [`Terminal`](super::Terminal) to
@@ -114,7 +140,6 @@ pub(crate) enum Change {
         code: ErrorCode,
         text: Text,
     },
-    Closed(Cause),
 }
 
 /// Why a connection ended, as the terminal saw it.
@@ -138,7 +163,7 @@ pub enum Cause {
 #[derive(Debug, Clone)]
 pub(crate) struct Connection {
     pub(crate) state: State,
-    pending: Pending,
+    owed: Deque<Owed, OWED>,
     /// Sequence number of the next KEEPALIVE; an unanswered one is `ka_unacked`.
     ka_seq: u32,
     ka_due: bool,
@@ -154,8 +179,11 @@ pub(crate) struct Connection {
 impl Connection {
     pub(crate) fn new(now: Instant) -> Self {
         Connection {
-            state: State::Connecting { since: now },
-            pending: Pending::None,
+            state: State::Connecting {
+                since: now,
+                announced: false,
+            },
+            owed: Deque::new(),
             ka_seq: 0,
             ka_due: false,
             next_ka: now,
@@ -173,22 +201,26 @@ impl Connection {
                 since: now,
                 with_token,
                 fallback,
+                sent: false,
             };
-            self.pending = Pending::Login;
             self.last_rx = now;
             self.login_attempts = 1;
         }
     }
 
     pub(crate) fn is_idle(&self) -> bool {
-        matches!(self.state, State::Idle) && matches!(self.pending, Pending::None)
+        matches!(self.state, State::Idle) && self.owed.is_empty() && !self.close_after_flush
     }
 
     pub(crate) fn is_logged_in(&self) -> bool {
         !matches!(
             self.state,
-            State::Connecting { .. } | State::LoggingIn { .. } | State::Closed
+            State::Connecting { .. } | State::LoggingIn { .. } | State::Closed(_)
         )
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
     }
 
     /// Whether this connection will be idle once its handshake completes.
@@ -199,82 +231,120 @@ impl Connection {
         )
     }
 
-    fn close(&mut self, cause: Cause) -> Change {
-        self.state = State::Closed;
-        self.pending = Pending::None;
-        Change::Closed(cause)
+    /// Ends the connection; the terminal sees the state and does the rest.
+    pub(crate) fn close(&mut self, cause: Cause) -> Change {
+        self.state = State::Closed(cause);
+        self.owed.clear();
+        Change::None
     }
 
-    /// Encodes pending control output into `buf`. Returns the number of bytes written.
+    /// Encodes owed control frames into `buf`, in the order they were owed, as many as
+    /// fit (each fits alone in [`super::MIN_TRANSMIT_BUF`]), then a due KEEPALIVE.
+    /// Returns the number of bytes written.
     pub(crate) fn poll_transmit(
         &mut self,
         buf: &mut [u8],
-        user: &UserId,
-        password: &Password,
-        token: Option<&ResumeToken>,
+        login: &LoginAs<'_>,
     ) -> Result<usize, SendError> {
         if buf.len() < super::MIN_TRANSMIT_BUF {
             return Err(SendError::BufferTooSmall);
         }
         let mut written = 0;
-        let frame = match (&self.pending, &self.state) {
-            (Pending::None, _) => None,
-            (Pending::Login, state) => {
-                let with_token = matches!(
-                    state,
-                    State::LoggingIn {
-                        with_token: true,
-                        ..
-                    }
-                );
-                let credential = match (with_token, token) {
-                    (true, Some(t)) => Cred::Resume(t),
-                    _ => Cred::Password(password),
-                };
-                Some(Outbound::Login { user, credential })
+        loop {
+            let rest = buf.get_mut(written..).unwrap_or_default();
+            match self.encode_owed(rest, login) {
+                Some(Ok(n)) => {
+                    written += n;
+                    self.mark_sent();
+                }
+                Some(Err(NoRoom)) | None => break,
             }
-            (Pending::Demand(service), State::Demanding { target }) => {
-                Some(Outbound::Demand { target, service })
-            }
-            // A demand is pending only while demanding.
-            (Pending::Demand(_), _) => None,
-            (Pending::Accept(session), _) => Some(Outbound::Accept(*session)),
-            (
-                Pending::Reject {
-                    session,
-                    reason,
-                    text,
-                },
-                _,
-            ) => Some(Outbound::Reject {
-                session: *session,
-                reason: *reason,
-                text,
-            }),
-            (Pending::Terminate, _) => Some(Outbound::Terminate),
-            (Pending::List(cursor), _) => Some(Outbound::List(*cursor)),
-            (Pending::Logout, _) => Some(Outbound::Logout),
-        };
-        if let Some(frame) = frame {
-            written = frame.encode(buf).map_err(|_| SendError::BufferTooSmall)?;
         }
-        self.pending = Pending::None;
         if self.ka_due {
-            let n = Outbound::KeepAlive(self.ka_seq)
-                .encode(buf.get_mut(written..).unwrap_or_default())
-                .map_err(|_| SendError::BufferTooSmall)?;
-            self.ka_seq = self.ka_seq.wrapping_add(1);
-            self.ka_due = false;
-            written += n;
+            let rest = buf.get_mut(written..).unwrap_or_default();
+            if let Ok(n) = Outbound::KeepAlive(self.ka_seq).encode(rest) {
+                self.ka_seq = self.ka_seq.wrapping_add(1);
+                self.ka_due = false;
+                written += n;
+            }
         }
-        if self.close_after_flush && written == 0 {
-            self.state = State::Closed;
+        if self.close_after_flush && written == 0 && !self.has_output() {
+            self.close(Cause::Local);
         }
         Ok(written)
     }
 
+    /// Encodes the first owed frame into `buf`; `None` when nothing is owed.
+    fn encode_owed(&self, buf: &mut [u8], login: &LoginAs<'_>) -> Option<Result<usize, NoRoom>> {
+        let frame = match &self.state {
+            State::LoggingIn {
+                with_token,
+                sent: false,
+                ..
+            } => {
+                let credential = match (with_token, login.token) {
+                    (true, Some(t)) => Cred::Resume(t),
+                    _ => Cred::Password(login.password),
+                };
+                Outbound::Login {
+                    user: login.user,
+                    caps: login.caps,
+                    credential,
+                }
+            }
+            State::Demanding {
+                target,
+                service,
+                step: Step::Owed,
+                ..
+            } => Outbound::Demand { target, service },
+            _ => match *self.owed.front()? {
+                Owed::Accept(session) => Outbound::Accept(session),
+                Owed::Reject { session, reason } => Outbound::Reject { session, reason },
+                Owed::Terminate => Outbound::Terminate,
+                Owed::List(cursor) => Outbound::List(cursor),
+                Owed::Logout => Outbound::Logout,
+            },
+        };
+        Some(frame.encode(buf))
+    }
+
+    /// The frame [`Connection::encode_owed`] encoded is written.
+    fn mark_sent(&mut self) {
+        match &mut self.state {
+            State::LoggingIn { sent, .. } if !*sent => *sent = true,
+            State::Demanding { step, .. } if *step == Step::Owed => *step = Step::Sent,
+            _ => {
+                self.owed.pop_front();
+            }
+        }
+    }
+
     pub(crate) fn has_output(&self) -> bool {
-        !matches!(self.pending, Pending::None) || self.ka_due
+        let state_owes = matches!(
+            self.state,
+            State::LoggingIn { sent: false, .. }
+                | State::Demanding {
+                    step: Step::Owed,
+                    ..
+                }
+        );
+        state_owes || !self.owed.is_empty() || self.ka_due
+    }
+
+    /// Queues `o` if there is room and the connection is not logging out; `change` runs
+    /// only then, so a refused call changes nothing.
+    fn owe(&mut self, o: Owed, change: impl FnOnce(&mut State)) -> Result<(), SendError> {
+        if self.close_after_flush {
+            return Err(SendError::NotLoggedIn);
+        }
+        if self.owed.is_full() {
+            return Err(SendError::ControlPending);
+        }
+        change(&mut self.state);
+        self.owed
+            .push_back(o)
+            .map_err(|_| SendError::ControlPending)
     }
 
     /// The header for `len` bytes of session payload the caller writes right after it.
@@ -294,73 +364,90 @@ impl Connection {
         frame::data_header(len).map_err(|_| SendError::TooLong)
     }
 
-    pub(crate) fn demand(&mut self, target: UserId, service: ServiceName) {
-        self.pending = Pending::Demand(service);
-        self.state = State::Demanding { target };
+    /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed.
+    pub(crate) fn demand(&mut self, target: UserId, service: ServiceName, give_up: Instant) {
+        self.state = State::Demanding {
+            target,
+            service,
+            give_up,
+            step: Step::Owed,
+        };
     }
 
     pub(crate) fn accept(&mut self) -> Result<(), SendError> {
-        let State::Noticed { session, from } = &self.state else {
-            return Err(SendError::NoNotice);
-        };
-        let (session, peer) = (*session, from.clone());
-        self.pending = Pending::Accept(session);
-        self.state = State::Session {
-            session,
-            peer,
-            sent_end: false,
-            got_end: false,
-        };
-        Ok(())
-    }
-
-    pub(crate) fn reject(&mut self, reason: RejectReason, text: Text) -> Result<(), SendError> {
         let State::Noticed { session, .. } = self.state else {
             return Err(SendError::NoNotice);
         };
-        self.pending = Pending::Reject {
-            session,
-            reason,
-            text,
+        self.owe(Owed::Accept(session), |state| {
+            if let State::Noticed { session, from } = state {
+                let peer = core::mem::take(from);
+                *state = State::Session {
+                    session: *session,
+                    peer,
+                    sent_end: false,
+                    got_end: false,
+                };
+            }
+        })
+    }
+
+    pub(crate) fn reject(&mut self, reason: RejectReason) -> Result<(), SendError> {
+        let State::Noticed { session, .. } = self.state else {
+            return Err(SendError::NoNotice);
         };
-        self.state = State::Idle;
-        Ok(())
+        self.owe(Owed::Reject { session, reason }, |state| {
+            *state = State::Idle
+        })
     }
 
     pub(crate) fn terminate(&mut self) -> Result<(), SendError> {
-        match &mut self.state {
+        if !matches!(
+            self.state,
             State::Session {
-                sent_end: sent_end @ false,
+                sent_end: false,
                 ..
-            } => {
-                *sent_end = true;
-                self.pending = Pending::Terminate;
-                Ok(())
             }
-            _ => Err(SendError::NotInSession),
+        ) {
+            return Err(SendError::NotInSession);
         }
+        self.owe(Owed::Terminate, |state| {
+            if let State::Session { sent_end, .. } = state {
+                *sent_end = true;
+            }
+        })
     }
 
-    pub(crate) fn list(&mut self, cursor: u32) {
-        self.pending = Pending::List(cursor);
+    /// Only on an idle connection, like [`Connection::demand`].
+    pub(crate) fn list(&mut self, cursor: u32) -> Result<(), SendError> {
+        self.owe(Owed::List(cursor), |_| {})
     }
 
-    pub(crate) fn logout(&mut self) {
-        self.pending = Pending::Logout;
+    /// LOGOUT after whatever is owed; the connection closes once it is written.
+    pub(crate) fn logout(&mut self) -> Result<(), SendError> {
+        self.owe(Owed::Logout, |_| {})?;
         self.close_after_flush = true;
+        Ok(())
     }
 
     /// The next instant at which [`Connection::handle_timeout`] has work.
     pub(crate) fn poll_timeout(&self, cfg: &Config, keepalive: Duration) -> Option<Instant> {
         match self.state {
-            State::Connecting { since } | State::LoggingIn { since, .. } => {
+            State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 Some(since + cfg.handshake_timeout)
             }
-            State::Closed => None,
-            _ => Some(
-                self.next_ka
-                    .min(self.last_rx + self.rx_timeout(cfg, keepalive)),
-            ),
+            State::Closed(_) => None,
+            _ => {
+                let alive = self
+                    .next_ka
+                    .min(self.last_rx + self.rx_timeout(cfg, keepalive));
+                Some(match self.state {
+                    State::Demanding {
+                        step: Step::RetryAt(t),
+                        ..
+                    } => alive.min(t),
+                    _ => alive,
+                })
+            }
         }
     }
 
@@ -379,31 +466,37 @@ impl Connection {
         cfg: &Config,
         keepalive: Duration,
         jitter: &mut Jitter,
-    ) -> Change {
+    ) {
         match self.state {
-            State::Connecting { since } | State::LoggingIn { since, .. } => {
+            State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 if now >= since + cfg.handshake_timeout {
-                    return self.close(Cause::HandshakeTimeout);
+                    self.close(Cause::HandshakeTimeout);
                 }
             }
-            State::Closed => {}
+            State::Closed(_) => {}
             _ => {
                 if now >= self.last_rx + self.rx_timeout(cfg, keepalive) {
-                    return self.close(Cause::KeepAliveTimeout);
+                    self.close(Cause::KeepAliveTimeout);
+                    return;
                 }
                 if now >= self.next_ka {
                     self.ka_due = true;
                     self.next_ka = now + jitter.spread(keepalive, 10);
                 }
+                if let State::Demanding { step, .. } = &mut self.state
+                    && matches!(*step, Step::RetryAt(t) if now >= t)
+                {
+                    *step = Step::Owed;
+                }
             }
         }
-        Change::None
     }
 
     /// Takes bytes received from the relay. See [`Offer`].
     pub(crate) fn handle_input(
         &mut self,
         now: Instant,
+        cfg: &Config,
         input: &[u8],
         jitter: &mut Jitter,
     ) -> (Offer, Change) {
@@ -416,10 +509,6 @@ impl Connection {
             self.rx_payload -= n as u16;
             return (Offer::Payload(n), Change::None);
         }
-        if matches!(self.state, State::Closed) {
-            // Whatever follows a fatal error is of no interest.
-            return (Offer::Consumed(input.len()), Change::None);
-        }
         match wire::parse(input) {
             Ok(None) => (Offer::NeedMore, Change::None),
             Err(_) => (Offer::Consumed(input.len()), self.close(Cause::Protocol)),
@@ -431,11 +520,11 @@ impl Connection {
                     (Offer::Consumed(input.len()), self.close(Cause::Protocol))
                 }
             }
-            Ok(Some((f, n))) => (Offer::Consumed(n), self.on_frame(now, f, jitter)),
+            Ok(Some((f, n))) => (Offer::Consumed(n), self.on_frame(now, cfg, f, jitter)),
         }
     }
 
-    fn on_frame(&mut self, now: Instant, f: Inbound, jitter: &mut Jitter) -> Change {
+    fn on_frame(&mut self, now: Instant, cfg: &Config, f: Inbound, jitter: &mut Jitter) -> Change {
         if matches!(f, Inbound::KeepAliveAck) && self.is_logged_in() {
             return Change::None;
         }
@@ -474,8 +563,8 @@ impl Connection {
                         since: now,
                         with_token: false,
                         fallback: false,
+                        sent: false,
                     };
-                    self.pending = Pending::Login;
                     Change::None
                 } else {
                     self.close(Cause::Relay(code));
@@ -529,7 +618,17 @@ impl Connection {
             // A NOTICE that crossed our DEMAND on this connection: the relay withdraws it
             // when the DEMAND arrives, so it is void.
             (State::Demanding { .. }, Inbound::Notice { .. }) => Change::None,
-            (State::Demanding { target }, Inbound::DemandResult(r)) => match r {
+            (
+                State::Demanding { give_up, step, .. },
+                Inbound::DemandResult(DemandResult::Failed {
+                    error: DemandError::NoIdleConnection,
+                    ..
+                }),
+            ) if now + cfg.demand_retry < *give_up => {
+                *step = Step::RetryAt(now + cfg.demand_retry);
+                Change::None
+            }
+            (State::Demanding { target, .. }, Inbound::DemandResult(r)) => match r {
                 DemandResult::Accepted { session } => {
                     let peer = target.clone();
                     self.state = State::Session {
@@ -561,6 +660,10 @@ impl Connection {
             // RELEASE ends a session, or withdraws a notice the relay gave up on.
             (State::Session { .. } | State::Noticed { .. }, Inbound::Release(reason)) => {
                 self.state = State::Idle;
+                // The session is over: an ACCEPT or TERMINATE for it not written yet is
+                // void (the relay would answer it with an error on an idle connection).
+                self.owed
+                    .retain(|o| !matches!(o, Owed::Accept(_) | Owed::Terminate));
                 self.rx_payload = 0;
                 Change::Released { reason }
             }
@@ -569,11 +672,9 @@ impl Connection {
     }
 
     /// The transport ended under us.
-    pub(crate) fn transport_closed(&mut self) -> Change {
-        if matches!(self.state, State::Closed) {
-            Change::None
-        } else {
-            self.close(Cause::Transport)
+    pub(crate) fn transport_closed(&mut self) {
+        if !self.is_closed() {
+            self.close(Cause::Transport);
         }
     }
 }

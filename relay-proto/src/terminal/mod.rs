@@ -9,16 +9,17 @@
 //! [`Terminal::poll_transmit`] produces, and calls [`Terminal::handle_timeout`] when
 //! [`Terminal::poll_timeout`] says.
 //!
-//! Events are queued in a small fixed queue: drain [`Terminal::poll_event`] after every
-//! call. One call produces at most [`EVENTS_PER_CALL`] events.
+//! Drain [`Terminal::poll_event`] after every call. No event is ever lost (see
+//! [`Terminal`]): most are derived from state, and input waits while one is not polled.
 
+mod admission;
 mod connection;
 mod wire;
 
-use heapless::Deque;
+pub use admission::admit;
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
-use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD};
+use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD, caps};
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant, earliest};
@@ -34,9 +35,35 @@ pub const MIN_TRANSMIT_BUF: usize = MAX_CONTROL_FRAME + 16;
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Handle(pub u8);
 
+/// What kind of instance of its user ID a terminal is (docs/PROTOCOL.md §10.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Kind {
+    /// Takes demands (a device, `relay expose`): a newer reachable login of the same user
+    /// ID replaces it.
+    #[default]
+    Reachable,
+    /// Only makes demands or asks for the online list (`relay connect`, `relay online`):
+    /// its LOGIN carries [`caps::REQUESTER`](crate::frame::caps::REQUESTER), it replaces
+    /// nothing and is never a demand's target; any number run at once.
+    Requester,
+}
+
+impl Kind {
+    /// The capability bits its LOGIN announces.
+    pub(crate) const fn caps(self) -> u32 {
+        match self {
+            Kind::Reachable => caps::ALL,
+            Kind::Requester => caps::ALL | caps::REQUESTER,
+        }
+    }
+}
+
 /// Terminal settings. The relay's LOGIN_OK overrides the keep-alive interval.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Reachable or requester.
+    pub kind: Kind,
     /// Idle connections to keep logged in (at least 1: one is what makes us reachable).
     pub spare: u8,
     /// Keep-alive interval until the relay announces its own.
@@ -45,6 +72,11 @@ pub struct Config {
     pub ack_timeout: Duration,
     /// From opening a connection to LOGIN_OK.
     pub handshake_timeout: Duration,
+    /// How long a demand the relay answers with `NoIdleConnection` (every connection of
+    /// the target busy) is tried again before [`Event::DemandFailed`] reports it.
+    pub demand_patience: Duration,
+    /// The pause before each such retry.
+    pub demand_retry: Duration,
     /// First reconnect delay; doubles per failure up to `backoff_max`, ±25% jitter.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -53,10 +85,13 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            kind: Kind::Reachable,
             spare: 1,
             keepalive: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            demand_patience: Duration::from_secs(15),
+            demand_retry: Duration::from_millis(150),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
         }
@@ -129,6 +164,9 @@ pub enum Offer {
     Payload(usize),
     /// The bytes hold only part of a frame: keep them and offer them again with more.
     NeedMore,
+    /// Nothing was taken: the event the previous frame produced waits in
+    /// [`Terminal::poll_event`]. Drain the events, then offer the same bytes again.
+    Blocked,
 }
 
 /// Why an application call was refused. Nothing changed.
@@ -154,9 +192,16 @@ pub enum SendError {
 }
 
 /// A terminal's connections to one relay. `N` is the most connections it ever holds
-/// (at most 255); `E` the event queue (at least `2 * N + 2`).
+/// (at most 255).
+///
+/// Its events are derived from its state rather than queued, so none can be lost however
+/// late the host drains them: a slot's `Open` and `Closed` are states of the slot (a
+/// closed slot is reused only once its `Closed` was reported), `LoggedIn` and `Down` the
+/// difference between being up and what the host was told, `LoginRefused` a record kept
+/// until reported. The one event a frame produces waits in a single place, and
+/// [`Terminal::handle_input`] takes no more input ([`Offer::Blocked`]) until it is polled.
 #[derive(Debug)]
-pub struct Terminal<const N: usize, const E: usize = 16> {
+pub struct Terminal<const N: usize> {
     config: Config,
     user: UserId,
     password: Password,
@@ -165,23 +210,24 @@ pub struct Terminal<const N: usize, const E: usize = 16> {
     keepalive: Duration,
     max_payload: u16,
     slots: [Option<Connection>; N],
-    events: Deque<Event, E>,
+    /// The event the last frame produced, until polled.
+    event: Option<Event>,
     jitter: Jitter,
     /// No new connection before this instant (back-off after failures).
     retry_at: Instant,
     failures: u32,
     /// Logged out or refused: no more connections until `start`.
     stopped: bool,
-    /// Whether `LoggedIn` was reported and `Down` not yet.
+    /// Whether a connection is logged in, and whether the host was last told so.
     up: bool,
+    told_up: bool,
+    /// Why the terminal stopped, until reported as [`Event::LoginRefused`].
+    refusal: Option<(ErrorCode, Text)>,
     list: Option<ListAnswer>,
 }
 
-impl<const N: usize, const E: usize> Terminal<N, E> {
-    const SIZES_OK: () = assert!(
-        N >= 1 && N <= 255 && E >= 2 * N + 2,
-        "Terminal<N, E>: need 1 <= N <= 255 and E >= 2N+2"
-    );
+impl<const N: usize> Terminal<N> {
+    const SIZES_OK: () = assert!(N >= 1 && N <= 255, "Terminal<N>: need 1 <= N <= 255");
 
     /// A terminal that will log in as `user`. `seed` drives keep-alive and back-off
     /// jitter (give each device a different one, e.g. from its RNG).
@@ -195,12 +241,14 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
             token: None,
             max_payload: MAX_PAYLOAD as u16,
             slots: core::array::from_fn(|_| None),
-            events: Deque::new(),
+            event: None,
             jitter: Jitter::new(seed),
             retry_at: Instant::ZERO,
             failures: 0,
             stopped: true,
             up: false,
+            told_up: false,
+            refusal: None,
             list: None,
         }
     }
@@ -229,31 +277,64 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         self.conns().count()
     }
 
+    /// The connections not closed.
     fn conns(&self) -> impl Iterator<Item = (Handle, &Connection)> {
         self.slots
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|c| (Handle(i as u8), c)))
+            .filter(|(_, c)| !c.is_closed())
     }
 
     fn conn_mut(&mut self, h: Handle) -> Result<&mut Connection, SendError> {
-        self.slots
-            .get_mut(usize::from(h.0))
-            .and_then(Option::as_mut)
-            .ok_or(SendError::BadHandle)
+        open_slot(&mut self.slots, h).ok_or(SendError::BadHandle)
     }
 
-    fn push(&mut self, e: Event) {
-        // E >= 2N+2 covers one call; a host that never drains loses the oldest.
-        if self.events.is_full() {
-            self.events.pop_front();
-        }
-        let _ = self.events.push_back(e);
-    }
-
-    /// The next event, if any. Drain after every call.
+    /// The next event, if any. Drain after every call: [`Terminal::handle_input`] takes
+    /// nothing more while one waits. Order: `LoggedIn`, the frame's event, each `Closed`
+    /// (slot order), `Down`, `LoginRefused`, each `Open`.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        if self.up && !self.told_up {
+            self.told_up = true;
+            return Some(Event::LoggedIn);
+        }
+        if let Some(e) = self.event.take() {
+            return Some(e);
+        }
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(Connection {
+                state: State::Closed(cause),
+                ..
+            }) = slot
+            {
+                let cause = cause.clone();
+                *slot = None;
+                return Some(Event::Closed {
+                    handle: Handle(i as u8),
+                    cause,
+                });
+            }
+        }
+        if !self.up && self.told_up {
+            self.told_up = false;
+            return Some(Event::Down);
+        }
+        if let Some((code, text)) = self.refusal.take() {
+            return Some(Event::LoginRefused { code, text });
+        }
+        self.slots.iter_mut().enumerate().find_map(|(i, slot)| {
+            let Some(Connection {
+                state: State::Connecting { announced, .. },
+                ..
+            }) = slot
+            else {
+                return None;
+            };
+            (!*announced).then(|| {
+                *announced = true;
+                Event::Open(Handle(i as u8))
+            })
+        })
     }
 
     /// Starts (or restarts after `logout` or a refusal) the terminal.
@@ -284,11 +365,10 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
 
     fn replenish(&mut self, now: Instant) {
         while now >= self.retry_at && self.wants_connection() {
-            let Some(i) = self.slots.iter().position(Option::is_none) else {
+            let Some(slot) = self.slots.iter_mut().find(|s| s.is_none()) else {
                 return;
             };
-            self.slots[i] = Some(Connection::new(now));
-            self.push(Event::Open(Handle(i as u8)));
+            *slot = Some(Connection::new(now));
         }
     }
 
@@ -309,14 +389,23 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     /// The transport for `h` closed or failed (read EOF, write error, reset).
     pub fn transport_closed(&mut self, h: Handle, now: Instant) {
         if let Ok(c) = self.conn_mut(h) {
-            let change = c.transport_closed();
-            self.apply(h, change, now);
+            c.transport_closed();
+            self.settle(h, now);
         }
+        self.replenish(now);
     }
 
-    /// Frees a finished slot, reports it, backs off after failures, and refills the pool.
-    fn finish(&mut self, h: Handle, cause: Cause, now: Instant) {
-        self.slots[usize::from(h.0)] = None;
+    /// After a call into `h`'s connection, which was open: if it closed, back off after a
+    /// failure, stop on a cause that retrying cannot fix, and track whether we are up.
+    fn settle(&mut self, h: Handle, now: Instant) {
+        let Some(Connection {
+            state: State::Closed(cause),
+            ..
+        }) = self.slots.get(usize::from(h.0)).and_then(Option::as_ref)
+        else {
+            return;
+        };
+        let cause = cause.clone();
         if cause != Cause::Local {
             self.failures = self.failures.saturating_add(1);
             let exp = self.failures.clamp(1, 16) - 1;
@@ -327,17 +416,25 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                 .min(self.config.backoff_max);
             self.retry_at = self.retry_at.max(now + self.jitter.spread(delay, 25));
         }
-        self.push(Event::Closed { handle: h, cause });
-        if self.up && !self.conns().any(|(_, c)| c.is_logged_in()) {
-            self.up = false;
-            self.push(Event::Down);
+        let up = self.conns().any(|(_, c)| c.is_logged_in());
+        self.up = up;
+        // Another instance of this user ID took over, or the account is gone.
+        if let Cause::Relay(code @ (ErrorCode::Replaced | ErrorCode::AccountRemoved)) = cause {
+            self.stop(Cause::Relay(code));
+            self.refuse(code, Text::lossy(code.describe()));
         }
     }
 
-    /// Turns one connection's change into events and pool decisions.
-    fn apply(&mut self, h: Handle, change: Change, now: Instant) {
-        match change {
-            Change::None => {}
+    /// Stops for good (until `start`) and keeps why for [`Event::LoginRefused`]. The first
+    /// reason stands until it is reported.
+    fn refuse(&mut self, code: ErrorCode, text: Text) {
+        self.refusal.get_or_insert((code, text));
+    }
+
+    /// Turns one frame's change into an event and pool decisions.
+    fn apply(&mut self, h: Handle, change: Change, now: Instant) -> Option<Event> {
+        let event = match change {
+            Change::None => None,
             Change::LoggedIn {
                 token,
                 keepalive,
@@ -348,17 +445,14 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                 self.max_payload = max_payload;
                 self.failures = 0;
                 self.retry_at = now;
-                if !self.up {
-                    self.up = true;
-                    self.push(Event::LoggedIn);
-                }
+                self.up = true;
+                None
             }
             Change::LoginRefused {
                 code,
                 text,
                 with_token,
             } => {
-                self.finish(h, Cause::Relay(code), now);
                 // A refused password cannot be fixed by retrying; a replaced instance or
                 // a removed account must stop. A refused (expired) token is retried.
                 let hopeless = match code {
@@ -367,89 +461,71 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                     _ => false,
                 };
                 if hopeless {
-                    self.stop(now, Cause::Relay(code));
-                    self.push(Event::LoginRefused { code, text });
+                    self.stop(Cause::Relay(code));
+                    self.refuse(code, text);
                 }
+                None
             }
             Change::Notice {
                 session,
                 from,
                 service,
-            } => {
-                self.push(Event::Notice {
-                    handle: h,
-                    session,
-                    from,
-                    service,
-                });
-            }
-            Change::Accepted { session, peer } => {
-                self.push(Event::Accepted {
-                    handle: h,
-                    session,
-                    peer,
-                });
-            }
-            Change::DemandFailed { error, text } => {
-                self.push(Event::DemandFailed {
-                    handle: h,
-                    error,
-                    text,
-                });
-            }
-            Change::PeerTerminated => self.push(Event::PeerTerminated { handle: h }),
-            Change::Released { reason } => self.push(Event::SessionEnded { handle: h, reason }),
+            } => Some(Event::Notice {
+                handle: h,
+                session,
+                from,
+                service,
+            }),
+            Change::Accepted { session, peer } => Some(Event::Accepted {
+                handle: h,
+                session,
+                peer,
+            }),
+            Change::DemandFailed { error, text } => Some(Event::DemandFailed {
+                handle: h,
+                error,
+                text,
+            }),
+            Change::PeerTerminated => Some(Event::PeerTerminated { handle: h }),
+            Change::Released { reason } => Some(Event::SessionEnded { handle: h, reason }),
             Change::ListPage(page) => {
                 self.list = Some(page);
-                self.push(Event::OnlinePage);
+                Some(Event::OnlinePage)
             }
-            Change::RelayError { code, text } => {
-                self.push(Event::RelayError {
-                    handle: h,
-                    code,
-                    text,
-                });
-            }
-            Change::Closed(cause) => {
-                if matches!(
-                    cause,
-                    Cause::Relay(ErrorCode::Replaced | ErrorCode::AccountRemoved)
-                ) {
-                    // Another instance of this user ID took over, or the account is gone.
-                    self.finish(h, cause.clone(), now);
-                    self.stop(now, cause.clone());
-                    if let Cause::Relay(code) = cause {
-                        self.push(Event::LoginRefused {
-                            code,
-                            text: Text::lossy(code.describe()),
-                        });
-                    }
-                } else {
-                    self.finish(h, cause, now);
-                }
-            }
-        }
+            Change::RelayError { code, text } => Some(Event::RelayError {
+                handle: h,
+                code,
+                text,
+            }),
+        };
+        self.settle(h, now);
         self.replenish(now);
+        event
     }
 
-    /// Closes every connection and opens no more.
-    fn stop(&mut self, now: Instant, cause: Cause) {
+    /// Closes every open connection and opens no more.
+    fn stop(&mut self, cause: Cause) {
         self.stopped = true;
         for i in 0..N {
-            if self.slots[i].is_some() {
-                self.finish(Handle(i as u8), cause.clone(), now);
+            if let Ok(c) = self.conn_mut(Handle(i as u8)) {
+                c.close(cause.clone());
             }
         }
+        self.up = false;
     }
 
     /// Takes bytes received on `h`. Call again with the rest until it is used up or the
-    /// answer is [`Offer::NeedMore`]. Bytes for an unknown handle are swallowed.
+    /// answer is [`Offer::NeedMore`] (or [`Offer::Blocked`]: drain the events first).
+    /// Bytes for an unknown or closed handle are swallowed.
     pub fn handle_input(&mut self, h: Handle, now: Instant, input: &[u8]) -> Offer {
-        let Some(Some(c)) = self.slots.get_mut(usize::from(h.0)) else {
+        if self.event.is_some() {
+            return Offer::Blocked;
+        }
+        let Some(c) = open_slot(&mut self.slots, h) else {
             return Offer::Consumed(input.len());
         };
-        let (offer, change) = c.handle_input(now, input, &mut self.jitter);
-        self.apply(h, change, now);
+        let (offer, change) = c.handle_input(now, &self.config, input, &mut self.jitter);
+        self.event = self.apply(h, change, now);
         offer
     }
 
@@ -461,13 +537,16 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         now: Instant,
         buf: &mut [u8],
     ) -> Result<usize, SendError> {
-        let Some(Some(c)) = self.slots.get_mut(usize::from(h.0)) else {
-            return Err(SendError::BadHandle);
+        let c = open_slot(&mut self.slots, h).ok_or(SendError::BadHandle)?;
+        let login = wire::LoginAs {
+            user: &self.user,
+            password: &self.password,
+            token: self.token.as_ref(),
+            caps: self.config.kind.caps(),
         };
-        let n = c.poll_transmit(buf, &self.user, &self.password, self.token.as_ref())?;
-        if matches!(c.state, State::Closed) {
-            self.finish(h, Cause::Local, now);
-        }
+        let n = c.poll_transmit(buf, &login)?;
+        // After LOGOUT the connection closes here.
+        self.settle(h, now);
         Ok(n)
     }
 
@@ -493,20 +572,29 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     pub fn handle_timeout(&mut self, now: Instant) {
         let keepalive = self.keepalive;
         for i in 0..N {
-            let Some(c) = self.slots[i].as_mut() else {
+            let h = Handle(i as u8);
+            let Some(c) = self.slots[i].as_mut().filter(|c| !c.is_closed()) else {
                 continue;
             };
-            let change = c.handle_timeout(now, &self.config, keepalive, &mut self.jitter);
-            self.apply(Handle(i as u8), change, now);
+            c.handle_timeout(now, &self.config, keepalive, &mut self.jitter);
+            self.settle(h, now);
         }
         self.replenish(now);
     }
 
     /// Asks the relay for a session with `target` on an idle connection (step 6).
     /// The answer is [`Event::Accepted`] or [`Event::DemandFailed`] on the returned handle.
-    pub fn demand(&mut self, target: UserId, service: ServiceName) -> Result<Handle, SendError> {
+    /// While the relay answers `NoIdleConnection` the demand is made again, every
+    /// `demand_retry`, until `demand_patience` from `now` has passed.
+    pub fn demand(
+        &mut self,
+        target: UserId,
+        service: ServiceName,
+        now: Instant,
+    ) -> Result<Handle, SendError> {
         let h = self.idle_handle()?;
-        self.conn_mut(h)?.demand(target, service);
+        let give_up = now + self.config.demand_patience;
+        self.conn_mut(h)?.demand(target, service, give_up);
         Ok(h)
     }
 
@@ -527,9 +615,10 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         Ok(())
     }
 
-    /// Rejects the notice on `h`; the requester gets `reason` and `text`.
-    pub fn reject(&mut self, h: Handle, reason: RejectReason, text: Text) -> Result<(), SendError> {
-        self.conn_mut(h)?.reject(reason, text)
+    /// Rejects the notice on `h`; the requester gets `reason` and its text
+    /// ([`RejectReason::describe`]).
+    pub fn reject(&mut self, h: Handle, reason: RejectReason) -> Result<(), SendError> {
+        self.conn_mut(h)?.reject(reason)
     }
 
     /// The DATA header for `len` payload bytes on `h`'s session. Write it, then exactly
@@ -557,7 +646,7 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
     /// Asks for a page of the online list; `cursor` 0 is the first page.
     pub fn request_online(&mut self, cursor: u32) -> Result<Handle, SendError> {
         let h = self.idle_handle()?;
-        self.conn_mut(h)?.list(cursor);
+        self.conn_mut(h)?.list(cursor)?;
         Ok(h)
     }
 
@@ -573,13 +662,23 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
         self.stopped = true;
         for i in 0..N {
             let h = Handle(i as u8);
-            if Some(h) == carrier {
-                if let Ok(c) = self.conn_mut(h) {
-                    c.logout();
-                }
-            } else if self.slots[i].is_some() {
-                self.finish(h, Cause::Local, now);
+            // A carrier that owes too much for a LOGOUT closes like the others.
+            let carried = Some(h) == carrier && self.conn_mut(h).and_then(|c| c.logout()).is_ok();
+            if let (false, Ok(c)) = (carried, self.conn_mut(h)) {
+                c.close(Cause::Local);
+                self.settle(h, now);
             }
         }
     }
 }
+
+/// `h`'s connection unless it is closed (a closed one only waits to be reported).
+fn open_slot(slots: &mut [Option<Connection>], h: Handle) -> Option<&mut Connection> {
+    slots
+        .get_mut(usize::from(h.0))
+        .and_then(Option::as_mut)
+        .filter(|c| !c.is_closed())
+}
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,7 @@
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 use crate::frame::{
-    DemandResult, FrameType, HEADER_LEN, LIST_PAGE, ListAnswer, MAGIC, MAX_CONTROL, VERSION, caps,
+    DemandResult, FrameType, HEADER_LEN, LIST_PAGE, ListAnswer, MAGIC, MAX_CONTROL, VERSION,
 };
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 
@@ -254,11 +254,22 @@ fn error_code(i: u32) -> Result<ErrorCode, Malformed> {
     CODES.get(i as usize).copied().ok_or(Malformed)
 }
 
+/// What every LOGIN of a terminal is made of, borrowed from it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoginAs<'a> {
+    pub(crate) user: &'a UserId,
+    pub(crate) password: &'a Password,
+    pub(crate) token: Option<&'a ResumeToken>,
+    /// The capability bits announced ([`crate::terminal::Kind::caps`]).
+    pub(crate) caps: u32,
+}
+
 /// A frame a terminal sends, borrowing what it carries.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Outbound<'a> {
     Login {
         user: &'a UserId,
+        caps: u32,
         credential: Cred<'a>,
     },
     KeepAlive(u32),
@@ -268,10 +279,10 @@ pub(crate) enum Outbound<'a> {
         service: &'a ServiceName,
     },
     Accept(u32),
+    /// The text is the reason's ([`RejectReason::describe`]).
     Reject {
         session: u32,
         reason: RejectReason,
-        text: &'a Text,
     },
     Terminate,
     Logout,
@@ -296,10 +307,14 @@ impl Outbound<'_> {
             len: HEADER_LEN,
         };
         let ty = match *self {
-            Outbound::Login { user, credential } => {
+            Outbound::Login {
+                user,
+                caps,
+                credential,
+            } => {
                 w.raw(&MAGIC)?;
                 w.raw(&[VERSION])?;
-                w.varint(caps::ALL)?;
+                w.varint(caps)?;
                 w.str(user.as_str())?;
                 match credential {
                     Cred::Password(p) => {
@@ -330,14 +345,10 @@ impl Outbound<'_> {
                 w.varint(session)?;
                 FrameType::Accept
             }
-            Outbound::Reject {
-                session,
-                reason,
-                text,
-            } => {
+            Outbound::Reject { session, reason } => {
                 w.varint(session)?;
                 w.varint(reason as u32)?;
-                w.str(text.as_str())?;
+                w.str(reason.describe())?;
                 FrameType::Reject
             }
             Outbound::Terminate => FrameType::Terminate,
@@ -592,17 +603,23 @@ mod tests {
             token in prop::collection::vec(any::<u8>(), 0..=64),
             n in any::<u32>(),
             reason in reject_reason_s(),
-            text in text(),
         ) {
             let password = Password::new(&password).unwrap();
             let token = ResumeToken::from_slice(&token).unwrap();
             let service = ServiceName::new(target.as_str()).unwrap();
             let cases = [
                 (
-                    Outbound::Login { user: &user, credential: Cred::Password(&password) },
+                    Outbound::Login {
+                        user: &user,
+                        caps: n,
+                        credential: Cred::Password(&password),
+                    },
                     None,
                 ),
-                (Outbound::Login { user: &user, credential: Cred::Resume(&token) }, None),
+                (
+                    Outbound::Login { user: &user, caps: n, credential: Cred::Resume(&token) },
+                    None,
+                ),
                 (Outbound::KeepAlive(n), Some(Frame::KeepAlive { seq: n })),
                 (Outbound::List(n), Some(Frame::List { cursor: n })),
                 (
@@ -611,16 +628,20 @@ mod tests {
                 ),
                 (Outbound::Accept(n), Some(Frame::Accept { session: n })),
                 (
-                    Outbound::Reject { session: n, reason, text: &text },
-                    Some(Frame::Reject(Reject { session: n, reason, text: text.clone() })),
+                    Outbound::Reject { session: n, reason },
+                    Some(Frame::Reject(Reject {
+                        session: n,
+                        reason,
+                        text: Text::lossy(reason.describe()),
+                    })),
                 ),
                 (Outbound::Terminate, Some(Frame::Terminate)),
                 (Outbound::Logout, Some(Frame::Logout)),
             ];
             for (out, reference) in cases {
                 let reference = reference.unwrap_or_else(|| match out {
-                    Outbound::Login { user, credential } => Frame::Login(Login {
-                        hello: Hello::current(caps::ALL),
+                    Outbound::Login { user, caps, credential } => Frame::Login(Login {
+                        hello: Hello::current(caps),
                         user: user.clone(),
                         credential: match credential {
                             Cred::Password(p) => Credential::Password(p.clone()),

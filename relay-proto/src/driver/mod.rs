@@ -1,0 +1,556 @@
+//! The terminal driver: a [`Terminal`] wired to a non-blocking [`Link`] (the sockets)
+//! and a [`Service`] (the application), written once for every binding
+//! (relay-embedded's agent runs it over smoltcp, the simulation over its pipes).
+//!
+//! All protocol decisions (login, spares, keep-alive, back-off, demand routing) are the
+//! terminal's; the driver only moves bytes and events between it, the sockets and the
+//! application. It holds no receive buffer per connection: received bytes stay in the
+//! socket until they are used ([`Link::peek`], [`Link::consume`]), so a frame split
+//! across packets simply waits there, and payload the service cannot take yet is
+//! backpressure in the socket's window. One scratch buffer, shared by all connections,
+//! holds a control frame while it is decoded or encoded.
+
+mod link;
+mod service;
+
+pub use link::{Link, LinkError, LinkState};
+pub use service::{Decision, Echo, Service, Session, SessionInfo};
+
+use crate::frame::HEADER_LEN;
+use crate::ident::{Password, ServiceName, UserId};
+use crate::terminal::{Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal};
+use crate::time::Instant;
+
+use service::Out;
+
+/// The smallest socket transmit buffer that works: control frames are written only when
+/// this much space is free, so they never have to be split or held back half-written.
+pub const MIN_SOCKET_TX: usize = MIN_TRANSMIT_BUF;
+
+/// The smallest socket receive buffer that works: a whole control frame must fit, since
+/// the terminal decodes a frame only once all of it has arrived.
+pub const MIN_SOCKET_RX: usize = crate::frame::MAX_CONTROL_FRAME;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No connection on this slot.
+    Idle,
+    /// The transport is connecting.
+    Opening,
+    /// Connected and handed to the terminal.
+    Open,
+}
+
+/// One connection slot's glue state.
+#[derive(Debug)]
+struct Slot {
+    phase: Phase,
+    /// The first `payload` bytes still in the socket are session payload the terminal
+    /// already accounted for: they go to the service, never to the terminal again.
+    payload: u16,
+    session: Option<SessionInfo>,
+}
+
+impl Slot {
+    const fn new() -> Self {
+        Slot {
+            phase: Phase::Idle,
+            payload: 0,
+            session: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.phase = Phase::Idle;
+        self.payload = 0;
+    }
+}
+
+/// A device's connections to one relay: `N` connections (`N` socket slots in the
+/// transport).
+///
+/// Call [`Driver::poll`] after every `Interface::poll` (or whenever a socket may have
+/// changed) and at the latest at the instant it returns.
+#[derive(Debug)]
+pub struct Driver<const N: usize> {
+    terminal: Terminal<N>,
+    links: [Slot; N],
+    /// A control frame being decoded or encoded, or payload on its way to the service;
+    /// shared, since the driver handles one connection at a time.
+    scratch: [u8; MIN_TRANSMIT_BUF],
+}
+
+/// Session output over the terminal and the transport (see [`Out`]).
+struct Wire<'x, T: Link, const N: usize> {
+    terminal: &'x mut Terminal<N>,
+    transport: &'x mut T,
+    /// A write failed half-way: the stream is corrupt and the slot must close.
+    broken: bool,
+}
+
+impl<T: Link, const N: usize> Out for Wire<'_, T, N> {
+    fn space(&mut self, h: Handle) -> usize {
+        if self.terminal.has_output(h) {
+            return 0;
+        }
+        self.transport
+            .send_space(usize::from(h.0))
+            .saturating_sub(HEADER_LEN)
+            .min(self.terminal.max_payload())
+    }
+
+    fn write(&mut self, h: Handle, data: &[u8]) -> usize {
+        let n = data.len().min(self.space(h));
+        if n == 0 || self.broken {
+            return 0;
+        }
+        let Ok(header) = self.terminal.send_data(h, n) else {
+            return 0;
+        };
+        let slot = usize::from(h.0);
+        let ok = self.transport.write(slot, &header).is_ok()
+            && data
+                .get(..n)
+                .is_some_and(|payload| self.transport.write(slot, payload).is_ok());
+        if ok {
+            n
+        } else {
+            self.broken = true;
+            0
+        }
+    }
+
+    fn terminate(&mut self, h: Handle) -> bool {
+        self.terminal.terminate(h).is_ok()
+    }
+
+    fn session(&self, h: Handle) -> Option<(u32, &UserId)> {
+        self.terminal.session(h)
+    }
+}
+
+impl<const N: usize> Driver<N> {
+    /// A driver that logs in as `user`. `seed` drives keep-alive and back-off jitter:
+    /// give each device its own (from the RNG peripheral or a unique ID).
+    pub fn new(config: Config, user: UserId, password: Password, seed: u64) -> Self {
+        Driver {
+            terminal: Terminal::new(config, user, password, seed),
+            links: [const { Slot::new() }; N],
+            scratch: [0; MIN_TRANSMIT_BUF],
+        }
+    }
+
+    /// Starts connecting (and reconnecting, from now on). The first `poll` opens sockets.
+    pub fn start(&mut self, now: Instant) {
+        self.terminal.start(now);
+    }
+
+    /// Logs out: LOGOUT on one connection, the others close; no reconnects until `start`.
+    pub fn logout(&mut self, now: Instant) {
+        self.terminal.logout(now);
+    }
+
+    /// Asks the relay for a session with `target`. The session is served by the same
+    /// [`Service`] (`on_open` with `requester: true`), or the demand fails with an
+    /// [`Event::DemandFailed`] through [`Service::on_event`].
+    pub fn demand(
+        &mut self,
+        target: UserId,
+        service: ServiceName,
+        now: Instant,
+    ) -> Result<Handle, SendError> {
+        let h = self.terminal.demand(target, service.clone(), now)?;
+        if let Some(link) = self.links.get_mut(usize::from(h.0)) {
+            link.session = Some(SessionInfo {
+                service,
+                requester: true,
+                peer_ended: false,
+                ended: false,
+                open: false,
+            });
+        }
+        Ok(h)
+    }
+
+    /// Whether at least one connection is logged in (the device is reachable).
+    pub fn is_up(&self) -> bool {
+        self.terminal.is_up()
+    }
+
+    /// The protocol state machine, for what the driver does not wrap (online list, ...).
+    pub fn terminal(&self) -> &Terminal<N> {
+        &self.terminal
+    }
+
+    pub fn terminal_mut(&mut self) -> &mut Terminal<N> {
+        &mut self.terminal
+    }
+
+    /// The session on `h`, if one runs there. Its relay session number and peer are the
+    /// terminal's: [`Terminal::session`].
+    pub fn session(&self, h: Handle) -> Option<&SessionInfo> {
+        self.links
+            .get(usize::from(h.0))
+            .and_then(|l| l.session.as_ref())
+            .filter(|s| s.open)
+    }
+
+    /// Does all pending work: socket state changes, received bytes, timers, service
+    /// output, control frames. Returns when the driver next needs a poll even if no
+    /// packet arrives (`None`: only when a packet arrives).
+    pub fn poll<T: Link, S: Service>(
+        &mut self,
+        now: Instant,
+        transport: &mut T,
+        service: &mut S,
+    ) -> Option<Instant> {
+        self.drain(now, transport, service);
+        for slot in 0..N {
+            self.check_link(slot, now, transport, service);
+            self.receive(slot, now, transport, service);
+        }
+        if self.terminal.poll_timeout().is_some_and(|t| t <= now) {
+            self.terminal.handle_timeout(now);
+            self.drain(now, transport, service);
+        }
+        for slot in 0..N {
+            self.transmit(slot, now, transport, service);
+            self.writable(slot, now, transport, service);
+            self.transmit(slot, now, transport, service);
+        }
+        self.terminal.poll_timeout()
+    }
+
+    /// Follows the transport's state: connection up, connect failed, connection lost.
+    fn check_link<T: Link, S: Service>(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        t: &mut T,
+        svc: &mut S,
+    ) {
+        let h = Handle(slot as u8);
+        match (self.links[slot].phase, t.state(slot)) {
+            (Phase::Opening, LinkState::Open) => {
+                self.links[slot].phase = Phase::Open;
+                self.terminal.connected(h, now);
+            }
+            (Phase::Opening, LinkState::Closed) => {
+                self.terminal.connect_failed(h, now);
+            }
+            (Phase::Open, LinkState::Closed) => {
+                // What the relay sent before closing still counts (a last ERROR frame
+                // says why); a frame it never finished does not hold the slot open.
+                self.receive(slot, now, t, svc);
+                if self.links[slot].phase == Phase::Open {
+                    self.terminal.transport_closed(h, now);
+                }
+            }
+            _ => return,
+        }
+        self.drain(now, t, svc);
+    }
+
+    /// Offers what the slot received to the terminal, frame by frame, and hands payload
+    /// to the service. Bytes are consumed from the socket only once used.
+    fn receive<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
+        let h = Handle(slot as u8);
+        loop {
+            if self.links[slot].phase != Phase::Open {
+                return;
+            }
+            // Payload first: it came before anything after it in the stream.
+            if self.links[slot].payload > 0 {
+                if !self.deliver(slot, now, t, svc) {
+                    return;
+                }
+                continue;
+            }
+            let n = match t.peek(slot, &mut self.scratch) {
+                Ok(0) => return,
+                Ok(n) => n.min(self.scratch.len()),
+                // The relay closed and every byte was used, or the stack failed.
+                Err(_) => return self.fail(slot, now, t, svc),
+            };
+            let bytes = self.scratch.get(..n).unwrap_or(&[]);
+            match self.terminal.handle_input(h, now, bytes) {
+                Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
+                Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
+                Offer::NeedMore if n == self.scratch.len() => {
+                    // A frame larger than any the protocol allows: the terminal would have
+                    // refused it, so this cannot happen; close rather than spin.
+                    return self.fail(slot, now, t, svc);
+                }
+                // The rest of the frame is still on its way: it waits in the socket.
+                Offer::NeedMore => return self.drain(now, t, svc),
+                // Drained just below; then the same bytes again.
+                Offer::Blocked => {}
+            }
+            self.drain(now, t, svc);
+        }
+    }
+
+    /// Hands accounted payload to the service, as much as the scratch holds at a time.
+    /// Returns false when some is left (the service is full: stop reading, the socket's
+    /// window pushes back) or the slot closed.
+    fn deliver<T: Link, S: Service>(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        t: &mut T,
+        svc: &mut S,
+    ) -> bool {
+        let Driver {
+            terminal,
+            links,
+            scratch,
+        } = self;
+        let link = &mut links[slot];
+        let pending = usize::from(link.payload).min(scratch.len());
+        let available = match t.peek(slot, scratch.get_mut(..pending).unwrap_or_default()) {
+            Ok(n) => n.min(pending),
+            Err(_) => {
+                self.fail(slot, now, t, svc);
+                return false;
+            }
+        };
+        if available == 0 {
+            return false;
+        }
+        let mut wire = Wire {
+            terminal,
+            transport: t,
+            broken: false,
+        };
+        let data = scratch.get(..available).unwrap_or(&[]);
+        let used = match link.session.as_mut().filter(|s| s.open) {
+            Some(info) => {
+                let mut s = Session {
+                    handle: Handle(slot as u8),
+                    info,
+                    out: &mut wire,
+                };
+                svc.on_data(&mut s, data).min(available)
+            }
+            // No session to take it (a stray after the service closed): drop it.
+            None => available,
+        };
+        let broken = wire.broken;
+        t.consume(slot, used);
+        link.payload -= used as u16;
+        if broken {
+            self.fail(slot, now, t, svc);
+            return false;
+        }
+        used == available
+    }
+
+    /// Lets the service write on a running session.
+    fn writable<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
+        let Driver {
+            terminal, links, ..
+        } = self;
+        let link = &mut links[slot];
+        if link.phase != Phase::Open {
+            return;
+        }
+        let Some(info) = link.session.as_mut().filter(|s| s.open && !s.ended) else {
+            return;
+        };
+        let mut wire = Wire {
+            terminal,
+            transport: t,
+            broken: false,
+        };
+        let mut s = Session {
+            handle: Handle(slot as u8),
+            info,
+            out: &mut wire,
+        };
+        svc.on_writable(&mut s);
+        if wire.broken {
+            self.fail(slot, now, t, svc);
+        }
+    }
+
+    /// Writes the slot's pending control frames when the socket has room for any.
+    fn transmit<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
+        let h = Handle(slot as u8);
+        if self.links[slot].phase != Phase::Open
+            || !self.terminal.has_output(h)
+            || t.send_space(slot) < MIN_TRANSMIT_BUF
+        {
+            return;
+        }
+        match self.terminal.poll_transmit(h, now, &mut self.scratch) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => {
+                let bytes = self.scratch.get(..n).unwrap_or(&[]);
+                if t.write(slot, bytes).is_err() {
+                    return self.fail(slot, now, t, svc);
+                }
+            }
+        }
+        // After LOGOUT the terminal finishes the slot here.
+        self.drain(now, t, svc);
+    }
+
+    /// The transport misbehaved (read or write error, EOF): the terminal closes the slot.
+    fn fail<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
+        self.terminal.transport_closed(Handle(slot as u8), now);
+        self.drain(now, t, svc);
+    }
+
+    fn open_session<T: Link, S: Service>(&mut self, slot: usize, t: &mut T, svc: &mut S) {
+        let Driver {
+            terminal, links, ..
+        } = self;
+        let Some(info) = links[slot].session.as_mut() else {
+            return;
+        };
+        info.open = true;
+        let mut wire = Wire {
+            terminal,
+            transport: t,
+            broken: false,
+        };
+        let mut s = Session {
+            handle: Handle(slot as u8),
+            info,
+            out: &mut wire,
+        };
+        svc.on_open(&mut s);
+    }
+
+    fn close_session<S: Service>(&mut self, slot: usize, svc: &mut S) {
+        if self.links[slot]
+            .session
+            .take()
+            .is_some_and(|info| info.open)
+        {
+            svc.on_close(Handle(slot as u8));
+        }
+    }
+
+    /// Acts on every queued terminal event.
+    fn drain<T: Link, S: Service>(&mut self, now: Instant, t: &mut T, svc: &mut S) {
+        while let Some(event) = self.terminal.poll_event() {
+            svc.on_event(&event);
+            match event {
+                Event::Open(h) => {
+                    let slot = usize::from(h.0);
+                    if slot >= N {
+                        continue;
+                    }
+                    self.links[slot].reset();
+                    if t.open(slot).is_err() {
+                        self.terminal.connect_failed(h, now);
+                    } else if t.state(slot) == LinkState::Open {
+                        // Up at once (a stack that connects synchronously): LOGIN
+                        // goes out in this poll, not the next.
+                        self.links[slot].phase = Phase::Open;
+                        self.terminal.connected(h, now);
+                    } else {
+                        self.links[slot].phase = Phase::Opening;
+                    }
+                }
+                Event::Closed { handle, cause } => {
+                    let slot = usize::from(handle.0);
+                    if slot >= N {
+                        continue;
+                    }
+                    self.close_session(slot, svc);
+                    if self.links[slot].phase != Phase::Idle {
+                        t.close(slot, cause == Cause::Local);
+                    }
+                    self.links[slot].reset();
+                }
+                Event::Notice {
+                    handle,
+                    from,
+                    service,
+                    ..
+                } => {
+                    let slot = usize::from(handle.0);
+                    match svc.on_notice(&from, &service) {
+                        Decision::Accept if slot < N => {
+                            if self.terminal.accept(handle, now).is_ok() {
+                                self.links[slot].session = Some(SessionInfo {
+                                    service,
+                                    requester: false,
+                                    peer_ended: false,
+                                    ended: false,
+                                    open: false,
+                                });
+                                self.open_session(slot, t, svc);
+                            }
+                        }
+                        Decision::Accept | Decision::Ignore => {}
+                        Decision::Reject(reason) => {
+                            let _ = self.terminal.reject(handle, reason);
+                        }
+                    }
+                }
+                Event::Accepted { handle, .. } => {
+                    let slot = usize::from(handle.0);
+                    if slot >= N {
+                        continue;
+                    }
+                    // A demand made through the terminal directly has no record yet.
+                    self.links[slot].session.get_or_insert(SessionInfo {
+                        service: ServiceName::default(),
+                        requester: true,
+                        peer_ended: false,
+                        ended: false,
+                        open: false,
+                    });
+                    self.open_session(slot, t, svc);
+                }
+                Event::DemandFailed { handle, .. } => {
+                    if let Some(link) = self.links.get_mut(usize::from(handle.0)) {
+                        link.session = None;
+                    }
+                }
+                Event::PeerTerminated { handle } => {
+                    let slot = usize::from(handle.0);
+                    let Driver {
+                        terminal, links, ..
+                    } = self;
+                    let Some(info) = links
+                        .get_mut(slot)
+                        .and_then(|l| l.session.as_mut())
+                        .filter(|s| s.open)
+                    else {
+                        continue;
+                    };
+                    info.peer_ended = true;
+                    let mut wire = Wire {
+                        terminal,
+                        transport: t,
+                        broken: false,
+                    };
+                    let mut s = Session {
+                        handle,
+                        info,
+                        out: &mut wire,
+                    };
+                    svc.on_peer_end(&mut s);
+                    if wire.broken {
+                        self.terminal.transport_closed(handle, now);
+                    }
+                }
+                Event::SessionEnded { handle, .. } => {
+                    let slot = usize::from(handle.0);
+                    if slot < N {
+                        self.close_session(slot, svc);
+                    }
+                }
+                Event::LoggedIn
+                | Event::Down
+                | Event::LoginRefused { .. }
+                | Event::OnlinePage
+                | Event::RelayError { .. } => {}
+            }
+        }
+    }
+}

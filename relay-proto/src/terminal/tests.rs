@@ -1,0 +1,557 @@
+//! Unit tests of the terminal next to its transitions: a relay scripted frame by frame,
+//! and what the terminal writes and reports in answer.
+
+extern crate std;
+
+use std::vec::Vec;
+
+use super::*;
+use crate::frame::{self, DemandResult, Frame, LoginOk, Notice, Parsed};
+use crate::ident::ResumeToken;
+
+/// A terminal with two slots, and the clock.
+struct Rig {
+    t: Terminal<2>,
+    now: Instant,
+}
+
+const H0: Handle = Handle(0);
+
+impl Rig {
+    /// A terminal whose first connection (`H0`) has logged in; its LOGIN was written.
+    fn up() -> Rig {
+        Rig::up_as(Config::default()).0
+    }
+
+    /// The same with `config`, and the LOGIN it wrote.
+    fn up_as(config: Config) -> (Rig, frame::Login) {
+        let mut r = Rig {
+            t: Terminal::new(
+                config,
+                UserId::new("dev").unwrap(),
+                Password::new("pw").unwrap(),
+                7,
+            ),
+            now: Instant::from_secs(1),
+        };
+        r.t.start(r.now);
+        assert_eq!(r.events(), [Event::Open(H0)]);
+        r.t.connected(H0, r.now);
+        let [Frame::Login(login)] = &r.sent(H0)[..] else {
+            panic!("LOGIN first");
+        };
+        let login = login.clone();
+        r.feed(
+            H0,
+            Frame::LoginOk(LoginOk {
+                caps: frame::caps::ALL,
+                keepalive_ms: 30_000,
+                max_payload: 4096,
+                token: ResumeToken::from_slice(b"token").unwrap(),
+            }),
+        );
+        assert_eq!(r.events()[0], Event::LoggedIn);
+        (r, login)
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        core::iter::from_fn(|| self.t.poll_event()).collect()
+    }
+
+    /// The relay sends `f` on `h`, all at once.
+    fn feed(&mut self, h: Handle, f: Frame) {
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = f.encode(&mut buf).unwrap();
+        assert_eq!(
+            self.t.handle_input(h, self.now, &buf[..n]),
+            Offer::Consumed(n)
+        );
+    }
+
+    /// The control frames `h` writes now.
+    fn sent(&mut self, h: Handle) -> Vec<Frame> {
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        let n = self.t.poll_transmit(h, self.now, &mut buf).unwrap();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < n {
+            let (parsed, used) = frame::parse(&buf[pos..n]).unwrap().unwrap();
+            let Parsed::Control(f) = parsed else {
+                panic!("DATA header in control output");
+            };
+            out.push(f);
+            pos += used;
+        }
+        out
+    }
+
+    /// A NOTICE for session `session` arrives on `h`.
+    fn notice(&mut self, h: Handle, session: u32) {
+        self.feed(
+            h,
+            Frame::Notice(Notice {
+                session,
+                from: UserId::new("peer").unwrap(),
+                service: ServiceName::new("echo").unwrap(),
+            }),
+        );
+        assert!(matches!(self.events()[..], [Event::Notice { .. }, ..]));
+    }
+}
+
+#[test]
+fn accept_then_terminate_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    r.notice(H0, 5);
+    r.t.accept(H0, r.now).unwrap();
+    r.t.terminate(H0).unwrap();
+    assert_eq!(r.sent(H0), [Frame::Accept { session: 5 }, Frame::Terminate]);
+}
+
+#[test]
+fn list_then_accept_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    assert_eq!(r.t.request_online(0), Ok(H0));
+    r.notice(H0, 6);
+    r.t.accept(H0, r.now).unwrap();
+    assert_eq!(
+        r.sent(H0),
+        [Frame::List { cursor: 0 }, Frame::Accept { session: 6 }]
+    );
+}
+
+#[test]
+fn accept_then_logout_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    r.notice(H0, 7);
+    r.t.accept(H0, r.now).unwrap();
+    r.t.logout(r.now);
+    assert_eq!(r.sent(H0), [Frame::Accept { session: 7 }, Frame::Logout]);
+}
+
+#[test]
+fn reject_then_logout_before_a_flush_sends_both() {
+    let mut r = Rig::up();
+    r.notice(H0, 8);
+    r.t.reject(H0, RejectReason::Busy).unwrap();
+    r.t.logout(r.now);
+    let sent = r.sent(H0);
+    assert!(
+        matches!(sent[..], [Frame::Reject(ref j), Frame::Logout] if j.session == 8),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_demand_accepted_then_terminated_sends_terminate() {
+    let mut r = Rig::up();
+    let h =
+        r.t.demand(
+            UserId::new("cam").unwrap(),
+            ServiceName::new("ssh").unwrap(),
+            r.now,
+        )
+        .unwrap();
+    assert!(matches!(r.sent(h)[..], [Frame::Demand(_)]));
+    r.feed(
+        h,
+        Frame::DemandResult(DemandResult::Accepted { session: 9 }),
+    );
+    r.t.terminate(h).unwrap();
+    r.t.logout(r.now);
+    assert_eq!(r.sent(h), [Frame::Terminate, Frame::Logout]);
+}
+
+#[test]
+fn a_release_before_the_flush_voids_the_sessions_accept_and_terminate() {
+    let mut r = Rig::up();
+    assert_eq!(r.t.request_online(0), Ok(H0));
+    r.notice(H0, 10);
+    r.t.accept(H0, r.now).unwrap();
+    r.t.terminate(H0).unwrap();
+    r.feed(
+        H0,
+        Frame::Release {
+            reason: crate::codes::ReleaseReason::Cancelled,
+        },
+    );
+    assert_eq!(r.sent(H0), [Frame::List { cursor: 0 }]);
+}
+
+#[test]
+fn nothing_is_owed_after_logout() {
+    let mut r = Rig::up();
+    r.notice(H0, 11);
+    r.t.logout(r.now);
+    assert_eq!(r.t.accept(H0, r.now), Err(SendError::NotLoggedIn));
+    assert_eq!(r.sent(H0), [Frame::Logout]);
+}
+
+/// A host that does not drain events after every call still gets every event: the
+/// terminal refuses input while an event waits, instead of dropping the oldest.
+#[test]
+fn no_event_is_dropped_when_the_host_drains_late() {
+    let mut r = Rig::up();
+    let mut seen = Vec::new();
+    for session in 0..40 {
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = Frame::Notice(Notice {
+            session,
+            from: UserId::new("peer").unwrap(),
+            service: ServiceName::new("echo").unwrap(),
+        })
+        .encode(&mut buf)
+        .unwrap();
+        loop {
+            match r.t.handle_input(H0, r.now, &buf[..n]) {
+                Offer::Consumed(m) if m == n => break,
+                // Refused until the host drains.
+                _ => seen.extend(r.events()),
+            }
+        }
+        r.t.reject(H0, RejectReason::Busy).unwrap();
+        r.sent(H0);
+    }
+    seen.extend(r.events());
+    let notices: Vec<u32> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Notice { session, .. } => Some(*session),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notices, (0..40).collect::<Vec<_>>());
+}
+
+/// Every connection of a terminal closing in one call (the relay says `Replaced`): each
+/// `Closed`, then `Down` and `LoginRefused`, reported in that order, none lost even
+/// with the smallest terminal.
+#[test]
+fn a_replaced_terminal_reports_every_close() {
+    let mut r = Rig::up();
+    // A demand takes the idle connection: the pool opens a second.
+    r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+        .unwrap();
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    r.feed(
+        H0,
+        Frame::Error {
+            code: ErrorCode::Replaced,
+            text: Text::lossy("x"),
+        },
+    );
+    let events = r.events();
+    assert!(
+        matches!(
+            events[..],
+            [
+                Event::Closed { handle: H0, .. },
+                Event::Closed {
+                    handle: Handle(1),
+                    ..
+                },
+                Event::Down,
+                Event::LoginRefused {
+                    code: ErrorCode::Replaced,
+                    ..
+                }
+            ]
+        ),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_requester_announces_the_requester_bit_and_a_reachable_terminal_does_not() {
+    let requester = Config {
+        kind: Kind::Requester,
+        ..Config::default()
+    };
+    let (_, login) = Rig::up_as(requester);
+    assert_eq!(login.hello.caps, frame::caps::ALL | frame::caps::REQUESTER);
+    let (_, login) = Rig::up_as(Config::default());
+    assert_eq!(login.hello.caps, frame::caps::ALL);
+}
+
+/// A demand on `H0` whose DEMAND was written.
+fn demanding(r: &mut Rig) {
+    let h =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+            .unwrap();
+    assert_eq!(h, H0);
+    assert!(matches!(r.sent(H0)[..], [Frame::Demand(_)]));
+}
+
+fn no_idle() -> Frame {
+    Frame::DemandResult(DemandResult::Failed {
+        error: DemandError::NoIdleConnection,
+        text: Text::lossy("target has no idle connection"),
+    })
+}
+
+#[test]
+fn no_idle_connection_is_retried_after_the_retry_delay_without_an_event() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.feed(H0, no_idle());
+    // Only the pool's spare connection.
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    assert_eq!(r.sent(H0), []);
+    let retry = r.now + Config::default().demand_retry;
+    assert!(r.t.poll_timeout().is_some_and(|t| t <= retry));
+    r.now = retry;
+    r.t.handle_timeout(r.now);
+    assert!(matches!(r.sent(H0)[..], [Frame::Demand(_)]));
+    r.feed(
+        H0,
+        Frame::DemandResult(DemandResult::Accepted { session: 3 }),
+    );
+    assert!(matches!(
+        r.events()[..],
+        [Event::Accepted { session: 3, .. }]
+    ));
+}
+
+#[test]
+fn no_idle_connection_past_the_patience_is_reported() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.now = r.now + Config::default().demand_patience;
+    r.feed(H0, no_idle());
+    assert!(matches!(
+        r.events()[..],
+        [Event::DemandFailed {
+            error: DemandError::NoIdleConnection,
+            ..
+        }]
+    ));
+    assert_eq!(r.t.idle_connections(), 1);
+}
+
+#[test]
+fn other_demand_failures_are_reported_at_once() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.feed(
+        H0,
+        Frame::DemandResult(DemandResult::Failed {
+            error: DemandError::TargetOffline,
+            text: Text::lossy("offline"),
+        }),
+    );
+    assert!(matches!(
+        r.events()[..],
+        [Event::DemandFailed {
+            error: DemandError::TargetOffline,
+            ..
+        }]
+    ));
+}
+
+// One test per row of PROTOCOL.md §6.1's transition table not covered above.
+
+/// The cause `h`'s connection closed with, from the events.
+fn closed(events: &[Event], h: Handle) -> Option<Cause> {
+    events.iter().find_map(|e| match e {
+        Event::Closed { handle, cause } if *handle == h => Some(cause.clone()),
+        _ => None,
+    })
+}
+
+fn error(code: ErrorCode) -> Frame {
+    Frame::Error {
+        code,
+        text: Text::lossy(code.describe()),
+    }
+}
+
+#[test]
+fn connecting_past_the_handshake_deadline_closes() {
+    let mut r = Rig {
+        t: Terminal::new(
+            Config::default(),
+            UserId::new("dev").unwrap(),
+            Password::new("pw").unwrap(),
+            7,
+        ),
+        now: Instant::from_secs(1),
+    };
+    r.t.start(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)]);
+    r.now = r.now + Config::default().handshake_timeout;
+    r.t.handle_timeout(r.now);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::HandshakeTimeout));
+}
+
+#[test]
+fn a_refused_token_falls_back_to_the_password_once_when_down() {
+    let mut r = Rig::up();
+    // The relay goes away; the terminal, down, reconnects with its token.
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    r.now = r.now + Duration::from_secs(120);
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)]);
+    r.t.connected(H0, r.now);
+    let [Frame::Login(login)] = &r.sent(H0)[..] else {
+        panic!("LOGIN");
+    };
+    assert!(matches!(login.credential, frame::Credential::Resume(_)));
+    r.feed(H0, error(ErrorCode::ResumeRejected));
+    let [Frame::Login(login)] = &r.sent(H0)[..] else {
+        panic!("a second LOGIN");
+    };
+    assert!(matches!(login.credential, frame::Credential::Password(_)));
+    // A refused password then is final: the terminal stops.
+    r.feed(H0, error(ErrorCode::AuthFailed));
+    let events = r.events();
+    assert_eq!(
+        closed(&events, H0),
+        Some(Cause::Relay(ErrorCode::AuthFailed))
+    );
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::LoginRefused {
+            code: ErrorCode::AuthFailed,
+            ..
+        }
+    )));
+    r.t.handle_timeout(r.now + Duration::from_secs(600));
+    assert_eq!(r.events(), [], "stopped: no reconnect");
+}
+
+#[test]
+fn logging_in_and_any_other_frame_closes() {
+    let mut r = Rig {
+        t: Terminal::new(
+            Config::default(),
+            UserId::new("dev").unwrap(),
+            Password::new("pw").unwrap(),
+            7,
+        ),
+        now: Instant::from_secs(1),
+    };
+    r.t.start(r.now);
+    r.events();
+    r.t.connected(H0, r.now);
+    r.sent(H0);
+    r.feed(H0, Frame::Terminate);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+}
+
+#[test]
+fn a_notice_withdrawn_by_release_leaves_the_connection_idle() {
+    let mut r = Rig::up();
+    r.notice(H0, 12);
+    r.feed(
+        H0,
+        Frame::Release {
+            reason: crate::codes::ReleaseReason::Cancelled,
+        },
+    );
+    assert!(matches!(
+        r.events()[..],
+        [Event::SessionEnded { handle: H0, .. }]
+    ));
+    assert_eq!(r.t.idle_connections(), 1);
+}
+
+#[test]
+fn a_notice_crossing_our_demand_is_ignored() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    r.feed(
+        H0,
+        Frame::Notice(Notice {
+            session: 13,
+            from: UserId::new("peer").unwrap(),
+            service: ServiceName::default(),
+        }),
+    );
+    assert!(!r.events().iter().any(|e| matches!(e, Event::Notice { .. })));
+    r.feed(
+        H0,
+        Frame::DemandResult(DemandResult::Accepted { session: 14 }),
+    );
+    assert!(
+        r.events()
+            .iter()
+            .any(|e| matches!(e, Event::Accepted { session: 14, .. }))
+    );
+}
+
+#[test]
+fn the_peers_terminate_then_data_closes() {
+    let mut r = Rig::up();
+    r.notice(H0, 15);
+    r.t.accept(H0, r.now).unwrap();
+    r.sent(H0);
+    r.feed(H0, Frame::Terminate);
+    assert_eq!(r.events(), [Event::PeerTerminated { handle: H0 }]);
+    let header = frame::data_header(1).unwrap();
+    assert_eq!(
+        r.t.handle_input(H0, r.now, &header),
+        Offer::Consumed(header.len())
+    );
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+}
+
+#[test]
+fn data_or_release_on_an_idle_connection_closes() {
+    let mut r = Rig::up();
+    let header = frame::data_header(4).unwrap();
+    r.t.handle_input(H0, r.now, &header);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+    let mut r = Rig::up();
+    r.feed(
+        H0,
+        Frame::Release {
+            reason: crate::codes::ReleaseReason::Normal,
+        },
+    );
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Protocol));
+}
+
+#[test]
+fn keepalive_is_sent_when_due_and_silence_past_the_deadline_closes() {
+    let mut r = Rig::up();
+    // LOGIN_OK said 30 s; the first KEEPALIVE is due within 30 s ± 10%.
+    let due = r.t.poll_timeout().unwrap();
+    assert!(due <= r.now + Duration::from_secs(33));
+    r.now = due;
+    r.t.handle_timeout(r.now);
+    assert!(matches!(r.sent(H0)[..], [Frame::KeepAlive { .. }]));
+    r.now = Instant::from_secs(1) + Duration::from_secs(30) + Config::default().ack_timeout;
+    r.t.handle_timeout(r.now);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::KeepAliveTimeout));
+}
+
+#[test]
+fn errors_while_idle_fatal_closes_non_fatal_is_reported() {
+    let mut r = Rig::up();
+    r.feed(H0, error(ErrorCode::UnknownSession));
+    assert!(matches!(
+        r.events()[..],
+        [Event::RelayError {
+            code: ErrorCode::UnknownSession,
+            ..
+        }]
+    ));
+    assert_eq!(r.t.idle_connections(), 1);
+    r.feed(H0, error(ErrorCode::ShuttingDown));
+    assert_eq!(
+        closed(&r.events(), H0),
+        Some(Cause::Relay(ErrorCode::ShuttingDown))
+    );
+}
+
+#[test]
+fn logout_closes_once_written() {
+    let mut r = Rig::up();
+    r.t.logout(r.now);
+    assert_eq!(r.sent(H0), [Frame::Logout]);
+    assert_eq!(r.events(), []);
+    assert_eq!(r.sent(H0), []);
+    assert_eq!(closed(&r.events(), H0), Some(Cause::Local));
+}
