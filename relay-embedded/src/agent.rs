@@ -562,6 +562,7 @@ impl<const N: usize, const E: usize> Agent<N, E> {
                 Event::LoggedIn
                 | Event::Down
                 | Event::LoginRefused { .. }
+                | Event::Throttled { .. }
                 | Event::OnlinePage
                 | Event::RelayError { .. } => {}
             }
@@ -746,6 +747,7 @@ mod tests {
             Frame::Error {
                 code: ErrorCode::ShuttingDown,
                 text: Text::lossy("bye"),
+                retry_after: None,
             },
             &mut rx,
         );

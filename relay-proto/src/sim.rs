@@ -17,7 +17,7 @@ use std::vec::Vec;
 use crate::codes::RejectReason;
 use crate::frame::Credential;
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
-use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Verdict};
+use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Refusal, Relay, Verdict};
 use crate::rng::Jitter;
 use crate::terminal::{self, Event, Handle, Offer, Terminal};
 use crate::time::{Duration, Instant};
@@ -464,8 +464,9 @@ impl<P: Policy> Sim<P> {
                     token: t.clone(),
                 }
             }
-            Credential::Password(_) => Verdict::Refuse(crate::ErrorCode::AuthFailed),
-            Credential::Resume(_) => Verdict::Refuse(crate::ErrorCode::ResumeRejected),
+            Credential::Password(_) | Credential::Resume(_) => {
+                Verdict::Refuse(Refusal::BadCredential)
+            }
         }
     }
 

@@ -113,8 +113,34 @@ pub enum Verdict {
     /// value for a password login, the one inside the token for a resumption. `token` is
     /// the credential for the terminal's further connections.
     Accept { instance: u64, token: ResumeToken },
-    /// Refused: `AuthFailed`, `ResumeRejected` or `Throttled` (the host's rate limit).
-    Refuse(ErrorCode),
+    /// Refused; the core chooses the ERROR code and text from the reason.
+    Refuse(Refusal),
+}
+
+/// Why the host refused a login. The core turns it into the ERROR the terminal gets
+/// (docs/PROTOCOL.md §5.1), so every host words a refusal the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A wrong user ID or password, or a token that is not genuine, expired or for no
+    /// account: `AuthFailed` to a password, `ResumeRejected` to a token.
+    BadCredential,
+    /// A genuine token the host revoked (its instance logged out, the account's password
+    /// changed, the account was deleted): `ResumeRejected`.
+    TokenRevoked,
+    /// A genuine token of an instance that a newer password login replaced: `Replaced`,
+    /// so that instance stops instead of replacing the newer one with its password.
+    Replaced,
+    /// Too many failed logins from this source: `Throttled`, saying when to retry.
+    Throttled { retry_after: Duration },
+}
+
+/// How an instance of a terminal ended ([`Event::InstanceEnded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceEnd {
+    /// The terminal sent LOGOUT.
+    LoggedOut,
+    /// A newer password login of the same user ID replaced it.
+    Replaced,
 }
 
 /// What the host must do, or may log.
@@ -140,6 +166,15 @@ pub enum Event {
     },
     /// A password login replaced the running instance of `user`.
     Replaced { user: UserId },
+    /// A password login started a new instance of `user` (a host that revokes tokens
+    /// makes `instance` the user's only valid one).
+    InstanceStarted { user: UserId, instance: u64 },
+    /// An instance ended for good: its tokens must not start it again.
+    InstanceEnded {
+        user: UserId,
+        instance: u64,
+        how: InstanceEnd,
+    },
     /// A demand was refused (accepted ones give [`Event::SessionStarted`]).
     DemandFailed {
         from: UserId,
@@ -253,6 +288,9 @@ struct Out {
     /// LOGIN_OK, with the capabilities both sides have.
     login_ok: Option<u32>,
     error: Option<ErrorCode>,
+    /// With `error` Throttled: seconds to wait, and whether the terminal decodes the
+    /// field ([`caps::RETRY_AFTER`]); older terminals read it in the text only.
+    retry_after: Option<(u32, bool)>,
     ack: Option<u32>,
     list: Option<u32>,
     notice: bool,
@@ -689,7 +727,15 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             },
             Frame::Logout => {
                 if let Some(term) = c.term {
+                    let ended = self.terms.get(term).map(|t| (t.user.clone(), t.instance));
                     self.drop_terminal(term, None, ReleaseReason::PeerLoggedOut);
+                    if let Some((user, instance)) = ended {
+                        self.emit(Event::InstanceEnded {
+                            user,
+                            instance,
+                            how: InstanceEnd::LoggedOut,
+                        });
+                    }
                 }
             }
             _ => self.fail(key, ErrorCode::UnexpectedFrame),
@@ -721,15 +767,23 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         };
         let (instance, token) = match verdict {
             Verdict::Accept { instance, token } => (instance, token),
-            Verdict::Refuse(code) => return self.refuse_login(key, user, code),
+            Verdict::Refuse(why) => return self.refuse(key, user, password, caps, why),
         };
         let existing = self.users.get(&user);
         if let Some(tk) = existing {
             let current = self.terms.get(tk).map(|t| t.instance);
             if password {
                 // Newest wins: a rebooted device is reachable at once.
+                let old = self.terms.get(tk).map(|t| t.instance);
                 self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
                 self.emit(Event::Replaced { user: user.clone() });
+                if let Some(instance) = old {
+                    self.emit(Event::InstanceEnded {
+                        user: user.clone(),
+                        instance,
+                        how: InstanceEnd::Replaced,
+                    });
+                }
             } else if current != Some(instance) {
                 // A genuine credential of an instance that a newer login replaced: that
                 // instance must stop (its ERROR Replaced may never have arrived, e.g. on
@@ -771,6 +825,12 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             }
         };
         self.link(term, key);
+        if password {
+            self.emit(Event::InstanceStarted {
+                user: user.clone(),
+                instance,
+            });
+        }
         if let Some(c) = self.conns.get_mut(key) {
             c.term = Some(term);
             c.state = State::Idle;
@@ -924,6 +984,24 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
         if let Some(c) = self.conns.get_mut(requester) {
             c.wait_next = NIL;
+        }
+    }
+
+    /// Answers a refused login with the ERROR its reason calls for.
+    fn refuse(&mut self, key: u32, user: UserId, password: bool, caps: u32, why: Refusal) {
+        let code = match why {
+            Refusal::BadCredential if password => ErrorCode::AuthFailed,
+            Refusal::BadCredential | Refusal::TokenRevoked => ErrorCode::ResumeRejected,
+            Refusal::Replaced => ErrorCode::Replaced,
+            Refusal::Throttled { .. } => ErrorCode::Throttled,
+        };
+        self.refuse_login(key, user, code);
+        if let (Refusal::Throttled { retry_after }, Some(c)) = (why, self.conns.get_mut(key)) {
+            let secs = retry_after
+                .as_millis()
+                .div_ceil(1000)
+                .clamp(1, u32::MAX.into()) as u32;
+            c.out.retry_after = Some((secs, caps & caps::RETRY_AFTER != 0));
         }
     }
 
@@ -1395,10 +1473,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             }));
         }
         if let Some(code) = out.error.take() {
-            let _ = frames.push(Frame::Error {
-                code,
-                text: Text::lossy(code.describe()),
-            });
+            let _ = frames.push(error_frame(code, out.retry_after.take()));
         }
         if !closing {
             if let Some(seq) = out.ack.take() {
@@ -1604,5 +1679,22 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             );
         }
         self.serve_kicks();
+    }
+}
+
+/// The ERROR frame for `code`: its description, and for `Throttled` the wait, in the
+/// text (every terminal shows it) and in the field (terminals that decode it).
+fn error_frame(code: ErrorCode, retry_after: Option<(u32, bool)>) -> Frame {
+    let Some((secs, field)) = retry_after else {
+        return Frame::Error {
+            code,
+            text: Text::lossy(code.describe()),
+            retry_after: None,
+        };
+    };
+    Frame::Error {
+        code,
+        text: Text::display(&format_args!("too many failed logins, retry in {secs}s")),
+        retry_after: field.then_some(secs),
     }
 }

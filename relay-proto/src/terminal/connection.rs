@@ -91,6 +91,8 @@ pub(crate) enum Change {
         code: ErrorCode,
         text: Text,
         with_token: bool,
+        /// Seconds the relay asks us to wait (ERROR `Throttled`).
+        retry_after: Option<u32>,
     },
     Notice {
         session: u32,
@@ -463,7 +465,11 @@ impl Connection {
                     fallback,
                     ..
                 },
-                Inbound::Error { code, text },
+                Inbound::Error {
+                    code,
+                    text,
+                    retry_after,
+                },
             ) if !code.is_fatal() => {
                 // A refused resumption falls back to the password on the same connection,
                 // once, if allowed; a refused password is final.
@@ -483,10 +489,18 @@ impl Connection {
                         code,
                         text,
                         with_token,
+                        retry_after,
                     }
                 }
             }
-            (_, Inbound::Error { code, text }) => {
+            (
+                _,
+                Inbound::Error {
+                    code,
+                    text,
+                    retry_after,
+                },
+            ) => {
                 if code.is_fatal() {
                     if let State::LoggingIn { with_token, .. } = self.state {
                         self.close(Cause::Relay(code));
@@ -494,6 +508,7 @@ impl Connection {
                             code,
                             text,
                             with_token,
+                            retry_after,
                         };
                     }
                     self.close(Cause::Relay(code))

@@ -80,6 +80,10 @@ pub enum Event {
     /// The relay refused our password (or a resumption and then the password): the
     /// terminal stops; retrying cannot help until the credentials change.
     LoginRefused { code: ErrorCode, text: Text },
+    /// The relay refused a login as `Throttled`; the terminal tries again after `wait`
+    /// (when the relay said how long) or its own back-off. A one-shot application may
+    /// give up instead.
+    Throttled { text: Text, wait: Option<Duration> },
     /// Another terminal asks for a session: answer with [`Terminal::accept`] or
     /// [`Terminal::reject`].
     Notice {
@@ -357,8 +361,20 @@ impl<const N: usize, const E: usize> Terminal<N, E> {
                 code,
                 text,
                 with_token,
+                retry_after,
             } => {
                 self.finish(h, Cause::Relay(code), now);
+                if code == ErrorCode::Throttled {
+                    let wait = retry_after.map(|s| Duration::from_secs(s.into()));
+                    if let Some(wait) = wait {
+                        // The relay said when: sooner is refused again, later is wasted.
+                        self.retry_at = now + wait;
+                    }
+                    self.push(Event::Throttled {
+                        text: text.clone(),
+                        wait,
+                    });
+                }
                 // A refused password cannot be fixed by retrying; a replaced instance or
                 // a removed account must stop. A refused (expired) token is retried.
                 let hopeless = match code {

@@ -1,0 +1,205 @@
+//! The relay's login check: what [`relay_proto::relay::Event::Authenticate`] asks and
+//! [`Verdict`] answers. Off the core lock and on a blocking thread where it hashes.
+//!
+//! - A **password** login first asks the [`LoginThrottle`] (a throttled source costs no
+//!   argon2 run), then verifies the password; the failure or success is counted.
+//! - A **resumption** token is checked with its HMAC only (no argon2, so a relay restart
+//!   does not cause a hashing storm) and is never throttled: it cannot be guessed, and a
+//!   device's token must work however many passwords others get wrong.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use relay_proto::frame::Credential;
+use relay_proto::relay::{Event, Refusal, Verdict};
+use relay_proto::{Password, ResumeToken, UserId};
+use tokio::sync::{Notify, watch};
+
+use crate::config::Limits;
+use crate::metrics::{LoginMethod, LoginOutcome, Metrics};
+use crate::store::{AccountName, AccountStore, AccountsSnapshot, VerifyError};
+use crate::throttle::{DEFAULT_MAX_TRACKED, LoginThrottle};
+use crate::token::{InstanceId, TokenKey};
+
+/// How long a resumption credential stays valid after it is issued.
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Everything a login check needs.
+#[derive(Debug)]
+pub struct Auth {
+    store: Arc<dyn AccountStore>,
+    tokens: TokenKey,
+    throttle: Mutex<LoginThrottle>,
+    metrics: Arc<Metrics>,
+    accounts: watch::Receiver<Arc<AccountsSnapshot>>,
+    /// Wakes the account watcher at once (see [`Auth::snapshot_current`]).
+    refresh_accounts: Arc<Notify>,
+}
+
+impl Auth {
+    /// The login check over `store`, with the throttle's budgets from `limits`.
+    pub fn new(
+        store: Arc<dyn AccountStore>,
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+        accounts: watch::Receiver<Arc<AccountsSnapshot>>,
+        refresh_accounts: Arc<Notify>,
+    ) -> anyhow::Result<Self> {
+        let tokens = TokenKey::new(&store.server_secret()?);
+        Ok(Self {
+            store,
+            tokens,
+            throttle: Mutex::new(LoginThrottle::new(
+                limits.login_failures_per_account_per_minute,
+                limits.login_failures_per_source_per_minute,
+                DEFAULT_MAX_TRACKED,
+            )),
+            metrics,
+            accounts,
+            refresh_accounts,
+        })
+    }
+
+    /// The verdict on `user`'s login from `peer`.
+    pub async fn check(&self, user: &UserId, peer: SocketAddr, credential: Credential) -> Verdict {
+        match credential {
+            Credential::Password(password) => self.password(user, peer, password).await,
+            Credential::Resume(token) => self.resume(user, &token).await,
+        }
+    }
+
+    /// The core started or ended an instance (a password login, LOGOUT, replacement).
+    pub fn instance_changed(&self, event: Event) {
+        tracing::debug!(?event, "instance");
+    }
+
+    fn throttle(&self) -> MutexGuard<'_, LoginThrottle> {
+        self.throttle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn password(&self, user: &UserId, peer: SocketAddr, password: Password) -> Verdict {
+        let ip = peer.ip();
+        let checked = self
+            .throttle()
+            .check(user.as_str(), ip, std::time::Instant::now());
+        if let Err(t) = checked {
+            tracing::info!(%user, %peer, "login throttled: {t}");
+            self.metrics
+                .login(LoginMethod::Password, LoginOutcome::Throttled);
+            let retry_after = relay_proto::Duration::from_millis(t.retry_after.as_millis() as u64);
+            return Verdict::Refuse(Refusal::Throttled { retry_after });
+        }
+        if !self.verify_password(user, password).await {
+            self.throttle()
+                .record_failure(user.as_str(), ip, std::time::Instant::now());
+            self.metrics
+                .login(LoginMethod::Password, LoginOutcome::Failed);
+            return Verdict::Refuse(Refusal::BadCredential);
+        }
+        self.throttle().record_success(user.as_str(), ip);
+        let mut b = [0u8; 8];
+        if getrandom::getrandom(&mut b).is_err() {
+            return Verdict::Refuse(Refusal::BadCredential);
+        }
+        self.accept(
+            user,
+            LoginMethod::Password,
+            InstanceId(u64::from_le_bytes(b)),
+        )
+        .await
+    }
+
+    /// Whether `password` is `user`'s, with argon2 on a blocking thread.
+    async fn verify_password(&self, user: &UserId, password: Password) -> bool {
+        let store = self.store.clone();
+        let name = AccountName::new(user.as_str());
+        let result = tokio::task::spawn_blocking(move || {
+            let name = name.map_err(|_| VerifyError::UnknownAccount)?;
+            store.verify_password(&name, password.as_str())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => true,
+            Ok(Err(VerifyError::UnknownAccount | VerifyError::WrongPassword)) => false,
+            Ok(Err(VerifyError::Store(e))) => {
+                tracing::warn!("account store: {e}");
+                false
+            }
+            Err(e) => {
+                tracing::warn!("password check: {e}");
+                false
+            }
+        }
+    }
+
+    async fn resume(&self, user: &UserId, token: &ResumeToken) -> Verdict {
+        if !self.exists(user).await {
+            self.metrics
+                .login(LoginMethod::Resumption, LoginOutcome::Failed);
+            return Verdict::Refuse(Refusal::BadCredential);
+        }
+        match self
+            .tokens
+            .verify(user.as_str(), token.as_bytes(), unix_now())
+        {
+            Ok(instance) => self.accept(user, LoginMethod::Resumption, instance).await,
+            Err(_) => {
+                self.metrics
+                    .login(LoginMethod::Resumption, LoginOutcome::Failed);
+                Verdict::Refuse(Refusal::BadCredential)
+            }
+        }
+    }
+
+    /// Whether `user` is an account: a deleted account's credentials die with it. The
+    /// snapshot lags the store by a poll: an account added a moment ago is confirmed in
+    /// the store itself (rare, so off the hot path).
+    async fn exists(&self, user: &UserId) -> bool {
+        if self.accounts.borrow().exists(user.as_str()) {
+            return true;
+        }
+        let store = self.store.clone();
+        let name = AccountName::new(user.as_str());
+        tokio::task::spawn_blocking(move || name.is_ok_and(|n| store.exists(&n).unwrap_or(false)))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Accepts the login as `instance`, with a fresh token for it.
+    async fn accept(&self, user: &UserId, method: LoginMethod, instance: InstanceId) -> Verdict {
+        self.snapshot_current().await;
+        self.metrics.login(method, LoginOutcome::Ok);
+        let expiry = unix_now() + TOKEN_LIFETIME.as_secs();
+        let token = self.tokens.issue(user.as_str(), instance, expiry);
+        Verdict::Accept {
+            instance: instance.0,
+            token: ResumeToken::from_slice(&token).unwrap_or_default(),
+        }
+    }
+
+    /// Makes sure the accounts snapshot (which the access rule reads) is current before a
+    /// login is answered: an account added, or a rule changed, a moment ago would otherwise
+    /// be unknown for up to a poll (1 s). One cheap query per login; the poll still covers
+    /// changes made while a terminal stays logged in.
+    async fn snapshot_current(&self) {
+        let store = self.store.clone();
+        let Ok(Ok(generation)) = tokio::task::spawn_blocking(move || store.generation()).await
+        else {
+            return;
+        };
+        if self.accounts.borrow().generation() == generation {
+            return;
+        }
+        self.refresh_accounts.notify_one();
+        let mut rx = self.accounts.clone();
+        let wait = rx.wait_for(|s| s.generation() >= generation);
+        let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

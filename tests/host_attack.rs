@@ -1,0 +1,168 @@
+//! Logins under attack (issue 11), against the real `relay serve` binary on loopback: a
+//! scripted guesser speaks the protocol over the plain listener from source addresses of
+//! its choice (127.x.y.z), while the legitimate device logs in with its password and its
+//! token.
+
+#[path = "host_support.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use relay_proto::frame::{self, Credential, Frame, Hello, Login, Parsed, caps};
+use relay_proto::{ErrorCode, Password, UserId};
+use support::*;
+
+/// What the relay answered to one LOGIN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// LOGIN_OK, with the token.
+    Ok(Vec<u8>),
+    /// ERROR, with the retry-after it carried.
+    Refused(ErrorCode, Option<u32>),
+}
+
+/// One protocol connection to the relay's plain listener, from `source`.
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    fn connect(relay: &Relay, source: Ipv4Addr) -> Client {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::from((source, 0)).into())
+            .expect("bind a 127.x.y.z source");
+        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, relay.plain_port));
+        sock.connect(&server.into()).expect("connect to the relay");
+        let stream: TcpStream = sock.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn login(&mut self, user: &str, credential: Credential) -> Answer {
+        let frame = Frame::Login(Login {
+            hello: Hello::current(caps::ALL),
+            user: UserId::new(user).unwrap(),
+            credential,
+        });
+        let mut out = [0u8; 512];
+        let n = frame.encode(&mut out).unwrap();
+        self.stream.write_all(&out[..n]).expect("send LOGIN");
+        loop {
+            match frame::parse(&self.buf).expect("a valid frame from the relay") {
+                Some((Parsed::Control(f), n)) => {
+                    self.buf.drain(..n);
+                    match f {
+                        Frame::LoginOk(ok) => return Answer::Ok(ok.token.as_bytes().to_vec()),
+                        Frame::Error {
+                            code, retry_after, ..
+                        } => return Answer::Refused(code, retry_after),
+                        _ => {}
+                    }
+                }
+                Some((Parsed::DataHeader { .. }, _)) => panic!("DATA before login"),
+                None => {
+                    let mut chunk = [0u8; 1024];
+                    let n = self.stream.read(&mut chunk).expect("read from the relay");
+                    assert!(n > 0, "the relay closed without an answer");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+}
+
+fn password(p: &str) -> Credential {
+    Credential::Password(Password::new(p).unwrap())
+}
+
+/// One LOGIN on a connection of its own.
+fn login_once(relay: &Relay, source: Ipv4Addr, user: &str, credential: Credential) -> Answer {
+    Client::connect(relay, source).login(user, credential)
+}
+
+const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// Issue 11, finding 5: throttling was a silent hang. Now ERROR Throttled carries the wait
+/// and a one-shot command prints it in one line and exits non-zero, at once.
+#[test]
+fn finding5_throttled_one_shot_command_says_so_and_exits() {
+    let relay = Relay::start("");
+    relay.add_user("cam");
+    let wait = throttle(&relay, LOCAL, "cam", 8);
+    eprintln!("the guesser's address must wait {wait}s");
+    let started = Instant::now();
+    let mut online = relay.terminal_plain("cam", &["online"]);
+    let out = online
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(out, Duration::from_secs(15));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("relay online: {stderr}");
+    assert!(!out.status.success(), "exit status must be non-zero");
+    assert!(
+        stderr.contains("retry in") && stderr.contains("Throttled"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| l.contains("retry in")).count(),
+        1,
+        "one line: {stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Guesses `user`'s password from `source` until the relay says to wait at least `secs`;
+/// returns the wait. Guesses go in parallel rounds, as a guesser's would, so the back-off
+/// grows without waiting it out.
+fn throttle(relay: &Relay, source: Ipv4Addr, user: &str, secs: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "never throttled");
+        let answers: Vec<Answer> = std::thread::scope(|s| {
+            let guesses: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| login_once(relay, source, user, password("wrong"))))
+                .collect();
+            guesses.into_iter().map(|g| g.join().unwrap()).collect()
+        });
+        for a in answers {
+            match a {
+                Answer::Refused(ErrorCode::Throttled, Some(wait)) if wait >= secs => return wait,
+                Answer::Refused(ErrorCode::Throttled, Some(wait)) => {
+                    std::thread::sleep(Duration::from_secs(wait.into()));
+                    break;
+                }
+                Answer::Refused(ErrorCode::AuthFailed, None) => {}
+                other => panic!("unexpected answer to a wrong password: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Waits for `child` to exit, killing it (and failing) after `timeout`.
+fn wait_output(mut child: std::process::Child, timeout: Duration) -> std::process::Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no answer within {timeout:?} (a silent hang): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
