@@ -123,6 +123,41 @@ fn finding5_throttled_one_shot_command_says_so_and_exits() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// Issue 11, finding 3: a login for an unknown user ID was answered 40 times faster than
+/// one for a known user ID with a wrong password. Median answer times over 60 tries each,
+/// interleaved, each from a fresh address (so the throttle stays out of it).
+#[test]
+fn finding3_unknown_and_known_user_ids_take_the_same_time() {
+    const TRIES: u8 = 60;
+    let relay = Relay::start("");
+    relay.add_user("cam");
+    let time = |source: Ipv4Addr, user: &str| {
+        let mut c = Client::connect(&relay, source);
+        let start = Instant::now();
+        let answer = c.login(user, password("wrong"));
+        assert_eq!(answer, Answer::Refused(ErrorCode::AuthFailed, None));
+        start.elapsed()
+    };
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for i in 0..TRIES {
+        known.push(time(Ipv4Addr::new(127, 1, i, 1), "cam"));
+        unknown.push(time(Ipv4Addr::new(127, 2, i, 1), "nobody"));
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (k, u) = (median(&mut known), median(&mut unknown));
+    let ratio = u.as_secs_f64() / k.as_secs_f64();
+    println!(
+        "median login answer over {TRIES} tries: unknown user ID {:.2} ms, known user ID \
+         (wrong password) {:.2} ms, ratio {ratio:.2}",
+        u.as_secs_f64() * 1e3,
+        k.as_secs_f64() * 1e3
+    );
+    assert!((0.8..=1.25).contains(&ratio), "ratio {ratio:.2}");
+}
+
 /// Guesses `user`'s password from `source` until the relay says to wait at least `secs`;
 /// returns the wait. Guesses go in parallel rounds, as a guesser's would, so the back-off
 /// grows without waiting it out.

@@ -23,7 +23,7 @@ use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -447,6 +447,32 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
 }
 
+/// Checks `password` against `hash`. The verifier takes its parameters from the PHC string
+/// and compares the digests in constant time.
+fn verify(password: &str, hash: &PasswordHash<'_>) -> Result<(), VerifyError> {
+    match Argon2::default().verify_password(password.as_bytes(), hash) {
+        Ok(()) => Ok(()),
+        Err(argon2::password_hash::Error::Password) => Err(VerifyError::WrongPassword),
+        Err(e) => Err(StoreError::Hash(e).into()),
+    }
+}
+
+/// A hash of a random password with [`hasher`]'s parameters (those of every new account),
+/// made once: what a login for an unknown account is checked against.
+fn dummy_hash() -> Result<PasswordHash<'static>, StoreError> {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    let phc = match DUMMY.get() {
+        Some(phc) => phc,
+        None => {
+            let mut secret = [0u8; 16];
+            OsRng.fill_bytes(&mut secret);
+            let phc = hash_password(&format!("{secret:02x?}"))?;
+            DUMMY.get_or_init(|| phc)
+        }
+    };
+    PasswordHash::new(phc).map_err(|e| StoreError::Corrupt(format!("dummy hash: {e}")))
+}
+
 /// Hashes `password` as an argon2id PHC string with a fresh random salt.
 fn hash_password(password: &str) -> Result<String, StoreError> {
     check_password(password)?;
@@ -586,6 +612,8 @@ impl AccountStore for SqliteStore {
             .map_err(StoreError::from)?;
         // The lock is released here: argon2 runs without it.
         let Some(phc) = phc else {
+            // As slow as a known account, so the answer time does not say which exist.
+            let _ = verify(password, &dummy_hash()?);
             return Err(VerifyError::UnknownAccount);
         };
         if check_password(password).is_err() {
@@ -594,13 +622,7 @@ impl AccountStore for SqliteStore {
         let hash = PasswordHash::new(&phc).map_err(|e| {
             StoreError::Corrupt(format!("password hash of '{name}' is unreadable: {e}"))
         })?;
-        // The verifier takes its parameters from the PHC string and compares the digests in
-        // constant time.
-        match Argon2::default().verify_password(password.as_bytes(), &hash) {
-            Ok(()) => Ok(()),
-            Err(argon2::password_hash::Error::Password) => Err(VerifyError::WrongPassword),
-            Err(e) => Err(StoreError::Hash(e).into()),
-        }
+        verify(password, &hash)
     }
 
     fn access_rule(&self, name: &AccountName) -> Result<AccessRule, StoreError> {
