@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use relay_proto::frame::{self, Credential, Frame, Hello, Login, Parsed, caps};
-use relay_proto::{ErrorCode, Password, UserId};
+use relay_proto::{ErrorCode, Password, ResumeToken, UserId};
 use support::*;
 
 /// What the relay answered to one LOGIN.
@@ -81,8 +81,130 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Sends LOGOUT and waits for the relay to close the connection.
+    fn logout(mut self) {
+        let mut out = [0u8; 16];
+        let n = Frame::Logout.encode(&mut out).unwrap();
+        self.stream.write_all(&out[..n]).unwrap();
+        let mut rest = Vec::new();
+        let _ = self.stream.read_to_end(&mut rest);
+    }
+}
+
 fn password(p: &str) -> Credential {
     Credential::Password(Password::new(p).unwrap())
+}
+
+fn token(t: &[u8]) -> Credential {
+    Credential::Resume(ResumeToken::from_slice(t).unwrap())
+}
+
+/// A password login of `user` from 127.0.0.1: the logged-in connection and its token.
+fn log_in(relay: &Relay, user: &str) -> (Client, Vec<u8>) {
+    let mut c = Client::connect(relay, LOCAL);
+    match c.login(user, password(PASSWORD)) {
+        Answer::Ok(t) => (c, t),
+        other => panic!("login of {user}: {other:?}"),
+    }
+}
+
+/// `relay user ARGS --db …` with `stdin`.
+fn user_cmd_stdin(relay: &Relay, args: &[&str], stdin: &str) {
+    let mut child = std::process::Command::new(relay_bin())
+        .arg("user")
+        .args(args)
+        .arg("--db")
+        .arg(relay.db())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "relay user {args:?}");
+}
+
+/// Issue 11, finding 4: a token survived LOGOUT of its instance (and a relay restart).
+#[test]
+fn finding4_logout_revokes_the_token_for_good() {
+    let mut relay = Relay::start("");
+    relay.add_user("cam");
+    let (c, t) = log_in(&relay, "cam");
+    c.logout();
+    let refused = Answer::Refused(ErrorCode::ResumeRejected, None);
+    assert_eq!(login_once(&relay, LOCAL, "cam", token(&t)), refused);
+    relay.stop();
+    relay.launch();
+    assert_eq!(login_once(&relay, LOCAL, "cam", token(&t)), refused);
+    // The password still works, and its new token too.
+    let (_c, t2) = log_in(&relay, "cam");
+    assert!(matches!(
+        login_once(&relay, LOCAL, "cam", token(&t2)),
+        Answer::Ok(_)
+    ));
+}
+
+/// Issue 11, finding 4: a token survived a password change.
+#[test]
+fn finding4_password_change_revokes_the_token() {
+    let relay = Relay::start("");
+    relay.add_user("cam");
+    let (c, t) = log_in(&relay, "cam");
+    user_cmd_stdin(
+        &relay,
+        &["passwd", "cam", "--password-stdin"],
+        "another one",
+    );
+    let refused = Answer::Refused(ErrorCode::ResumeRejected, None);
+    assert_eq!(
+        login_once(&relay, LOCAL, "cam", token(&t)),
+        refused,
+        "online"
+    );
+    drop(c);
+    assert_eq!(
+        login_once(&relay, LOCAL, "cam", token(&t)),
+        refused,
+        "offline"
+    );
+}
+
+/// Issue 11, finding 4: a token survived deleting the account and creating it again.
+#[test]
+fn finding4_recreated_account_revokes_the_token() {
+    let relay = Relay::start("");
+    relay.add_user("cam");
+    let (c, t) = log_in(&relay, "cam");
+    drop(c);
+    relay.user_cmd(&["del", "cam"]);
+    relay.add_user("cam");
+    assert_eq!(
+        login_once(&relay, LOCAL, "cam", token(&t)),
+        Answer::Refused(ErrorCode::ResumeRejected, None)
+    );
+}
+
+/// Issue 11, finding 4: once the user was offline, a replaced instance's token started
+/// that instance again. It must get `Replaced` (and stop), not start.
+#[test]
+fn finding4_replaced_instance_token_is_refused_when_offline() {
+    let relay = Relay::start("");
+    relay.add_user("cam");
+    let (mut old, t_old) = log_in(&relay, "cam");
+    let (new, _) = log_in(&relay, "cam");
+    // The old instance learns it was replaced; then the new one drops off the network.
+    let mut rest = Vec::new();
+    let _ = old.stream.read_to_end(&mut rest);
+    drop(new);
+    assert_eq!(
+        login_once(&relay, LOCAL, "cam", token(&t_old)),
+        Answer::Refused(ErrorCode::Replaced, None)
+    );
 }
 
 /// One LOGIN on a connection of its own.

@@ -6,13 +6,22 @@
 //! - A **resumption** token is checked with its HMAC only (no argon2, so a relay restart
 //!   does not cause a hashing storm) and is never throttled: it cannot be guessed, and a
 //!   device's token must work however many passwords others get wrong.
+//!
+//! Token revocation, checked on every resumption: the MAC covers the account's credential
+//! stamp (a password change or a re-created account revokes every token), and the token's
+//! instance must be the account's current one, which the core reports
+//! ([`Event::InstanceStarted`], [`Event::InstanceEnded`]): a replaced instance's tokens get
+//! `Replaced`, a logged-out instance's `ResumeRejected`. The current instances are kept in
+//! memory and written to the store in the background (one row per account, so bounded),
+//! so revocations survive a restart.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay_proto::frame::Credential;
-use relay_proto::relay::{Event, Refusal, Verdict};
+use relay_proto::relay::{Event, InstanceEnd, Refusal, Verdict};
 use relay_proto::{Password, ResumeToken, UserId};
 use tokio::sync::{Notify, watch};
 
@@ -35,6 +44,54 @@ pub struct Auth {
     accounts: watch::Receiver<Arc<AccountsSnapshot>>,
     /// Wakes the account watcher at once (see [`Auth::snapshot_current`]).
     refresh_accounts: Arc<Notify>,
+    instances: Arc<Instances>,
+}
+
+/// Each account's current instance (`None`: logged out; absent: never recorded, so any
+/// genuine token of the account may start its instance), and the changes the writer
+/// has not stored yet.
+#[derive(Debug, Default)]
+struct Instances {
+    current: Mutex<HashMap<String, Option<u64>>>,
+    unsaved: Mutex<HashMap<String, Option<u64>>>,
+    /// Wakes the writer.
+    save: Notify,
+}
+
+impl Instances {
+    fn set(&self, user: &str, instance: Option<u64>) {
+        lock(&self.current).insert(user.to_owned(), instance);
+        lock(&self.unsaved).insert(user.to_owned(), instance);
+        self.save.notify_one();
+    }
+
+    fn get(&self, user: &str) -> Option<Option<u64>> {
+        lock(&self.current).get(user).copied()
+    }
+
+    /// Writes the unsaved changes to `store`, in one batch on a blocking thread.
+    async fn write(&self, store: &Arc<dyn AccountStore>) {
+        let batch = std::mem::take(&mut *lock(&self.unsaved));
+        if batch.is_empty() {
+            return;
+        }
+        let store = store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            for (user, instance) in batch {
+                if let Err(e) = store.set_instance(&user, instance) {
+                    tracing::warn!(%user, "cannot record the current instance: {e}");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::warn!("recording current instances: {e}");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Auth {
@@ -47,6 +104,20 @@ impl Auth {
         refresh_accounts: Arc<Notify>,
     ) -> anyhow::Result<Self> {
         let tokens = TokenKey::new(&store.server_secret()?);
+        let instances = Arc::new(Instances {
+            current: Mutex::new(store.instances()?),
+            ..Instances::default()
+        });
+        // The one writer, so the store sees the changes in their order.
+        tokio::spawn({
+            let (instances, store) = (instances.clone(), store.clone());
+            async move {
+                loop {
+                    instances.save.notified().await;
+                    instances.write(&store).await;
+                }
+            }
+        });
         Ok(Self {
             store,
             tokens,
@@ -58,7 +129,13 @@ impl Auth {
             metrics,
             accounts,
             refresh_accounts,
+            instances,
         })
+    }
+
+    /// Stores what the background writer has not yet (at shutdown).
+    pub async fn flush(&self) {
+        self.instances.write(&self.store).await;
     }
 
     /// The verdict on `user`'s login from `peer`.
@@ -69,13 +146,26 @@ impl Auth {
         }
     }
 
-    /// The core started or ended an instance (a password login, LOGOUT, replacement).
+    /// The core started or ended an instance (a password login, LOGOUT, replacement): the
+    /// started one is the account's only current instance; a logged-out one leaves none.
     pub fn instance_changed(&self, event: Event) {
-        tracing::debug!(?event, "instance");
+        match event {
+            Event::InstanceStarted { user, instance } => {
+                self.instances.set(user.as_str(), Some(instance))
+            }
+            Event::InstanceEnded {
+                user,
+                instance,
+                how: InstanceEnd::LoggedOut,
+            } if self.instances.get(user.as_str()) == Some(Some(instance)) => {
+                self.instances.set(user.as_str(), None)
+            }
+            _ => {}
+        }
     }
 
     fn throttle(&self) -> MutexGuard<'_, LoginThrottle> {
-        self.throttle.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.throttle)
     }
 
     async fn password(&self, user: &UserId, peer: SocketAddr, password: Password) -> Verdict {
@@ -134,44 +224,45 @@ impl Auth {
     }
 
     async fn resume(&self, user: &UserId, token: &ResumeToken) -> Verdict {
-        if !self.exists(user).await {
-            self.metrics
-                .login(LoginMethod::Resumption, LoginOutcome::Failed);
-            return Verdict::Refuse(Refusal::BadCredential);
-        }
-        match self
-            .tokens
-            .verify(user.as_str(), token.as_bytes(), unix_now())
-        {
-            Ok(instance) => self.accept(user, LoginMethod::Resumption, instance).await,
-            Err(_) => {
-                self.metrics
-                    .login(LoginMethod::Resumption, LoginOutcome::Failed);
-                Verdict::Refuse(Refusal::BadCredential)
-            }
-        }
+        let refusal = match self.resumable(user, token).await {
+            Ok(instance) => return self.accept(user, LoginMethod::Resumption, instance).await,
+            Err(refusal) => refusal,
+        };
+        self.metrics
+            .login(LoginMethod::Resumption, LoginOutcome::Failed);
+        Verdict::Refuse(refusal)
     }
 
-    /// Whether `user` is an account: a deleted account's credentials die with it. The
-    /// snapshot lags the store by a poll: an account added a moment ago is confirmed in
-    /// the store itself (rare, so off the hot path).
-    async fn exists(&self, user: &UserId) -> bool {
-        if self.accounts.borrow().exists(user.as_str()) {
-            return true;
+    /// The instance `token` may start, or why not. The account must exist (a deleted
+    /// account's credentials die with it), the MAC must hold with its current credential
+    /// stamp, and the instance must be its current one.
+    async fn resumable(&self, user: &UserId, token: &ResumeToken) -> Result<InstanceId, Refusal> {
+        // A change made a moment ago (a password, a deletion) must count now.
+        self.snapshot_current().await;
+        let stamp = self.accounts.borrow().credential(user.as_str());
+        let stamp = stamp.ok_or(Refusal::BadCredential)?;
+        let instance = self
+            .tokens
+            .verify(user.as_str(), stamp, token.as_bytes(), unix_now())
+            .map_err(|_| Refusal::BadCredential)?;
+        match self.instances.get(user.as_str()) {
+            None => Ok(instance),
+            Some(Some(current)) if current == instance.0 => Ok(instance),
+            Some(Some(_)) => Err(Refusal::Replaced),
+            Some(None) => Err(Refusal::TokenRevoked),
         }
-        let store = self.store.clone();
-        let name = AccountName::new(user.as_str());
-        tokio::task::spawn_blocking(move || name.is_ok_and(|n| store.exists(&n).unwrap_or(false)))
-            .await
-            .unwrap_or(false)
     }
 
     /// Accepts the login as `instance`, with a fresh token for it.
     async fn accept(&self, user: &UserId, method: LoginMethod, instance: InstanceId) -> Verdict {
         self.snapshot_current().await;
+        let Some(stamp) = self.accounts.borrow().credential(user.as_str()) else {
+            // Deleted while we checked.
+            return Verdict::Refuse(Refusal::BadCredential);
+        };
         self.metrics.login(method, LoginOutcome::Ok);
         let expiry = unix_now() + TOKEN_LIFETIME.as_secs();
-        let token = self.tokens.issue(user.as_str(), instance, expiry);
+        let token = self.tokens.issue(user.as_str(), stamp, instance, expiry);
         Verdict::Accept {
             instance: instance.0,
             token: ResumeToken::from_slice(&token).unwrap_or_default(),

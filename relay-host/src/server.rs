@@ -1102,6 +1102,7 @@ pub async fn serve(
     while srv.lock().relay.connection_count() > 0 && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    srv.auth.flush().await;
     tracing::info!("relay stopped");
     Ok(())
 }

@@ -6,7 +6,9 @@ mod harness;
 use harness::{T0, enc, output};
 use relay_proto::codes::ErrorCode;
 use relay_proto::frame::{Credential, Frame, Hello, Login, caps};
-use relay_proto::relay::{self, AllowAll, ConnId, Event, Heap, Offer, Refusal, Relay, Verdict};
+use relay_proto::relay::{
+    self, AllowAll, ConnId, Event, Heap, InstanceEnd, Offer, Refusal, Relay, Verdict,
+};
 use relay_proto::{Duration, Password, ResumeToken, Text, UserId};
 
 type Core = Relay<Heap, AllowAll>;
@@ -85,4 +87,53 @@ fn each_refusal_has_its_code() {
         assert_eq!(frames, [error(code, code.describe(), None)], "{why:?}");
         assert_eq!(close, code.is_fatal());
     }
+}
+
+fn accept(r: &mut Core, c: ConnId, instance: u64) -> Vec<Event> {
+    let token = ResumeToken::from_slice(b"t").unwrap();
+    r.login_verdict(T0, c, Verdict::Accept { instance, token });
+    core::iter::from_fn(|| r.poll_event()).collect()
+}
+
+/// The host learns when an instance starts and when it ends for good, so it can revoke
+/// that instance's tokens.
+#[test]
+fn instances_start_and_end_as_events() {
+    let mut r = core();
+    let cam = UserId::new("cam").unwrap();
+    let c1 = login(&mut r, caps::ALL, password());
+    let started = accept(&mut r, c1, 7);
+    assert!(started.contains(&Event::InstanceStarted {
+        user: cam.clone(),
+        instance: 7
+    }));
+    // A resumption joins the instance: nothing starts.
+    let c2 = login(&mut r, caps::ALL, token());
+    let joined = accept(&mut r, c2, 7);
+    assert!(
+        !joined
+            .iter()
+            .any(|e| matches!(e, Event::InstanceStarted { .. }))
+    );
+    // A newer password login replaces it.
+    let c3 = login(&mut r, caps::ALL, password());
+    let replaced = accept(&mut r, c3, 8);
+    assert!(replaced.contains(&Event::InstanceEnded {
+        user: cam.clone(),
+        instance: 7,
+        how: InstanceEnd::Replaced
+    }));
+    assert!(replaced.contains(&Event::InstanceStarted {
+        user: cam.clone(),
+        instance: 8
+    }));
+    // LOGOUT ends it.
+    let bytes = enc(&Frame::Logout);
+    r.handle_input(T0, c3, &bytes);
+    let out: Vec<Event> = core::iter::from_fn(|| r.poll_event()).collect();
+    assert!(out.contains(&Event::InstanceEnded {
+        user: cam,
+        instance: 8,
+        how: InstanceEnd::LoggedOut
+    }));
 }
