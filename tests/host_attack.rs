@@ -323,3 +323,27 @@ fn wait_output(mut child: std::process::Child, timeout: Duration) -> std::proces
     }
     child.wait_with_output().unwrap()
 }
+
+/// Issue 11, finding 6: `relay online` listed every logged-in user ID whatever the access
+/// rules said. An account sees itself and the user IDs its rule lets it reach.
+#[test]
+fn finding6_the_online_list_follows_the_access_rule() {
+    let relay = Relay::start("");
+    for u in ["me", "cam", "secret"] {
+        relay.add_user(u);
+    }
+    relay.user_cmd(&["allow", "me", "--targets", "cam"]);
+    let _online: Vec<_> = ["cam", "secret"].map(|u| log_in(&relay, u).0).into();
+    let out = relay
+        .terminal_plain("me", &["online"])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["cam", "me"]);
+}

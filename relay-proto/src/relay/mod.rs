@@ -41,6 +41,8 @@ use crate::frame::{
 use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::time::{Duration, Instant, earliest};
 
+/// Terminals one LIST_ANSWER page looks at, at most (the access rule filters them).
+const LIST_SCAN: usize = 256;
 /// "No entry" in the intrusive lists below (a terminal's connections, its waiting demands).
 const NIL: u32 = u32::MAX;
 /// A `poll_transmit` buffer must hold this much: the largest burst of control frames.
@@ -1480,7 +1482,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 let _ = frames.push(Frame::KeepAliveAck { seq });
             }
             if let Some(cursor) = out.list.take() {
-                let _ = frames.push(Frame::ListAnswer(self.list_page(cursor)));
+                let _ = frames.push(Frame::ListAnswer(self.list_page(key, cursor)));
             }
             // A result frees the connection for a notice that may already be queued:
             // the result goes first, or the terminal would take the notice for one that
@@ -1539,17 +1541,25 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         })
     }
 
-    /// Page of the online list starting at terminal key `cursor`.
-    fn list_page(&self, cursor: u32) -> ListAnswer {
+    /// Page of the online list for connection `key`, starting at terminal key `cursor`:
+    /// the asker itself and the user IDs the access rule lets it reach, so the list tells
+    /// an account nothing about the others. At most [`LIST_SCAN`] terminals are looked at
+    /// per page (a page may come back short, with a cursor to go on).
+    fn list_page(&self, key: u32, cursor: u32) -> ListAnswer {
         let mut users = Vec::new();
         let mut next = None;
         let mut from = cursor;
+        let me = self.user_of(key);
+        let mut scanned = 0;
         while let Some(k) = self.terms.next_key(from) {
-            if users.is_full() {
+            if users.is_full() || scanned == LIST_SCAN {
                 next = Some(k);
                 break;
             }
-            if let Some(t) = self.terms.get(k) {
+            scanned += 1;
+            if let (Some(t), Some(me)) = (self.terms.get(k), me)
+                && (t.user == *me || self.policy.may_reach(me, &t.user))
+            {
                 let _ = users.push(t.user.clone());
             }
             from = k + 1;
