@@ -40,6 +40,11 @@ pub const MAX_NAME_LEN: usize = 32;
 /// cannot make the relay hash an arbitrarily large input.
 pub const MAX_PASSWORD_LEN: usize = 128;
 
+/// Shortest new password `relay user add` and `passwd` accept, in characters (Unicode
+/// scalar values): NIST SP 800-63B's minimum for a chosen secret. Existing shorter
+/// passwords still log in.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
 /// How long a write waits for another process's write to finish before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
