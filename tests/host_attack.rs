@@ -347,3 +347,147 @@ fn finding6_the_online_list_follows_the_access_rule() {
     listed.sort();
     assert_eq!(listed, ["cam", "me"]);
 }
+
+/// Guesses from each of `sources` (round-robin, in `threads` threads, until `until`),
+/// each on the accounts `users` in turn. A source whose answer was `Throttled` is left
+/// alone until its wait has passed, as a patient guesser would. Returns the guesses the
+/// relay checked (answered `AuthFailed`) and the sources that got at least one.
+fn guess(
+    relay: &Relay,
+    sources: &[Ipv4Addr],
+    users: &[&str],
+    threads: usize,
+    until: Instant,
+) -> (u32, usize) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let checked = AtomicU32::new(0);
+    let lucky = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for slice in sources.chunks(sources.len().div_ceil(threads)) {
+            let (checked, lucky) = (&checked, &lucky);
+            s.spawn(move || {
+                let mut next = vec![Instant::now(); slice.len()];
+                let mut got = vec![false; slice.len()];
+                let mut turn = 0usize;
+                while Instant::now() < until {
+                    let now = Instant::now();
+                    let Some(i) = (0..slice.len()).find(|&i| next[i] <= now) else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    let user = users[turn % users.len()];
+                    turn += 1;
+                    match login_once(relay, slice[i], user, password("guess")) {
+                        Answer::Refused(ErrorCode::AuthFailed, _) => {
+                            checked.fetch_add(1, Ordering::Relaxed);
+                            if !std::mem::replace(&mut got[i], true) {
+                                lucky.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Answer::Refused(ErrorCode::Throttled, wait) => {
+                            let wait = Duration::from_secs(wait.unwrap_or(1).into());
+                            next[i] = Instant::now() + wait;
+                        }
+                        other => panic!("a guess got {other:?}"),
+                    }
+                }
+            });
+        }
+    });
+    (checked.into_inner(), lucky.into_inner() as usize)
+}
+
+/// The device logs in with its password, then with that login's token, from its own
+/// address, every 300 ms until `until`. Every login must succeed within `limit`; returns
+/// the password and token login times.
+fn device(relay: &Relay, until: Instant, limit: Duration) -> (Vec<Duration>, Vec<Duration>) {
+    let source = Ipv4Addr::new(127, 200, 0, 1);
+    let (mut by_password, mut by_token) = (Vec::new(), Vec::new());
+    while Instant::now() < until {
+        let start = Instant::now();
+        let mut c = Client::connect(relay, source);
+        let Answer::Ok(t) = c.login("cam", password(PASSWORD)) else {
+            panic!("the device's password was refused during the attack");
+        };
+        by_password.push(start.elapsed());
+        let start = Instant::now();
+        let answer = login_once(relay, source, "cam", token(&t));
+        assert!(matches!(answer, Answer::Ok(_)), "token refused: {answer:?}");
+        by_token.push(start.elapsed());
+        for d in [by_password.last(), by_token.last()].into_iter().flatten() {
+            assert!(*d < limit, "a device login took {d:?}");
+        }
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    (by_password, by_token)
+}
+
+fn per_minute(n: u32, window: Duration) -> f64 {
+    f64::from(n) * 60.0 / window.as_secs_f64()
+}
+
+fn median_max(mut v: Vec<Duration>) -> String {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "{} logins, median {:.0} ms, max {:.0} ms",
+        v.len(),
+        ms(v[v.len() / 2]),
+        ms(v[v.len() - 1])
+    )
+}
+
+/// Issue 11, item 7: a guesser works on the device's account from one address, then from
+/// 1,000 addresses (each in its own /24) while another sprays five accounts from one
+/// address; the device logs in with its password and its token throughout and always gets
+/// in within a few seconds. Prints the guess rates and the device's login times.
+#[test]
+fn attack_guessers_never_keep_the_device_out() {
+    const ONE: Duration = Duration::from_secs(8);
+    const MANY: Duration = Duration::from_secs(12);
+    let limit = Duration::from_secs(3);
+    let relay = Relay::start("");
+    let spray: Vec<String> = (0..5).map(|i| format!("user{i}")).collect();
+    for u in std::iter::once("cam").chain(spray.iter().map(String::as_str)) {
+        relay.add_user(u);
+    }
+    let spray: Vec<&str> = spray.iter().map(String::as_str).collect();
+    let thousand: Vec<Ipv4Addr> = (0..1000u32)
+        .map(|i| Ipv4Addr::new(127, 1 + (i / 250) as u8, (i % 250) as u8, 1))
+        .collect();
+    let start = Instant::now();
+    let end = start + ONE + MANY;
+    let ((one, _), (many, lucky), (sprayed, _), (by_password, by_token)) =
+        std::thread::scope(|s| {
+            let device = s.spawn(|| device(&relay, end, limit));
+            let one_source = [Ipv4Addr::new(127, 100, 0, 1)];
+            let one = guess(&relay, &one_source, &["cam"], 1, start + ONE);
+            let many = s.spawn(|| guess(&relay, &thousand, &["cam"], 12, end));
+            let spray_source = [Ipv4Addr::new(127, 101, 0, 1)];
+            let sprayed = guess(&relay, &spray_source, &spray, 1, end);
+            (one, many.join().unwrap(), sprayed, device.join().unwrap())
+        });
+    println!(
+        "guesses on one account from 1 address: {one} in {}s = {:.0}/min",
+        ONE.as_secs(),
+        per_minute(one, ONE)
+    );
+    println!(
+        "guesses on one account from 1,000 addresses: {many} in {}s = {:.0}/min \
+         ({lucky} addresses got one or more)",
+        MANY.as_secs(),
+        per_minute(many, MANY)
+    );
+    println!(
+        "guesses on {} accounts from 1 address: {sprayed} in {}s = {:.0}/min per account",
+        spray.len(),
+        MANY.as_secs(),
+        per_minute(sprayed, MANY) / spray.len() as f64
+    );
+    println!(
+        "device during the attack: password {}; token {}",
+        median_max(by_password),
+        median_max(by_token)
+    );
+}

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use relay_proto::frame::Credential;
 use relay_proto::relay::{Event, InstanceEnd, Refusal, Verdict};
 use relay_proto::{Password, ResumeToken, UserId};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::Limits;
 use crate::metrics::{LoginMethod, LoginOutcome, Metrics};
@@ -45,6 +45,9 @@ pub struct Auth {
     /// Wakes the account watcher at once (see [`Auth::snapshot_current`]).
     refresh_accounts: Arc<Notify>,
     instances: Arc<Instances>,
+    /// Password checks running at once: one per core, so argon2 never takes every blocking
+    /// thread and the quick store reads of token logins do not queue behind a guesser's.
+    hashing: Semaphore,
 }
 
 /// Each account's current instance (`None`: logged out; absent: never recorded, so any
@@ -130,6 +133,7 @@ impl Auth {
             accounts,
             refresh_accounts,
             instances,
+            hashing: Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from)),
         })
     }
 
@@ -202,6 +206,9 @@ impl Auth {
 
     /// Whether `password` is `user`'s, with argon2 on a blocking thread.
     async fn verify_password(&self, user: &UserId, password: Password) -> bool {
+        let Ok(_permit) = self.hashing.acquire().await else {
+            return false;
+        };
         let store = self.store.clone();
         let name = AccountName::new(user.as_str());
         let result = tokio::task::spawn_blocking(move || {
