@@ -237,7 +237,7 @@ fn finding5_throttled_one_shot_command_says_so_and_exits() {
     let _turn = sharing();
     let relay = Relay::start("");
     relay.add_user("cam");
-    let wait = throttle(&relay, LOCAL, "cam", 8);
+    let wait = throttle(&relay, LOCAL, "cam", 8, 8);
     eprintln!("the guesser's address must wait {wait}s");
     let started = Instant::now();
     let mut online = relay.terminal_plain("cam", &["online"]);
@@ -307,14 +307,14 @@ fn finding3_unknown_and_known_user_ids_take_the_same_time() {
 }
 
 /// Guesses `user`'s password from `source` until the relay says to wait at least `secs`;
-/// returns the wait. Guesses go in parallel rounds, as a guesser's would, so the back-off
-/// grows without waiting it out.
-fn throttle(relay: &Relay, source: Ipv4Addr, user: &str, secs: u32) -> u32 {
+/// returns the wait. Guesses go in rounds of `parallel`, as a guesser's would, so the
+/// back-off grows without waiting it out.
+fn throttle(relay: &Relay, source: Ipv4Addr, user: &str, secs: u32, parallel: usize) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "never throttled");
         let answers: Vec<Answer> = std::thread::scope(|s| {
-            let guesses: Vec<_> = (0..8)
+            let guesses: Vec<_> = (0..parallel)
                 .map(|_| s.spawn(|| login_once(relay, source, user, password("wrong"))))
                 .collect();
             guesses.into_iter().map(|g| g.join().unwrap()).collect()
@@ -331,6 +331,25 @@ fn throttle(relay: &Relay, source: Ipv4Addr, user: &str, secs: u32) -> u32 {
             }
         }
     }
+}
+
+/// Issue 11, item 2: a throttled `relay expose` waits the relay's retry-after, saying so
+/// once, and then logs in.
+#[test]
+fn throttled_expose_waits_and_logs_in() {
+    let _turn = sharing();
+    let relay = Relay::start("");
+    relay.add_user("cam");
+    let wait = throttle(&relay, LOCAL, "cam", 4, 1);
+    let expose = Proc::spawn(
+        "expose cam",
+        relay.terminal("cam", &["expose", "--service", "x=127.0.0.1:9"]),
+    );
+    expose.wait_for(
+        "logged in to the relay",
+        Duration::from_secs(u64::from(wait) + 15),
+    );
+    assert_eq!(expose.count("retry in"), 1, "{}", expose.log());
 }
 
 /// Waits for `child` to exit, killing it (and failing) after `timeout`.
@@ -361,18 +380,7 @@ fn finding6_the_online_list_follows_the_access_rule() {
     }
     relay.user_cmd(&["allow", "me", "--targets", "cam"]);
     let _online: Vec<_> = ["cam", "secret"].map(|u| log_in(&relay, u).0).into();
-    let out = relay
-        .terminal_plain("me", &["online"])
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let mut listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    listed.sort();
-    assert_eq!(listed, ["cam", "me"]);
+    assert_eq!(relay.online_list("me"), ["cam", "me"]);
 }
 
 /// Guesses from each of `sources` (round-robin, in `threads` threads, until `until`),
