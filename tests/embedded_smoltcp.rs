@@ -17,7 +17,7 @@ use relay_embedded::{Agent, Decision, Service, Session, SmolTcp, smol_instant};
 use relay_proto::codes::{DemandError, ErrorCode, RejectReason};
 use relay_proto::frame::Credential;
 use relay_proto::ident::{Password, ResumeToken, ServiceName, UserId};
-use relay_proto::relay::{self, ConnId, Heap, Offer, Relay, Verdict};
+use relay_proto::relay::{self, ConnId, Heap, Offer, Refusal, Relay, Verdict};
 use relay_proto::terminal::{self, Cause, Event, Handle};
 use relay_proto::time::{Duration, Instant};
 
@@ -241,6 +241,7 @@ impl RelaySide {
                     conn,
                     user,
                     credential,
+                    ..
                 } => {
                     let v = self.check(user, credential);
                     self.core.login_verdict(now, *conn, v);
@@ -268,10 +269,10 @@ impl RelaySide {
                         instance: i,
                         token: t.clone(),
                     },
-                    _ => Verdict::Refuse(ErrorCode::ResumeRejected),
+                    _ => Verdict::Refuse(Refusal::BadCredential),
                 }
             }
-            Credential::Password(_) => Verdict::Refuse(ErrorCode::AuthFailed),
+            Credential::Password(_) => Verdict::Refuse(Refusal::BadCredential),
         }
     }
 

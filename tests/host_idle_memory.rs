@@ -82,26 +82,27 @@ fn measure(terminals: usize) -> u64 {
         "keepalive_interval = \"300s\"\nkeepalive_timeout = \"600s\"\nhandshake_timeout = \"60s\"",
     );
     relay.add_user("t0");
-    // Clone t0's account row straight in SQLite (same password hash).
-    {
+    // Clone t0's account row straight in SQLite (same password hash and credential stamp).
+    let stamp = {
         let db = rusqlite::Connection::open(relay.db()).unwrap();
-        let (phc, created): (String, i64) = db
+        let (phc, created, stamp): (String, i64, i64) = db
             .query_row(
-                "SELECT phc, created FROM accounts WHERE name='t0'",
+                "SELECT phc, created, credential FROM accounts WHERE name='t0'",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap();
         db.execute_batch("BEGIN").unwrap();
         for i in 1..terminals {
             db.execute(
-                "INSERT INTO accounts (name, phc, created) VALUES (?1, ?2, ?3)",
-                rusqlite::params![format!("t{i}"), phc, created],
+                "INSERT INTO accounts (name, phc, created, credential) VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![format!("t{i}"), phc, created, stamp],
             )
             .unwrap();
         }
         db.execute_batch("COMMIT").unwrap();
-    }
+        stamp as u64
+    };
     let secret = SqliteStore::open(&relay.db())
         .unwrap()
         .server_secret()
@@ -118,7 +119,7 @@ fn measure(terminals: usize) -> u64 {
         + 3600;
     let connect = |i: usize| -> TcpStream {
         let user = format!("t{i}");
-        let token = key.issue(&user, InstanceId(i as u64 + 1), expiry);
+        let token = key.issue(&user, stamp, InstanceId(i as u64 + 1), expiry);
         let frame = Frame::Login(Login {
             hello: Hello::current(caps::ALL),
             user: UserId::new(&user).unwrap(),

@@ -277,6 +277,22 @@ impl Relay {
         terminal_cmd(&[&server, "--plain"], user, args)
     }
 
+    /// `relay online` as `user` (over the plain listener): the user IDs it printed, sorted.
+    pub fn online_list(&self, user: &str) -> Vec<String> {
+        let out = self
+            .terminal_plain(user, &["online"])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "relay online as {user}");
+        let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
     /// `relay expose` for `user`, waited until logged in.
     pub fn expose(&self, user: &str, extra: &[&str]) -> Proc {
         let mut args = vec!["expose"];

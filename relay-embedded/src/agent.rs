@@ -306,6 +306,7 @@ mod tests {
             Frame::Error {
                 code: ErrorCode::ShuttingDown,
                 text: Text::lossy("bye"),
+                retry_after: None,
             },
             &mut rx,
         );

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io::{IsTerminal, Read};
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,7 +18,9 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use rustls::pki_types::ServerName;
 
 use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
-use crate::store::{AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, SqliteStore};
+use crate::store::{
+    AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, MIN_PASSWORD_CHARS, SqliteStore,
+};
 use crate::tls::{Fingerprint, ServerIdentity, ServerTrust, client_config};
 
 /// Relay: reach devices behind NAT through a relay server they connect out to.
@@ -177,8 +180,9 @@ pub struct TerminalArgs {
     /// This terminal's user ID.
     #[arg(long, env = "RELAY_USER", value_name = "NAME")]
     pub user: AccountName,
-    /// Read the password from FILE (one trailing newline is removed). Without this flag the
-    /// password comes from the RELAY_PASSWORD environment variable.
+    /// Read the password from FILE (one trailing newline is removed; the file must be
+    /// mode 600 or stricter). Without this flag the password comes from the RELAY_PASSWORD
+    /// environment variable.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// Trust the relay if its certificate chains to a CA in FILE (PEM). Without --ca or
@@ -204,11 +208,7 @@ impl TerminalArgs {
     /// The password, from `--password-file` or `RELAY_PASSWORD`.
     pub fn password(&self) -> anyhow::Result<String> {
         let password = match &self.password_file {
-            Some(path) => {
-                let raw = std::fs::read(path)
-                    .with_context(|| format!("password file {}", path.display()))?;
-                strip_one_newline(raw)
-            }
+            Some(path) => strip_one_newline(read_private(path)?),
             None => match std::env::var_os("RELAY_PASSWORD") {
                 Some(value) => value.into_encoded_bytes(),
                 None => bail!("no password: set RELAY_PASSWORD or use --password-file FILE"),
@@ -446,7 +446,40 @@ fn new_password(from_stdin: bool, name: &AccountName) -> anyhow::Result<String> 
     } else {
         bail!("standard input is not a terminal: give the password with --password-stdin");
     };
-    checked_password(password)
+    let password = checked_password(password)?;
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        bail!(
+            "the password has {chars} character{}; at least {MIN_PASSWORD_CHARS} are required",
+            if chars == 1 { "" } else { "s" }
+        );
+    }
+    Ok(password)
+}
+
+/// The contents of a password file that only its owner can use: one that its group or
+/// others may read or write is refused (its password is as good as public on a shared
+/// host).
+fn read_private(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("password file {}", path.display()))?;
+    let mode = file
+        .metadata()
+        .with_context(|| format!("password file {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "password file {} is open to other users (mode {mode:o}); chmod 600 it",
+            path.display()
+        );
+    }
+    let mut raw = Vec::new();
+    (&file)
+        .read_to_end(&mut raw)
+        .with_context(|| format!("password file {}", path.display()))?;
+    Ok(raw)
 }
 
 /// A password as the protocol carries it: 1 to [`MAX_PASSWORD_LEN`] bytes of UTF-8.
@@ -557,8 +590,16 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             } else {
                 AccessRule::only(targets)
             };
-            open_store(&args.db)?.set_access_rule(&name, &rule)?;
+            let store = open_store(&args.db)?;
+            store.set_access_rule(&name, &rule)?;
             println!("'{name}' may reach: {rule}");
+            for target in rule.allow.iter().flatten() {
+                if !store.exists(target)? {
+                    eprintln!(
+                        "warning: no account named '{target}' (yet); the rule counts once it exists"
+                    );
+                }
+            }
         }
     }
     Ok(())

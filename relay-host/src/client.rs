@@ -82,6 +82,8 @@ impl Slot {
 enum AppEvent {
     LoggedIn,
     Fatal(String),
+    /// The relay throttled a login: the message says when to retry; the terminal does.
+    Throttled(String),
     OnlinePage,
 }
 
@@ -206,6 +208,12 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
             Event::Down if ctx.stopping.load(std::sync::atomic::Ordering::Relaxed) => {}
             Event::Down => {
                 tracing::warn!(server = %ctx.server, "lost the relay; reconnecting with back-off")
+            }
+            Event::Throttled { text, .. } => {
+                let _ = ctx.app.send(AppEvent::Throttled(format!(
+                    "the relay refused the login: {} (Throttled)",
+                    text.as_str()
+                )));
             }
             Event::LoginRefused { code, text } => {
                 let _ = ctx.app.send(AppEvent::Fatal(format!(
@@ -648,7 +656,7 @@ async fn logged_in(rx: &mut mpsc::UnboundedReceiver<AppEvent>) -> anyhow::Result
     loop {
         match rx.recv().await {
             Some(AppEvent::LoggedIn) => return Ok(()),
-            Some(AppEvent::Fatal(m)) => bail!("{m}"),
+            Some(AppEvent::Fatal(m) | AppEvent::Throttled(m)) => bail!("{m}"),
             Some(_) => {}
             None => bail!("terminal stopped"),
         }
@@ -673,6 +681,7 @@ pub fn expose(args: &TerminalArgs, spare: u8, exposed: Exposed) -> anyhow::Resul
             tokio::select! {
                 e = rx.recv() => match e {
                     Some(AppEvent::Fatal(m)) => bail!("{m}"),
+                    Some(AppEvent::Throttled(m)) => tracing::warn!("{m}; trying again then"),
                     Some(_) => {}
                     None => bail!("terminal stopped"),
                 },

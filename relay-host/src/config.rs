@@ -96,9 +96,9 @@ pub struct Limits {
     /// A demand the target has not answered by then fails.
     #[serde(with = "humantime_serde")]
     pub demand_timeout: Duration,
-    /// Failed logins per account per minute before further attempts are throttled.
+    /// Failed logins of one account (all sources) before its back-off starts (SECURITY.md).
     pub login_failures_per_account_per_minute: u32,
-    /// Failed logins per source address per minute before further attempts are throttled.
+    /// Failed logins from one source network (all accounts) before its back-off starts.
     pub login_failures_per_source_per_minute: u32,
 }
 

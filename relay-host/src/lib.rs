@@ -5,20 +5,23 @@
 //!
 //! - [`store`]: accounts, passwords (argon2id), access rules, the server secret (SQLite).
 //! - [`token`]: resumption credentials (HMAC-SHA256 with the server secret).
+//! - [`auth`]: the login check (throttle, password, token) that answers the core.
 //! - [`tls`]: server identity (given or generated), client trust (roots, CA file, pin).
 //! - [`config`]: `relay serve` configuration (TOML) and limits.
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
-//! - [`throttle`]: failed-login throttling per account and per source address.
+//! - [`throttle`]: failed-login back-off per (account, source), network and account.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
 //!   FIFOs ([`outbox`]: the terminal's); `splice`: payload socket to socket on Linux.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod fifo;
+mod hashing;
 pub mod listen;
 pub mod metrics;
 pub mod outbox;

@@ -31,15 +31,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::{Buf, Bytes, BytesMut};
-use relay_proto::frame::Credential;
-use relay_proto::relay::{
-    self, ConnId, Event, Heap, MIN_TRANSMIT_BUF, Offer, Policy, Relay, Verdict,
-};
-use relay_proto::{DemandError, ErrorCode, ResumeToken, UserId};
+use relay_proto::relay::{self, ConnId, Event, Heap, MIN_TRANSMIT_BUF, Offer, Policy, Relay};
+use relay_proto::{DemandError, UserId};
 #[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
 #[cfg(target_os = "linux")]
@@ -52,17 +49,13 @@ use crate::splice::Pipe;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::auth::{Auth, Login};
 use crate::config::{Limits, ServeConfig};
 use crate::fifo::{Chunk, Fifo, Next};
 use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
-use crate::metrics::{LoginMethod, LoginOutcome, Metrics};
-use crate::store::{AccountName, AccountStore, AccountsSnapshot, VerifyError};
-use crate::throttle::{DEFAULT_MAX_TRACKED, LoginThrottle};
+use crate::metrics::Metrics;
+use crate::store::{AccountStore, AccountsSnapshot};
 use crate::tls::ServerIdentity;
-use crate::token::{InstanceId, TokenKey};
-
-/// How long a resumption credential stays valid after it is issued.
-pub const TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Bytes read from a socket at once. Payload chunks are split off this buffer.
 const READ_BUF: usize = 32 * 1024;
@@ -127,13 +120,8 @@ struct Core {
 /// Everything the connection tasks share.
 struct Server {
     core: Mutex<Core>,
-    store: Arc<dyn AccountStore>,
-    tokens: TokenKey,
-    throttle: Mutex<LoginThrottle>,
+    auth: Auth,
     metrics: Arc<Metrics>,
-    accounts: watch::Receiver<Arc<AccountsSnapshot>>,
-    /// Wakes the account watcher at once (see [`snapshot_current`]).
-    refresh_accounts: Arc<tokio::sync::Notify>,
     /// Payload between plain-TCP connections moves with `splice(2)` ([`crate::splice`]).
     splice: bool,
 }
@@ -159,12 +147,6 @@ fn to_relay_instant(epoch: std::time::Instant, t: std::time::Instant) -> relay_p
 
 fn to_tokio_instant(epoch: std::time::Instant, t: relay_proto::Instant) -> tokio::time::Instant {
     tokio::time::Instant::from_std(epoch + Duration::from_millis(t.as_millis()))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn demand_outcome(e: &DemandError) -> &'static str {
@@ -289,9 +271,15 @@ impl Core {
                     conn,
                     user,
                     credential,
+                    kind,
                 } => {
                     if let Some(me) = self.conn(conn).cloned() {
-                        tokio::spawn(authenticate(srv.clone(), conn, me, user, credential));
+                        let login = Login {
+                            user,
+                            credential,
+                            kind,
+                        };
+                        tokio::spawn(authenticate(srv.clone(), conn, me, login));
                     }
                 }
                 Event::LoggedIn {
@@ -338,6 +326,9 @@ impl Core {
                     tracing::info!(session, %from, %to, up, down, ?reason, "session ended");
                 }
                 Event::Offline { user } => tracing::info!(%user, "logged out (offline)"),
+                e @ (Event::InstanceStarted { .. } | Event::InstanceEnded { .. }) => {
+                    srv.auth.instance_changed(e)
+                }
             }
         }
         let stats = self.relay.stats();
@@ -389,151 +380,15 @@ async fn run_timers(srv: Weak<Server>, wake: Arc<Notify>, epoch: std::time::Inst
     }
 }
 
-/// Checks a login off the core lock: throttle, then argon2 (on a blocking thread) or the
-/// resumption credential, then hands the verdict to the core.
-async fn authenticate(
-    srv: Arc<Server>,
-    conn: ConnId,
-    me: Arc<Conn>,
-    user: UserId,
-    credential: Credential,
-) {
-    let ip = me.peer.ip();
-    let method = match credential {
-        Credential::Password(_) => LoginMethod::Password,
-        Credential::Resume(_) => LoginMethod::Resumption,
-    };
-    let throttled = srv
-        .throttle
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .check(user.as_str(), ip, std::time::Instant::now());
-    let verdict = if let Err(t) = throttled {
-        tracing::info!(%user, peer = %me.peer, "login throttled: {t}");
-        srv.metrics.login(method, LoginOutcome::Throttled);
-        Verdict::Refuse(ErrorCode::Throttled)
-    } else {
-        let (ok, exists) = check_credential(&srv, &user, credential).await;
-        if ok.is_some() {
-            snapshot_current(&srv).await;
-        }
-        match ok {
-            Some(instance) => {
-                srv.metrics.login(method, LoginOutcome::Ok);
-                let expiry = unix_now() + TOKEN_LIFETIME.as_secs();
-                let token = srv
-                    .tokens
-                    .issue(user.as_str(), InstanceId(instance), expiry);
-                Verdict::Accept {
-                    instance,
-                    token: ResumeToken::from_slice(&token).unwrap_or_default(),
-                }
-            }
-            None => {
-                srv.metrics.login(method, LoginOutcome::Failed);
-                srv.throttle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .record_failure(
-                        exists.then_some(user.as_str()),
-                        ip,
-                        std::time::Instant::now(),
-                    );
-                Verdict::Refuse(match method {
-                    LoginMethod::Password => ErrorCode::AuthFailed,
-                    LoginMethod::Resumption => ErrorCode::ResumeRejected,
-                })
-            }
-        }
-    };
+/// Checks a login off the core lock ([`Auth::check`]), then hands the verdict to the core.
+async fn authenticate(srv: Arc<Server>, conn: ConnId, me: Arc<Conn>, login: Login) {
+    let verdict = srv.auth.check(&login, me.peer).await;
     let mut core = srv.lock();
     if core.is(conn, &me) {
         let now = core.now();
         core.relay.login_verdict(now, conn, verdict);
         core.arm(conn);
         core.drain(&srv);
-    }
-}
-
-/// Makes sure the accounts snapshot (which the access rule reads) is current before a
-/// login is answered: an account added, or a rule changed, a moment ago would otherwise
-/// be unknown for up to a poll (1 s). One cheap query per login; the poll still covers
-/// changes made while a terminal stays logged in.
-async fn snapshot_current(srv: &Arc<Server>) {
-    let store = srv.store.clone();
-    let Ok(Ok(generation)) = tokio::task::spawn_blocking(move || store.generation()).await else {
-        return;
-    };
-    if srv.accounts.borrow().generation() == generation {
-        return;
-    }
-    srv.refresh_accounts.notify_one();
-    let mut rx = srv.accounts.clone();
-    let wait = rx.wait_for(|s| s.generation() >= generation);
-    let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
-}
-
-/// `(Some(instance), _)` if the credential is good; the `bool` says whether the account
-/// exists (failures for unknown names are not counted against an account).
-async fn check_credential(
-    srv: &Arc<Server>,
-    user: &UserId,
-    credential: Credential,
-) -> (Option<u64>, bool) {
-    let exists = srv.accounts.borrow().exists(user.as_str());
-    match credential {
-        Credential::Password(password) => {
-            let Ok(name) = AccountName::new(user.as_str()) else {
-                return (None, false);
-            };
-            let store = srv.store.clone();
-            let password = password.as_str().to_owned();
-            let result =
-                tokio::task::spawn_blocking(move || store.verify_password(&name, &password)).await;
-            match result {
-                Ok(Ok(())) => {
-                    let mut b = [0u8; 8];
-                    if getrandom::getrandom(&mut b).is_err() {
-                        return (None, exists);
-                    }
-                    (Some(u64::from_le_bytes(b)), true)
-                }
-                Ok(Err(VerifyError::UnknownAccount)) => (None, false),
-                Ok(Err(VerifyError::WrongPassword)) => (None, true),
-                Ok(Err(VerifyError::Store(e))) => {
-                    tracing::warn!("account store: {e}");
-                    (None, exists)
-                }
-                Err(e) => {
-                    tracing::warn!("password check: {e}");
-                    (None, exists)
-                }
-            }
-        }
-        Credential::Resume(token) => {
-            // The account must still exist: a deleted account's credentials die with it.
-            // The snapshot lags the store by a poll: an account added a moment ago is
-            // confirmed in the store itself (rare, so off the hot path).
-            let exists = exists || {
-                let store = srv.store.clone();
-                let name = AccountName::new(user.as_str());
-                tokio::task::spawn_blocking(move || {
-                    name.is_ok_and(|n| store.exists(&n).unwrap_or(false))
-                })
-                .await
-                .unwrap_or(false)
-            };
-            if !exists {
-                return (None, false);
-            }
-            match srv
-                .tokens
-                .verify(user.as_str(), token.as_bytes(), unix_now())
-            {
-                Ok(InstanceId(i)) => (Some(i), true),
-                Err(_) => (None, true),
-            }
-        }
     }
 }
 
@@ -1127,7 +982,6 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
     let metrics = Arc::new(Metrics::new());
-    let secret = store.server_secret()?;
     let refresh_accounts = Arc::new(tokio::sync::Notify::new());
     let accounts = watch_accounts_with(
         store.clone(),
@@ -1146,16 +1000,14 @@ pub async fn serve(
             epoch,
             bytes_seen: 0,
         }),
-        store: store.clone(),
-        tokens: TokenKey::new(&secret),
-        throttle: Mutex::new(LoginThrottle::new(
-            limits.login_failures_per_account_per_minute,
-            limits.login_failures_per_source_per_minute,
-            DEFAULT_MAX_TRACKED,
-        )),
+        auth: Auth::new(
+            store.clone(),
+            &limits,
+            metrics.clone(),
+            accounts.clone(),
+            refresh_accounts,
+        )?,
         metrics: metrics.clone(),
-        accounts: accounts.clone(),
-        refresh_accounts,
         splice: config.splice,
     });
     tokio::spawn(run_timers(Arc::downgrade(&srv), timer_wake, epoch));
@@ -1253,6 +1105,7 @@ pub async fn serve(
     while srv.lock().relay.connection_count() > 0 && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    srv.auth.flush().await;
     tracing::info!("relay stopped");
     Ok(())
 }

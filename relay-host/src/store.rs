@@ -23,12 +23,12 @@ use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
@@ -40,11 +40,16 @@ pub const MAX_NAME_LEN: usize = 32;
 /// cannot make the relay hash an arbitrarily large input.
 pub const MAX_PASSWORD_LEN: usize = 128;
 
+/// Shortest new password `relay user add` and `passwd` accept, in characters (Unicode
+/// scalar values): NIST SP 800-63B's minimum for a chosen secret. Existing shorter
+/// passwords still log in.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
 /// How long a write waits for another process's write to finish before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema this code creates and understands (kept in `PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// A validated account name: 1 to [`MAX_NAME_LEN`] bytes of UTF-8 with no control
 /// character, no whitespace and no `/` (which separates target and service in
@@ -185,6 +190,9 @@ pub struct AccountInfo {
     pub created: u64,
     /// Which accounts it may reach.
     pub access: AccessRule,
+    /// A random stamp, new with the account and with each password change: resumption
+    /// tokens are bound to it, so such a change revokes them.
+    pub credential: u64,
 }
 
 /// The relay's 32-byte secret that keys resumption credentials. Kept in the store so it
@@ -298,6 +306,12 @@ pub trait AccountStore: Send + Sync + fmt::Debug {
     /// A number that changes whenever any process changes accounts or access rules. Cheap:
     /// poll it (say, once a second) and reload what you cache when it moves.
     fn generation(&self) -> Result<u64, StoreError>;
+    /// Each account's current instance as the relay last recorded it: `Some(id)` (its
+    /// tokens may start it) or `None` (logged out: no token may). Accounts never recorded
+    /// are absent.
+    fn instances(&self) -> Result<HashMap<String, Option<u64>>, StoreError>;
+    /// Records `name`'s current instance (does not move [`Self::generation`]).
+    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError>;
 }
 
 /// The SQLite account store: one file, created on first use with mode 0600.
@@ -308,6 +322,18 @@ pub struct SqliteStore {
     /// plenty (each call is short; argon2 runs outside the lock).
     conn: Mutex<Connection>,
 }
+
+/// Version 2: the credential stamp tokens are bound to, and each account's current
+/// instance (the one its tokens may start; NULL after LOGOUT), written by the relay.
+/// Accounts of version 1 get stamp 0: their old tokens fail once, the terminal falls back
+/// to its password.
+const SCHEMA_V2: &str = "
+ALTER TABLE accounts ADD COLUMN credential INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE instances (
+    account  TEXT PRIMARY KEY NOT NULL,
+    instance INTEGER                     -- NULL: logged out
+);
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -416,6 +442,9 @@ impl SqliteStore {
                 "INSERT INTO server_secret (id, secret) VALUES (1, ?1)",
                 params![&secret[..]],
             )?;
+        }
+        if version < 2 {
+            tx.execute_batch(SCHEMA_V2)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         tx.commit()?;
@@ -447,6 +476,33 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
 }
 
+/// Checks `password` against `hash`. The verifier takes its parameters from the PHC string,
+/// runs on reused memory (so every check costs the same) and compares the digests in
+/// constant time.
+fn verify(password: &str, hash: &PasswordHash<'_>) -> Result<(), VerifyError> {
+    match crate::hashing::verify(password.as_bytes(), hash) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(VerifyError::WrongPassword),
+        Err(e) => Err(StoreError::Hash(e).into()),
+    }
+}
+
+/// A hash of a random password with [`hasher`]'s parameters (those of every new account),
+/// made once: what a login for an unknown account is checked against.
+fn dummy_hash() -> Result<PasswordHash<'static>, StoreError> {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    let phc = match DUMMY.get() {
+        Some(phc) => phc,
+        None => {
+            let mut secret = [0u8; 16];
+            OsRng.fill_bytes(&mut secret);
+            let phc = hash_password(&format!("{secret:02x?}"))?;
+            DUMMY.get_or_init(|| phc)
+        }
+    };
+    PasswordHash::new(phc).map_err(|e| StoreError::Corrupt(format!("dummy hash: {e}")))
+}
+
 /// Hashes `password` as an argon2id PHC string with a fresh random salt.
 fn hash_password(password: &str) -> Result<String, StoreError> {
     check_password(password)?;
@@ -461,6 +517,11 @@ fn check_password(password: &str) -> Result<(), StoreError> {
         return Err(StoreError::InvalidPassword);
     }
     Ok(())
+}
+
+/// A fresh credential stamp ([`AccountInfo::credential`]).
+fn credential_stamp() -> i64 {
+    OsRng.next_u64() as i64
 }
 
 fn now_unix() -> u64 {
@@ -496,8 +557,8 @@ impl AccountStore for SqliteStore {
         let phc = hash_password(password)?;
         let conn = self.lock();
         match conn.execute(
-            "INSERT INTO accounts (name, phc, created) VALUES (?1, ?2, ?3)",
-            params![name.as_str(), phc, now_unix() as i64],
+            "INSERT INTO accounts (name, phc, created, credential) VALUES (?1, ?2, ?3, ?4)",
+            params![name.as_str(), phc, now_unix() as i64, credential_stamp()],
         ) {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -516,6 +577,10 @@ impl AccountStore for SqliteStore {
             "DELETE FROM access WHERE account = ?1",
             params![name.as_str()],
         )?;
+        tx.execute(
+            "DELETE FROM instances WHERE account = ?1",
+            params![name.as_str()],
+        )?;
         let n = tx.execute(
             "DELETE FROM accounts WHERE name = ?1",
             params![name.as_str()],
@@ -530,8 +595,8 @@ impl AccountStore for SqliteStore {
     fn set_password(&self, name: &AccountName, password: &str) -> Result<(), StoreError> {
         let phc = hash_password(password)?;
         let n = self.lock().execute(
-            "UPDATE accounts SET phc = ?2 WHERE name = ?1",
-            params![name.as_str(), phc],
+            "UPDATE accounts SET phc = ?2, credential = ?3 WHERE name = ?1",
+            params![name.as_str(), phc, credential_stamp()],
         )?;
         if n == 0 {
             return Err(StoreError::NoSuchAccount(name.clone()));
@@ -544,25 +609,28 @@ impl AccountStore for SqliteStore {
         // One read transaction so the accounts and their rules are one consistent snapshot.
         let tx = conn.transaction()?;
         let rows = {
-            let mut stmt =
-                tx.prepare_cached("SELECT name, created, restricted FROM accounts ORDER BY name")?;
+            let mut stmt = tx.prepare_cached(
+                "SELECT name, created, restricted, credential FROM accounts ORDER BY name",
+            )?;
             stmt.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, bool>(2)?,
+                    r.get::<_, i64>(3)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?
         };
         let mut out = Vec::with_capacity(rows.len());
-        for (name, created, restricted) in rows {
+        for (name, created, restricted, credential) in rows {
             let name = stored_name(name)?;
             let access = read_rule(&tx, &name, restricted)?;
             out.push(AccountInfo {
                 name,
                 created: u64::try_from(created).unwrap_or(0),
                 access,
+                credential: credential as u64,
             });
         }
         tx.commit()?;
@@ -586,6 +654,8 @@ impl AccountStore for SqliteStore {
             .map_err(StoreError::from)?;
         // The lock is released here: argon2 runs without it.
         let Some(phc) = phc else {
+            // As slow as a known account, so the answer time does not say which exist.
+            let _ = verify(password, &dummy_hash()?);
             return Err(VerifyError::UnknownAccount);
         };
         if check_password(password).is_err() {
@@ -594,13 +664,7 @@ impl AccountStore for SqliteStore {
         let hash = PasswordHash::new(&phc).map_err(|e| {
             StoreError::Corrupt(format!("password hash of '{name}' is unreadable: {e}"))
         })?;
-        // The verifier takes its parameters from the PHC string and compares the digests in
-        // constant time.
-        match Argon2::default().verify_password(password.as_bytes(), &hash) {
-            Ok(()) => Ok(()),
-            Err(argon2::password_hash::Error::Password) => Err(VerifyError::WrongPassword),
-            Err(e) => Err(StoreError::Hash(e).into()),
-        }
+        verify(password, &hash)
     }
 
     fn access_rule(&self, name: &AccountName) -> Result<AccessRule, StoreError> {
@@ -655,6 +719,26 @@ impl AccountStore for SqliteStore {
         Ok(ServerSecret(bytes))
     }
 
+    fn instances(&self) -> Result<HashMap<String, Option<u64>>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT account, instance FROM instances")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?;
+        rows.map(|r| Ok(r.map(|(name, i)| (name, i.map(|i| i as u64)))?))
+            .collect()
+    }
+
+    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {
+        // Only for accounts that exist: a late write must not outlive a deletion.
+        self.lock().execute(
+            "INSERT OR REPLACE INTO instances (account, instance)
+             SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM accounts WHERE name = ?1)",
+            params![name, instance.map(|i| i as i64)],
+        )?;
+        Ok(())
+    }
+
     fn generation(&self) -> Result<u64, StoreError> {
         let value: i64 =
             self.lock()
@@ -672,9 +756,9 @@ impl AccountStore for SqliteStore {
 #[derive(Debug, Clone, Default)]
 pub struct AccountsSnapshot {
     generation: u64,
-    /// Name → (creation time, rule). The creation time tells a deleted-and-re-created
-    /// account from the old one.
-    accounts: HashMap<String, (u64, AccessRule)>,
+    /// Name → (creation time, rule, credential stamp). The creation time tells a
+    /// deleted-and-re-created account from the old one.
+    accounts: HashMap<String, (u64, AccessRule, u64)>,
 }
 
 impl AccountsSnapshot {
@@ -685,7 +769,10 @@ impl AccountsSnapshot {
         let accounts = store
             .list()?
             .into_iter()
-            .map(|a| (a.name.as_str().to_owned(), (a.created, a.access)))
+            .map(|a| {
+                let name = a.name.as_str().to_owned();
+                (name, (a.created, a.access, a.credential))
+            })
             .collect();
         Ok(Self {
             generation,
@@ -703,9 +790,14 @@ impl AccountsSnapshot {
         self.accounts.contains_key(name)
     }
 
+    /// `name`'s credential stamp, if it is an account.
+    pub fn credential(&self, name: &str) -> Option<u64> {
+        self.accounts.get(name).map(|(.., credential)| *credential)
+    }
+
     /// Whether `from` may demand a connection to `to` (an unknown `from`: no).
     pub fn may_reach(&self, from: &str, to: &str) -> bool {
-        self.accounts.get(from).is_some_and(|(_, rule)| {
+        self.accounts.get(from).is_some_and(|(_, rule, _)| {
             rule.allow
                 .as_ref()
                 .is_none_or(|list| list.iter().any(|n| n.as_str() == to))
@@ -718,8 +810,8 @@ impl AccountsSnapshot {
         let mut gone: Vec<String> = self
             .accounts
             .iter()
-            .filter(|(name, (created, _))| {
-                newer.accounts.get(*name).is_none_or(|(c, _)| c != created)
+            .filter(|(name, (created, ..))| {
+                newer.accounts.get(*name).is_none_or(|(c, ..)| c != created)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -967,6 +1059,63 @@ mod tests {
             SqliteStore::open(&path),
             Err(StoreError::SchemaTooNew { .. })
         ));
+    }
+
+    /// What revokes tokens: a new credential stamp on a password change and on re-creation;
+    /// the current instance, kept per account and gone with it.
+    #[test]
+    fn credential_stamps_and_current_instances() {
+        let (_dir, store) = temp_store();
+        let cam = name("cam");
+        store.add(&cam, "pw").unwrap();
+        let stamp = |s: &SqliteStore| s.list().unwrap()[0].credential;
+        let first = stamp(&store);
+        store.set_password(&cam, "pw2").unwrap();
+        let second = stamp(&store);
+        assert_ne!(first, second);
+        let g = store.generation().unwrap();
+        store.set_instance("cam", Some(7)).unwrap();
+        assert_eq!(
+            store.generation().unwrap(),
+            g,
+            "instances do not reload accounts"
+        );
+        store.set_instance("ghost", Some(1)).unwrap();
+        assert_eq!(
+            store.instances().unwrap(),
+            HashMap::from([("cam".to_owned(), Some(7))])
+        );
+        store.set_instance("cam", None).unwrap();
+        assert_eq!(store.instances().unwrap()["cam"], None);
+        store.delete(&cam).unwrap();
+        assert!(store.instances().unwrap().is_empty());
+        store.add(&cam, "pw").unwrap();
+        assert_ne!(stamp(&store), second);
+    }
+
+    #[test]
+    fn a_version_1_store_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute(
+                "INSERT INTO server_secret (id, secret) VALUES (1, zeroblob(32))",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO accounts (name, phc, created) VALUES ('old', 'x', 0)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.list().unwrap()[0].credential, 0);
+        store.set_instance("old", Some(3)).unwrap();
+        assert_eq!(store.instances().unwrap()["old"], Some(3));
     }
 
     #[test]

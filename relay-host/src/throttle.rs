@@ -1,181 +1,279 @@
-//! Failed-login throttling, per account and per source address, per minute.
+//! Failed-login throttling that slows password guessing without giving anyone a lever to
+//! lock a device out (docs/SECURITY.md, "Password guessing", has the policy and numbers).
 //!
-//! A login is checked with [`LoginThrottle::check`] before the password is hashed (so a
-//! throttled guesser costs no argon2 run) and a failure is counted with
-//! [`LoginThrottle::record_failure`]. A throttled login gets a clear [`Throttled`] answer
-//! saying when to retry, not a silent hang.
+//! Failures are counted in three tables: per (account, source), per source network
+//! (IPv4 /24, IPv6 /64) and per account. Each counter allows a number of free failures
+//! and then backs off exponentially: after `n` failures past the free ones the key waits
+//! [`BASE`]` · 2^n` (at most [`CAP`]) from its last failure. The one rule that keeps this
+//! from being a lockout lever: **only a (account, source) pair that has failed is ever
+//! refused.** The network and account counters only lengthen the wait of such pairs, so
+//! a guesser behind the same NAT, or one spraying from a thousand addresses, cannot keep
+//! a device that knows its password out. Resumption tokens are not throttled at all
+//! (the host never asks: an HMAC cannot be guessed and costs no hash).
 //!
-//! Each key has a fixed one-minute window that starts at its first failure. Memory is
-//! bounded: each table holds at most `max_tracked` keys; expired windows are pruned when a
-//! table fills (at most once a second, so a flood costs no quadratic work), and a key that
-//! finds its table still full of live windows is not tracked (fail open: the other table
-//! still bounds it, and refusing all new sources would let one attacker lock everyone out).
-//! Callers count per-account failures only for accounts that exist, so a spray of made-up
-//! names cannot fill the account table. IPv6 sources are keyed by their /64, the block one
-//! host usually controls.
+//! Memory is bounded: each table holds at most `max_tracked` entries of 24 bytes (keys are
+//! hashed with a per-process key, so no name is stored; times are milliseconds). When a table is full
+//! it forgets, at most once a second, every key that is not backing off now; a key that
+//! still finds no room is not tracked (fail open: refusing new sources would be the
+//! lockout lever again). Counters are forgotten [`FORGET`] after their last failure.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-/// The window failures are counted in.
-pub const WINDOW: Duration = Duration::from_secs(60);
+/// The first back-off step.
+pub const BASE: Duration = Duration::from_secs(1);
 
-/// Default cap on the keys each table tracks (about 64 bytes each: a few MiB at most).
+/// The longest back-off.
+pub const CAP: Duration = Duration::from_secs(15 * 60);
+
+/// A counter with no failure for this long starts again from zero.
+pub const FORGET: Duration = Duration::from_secs(60 * 60);
+
+/// Failures of one (account, source) pair before it backs off (typos are free).
+pub const PAIR_FREE: u32 = 3;
+
+/// Default cap on the keys each table tracks (well under 10 MiB for all three).
 pub const DEFAULT_MAX_TRACKED: usize = 65_536;
 
-/// What hit its limit.
+/// Which counter set the wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThrottleScope {
-    /// Too many failures for this account.
-    Account,
-    /// Too many failures from this source address.
+    /// This source's own failures for this account.
     Source,
+    /// Failures from this source's network, for any account.
+    Network,
+    /// Failures for this account, from any source.
+    Account,
 }
 
-/// A login refused without checking the password: too many recent failures.
+/// A login refused without checking the password: this source failed for this account
+/// and must wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("too many failed logins {}; retry in {}s", match .scope {
+    ThrottleScope::Source => "from this address for this account",
+    ThrottleScope::Network => "from this network",
     ThrottleScope::Account => "for this account",
-    ThrottleScope::Source => "from this address",
-}, .retry_after.as_secs().max(1))]
+}, retry_secs(.retry_after))]
 pub struct Throttled {
-    /// Which limit was hit.
+    /// Which counter set the wait.
     pub scope: ThrottleScope,
-    /// When the window ends.
+    /// How long until a login from this source for this account is checked again.
     pub retry_after: Duration,
 }
 
-/// The per-account and per-source failure counters.
+/// `d` in whole seconds, rounded up, at least 1: what a terminal is told to wait.
+pub fn retry_secs(d: &Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
+}
+
+/// The failure counters.
 #[derive(Debug)]
 pub struct LoginThrottle {
-    accounts: Table<String>,
-    sources: Table<IpAddr>,
+    keys: RandomState,
+    /// Times are milliseconds since this instant.
+    epoch: Instant,
+    pairs: Table,
+    networks: Table,
+    accounts: Table,
 }
 
 impl LoginThrottle {
-    /// Allows `per_account` and `per_source` failures per minute, tracking at most
+    /// Backs off an account after `account_free` failures from all sources and a source
+    /// network after `network_free` failures for all accounts, tracking at most
     /// `max_tracked` keys in each table.
-    pub fn new(per_account: u32, per_source: u32, max_tracked: usize) -> Self {
+    pub fn new(account_free: u32, network_free: u32, max_tracked: usize) -> Self {
         Self {
-            accounts: Table::new(per_account, max_tracked),
-            sources: Table::new(per_source, max_tracked),
+            keys: RandomState::new(),
+            epoch: Instant::now(),
+            pairs: Table::new(PAIR_FREE, max_tracked),
+            networks: Table::new(network_free, max_tracked),
+            accounts: Table::new(account_free, max_tracked),
         }
     }
 
-    /// Whether a login for `account` from `source` may be attempted at `now`.
+    /// Whether a password login for `account` from `source` may be checked at `now`.
+    /// Always yes for a pair with no recent failure.
     pub fn check(&self, account: &str, source: IpAddr, now: Instant) -> Result<(), Throttled> {
-        if let Some(retry_after) = self.sources.blocked(&source_key(source), now) {
-            return Err(Throttled {
-                scope: ThrottleScope::Source,
-                retry_after,
-            });
+        let (pair, network, name) = self.keys(account, source);
+        let ms = self.ms(now);
+        let Some(pair) = self.pairs.live(pair, ms) else {
+            return Ok(());
+        };
+        let waits = [
+            (ThrottleScope::Source, Some(pair)),
+            (ThrottleScope::Network, self.networks.live(network, ms)),
+            (ThrottleScope::Account, self.accounts.live(name, ms)),
+        ];
+        let (scope, until) = waits
+            .into_iter()
+            .filter_map(|(scope, r)| Some((scope, r?)))
+            .map(|(scope, (r, free))| (scope, r.until(free)))
+            .max_by_key(|&(_, until)| until)
+            .expect("the pair is always there");
+        match until.checked_sub(ms) {
+            Some(left) if left > 0 => Err(Throttled {
+                scope,
+                retry_after: Duration::from_millis(left),
+            }),
+            _ => Ok(()),
         }
-        if let Some(retry_after) = self.accounts.blocked(account, now) {
-            return Err(Throttled {
-                scope: ThrottleScope::Account,
-                retry_after,
-            });
-        }
-        Ok(())
     }
 
-    /// Counts a failed login from `source`; against `account` too when it names an existing
-    /// account (`None` for unknown names).
-    pub fn record_failure(&mut self, account: Option<&str>, source: IpAddr, now: Instant) {
-        self.sources.record(source_key(source), now);
-        if let Some(account) = account {
-            self.accounts.record(account.to_owned(), now);
-        }
+    /// The keys of the pair, the source's network and the account.
+    fn keys(&self, account: &str, source: IpAddr) -> (u64, u64, u64) {
+        let name = self.keys.hash_one(account);
+        (
+            self.keys.hash_one((name, host_key(source))),
+            self.keys.hash_one(network_key(source)),
+            name,
+        )
     }
 
-    /// Keys tracked now (accounts, sources); for tests and metrics.
-    pub fn tracked(&self) -> (usize, usize) {
-        (self.accounts.map.len(), self.sources.map.len())
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Counts a failed password login for `account` (known or not: the throttle must not
+    /// tell them apart) from `source`.
+    pub fn record_failure(&mut self, account: &str, source: IpAddr, now: Instant) {
+        let (pair, network, name) = self.keys(account, source);
+        let ms = self.ms(now);
+        self.pairs.record(pair, ms);
+        self.networks.record(network, ms);
+        self.accounts.record(name, ms);
+    }
+
+    /// A good password from `source` for `account`: its own failures are forgiven (the
+    /// network's and the account's are not).
+    pub fn record_success(&mut self, account: &str, source: IpAddr) {
+        let (pair, _, _) = self.keys(account, source);
+        self.pairs.map.remove(&pair);
+    }
+
+    /// Keys tracked now (pairs, networks, accounts); for tests and metrics.
+    pub fn tracked(&self) -> (usize, usize, usize) {
+        (
+            self.pairs.map.len(),
+            self.networks.map.len(),
+            self.accounts.map.len(),
+        )
     }
 }
 
-/// IPv4 as is (IPv4-mapped IPv6 too); IPv6 by its /64.
-fn source_key(ip: IpAddr) -> IpAddr {
+/// One host: an IPv4 address (IPv4-mapped IPv6 too), an IPv6 /64.
+fn host_key(ip: IpAddr) -> u128 {
+    match canonical(ip) {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6) & !((1 << 64) - 1),
+    }
+}
+
+/// One network: an IPv4 /24, an IPv6 /64 (the block one host usually controls). IPv4 keys
+/// keep a marker bit so they never equal an IPv6 key.
+fn network_key(ip: IpAddr) -> u128 {
+    match canonical(ip) {
+        IpAddr::V4(v4) => (1 << 127) | u128::from(u32::from(v4) & 0xffff_ff00),
+        IpAddr::V6(v6) => u128::from(v6) & !((1 << 64) - 1),
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
-#[derive(Debug)]
-struct Window {
-    start: Instant,
+/// One key's recent failures.
+#[derive(Debug, Clone, Copy)]
+struct Record {
     failures: u32,
+    /// Milliseconds (see [`LoginThrottle::epoch`]).
+    last: u64,
 }
 
+impl Record {
+    /// When (ms) the key's back-off ends, given its free failures.
+    fn until(&self, free: u32) -> u64 {
+        let Some(over) = self.failures.checked_sub(free) else {
+            return self.last;
+        };
+        let wait = BASE
+            .checked_mul(1 << over.min(20))
+            .map_or(CAP, |d| d.min(CAP));
+        self.last + wait.as_millis() as u64
+    }
+
+    fn forgotten(&self, now: u64) -> bool {
+        now.saturating_sub(self.last) >= FORGET.as_millis() as u64
+    }
+}
+
+/// Keys are hashes ([`LoginThrottle::keys`]): fixed size, and nothing to read back.
 #[derive(Debug)]
-struct Table<K> {
-    limit: u32,
+struct Table {
+    free: u32,
     max_tracked: usize,
-    map: HashMap<K, Window>,
-    last_prune: Option<Instant>,
+    map: HashMap<u64, Record>,
+    last_prune: Option<u64>,
 }
 
-impl<K: Hash + Eq> Table<K> {
-    fn new(limit: u32, max_tracked: usize) -> Self {
+impl Table {
+    fn new(free: u32, max_tracked: usize) -> Self {
         Self {
-            limit,
+            free,
             max_tracked,
             map: HashMap::new(),
             last_prune: None,
         }
     }
 
-    /// How long `key` stays blocked, if it is.
-    fn blocked<Q>(&self, key: &Q, now: Instant) -> Option<Duration>
-    where
-        K: std::borrow::Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        let w = self.map.get(key)?;
-        let left = WINDOW.checked_sub(now.saturating_duration_since(w.start))?;
-        (w.failures >= self.limit && !left.is_zero()).then_some(left)
+    /// `key`'s record and free failures, unless it is forgotten.
+    fn live(&self, key: u64, now: u64) -> Option<(Record, u32)> {
+        let r = *self.map.get(&key)?;
+        (!r.forgotten(now)).then_some((r, self.free))
     }
 
-    fn record(&mut self, key: K, now: Instant) {
-        if let Some(w) = self.map.get_mut(&key) {
-            if now.saturating_duration_since(w.start) >= WINDOW {
-                *w = Window {
-                    start: now,
-                    failures: 1,
-                };
+    fn record(&mut self, key: u64, now: u64) {
+        if let Some(r) = self.map.get_mut(&key) {
+            r.failures = if r.forgotten(now) {
+                1
             } else {
-                w.failures = w.failures.saturating_add(1);
-            }
+                r.failures.saturating_add(1)
+            };
+            r.last = now;
             return;
         }
         if self.map.len() >= self.max_tracked {
-            let due = self
-                .last_prune
-                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
-            if due {
-                self.last_prune = Some(now);
-                self.map
-                    .retain(|_, w| now.saturating_duration_since(w.start) < WINDOW);
-            }
+            self.prune(now);
             if self.map.len() >= self.max_tracked {
                 return;
             }
         }
         self.map.insert(
             key,
-            Window {
-                start: now,
+            Record {
                 failures: 1,
+                last: now,
             },
         );
+    }
+
+    /// Forgets every key that is not backing off at `now`; at most once a second, so a
+    /// flood costs no quadratic work.
+    fn prune(&mut self, now: u64) {
+        let due = self
+            .last_prune
+            .is_none_or(|t| now.saturating_sub(t) >= 1000);
+        if due {
+            self.last_prune = Some(now);
+            let free = self.free;
+            self.map.retain(|_, r| r.until(free) > now);
+        }
     }
 }
 
@@ -186,96 +284,139 @@ mod tests {
     use super::*;
 
     const A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
-    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+    const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2));
 
-    #[test]
-    fn account_limit_then_window_reset() {
-        let t0 = Instant::now();
-        let mut t = LoginThrottle::new(3, 100, 16);
-        for i in 0..3 {
-            assert_eq!(t.check("cam", A, t0), Ok(()), "attempt {i}");
-            t.record_failure(Some("cam"), A, t0);
+    fn fail(t: &mut LoginThrottle, account: &str, ip: IpAddr, at: Instant, n: u32) {
+        for _ in 0..n {
+            t.record_failure(account, ip, at);
         }
-        let err = t.check("cam", B, t0 + Duration::from_secs(10)).unwrap_err();
-        assert_eq!(err.scope, ThrottleScope::Account);
-        assert_eq!(err.retry_after, Duration::from_secs(50));
-        assert_eq!(
-            err.to_string(),
-            "too many failed logins for this account; retry in 50s"
-        );
-        // Other accounts are unaffected.
-        assert_eq!(t.check("other", A, t0), Ok(()));
-        // The window ends a minute after the first failure.
-        assert_eq!(t.check("cam", A, t0 + WINDOW), Ok(()));
-        t.record_failure(Some("cam"), A, t0 + WINDOW);
-        assert_eq!(t.check("cam", A, t0 + WINDOW), Ok(()));
     }
 
     #[test]
-    fn source_limit_counts_unknown_names() {
+    fn a_pair_backs_off_exponentially_after_its_free_failures() {
+        let mut t = LoginThrottle::new(100, 100, 16);
         let t0 = Instant::now();
-        let mut t = LoginThrottle::new(100, 2, 16);
-        t.record_failure(None, A, t0);
-        t.record_failure(None, A, t0);
-        let err = t.check("anyone", A, t0).unwrap_err();
-        assert_eq!(err.scope, ThrottleScope::Source);
-        assert_eq!(t.check("anyone", B, t0), Ok(()));
+        fail(&mut t, "cam", A, t0, PAIR_FREE - 1);
+        assert_eq!(t.check("cam", A, t0), Ok(()), "typos are free");
+        fail(&mut t, "cam", A, t0, 1);
+        let err = t.check("cam", A, t0).unwrap_err();
+        assert_eq!((err.scope, err.retry_after), (ThrottleScope::Source, BASE));
+        fail(&mut t, "cam", A, t0, 3);
+        assert_eq!(t.check("cam", A, t0).unwrap_err().retry_after, BASE * 8);
+        assert_eq!(t.check("cam", A, t0 + BASE * 8), Ok(()));
+        fail(&mut t, "cam", A, t0, 30);
+        assert_eq!(t.check("cam", A, t0).unwrap_err().retry_after, CAP);
         assert_eq!(
-            t.tracked(),
-            (0, 1),
-            "unknown names are not tracked per account"
+            t.check("cam", A, t0 + Duration::from_millis(1500))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "too many failed logins from this address for this account; retry in {}s",
+                CAP.as_secs() - 1
+            )
+        );
+        // Forgotten an hour after the last failure; a success forgives at once.
+        assert_eq!(t.check("cam", A, t0 + FORGET), Ok(()));
+        t.record_success("cam", A);
+        assert_eq!(t.check("cam", A, t0), Ok(()));
+    }
+
+    #[test]
+    fn network_and_account_lengthen_only_failed_pairs() {
+        let mut t = LoginThrottle::new(2, 4, 64);
+        let t0 = Instant::now();
+        let neighbour = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
+        // Four names, one failure each, from one /24: the network is at its free limit.
+        for name in ["a", "b", "c", "d"] {
+            t.record_failure(name, A, t0);
+        }
+        let err = t.check("a", neighbour, t0);
+        assert_eq!(err, Ok(()), "a pair that never failed is never refused");
+        let err = t.check("a", A, t0).unwrap_err();
+        assert_eq!((err.scope, err.retry_after), (ThrottleScope::Network, BASE));
+        // Account "z": two failures from two far networks; a third source that failed once
+        // waits the account's back-off, a fresh one does not.
+        t.record_failure("z", B, t0);
+        t.record_failure("z", IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)), t0);
+        let err = t.check("z", B, t0).unwrap_err();
+        assert_eq!((err.scope, err.retry_after), (ThrottleScope::Account, BASE));
+        assert_eq!(
+            t.check("z", IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), t0),
+            Ok(())
         );
     }
 
     #[test]
-    fn ipv6_is_keyed_by_its_64() {
+    fn ipv6_hosts_and_networks_are_their_64() {
+        let mut t = LoginThrottle::new(100, 100, 16);
         let t0 = Instant::now();
-        let mut t = LoginThrottle::new(100, 1, 16);
         let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
         let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        t.record_failure(None, one, t0);
+        fail(&mut t, "x", one, t0, PAIR_FREE);
         assert!(t.check("x", same_64, t0).is_err());
         assert!(t.check("x", other_64, t0).is_ok());
         let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
-        assert!(t.check("x", mapped, t0).is_ok());
-        t.record_failure(None, mapped, t0);
+        fail(&mut t, "x", mapped, t0, PAIR_FREE);
         assert!(t.check("x", A, t0).is_err(), "IPv4-mapped counts as IPv4");
         assert!(t.check("x", IpAddr::V6(Ipv6Addr::LOCALHOST), t0).is_ok());
+        assert_ne!(network_key(A), network_key("::c000:200".parse().unwrap()));
     }
 
     #[test]
-    fn memory_is_bounded_and_expired_entries_are_pruned() {
+    fn full_tables_forget_keys_that_are_not_backing_off() {
+        let mut t = LoginThrottle::new(100, 100, 4);
         let t0 = Instant::now();
-        let mut t = LoginThrottle::new(1, 1, 4);
+        fail(&mut t, "x", A, t0, PAIR_FREE);
         for i in 0..10u8 {
-            t.record_failure(None, IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)), t0);
+            t.record_failure("x", IpAddr::V4(Ipv4Addr::new(10, 0, i, 1)), t0);
         }
-        assert_eq!(t.tracked().1, 4, "never more than the cap");
-        // The fifth source was not tracked: fail open.
+        assert!(t.tracked().0 <= 4, "never more than the cap");
         assert!(
-            t.check("x", IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)), t0)
-                .is_ok()
+            t.check("x", A, t0).is_err(),
+            "the guesser is still backing off"
         );
-        assert!(
-            t.check("x", IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)), t0)
-                .is_err()
-        );
-        // After the window, a new key prunes the expired ones and is tracked.
-        let later = t0 + WINDOW + Duration::from_secs(1);
-        t.record_failure(None, B, later);
-        assert_eq!(t.tracked().1, 1);
-        assert!(t.check("x", B, later).is_err());
     }
 
     #[test]
-    fn retry_after_rounds_up_to_a_second_in_messages() {
+    fn retry_after_rounds_up_to_a_second() {
+        assert_eq!(retry_secs(&Duration::from_millis(100)), 1);
+        assert_eq!(retry_secs(&Duration::ZERO), 1);
+        assert_eq!(retry_secs(&Duration::from_secs(2)), 2);
+        assert_eq!(retry_secs(&Duration::from_millis(2001)), 3);
+    }
+}
+#[cfg(test)]
+mod findings {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+    const DEVICE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9));
+
+    /// Issue 11, finding 1: forty wrong passwords for a user ID from one address must not
+    /// refuse the right password from another address.
+    #[test]
+    fn finding1_guessing_does_not_lock_the_account_out() {
+        let mut t = LoginThrottle::new(10, 30, DEFAULT_MAX_TRACKED);
         let t0 = Instant::now();
-        let mut t = LoginThrottle::new(1, 100, 4);
-        t.record_failure(Some("a"), A, t0);
-        let err = t
-            .check("a", A, t0 + Duration::from_millis(59_900))
-            .unwrap_err();
-        assert!(err.to_string().ends_with("retry in 1s"), "{err}");
+        for _ in 0..40 {
+            t.record_failure("cam", ATTACKER, t0);
+        }
+        assert_eq!(t.check("cam", DEVICE, t0), Ok(()));
+        assert!(t.check("cam", ATTACKER, t0).is_err());
+    }
+
+    /// Issue 11, finding 2: forty failures from one address (any user IDs) must not refuse
+    /// another account's login from that address (devices behind one NAT).
+    #[test]
+    fn finding2_a_nat_neighbour_is_not_locked_out() {
+        let mut t = LoginThrottle::new(10, 30, DEFAULT_MAX_TRACKED);
+        let t0 = Instant::now();
+        for i in 0..40 {
+            t.record_failure(&format!("guess{i}"), ATTACKER, t0);
+        }
+        assert_eq!(t.check("cam", ATTACKER, t0), Ok(()));
     }
 }

@@ -38,7 +38,7 @@ fn add_list_passwd_allow_del() {
 
     relay(&db)
         .args(["add", "cam-1", "--password-stdin"])
-        .write_stdin("s3cret\n")
+        .write_stdin("s3cret-pw\n")
         .assert()
         .success()
         .stdout("added account 'cam-1'\n");
@@ -50,7 +50,7 @@ fn add_list_passwd_allow_del() {
         .unwrap()
         .args(["user", "add", "alice", "--password-stdin", "--db"])
         .arg(&db)
-        .write_stdin("pw")
+        .write_stdin("alice-pw")
         .assert()
         .success();
 
@@ -72,9 +72,9 @@ fn add_list_passwd_allow_del() {
 
     let store = SqliteStore::open(&db).unwrap();
     // The trailing newline is not part of the password.
-    store.verify_password(&name("cam-1"), "s3cret").unwrap();
+    store.verify_password(&name("cam-1"), "s3cret-pw").unwrap();
     assert!(matches!(
-        store.verify_password(&name("cam-1"), "s3cret\n"),
+        store.verify_password(&name("cam-1"), "s3cret-pw\n"),
         Err(VerifyError::WrongPassword)
     ));
 
@@ -91,14 +91,14 @@ fn add_list_passwd_allow_del() {
 
     relay(&db)
         .args(["passwd", "cam-1", "--password-stdin"])
-        .write_stdin("n3w\r\n")
+        .write_stdin("n3w-passwd\r\n")
         .assert()
         .success();
     assert!(matches!(
-        store.verify_password(&name("cam-1"), "s3cret"),
+        store.verify_password(&name("cam-1"), "s3cret-pw"),
         Err(VerifyError::WrongPassword)
     ));
-    store.verify_password(&name("cam-1"), "n3w").unwrap();
+    store.verify_password(&name("cam-1"), "n3w-passwd").unwrap();
 
     relay(&db)
         .args(["allow", "alice", "--targets", "cam-1,cam-2"])
@@ -218,6 +218,7 @@ fn terminal_commands_check_their_inputs_first() {
 
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "secret\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
     Command::cargo_bin("relay")
         .unwrap()
         .env("RELAY_SERVER", "127.0.0.1")

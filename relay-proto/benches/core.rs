@@ -26,6 +26,7 @@ fn frames() -> Vec<Frame> {
         Frame::Error {
             code: ErrorCode::Replaced,
             text: relay_proto::Text::lossy(ErrorCode::Replaced.describe()),
+            retry_after: None,
         },
     ]
 }

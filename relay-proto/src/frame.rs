@@ -37,12 +37,16 @@ pub mod caps {
     pub const RESUME: u32 = 1 << 0;
     /// The terminal may ask for the online list.
     pub const LIST: u32 = 1 << 1;
-    /// Everything version 1 defines.
-    pub const ALL: u32 = RESUME | LIST;
     /// This instance only demands and lists: it never replaces the user ID's reachable
     /// instance and is never a demand target (docs/PROTOCOL.md §9, §10.1). Not in
     /// [`ALL`]: a terminal that does not set it is a reachable instance, as in version 1.
     pub const REQUESTER: u32 = 1 << 2;
+    /// The terminal decodes ERROR `Throttled` with its retry-after field (a terminal that
+    /// did not announce it gets the frame without the field).
+    pub const RETRY_AFTER: u32 = 1 << 3;
+    /// Every capability a terminal of any kind announces ([`REQUESTER`] aside, which
+    /// chooses the kind).
+    pub const ALL: u32 = RESUME | LIST | RETRY_AFTER;
 }
 
 /// The frame type byte. The values are the protocol; see docs/PROTOCOL.md.
@@ -185,19 +189,36 @@ pub enum DemandResult {
 pub enum Frame {
     Login(Login),
     LoginOk(LoginOk),
-    KeepAlive { seq: u32 },
-    KeepAliveAck { seq: u32 },
-    List { cursor: u32 },
+    KeepAlive {
+        seq: u32,
+    },
+    KeepAliveAck {
+        seq: u32,
+    },
+    List {
+        cursor: u32,
+    },
     ListAnswer(ListAnswer),
     Demand(Demand),
     Notice(Notice),
-    Accept { session: u32 },
+    Accept {
+        session: u32,
+    },
     Reject(Reject),
     DemandResult(DemandResult),
     Terminate,
-    Release { reason: ReleaseReason },
+    Release {
+        reason: ReleaseReason,
+    },
     Logout,
-    Error { code: ErrorCode, text: Text },
+    /// `retry_after`: seconds to wait before logging in again, sent only with `Throttled`
+    /// and only to a terminal that announced [`caps::RETRY_AFTER`] (older decoders refuse
+    /// trailing bytes).
+    Error {
+        code: ErrorCode,
+        text: Text,
+        retry_after: Option<u32>,
+    },
 }
 
 /// What [`parse`] found at the start of the input.
@@ -330,8 +351,17 @@ fn decode_payload(ty: FrameType, p: &[u8]) -> Result<Frame, DecodeError> {
             Frame::Logout
         }
         FrameType::Error => {
-            let (code, text) = exact(ty, p)?;
-            Frame::Error { code, text }
+            let ((code, text), rest) =
+                postcard::take_from_bytes(p).map_err(|_| DecodeError::BadPayload(ty))?;
+            let retry_after = match rest {
+                [] => None,
+                rest => Some(exact(ty, rest)?),
+            };
+            Frame::Error {
+                code,
+                text,
+                retry_after,
+            }
         }
         FrameType::Data => unreachable_data(),
     })
@@ -343,6 +373,7 @@ fn unreachable_data() -> Frame {
     Frame::Error {
         code: ErrorCode::BadFrame,
         text: Text::lossy(""),
+        retry_after: None,
     }
 }
 
@@ -388,7 +419,16 @@ impl Frame {
             Frame::DemandResult(v) => postcard::to_slice(v, body),
             Frame::Terminate | Frame::Logout => postcard::to_slice(&(), body),
             Frame::Release { reason } => postcard::to_slice(reason, body),
-            Frame::Error { code, text } => postcard::to_slice(&(code, text), body),
+            Frame::Error {
+                code,
+                text,
+                retry_after: None,
+            } => postcard::to_slice(&(code, text), body),
+            Frame::Error {
+                code,
+                text,
+                retry_after: Some(secs),
+            } => postcard::to_slice(&(code, text, secs), body),
         }
         .map_err(|_| EncodeError::BufferTooSmall)?
         .len();
@@ -442,7 +482,32 @@ mod tests {
         roundtrip(Frame::Error {
             code: ErrorCode::Replaced,
             text: Text::lossy("x"),
+            retry_after: None,
         });
+        roundtrip(Frame::Error {
+            code: ErrorCode::Throttled,
+            text: Text::lossy("x"),
+            retry_after: Some(300),
+        });
+    }
+
+    /// ERROR Throttled with its retry-after is the old frame plus one varint: what a
+    /// terminal without [`caps::RETRY_AFTER`] would refuse, so the relay sends it only to
+    /// terminals that announce the bit.
+    #[test]
+    fn retry_after_is_one_trailing_varint() {
+        let mut buf = [0u8; 64];
+        let n = Frame::Error {
+            code: ErrorCode::Throttled,
+            text: Text::lossy("t"),
+            retry_after: Some(300),
+        }
+        .encode(&mut buf)
+        .unwrap();
+        assert_eq!(&buf[..n], &[0x10, 0, 5, 8, 1, b't', 0xac, 0x02]);
+        // Two trailing varints are still malformed.
+        let bad = [0x10, 0, 6, 8, 1, b't', 0x01, 0x02, 0x03];
+        assert!(parse(&bad[..]).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::codes::RejectReason;
 use crate::driver::{self, Decision, Driver, LinkError, LinkState, Service, Session};
 use crate::frame::Credential;
 use crate::ident::{Password, ResumeToken, ServiceName, UserId};
-use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Relay, Storage, Verdict};
+use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Refusal, Relay, Storage, Verdict};
 use crate::rng::Jitter;
 use crate::terminal::{self, Event, Handle, Terminal};
 use crate::time::{Duration, Instant};
@@ -442,6 +442,7 @@ impl<P: Policy, S: Storage> Sim<P, S> {
                     conn,
                     user,
                     credential,
+                    ..
                 } => {
                     let verdict = self.check(user, credential);
                     self.relay.login_verdict(self.now, *conn, verdict);
@@ -473,8 +474,9 @@ impl<P: Policy, S: Storage> Sim<P, S> {
                     token: t.clone(),
                 }
             }
-            Credential::Password(_) => Verdict::Refuse(crate::ErrorCode::AuthFailed),
-            Credential::Resume(_) => Verdict::Refuse(crate::ErrorCode::ResumeRejected),
+            Credential::Password(_) | Credential::Resume(_) => {
+                Verdict::Refuse(Refusal::BadCredential)
+            }
         }
     }
 

@@ -101,7 +101,8 @@ fn wrong_password_is_retried_then_throttled() {
             (
                 vec![Frame::Error {
                     code: ErrorCode::AuthFailed,
-                    text: relay_proto::Text::lossy(ErrorCode::AuthFailed.describe())
+                    text: relay_proto::Text::lossy(ErrorCode::AuthFailed.describe()),
+                    retry_after: None,
                 }],
                 false
             )

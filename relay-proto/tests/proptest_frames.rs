@@ -118,7 +118,13 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         Just(Frame::Terminate),
         release_reason().prop_map(|reason| Frame::Release { reason }),
         Just(Frame::Logout),
-        (error_code(), text()).prop_map(|(code, text)| Frame::Error { code, text }),
+        (error_code(), text(), any::<Option<u32>>()).prop_map(|(code, text, retry_after)| {
+            Frame::Error {
+                code,
+                text,
+                retry_after,
+            }
+        }),
     ]
 }
 

@@ -462,6 +462,7 @@ fn frame_bytes(name: &str) -> Vec<u8> {
         "ERROR" => Frame::Error {
             code: ErrorCode::Busy,
             text: Text::default(),
+            retry_after: None,
         },
         other => panic!("§6.2 names a frame {other:?}"),
     };

@@ -8,8 +8,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use relay_proto::frame::{self, Credential, Demand, Frame, Hello, Login, caps};
-use relay_proto::relay::{self, AllowAll, ConnId, Event, Heap, Offer, Relay, Verdict};
-use relay_proto::{Duration, ErrorCode, Instant, Password, ResumeToken, ServiceName, UserId};
+use relay_proto::relay::{self, AllowAll, ConnId, Event, Heap, Offer, Refusal, Relay, Verdict};
+use relay_proto::{Duration, Instant, Password, ResumeToken, ServiceName, UserId};
 
 type Core = Relay<Heap, AllowAll>;
 
@@ -89,7 +89,7 @@ impl Host {
                     b.copy_from_slice(t.as_bytes());
                     Verdict::Accept { instance: u64::from_be_bytes(b), token: t }
                 }
-                _ => Verdict::Refuse(ErrorCode::AuthFailed),
+                _ => Verdict::Refuse(Refusal::BadCredential),
             };
             self.r.login_verdict(self.now, conn, verdict);
         }

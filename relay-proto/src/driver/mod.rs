@@ -548,6 +548,7 @@ impl<const N: usize> Driver<N> {
                 Event::LoggedIn
                 | Event::Down
                 | Event::LoginRefused { .. }
+                | Event::Throttled { .. }
                 | Event::OnlinePage
                 | Event::RelayError { .. } => {}
             }

@@ -182,6 +182,9 @@ pub(super) struct Out {
     /// LOGIN_OK, with the capabilities both sides have.
     pub login_ok: Option<u32>,
     pub error: Option<ErrorCode>,
+    /// With `error` Throttled: seconds to wait, and whether the terminal decodes the
+    /// field ([`crate::frame::caps::RETRY_AFTER`]); older terminals read it in the text only.
+    pub retry_after: Option<(u32, bool)>,
     pub acks: Option<Acks>,
     pub list: Option<u32>,
     pub notice: bool,

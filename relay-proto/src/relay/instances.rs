@@ -9,7 +9,8 @@
 //! [`TermEntry::sibling`], so a user's instances cost no table of their own.
 
 use super::{
-    Event, NIL, Phase, Policy, Relay, ReleaseReason, Slab, State, Storage, TermEntry, UserIndex,
+    Event, InstanceEnd, NIL, Phase, Policy, Relay, ReleaseReason, Slab, State, Storage, TermEntry,
+    UserIndex,
 };
 use crate::codes::ErrorCode;
 use crate::frame::caps;
@@ -95,11 +96,18 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
         t.token = a.token;
         // LOGIN_OK confirms the kind of the instance joined, whatever this LOGIN said.
+        let t_kind = t.kind;
         let caps = match t.kind {
             Kind::Reachable => a.caps & !caps::REQUESTER,
             Kind::Requester => a.caps | caps::REQUESTER,
         };
         self.link(term, key);
+        if a.password && t_kind == Kind::Reachable {
+            self.emit(Event::InstanceStarted {
+                user: a.user.clone(),
+                instance: a.instance,
+            });
+        }
         if let Some(c) = self.conns.get_mut(key) {
             c.state = State::In {
                 term,
@@ -140,10 +148,18 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                         return Err(ErrorCode::Replaced);
                     }
                     // Newest wins: a rebooted device is reachable at once.
+                    let old = self.terms.get(tk).map(|t| t.instance);
                     self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
                     self.emit(Event::Replaced {
                         user: a.user.clone(),
                     });
+                    if let Some(instance) = old {
+                        self.emit(Event::InstanceEnded {
+                            user: a.user.clone(),
+                            instance,
+                            how: InstanceEnd::Replaced,
+                        });
+                    }
                 }
             }
         }

@@ -53,11 +53,13 @@ use wakes::Lists;
 
 use crate::codes::{DemandError, ErrorCode, ReleaseReason};
 use crate::frame::{
-    self, Credential, Demand, DemandResult, Frame, ListAnswer, LoginOk, Notice, Parsed,
+    self, Credential, Demand, DemandResult, Frame, ListAnswer, LoginOk, Notice, Parsed, caps,
 };
 use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::time::{Duration, Instant, earliest};
 
+/// Terminals one LIST_ANSWER page looks at, at most (the access rule filters them).
+const LIST_SCAN: usize = 256;
 /// "No entry" in the intrusive lists below (a terminal's connections, its waiting demands).
 const NIL: u32 = u32::MAX;
 /// A `poll_transmit` buffer must hold this much: the largest burst of control frames.
@@ -138,8 +140,34 @@ pub enum Verdict {
     /// value for a password login, the one inside the token for a resumption. `token` is
     /// the credential for the terminal's further connections.
     Accept { instance: u64, token: ResumeToken },
-    /// Refused: `AuthFailed`, `ResumeRejected` or `Throttled` (the host's rate limit).
-    Refuse(ErrorCode),
+    /// Refused; the core chooses the ERROR code and text from the reason.
+    Refuse(Refusal),
+}
+
+/// Why the host refused a login. The core turns it into the ERROR the terminal gets
+/// (docs/PROTOCOL.md §5.1), so every host words a refusal the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A wrong user ID or password, or a token that is not genuine, expired or for no
+    /// account: `AuthFailed` to a password, `ResumeRejected` to a token.
+    BadCredential,
+    /// A genuine token the host revoked (its instance logged out, the account's password
+    /// changed, the account was deleted): `ResumeRejected`.
+    TokenRevoked,
+    /// A genuine token of an instance that a newer password login replaced: `Replaced`,
+    /// so that instance stops instead of replacing the newer one with its password.
+    Replaced,
+    /// Too many failed logins from this source: `Throttled`, saying when to retry.
+    Throttled { retry_after: Duration },
+}
+
+/// How an instance of a terminal ended ([`Event::InstanceEnded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceEnd {
+    /// The terminal sent LOGOUT.
+    LoggedOut,
+    /// A newer password login of the same user ID replaced it.
+    Replaced,
 }
 
 /// What the host must do, or may log.
@@ -152,6 +180,9 @@ pub enum Event {
         conn: ConnId,
         user: UserId,
         credential: Credential,
+        /// The kind of instance the LOGIN asks for ([`caps::REQUESTER`]): a host that
+        /// tracks the reachable instance (for [`Refusal::Replaced`]) checks only those.
+        kind: Kind,
     },
     LoggedIn {
         conn: ConnId,
@@ -165,6 +196,16 @@ pub enum Event {
     },
     /// A password login replaced the reachable instance of `user`.
     Replaced { user: UserId },
+    /// A password login started a new reachable instance of `user` (a host that revokes
+    /// tokens makes `instance` the only one that `user`'s reachable tokens may start).
+    /// Requester instances are not reported: they replace nothing and are never replaced.
+    InstanceStarted { user: UserId, instance: u64 },
+    /// A reachable instance ended for good: its tokens must not start it again.
+    InstanceEnded {
+        user: UserId,
+        instance: u64,
+        how: InstanceEnd,
+    },
     /// A demand was refused (accepted ones give [`Event::SessionStarted`]).
     DemandFailed {
         from: UserId,
@@ -622,7 +663,19 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             (Phase::Releasing | Phase::Idle, Frame::Terminate) => {}
             (_, Frame::Logout) => {
                 if let Some(term) = c.term() {
+                    let ended = self
+                        .terms
+                        .get(term)
+                        .filter(|t| t.kind == Kind::Reachable)
+                        .map(|t| (t.user.clone(), t.instance));
                     self.drop_terminal(term, None, ReleaseReason::PeerLoggedOut);
+                    if let Some((user, instance)) = ended {
+                        self.emit(Event::InstanceEnded {
+                            user,
+                            instance,
+                            how: InstanceEnd::LoggedOut,
+                        });
+                    }
                 }
             }
             _ => self.fail(key, ErrorCode::UnexpectedFrame),
@@ -639,15 +692,17 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         };
         c.attempts = c.attempts.saturating_add(1);
         let password = matches!(login.credential, Credential::Password(_));
+        let caps = login.hello.caps & RELAY_CAPS;
         c.state = State::Authenticating {
             user: login.user.clone(),
             password,
-            caps: login.hello.caps & RELAY_CAPS,
+            caps,
         };
         self.emit(Event::Authenticate {
             conn: self.id(key),
             user: login.user,
             credential: login.credential,
+            kind: Kind::announced(caps),
         });
     }
 
@@ -673,7 +728,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         };
         let (instance, token) = match verdict {
             Verdict::Accept { instance, token } => (instance, token),
-            Verdict::Refuse(code) => return self.refuse_login(key, user, code),
+            Verdict::Refuse(why) => return self.refuse(key, user, password, caps, why),
         };
         let admitted = Admitted {
             user,
@@ -809,6 +864,24 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
         if let Some(c) = self.conns.get_mut(requester) {
             c.wait_next = NIL;
+        }
+    }
+
+    /// Answers a refused login with the ERROR its reason calls for.
+    fn refuse(&mut self, key: u32, user: UserId, password: bool, caps: u32, why: Refusal) {
+        let code = match why {
+            Refusal::BadCredential if password => ErrorCode::AuthFailed,
+            Refusal::BadCredential | Refusal::TokenRevoked => ErrorCode::ResumeRejected,
+            Refusal::Replaced => ErrorCode::Replaced,
+            Refusal::Throttled { .. } => ErrorCode::Throttled,
+        };
+        self.refuse_login(key, user, code);
+        if let (Refusal::Throttled { retry_after }, Some(c)) = (why, self.conns.get_mut(key)) {
+            let secs = retry_after
+                .as_millis()
+                .div_ceil(1000)
+                .clamp(1, u32::MAX.into()) as u32;
+            c.out.retry_after = Some((secs, caps & caps::RETRY_AFTER != 0));
         }
     }
 
@@ -1338,10 +1411,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             }));
         }
         if let Some(code) = out.error.take() {
-            w.put(&Frame::Error {
-                code,
-                text: Text::lossy(code.describe()),
-            });
+            w.put(&error_frame(code, out.retry_after.take()));
         }
         if closing {
             return;
@@ -1350,7 +1420,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             out.acks = w.put_acks(acks);
         }
         if let Some(cursor) = out.list.take() {
-            w.put(&Frame::ListAnswer(self.list_page(cursor)));
+            w.put(&Frame::ListAnswer(self.list_page(key, cursor)));
         }
         // A result frees the connection for a notice that may already be queued: the
         // result goes first, or the terminal would take the notice for one that crossed
@@ -1365,18 +1435,29 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         }
     }
 
-    /// Page of the online list starting at terminal key `cursor`.
-    fn list_page(&self, cursor: u32) -> ListAnswer {
+    /// Page of the online list for connection `key`, starting at terminal key `cursor`:
+    /// the asker itself and the user IDs the access rule lets it reach, so the list tells
+    /// an account nothing about the others. At most [`LIST_SCAN`] terminals are looked at
+    /// per page (a page may come back short, with a cursor to go on).
+    fn list_page(&self, key: u32, cursor: u32) -> ListAnswer {
         let mut users = Vec::new();
         let mut from = cursor;
+        let me = self.user_of(key);
+        let mut scanned = 0;
         while let Some(k) = self.terms.next_key(from) {
-            if let Some(t) = self.terms.get(k).filter(|t| t.kind == Kind::Reachable)
-                && users.push(t.user.clone()).is_err()
-            {
+            if users.is_full() || scanned == LIST_SCAN {
                 return ListAnswer {
                     users,
                     next: Some(k),
                 };
+            }
+            scanned += 1;
+            if let (Some(t), Some(me)) = (self.terms.get(k), me)
+                && t.kind == Kind::Reachable
+                && (t.user == *me || self.policy.may_reach(me, &t.user))
+            {
+                // Cannot fail: the page is not full (checked above).
+                let _ = users.push(t.user.clone());
             }
             from = k + 1;
         }
@@ -1516,6 +1597,23 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 }
 
+/// The ERROR frame for `code`: its description, and for `Throttled` the wait, in the
+/// text (every terminal shows it) and in the field (terminals that decode it).
+fn error_frame(code: ErrorCode, retry_after: Option<(u32, bool)>) -> Frame {
+    let Some((secs, field)) = retry_after else {
+        return Frame::Error {
+            code,
+            text: Text::lossy(code.describe()),
+            retry_after: None,
+        };
+    };
+    Frame::Error {
+        code,
+        text: Text::display(&format_args!("too many failed logins, retry in {secs}s")),
+        retry_after: field.then_some(secs),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1537,8 +1635,9 @@ mod tests {
                 token: ResumeToken::from_slice(&[0xFF; crate::ident::MAX_TOKEN]).unwrap(),
             }),
             Frame::Error {
-                code: ErrorCode::UnexpectedFrame,
+                code: ErrorCode::Throttled,
                 text: text.clone(),
+                retry_after: Some(u32::MAX),
             },
             Frame::KeepAliveAck { seq: u32::MAX },
             Frame::ListAnswer(ListAnswer {

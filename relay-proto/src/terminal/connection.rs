@@ -117,6 +117,8 @@ pub(crate) enum Change {
         code: ErrorCode,
         text: Text,
         with_token: bool,
+        /// Seconds the relay asks us to wait (ERROR `Throttled`).
+        retry_after: Option<u32>,
     },
     Notice {
         session: u32,
@@ -552,7 +554,11 @@ impl Connection {
                     fallback,
                     ..
                 },
-                Inbound::Error { code, text },
+                Inbound::Error {
+                    code,
+                    text,
+                    retry_after,
+                },
             ) if !code.is_fatal() => {
                 // A refused resumption falls back to the password on the same connection,
                 // once, if allowed; a refused password is final.
@@ -572,10 +578,18 @@ impl Connection {
                         code,
                         text,
                         with_token,
+                        retry_after,
                     }
                 }
             }
-            (_, Inbound::Error { code, text }) => {
+            (
+                _,
+                Inbound::Error {
+                    code,
+                    text,
+                    retry_after,
+                },
+            ) => {
                 if code.is_fatal() {
                     if let State::LoggingIn { with_token, .. } = self.state {
                         self.close(Cause::Relay(code));
@@ -583,6 +597,7 @@ impl Connection {
                             code,
                             text,
                             with_token,
+                            retry_after,
                         };
                     }
                     self.close(Cause::Relay(code))

@@ -115,6 +115,10 @@ pub enum Event {
     /// The relay refused our password (or a resumption and then the password): the
     /// terminal stops; retrying cannot help until the credentials change.
     LoginRefused { code: ErrorCode, text: Text },
+    /// The relay refused a login as `Throttled`; the terminal tries again after `wait`
+    /// (when the relay said how long) or its own back-off. A one-shot application may
+    /// give up instead.
+    Throttled { text: Text, wait: Option<Duration> },
     /// Another terminal asks for a session: answer with [`Terminal::accept`] or
     /// [`Terminal::reject`].
     Notice {
@@ -433,6 +437,8 @@ impl<const N: usize> Terminal<N> {
 
     /// Turns one frame's change into an event and pool decisions.
     fn apply(&mut self, h: Handle, change: Change, now: Instant) -> Option<Event> {
+        // ERROR Throttled's `retry_after`: it replaces our own back-off.
+        let mut relay_wait = None;
         let event = match change {
             Change::None => None,
             Change::LoggedIn {
@@ -452,6 +458,7 @@ impl<const N: usize> Terminal<N> {
                 code,
                 text,
                 with_token,
+                retry_after,
             } => {
                 // A refused password cannot be fixed by retrying; a replaced instance or
                 // a removed account must stop. A refused (expired) token is retried.
@@ -463,8 +470,14 @@ impl<const N: usize> Terminal<N> {
                 if hopeless {
                     self.stop(Cause::Relay(code));
                     self.refuse(code, text);
+                    None
+                } else if code == ErrorCode::Throttled {
+                    let wait = retry_after.map(|s| Duration::from_secs(s.into()));
+                    relay_wait = wait;
+                    Some(Event::Throttled { text, wait })
+                } else {
+                    None
                 }
-                None
             }
             Change::Notice {
                 session,
@@ -499,6 +512,10 @@ impl<const N: usize> Terminal<N> {
             }),
         };
         self.settle(h, now);
+        if let Some(wait) = relay_wait {
+            // The relay said when: sooner is refused again, later is wasted.
+            self.retry_at = now + wait;
+        }
         self.replenish(now);
         event
     }

@@ -239,6 +239,7 @@ fn a_replaced_terminal_reports_every_close() {
         Frame::Error {
             code: ErrorCode::Replaced,
             text: Text::lossy("x"),
+            retry_after: None,
         },
     );
     let events = r.events();
@@ -363,6 +364,7 @@ fn error(code: ErrorCode) -> Frame {
     Frame::Error {
         code,
         text: Text::lossy(code.describe()),
+        retry_after: None,
     }
 }
 

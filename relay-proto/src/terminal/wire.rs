@@ -39,6 +39,8 @@ pub(crate) enum Inbound {
     Error {
         code: ErrorCode,
         text: Text,
+        /// Seconds to wait before logging in again (`Throttled`, [`caps::RETRY_AFTER`]).
+        retry_after: Option<u32>,
     },
     /// A DATA header: the next `len` bytes are payload.
     Data(u16),
@@ -117,6 +119,11 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Inbound, usize)>, Malformed>
         FrameType::Error => Inbound::Error {
             code: error_code(r.varint_u32()?)?,
             text: r.text()?,
+            retry_after: if r.0.is_empty() {
+                None
+            } else {
+                Some(r.varint_u32()?)
+            },
         },
         // What only terminals send: a relay that sends it is broken.
         _ => return Err(Malformed),
@@ -444,7 +451,15 @@ mod tests {
                 Frame::DemandResult(r) => Some(Inbound::DemandResult(r)),
                 Frame::Terminate => Some(Inbound::Terminate),
                 Frame::Release { reason } => Some(Inbound::Release(reason)),
-                Frame::Error { code, text } => Some(Inbound::Error { code, text }),
+                Frame::Error {
+                    code,
+                    text,
+                    retry_after,
+                } => Some(Inbound::Error {
+                    code,
+                    text,
+                    retry_after,
+                }),
                 _ => None,
             },
         };
@@ -547,10 +562,13 @@ mod tests {
             (0u32..5).prop_map(|i| Frame::Release {
                 reason: release_reason(i).unwrap()
             }),
-            ((0..ERROR_CODES as u32), text()).prop_map(|(i, text)| Frame::Error {
-                code: error_code(i).unwrap(),
-                text
-            }),
+            ((0..ERROR_CODES as u32), text(), any::<Option<u32>>()).prop_map(
+                |(i, text, retry_after)| Frame::Error {
+                    code: error_code(i).unwrap(),
+                    text,
+                    retry_after,
+                }
+            ),
         ]
     }
 

@@ -103,7 +103,7 @@ pub fn answer_logins<S: Storage>(r: &mut Core<S>) {
                 token: ResumeToken::from_slice(TOKEN).unwrap(),
             }
         } else {
-            Verdict::Refuse(ErrorCode::AuthFailed)
+            Verdict::Refuse(relay::Refusal::BadCredential)
         };
         r.login_verdict(T0, conn, verdict);
     }
@@ -125,6 +125,7 @@ pub fn output<S: Storage>(r: &mut Core<S>, conn: ConnId) -> (Vec<Frame>, bool) {
                 frames.push(Frame::Error {
                     code: ErrorCode::BadFrame,
                     text: relay_proto::Text::lossy(&format!("data {len}")),
+                    retry_after: None,
                 });
                 pos += n;
             }
