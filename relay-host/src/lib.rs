@@ -5,6 +5,7 @@
 //!
 //! - [`store`]: accounts, passwords (argon2id), access rules, the server secret (SQLite).
 //! - [`token`]: resumption credentials (HMAC-SHA256 with the server secret).
+//! - [`channel`]: the device channel (Noise NK, pinned relay key) on the TLS port.
 //! - [`tls`]: server identity (given or generated), client trust (roots, CA file, pin).
 //! - [`config`]: `relay serve` configuration (TOML) and limits.
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
@@ -15,6 +16,7 @@
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line.
 
+pub mod channel;
 pub mod cli;
 pub mod client;
 pub mod config;
