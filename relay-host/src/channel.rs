@@ -202,9 +202,17 @@ impl ChannelError {
     }
 }
 
-/// Reads one length-prefixed Noise message.
-async fn read_message<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Vec<u8>> {
+/// The handshake's first message: `e` (32), the 2-byte receive limit and its tag.
+const FIRST_LEN: usize = 32 + 2 + TAG;
+/// The handshake's answer: `e` (32) and the tag of an empty payload.
+const ANSWER_LEN: usize = 32 + TAG;
+
+/// Reads one length-prefixed handshake message, which must be `expected` bytes long.
+async fn read_message<S: AsyncRead + Unpin>(io: &mut S, expected: usize) -> io::Result<Vec<u8>> {
     let len = usize::from(io.read_u16().await?);
+    if len != expected {
+        return Err(bad_data("a channel handshake message of the wrong length"));
+    }
     let mut msg = vec![0; len];
     io.read_exact(&mut msg).await?;
     Ok(msg)
@@ -226,7 +234,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
     keys: &ChannelKeys,
 ) -> Result<NoiseStream<S>, ChannelError> {
-    let first = read_message(&mut io).await?;
+    let first = read_message(&mut io, FIRST_LEN).await?;
     let mut payload = [0u8; 64];
     let mut last = snow::Error::Decrypt;
     for secret in [&keys.current, &keys.next] {
@@ -266,7 +274,7 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     let limit = (MAX_MESSAGE as u16).to_be_bytes();
     let len = hs.write_message(&limit, &mut first)?;
     write_message(&mut io, &first[..len]).await?;
-    let second = match read_message(&mut io).await {
+    let second = match read_message(&mut io, ANSWER_LEN).await {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ChannelError::Refused),
         other => other?,
     };
@@ -344,6 +352,10 @@ impl<S> NoiseStream<S> {
         self.plain.truncate(n);
         self.taken = 0;
         self.received.drain(..2 + len);
+        if self.received.is_empty() {
+            // An idle connection keeps no buffer (relay-host holds thousands of them).
+            self.received = Vec::new();
+        }
         Ok(true)
     }
 
@@ -371,7 +383,7 @@ impl<S: AsyncWrite + Unpin> NoiseStream<S> {
             }
             self.sent += n;
         }
-        self.sealed.clear();
+        self.sealed = Vec::new();
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -389,6 +401,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
                 let n = buf.remaining().min(this.plain.len() - this.taken);
                 buf.put_slice(&this.plain[this.taken..this.taken + n]);
                 this.taken += n;
+                if this.taken == this.plain.len() {
+                    this.plain = Vec::new();
+                    this.taken = 0;
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.open_message()? {
@@ -544,7 +560,7 @@ mod tests {
                 let mut first = [0u8; 64];
                 let len = hs.write_message(&100u16.to_be_bytes(), &mut first).unwrap();
                 write_message(&mut raw, &first[..len]).await.unwrap();
-                let second = read_message(&mut raw).await.unwrap();
+                let second = read_message(&mut raw, ANSWER_LEN).await.unwrap();
                 hs.read_message(&second, &mut []).unwrap();
                 raw
             },
@@ -556,8 +572,10 @@ mod tests {
         let mut noise = hs.into_transport_mode().unwrap();
         let mut total = 0;
         while total < 1000 {
-            let msg = read_message(&mut raw).await.unwrap();
-            assert!(msg.len() <= 100, "message of {} bytes", msg.len());
+            let len = usize::from(raw.read_u16().await.unwrap());
+            assert!(len <= 100, "message of {len} bytes");
+            let mut msg = vec![0; len];
+            raw.read_exact(&mut msg).await.unwrap();
             let mut plain = [0u8; 100];
             total += noise.read_message(&msg, &mut plain).unwrap();
         }

@@ -53,7 +53,11 @@ impl Transport for Mem {
         Ok(())
     }
     fn state(&mut self, _: usize) -> LinkState {
-        if self.fin { LinkState::Closed } else { LinkState::Open }
+        if self.fin {
+            LinkState::Closed
+        } else {
+            LinkState::Open
+        }
     }
     fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, Never> {
         if self.fin && self.to_device.is_empty() {
@@ -113,7 +117,10 @@ fuzz_target!(|data: &[u8]| {
     let mut ch: Channel<1> = Channel::new(public.to_bytes(), Duration::from_secs(5));
     let (mut mem, mut rng) = (Mem::default(), Fixed(0));
     ch.bind(now, &mut mem, &mut rng).open(0).unwrap();
-    assert_eq!(ch.bind(now, &mut mem, &mut rng).state(0), LinkState::Opening);
+    assert_eq!(
+        ch.bind(now, &mut mem, &mut rng).state(0),
+        LinkState::Opening
+    );
 
     let mut relay = snow::Builder::new("Noise_NK_25519_ChaChaPoly_SHA256".parse().unwrap())
         .local_private_key(&SECRET)
@@ -130,7 +137,11 @@ fuzz_target!(|data: &[u8]| {
         mem.to_device = framed(&answer[..at % 48]);
         mem.to_device.extend_from_slice(rest);
         for _ in 0..3 {
-            assert_ne!(ch.bind(now, &mut mem, &mut rng).state(0), LinkState::Open, "forged answer");
+            assert_ne!(
+                ch.bind(now, &mut mem, &mut rng).state(0),
+                LinkState::Open,
+                "forged answer"
+            );
         }
         return;
     }

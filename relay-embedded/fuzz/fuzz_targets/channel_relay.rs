@@ -37,7 +37,11 @@ struct Wire {
 struct Conn(Rc<RefCell<Wire>>);
 
 impl AsyncRead for Conn {
-    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut w = self.0.borrow_mut();
         let n = buf.remaining().min(w.to_relay.len() - w.read);
         buf.put_slice(&w.to_relay[w.read..w.read + n]);
@@ -129,6 +133,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if mode % 2 == 1 {
-        assert!(sealed.starts_with(&got), "plaintext the terminal never sealed");
+        assert!(
+            sealed.starts_with(&got),
+            "plaintext the terminal never sealed"
+        );
     }
 });
