@@ -313,6 +313,16 @@ impl<T: Transport, R: RngCore + CryptoRng, const N: usize> Sealed<'_, T, R, N> {
         }
     }
 
+    /// The slot's state after a handshake step.
+    fn settled(&self, slot: usize) -> LinkState {
+        match self.ch.links[slot].phase {
+            Phase::Ready { .. } => LinkState::Open,
+            Phase::Connecting | Phase::Handshaking => LinkState::Opening,
+            Phase::Idle | Phase::Failed => LinkState::Closed,
+        }
+    }
+
+    /// Frees the shared handshake if `slot` holds it.
     fn release(&mut self, slot: usize) {
         if self.ch.handshake.as_ref().is_some_and(|h| h.slot == slot) {
             self.ch.handshake = None;
@@ -550,17 +560,6 @@ impl<'x, T: Transport, R: RngCore + CryptoRng, const N: usize> Transport for Sea
             link.len = 0;
         }
         self.inner.close(slot, graceful);
-    }
-}
-
-impl<T: Transport, R: RngCore + CryptoRng, const N: usize> Sealed<'_, T, R, N> {
-    /// The slot's state after a handshake step.
-    fn settled(&self, slot: usize) -> LinkState {
-        match self.ch.links[slot].phase {
-            Phase::Ready { .. } => LinkState::Open,
-            Phase::Connecting | Phase::Handshaking => LinkState::Opening,
-            Phase::Idle | Phase::Failed => LinkState::Closed,
-        }
     }
 }
 
