@@ -542,6 +542,22 @@ mod tests {
         assert!(matches!(server.await.unwrap(), Err(ChannelError::Noise(_))));
     }
 
+    /// A first message announcing another length than 50 is refused at once: the relay
+    /// neither allocates for it nor waits for bytes that a valid handshake never has.
+    #[tokio::test]
+    async fn a_first_message_of_another_length_is_refused_at_once() {
+        let (_dir, keys) = keys();
+        let (mut a, b) = duplex(4096);
+        a.write_all(&60_000u16.to_be_bytes()).await.unwrap();
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), accept(b, &keys))
+            .await
+            .expect("refused without waiting for 60,000 bytes");
+        match refused {
+            Err(ChannelError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::InvalidData),
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// Messages of the relay toward a device never exceed the limit it announced.
     #[tokio::test]
     async fn sealed_messages_respect_the_peer_limit() {
