@@ -8,21 +8,25 @@
 //! - `http`: a tiny HTTP/1.0 status page generated on the device itself.
 //!
 //! ```text
-//! tap_device --tap tap0 --ip 10.77.1.2/24 --gw 10.77.1.1 --relay 10.77.2.2:7000 \
-//!            --user cam-1 --password device-secret [--seconds 30]
+//! tap_device --tap tap0 --ip 10.77.1.2/24 --gw 10.77.1.1 --relay 10.77.2.2:7835 \
+//!            --relay-key KEY --user cam-1 --password device-secret [--seconds 30]
 //! ```
-//! The device speaks plain TCP: the relay must allow plain-TCP logins for this account
-//! explicitly (device TLS does not exist yet).
+//! The device talks to the relay over the encrypted device channel (Noise NK), pinning
+//! the relay's channel key (`KEY`, as `relay serve` prints it) on the relay's TLS port.
+//! `--plain` instead of `--relay-key` speaks plain TCP, to a relay's `--allow-plain`
+//! listener, for closed networks only.
 
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::time::Instant as StdInstant;
 
+use relay_embedded::rand_core::OsRng;
 use relay_embedded::relay_proto::codes::RejectReason;
 use relay_embedded::relay_proto::ident::{Password, ServiceName, UserId};
 use relay_embedded::relay_proto::terminal::{self, Event, Handle};
+use relay_embedded::relay_proto::time::Duration;
 use relay_embedded::relay_proto::time::Instant;
-use relay_embedded::{Agent, Decision, Service, Session, SmolTcp, smol_instant};
+use relay_embedded::{Agent, Channel, Decision, Service, Session, SmolTcp, smol_instant};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::phy::{Medium, TunTapInterface, wait};
 use smoltcp::socket::tcp;
@@ -190,11 +194,62 @@ impl Service for Device {
     }
 }
 
+/// How the device reaches the relay.
+enum Link {
+    /// The device channel, pinning this key.
+    Channel(Box<Channel<CONNS>>),
+    /// Plain TCP (`--plain`).
+    Plain,
+}
+
+type DeviceAgent = Agent<CONNS>;
+
+/// One agent poll over the device's link; returns the next deadline (the agent's or the
+/// channel's handshake deadline) and logs each channel failure once.
+fn poll_agent(
+    agent: &mut DeviceAgent,
+    link: &mut Link,
+    mut tcp: relay_embedded::Bound<'_, '_, CONNS>,
+    device: &mut Device,
+    now: Instant,
+) -> Option<Instant> {
+    match link {
+        Link::Plain => agent.poll(now, &mut tcp, device),
+        Link::Channel(ch) => {
+            let next = agent.poll(now, &mut ch.bind(now, &mut tcp, &mut OsRng), device);
+            while let Some((slot, why)) = ch.take_failure() {
+                log::error!("relay channel (connection {slot}): {why}");
+            }
+            [next, ch.poll_at()].into_iter().flatten().min()
+        }
+    }
+}
+
+/// A 32-byte key from base64 (as `relay serve` prints it) or hex.
+fn parse_key(s: &str) -> Result<[u8; 32], String> {
+    use base64::Engine;
+    let bytes = if s.len() == 64 {
+        (0..32)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| "bad --relay-key hex")?
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|_| "bad --relay-key base64")?
+    };
+    bytes
+        .try_into()
+        .map_err(|_| "--relay-key is 32 bytes".to_string())
+}
+
 struct Args {
     tap: String,
     ip: IpCidr,
     gw: Ipv4Address,
     relay: IpEndpoint,
+    /// `None`: `--plain`.
+    relay_key: Option<[u8; 32]>,
     user: UserId,
     password: Password,
     seconds: Option<u64>,
@@ -208,6 +263,8 @@ fn parse_args() -> Result<Args, String> {
     let mut user = None;
     let mut password = std::env::var("RELAY_PASSWORD").ok();
     let mut seconds = None;
+    let mut relay_key = None;
+    let mut plain = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or(format!("{flag} needs a value"));
@@ -222,6 +279,8 @@ fn parse_args() -> Result<Args, String> {
                 let p = p.parse::<u16>().map_err(|_| "bad relay port")?;
                 relay = Some(IpEndpoint::new(a.into(), p));
             }
+            "--relay-key" => relay_key = Some(parse_key(&val()?)?),
+            "--plain" => plain = true,
             "--user" => user = Some(val()?),
             "--password" => password = Some(val()?),
             "--seconds" => seconds = Some(val()?.parse().map_err(|_| "bad --seconds")?),
@@ -229,7 +288,11 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
+    if plain == relay_key.is_some() {
+        return Err("one of --relay-key KEY (the encrypted channel) or --plain is required".into());
+    }
     Ok(Args {
+        relay_key,
         tap,
         ip: ip.ok_or("--ip is required")?,
         gw: gw.ok_or("--gw is required")?,
@@ -242,7 +305,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 const USAGE: &str = "usage: tap_device --tap TAP --ip ADDR/LEN --gw ADDR --relay ADDR:PORT \
---user ID --password PW [--seconds N]";
+(--relay-key KEY | --plain) --user ID --password PW [--seconds N]";
 
 fn main() -> ExitCode {
     // Info by default; RUST_LOG=debug shows every terminal event.
@@ -319,7 +382,11 @@ fn run(args: Args) -> Result<(), String> {
         spare: 2,
         ..terminal::Config::default()
     };
-    let mut agent: Agent<CONNS> = Agent::new(cfg, args.user, args.password, seed);
+    let mut agent: DeviceAgent = Agent::new(cfg, args.user, args.password, seed);
+    let mut link = match args.relay_key {
+        Some(key) => Link::Channel(Box::new(Channel::new(key, Duration::from_secs(10)))),
+        None => Link::Plain,
+    };
     let mut device = Device {
         slots: Default::default(),
         started,
@@ -328,11 +395,15 @@ fn run(args: Args) -> Result<(), String> {
         up: false,
     };
     log::info!(
-        "device {} on {} via {}, relay {} (plain TCP), {} connections x {} B socket buffers",
+        "device {} on {} via {}, relay {} ({}), {} connections x {} B socket buffers",
         args.ip,
         args.tap,
         args.gw,
         args.relay,
+        match link {
+            Link::Channel(_) => "encrypted channel, relay key pinned",
+            Link::Plain => "PLAIN TCP: password and data in clear",
+        },
         CONNS,
         SOCK_RX + SOCK_TX
     );
@@ -345,7 +416,8 @@ fn run(args: Args) -> Result<(), String> {
             for _ in 0..50 {
                 let now = clock();
                 iface.poll(smol_instant(now), &mut tap, &mut sockets);
-                agent.poll(now, &mut net.bind(&mut iface, &mut sockets), &mut device);
+                let tcp = net.bind(&mut iface, &mut sockets);
+                poll_agent(&mut agent, &mut link, tcp, &mut device, now);
                 iface.poll(smol_instant(now), &mut tap, &mut sockets);
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -357,7 +429,8 @@ fn run(args: Args) -> Result<(), String> {
             return Ok(());
         }
         iface.poll(smol_instant(now), &mut tap, &mut sockets);
-        let next = agent.poll(now, &mut net.bind(&mut iface, &mut sockets), &mut device);
+        let tcp = net.bind(&mut iface, &mut sockets);
+        let next = poll_agent(&mut agent, &mut link, tcp, &mut device, now);
         iface.poll(smol_instant(now), &mut tap, &mut sockets);
         // Sleep until a frame arrives, smoltcp has work, or the agent's deadline.
         let mut delay = iface

@@ -975,3 +975,207 @@ fn embedded_lossy_link() {
         "byte-exact despite loss"
     );
 }
+
+/// relay-embedded's channel (clatter) against relay-host's (snow) over loopback TCP: the
+/// device side over a host socket (`peek` is `MSG_PEEK`), the relay side the real
+/// `relay_host::channel::accept` and its stream, echoing what it decrypts.
+mod channel_interop {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::time::Instant as StdInstant;
+
+    use relay_embedded::rand_core::{CryptoRng, RngCore};
+    use relay_embedded::{Channel, Failure, LinkState, Transport};
+    use relay_host::channel::{ChannelKeys, accept};
+    use relay_proto::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A host socket error, as embedded-io wants it.
+    #[derive(Debug)]
+    struct HostErr(ErrorKind);
+    impl std::fmt::Display for HostErr {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:?}", self.0)
+        }
+    }
+    impl std::error::Error for HostErr {}
+    impl embedded_io::Error for HostErr {
+        fn kind(&self) -> embedded_io::ErrorKind {
+            embedded_io::ErrorKind::Other
+        }
+    }
+    impl From<std::io::Error> for HostErr {
+        fn from(e: std::io::Error) -> Self {
+            HostErr(e.kind())
+        }
+    }
+
+    /// A host socket's send side as an embedded-io writer.
+    struct HostIo<'a>(&'a TcpStream);
+    impl embedded_io::ErrorType for HostIo<'_> {
+        type Error = HostErr;
+    }
+    impl embedded_io::Write for HostIo<'_> {
+        fn write(&mut self, buf: &[u8]) -> Result<usize, HostErr> {
+            Ok(Write::write(&mut self.0, buf)?)
+        }
+        fn flush(&mut self) -> Result<(), HostErr> {
+            Ok(())
+        }
+    }
+
+    /// One host socket as a one-slot transport, non-blocking.
+    struct HostTcp(Option<TcpStream>, std::net::SocketAddr);
+
+    impl Transport for HostTcp {
+        type Error = HostErr;
+        type Io<'a> = HostIo<'a>;
+        fn open(&mut self, _: usize) -> Result<(), HostErr> {
+            let s = TcpStream::connect(self.1)?;
+            s.set_nonblocking(true)?;
+            self.0 = Some(s);
+            Ok(())
+        }
+        fn state(&mut self, _: usize) -> LinkState {
+            match &self.0 {
+                Some(s) => match s.peek(&mut [0u8; 1]) {
+                    Ok(0) => LinkState::Closed,
+                    Err(e) if e.kind() != ErrorKind::WouldBlock => LinkState::Closed,
+                    _ => LinkState::Open,
+                },
+                None => LinkState::Closed,
+            }
+        }
+        fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, HostErr> {
+            let s = self.0.as_ref().ok_or(HostErr(ErrorKind::NotConnected))?;
+            match s.peek(buf) {
+                Ok(0) if !buf.is_empty() => Err(HostErr(ErrorKind::UnexpectedEof)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(0),
+                other => Ok(other?),
+            }
+        }
+        fn consume(&mut self, _: usize, n: usize) {
+            if let Some(mut s) = self.0.as_ref() {
+                s.read_exact(&mut vec![0u8; n]).unwrap();
+            }
+        }
+        fn io(&mut self, _: usize) -> HostIo<'_> {
+            HostIo(self.0.as_ref().expect("open"))
+        }
+        fn send_space(&mut self, _: usize) -> usize {
+            // Loopback with small writes: the kernel buffer always has room here.
+            4096
+        }
+        fn close(&mut self, _: usize, _: bool) {
+            if let Some(s) = self.0.take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    struct TestRng(u64);
+    impl RngCore for TestRng {
+        fn next_u32(&mut self) -> u32 {
+            self.next_u64() as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1);
+            self.0 >> 11
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            dest.iter_mut().for_each(|b| *b = self.next_u64() as u8);
+        }
+        fn try_fill_bytes(
+            &mut self,
+            dest: &mut [u8],
+        ) -> Result<(), relay_embedded::rand_core::Error> {
+            self.fill_bytes(dest);
+            Ok(())
+        }
+    }
+    impl CryptoRng for TestRng {}
+
+    /// A relay-host channel endpoint on loopback that echoes; returns its address and
+    /// the keys' public halves.
+    fn echo_relay(dir: &std::path::Path) -> (std::net::SocketAddr, [u8; 32], [u8; 32]) {
+        let keys = ChannelKeys::load_or_generate(&dir.join("relay.db")).unwrap();
+        let (current, next) = (keys.current().0, keys.next().0);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let Ok(mut s) = accept(tcp, &keys).await else {
+                        continue;
+                    };
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        let _ = s.flush().await;
+                    }
+                }
+            });
+        });
+        (addr, current, next)
+    }
+
+    /// Polls the device side until `done` or 10 s.
+    fn until(mut step: impl FnMut() -> bool) {
+        let start = StdInstant::now();
+        while !step() {
+            assert!(start.elapsed().as_secs() < 10, "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    fn now() -> Instant {
+        Instant::from_millis(1_000)
+    }
+
+    #[test]
+    fn the_device_channel_interoperates_with_the_relay_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, current, next) = echo_relay(dir.path());
+        for pinned in [current, next] {
+            let mut ch: Channel<1> = Channel::new(pinned, Duration::from_secs(5));
+            let (mut tcp, mut rng) = (HostTcp(None, addr), TestRng(7));
+            ch.bind(now(), &mut tcp, &mut rng).open(0).unwrap();
+            until(|| ch.bind(now(), &mut tcp, &mut rng).state(0) == LinkState::Open);
+            let data: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+            let mut got = Vec::new();
+            for chunk in data.chunks(500) {
+                let mut t = ch.bind(now(), &mut tcp, &mut rng);
+                assert!(t.send_space(0) >= chunk.len());
+                embedded_io::Write::write_all(&mut t.io(0), chunk).unwrap();
+            }
+            until(|| {
+                let mut t = ch.bind(now(), &mut tcp, &mut rng);
+                let mut buf = [0u8; 200];
+                let n = t.peek(0, &mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+                t.consume(0, n);
+                got.len() == data.len()
+            });
+            assert!(got == data, "echoed byte-exact through snow and back");
+        }
+    }
+
+    #[test]
+    fn a_device_pinning_another_key_is_refused_by_the_relay_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _, _) = echo_relay(dir.path());
+        let mut ch: Channel<1> = Channel::new([0x42; 32], Duration::from_secs(5));
+        let (mut tcp, mut rng) = (HostTcp(None, addr), TestRng(7));
+        ch.bind(now(), &mut tcp, &mut rng).open(0).unwrap();
+        until(|| ch.bind(now(), &mut tcp, &mut rng).state(0) == LinkState::Closed);
+        assert_eq!(ch.failure(0), Some(Failure::Refused));
+    }
+}

@@ -165,6 +165,8 @@ pub struct Relay {
     pub tls_port: u16,
     pub plain_port: u16,
     pub fingerprint: String,
+    /// The channel's current and next public keys, as `relay serve` prints them.
+    pub channel_keys: [String; 2],
     pub proc: Option<Proc>,
     pub config: String,
 }
@@ -185,6 +187,7 @@ impl Relay {
             tls_port: free_port(),
             plain_port: free_port(),
             fingerprint: String::new(),
+            channel_keys: Default::default(),
             proc: None,
             config,
         };
@@ -217,6 +220,13 @@ impl Relay {
             .and_then(|s| s.split_whitespace().next())
             .expect("fingerprint in the relay log")
             .to_owned();
+        self.channel_keys = ["channel_key=", "channel_next="].map(|field| {
+            log.split(field)
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .expect("channel keys in the relay log")
+                .to_owned()
+        });
         self.proc = Some(p);
     }
 
@@ -291,6 +301,12 @@ impl Relay {
             .collect();
         names.sort();
         names
+    }
+
+    /// A terminal command as `user` over the device channel, pinning `key`.
+    pub fn terminal_channel(&self, key: &str, user: &str, args: &[&str]) -> Command {
+        let server = format!("127.0.0.1:{}", self.tls_port);
+        terminal_cmd(&[&server, "--relay-key", key], user, args)
     }
 
     /// `relay expose` for `user`, waited until logged in.

@@ -1,12 +1,15 @@
 //! A firmware-shaped binary: what a Cortex-M4F board running the relay agent links.
 //!
-//! smoltcp over an Ethernet `Device`, an [`Agent`] with 2 connections serving [`Echo`],
-//! polled forever from a superloop. The device and the clock are stand-ins (a real board
+//! smoltcp over an Ethernet `Device`, an [`Agent`] with 2 connections serving [`Echo`]
+//! over the encrypted device channel ([`Channel`], the relay's key pinned), polled
+//! forever from a superloop. The device and the clock are stand-ins (a real board
 //! has an Ethernet MAC driver and SysTick); `black_box` keeps the optimizer from
 //! proving that no packet ever arrives, so every code path stays in the binary and the
 //! size figures are honest. Built with feature `no-terminal`, the same loop drives
 //! plain smoltcp TCP sockets instead, so the difference between the two builds is the
-//! flash the relay costs on top of smoltcp (`size.sh` prints both).
+//! flash the relay costs on top of smoltcp (`size.sh` prints both). Built with feature
+//! `plain-terminal`, the agent speaks plain TCP: the difference to the full build is the
+//! channel's flash.
 //!
 //! Never meant to run: it exists to be measured and to prove that relay-embedded builds
 //! for a `no_std`, no-allocator target.
@@ -28,6 +31,8 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Address}
 use relay_embedded::relay_proto::{self, ident::Password, ident::UserId};
 #[cfg(not(feature = "no-terminal"))]
 use relay_embedded::{Agent, Echo, SmolTcp, smol_instant};
+#[cfg(not(any(feature = "no-terminal", feature = "plain-terminal")))]
+use relay_embedded::{Channel, rand_core};
 
 /// Relay connections (one logged-in spare plus one for a session).
 const CONNS: usize = 2;
@@ -43,15 +48,22 @@ const MTU: usize = 1514;
 type DeviceAgent = Agent<CONNS>;
 
 /// Footprint probe read by `size.sh` (target sizes, not the host's):
-/// `[size_of Terminal<2>, size_of Agent<2>, socket rx, socket tx]`.
+/// `[size_of Terminal<2>, size_of Agent<2>, socket rx, socket tx, size_of Channel<1>,
+/// size_of Channel<2>]` (the two channel sizes split it into per-connection and shared).
 #[used]
 #[unsafe(no_mangle)]
-static RELAY_FOOTPRINT: [u32; 4] = [
+static RELAY_FOOTPRINT: [u32; 6] = [
     core::mem::size_of::<relay_embedded::relay_proto::terminal::Terminal<CONNS>>() as u32,
     core::mem::size_of::<relay_embedded::Agent<CONNS>>() as u32,
     SOCK_RX as u32,
     SOCK_TX as u32,
+    core::mem::size_of::<relay_embedded::Channel<1>>() as u32,
+    core::mem::size_of::<relay_embedded::Channel<2>>() as u32,
 ];
+
+/// The relay's channel public key, as `relay serve` prints it (base64), decoded.
+#[cfg(not(any(feature = "no-terminal", feature = "plain-terminal")))]
+const RELAY_KEY: [u8; 32] = [0x42; 32];
 
 static mut SOCKET_BUFS: [[u8; SOCK_RX]; 2 * CONNS] = [[0; SOCK_RX]; 2 * CONNS];
 static mut SOCKET_STORAGE: [SocketStorage<'static>; CONNS] = [SocketStorage::EMPTY; CONNS];
@@ -59,6 +71,39 @@ static mut SOCKET_STORAGE: [SocketStorage<'static>; CONNS] = [SocketStorage::EMP
 static mut AGENT: MaybeUninit<DeviceAgent> = MaybeUninit::uninit();
 #[cfg(feature = "no-terminal")]
 static mut AGENT: MaybeUninit<()> = MaybeUninit::uninit();
+#[cfg(not(any(feature = "no-terminal", feature = "plain-terminal")))]
+static mut CHANNEL: MaybeUninit<Channel<CONNS>> = MaybeUninit::uninit();
+
+/// Stand-in for the RNG peripheral (a TRNG): the channel draws each handshake's
+/// ephemeral key from it. xorshift over an opaque seed is NOT a secure RNG: it only
+/// keeps the optimizer honest here.
+#[cfg(not(any(feature = "no-terminal", feature = "plain-terminal")))]
+struct BoardRng(u64);
+
+#[cfg(not(any(feature = "no-terminal", feature = "plain-terminal")))]
+impl rand_core::RngCore for BoardRng {
+    fn next_u32(&mut self) -> u32 {
+        self.next_u64() as u32
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        black_box(self.0)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        for b in dest {
+            *b = self.next_u64() as u8;
+        }
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+#[cfg(not(any(feature = "no-terminal", feature = "plain-terminal")))]
+impl rand_core::CryptoRng for BoardRng {}
 
 /// Stand-in for an Ethernet MAC driver: frames come from and go to buffers the
 /// optimizer cannot see through.
@@ -173,12 +218,27 @@ fn main() -> ! {
         ));
         let mut net = SmolTcp::new([h0, h1], relay, seed as u16);
         let mut echo = Echo;
+        #[cfg(not(feature = "plain-terminal"))]
+        let (channel, mut rng) = {
+            // SAFETY: as above, borrowed once, here.
+            let mem = unsafe { &mut *(&raw mut CHANNEL) };
+            let timeout = relay_proto::Duration::from_secs(10);
+            (
+                mem.write(Channel::new(black_box(RELAY_KEY), timeout)),
+                BoardRng(seed | 1),
+            )
+        };
         agent.start(relay_proto::Instant::from_millis(millis(&mut tick)));
         loop {
             let now = relay_proto::Instant::from_millis(millis(&mut tick));
             iface.poll(smol_instant(now), &mut mac, &mut sockets);
-            let next = agent.poll(now, &mut net.bind(&mut iface, &mut sockets), &mut echo);
-            // A board sleeps (WFI) until `next`, iface.poll_at or the next frame.
+            let mut tcp = net.bind(&mut iface, &mut sockets);
+            #[cfg(not(feature = "plain-terminal"))]
+            let next = agent.poll(now, &mut channel.bind(now, &mut tcp, &mut rng), &mut echo);
+            #[cfg(feature = "plain-terminal")]
+            let next = agent.poll(now, &mut tcp, &mut echo);
+            // A board sleeps (WFI) until the earliest of `next`, the channel's
+            // `poll_at`, iface.poll_at or the next frame.
             black_box(next);
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! [`Agent`] drives relay-proto's [`Terminal`](relay_proto::terminal::Terminal) (login,
 //! spare connections, keep-alive, back-off, demands) over `N` TCP connections of any
-//! [`Transport`]; [`SmolTcp`] is the smoltcp one. Sessions that other terminals open to
+//! [`Transport`]; [`SmolTcp`] is the smoltcp one, and [`Channel`] wraps any of them in
+//! the relay's encrypted device channel (Noise NK, the relay's key pinned). Sessions that other terminals open to
 //! the device are served by a [`Service`] the application implements, so a device can
 //! expose an echo service or an HTTP status page without a kernel TCP stack.
 //!
@@ -22,17 +23,25 @@
 
 mod agent;
 mod log;
+mod noise;
 mod service;
 #[cfg(feature = "smoltcp")]
 mod smol;
 mod transport;
 
 pub use agent::{Agent, MIN_SOCKET_RX, MIN_SOCKET_TX};
+pub use noise::{
+    Channel, ChannelError, Failure, MIN_CHANNEL_SOCKET_TX, OVERHEAD, PLAIN_BUF, PROLOGUE,
+    RECEIVE_LIMIT, SEAL_MAX, Sealed, Sealer,
+};
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 #[cfg(feature = "smoltcp")]
 pub use smol::{Bound, SmolError, SmolTcp, TcpIo, proto_instant, smol_instant};
 pub use transport::{LinkState, Transport};
 
+/// The RNG traits [`Channel::bind`] takes (rand_core 0.6, which most HALs implement for
+/// their RNG peripheral).
+pub use clatter::rand_core;
 pub use relay_proto;
 #[cfg(feature = "smoltcp")]
 pub use smoltcp;

@@ -14,4 +14,13 @@ macro_rules! log_debug {
     ($($t:tt)*) => {{}};
 }
 
-pub(crate) use log_debug;
+#[cfg(feature = "defmt")]
+macro_rules! log_warn { ($($t:tt)*) => { defmt::warn!($($t)*) } }
+#[cfg(all(feature = "log", not(feature = "defmt")))]
+macro_rules! log_warn { ($($t:tt)*) => { log::warn!($($t)*) } }
+#[cfg(not(any(feature = "log", feature = "defmt")))]
+macro_rules! log_warn {
+    ($($t:tt)*) => {{}};
+}
+
+pub(crate) use {log_debug, log_warn};

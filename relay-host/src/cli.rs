@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use rustls::pki_types::ServerName;
 
+use crate::channel::{RelayKey, RelayLink};
 use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
 use crate::store::{
     AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, MIN_PASSWORD_CHARS, SqliteStore,
@@ -198,9 +199,18 @@ pub struct TerminalArgs {
     /// prints it).
     #[arg(long, env = "RELAY_FINGERPRINT", value_name = "SHA256")]
     pub fingerprint: Option<Fingerprint>,
+    /// Use the relay's Noise channel instead of TLS, pinning its channel key (base64 or
+    /// hex, as `relay serve` prints it: the current or the next key). Needs no CA store.
+    #[arg(
+        long,
+        env = "RELAY_KEY",
+        value_name = "KEY",
+        conflicts_with_all = ["ca", "fingerprint"]
+    )]
+    pub relay_key: Option<RelayKey>,
     /// Connect without TLS, to a relay's allow_plain listener. The password and the data
     /// cross the network in clear.
-    #[arg(long, conflicts_with_all = ["ca", "fingerprint"])]
+    #[arg(long, conflicts_with_all = ["ca", "fingerprint", "relay_key"])]
     pub plain: bool,
 }
 
@@ -230,14 +240,24 @@ impl TerminalArgs {
         }
     }
 
+    /// How the connections to the relay are protected; `None` for `--plain`.
+    pub fn link(&self) -> anyhow::Result<Option<RelayLink>> {
+        Ok(match (self.relay_key, self.trust()) {
+            (Some(key), _) => Some(RelayLink::Channel(key)),
+            (None, Some(trust)) => Some(RelayLink::Tls(
+                client_config(&trust)?,
+                self.server.server_name()?,
+            )),
+            (None, None) => None,
+        })
+    }
+
     /// Resolves everything a terminal needs before it connects (password, TLS trust), so
     /// mistakes show before any network traffic.
     fn prepare(&self) -> anyhow::Result<()> {
         let _password = self.password()?;
-        match self.trust() {
-            Some(trust) => {
-                client_config(&trust)?;
-            }
+        match self.link()? {
+            Some(_) => {}
             None => tracing::warn!(
                 server = %self.server,
                 "--plain: the password and all data cross the network unencrypted"
@@ -623,6 +643,8 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     };
     identity.server_config()?;
     tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
+    let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
+    tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
     if let Some(plain) = config.allow_plain {
         tracing::warn!(%plain, "PLAIN TCP ENABLED: passwords and data on this listener are not encrypted");
     }

@@ -25,10 +25,12 @@ use relay_proto::{Password, RejectReason, ReleaseReason, ServiceName, UserId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::either::Either;
 
+use crate::channel::{ChannelError, NoiseStream, RelayLink};
 use crate::cli::{ServerAddr, ServiceSpec, TerminalArgs};
 use crate::outbox::{Outbox, run_writer};
-use crate::tls::{TlsError, client_config};
+use crate::tls::TlsError;
 
 /// Connection slots of one Linux terminal: its concurrent sessions plus spares (the
 /// relay's default allows 256 connections and 128 sessions per account).
@@ -119,10 +121,7 @@ struct Ctx {
     stopping: std::sync::atomic::AtomicBool,
     epoch: std::time::Instant,
     server: ServerAddr,
-    tls: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    tls: Option<RelayLink>,
     app: mpsc::UnboundedSender<AppEvent>,
     exposed: Option<Exposed>,
 }
@@ -174,9 +173,11 @@ impl State {
     }
 }
 
-/// A stream to the relay: TLS or plain.
-type RelayStream =
-    tokio_util::either::Either<Box<tokio_rustls::client::TlsStream<TcpStream>>, TcpStream>;
+/// A stream to the relay: encrypted (TLS or the channel), or plain.
+type RelayStream = Either<
+    Box<Either<tokio_rustls::client::TlsStream<TcpStream>, NoiseStream<TcpStream>>>,
+    TcpStream,
+>;
 
 /// Handles events that are not the calling reader's own business.
 fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
@@ -338,6 +339,8 @@ async fn open(ctx: Arc<Ctx>, h: Handle, me: Arc<Slot>) {
         Ok(s) => s,
         Err(e) => {
             let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
+                || e.downcast_ref::<ChannelError>()
+                    .is_some_and(ChannelError::is_wrong_key)
                 || format!("{e:#}").contains("invalid peer certificate");
             tracing::warn!(server = %ctx.server, "cannot connect to the relay: {e:#}");
             if fatal {
@@ -398,10 +401,14 @@ async fn connect_relay(ctx: &Ctx) -> anyhow::Result<RelayStream> {
         .with_context(|| format!("connecting to {}", ctx.server))?;
     let _ = tcp.set_nodelay(true);
     match &ctx.tls {
-        None => Ok(RelayStream::Right(tcp)),
-        Some((config, name)) => {
+        None => Ok(Either::Right(tcp)),
+        Some(RelayLink::Tls(config, name)) => {
             let tls = crate::tls::connect(config.clone(), name.clone(), tcp).await?;
-            Ok(RelayStream::Left(Box::new(tls)))
+            Ok(Either::Left(Box::new(Either::Left(tls))))
+        }
+        Some(RelayLink::Channel(key)) => {
+            let channel = crate::channel::connect(tcp, key).await?;
+            Ok(Either::Left(Box::new(Either::Right(channel))))
         }
     }
 }
@@ -604,11 +611,8 @@ fn start(
     let password = args.password()?;
     let user = UserId::new(args.user.as_str()).map_err(|e| anyhow!("user ID: {e:?}"))?;
     let password = Password::new(&password).map_err(|e| anyhow!("password: {e:?}"))?;
-    let tls = match args.trust() {
-        Some(trust) => Some((client_config(&trust)?, args.server.server_name()?)),
-        // `prepare` already warned loudly about --plain.
-        None => None,
-    };
+    // `prepare` already warned loudly about --plain (`None`).
+    let tls = args.link()?;
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random seed: {e}"))?;
     // Only `expose` takes demands; `connect` and `online` log in as requesters, so they

@@ -6,6 +6,7 @@
 //! - [`store`]: accounts, passwords (argon2id), access rules, the server secret (SQLite).
 //! - [`token`]: resumption credentials (HMAC-SHA256 with the server secret).
 //! - [`auth`]: the login check (throttle, password, token) that answers the core.
+//! - [`channel`]: the device channel (Noise NK, pinned relay key) on the TLS port.
 //! - [`tls`]: server identity (given or generated), client trust (roots, CA file, pin).
 //! - [`config`]: `relay serve` configuration (TOML) and limits.
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
@@ -17,6 +18,7 @@
 //! - [`cli`]: the `relay` command line.
 
 pub mod auth;
+pub mod channel;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -1,10 +1,15 @@
-//! The server's edges that need no protocol knowledge: accepting connections (TLS or plain)
-//! under a global connection cap and the handshake deadline, shutdown signals, and
+//! The server's edges that need no protocol knowledge: accepting connections (TLS, the
+//! device channel, or plain) under a global connection cap and the handshake deadline, shutdown signals, and
 //! watching the account store for edits made by `relay user …` while the relay runs.
 //!
 //! The protocol core is driven by the `handle` callback given to [`Acceptor::run`]; it
 //! receives a connection whose TLS handshake is done and the deadline by which the login
 //! must be done too (one deadline for both, so a slow TLS handshake cannot extend it).
+//!
+//! The device channel ([`crate::channel`]) shares the TLS listener: a TLS connection
+//! always starts with a handshake record (0x16), a channel with its first message's
+//! length (0x00). One port means one firewall rule and one address for every terminal,
+//! and a device behind a restrictive NAT reaches the relay wherever a Linux terminal does.
 
 use std::future::Future;
 use std::io;
@@ -21,12 +26,17 @@ use tokio_rustls::server::TlsStream;
 
 use tokio_util::either::Either;
 
+use crate::channel::{ChannelKeys, NoiseStream, TLS_FIRST_BYTE};
 use crate::metrics::Metrics;
 use crate::store::{AccountStore, AccountsSnapshot, StoreError};
 
-/// A client connection: TLS (boxed: the rustls state is large, plain connections should
-/// not pay for it), or plain TCP on the explicitly allowed plain listener.
-pub type ClientStream = Either<Box<TlsStream<TcpStream>>, TcpStream>;
+/// A client connection: encrypted (boxed: the TLS or Noise state is large, plain
+/// connections should not pay for it), or plain TCP on the explicitly allowed plain
+/// listener.
+pub type ClientStream = Either<Box<Encrypted>, TcpStream>;
+
+/// An encrypted connection: TLS, or the device channel.
+pub type Encrypted = Either<TlsStream<TcpStream>, NoiseStream<TcpStream>>;
 
 /// One slot of the global connection cap; the `relay_connections` gauge counts live slots.
 #[derive(Debug)]
@@ -58,6 +68,7 @@ pub struct Accepted {
 pub struct Acceptor {
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    channel: Option<Arc<ChannelKeys>>,
     slots: Arc<Semaphore>,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -68,6 +79,7 @@ impl std::fmt::Debug for Acceptor {
         f.debug_struct("Acceptor")
             .field("listener", &self.listener)
             .field("tls", &self.tls.is_some())
+            .field("channel", &self.channel.is_some())
             .field("free_slots", &self.slots.available_permits())
             .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
@@ -96,10 +108,17 @@ impl Acceptor {
         Self {
             listener,
             tls: tls.map(TlsAcceptor::from),
+            channel: None,
             slots,
             handshake_timeout,
             metrics,
         }
+    }
+
+    /// Also accepts the device channel with `keys` (on a TLS listener only).
+    pub fn with_channel(mut self, keys: Arc<ChannelKeys>) -> Self {
+        self.channel = self.tls.is_some().then_some(keys);
+        self
     }
 
     /// The address it listens on.
@@ -144,6 +163,7 @@ impl Acceptor {
             let _ = tcp.set_nodelay(true);
             let login_deadline = Instant::now() + self.handshake_timeout;
             let tls = self.tls.clone();
+            let channel = self.channel.clone();
             let handle = handle.clone();
             tokio::spawn(async move {
                 let stream = match tls {
@@ -151,16 +171,18 @@ impl Acceptor {
                     Some(tls) => {
                         // Boxed: the handshake's state (over a kilobyte) would otherwise be
                         // part of every connection task for its whole life, plain TCP too.
-                        let handshake =
-                            Box::pin(tokio::time::timeout_at(login_deadline, tls.accept(tcp)));
+                        let handshake = Box::pin(tokio::time::timeout_at(
+                            login_deadline,
+                            secure(tcp, tls, channel),
+                        ));
                         match handshake.await {
                             Ok(Ok(s)) => Either::Left(Box::new(s)),
                             Ok(Err(e)) => {
-                                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                                tracing::debug!(%peer, "handshake failed: {e}");
                                 return;
                             }
                             Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
+                                tracing::debug!(%peer, "handshake timed out");
                                 return;
                             }
                         }
@@ -176,6 +198,21 @@ impl Acceptor {
             });
         }
     }
+}
+
+/// The TLS or channel handshake, told apart by the connection's first byte.
+async fn secure(
+    tcp: TcpStream,
+    tls: TlsAcceptor,
+    channel: Option<Arc<ChannelKeys>>,
+) -> Result<Encrypted, Box<dyn std::error::Error + Send + Sync>> {
+    if let Some(keys) = channel {
+        let mut first = [0u8; 1];
+        if tcp.peek(&mut first).await? == 1 && first[0] != TLS_FIRST_BYTE {
+            return Ok(Either::Right(crate::channel::accept(tcp, &keys).await?));
+        }
+    }
+    Ok(Either::Left(tls.accept(tcp).await?))
 }
 
 /// Resolves at the first SIGINT or SIGTERM.

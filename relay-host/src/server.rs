@@ -1056,13 +1056,17 @@ pub async fn serve(
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    acceptors.push(Acceptor::new(
-        listener,
-        Some(tls),
-        slots.clone(),
-        limits.handshake_timeout,
-        metrics.clone(),
-    ));
+    let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
+    acceptors.push(
+        Acceptor::new(
+            listener,
+            Some(tls),
+            slots.clone(),
+            limits.handshake_timeout,
+            metrics.clone(),
+        )
+        .with_channel(Arc::new(channel)),
+    );
     if let Some(plain) = config.allow_plain {
         let listener = TcpListener::bind(plain)
             .await

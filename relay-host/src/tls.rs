@@ -242,7 +242,7 @@ pub fn generated_paths(db: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
-fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
+pub(crate) fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     let io_err = |source| TlsError::Io {
         path: path.to_owned(),
         source,
