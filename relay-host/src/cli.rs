@@ -27,6 +27,37 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log less: -q warnings and errors only, -qq errors only (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    /// Log more: -v debug, -vv trace (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Cli {
+    /// The log level: the command's own default, moved by `-q`/`-v`. Commands whose output
+    /// is someone else's input (`connect --stdio` inside ssh, `online`, `user`) log only
+    /// warnings by default; long-running ones (`serve`, `expose`, `connect --listen`) say
+    /// what they are doing.
+    pub fn log_level(&self) -> tracing::Level {
+        use tracing::Level;
+        let talkative = match &self.command {
+            Command::Serve(_) | Command::Expose(_) => true,
+            Command::Connect(c) => c.listen.is_some(),
+            Command::User(_) | Command::Online(_) => false,
+        };
+        let levels = [
+            Level::ERROR,
+            Level::WARN,
+            Level::INFO,
+            Level::DEBUG,
+            Level::TRACE,
+        ];
+        let base = if talkative { 2 } else { 1 };
+        let at = (base + usize::from(self.verbose)).saturating_sub(usize::from(self.quiet));
+        levels[at.min(levels.len() - 1)]
+    }
 }
 
 /// The subcommands.
@@ -47,31 +78,35 @@ pub enum Command {
 /// `relay serve`: flags override the config file, which overrides the defaults.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML config file (every flag below has a key of the same name, plus [limits]).
-    #[arg(long, value_name = "FILE")]
+    /// TOML config file: the keys named below, plus [limits] (docs/relay-host-config.md).
+    /// Relative paths in it are relative to its directory. SIGHUP reloads it.
+    #[arg(long, env = "RELAY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// TLS listen address [default: 0.0.0.0:7835].
-    #[arg(long, value_name = "ADDR")]
+    /// TLS listen address: PORT, HOST:PORT or [IPv6]:PORT (config key `listen`)
+    /// [default: 0.0.0.0:7835].
+    #[arg(long, value_name = "ADDR", value_parser = any_interface)]
     pub listen: Option<SocketAddr>,
-    /// Account store [default: relay.db].
-    #[arg(long, value_name = "PATH")]
+    /// Account store, relative to the current directory (config key `db`) [default:
+    /// relay.db].
+    #[arg(long, env = "RELAY_DB", value_name = "PATH")]
     pub db: Option<PathBuf>,
-    /// PEM certificate chain (with --key); without both, a self-signed certificate is
-    /// generated beside the account store.
+    /// PEM certificate chain, with --key (config key `cert`); without both, a self-signed
+    /// certificate is generated beside the account store.
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
-    /// PEM private key (with --cert).
+    /// PEM private key, with --cert (config key `key`).
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
-    /// Serve Prometheus /metrics and /healthz on this address.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus /metrics, /healthz and the operator dashboard on this address
+    /// (config key `metrics`); PORT alone means 127.0.0.1:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = loopback)]
     pub metrics: Option<SocketAddr>,
-    /// Also accept plain TCP (no TLS) on this address, for devices without TLS. Passwords
-    /// and data cross it in clear.
-    #[arg(long, value_name = "ADDR")]
+    /// Also accept plain TCP (no TLS) on this address, for devices without TLS (config
+    /// key `allow_plain`). Passwords and data cross it in clear.
+    #[arg(long, value_name = "ADDR", value_parser = any_interface)]
     pub allow_plain: Option<SocketAddr>,
     /// Move payload between plain-TCP connections with splice(2) instead of one copy
-    /// through user space (config key `splice = true`; measured slower on loopback).
+    /// through user space (config key `splice`; measured slower on loopback).
     #[arg(long, conflicts_with = "no_splice")]
     pub splice: bool,
     /// Copy payload through user space (the default; overrides `splice = true`).
@@ -116,9 +151,12 @@ impl ServeArgs {
 /// `relay user`.
 #[derive(Debug, Args)]
 pub struct UserArgs {
-    /// Account store.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_DB, global = true)]
-    pub db: PathBuf,
+    /// Account store. Without it: the `db` of --config, else ./relay.db if it exists.
+    #[arg(long, env = "RELAY_DB", value_name = "PATH", global = true)]
+    pub db: Option<PathBuf>,
+    /// The relay's config file: its `db` is the account store.
+    #[arg(long, env = "RELAY_CONFIG", value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub action: UserCommand,
@@ -275,11 +313,15 @@ pub struct ConnectArgs {
     /// The terminal to reach, and optionally which of its services: TARGET[/SERVICE].
     pub target: TargetSpec,
     /// Accept local TCP connections here; each becomes one session (a port forward).
-    #[arg(long, value_name = "ADDR")]
+    /// PORT alone means 127.0.0.1:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = loopback)]
     pub listen: Option<SocketAddr>,
     /// One session on standard input and output (for ssh's ProxyCommand).
     #[arg(long)]
     pub stdio: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub patience: Patience,
 }
 
 /// `relay online`.
@@ -288,6 +330,45 @@ pub struct OnlineArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub terminal: TerminalArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub patience: Patience,
+}
+
+/// How long a command that does one thing waits for the relay.
+#[derive(Debug, Args)]
+pub struct Patience {
+    /// Give up with an error if not logged in to the relay by then (ssh would otherwise
+    /// wait forever on an unreachable relay): "5s", "1m".
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+/// A listen address as people type it: `PORT`, `HOST:PORT` (a name is resolved, first
+/// address wins) or `[IPv6]:PORT`; `PORT` alone binds `ip`.
+fn listen_addr(s: &str, ip: IpAddr) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = |why: String| format!("'{s}' is not PORT, HOST:PORT or [IPv6]:PORT ({why})");
+    s.to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("no address".into()))
+}
+
+/// `PORT` alone binds every interface (a server's listener).
+fn any_interface(s: &str) -> Result<SocketAddr, String> {
+    listen_addr(s, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+/// `PORT` alone binds loopback (a local forward, the admin listener).
+fn loopback(s: &str) -> Result<SocketAddr, String> {
+    listen_addr(s, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
 }
 
 /// A relay address as given on the command line.
@@ -466,6 +547,47 @@ fn open_store(path: &Path) -> anyhow::Result<SqliteStore> {
     Ok(SqliteStore::open(path)?)
 }
 
+/// Which account store a `relay user` command means: `--db`/`RELAY_DB`, else the `db` of
+/// `--config`/`RELAY_CONFIG`, else `./relay.db` if it exists. Never a new empty store by
+/// accident: only `user add` creates one, and only where it was named.
+fn user_store(args: &UserArgs) -> anyhow::Result<PathBuf> {
+    let named = match (&args.db, &args.config) {
+        (Some(db), _) => Some(db.clone()),
+        (None, Some(config)) => Some(ServeConfig::load(config)?.db),
+        (None, None) => None,
+    };
+    let Some(db) = named else {
+        if Path::new(DEFAULT_DB).exists() {
+            return Ok(PathBuf::from(DEFAULT_DB));
+        }
+        bail!(
+            "which account store? give --db PATH (or set RELAY_DB), or the relay's --config \
+             FILE (or RELAY_CONFIG); there is no {DEFAULT_DB} here"
+        );
+    };
+    let creates = matches!(args.action, UserCommand::Add { .. });
+    if !db.exists() {
+        let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            bail!(
+                "account store {}: directory {} does not exist (No such file or directory); \
+                 create it first: mkdir -p -m 0700 {}",
+                db.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
+        if !creates {
+            bail!(
+                "no account store at {}; `relay user add NAME --db {}` creates one",
+                db.display(),
+                db.display()
+            );
+        }
+    }
+    Ok(db)
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -484,27 +606,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             args.terminal.prepare()?;
             let target = args.target.target.as_str();
             let service = args.target.service.as_deref();
+            let patience = args.patience.timeout;
             match args.listen {
                 Some(listen) => {
-                    crate::client::connect_listen(&args.terminal, target, service, listen)
+                    crate::client::connect_listen(&args.terminal, target, service, listen, patience)
                 }
-                None => crate::client::connect_stdio(&args.terminal, target, service),
+                None => crate::client::connect_stdio(&args.terminal, target, service, patience),
             }
         }
         Command::Online(args) => {
             args.terminal.prepare()?;
-            crate::client::online(&args.terminal)
+            crate::client::online(&args.terminal, args.patience.timeout)
         }
     }
 }
 
 fn run_user(args: UserArgs) -> anyhow::Result<()> {
+    let db = user_store(&args)?;
     match args.action {
         UserCommand::Add {
             name,
             password_stdin,
         } => {
-            let store = open_store(&args.db)?;
+            let store = open_store(&db)?;
             // Fail before prompting if the name is taken.
             if store.exists(&name)? {
                 bail!("account '{name}' already exists");
@@ -514,14 +638,14 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             println!("added account '{name}'");
         }
         UserCommand::Del { name } => {
-            open_store(&args.db)?.delete(&name)?;
+            open_store(&db)?.delete(&name)?;
             println!("deleted account '{name}'");
         }
         UserCommand::Passwd {
             name,
             password_stdin,
         } => {
-            let store = open_store(&args.db)?;
+            let store = open_store(&db)?;
             if !store.exists(&name)? {
                 bail!("no account named '{name}'");
             }
@@ -530,7 +654,7 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             println!("changed the password of '{name}'");
         }
         UserCommand::List => {
-            let accounts = open_store(&args.db)?.list()?;
+            let accounts = open_store(&db)?.list()?;
             if accounts.is_empty() {
                 eprintln!("no accounts; add one with: relay user add NAME");
             }
@@ -557,7 +681,7 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             } else {
                 AccessRule::only(targets)
             };
-            open_store(&args.db)?.set_access_rule(&name, &rule)?;
+            open_store(&db)?.set_access_rule(&name, &rule)?;
             println!("'{name}' may reach: {rule}");
         }
     }
@@ -667,7 +791,8 @@ mod tests {
         };
         let c = args.resolve().unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:2000");
-        assert_eq!(c.db, PathBuf::from("a.db"));
+        // A relative path in the file is beside the file.
+        assert_eq!(c.db, dir.path().join("a.db"));
         assert_eq!(c.limits.max_sessions_per_account, 3);
     }
 

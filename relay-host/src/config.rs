@@ -144,19 +144,39 @@ pub enum ConfigError {
 }
 
 impl ServeConfig {
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file. Relative `db`, `cert` and `key` paths in it are
+    /// taken relative to the file's directory (so the file means the same whatever the
+    /// current directory); the default `db` stays relative to the current directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        let mut config = Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 message,
             },
             other => other,
-        })
+        })?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let beside = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("db"))
+        {
+            beside(&mut config.db);
+        }
+        config
+            .cert
+            .iter_mut()
+            .chain(config.key.iter_mut())
+            .for_each(beside);
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -343,6 +363,27 @@ mod tests {
         assert!(
             err.contains("relay.toml") && err.contains("line 1"),
             "{err}"
+        );
+    }
+
+    /// Finding 6 of issue 14: a relative `db` in the file followed the current directory.
+    #[test]
+    fn relative_paths_in_a_file_are_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "db = \"state/r.db\"\ncert = \"c.pem\"\nkey = \"/k.pem\"\n",
+        )
+        .unwrap();
+        let c = ServeConfig::load(&path).unwrap();
+        assert_eq!(c.db, dir.path().join("state/r.db"));
+        assert_eq!(c.cert, Some(dir.path().join("c.pem")));
+        assert_eq!(c.key, Some(PathBuf::from("/k.pem")));
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(
+            ServeConfig::load(&path).unwrap().db,
+            PathBuf::from("relay.db")
         );
     }
 

@@ -237,6 +237,12 @@ impl Core {
         self.drain(srv);
     }
 
+    /// The peer address for a log line ("gone" once the connection is).
+    fn peer_of(&self, id: ConnId) -> String {
+        self.conn(id)
+            .map_or_else(|| "gone".to_owned(), |c| c.peer.to_string())
+    }
+
     fn is(&self, id: ConnId, me: &Arc<Conn>) -> bool {
         self.conn(id).is_some_and(|c| Arc::ptr_eq(c, me))
     }
@@ -299,12 +305,12 @@ impl Core {
                     user,
                     resumed,
                 } => {
-                    let peer = self.conn(conn).map(|c| c.peer);
-                    tracing::info!(%user, resumed, conn = conn.0, ?peer, "login");
+                    let peer = self.peer_of(conn);
+                    tracing::info!(%user, resumed, conn = conn.0, %peer, "login");
                 }
                 Event::LoginFailed { conn, user, code } => {
-                    let peer = self.conn(conn).map(|c| c.peer);
-                    tracing::info!(%user, conn = conn.0, ?peer, error = %code, "login refused");
+                    let peer = self.peer_of(conn);
+                    tracing::info!(%user, conn = conn.0, %peer, error = %code, "login refused");
                 }
                 Event::Replaced { user } => {
                     tracing::info!(%user, "a new login replaced the running instance")
