@@ -565,7 +565,8 @@ fn user_store(args: &UserArgs) -> anyhow::Result<PathBuf> {
              FILE (or RELAY_CONFIG); there is no {DEFAULT_DB} here"
         );
     };
-    let creates = matches!(args.action, UserCommand::Add { .. });
+    // `add` creates the store; `list` of a store that does not exist lists nobody.
+    let may_be_missing = matches!(args.action, UserCommand::Add { .. } | UserCommand::List);
     if !db.exists() {
         let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
         if let Some(dir) = dir.filter(|d| !d.is_dir()) {
@@ -577,7 +578,7 @@ fn user_store(args: &UserArgs) -> anyhow::Result<PathBuf> {
                 dir.display()
             );
         }
-        if !creates {
+        if !may_be_missing {
             bail!(
                 "no account store at {}; `relay user add NAME --db {}` creates one",
                 db.display(),
@@ -654,7 +655,10 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             println!("changed the password of '{name}'");
         }
         UserCommand::List => {
-            let accounts = open_store(&db)?.list()?;
+            let accounts = match db.exists() {
+                true => open_store(&db)?.list()?,
+                false => Vec::new(),
+            };
             if accounts.is_empty() {
                 eprintln!("no accounts; add one with: relay user add NAME");
             }

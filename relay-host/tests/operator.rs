@@ -53,14 +53,21 @@ fn user_commands_without_a_store_create_nothing() {
         .failure();
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 
-    // A named store that does not exist is only created by `user add`.
+    // A named store that does not exist is only created by `user add`: `list` says there
+    // is nobody, `del` that there is no store.
     let db = dir.path().join("typo.db");
     relay(dir.path())
         .args(["user", "list", "--db"])
         .arg(&db)
         .assert()
-        .failure()
+        .success()
         .stderr(predicate::str::contains("relay user add"));
+    relay(dir.path())
+        .args(["user", "del", "cam-1", "--db"])
+        .arg(&db)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("no account store"));
     assert!(!db.exists());
 }
 
