@@ -18,7 +18,7 @@ use rustls::pki_types::ServerName;
 
 use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
 use crate::store::{AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, SqliteStore};
-use crate::tls::{Fingerprint, ServerIdentity, ServerTrust, client_config};
+use crate::tls::{Fingerprint, ServerTrust, client_config};
 
 /// Relay: reach devices behind NAT through a relay server they connect out to.
 #[derive(Debug, Parser)]
@@ -76,7 +76,7 @@ pub enum Command {
 }
 
 /// `relay serve`: flags override the config file, which overrides the defaults.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// TOML config file: the keys named below, plus [limits] (docs/relay-host-config.md).
     /// Relative paths in it are relative to its directory. SIGHUP reloads it.
@@ -704,16 +704,15 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             config.db.display()
         );
     }
-    let identity = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => ServerIdentity::load(cert, key)?,
-        _ => ServerIdentity::load_or_generate(&config.db)?.0,
-    };
-    identity.server_config()?;
+    let identity = crate::reload::identity(&config)?;
     tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
     if let Some(plain) = config.allow_plain {
         tracing::warn!(%plain, "PLAIN TCP ENABLED: passwords and data on this listener are not encrypted");
     }
-    crate::server::run(config, Arc::new(store), identity)
+    let again = args.clone();
+    let reloader =
+        crate::reload::Reloader::new(config.clone(), &identity, Box::new(move || again.resolve()))?;
+    crate::server::run(config, Arc::new(store), reloader)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The relay's fixed, documented TCP port (TLS).
@@ -30,7 +30,7 @@ pub const DEFAULT_LISTEN: SocketAddr =
 pub const DEFAULT_DB: &str = "relay.db";
 
 /// Everything `relay serve` needs besides the account store's contents.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     /// TLS listen address.
@@ -72,7 +72,7 @@ impl Default for ServeConfig {
 
 /// Bounds on everything a client can make the relay hold. Durations are written like
 /// `"10s"`, `"1m 30s"`, `"250ms"` in the file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame payload accepted, in bytes (the protocol's length field is 16 bits).

@@ -10,6 +10,7 @@
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
 //! - [`throttle`]: failed-login throttling per account and per source address.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`reload`]: `relay serve` on SIGHUP (config, certificate, limits).
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
 //!   FIFOs ([`outbox`]: the terminal's); `splice`: payload socket to socket on Linux.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
@@ -22,6 +23,7 @@ pub mod fifo;
 pub mod listen;
 pub mod metrics;
 pub mod outbox;
+pub mod reload;
 pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;

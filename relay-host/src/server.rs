@@ -56,9 +56,9 @@ use crate::config::{Limits, ServeConfig};
 use crate::fifo::{Chunk, Fifo, Next};
 use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
 use crate::metrics::{LoginMethod, LoginOutcome, Metrics};
+use crate::reload::Reloader;
 use crate::store::{AccountName, AccountStore, AccountsSnapshot, VerifyError};
 use crate::throttle::{DEFAULT_MAX_TRACKED, LoginThrottle};
-use crate::tls::ServerIdentity;
 use crate::token::{InstanceId, TokenKey};
 
 /// How long a resumption credential stays valid after it is issued.
@@ -363,6 +363,25 @@ impl Core {
 }
 
 impl Server {
+    /// A reloaded configuration: the throttle's new numbers if they changed (its counts
+    /// start afresh then), and the account store read at once (its access rules).
+    fn reconfigure(&self, old: &Limits, l: &Limits) {
+        let per = |l: &Limits| {
+            (
+                l.login_failures_per_account_per_minute,
+                l.login_failures_per_source_per_minute,
+            )
+        };
+        if per(old) != per(l) {
+            *self.throttle.lock().unwrap_or_else(|e| e.into_inner()) = LoginThrottle::new(
+                l.login_failures_per_account_per_minute,
+                l.login_failures_per_source_per_minute,
+                DEFAULT_MAX_TRACKED,
+            );
+        }
+        self.refresh_accounts.notify_one();
+    }
+
     fn lock(&self) -> MutexGuard<'_, Core> {
         // The core is only ever changed through its own methods; a panic in one connection
         // task must not take the whole relay down with a poisoned lock.
@@ -1101,7 +1120,7 @@ fn chunk_of(buf: &mut BytesMut, n: usize) -> Bytes {
 pub fn run(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
-    identity: ServerIdentity,
+    reloader: Reloader,
 ) -> anyhow::Result<()> {
     // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
     // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
@@ -1112,7 +1131,7 @@ pub fn run(
         .max_blocking_threads((2 * cores).max(4))
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(config, store, identity, async {
+    rt.block_on(serve(config, store, reloader, async {
         if let Err(e) = crate::listen::shutdown_signal().await {
             tracing::warn!("cannot watch for signals: {e}");
             std::future::pending::<()>().await;
@@ -1120,11 +1139,12 @@ pub fn run(
     }))
 }
 
-/// The relay server until `stop` resolves; then a clean shutdown.
+/// The relay server until `stop` resolves; then a clean shutdown. SIGHUP reloads the
+/// configuration through `reloader`.
 pub async fn serve(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
-    identity: ServerIdentity,
+    reloader: Reloader,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
@@ -1202,7 +1222,11 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_total_connections as usize));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut acceptors = Vec::new();
-    let tls = identity.server_config()?;
+    let tls = reloader.tls_config()?;
+    tokio::spawn({
+        let srv = srv.clone();
+        reloader.run(move |old, new| srv.reconfigure(&old.limits, &new.limits))
+    });
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
