@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const FAST: &str = "keepalive_interval = \"1s\"\nkeepalive_timeout = \"3s\"\nhandshake_timeout = \"2s\"\ndemand_timeout = \"5s\"";
+const FAST: &str = "keepalive_interval = \"1s\"\nkeepalive_timeout = \"3s\"\nhandshake_timeout = \"10s\"\ndemand_timeout = \"5s\"";
 const T: Duration = Duration::from_secs(20);
 
 /// Runs `cmd` with stdin closed; kills it after `limit`. Returns (exit code, stderr, took).
@@ -194,6 +194,14 @@ fn logs_are_plain_and_the_levels_follow_q_and_v() {
     let echo = echo_service();
     let svc = format!("echo=127.0.0.1:{echo}");
     let cam = relay.expose("cam", &["--service", &svc]);
+    // `online --json`, and nothing on standard error by default.
+    let online = relay
+        .terminal("cam", &["online", "--json"])
+        .output()
+        .unwrap();
+    assert!(online.status.success());
+    assert_eq!(String::from_utf8_lossy(&online.stdout), "[\"cam\"]\n");
+    assert_eq!(String::from_utf8_lossy(&online.stderr), "");
     assert!(
         cam.log().contains(&svc),
         "services not logged:\n{}",

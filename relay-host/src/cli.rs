@@ -45,7 +45,9 @@ impl Cli {
         let talkative = match &self.command {
             Command::Serve(_) | Command::Expose(_) => true,
             Command::Connect(c) => c.listen.is_some(),
-            Command::User(_) | Command::Online(_) => false,
+            Command::User(_) | Command::Online(_) | Command::Completions { .. } | Command::Man => {
+                false
+            }
         };
         let levels = [
             Level::ERROR,
@@ -73,6 +75,13 @@ pub enum Command {
     Connect(ConnectArgs),
     /// List the user IDs logged in to the relay.
     Online(OnlineArgs),
+    /// Print a shell completion script: `relay completions bash > /etc/bash_completion.d/relay`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `relay man > /usr/local/share/man/man1/relay.1`.
+    Man,
 }
 
 /// `relay serve`: flags override the config file, which overrides the defaults.
@@ -188,7 +197,11 @@ pub enum UserCommand {
         password_stdin: bool,
     },
     /// List accounts, their creation time and whom they may reach.
-    List,
+    List {
+        /// Print JSON: an array of {"name", "created", "may_reach"} ("any", or the names).
+        #[arg(long)]
+        json: bool,
+    },
     /// Set which accounts an account may reach with a connection demand.
     #[command(group(ArgGroup::new("rule").required(true).args(["targets", "any", "none"])))]
     Allow {
@@ -333,6 +346,9 @@ pub struct OnlineArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub patience: Patience,
+    /// Print a JSON array of user IDs instead of one a line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How long a command that does one thing waits for the relay.
@@ -566,7 +582,10 @@ fn user_store(args: &UserArgs) -> anyhow::Result<PathBuf> {
         );
     };
     // `add` creates the store; `list` of a store that does not exist lists nobody.
-    let may_be_missing = matches!(args.action, UserCommand::Add { .. } | UserCommand::List);
+    let may_be_missing = matches!(
+        args.action,
+        UserCommand::Add { .. } | UserCommand::List { .. }
+    );
     if !db.exists() {
         let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
         if let Some(dir) = dir.filter(|d| !d.is_dir()) {
@@ -617,7 +636,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Online(args) => {
             args.terminal.prepare()?;
-            crate::client::online(&args.terminal, args.patience.timeout)
+            let users = crate::client::online(&args.terminal, args.patience.timeout)?;
+            match args.json {
+                true => println!("{}", serde_json::to_string(&users)?),
+                false => users.iter().for_each(|u| println!("{u}")),
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "relay", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            Ok(page.render(&mut std::io::stdout())?)
         }
     }
 }
@@ -654,7 +687,7 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             store.set_password(&name, &password)?;
             println!("changed the password of '{name}'");
         }
-        UserCommand::List => {
+        UserCommand::List { json } => {
             let accounts = match db.exists() {
                 true => open_store(&db)?.list()?,
                 false => Vec::new(),
@@ -662,14 +695,27 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             if accounts.is_empty() {
                 eprintln!("no accounts; add one with: relay user add NAME");
             }
-            for a in accounts {
+            let rows = accounts.iter().map(|a| {
                 let created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.created);
-                println!(
-                    "{}\tcreated {}\tmay reach: {}",
-                    a.name,
-                    humantime::format_rfc3339_seconds(created),
-                    a.access
-                );
+                (a, humantime::format_rfc3339_seconds(created).to_string())
+            });
+            if json {
+                let rows: Vec<_> = rows
+                    .map(|(a, created)| {
+                        let may_reach = match &a.access.allow {
+                            None => serde_json::json!("any"),
+                            Some(names) => serde_json::json!(
+                                names.iter().map(AccountName::as_str).collect::<Vec<_>>()
+                            ),
+                        };
+                        serde_json::json!({"name": a.name.as_str(), "created": created, "may_reach": may_reach})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for (a, created) in rows {
+                    println!("{}\tcreated {created}\tmay reach: {}", a.name, a.access);
+                }
             }
         }
         UserCommand::Allow {

@@ -1019,13 +1019,14 @@ pub fn connect_listen(
     })
 }
 
-/// `relay online`: prints the logged-in user IDs, one a line.
-pub fn online(args: &TerminalArgs, patience: Duration) -> anyhow::Result<()> {
+/// `relay online`: the logged-in user IDs, every page of the relay's list.
+pub fn online(args: &TerminalArgs, patience: Duration) -> anyhow::Result<Vec<String>> {
     let rt = runtime()?;
     let result = rt.block_on(async {
         let (ctx, mut rx) = start(args, 1, None)?;
         logged_in(&ctx, &mut rx, patience).await?;
         let mut cursor = 0;
+        let mut users = Vec::new();
         loop {
             let mut sent = false;
             let give_up = tokio::time::Instant::now() + DEMAND_PATIENCE;
@@ -1058,12 +1059,10 @@ pub fn online(args: &TerminalArgs, patience: Duration) -> anyhow::Result<()> {
             .await
             .map_err(|_| anyhow!("the relay did not answer the online list request"))?
             .ok_or_else(|| anyhow!("the relay connection was lost"))?;
-            for u in &page.users {
-                println!("{u}");
-            }
+            users.extend(page.users.iter().map(|u| u.to_string()));
             match page.next {
                 Some(next) => cursor = next,
-                None => return Ok(()),
+                None => return Ok(users),
             }
         }
     });

@@ -225,3 +225,52 @@ fn the_readme_run_leaves_nothing_for_git() {
         assert!(ignored.success(), "{file} is not git-ignored");
     }
 }
+
+/// Conventions: completions and a man page generated from the clap definitions, and
+/// `relay user list --json`.
+#[test]
+fn completions_man_page_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let bash = relay(dir.path())
+        .args(["completions", "bash"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let bash = String::from_utf8(bash).unwrap();
+    assert!(
+        bash.contains("complete -F") && bash.contains("expose"),
+        "{bash}"
+    );
+    relay(dir.path())
+        .arg("man")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with(".ie").or(predicate::str::contains(".TH relay")));
+
+    let db = dir.path().join("relay.db");
+    relay(dir.path())
+        .args(["user", "add", "cam-1", "--password-stdin", "--db"])
+        .arg(&db)
+        .write_stdin("pw")
+        .assert()
+        .success();
+    relay(dir.path())
+        .args(["user", "allow", "cam-1", "--targets", "laptop", "--db"])
+        .arg(&db)
+        .assert()
+        .success();
+    let out = relay(dir.path())
+        .args(["user", "list", "--json", "--db"])
+        .arg(&db)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let rows: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(rows[0]["name"], "cam-1");
+    assert_eq!(rows[0]["may_reach"], serde_json::json!(["laptop"]));
+    assert!(rows[0]["created"].as_str().unwrap().ends_with('Z'));
+}
