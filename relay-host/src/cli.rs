@@ -36,6 +36,18 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Parses `argv` with the client config file's chosen relay as the terminal commands'
+    /// flag defaults ([`crate::relays`]); clap's own errors exit as usual.
+    pub fn parse_with_client_config(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Self> {
+        use clap::{CommandFactory, FromArgMatches};
+        let file = match crate::relays::path() {
+            Some(path) => crate::relays::ClientFile::load(&path)?,
+            None => crate::relays::ClientFile::default(),
+        };
+        let cmd = crate::relays::with_defaults(Self::command(), &file, &argv)?;
+        Ok(Self::from_arg_matches(&cmd.get_matches_from(argv)).unwrap_or_else(|e| e.exit()))
+    }
+
     /// The log level: the command's own default, moved by `-q`/`-v`. Commands whose output
     /// is someone else's input (`connect --stdio` inside ssh, `online`, `user`) log only
     /// warnings by default; long-running ones (`serve`, `expose`, `connect --listen`) say
@@ -228,10 +240,18 @@ pub struct TerminalArgs {
     /// This terminal's user ID.
     #[arg(long, env = "RELAY_USER", value_name = "NAME")]
     pub user: AccountName,
-    /// Read the password from FILE (one trailing newline is removed). Without this flag the
-    /// password comes from the RELAY_PASSWORD environment variable.
+    /// Read the password from FILE (one trailing newline is removed). Without this flag or
+    /// --password-command the password comes from the RELAY_PASSWORD environment variable.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    /// Run CMD with `sh -c` and take its standard output (one trailing newline removed) as
+    /// the password, e.g. "pass show relay/laptop".
+    #[arg(long, value_name = "CMD", conflicts_with = "password_file")]
+    pub password_command: Option<String>,
+    /// Take the defaults of these flags from relay NAME of the client config file
+    /// ($XDG_CONFIG_HOME/relay/relays.toml); see docs/QUICKSTART.md.
+    #[arg(long, env = "RELAY_NAME", value_name = "NAME")]
+    pub relay: Option<String>,
     /// Trust the relay if its certificate chains to a CA in FILE (PEM). Without --ca or
     /// --fingerprint, the system's trust store is used.
     #[arg(
@@ -254,13 +274,14 @@ pub struct TerminalArgs {
 impl TerminalArgs {
     /// The password, from `--password-file` or `RELAY_PASSWORD`.
     pub fn password(&self) -> anyhow::Result<String> {
-        let password = match &self.password_file {
-            Some(path) => {
+        let password = match (&self.password_file, &self.password_command) {
+            (Some(path), _) => {
                 let raw = std::fs::read(path)
                     .with_context(|| format!("password file {}", path.display()))?;
                 strip_one_newline(raw)
             }
-            None => match std::env::var_os("RELAY_PASSWORD") {
+            (None, Some(command)) => strip_one_newline(password_from(command)?),
+            (None, None) => match std::env::var_os("RELAY_PASSWORD") {
                 Some(value) => value.into_encoded_bytes(),
                 None => bail!("no password: set RELAY_PASSWORD or use --password-file FILE"),
             },
@@ -511,6 +532,19 @@ fn service_name(name: &str) -> Result<String, String> {
                 e.to_string().replace("an account name", "it")
             )
         })
+}
+
+/// The standard output of `sh -c command`, which must succeed.
+fn password_from(command: &str) -> anyhow::Result<Vec<u8>> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", command])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("password command '{command}'"))?;
+    if !out.status.success() {
+        bail!("password command '{command}' failed ({})", out.status);
+    }
+    Ok(out.stdout)
 }
 
 /// Removes one trailing `\n` or `\r\n`, as `echo` and editors add one.

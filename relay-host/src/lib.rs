@@ -14,7 +14,7 @@
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
 //!   FIFOs ([`outbox`]: the terminal's); `splice`: payload socket to socket on Linux.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
-//! - [`cli`]: the `relay` command line.
+//! - [`cli`]: the `relay` command line; [`relays`]: the terminal's config file.
 
 pub mod cli;
 pub mod client;
@@ -23,6 +23,7 @@ pub mod fifo;
 pub mod listen;
 pub mod metrics;
 pub mod outbox;
+pub mod relays;
 pub mod reload;
 pub mod server;
 #[cfg(target_os = "linux")]

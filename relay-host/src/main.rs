@@ -3,12 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use relay_host::cli::{Cli, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::parse_with_client_config(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("relay: error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     // Logs go to standard error: `relay connect --stdio` owns standard output. RUST_LOG
     // overrides the level the command and -q/-v chose.
     let level = cli.log_level();
