@@ -230,85 +230,30 @@ fn each_failure_has_its_own_clear_error() {
 
 #[test]
 fn ssh_through_the_relay() {
-    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
-    let (Some(sshd), true) = (
-        sshd,
-        Command::new("ssh").arg("-V").output().is_ok()
-            && Command::new("ssh-keygen").arg("-?").output().is_ok(),
-    ) else {
+    let Some(sshd) = Sshd::start() else {
         eprintln!(
             "!!! SKIPPED ssh_through_the_relay: sshd/ssh not installed (apt-get install openssh-server openssh-client)"
         );
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    for key in ["host_key", "client_key"] {
-        let ok = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(d.join(key))
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ssh-keygen");
-    }
-    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
-    let port = free_port();
-    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
-    std::fs::write(
-        d.join("sshd_config"),
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
-             PidFile {pid}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
-             PermitRootLogin prohibit-password\nLogLevel ERROR\n",
-            hk = d.join("host_key").display(),
-            ak = d.join("authorized_keys").display(),
-            pid = d.join("sshd.pid").display(),
-        ),
-    )
-    .unwrap();
-    // sshd run as root insists on its privilege separation directory.
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let mut cmd = Command::new(sshd);
-    cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
-    let _sshd = Proc::spawn("sshd", cmd);
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < T, "sshd did not start");
-        thread::sleep(Duration::from_millis(50));
-    }
-
     let relay = Relay::start(FAST);
     relay.add_user("cam-1");
     relay.add_user("laptop");
-    let _cam = relay.expose("cam-1", &["--service", &format!("ssh=127.0.0.1:{port}")]);
+    let _cam = relay.expose(
+        "cam-1",
+        &["--service", &format!("ssh=127.0.0.1:{}", sshd.port)],
+    );
     let proxy = format!(
         "{} connect --server 127.0.0.1:{} --fingerprint {} --user laptop --stdio cam-1/ssh",
         relay_bin().display(),
         relay.tls_port,
         relay.fingerprint
     );
-    let out = Command::new("ssh")
+    let out = sshd
+        .client()
         .arg("-o")
         .arg(format!("ProxyCommand={proxy}"))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-i",
-        ])
-        .arg(d.join("client_key"))
-        .arg(format!("{user}@cam-1"))
+        .arg(format!("{}@cam-1", sshd.user))
         .arg("echo ssh-through-relay-ok; uname -s")
         .env("RELAY_PASSWORD", PASSWORD)
         .output()

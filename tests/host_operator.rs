@@ -320,3 +320,57 @@ fn sighup_reloads_the_config_and_keeps_sessions() {
     let old = online(a.fingerprint().to_string());
     assert!(String::from_utf8_lossy(&old.stderr).contains("fingerprint mismatch"));
 }
+
+/// Item 4: with the relay named in the client config, `relay connect cam-1/ssh --stdio`
+/// needs no flags, and QUICKSTART's `Host *.relay` block makes `ssh USER@cam-1.relay` work.
+#[test]
+fn client_config_and_the_ssh_config_block() {
+    let sshd = Sshd::start().expect("sshd and ssh (apt-get install openssh-server openssh-client)");
+    let relay = Relay::start(FAST);
+    relay.add_user("cam-1");
+    relay.add_user("laptop");
+    let _cam = relay.expose(
+        "cam-1",
+        &["--service", &format!("ssh=127.0.0.1:{}", sshd.port)],
+    );
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("relay/relays.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[relays.test]\nserver = \"127.0.0.1:{}\"\nfingerprint = \"{}\"\nuser = \"laptop\"\n\
+             password_command = \"echo '{PASSWORD}'\"\n",
+            relay.tls_port, relay.fingerprint
+        ),
+    )
+    .unwrap();
+
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/QUICKSTART.md"),
+    )
+    .unwrap();
+    let start = doc.find("Host *.relay").expect("the ssh config block");
+    let block = &doc[start..start + doc[start..].find("```").unwrap()];
+    let ssh_config = home.path().join("ssh_config");
+    std::fs::write(&ssh_config, block).unwrap();
+    let bin_dir = relay_bin().parent().unwrap().to_owned();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let out = sshd
+        .client()
+        .arg("-F")
+        .arg(&ssh_config)
+        .arg(format!("{}@cam-1.relay", sshd.user))
+        .arg("echo through-the-relay-config")
+        .env("XDG_CONFIG_HOME", home.path())
+        .env("PATH", path)
+        .env_remove("RELAY_PASSWORD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("through-the-relay-config"),
+        "ssh failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

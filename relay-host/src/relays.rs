@@ -130,7 +130,9 @@ pub fn with_defaults(
     }
     for sub in ["expose", "connect", "online"] {
         for (id, value) in &defaults {
-            cmd = cmd.mut_subcommand(sub, |c| c.mut_arg(*id, |a| a.default_value(value.clone())));
+            cmd = cmd.mut_subcommand(sub, |c| {
+                c.mut_arg(*id, |a| a.default_value(value.clone()).required(false))
+            });
         }
     }
     Ok(cmd)
