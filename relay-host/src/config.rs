@@ -43,6 +43,9 @@ pub struct ServeConfig {
     pub key: Option<PathBuf>,
     /// Where to serve Prometheus `/metrics` and `/healthz`; none by default.
     pub metrics: Option<SocketAddr>,
+    /// The dashboard's token: needed (`?token=…`) when `metrics` is not a loopback address;
+    /// without it the dashboard answers only on loopback.
+    pub admin_token: Option<String>,
     /// An extra plain-TCP listener for devices without TLS. Passwords cross it in clear, so
     /// it is never on by default and is logged loudly when set.
     pub allow_plain: Option<SocketAddr>,
@@ -63,6 +66,7 @@ impl Default for ServeConfig {
             cert: None,
             key: None,
             metrics: None,
+            admin_token: None,
             allow_plain: None,
             splice: false,
             limits: Limits::default(),

@@ -9,13 +9,14 @@
 //! - [`config`]: `relay serve` configuration (TOML) and limits.
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
 //! - [`throttle`]: failed-login throttling per account and per source address.
-//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`admin`]: the dashboard.
 //! - [`reload`]: `relay serve` on SIGHUP (config, certificate, limits).
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
 //!   FIFOs ([`outbox`]: the terminal's); `splice`: payload socket to socket on Linux.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line; [`relays`]: the terminal's config file.
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -50,8 +50,9 @@ use tokio_util::either::Either;
 #[cfg(target_os = "linux")]
 use crate::splice::Pipe;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
+use crate::admin::{AdminRequest, Board};
 use crate::config::{Limits, ServeConfig};
 use crate::fifo::{Chunk, Fifo, Next};
 use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
@@ -136,6 +137,8 @@ struct Server {
     refresh_accounts: Arc<tokio::sync::Notify>,
     /// Payload between plain-TCP connections moves with `splice(2)` ([`crate::splice`]).
     splice: bool,
+    /// The operator dashboard's view ([`crate::admin`]).
+    board: Arc<Board>,
 }
 
 /// The core's configuration from the operator's limits.
@@ -306,10 +309,13 @@ impl Core {
                     resumed,
                 } => {
                     let peer = self.peer_of(conn);
+                    srv.board.logged_in(user.as_str(), &peer);
                     tracing::info!(%user, resumed, conn = conn.0, %peer, "login");
                 }
                 Event::LoginFailed { conn, user, code } => {
                     let peer = self.peer_of(conn);
+                    srv.board
+                        .login_failed(user.as_str(), &peer, &code.to_string());
                     tracing::info!(%user, conn = conn.0, %peer, error = %code, "login refused");
                 }
                 Event::Replaced { user } => {
@@ -331,6 +337,12 @@ impl Core {
                     service,
                 } => {
                     srv.metrics.demand("accepted");
+                    srv.board.session_started(
+                        session,
+                        from.as_str(),
+                        to.as_str(),
+                        service.as_str(),
+                    );
                     tracing::info!(session, %from, %to, service = service.as_str(), "session started");
                 }
                 Event::SessionEnded {
@@ -341,9 +353,13 @@ impl Core {
                     down,
                     reason,
                 } => {
+                    srv.board.session_ended(session);
                     tracing::info!(session, %from, %to, up, down, ?reason, "session ended");
                 }
-                Event::Offline { user } => tracing::info!(%user, "logged out (offline)"),
+                Event::Offline { user } => {
+                    srv.board.offline(user.as_str());
+                    tracing::info!(%user, "logged out (offline)")
+                }
             }
         }
         let stats = self.relay.stats();
@@ -435,6 +451,11 @@ async fn authenticate(
         .check(user.as_str(), ip, std::time::Instant::now());
     let verdict = if let Err(t) = throttled {
         tracing::info!(%user, peer = %me.peer, "login throttled: {t}");
+        srv.board.login_failed(
+            user.as_str(),
+            &me.peer.to_string(),
+            &format!("throttled: {t}"),
+        );
         srv.metrics.login(method, LoginOutcome::Throttled);
         Verdict::Refuse(ErrorCode::Throttled)
     } else {
@@ -1116,6 +1137,24 @@ fn chunk_of(buf: &mut BytesMut, n: usize) -> Bytes {
     }
 }
 
+/// Carries out the operator's dashboard requests through the core.
+async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<AdminRequest>) {
+    while let Some(request) = requests.recv().await {
+        let Some(srv) = srv.upgrade() else { return };
+        match request {
+            AdminRequest::Kick(name) => match UserId::new(&name) {
+                Ok(user) => {
+                    tracing::info!(user = %name, "kicked from the dashboard");
+                    let mut core = srv.lock();
+                    core.relay.remove_user(&user);
+                    core.drain(&srv);
+                }
+                Err(e) => tracing::warn!("dashboard: no such user ID '{name}': {e:?}"),
+            },
+        }
+    }
+}
+
 /// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn run(
     config: ServeConfig,
@@ -1159,6 +1198,8 @@ pub async fn serve(
     let policy = SnapshotPolicy(accounts.borrow().clone());
     let epoch = std::time::Instant::now();
     let timer_wake = Arc::new(Notify::new());
+    let (board, admin_requests) = Board::new();
+    let board = Arc::new(board);
     let srv = Arc::new(Server {
         core: Mutex::new(Core {
             relay: Relay::new(core_config(&limits), policy),
@@ -1179,7 +1220,9 @@ pub async fn serve(
         accounts: accounts.clone(),
         refresh_accounts,
         splice: config.splice,
+        board: board.clone(),
     });
+    tokio::spawn(carry_out(Arc::downgrade(&srv), admin_requests));
     tokio::spawn(run_timers(Arc::downgrade(&srv), timer_wake, epoch));
 
     // Account edits: new access rules for the next demand; deleted accounts close now.
@@ -1212,8 +1255,15 @@ pub async fn serve(
             .with_context(|| format!("metrics listener {addr}"))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
         let metrics = metrics.clone();
+        let dashboard = Arc::new(crate::metrics::Dashboard {
+            board,
+            access: crate::admin::Access {
+                listen: addr,
+                token: config.admin_token.clone(),
+            },
+        });
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, metrics).await {
+            if let Err(e) = crate::metrics::serve(listener, metrics, dashboard).await {
                 tracing::warn!("metrics server: {e}");
             }
         });
