@@ -277,3 +277,49 @@ fn install_blocks_and_units_work_as_written() {
     );
     let _ = std::io::stderr().flush();
 }
+
+/// Item 6: README's "Run the relay" block (the binary the tests built in place of `cargo
+/// run`, a loopback port, a temporary directory as the current one) does what the README
+/// says: a fingerprint, the hint to add an account, `relay.db` created 0600 beside the
+/// generated certificate and key.
+#[test]
+fn readme_run_block_does_what_it_says() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme.find("## Run the relay").unwrap();
+    let (script, _) = block(
+        &format!(
+            "```sh x\n{}",
+            &readme[start..].split_once("```sh\n").unwrap().1
+        ),
+        "x",
+    );
+    let line = script.trim();
+    let args = line
+        .strip_prefix("cargo run --release -p relay-host --bin relay -- ")
+        .expect("the README runs the relay with cargo run");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(args.split_whitespace())
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .current_dir(dir.path());
+    let mut relay = Proc::spawn("README relay", cmd);
+    relay.wait_for("listening", T);
+    let log = relay.log();
+    assert!(
+        log.contains("fingerprint=") && log.contains("relay user add NAME"),
+        "{log}"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("relay.db"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    for file in ["relay-cert.pem", "relay-key.pem"] {
+        assert!(dir.path().join(file).exists(), "{file}");
+        assert!(readme.contains(file), "README does not name {file}");
+    }
+    relay.signal("-TERM");
+    let (ok, log) = relay.wait_exit(T);
+    assert!(ok, "{log}");
+}
