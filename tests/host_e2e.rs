@@ -230,85 +230,30 @@ fn each_failure_has_its_own_clear_error() {
 
 #[test]
 fn ssh_through_the_relay() {
-    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
-    let (Some(sshd), true) = (
-        sshd,
-        Command::new("ssh").arg("-V").output().is_ok()
-            && Command::new("ssh-keygen").arg("-?").output().is_ok(),
-    ) else {
+    let Some(sshd) = Sshd::start() else {
         eprintln!(
             "!!! SKIPPED ssh_through_the_relay: sshd/ssh not installed (apt-get install openssh-server openssh-client)"
         );
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    for key in ["host_key", "client_key"] {
-        let ok = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(d.join(key))
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ssh-keygen");
-    }
-    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
-    let port = free_port();
-    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_owned();
-    std::fs::write(
-        d.join("sshd_config"),
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
-             PidFile {pid}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
-             PermitRootLogin prohibit-password\nLogLevel ERROR\n",
-            hk = d.join("host_key").display(),
-            ak = d.join("authorized_keys").display(),
-            pid = d.join("sshd.pid").display(),
-        ),
-    )
-    .unwrap();
-    // sshd run as root insists on its privilege separation directory.
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let mut cmd = Command::new(sshd);
-    cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
-    let _sshd = Proc::spawn("sshd", cmd);
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < T, "sshd did not start");
-        thread::sleep(Duration::from_millis(50));
-    }
-
     let relay = Relay::start(FAST);
     relay.add_user("cam-1");
     relay.add_user("laptop");
-    let _cam = relay.expose("cam-1", &["--service", &format!("ssh=127.0.0.1:{port}")]);
+    let _cam = relay.expose(
+        "cam-1",
+        &["--service", &format!("ssh=127.0.0.1:{}", sshd.port)],
+    );
     let proxy = format!(
         "{} connect --server 127.0.0.1:{} --fingerprint {} --user laptop --stdio cam-1/ssh",
         relay_bin().display(),
         relay.tls_port,
         relay.fingerprint
     );
-    let out = Command::new("ssh")
+    let out = sshd
+        .client()
         .arg("-o")
         .arg(format!("ProxyCommand={proxy}"))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-i",
-        ])
-        .arg(d.join("client_key"))
-        .arg(format!("{user}@cam-1"))
+        .arg(format!("{}@cam-1", sshd.user))
         .arg("echo ssh-through-relay-ok; uname -s")
         .env("RELAY_PASSWORD", PASSWORD)
         .output()
@@ -689,5 +634,28 @@ fn requesters_of_one_account_run_side_by_side_and_replace_nothing() {
     for p in [&mut cam, &mut first, &mut second] {
         let exited = p.child.try_wait().unwrap();
         assert!(exited.is_none(), "{} exited: {}", p.name, p.log());
+    }
+}
+
+/// A refused session closes its local connection at once, and the forward goes on: found
+/// when merging protocol core v2 (a failed demand leaves its connection idle, and the
+/// local end parked on it stayed open, so `curl` through `connect --listen` hung).
+#[test]
+fn a_refused_session_closes_its_local_connection_and_the_next_one_is_served() {
+    let relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let dead = free_port(); // nothing listens there: the device answers ServiceUnavailable
+    let _cam = relay.expose("cam", &["--service", &format!("web=127.0.0.1:{dead}")]);
+    let (fwd, port) = relay.forward("me", "cam/web");
+    for attempt in 1..=2 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        let n = s
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("attempt {attempt}: not closed: {e}; log:\n{}", fwd.log()));
+        assert_eq!(n, 0, "attempt {attempt}: EOF, no bytes");
+        fwd.wait_for_n("service unavailable", attempt, Duration::from_secs(10));
     }
 }

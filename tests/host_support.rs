@@ -505,3 +505,89 @@ pub fn curl(url: &str) -> Option<(bool, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     ))
 }
+
+/// An OpenSSH server on 127.0.0.1 for the current user, with a client key it accepts
+/// (`dir/client_key`); stopped when dropped. `None` when sshd, ssh or ssh-keygen is
+/// missing.
+pub struct Sshd {
+    pub port: u16,
+    pub user: String,
+    pub dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Sshd {
+    pub fn start() -> Option<Sshd> {
+        let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let tools = Command::new("ssh").arg("-V").output().is_ok()
+            && Command::new("ssh-keygen").arg("-?").output().is_ok();
+        if !tools {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for key in ["host_key", "client_key"] {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(key))
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ssh-keygen");
+        }
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        let port = free_port();
+        let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_owned();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                 PidFile {pid}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+                 PermitRootLogin prohibit-password\nLogLevel ERROR\n",
+                hk = d.join("host_key").display(),
+                ak = d.join("authorized_keys").display(),
+                pid = d.join("sshd.pid").display(),
+            ),
+        )
+        .unwrap();
+        // sshd run as root insists on its privilege separation directory.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let mut cmd = Command::new(sshd);
+        cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
+        let proc = Proc::spawn("sshd", cmd);
+        poll_until(
+            Duration::from_secs(20),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            || "sshd did not start".into(),
+        );
+        Some(Sshd {
+            port,
+            user,
+            dir,
+            _proc: proc,
+        })
+    }
+
+    /// `ssh` with the client key, no host key checks, batch mode.
+    pub fn client(&self) -> Command {
+        let mut ssh = Command::new("ssh");
+        ssh.args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(self.dir.path().join("client_key"));
+        ssh
+    }
+}

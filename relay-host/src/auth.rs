@@ -146,6 +146,25 @@ impl Auth {
         })
     }
 
+    /// A reloaded configuration (SIGHUP): the throttle's new numbers if they changed (its
+    /// counts start afresh then), and the account store read at once (its access rules).
+    pub fn reconfigure(&self, old: &Limits, new: &Limits) {
+        let per = |l: &Limits| {
+            (
+                l.login_failures_per_account_per_minute,
+                l.login_failures_per_source_per_minute,
+            )
+        };
+        if per(old) != per(new) {
+            *self.throttle() = LoginThrottle::new(
+                new.login_failures_per_account_per_minute,
+                new.login_failures_per_source_per_minute,
+                DEFAULT_MAX_TRACKED,
+            );
+        }
+        self.refresh_accounts.notify_one();
+    }
+
     /// Stores what the background writer has not yet (at shutdown).
     pub async fn flush(&self) {
         self.instances.write(&self.store).await;

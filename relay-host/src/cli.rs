@@ -22,7 +22,7 @@ use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
 use crate::store::{
     AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, MIN_PASSWORD_CHARS, SqliteStore,
 };
-use crate::tls::{Fingerprint, ServerIdentity, ServerTrust, client_config};
+use crate::tls::{Fingerprint, ServerTrust, client_config};
 
 /// Relay: reach devices behind NAT through a relay server they connect out to.
 #[derive(Debug, Parser)]
@@ -31,6 +31,51 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log less: -q warnings and errors only, -qq errors only (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    /// Log more: -v debug, -vv trace (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Cli {
+    /// Parses `argv` with the client config file's chosen relay as the terminal commands'
+    /// flag defaults ([`crate::relays`]); clap's own errors exit as usual.
+    pub fn parse_with_client_config(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Self> {
+        use clap::{CommandFactory, FromArgMatches};
+        let file = match crate::relays::path() {
+            Some(path) => crate::relays::ClientFile::load(&path)?,
+            None => crate::relays::ClientFile::default(),
+        };
+        let cmd = crate::relays::with_defaults(Self::command(), &file, &argv)?;
+        Ok(Self::from_arg_matches(&cmd.get_matches_from(argv)).unwrap_or_else(|e| e.exit()))
+    }
+
+    /// The log level: the command's own default, moved by `-q`/`-v`. Commands whose output
+    /// is someone else's input (`connect --stdio` inside ssh, `online`, `user`) log only
+    /// warnings by default; long-running ones (`serve`, `expose`, `connect --listen`) say
+    /// what they are doing.
+    pub fn log_level(&self) -> tracing::Level {
+        use tracing::Level;
+        let talkative = match &self.command {
+            Command::Serve(_) | Command::Expose(_) => true,
+            Command::Connect(c) => c.listen.is_some(),
+            Command::User(_) | Command::Online(_) | Command::Completions { .. } | Command::Man => {
+                false
+            }
+        };
+        let levels = [
+            Level::ERROR,
+            Level::WARN,
+            Level::INFO,
+            Level::DEBUG,
+            Level::TRACE,
+        ];
+        let base = if talkative { 2 } else { 1 };
+        let at = (base + usize::from(self.verbose)).saturating_sub(usize::from(self.quiet));
+        levels[at.min(levels.len() - 1)]
+    }
 }
 
 /// The subcommands.
@@ -46,36 +91,47 @@ pub enum Command {
     Connect(ConnectArgs),
     /// List the user IDs logged in to the relay.
     Online(OnlineArgs),
+    /// Print a shell completion script: `relay completions bash > /etc/bash_completion.d/relay`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `relay man > /usr/local/share/man/man1/relay.1`.
+    Man,
 }
 
 /// `relay serve`: flags override the config file, which overrides the defaults.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// TOML config file (every flag below has a key of the same name, plus [limits]).
-    #[arg(long, value_name = "FILE")]
+    /// TOML config file: the keys named below, plus [limits] (docs/relay-host-config.md).
+    /// Relative paths in it are relative to its directory. SIGHUP reloads it.
+    #[arg(long, env = "RELAY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// TLS listen address [default: 0.0.0.0:7835].
-    #[arg(long, value_name = "ADDR")]
+    /// TLS listen address: PORT, HOST:PORT or [IPv6]:PORT (config key `listen`)
+    /// [default: 0.0.0.0:7835].
+    #[arg(long, value_name = "ADDR", value_parser = any_interface)]
     pub listen: Option<SocketAddr>,
-    /// Account store [default: relay.db].
-    #[arg(long, value_name = "PATH")]
+    /// Account store, relative to the current directory (config key `db`) [default:
+    /// relay.db].
+    #[arg(long, env = "RELAY_DB", value_name = "PATH")]
     pub db: Option<PathBuf>,
-    /// PEM certificate chain (with --key); without both, a self-signed certificate is
-    /// generated beside the account store.
+    /// PEM certificate chain, with --key (config key `cert`); without both, a self-signed
+    /// certificate is generated beside the account store.
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
-    /// PEM private key (with --cert).
+    /// PEM private key, with --cert (config key `key`).
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
-    /// Serve Prometheus /metrics and /healthz on this address.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus /metrics, /healthz and the operator dashboard on this address
+    /// (config key `metrics`); PORT alone means 127.0.0.1:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = loopback)]
     pub metrics: Option<SocketAddr>,
-    /// Also accept plain TCP (no TLS) on this address, for devices without TLS. Passwords
-    /// and data cross it in clear.
-    #[arg(long, value_name = "ADDR")]
+    /// Also accept plain TCP (no TLS) on this address, for devices without TLS (config
+    /// key `allow_plain`). Passwords and data cross it in clear.
+    #[arg(long, value_name = "ADDR", value_parser = any_interface)]
     pub allow_plain: Option<SocketAddr>,
     /// Move payload between plain-TCP connections with splice(2) instead of one copy
-    /// through user space (config key `splice = true`; measured slower on loopback).
+    /// through user space (config key `splice`; measured slower on loopback).
     #[arg(long, conflicts_with = "no_splice")]
     pub splice: bool,
     /// Copy payload through user space (the default; overrides `splice = true`).
@@ -120,9 +176,12 @@ impl ServeArgs {
 /// `relay user`.
 #[derive(Debug, Args)]
 pub struct UserArgs {
-    /// Account store.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_DB, global = true)]
-    pub db: PathBuf,
+    /// Account store. Without it: the `db` of --config, else ./relay.db if it exists.
+    #[arg(long, env = "RELAY_DB", value_name = "PATH", global = true)]
+    pub db: Option<PathBuf>,
+    /// The relay's config file: its `db` is the account store.
+    #[arg(long, env = "RELAY_CONFIG", value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub action: UserCommand,
@@ -154,7 +213,11 @@ pub enum UserCommand {
         password_stdin: bool,
     },
     /// List accounts, their creation time and whom they may reach.
-    List,
+    List {
+        /// Print JSON: an array of {"name", "created", "may_reach"} ("any", or the names).
+        #[arg(long)]
+        json: bool,
+    },
     /// Set which accounts an account may reach with a connection demand.
     #[command(group(ArgGroup::new("rule").required(true).args(["targets", "any", "none"])))]
     Allow {
@@ -182,10 +245,18 @@ pub struct TerminalArgs {
     #[arg(long, env = "RELAY_USER", value_name = "NAME")]
     pub user: AccountName,
     /// Read the password from FILE (one trailing newline is removed; the file must be
-    /// mode 600 or stricter). Without this flag the password comes from the RELAY_PASSWORD
-    /// environment variable.
+    /// mode 600 or stricter). Without this flag or --password-command the password comes
+    /// from the RELAY_PASSWORD environment variable.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    /// Run CMD with `sh -c` and take its standard output (one trailing newline removed) as
+    /// the password, e.g. "pass show relay/laptop".
+    #[arg(long, value_name = "CMD", conflicts_with = "password_file")]
+    pub password_command: Option<String>,
+    /// Take the defaults of these flags from relay NAME of the client config file
+    /// ($XDG_CONFIG_HOME/relay/relays.toml); see docs/QUICKSTART.md.
+    #[arg(long, env = "RELAY_NAME", value_name = "NAME")]
+    pub relay: Option<String>,
     /// Trust the relay if its certificate chains to a CA in FILE (PEM). Without --ca or
     /// --fingerprint, the system's trust store is used.
     #[arg(
@@ -217,9 +288,10 @@ pub struct TerminalArgs {
 impl TerminalArgs {
     /// The password, from `--password-file` or `RELAY_PASSWORD`.
     pub fn password(&self) -> anyhow::Result<String> {
-        let password = match &self.password_file {
-            Some(path) => strip_one_newline(read_private(path)?),
-            None => match std::env::var_os("RELAY_PASSWORD") {
+        let password = match (&self.password_file, &self.password_command) {
+            (Some(path), _) => strip_one_newline(read_private(path)?),
+            (None, Some(command)) => strip_one_newline(password_from(command)?),
+            (None, None) => match std::env::var_os("RELAY_PASSWORD") {
                 Some(value) => value.into_encoded_bytes(),
                 None => bail!("no password: set RELAY_PASSWORD or use --password-file FILE"),
             },
@@ -295,11 +367,15 @@ pub struct ConnectArgs {
     /// The terminal to reach, and optionally which of its services: TARGET[/SERVICE].
     pub target: TargetSpec,
     /// Accept local TCP connections here; each becomes one session (a port forward).
-    #[arg(long, value_name = "ADDR")]
+    /// PORT alone means 127.0.0.1:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = loopback)]
     pub listen: Option<SocketAddr>,
     /// One session on standard input and output (for ssh's ProxyCommand).
     #[arg(long)]
     pub stdio: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub patience: Patience,
 }
 
 /// `relay online`.
@@ -308,6 +384,48 @@ pub struct OnlineArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub terminal: TerminalArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub patience: Patience,
+    /// Print a JSON array of user IDs instead of one a line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How long a command that does one thing waits for the relay.
+#[derive(Debug, Args)]
+pub struct Patience {
+    /// Give up with an error if not logged in to the relay by then (ssh would otherwise
+    /// wait forever on an unreachable relay): "5s", "1m".
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+/// A listen address as people type it: `PORT`, `HOST:PORT` (a name is resolved, first
+/// address wins) or `[IPv6]:PORT`; `PORT` alone binds `ip`.
+fn listen_addr(s: &str, ip: IpAddr) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = |why: String| format!("'{s}' is not PORT, HOST:PORT or [IPv6]:PORT ({why})");
+    s.to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("no address".into()))
+}
+
+/// `PORT` alone binds every interface (a server's listener).
+fn any_interface(s: &str) -> Result<SocketAddr, String> {
+    listen_addr(s, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+/// `PORT` alone binds loopback (a local forward, the admin listener).
+fn loopback(s: &str) -> Result<SocketAddr, String> {
+    listen_addr(s, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
 }
 
 /// A relay address as given on the command line.
@@ -436,6 +554,19 @@ fn service_name(name: &str) -> Result<String, String> {
         })
 }
 
+/// The standard output of `sh -c command`, which must succeed.
+fn password_from(command: &str) -> anyhow::Result<Vec<u8>> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", command])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("password command '{command}'"))?;
+    if !out.status.success() {
+        bail!("password command '{command}' failed ({})", out.status);
+    }
+    Ok(out.stdout)
+}
+
 /// Removes one trailing `\n` or `\r\n`, as `echo` and editors add one.
 fn strip_one_newline(mut bytes: Vec<u8>) -> Vec<u8> {
     if bytes.last() == Some(&b'\n') {
@@ -519,6 +650,51 @@ fn open_store(path: &Path) -> anyhow::Result<SqliteStore> {
     Ok(SqliteStore::open(path)?)
 }
 
+/// Which account store a `relay user` command means: `--db`/`RELAY_DB`, else the `db` of
+/// `--config`/`RELAY_CONFIG`, else `./relay.db` if it exists. Never a new empty store by
+/// accident: only `user add` creates one, and only where it was named.
+fn user_store(args: &UserArgs) -> anyhow::Result<PathBuf> {
+    let named = match (&args.db, &args.config) {
+        (Some(db), _) => Some(db.clone()),
+        (None, Some(config)) => Some(ServeConfig::load(config)?.db),
+        (None, None) => None,
+    };
+    let Some(db) = named else {
+        if Path::new(DEFAULT_DB).exists() {
+            return Ok(PathBuf::from(DEFAULT_DB));
+        }
+        bail!(
+            "which account store? give --db PATH (or set RELAY_DB), or the relay's --config \
+             FILE (or RELAY_CONFIG); there is no {DEFAULT_DB} here"
+        );
+    };
+    // `add` creates the store; `list` of a store that does not exist lists nobody.
+    let may_be_missing = matches!(
+        args.action,
+        UserCommand::Add { .. } | UserCommand::List { .. }
+    );
+    if !db.exists() {
+        let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            bail!(
+                "account store {}: directory {} does not exist (No such file or directory); \
+                 create it first: mkdir -p -m 0700 {}",
+                db.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
+        if !may_be_missing {
+            bail!(
+                "no account store at {}; `relay user add NAME --db {}` creates one",
+                db.display(),
+                db.display()
+            );
+        }
+    }
+    Ok(db)
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -537,27 +713,43 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             args.terminal.prepare()?;
             let target = args.target.target.as_str();
             let service = args.target.service.as_deref();
+            let patience = args.patience.timeout;
             match args.listen {
                 Some(listen) => {
-                    crate::client::connect_listen(&args.terminal, target, service, listen)
+                    crate::client::connect_listen(&args.terminal, target, service, listen, patience)
                 }
-                None => crate::client::connect_stdio(&args.terminal, target, service),
+                None => crate::client::connect_stdio(&args.terminal, target, service, patience),
             }
         }
         Command::Online(args) => {
             args.terminal.prepare()?;
-            crate::client::online(&args.terminal)
+            let users = crate::client::online(&args.terminal, args.patience.timeout)?;
+            match args.json {
+                true => println!("{}", serde_json::to_string(&users)?),
+                false => users.iter().for_each(|u| println!("{u}")),
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "relay", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            Ok(page.render(&mut std::io::stdout())?)
         }
     }
 }
 
 fn run_user(args: UserArgs) -> anyhow::Result<()> {
+    let db = user_store(&args)?;
     match args.action {
         UserCommand::Add {
             name,
             password_stdin,
         } => {
-            let store = open_store(&args.db)?;
+            let store = open_store(&db)?;
             // Fail before prompting if the name is taken.
             if store.exists(&name)? {
                 bail!("account '{name}' already exists");
@@ -567,14 +759,14 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             println!("added account '{name}'");
         }
         UserCommand::Del { name } => {
-            open_store(&args.db)?.delete(&name)?;
+            open_store(&db)?.delete(&name)?;
             println!("deleted account '{name}'");
         }
         UserCommand::Passwd {
             name,
             password_stdin,
         } => {
-            let store = open_store(&args.db)?;
+            let store = open_store(&db)?;
             if !store.exists(&name)? {
                 bail!("no account named '{name}'");
             }
@@ -582,19 +774,35 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             store.set_password(&name, &password)?;
             println!("changed the password of '{name}'");
         }
-        UserCommand::List => {
-            let accounts = open_store(&args.db)?.list()?;
+        UserCommand::List { json } => {
+            let accounts = match db.exists() {
+                true => open_store(&db)?.list()?,
+                false => Vec::new(),
+            };
             if accounts.is_empty() {
                 eprintln!("no accounts; add one with: relay user add NAME");
             }
-            for a in accounts {
+            let rows = accounts.iter().map(|a| {
                 let created = std::time::UNIX_EPOCH + std::time::Duration::from_secs(a.created);
-                println!(
-                    "{}\tcreated {}\tmay reach: {}",
-                    a.name,
-                    humantime::format_rfc3339_seconds(created),
-                    a.access
-                );
+                (a, humantime::format_rfc3339_seconds(created).to_string())
+            });
+            if json {
+                let rows: Vec<_> = rows
+                    .map(|(a, created)| {
+                        let may_reach = match &a.access.allow {
+                            None => serde_json::json!("any"),
+                            Some(names) => serde_json::json!(
+                                names.iter().map(AccountName::as_str).collect::<Vec<_>>()
+                            ),
+                        };
+                        serde_json::json!({"name": a.name.as_str(), "created": created, "may_reach": may_reach})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for (a, created) in rows {
+                    println!("{}\tcreated {created}\tmay reach: {}", a.name, a.access);
+                }
             }
         }
         UserCommand::Allow {
@@ -610,7 +818,7 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             } else {
                 AccessRule::only(targets)
             };
-            let store = open_store(&args.db)?;
+            let store = open_store(&db)?;
             store.set_access_rule(&name, &rule)?;
             println!("'{name}' may reach: {rule}");
             for target in rule.allow.iter().flatten() {
@@ -637,18 +845,17 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             config.db.display()
         );
     }
-    let identity = match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => ServerIdentity::load(cert, key)?,
-        _ => ServerIdentity::load_or_generate(&config.db)?.0,
-    };
-    identity.server_config()?;
+    let identity = crate::reload::identity(&config)?;
     tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
     let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
     tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
     if let Some(plain) = config.allow_plain {
         tracing::warn!(%plain, "PLAIN TCP ENABLED: passwords and data on this listener are not encrypted");
     }
-    crate::server::run(config, Arc::new(store), identity)
+    let again = args.clone();
+    let reloader =
+        crate::reload::Reloader::new(config.clone(), &identity, Box::new(move || again.resolve()))?;
+    crate::server::run(config, Arc::new(store), reloader)
 }
 
 #[cfg(test)]
@@ -730,7 +937,8 @@ mod tests {
         };
         let c = args.resolve().unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:2000");
-        assert_eq!(c.db, PathBuf::from("a.db"));
+        // A relative path in the file is beside the file.
+        assert_eq!(c.db, dir.path().join("a.db"));
         assert_eq!(c.limits.max_sessions_per_account, 3);
     }
 

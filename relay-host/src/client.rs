@@ -87,6 +87,12 @@ enum AppEvent {
     /// The relay throttled a login: the message says when to retry; the terminal does.
     Throttled(String),
     OnlinePage,
+    /// A connection to the relay could not be opened, and why (retried with back-off).
+    Unreachable(String),
+    /// A relay connection closed (before the first login, that is why there is none).
+    Closed(String),
+    /// Every relay connection is gone: logged out until a reconnect logs in again.
+    Down,
 }
 
 struct State {
@@ -208,7 +214,8 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
             }
             Event::Down if ctx.stopping.load(std::sync::atomic::Ordering::Relaxed) => {}
             Event::Down => {
-                tracing::warn!(server = %ctx.server, "lost the relay; reconnecting with back-off")
+                tracing::warn!(server = %ctx.server, "lost the relay; reconnecting with back-off");
+                let _ = ctx.app.send(AppEvent::Down);
             }
             Event::Throttled { text, .. } => {
                 let _ = ctx.app.send(AppEvent::Throttled(format!(
@@ -247,7 +254,13 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
                 } else {
                     format!("{error}: {detail}")
                 };
-                if let Some(w) = ctx.lock().waiters.remove(&handle.0) {
+                let mut st = ctx.lock();
+                // The connection stays with the terminal (idle again): the local end that
+                // was parked for the session goes, so its socket closes now.
+                if let Some(slot) = st.slot(handle) {
+                    drop(slot.unpark());
+                }
+                if let Some(w) = st.waiters.remove(&handle.0) {
                     let _ = w.send(Err(DemandFailure { message }));
                 }
             }
@@ -338,14 +351,16 @@ async fn open(ctx: Arc<Ctx>, h: Handle, me: Arc<Slot>) {
     let stream = match connect_relay(&ctx).await {
         Ok(s) => s,
         Err(e) => {
+            let text = format!("{e:#}");
             let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
                 || e.downcast_ref::<ChannelError>()
                     .is_some_and(ChannelError::is_wrong_key)
-                || format!("{e:#}").contains("invalid peer certificate");
-            tracing::warn!(server = %ctx.server, "cannot connect to the relay: {e:#}");
-            if fatal {
-                let _ = ctx.app.send(AppEvent::Fatal(format!("{e:#}")));
-            }
+                || text.contains("invalid peer certificate");
+            tracing::debug!(server = %ctx.server, "cannot connect to the relay: {text}");
+            let _ = ctx.app.send(match fatal {
+                true => AppEvent::Fatal(with_hint(text)),
+                false => AppEvent::Unreachable(with_hint(text)),
+            });
             let mut st = ctx.lock();
             if st.is(h, &me) {
                 let now = ctx.now();
@@ -389,6 +404,7 @@ async fn open(ctx: Arc<Ctx>, h: Handle, me: Arc<Slot>) {
         })
     };
     reader(&ctx, h, &me, rd).await;
+    let _ = ctx.app.send(AppEvent::Closed(closed_reason(&ctx)));
     me.out.kill();
     let _ = writer.await;
 }
@@ -655,14 +671,82 @@ fn start(
     Ok((ctx, rx))
 }
 
-/// Waits for the first login; a fatal event is an error.
-async fn logged_in(rx: &mut mpsc::UnboundedReceiver<AppEvent>) -> anyhow::Result<()> {
+/// Waits for the first login, up to `patience`; a fatal event is an error, and so is the
+/// deadline, with the last reason a connection failed (a one-shot command must not keep
+/// ssh waiting on an unreachable relay).
+async fn logged_in(
+    ctx: &Ctx,
+    rx: &mut mpsc::UnboundedReceiver<AppEvent>,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::sleep(patience);
+    tokio::pin!(deadline);
+    let mut why = None;
     loop {
-        match rx.recv().await {
-            Some(AppEvent::LoggedIn) => return Ok(()),
-            Some(AppEvent::Fatal(m) | AppEvent::Throttled(m)) => bail!("{m}"),
-            Some(_) => {}
-            None => bail!("terminal stopped"),
+        tokio::select! {
+            e = rx.recv() => match e {
+                Some(AppEvent::LoggedIn) => return Ok(()),
+                Some(AppEvent::Fatal(m) | AppEvent::Throttled(m)) => bail!("{m}"),
+                Some(AppEvent::Unreachable(m) | AppEvent::Closed(m)) => why = Some(m),
+                Some(_) => {}
+                None => bail!("terminal stopped"),
+            },
+            () = &mut deadline => bail!(
+                "not logged in to the relay at {} within {}: {}",
+                ctx.server,
+                humantime::format_duration(patience),
+                why.as_deref().unwrap_or("no answer")
+            ),
+        }
+    }
+}
+
+/// Why a relay connection closed, as a user can act on it (it matters only when no login
+/// ever succeeded: then it is why there is none).
+fn closed_reason(ctx: &Ctx) -> String {
+    let hint = match ctx.tls {
+        None => " (is that its TLS port? --plain needs the relay's allow_plain port)",
+        Some(_) => "",
+    };
+    format!("the relay at {} closed the connection{hint}", ctx.server)
+}
+
+/// A connection error with the step that fixes it, where there is an obvious one.
+fn with_hint(text: String) -> String {
+    let hint = if text.contains("invalid peer certificate") {
+        "; pin the relay's certificate with --fingerprint (relay serve prints it) or give \
+         its CA with --ca"
+    } else if text.contains("TLS handshake") {
+        " (is that the relay's plain port? TLS needs its TLS port, or use --plain)"
+    } else {
+        ""
+    };
+    text + hint
+}
+
+/// `expose`'s view of why it is not logged in: said once per change of reason, not at
+/// every retry (the back-off retries for as long as it takes).
+#[derive(Debug, Default)]
+struct Reasons {
+    logged_in: bool,
+    last: Option<String>,
+}
+
+impl Reasons {
+    fn on(&mut self, e: &AppEvent) {
+        match e {
+            AppEvent::LoggedIn => {
+                self.logged_in = true;
+                self.last = None;
+            }
+            AppEvent::Down => self.logged_in = false,
+            AppEvent::Unreachable(why) | AppEvent::Closed(why)
+                if !self.logged_in && self.last.as_ref() != Some(why) =>
+            {
+                tracing::warn!("cannot log in to the relay, retrying with back-off: {why}");
+                self.last = Some(why.clone());
+            }
+            _ => {}
         }
     }
 }
@@ -680,13 +764,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `relay expose`: stays logged in and serves demands until killed or refused.
 pub fn expose(args: &TerminalArgs, spare: u8, exposed: Exposed) -> anyhow::Result<()> {
     runtime()?.block_on(async {
+        let services: Vec<String> = exposed
+            .services
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.addr))
+            .collect();
+        tracing::info!(
+            services = services.join(" "),
+            allow = exposed.allow.join(","),
+            "exposing"
+        );
         let (ctx, mut rx) = start(args, spare, Some(exposed))?;
+        let mut reasons = Reasons::default();
         loop {
             tokio::select! {
                 e = rx.recv() => match e {
                     Some(AppEvent::Fatal(m)) => bail!("{m}"),
                     Some(AppEvent::Throttled(m)) => tracing::warn!("{m}; trying again then"),
-                    Some(_) => {}
+                    Some(e) => reasons.on(&e),
                     None => bail!("terminal stopped"),
                 },
                 r = crate::listen::shutdown_signal() => {
@@ -785,28 +880,46 @@ fn target_of(target: &str, service: Option<&str>) -> anyhow::Result<(UserId, Ser
 }
 
 /// `relay connect --stdio`: one session on stdin/stdout.
+///
+/// ssh sends its ProxyCommand SIGHUP at every logout: that is a normal end, not a crash.
+/// It reads as the end of standard input (TERMINATE: the session ends as if ssh had
+/// closed the pipe), then, if the session has not ended within [`LOGOUT_GRACE`], a LOGOUT.
 pub fn connect_stdio(
     args: &TerminalArgs,
     target: &str,
     service: Option<&str>,
+    patience: Duration,
 ) -> anyhow::Result<()> {
     let rt = runtime()?;
     let result = rt.block_on(async {
+        let mut hangup = hangup()?;
         let (t, s) = target_of(target, service)?;
         let (ctx, mut rx) = start(args, 1, None)?;
-        logged_in(&mut rx).await?;
+        tokio::select! {
+            r = logged_in(&ctx, &mut rx, patience) => r?,
+            _ = hangup.wait_for(|h| *h) => return Ok(()),
+        }
         let end = session(
             &ctx,
             &t,
             &s,
             Box::new(tokio::io::stdout()),
-            Box::new(tokio::io::stdin()),
+            Box::new(stdin_until(hangup.clone())),
         )
         .await
         .with_context(|| target.to_owned())?;
+        tokio::pin!(end);
+        let hung_up = async {
+            let _ = hangup.wait_for(|h| *h).await;
+            tokio::time::sleep(LOGOUT_GRACE).await;
+        };
         let reason = tokio::select! {
-            r = end => r.map_err(|_| anyhow!("session to {target} ended: the relay connection was lost"))?,
+            r = &mut end => r.map_err(|_| anyhow!("session to {target} ended: the relay connection was lost"))?,
             e = fatal(&mut rx) => return Err(e),
+            () = hung_up => {
+                log_out(&ctx).await;
+                return Ok(());
+            }
         };
         if reason != ReleaseReason::Normal {
             bail!("session to {target} ended: {}", describe(reason));
@@ -816,6 +929,32 @@ pub fn connect_stdio(
     // stdin's reader thread may be blocked in read(2): do not wait for it.
     rt.shutdown_timeout(Duration::from_millis(100));
     result
+}
+
+/// Turns `true` at the first SIGHUP (registered now, so that it no longer kills us).
+fn hangup() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("watching for SIGHUP")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        hup.recv().await;
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Standard input until it ends or a hang-up arrives, whichever is first; either way the
+/// reader then sees the end of input.
+fn stdin_until(mut hangup: tokio::sync::watch::Receiver<bool>) -> tokio::io::DuplexStream {
+    let (mut w, r) = tokio::io::duplex(CHUNK);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        tokio::select! {
+            _ = tokio::io::copy(&mut stdin, &mut w) => {}
+            _ = hangup.wait_for(|h| *h) => {}
+        }
+    });
+    r
 }
 
 async fn fatal(rx: &mut mpsc::UnboundedReceiver<AppEvent>) -> anyhow::Error {
@@ -844,6 +983,7 @@ pub fn connect_listen(
     target: &str,
     service: Option<&str>,
     listen: SocketAddr,
+    patience: Duration,
 ) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let (t, s) = target_of(target, service)?;
@@ -851,7 +991,7 @@ pub fn connect_listen(
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let (ctx, mut rx) = start(args, 2, None)?;
-        logged_in(&mut rx).await?;
+        logged_in(&ctx, &mut rx, patience).await?;
         tracing::info!(%listen, target, "forwarding local connections");
         loop {
             let (local, peer) = tokio::select! {
@@ -889,13 +1029,14 @@ pub fn connect_listen(
     })
 }
 
-/// `relay online`: prints the logged-in user IDs, one a line.
-pub fn online(args: &TerminalArgs) -> anyhow::Result<()> {
+/// `relay online`: the logged-in user IDs, every page of the relay's list.
+pub fn online(args: &TerminalArgs, patience: Duration) -> anyhow::Result<Vec<String>> {
     let rt = runtime()?;
     let result = rt.block_on(async {
         let (ctx, mut rx) = start(args, 1, None)?;
-        logged_in(&mut rx).await?;
+        logged_in(&ctx, &mut rx, patience).await?;
         let mut cursor = 0;
+        let mut users = Vec::new();
         loop {
             let mut sent = false;
             let give_up = tokio::time::Instant::now() + DEMAND_PATIENCE;
@@ -928,12 +1069,10 @@ pub fn online(args: &TerminalArgs) -> anyhow::Result<()> {
             .await
             .map_err(|_| anyhow!("the relay did not answer the online list request"))?
             .ok_or_else(|| anyhow!("the relay connection was lost"))?;
-            for u in &page.users {
-                println!("{u}");
-            }
+            users.extend(page.users.iter().map(|u| u.to_string()));
             match page.next {
                 Some(next) => cursor = next,
-                None => return Ok(()),
+                None => return Ok(users),
             }
         }
     });

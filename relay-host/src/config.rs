@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The relay's fixed, documented TCP port (TLS).
@@ -30,7 +30,7 @@ pub const DEFAULT_LISTEN: SocketAddr =
 pub const DEFAULT_DB: &str = "relay.db";
 
 /// Everything `relay serve` needs besides the account store's contents.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     /// TLS listen address.
@@ -43,6 +43,9 @@ pub struct ServeConfig {
     pub key: Option<PathBuf>,
     /// Where to serve Prometheus `/metrics` and `/healthz`; none by default.
     pub metrics: Option<SocketAddr>,
+    /// The dashboard's token: needed (`?token=…`) when `metrics` is not a loopback address;
+    /// without it the dashboard answers only on loopback.
+    pub admin_token: Option<String>,
     /// An extra plain-TCP listener for devices without TLS. Passwords cross it in clear, so
     /// it is never on by default and is logged loudly when set.
     pub allow_plain: Option<SocketAddr>,
@@ -63,6 +66,7 @@ impl Default for ServeConfig {
             cert: None,
             key: None,
             metrics: None,
+            admin_token: None,
             allow_plain: None,
             splice: false,
             limits: Limits::default(),
@@ -72,7 +76,7 @@ impl Default for ServeConfig {
 
 /// Bounds on everything a client can make the relay hold. Durations are written like
 /// `"10s"`, `"1m 30s"`, `"250ms"` in the file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame payload accepted, in bytes (the protocol's length field is 16 bits).
@@ -144,19 +148,39 @@ pub enum ConfigError {
 }
 
 impl ServeConfig {
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file. Relative `db`, `cert` and `key` paths in it are
+    /// taken relative to the file's directory (so the file means the same whatever the
+    /// current directory); the default `db` stays relative to the current directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        let mut config = Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 message,
             },
             other => other,
-        })
+        })?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let beside = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("db"))
+        {
+            beside(&mut config.db);
+        }
+        config
+            .cert
+            .iter_mut()
+            .chain(config.key.iter_mut())
+            .for_each(beside);
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -343,6 +367,27 @@ mod tests {
         assert!(
             err.contains("relay.toml") && err.contains("line 1"),
             "{err}"
+        );
+    }
+
+    /// Finding 6 of issue 14: a relative `db` in the file followed the current directory.
+    #[test]
+    fn relative_paths_in_a_file_are_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "db = \"state/r.db\"\ncert = \"c.pem\"\nkey = \"/k.pem\"\n",
+        )
+        .unwrap();
+        let c = ServeConfig::load(&path).unwrap();
+        assert_eq!(c.db, dir.path().join("state/r.db"));
+        assert_eq!(c.cert, Some(dir.path().join("c.pem")));
+        assert_eq!(c.key, Some(PathBuf::from("/k.pem")));
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(
+            ServeConfig::load(&path).unwrap().db,
+            PathBuf::from("relay.db")
         );
     }
 

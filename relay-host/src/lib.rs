@@ -11,12 +11,14 @@
 //! - [`config`]: `relay serve` configuration (TOML) and limits.
 //! - [`listen`]: accepting connections (TLS, cap, deadline), signals, store watching.
 //! - [`throttle`]: failed-login back-off per (account, source), network and account.
-//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`admin`]: the dashboard.
+//! - [`reload`]: `relay serve` on SIGHUP (config, certificate, limits).
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
 //!   FIFOs ([`outbox`]: the terminal's); `splice`: payload socket to socket on Linux.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
-//! - [`cli`]: the `relay` command line.
+//! - [`cli`]: the `relay` command line; [`relays`]: the terminal's config file.
 
+pub mod admin;
 pub mod auth;
 pub mod channel;
 pub mod cli;
@@ -27,6 +29,8 @@ mod hashing;
 pub mod listen;
 pub mod metrics;
 pub mod outbox;
+pub mod relays;
+pub mod reload;
 pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;

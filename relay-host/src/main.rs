@@ -3,17 +3,24 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use relay_host::cli::{Cli, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::parse_with_client_config(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("relay: error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     // Logs go to standard error: `relay connect --stdio` owns standard output. RUST_LOG
-    // overrides the default level.
+    // overrides the level the command and -q/-v chose.
+    let level = cli.log_level();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(level.as_str().to_ascii_lowercase())),
         )
         .with_writer(std::io::stderr)
         // Colours only for a person watching: log files and test harnesses get plain text.
@@ -22,9 +29,25 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` joins the context chain on one line: "what failed: why".
-            eprintln!("relay: error: {e:#}");
+            eprintln!("relay: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// "what failed: why: deeper why" on one line. A cause whose text its parent already
+/// quotes (thiserror's `"…: {source}"` with `#[source]`) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }

@@ -22,6 +22,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::admin::{Access, Answer, Board};
+
 /// How a login ended, for `relay_logins_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginOutcome {
@@ -152,17 +154,31 @@ impl Metrics {
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves `/metrics` and `/healthz` on `listener` until the returned future is dropped.
-/// Meant for an operator's scraper: HTTP/1.1, no TLS, a header deadline so an idle client
+/// The dashboard served beside the metrics ([`crate::admin`]).
+#[derive(Debug)]
+pub struct Dashboard {
+    /// What the page shows.
+    pub board: Arc<Board>,
+    /// Who may see it.
+    pub access: Access,
+}
+
+/// Serves `/metrics`, `/healthz` and the dashboard on `listener` until the returned future
+/// is dropped. Meant for an operator: HTTP/1.1, no TLS, a header deadline so an idle client
 /// cannot hold a connection open forever.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    dashboard: Arc<Dashboard>,
+) -> std::io::Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
         let metrics = metrics.clone();
+        let dashboard = dashboard.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
+                let (metrics, dashboard) = (metrics.clone(), dashboard.clone());
+                async move { Ok::<_, Infallible>(respond(&metrics, &dashboard, &req)) }
             });
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -176,7 +192,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Res
     }
 }
 
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(
+    metrics: &Metrics,
+    dashboard: &Dashboard,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let reply = |status, content_type, body: String| {
         Response::builder()
             .status(status)
@@ -184,6 +204,23 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid")
     };
+    let (uri, post) = (req.uri(), req.method() == Method::POST);
+    let query = uri.query().unwrap_or("");
+    match crate::admin::answer(&dashboard.board, &dashboard.access, post, uri.path(), query) {
+        Answer::Page(html) => return reply(StatusCode::OK, "text/html; charset=utf-8", html),
+        Answer::SeeOther(to) => {
+            return Response::builder()
+                .status(StatusCode::SEE_OTHER)
+                .header(header::LOCATION, to)
+                .body(Full::new(Bytes::new()))
+                .expect("static response parts are valid");
+        }
+        Answer::Forbidden => {
+            let why = "the dashboard needs ?token=admin_token off loopback\n";
+            return reply(StatusCode::FORBIDDEN, "text/plain", why.into());
+        }
+        Answer::NotMine => {}
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => reply(StatusCode::OK, OPENMETRICS, metrics.encode()),
         (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -256,7 +293,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new());
         metrics.bytes_relayed.inc_by(7);
-        let server = tokio::spawn(serve(listener, metrics));
+        let (board, _requests) = Board::new();
+        let dashboard = Dashboard {
+            board: Arc::new(board),
+            access: Access {
+                listen: addr,
+                token: None,
+            },
+        };
+        let server = tokio::spawn(serve(listener, metrics, Arc::new(dashboard)));
 
         let health = get(addr, "/healthz").await;
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");

@@ -47,15 +47,16 @@ use tokio_util::either::Either;
 #[cfg(target_os = "linux")]
 use crate::splice::Pipe;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
+use crate::admin::{AdminRequest, Board};
 use crate::auth::{Auth, Login};
 use crate::config::{Limits, ServeConfig};
 use crate::fifo::{Chunk, Fifo, Next};
 use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::store::{AccountStore, AccountsSnapshot};
-use crate::tls::ServerIdentity;
 
 /// Bytes read from a socket at once. Payload chunks are split off this buffer.
 const READ_BUF: usize = 32 * 1024;
@@ -124,6 +125,8 @@ struct Server {
     metrics: Arc<Metrics>,
     /// Payload between plain-TCP connections moves with `splice(2)` ([`crate::splice`]).
     splice: bool,
+    /// The operator dashboard's view ([`crate::admin`]).
+    board: Arc<Board>,
 }
 
 /// The core's configuration from the operator's limits.
@@ -219,6 +222,12 @@ impl Core {
         self.drain(srv);
     }
 
+    /// The peer address for a log line ("gone" once the connection is).
+    fn peer_of(&self, id: ConnId) -> String {
+        self.conn(id)
+            .map_or_else(|| "gone".to_owned(), |c| c.peer.to_string())
+    }
+
     fn is(&self, id: ConnId, me: &Arc<Conn>) -> bool {
         self.conn(id).is_some_and(|c| Arc::ptr_eq(c, me))
     }
@@ -287,12 +296,15 @@ impl Core {
                     user,
                     resumed,
                 } => {
-                    let peer = self.conn(conn).map(|c| c.peer);
-                    tracing::info!(%user, resumed, conn = conn.index(), ?peer, "login");
+                    let peer = self.peer_of(conn);
+                    srv.board.logged_in(user.as_str(), &peer);
+                    tracing::info!(%user, resumed, conn = conn.index(), %peer, "login");
                 }
                 Event::LoginFailed { conn, user, code } => {
-                    let peer = self.conn(conn).map(|c| c.peer);
-                    tracing::info!(%user, conn = conn.index(), ?peer, error = %code, "login refused");
+                    let peer = self.peer_of(conn);
+                    srv.board
+                        .login_failed(user.as_str(), &peer, &code.to_string());
+                    tracing::info!(%user, conn = conn.index(), %peer, error = %code, "login refused");
                 }
                 Event::Replaced { user } => {
                     tracing::info!(%user, "a new login replaced the running instance")
@@ -313,6 +325,12 @@ impl Core {
                     service,
                 } => {
                     srv.metrics.demand("accepted");
+                    srv.board.session_started(
+                        session,
+                        from.as_str(),
+                        to.as_str(),
+                        service.as_str(),
+                    );
                     tracing::info!(session, %from, %to, service = service.as_str(), "session started");
                 }
                 Event::SessionEnded {
@@ -323,9 +341,13 @@ impl Core {
                     down,
                     reason,
                 } => {
+                    srv.board.session_ended(session);
                     tracing::info!(session, %from, %to, up, down, ?reason, "session ended");
                 }
-                Event::Offline { user } => tracing::info!(%user, "logged out (offline)"),
+                Event::Offline { user } => {
+                    srv.board.offline(user.as_str());
+                    tracing::info!(%user, "logged out (offline)")
+                }
                 e @ (Event::InstanceStarted { .. } | Event::InstanceEnded { .. }) => {
                     srv.auth.instance_changed(e)
                 }
@@ -950,11 +972,29 @@ fn chunk_of(buf: &mut BytesMut, n: usize) -> Bytes {
     }
 }
 
+/// Carries out the operator's dashboard requests through the core.
+async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<AdminRequest>) {
+    while let Some(request) = requests.recv().await {
+        let Some(srv) = srv.upgrade() else { return };
+        match request {
+            AdminRequest::Kick(name) => match UserId::new(&name) {
+                Ok(user) => {
+                    tracing::info!(user = %name, "kicked from the dashboard");
+                    let mut core = srv.lock();
+                    core.relay.remove_user(&user);
+                    core.drain(&srv);
+                }
+                Err(e) => tracing::warn!("dashboard: no such user ID '{name}': {e:?}"),
+            },
+        }
+    }
+}
+
 /// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn run(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
-    identity: ServerIdentity,
+    reloader: Reloader,
 ) -> anyhow::Result<()> {
     // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
     // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
@@ -965,7 +1005,7 @@ pub fn run(
         .max_blocking_threads((2 * cores).max(4))
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(config, store, identity, async {
+    rt.block_on(serve(config, store, reloader, async {
         if let Err(e) = crate::listen::shutdown_signal().await {
             tracing::warn!("cannot watch for signals: {e}");
             std::future::pending::<()>().await;
@@ -973,11 +1013,12 @@ pub fn run(
     }))
 }
 
-/// The relay server until `stop` resolves; then a clean shutdown.
+/// The relay server until `stop` resolves; then a clean shutdown. SIGHUP reloads the
+/// configuration through `reloader`.
 pub async fn serve(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
-    identity: ServerIdentity,
+    reloader: Reloader,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
@@ -991,6 +1032,8 @@ pub async fn serve(
     let policy = SnapshotPolicy(accounts.borrow().clone());
     let epoch = std::time::Instant::now();
     let timer_wake = Arc::new(Notify::new());
+    let (board, admin_requests) = Board::new();
+    let board = Arc::new(board);
     let srv = Arc::new(Server {
         core: Mutex::new(Core {
             relay: Relay::new(core_config(&limits), policy),
@@ -1009,7 +1052,9 @@ pub async fn serve(
         )?,
         metrics: metrics.clone(),
         splice: config.splice,
+        board: board.clone(),
     });
+    tokio::spawn(carry_out(Arc::downgrade(&srv), admin_requests));
     tokio::spawn(run_timers(Arc::downgrade(&srv), timer_wake, epoch));
 
     // Account edits: new access rules for the next demand; deleted accounts close now.
@@ -1042,8 +1087,15 @@ pub async fn serve(
             .with_context(|| format!("metrics listener {addr}"))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
         let metrics = metrics.clone();
+        let dashboard = Arc::new(crate::metrics::Dashboard {
+            board,
+            access: crate::admin::Access {
+                listen: addr,
+                token: config.admin_token.clone(),
+            },
+        });
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, metrics).await {
+            if let Err(e) = crate::metrics::serve(listener, metrics, dashboard).await {
                 tracing::warn!("metrics server: {e}");
             }
         });
@@ -1052,7 +1104,11 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_total_connections as usize));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut acceptors = Vec::new();
-    let tls = identity.server_config()?;
+    let tls = reloader.tls_config()?;
+    tokio::spawn({
+        let srv = srv.clone();
+        reloader.run(move |old, new| srv.auth.reconfigure(&old.limits, &new.limits))
+    });
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

@@ -1,0 +1,315 @@
+//! The operator dashboard, served beside `/metrics` on the admin listener: logged-in
+//! terminals, running sessions, recent failed and throttled logins, and a button that
+//! kicks a terminal.
+//!
+//! The server feeds a [`Board`] from the core's events (it keeps no state of its own that
+//! the core does not announce) and receives the operator's requests as [`AdminRequest`]s,
+//! which it carries out through the core's API under the core's lock. The page is plain
+//! HTML that reloads itself every two seconds: no script, nothing to build.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use tokio::sync::mpsc;
+
+/// Failed logins kept for the page.
+const RECENT_FAILURES: usize = 20;
+
+/// What the operator asked for on the page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// Log this user's terminal out and close its connections.
+    Kick(String),
+}
+
+#[derive(Debug)]
+struct TerminalRow {
+    peer: String,
+    since: SystemTime,
+    logins: u32,
+}
+
+#[derive(Debug)]
+struct SessionRow {
+    from: String,
+    to: String,
+    service: String,
+    since: SystemTime,
+}
+
+#[derive(Debug)]
+struct FailureRow {
+    at: SystemTime,
+    user: String,
+    peer: String,
+    why: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    terminals: BTreeMap<String, TerminalRow>,
+    sessions: BTreeMap<u32, SessionRow>,
+    failures: VecDeque<FailureRow>,
+}
+
+/// The dashboard's view of the relay, and the way back to the server.
+#[derive(Debug)]
+pub struct Board {
+    state: Mutex<State>,
+    requests: mpsc::UnboundedSender<AdminRequest>,
+}
+
+impl Board {
+    /// A board and the receiver of the operator's requests (the server's to carry out).
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<AdminRequest>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let board = Self {
+            state: Mutex::default(),
+            requests: tx,
+        };
+        (board, rx)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection of `user` logged in (the first one is the terminal's login).
+    pub fn logged_in(&self, user: &str, peer: &str) {
+        let mut st = self.state();
+        let row = st.terminals.entry(user.to_owned()).or_insert(TerminalRow {
+            peer: peer.to_owned(),
+            since: SystemTime::now(),
+            logins: 0,
+        });
+        row.logins += 1;
+    }
+
+    /// `user` has no terminal logged in any more.
+    pub fn offline(&self, user: &str) {
+        self.state().terminals.remove(user);
+    }
+
+    /// A session started.
+    pub fn session_started(&self, session: u32, from: &str, to: &str, service: &str) {
+        let row = SessionRow {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            service: service.to_owned(),
+            since: SystemTime::now(),
+        };
+        self.state().sessions.insert(session, row);
+    }
+
+    /// A session ended.
+    pub fn session_ended(&self, session: u32) {
+        self.state().sessions.remove(&session);
+    }
+
+    /// A login failed or was throttled; the oldest of [`RECENT_FAILURES`] goes.
+    pub fn login_failed(&self, user: &str, peer: &str, why: &str) {
+        let mut st = self.state();
+        if st.failures.len() == RECENT_FAILURES {
+            st.failures.pop_back();
+        }
+        st.failures.push_front(FailureRow {
+            at: SystemTime::now(),
+            user: user.to_owned(),
+            peer: peer.to_owned(),
+            why: why.to_owned(),
+        });
+    }
+
+    /// Passes an operator's request to the server.
+    fn request(&self, r: AdminRequest) -> bool {
+        self.requests.send(r).is_ok()
+    }
+
+    /// The page.
+    pub fn render(&self, token: Option<&str>) -> String {
+        let st = self.state();
+        let now = SystemTime::now();
+        let age = |t: SystemTime| {
+            let secs = now.duration_since(t).map_or(0, |d| d.as_secs());
+            humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+        };
+        let q = token.map_or_else(String::new, |t| format!("&token={}", escape(t)));
+        let mut html = String::from(HEAD);
+        let _ = write!(
+            html,
+            "<h2>Logged-in terminals ({})</h2>",
+            st.terminals.len()
+        );
+        html.push_str("<table id=terminals><tr><th>user</th><th>from</th><th>logged in for</th><th>connection logins</th><th></th></tr>");
+        for (user, t) in &st.terminals {
+            let u = escape(user);
+            let _ = write!(
+                html,
+                "<tr id=\"terminal-{u}\"><td>{u}</td><td>{}</td><td>{}</td><td>{}</td><td><form method=post action=\"/kick?user={u}{q}\"><button id=\"kick-{u}\">kick</button></form></td></tr>",
+                escape(&t.peer),
+                age(t.since),
+                t.logins
+            );
+        }
+        let _ = write!(
+            html,
+            "</table><h2>Running sessions ({})</h2>",
+            st.sessions.len()
+        );
+        html.push_str("<table id=sessions><tr><th>session</th><th>from</th><th>to</th><th>service</th><th>running for</th></tr>");
+        for (id, s) in &st.sessions {
+            let _ = write!(
+                html,
+                "<tr><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&s.from),
+                escape(&s.to),
+                escape(&s.service),
+                age(s.since)
+            );
+        }
+        html.push_str("</table><h2>Recent failed and throttled logins</h2><table id=failures><tr><th>ago</th><th>user</th><th>from</th><th>why</th></tr>");
+        for f in &st.failures {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                age(f.at),
+                escape(&f.user),
+                escape(&f.peer),
+                escape(&f.why)
+            );
+        }
+        html.push_str("</table></body></html>\n");
+        html
+    }
+}
+
+const HEAD: &str = "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>relay</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}</style></head><body><h1>Relay</h1>";
+
+/// HTML-escapes user IDs and addresses (they come from the network).
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Who may use the dashboard: anyone who reaches a loopback listener; elsewhere only with
+/// the configured `admin_token` (and without one, nobody).
+#[derive(Debug)]
+pub struct Access {
+    /// The admin listener's address.
+    pub listen: SocketAddr,
+    /// `admin_token` from the config.
+    pub token: Option<String>,
+}
+
+/// What the dashboard answers to one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The page, with the token to carry in its links.
+    Page(String),
+    /// Done: back to the page.
+    SeeOther(String),
+    /// No token, or the wrong one.
+    Forbidden,
+    /// Not a dashboard request.
+    NotMine,
+}
+
+impl Access {
+    fn allowed(&self, query: &BTreeMap<String, String>) -> bool {
+        match &self.token {
+            Some(t) => query.get("token") == Some(t),
+            None => self.listen.ip().is_loopback(),
+        }
+    }
+}
+
+/// The dashboard's part of the admin listener: `GET /` and `POST /kick?user=NAME`.
+pub fn answer(board: &Board, access: &Access, post: bool, path: &str, query: &str) -> Answer {
+    let query: BTreeMap<String, String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let back = || match query.get("token") {
+        Some(t) => format!("/?token={t}"),
+        None => "/".to_owned(),
+    };
+    match (post, path) {
+        (false, "/") | (true, "/kick") if !access.allowed(&query) => Answer::Forbidden,
+        (false, "/") => Answer::Page(board.render(query.get("token").map(String::as_str))),
+        (true, "/kick") => {
+            if let Some(user) = query.get("user") {
+                board.request(AdminRequest::Kick(user.clone()));
+            }
+            Answer::SeeOther(back())
+        }
+        _ => Answer::NotMine,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_lists_and_kick_is_passed_on() {
+        let (board, mut rx) = Board::new();
+        board.logged_in("cam<1>", "127.0.0.1:5");
+        board.session_started(7, "me", "cam<1>", "ssh");
+        board.login_failed("eve", "10.0.0.1:9", "wrong password");
+        let local = Access {
+            listen: "127.0.0.1:9835".parse().unwrap(),
+            token: None,
+        };
+        let Answer::Page(page) = answer(&board, &local, false, "/", "") else {
+            panic!("no page")
+        };
+        assert!(
+            page.contains("cam&lt;1&gt;") && !page.contains("cam<1>"),
+            "{page}"
+        );
+        assert!(page.contains("wrong password") && page.contains("<td>7</td>"));
+        assert_eq!(
+            answer(&board, &local, true, "/kick", "user=cam"),
+            Answer::SeeOther("/".into())
+        );
+        assert_eq!(rx.try_recv().unwrap(), AdminRequest::Kick("cam".into()));
+        board.offline("cam<1>");
+        board.session_ended(7);
+        let Answer::Page(page) = answer(&board, &local, false, "/", "") else {
+            panic!("no page")
+        };
+        assert!(!page.contains("cam&lt;1&gt;"));
+    }
+
+    #[test]
+    fn beyond_loopback_only_with_the_token() {
+        let (board, _rx) = Board::new();
+        let open = Access {
+            listen: "0.0.0.0:9835".parse().unwrap(),
+            token: None,
+        };
+        assert_eq!(answer(&board, &open, false, "/", ""), Answer::Forbidden);
+        let guarded = Access {
+            listen: "0.0.0.0:9835".parse().unwrap(),
+            token: Some("s3cret".into()),
+        };
+        assert_eq!(
+            answer(&board, &guarded, false, "/", "token=x"),
+            Answer::Forbidden
+        );
+        assert!(matches!(
+            answer(&board, &guarded, false, "/", "token=s3cret"),
+            Answer::Page(_)
+        ));
+        assert_eq!(
+            answer(&board, &guarded, false, "/metrics", ""),
+            Answer::NotMine
+        );
+    }
+}
