@@ -49,8 +49,13 @@ impl Client {
     }
 
     fn login(&mut self, user: &str, credential: Credential) -> Answer {
+        self.login_with(caps::ALL, user, credential)
+    }
+
+    /// LOGIN announcing `caps` (with [`caps::REQUESTER`]: a requester instance).
+    fn login_with(&mut self, caps: u32, user: &str, credential: Credential) -> Answer {
         let frame = Frame::Login(Login {
-            hello: Hello::current(caps::ALL),
+            hello: Hello::current(caps),
             user: UserId::new(user).unwrap(),
             credential,
         });
@@ -148,6 +153,31 @@ fn finding4_logout_revokes_the_token_for_good() {
         login_once(&relay, LOCAL, "cam", token(&t2)),
         Answer::Ok(_)
     ));
+}
+
+/// Issue 11, finding 4, for requester instances (protocol core v2: `relay connect`,
+/// `relay online`): the token of one that logged out must not start it again.
+#[test]
+fn finding4_logout_revokes_a_requester_token() {
+    let _turn = sharing();
+    let relay = Relay::start("");
+    relay.add_user("cam");
+    let requester = caps::ALL | caps::REQUESTER;
+    let mut c = Client::connect(&relay, LOCAL);
+    let Answer::Ok(t) = c.login_with(requester, "cam", password(PASSWORD)) else {
+        panic!("requester login")
+    };
+    let mut again = Client::connect(&relay, LOCAL);
+    assert!(matches!(
+        again.login_with(requester, "cam", token(&t)),
+        Answer::Ok(_)
+    ));
+    c.logout();
+    let mut after = Client::connect(&relay, LOCAL);
+    assert_eq!(
+        after.login_with(requester, "cam", token(&t)),
+        Answer::Refused(ErrorCode::ResumeRejected, None)
+    );
 }
 
 /// Issue 11, finding 4: a token survived a password change.

@@ -27,6 +27,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::Limits;
 use crate::metrics::{LoginMethod, LoginOutcome, Metrics};
+use crate::retired::{MAX_RETIRED, Retired};
 use crate::store::{AccountName, AccountStore, AccountsSnapshot, VerifyError};
 use crate::throttle::{DEFAULT_MAX_TRACKED, LoginThrottle};
 use crate::token::{InstanceId, TokenKey};
@@ -54,6 +55,8 @@ pub struct Auth {
     /// Wakes the account watcher at once (see [`Auth::snapshot_current`]).
     refresh_accounts: Arc<Notify>,
     instances: Arc<Instances>,
+    /// Requester instances that logged out ([`crate::retired`]).
+    retired: Mutex<Retired>,
     /// Password checks running at once: one per core, so argon2 never takes every blocking
     /// thread and the quick store reads of token logins do not queue behind a guesser's.
     hashing: Semaphore,
@@ -142,6 +145,7 @@ impl Auth {
             accounts,
             refresh_accounts,
             instances,
+            retired: Mutex::new(Retired::new(TOKEN_LIFETIME, MAX_RETIRED)),
             hashing: Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from)),
         })
     }
@@ -180,16 +184,24 @@ impl Auth {
     }
 
     /// The core started or ended an instance (a password login, LOGOUT, replacement): the
-    /// started one is the account's only current instance; a logged-out one leaves none.
+    /// started reachable one is the account's only current instance, a logged-out one
+    /// leaves none; a logged-out requester instance is retired.
     pub fn instance_changed(&self, event: Event) {
         match event {
             Event::InstanceStarted { user, instance } => {
                 self.instances.set(user.as_str(), Some(instance))
             }
             Event::InstanceEnded {
+                instance,
+                how: InstanceEnd::LoggedOut,
+                kind: Kind::Requester,
+                ..
+            } => lock(&self.retired).retire(instance, std::time::Instant::now()),
+            Event::InstanceEnded {
                 user,
                 instance,
                 how: InstanceEnd::LoggedOut,
+                kind: Kind::Reachable,
             } if self.instances.get(user.as_str()) == Some(Some(instance)) => {
                 self.instances.set(user.as_str(), None)
             }
@@ -288,7 +300,10 @@ impl Auth {
             .verify(user.as_str(), stamp, token.as_bytes(), unix_now())
             .map_err(|_| Refusal::BadCredential)?;
         if kind == Kind::Requester {
-            return Ok(instance);
+            return match lock(&self.retired).contains(instance.0) {
+                true => Err(Refusal::TokenRevoked),
+                false => Ok(instance),
+            };
         }
         match self.instances.get(user.as_str()) {
             None => Ok(instance),

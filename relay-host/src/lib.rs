@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod relays;
 pub mod reload;
+mod retired;
 pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;

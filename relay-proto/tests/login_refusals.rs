@@ -7,7 +7,7 @@ use harness::{T0, enc, output};
 use relay_proto::codes::ErrorCode;
 use relay_proto::frame::{Credential, Frame, Hello, Login, caps};
 use relay_proto::relay::{
-    self, AllowAll, ConnId, Event, Heap, InstanceEnd, Offer, Refusal, Relay, Verdict,
+    self, AllowAll, ConnId, Event, Heap, InstanceEnd, Kind, Offer, Refusal, Relay, Verdict,
 };
 use relay_proto::{Duration, Password, ResumeToken, Text, UserId};
 
@@ -121,7 +121,8 @@ fn instances_start_and_end_as_events() {
     assert!(replaced.contains(&Event::InstanceEnded {
         user: cam.clone(),
         instance: 7,
-        how: InstanceEnd::Replaced
+        how: InstanceEnd::Replaced,
+        kind: Kind::Reachable,
     }));
     assert!(replaced.contains(&Event::InstanceStarted {
         user: cam.clone(),
@@ -134,6 +135,29 @@ fn instances_start_and_end_as_events() {
     assert!(out.contains(&Event::InstanceEnded {
         user: cam,
         instance: 8,
-        how: InstanceEnd::LoggedOut
+        how: InstanceEnd::LoggedOut,
+        kind: Kind::Reachable,
+    }));
+}
+
+/// A requester instance starts unreported (it replaces nothing), but its LOGOUT is
+/// reported with its kind, so the host can revoke its tokens too.
+#[test]
+fn a_requester_instance_reports_its_logout() {
+    let mut r = core();
+    let c = login(&mut r, caps::ALL | caps::REQUESTER, password());
+    let started = accept(&mut r, c, 9);
+    assert!(
+        !started
+            .iter()
+            .any(|e| matches!(e, Event::InstanceStarted { .. }))
+    );
+    r.handle_input(T0, c, &enc(&Frame::Logout));
+    let out: Vec<Event> = core::iter::from_fn(|| r.poll_event()).collect();
+    assert!(out.contains(&Event::InstanceEnded {
+        user: UserId::new("cam").unwrap(),
+        instance: 9,
+        how: InstanceEnd::LoggedOut,
+        kind: Kind::Requester,
     }));
 }

@@ -158,6 +158,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                             user: a.user.clone(),
                             instance,
                             how: InstanceEnd::Replaced,
+                            kind: Kind::Reachable,
                         });
                     }
                 }

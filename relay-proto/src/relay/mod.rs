@@ -200,11 +200,13 @@ pub enum Event {
     /// tokens makes `instance` the only one that `user`'s reachable tokens may start).
     /// Requester instances are not reported: they replace nothing and are never replaced.
     InstanceStarted { user: UserId, instance: u64 },
-    /// A reachable instance ended for good: its tokens must not start it again.
+    /// An instance ended for good (LOGOUT, or a reachable one replaced): its tokens must
+    /// not start it again.
     InstanceEnded {
         user: UserId,
         instance: u64,
         how: InstanceEnd,
+        kind: Kind,
     },
     /// A demand was refused (accepted ones give [`Event::SessionStarted`]).
     DemandFailed {
@@ -666,14 +668,14 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     let ended = self
                         .terms
                         .get(term)
-                        .filter(|t| t.kind == Kind::Reachable)
-                        .map(|t| (t.user.clone(), t.instance));
+                        .map(|t| (t.user.clone(), t.instance, t.kind));
                     self.drop_terminal(term, None, ReleaseReason::PeerLoggedOut);
-                    if let Some((user, instance)) = ended {
+                    if let Some((user, instance, kind)) = ended {
                         self.emit(Event::InstanceEnded {
                             user,
                             instance,
                             how: InstanceEnd::LoggedOut,
+                            kind,
                         });
                     }
                 }
