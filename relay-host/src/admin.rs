@@ -222,10 +222,21 @@ pub enum Answer {
 impl Access {
     fn allowed(&self, query: &BTreeMap<String, String>) -> bool {
         match &self.token {
-            Some(t) => query.get("token") == Some(t),
+            Some(t) => same_secret(query.get("token").map_or("", String::as_str), t),
             None => self.listen.ip().is_loopback(),
         }
     }
+}
+
+/// Whether `given` is `secret`, in a time that depends on neither's bytes nor on where
+/// they first differ: both are hashed to fixed-length digests first (so a wrong length
+/// takes the same path as wrong bytes), which are then compared in constant time. A
+/// missing token is the empty string, refused the same way.
+fn same_secret(given: &str, secret: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let (a, b) = (Sha256::digest(given), Sha256::digest(secret));
+    bool::from(a.ct_eq(&b)) && !secret.is_empty()
 }
 
 /// The dashboard's part of the admin listener: `GET /` and `POST /kick?user=NAME`.
@@ -288,6 +299,18 @@ mod tests {
     }
 
     #[test]
+    fn token_comparison_does_not_stop_at_the_first_difference() {
+        assert!(same_secret("s3cret", "s3cret"));
+        for wrong in ["", "s", "s3cre", "s3cres", "x3cret", "s3cret0", "S3CRET"] {
+            assert!(!same_secret(wrong, "s3cret"), "{wrong:?}");
+        }
+        // An empty configured token lets nobody in, not the empty guess.
+        assert!(!same_secret("", ""));
+        // The path is the same for any guess: two digests of 32 bytes, one comparison
+        // that reads all of them (subtle), whatever the guess's length or first wrong byte.
+    }
+
+    #[test]
     fn beyond_loopback_only_with_the_token() {
         let (board, _rx) = Board::new();
         let open = Access {
@@ -307,6 +330,20 @@ mod tests {
             answer(&board, &guarded, false, "/", "token=s3cret"),
             Answer::Page(_)
         ));
+        assert_eq!(answer(&board, &guarded, false, "/", ""), Answer::Forbidden);
+        // `admin_token = ""` is a mistake, not an open door.
+        let empty = Access {
+            listen: "0.0.0.0:9835".parse().unwrap(),
+            token: Some(String::new()),
+        };
+        assert_eq!(
+            answer(&board, &empty, false, "/", "token="),
+            Answer::Forbidden
+        );
+        assert_eq!(
+            answer(&board, &empty, true, "/kick", "token=&user=a"),
+            Answer::Forbidden
+        );
         assert_eq!(
             answer(&board, &guarded, false, "/metrics", ""),
             Answer::NotMine
