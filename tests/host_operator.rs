@@ -374,3 +374,53 @@ fn client_config_and_the_ssh_config_block() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One HTTP/1.1 request to the admin listener; the whole answer.
+fn admin_http(port: u16, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin listener");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The dashboard's form action that starts with `prefix` (`/kick?user=cam-1`), once the
+/// page shows it, `&amp;` undone.
+fn dashboard_action(port: u16, prefix: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let page = admin_http(port, "GET", "/");
+        let found = page.split("action=\"").skip(1).find_map(|rest| {
+            let action = rest.split('"').next()?.replace("&amp;", "&");
+            action.starts_with(prefix).then_some(action)
+        });
+        if let Some(action) = found {
+            return action;
+        }
+        assert!(start.elapsed() < T, "no {prefix} on the page:\n{page}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 14's dashboard: a kick closes the device's connections with ERROR `Kicked`, which
+/// the device shows as such (it was told "account removed by the operator", and stopped
+/// for good), and, its account being intact, it logs in again after its back-off.
+#[test]
+fn a_kicked_device_is_told_so_and_comes_back() {
+    let admin = free_port();
+    let relay = Relay::start_with(&format!("metrics = \"127.0.0.1:{admin}\""), FAST);
+    relay.add_user("cam-1");
+    let echo = echo_service();
+    let cam = relay.expose("cam-1", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let kick = dashboard_action(admin, "/kick?user=cam-1");
+    let answer = admin_http(admin, "POST", &kick);
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    cam.wait_for("connections closed by the operator", T);
+    assert_eq!(cam.count("account removed"), 0, "{}", cam.log());
+    relay.proc().wait_for_n("kicked from the dashboard", 1, T);
+    dashboard_action(admin, "/kick?user=cam-1");
+}

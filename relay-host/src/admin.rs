@@ -1,6 +1,6 @@
 //! The operator dashboard, served beside `/metrics` on the admin listener: logged-in
 //! terminals, running sessions, recent failed and throttled logins, and a button that
-//! kicks a terminal.
+//! kicks a terminal (closes its connections; the account stays).
 //!
 //! The server feeds a [`Board`] from the core's events (it keeps no state of its own that
 //! the core does not announce) and receives the operator's requests as [`AdminRequest`]s,
@@ -21,7 +21,7 @@ const RECENT_FAILURES: usize = 20;
 /// What the operator asked for on the page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminRequest {
-    /// Log this user's terminal out and close its connections.
+    /// Close this user's connections, telling its terminals so (the account stays).
     Kick(String),
 }
 
@@ -143,6 +143,7 @@ impl Board {
             "<h2>Logged-in terminals ({})</h2>",
             st.terminals.len()
         );
+        html.push_str(KICK_NOTE);
         html.push_str("<table id=terminals><tr><th>user</th><th>from</th><th>logged in for</th><th>connection logins</th><th></th></tr>");
         for (user, t) in &st.terminals {
             let u = escape(user);
@@ -187,6 +188,9 @@ impl Board {
 }
 
 const HEAD: &str = "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>relay</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}</style></head><body><h1>Relay</h1>";
+
+/// What a kick does, said where the button is.
+const KICK_NOTE: &str = "<p>A kick closes the terminal's connections now (it is told: <i>connections closed by the operator</i>). Its account stays, so a device logs in again after its back-off: to keep it out, delete the account (<code>relay user del NAME</code>).</p>";
 
 /// HTML-escapes user IDs and addresses (they come from the network).
 fn escape(s: &str) -> String {

@@ -200,6 +200,10 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
             }
             Event::Closed { handle, cause } => {
                 tracing::debug!(handle = handle.0, ?cause, "relay connection closed");
+                // The relay's own reason (an operator's kick, a shutdown) is worth a line.
+                if let terminal::Cause::Relay(code) = cause {
+                    tracing::warn!(server = %ctx.server, "the relay closed a connection: {code} ({code:?})");
+                }
                 let slot = ctx.lock().slots[usize::from(handle.0)].take();
                 if let Some(s) = slot {
                     s.out.kill();

@@ -981,7 +981,7 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
                 Ok(user) => {
                     tracing::info!(user = %name, "kicked from the dashboard");
                     let mut core = srv.lock();
-                    core.relay.remove_user(&user);
+                    core.relay.kick_user(&user);
                     core.drain(&srv);
                 }
                 Err(e) => tracing::warn!("dashboard: no such user ID '{name}': {e:?}"),

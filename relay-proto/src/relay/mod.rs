@@ -1586,12 +1586,21 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// The operator removed `user`'s account: the connections of all its instances
     /// close now.
     pub fn remove_user(&mut self, user: &UserId) {
+        self.drop_user(user, ErrorCode::AccountRemoved);
+    }
+
+    /// The operator kicked `user`: the connections of all its instances get ERROR
+    /// `Kicked` and close now. The account stays, so a terminal may log in again (to keep
+    /// it out, the operator removes or disables the account: [`Relay::remove_user`]).
+    pub fn kick_user(&mut self, user: &UserId) {
+        self.drop_user(user, ErrorCode::Kicked);
+    }
+
+    /// Closes the connections of all of `user`'s instances after ERROR `code`; the peers
+    /// of their sessions get RELEASE `PeerLoggedOut`.
+    fn drop_user(&mut self, user: &UserId, code: ErrorCode) {
         while let Some(tk) = self.users.get(user) {
-            self.drop_terminal(
-                tk,
-                Some(ErrorCode::AccountRemoved),
-                ReleaseReason::PeerLoggedOut,
-            );
+            self.drop_terminal(tk, Some(code), ReleaseReason::PeerLoggedOut);
         }
         self.serve_kicks();
     }

@@ -238,7 +238,7 @@ fn release_reason(i: u32) -> Result<ReleaseReason, Malformed> {
 
 fn error_code(i: u32) -> Result<ErrorCode, Malformed> {
     use ErrorCode::*;
-    const CODES: [ErrorCode; 18] = [
+    const CODES: [ErrorCode; 19] = [
         BadFrame,
         UnknownFrameType,
         FrameTooLarge,
@@ -257,6 +257,7 @@ fn error_code(i: u32) -> Result<ErrorCode, Malformed> {
         AccountRemoved,
         Busy,
         NotLoggedIn,
+        Kicked,
     ];
     CODES.get(i as usize).copied().ok_or(Malformed)
 }
