@@ -426,7 +426,7 @@ mod tests {
     use proptest::prelude::*;
     use std::vec::Vec;
 
-    const ERROR_CODES: usize = 18;
+    const ERROR_CODES: usize = 19;
 
     /// What `frame`'s codec makes of the same bytes, as an `Inbound`. Frames a relay
     /// never sends to a terminal map to `None`.
