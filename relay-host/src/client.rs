@@ -978,6 +978,7 @@ fn describe(reason: ReleaseReason) -> &'static str {
         ReleaseReason::PeerLoggedOut => "the peer logged out or was replaced",
         ReleaseReason::Cancelled => "cancelled by the relay",
         ReleaseReason::ShuttingDown => "the relay is shutting down",
+        ReleaseReason::EndedByOperator => "the relay's operator ended the session",
     }
 }
 

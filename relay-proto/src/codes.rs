@@ -176,6 +176,8 @@ pub enum ReleaseReason {
     Cancelled,
     /// The relay is shutting down.
     ShuttingDown,
+    /// The relay's operator ended the session; both connections stay logged in.
+    EndedByOperator,
 }
 
 impl fmt::Display for ErrorCode {

@@ -232,6 +232,7 @@ fn release_reason(i: u32) -> Result<ReleaseReason, Malformed> {
         2 => ReleaseReason::PeerLoggedOut,
         3 => ReleaseReason::Cancelled,
         4 => ReleaseReason::ShuttingDown,
+        5 => ReleaseReason::EndedByOperator,
         _ => return Err(Malformed),
     })
 }
