@@ -424,3 +424,37 @@ fn a_kicked_device_is_told_so_and_comes_back() {
     relay.proc().wait_for_n("kicked from the dashboard", 1, T);
     dashboard_action(admin, "/kick?user=cam-1");
 }
+
+/// Issue 14's dashboard: *end* on one session's row ends that session only. The laptop's
+/// local connection closes, both sides are told why, and both stay logged in (the device
+/// is still on the page, a new session works).
+#[test]
+fn the_dashboard_ends_one_session() {
+    let admin = free_port();
+    let relay = Relay::start_with(&format!("metrics = \"127.0.0.1:{admin}\""), FAST);
+    relay.add_user("cam-1");
+    relay.add_user("laptop");
+    let echo = echo_service();
+    let cam = relay.expose("cam-1", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (forward, local) = relay.forward("laptop", "cam-1/echo");
+    let mut session = TcpStream::connect(("127.0.0.1", local)).unwrap();
+    session.write_all(b"hi").unwrap();
+    session.read_exact(&mut [0u8; 2]).unwrap();
+
+    let end = dashboard_action(admin, "/end?session=");
+    let answer = admin_http(admin, "POST", &end);
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    relay.proc().wait_for("session ended from the dashboard", T);
+    session.set_read_timeout(Some(T)).expect("a read deadline");
+    assert_eq!(
+        session.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "the local side closes"
+    );
+    forward.wait_for("the relay's operator ended the session", T);
+    cam.wait_for("reason=EndedByOperator", T);
+    // Only the session went: the device is still there and takes a new one.
+    dashboard_action(admin, "/kick?user=cam-1");
+    assert_eq!(round_trip(local, b"again"), b"again");
+    assert_eq!(cam.count("closed a connection"), 0, "{}", cam.log());
+}

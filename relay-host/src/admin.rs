@@ -1,11 +1,14 @@
 //! The operator dashboard, served beside `/metrics` on the admin listener: logged-in
-//! terminals, running sessions, recent failed and throttled logins, and a button that
-//! kicks a terminal (closes its connections; the account stays).
+//! terminals, running sessions, recent failed and throttled logins, a button that kicks a
+//! terminal (closes its connections; the account stays) and one that ends a session.
 //!
 //! The server feeds a [`Board`] from the core's events (it keeps no state of its own that
 //! the core does not announce) and receives the operator's requests as [`AdminRequest`]s,
 //! which it carries out through the core's API under the core's lock. The page is plain
 //! HTML that reloads itself every two seconds: no script, nothing to build.
+//!
+//! The buttons POST to URLs that carry a random nonce of this run, which only a reader of
+//! the page knows: another site open in the operator's browser cannot forge them (CSRF).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -23,6 +26,8 @@ const RECENT_FAILURES: usize = 20;
 pub enum AdminRequest {
     /// Close this user's connections, telling its terminals so (the account stays).
     Kick(String),
+    /// End this running session; both sides stay logged in.
+    EndSession(u32),
 }
 
 #[derive(Debug)]
@@ -60,17 +65,23 @@ struct State {
 pub struct Board {
     state: Mutex<State>,
     requests: mpsc::UnboundedSender<AdminRequest>,
+    /// Carried by the page's buttons and required by every action (hex, random per run).
+    nonce: String,
 }
 
 impl Board {
     /// A board and the receiver of the operator's requests (the server's to carry out).
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<AdminRequest>) {
+    /// Fails only if the system has no randomness for the nonce.
+    pub fn new() -> std::io::Result<(Self, mpsc::UnboundedReceiver<AdminRequest>)> {
+        let mut random = [0u8; 16];
+        getrandom::getrandom(&mut random).map_err(std::io::Error::other)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let board = Self {
             state: Mutex::default(),
             requests: tx,
+            nonce: random.iter().map(|b| format!("{b:02x}")).collect(),
         };
-        (board, rx)
+        Ok((board, rx))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -136,7 +147,10 @@ impl Board {
             let secs = now.duration_since(t).map_or(0, |d| d.as_secs());
             humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
         };
-        let q = token.map_or_else(String::new, |t| format!("&token={}", escape(t)));
+        let mut q = format!("&amp;nonce={}", self.nonce);
+        if let Some(t) = token {
+            let _ = write!(q, "&amp;token={}", escape(t));
+        }
         let mut html = String::from(HEAD);
         let _ = write!(
             html,
@@ -160,11 +174,12 @@ impl Board {
             "</table><h2>Running sessions ({})</h2>",
             st.sessions.len()
         );
-        html.push_str("<table id=sessions><tr><th>session</th><th>from</th><th>to</th><th>service</th><th>running for</th></tr>");
+        html.push_str(END_NOTE);
+        html.push_str("<table id=sessions><tr><th>session</th><th>from</th><th>to</th><th>service</th><th>running for</th><th></th></tr>");
         for (id, s) in &st.sessions {
             let _ = write!(
                 html,
-                "<tr><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr id=\"session-{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><form method=post action=\"/end?session={id}{q}\"><button id=\"end-{id}\">end</button></form></td></tr>",
                 escape(&s.from),
                 escape(&s.to),
                 escape(&s.service),
@@ -191,6 +206,9 @@ const HEAD: &str = "<!doctype html><html><head><meta charset=utf-8><meta http-eq
 
 /// What a kick does, said where the button is.
 const KICK_NOTE: &str = "<p>A kick closes the terminal's connections now (it is told: <i>connections closed by the operator</i>). Its account stays, so a device logs in again after its back-off: to keep it out, delete the account (<code>relay user del NAME</code>).</p>";
+
+/// What ending a session does.
+const END_NOTE: &str = "<p><i>end</i> ends that session: both sides are told (<i>the relay's operator ended the session</i>) and stay logged in.</p>";
 
 /// HTML-escapes user IDs and addresses (they come from the network).
 fn escape(s: &str) -> String {
@@ -243,7 +261,8 @@ fn same_secret(given: &str, secret: &str) -> bool {
     bool::from(a.ct_eq(&b)) && !secret.is_empty()
 }
 
-/// The dashboard's part of the admin listener: `GET /` and `POST /kick?user=NAME`.
+/// The dashboard's part of the admin listener: `GET /`, `POST /kick?user=NAME` and
+/// `POST /end?session=N`; a POST needs the page's nonce.
 pub fn answer(board: &Board, access: &Access, post: bool, path: &str, query: &str) -> Answer {
     let query: BTreeMap<String, String> = query
         .split('&')
@@ -254,17 +273,26 @@ pub fn answer(board: &Board, access: &Access, post: bool, path: &str, query: &st
         Some(t) => format!("/?token={t}"),
         None => "/".to_owned(),
     };
-    match (post, path) {
-        (false, "/") | (true, "/kick") if !access.allowed(&query) => Answer::Forbidden,
-        (false, "/") => Answer::Page(board.render(query.get("token").map(String::as_str))),
-        (true, "/kick") => {
-            if let Some(user) = query.get("user") {
-                board.request(AdminRequest::Kick(user.clone()));
-            }
-            Answer::SeeOther(back())
+    let request = match (post, path) {
+        (false, "/") if access.allowed(&query) => {
+            return Answer::Page(board.render(query.get("token").map(String::as_str)));
         }
-        _ => Answer::NotMine,
+        (false, "/") => return Answer::Forbidden,
+        (true, "/kick") => query.get("user").cloned().map(AdminRequest::Kick),
+        (true, "/end") => query
+            .get("session")
+            .and_then(|s| s.parse().ok())
+            .map(AdminRequest::EndSession),
+        _ => return Answer::NotMine,
+    };
+    let nonce = query.get("nonce").map_or("", String::as_str);
+    if !access.allowed(&query) || !same_secret(nonce, &board.nonce) {
+        return Answer::Forbidden;
     }
+    if let Some(r) = request {
+        board.request(r);
+    }
+    Answer::SeeOther(back())
 }
 
 #[cfg(test)]
@@ -273,7 +301,7 @@ mod tests {
 
     #[test]
     fn page_lists_and_kick_is_passed_on() {
-        let (board, mut rx) = Board::new();
+        let (board, mut rx) = Board::new().unwrap();
         board.logged_in("cam<1>", "127.0.0.1:5");
         board.session_started(7, "me", "cam<1>", "ssh");
         board.login_failed("eve", "10.0.0.1:9", "wrong password");
@@ -289,17 +317,58 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("wrong password") && page.contains("<td>7</td>"));
+        let nonce = format!("nonce={}", board.nonce);
+        assert!(
+            page.contains(&format!("/kick?user=cam&lt;1&gt;&amp;{nonce}")),
+            "{page}"
+        );
+        assert!(
+            page.contains(&format!("/end?session=7&amp;{nonce}")),
+            "{page}"
+        );
         assert_eq!(
-            answer(&board, &local, true, "/kick", "user=cam"),
+            answer(&board, &local, true, "/kick", &format!("user=cam&{nonce}")),
             Answer::SeeOther("/".into())
         );
         assert_eq!(rx.try_recv().unwrap(), AdminRequest::Kick("cam".into()));
+        assert_eq!(
+            answer(&board, &local, true, "/end", &format!("session=7&{nonce}")),
+            Answer::SeeOther("/".into())
+        );
+        assert_eq!(rx.try_recv().unwrap(), AdminRequest::EndSession(7));
         board.offline("cam<1>");
         board.session_ended(7);
         let Answer::Page(page) = answer(&board, &local, false, "/", "") else {
             panic!("no page")
         };
         assert!(!page.contains("cam&lt;1&gt;"));
+    }
+
+    /// Another site open in the operator's browser can POST to a loopback dashboard (a
+    /// form needs no script) but cannot read the page's nonce: without it, nothing happens.
+    #[test]
+    fn actions_need_the_pages_nonce() {
+        let (board, mut rx) = Board::new().unwrap();
+        let local = Access {
+            listen: "127.0.0.1:9835".parse().unwrap(),
+            token: None,
+        };
+        for (path, query) in [
+            ("/kick", "user=cam".to_owned()),
+            ("/kick", "user=cam&nonce=00".to_owned()),
+            ("/end", "session=7".to_owned()),
+            ("/end", format!("session=7&nonce={}0", board.nonce)),
+        ] {
+            assert_eq!(
+                answer(&board, &local, true, path, &query),
+                Answer::Forbidden,
+                "{path}?{query}"
+            );
+        }
+        assert!(rx.try_recv().is_err());
+        let (other, _rx) = Board::new().unwrap();
+        assert_ne!(board.nonce, other.nonce);
+        assert_eq!(board.nonce.len(), 32);
     }
 
     #[test]
@@ -316,7 +385,7 @@ mod tests {
 
     #[test]
     fn beyond_loopback_only_with_the_token() {
-        let (board, _rx) = Board::new();
+        let (board, _rx) = Board::new().unwrap();
         let open = Access {
             listen: "0.0.0.0:9835".parse().unwrap(),
             token: None,
@@ -345,7 +414,13 @@ mod tests {
             Answer::Forbidden
         );
         assert_eq!(
-            answer(&board, &empty, true, "/kick", "token=&user=a"),
+            answer(
+                &board,
+                &empty,
+                true,
+                "/kick",
+                &format!("token=&user=a&nonce={}", board.nonce)
+            ),
             Answer::Forbidden
         );
         assert_eq!(

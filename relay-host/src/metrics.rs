@@ -293,7 +293,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new());
         metrics.bytes_relayed.inc_by(7);
-        let (board, _requests) = Board::new();
+        let (board, _requests) = Board::new().unwrap();
         let dashboard = Dashboard {
             board: Arc::new(board),
             access: Access {
