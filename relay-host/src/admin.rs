@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -228,6 +228,17 @@ pub struct Access {
     pub token: Option<String>,
 }
 
+/// The parts of an HTTP request the dashboard looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// POST (else GET).
+    pub post: bool,
+    pub path: &'a str,
+    pub query: &'a str,
+    /// The `Host` header ("" without one).
+    pub host: &'a str,
+}
+
 /// What the dashboard answers to one request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
@@ -242,12 +253,26 @@ pub enum Answer {
 }
 
 impl Access {
-    fn allowed(&self, query: &BTreeMap<String, String>) -> bool {
+    /// With a token, whoever knows it. Without, a loopback listener asked for by a
+    /// loopback name: a page of another site whose name was re-pointed at 127.0.0.1 (DNS
+    /// rebinding) sends its own name as `Host` and is refused, so it cannot read the nonce.
+    fn allowed(&self, query: &BTreeMap<String, String>, host: &str) -> bool {
         match &self.token {
             Some(t) => same_secret(query.get("token").map_or("", String::as_str), t),
-            None => self.listen.ip().is_loopback(),
+            None => self.listen.ip().is_loopback() && loopback_host(host),
         }
     }
+}
+
+/// Whether an HTTP `Host` (`127.0.0.1:9835`, `[::1]:9835`, `localhost`) names loopback.
+fn loopback_host(host: &str) -> bool {
+    let name = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(name, _)| name);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether `given` is `secret`, in a time that depends on neither's bytes nor on where
@@ -262,8 +287,14 @@ fn same_secret(given: &str, secret: &str) -> bool {
 }
 
 /// The dashboard's part of the admin listener: `GET /`, `POST /kick?user=NAME` and
-/// `POST /end?session=N`; a POST needs the page's nonce.
-pub fn answer(board: &Board, access: &Access, post: bool, path: &str, query: &str) -> Answer {
+/// `POST /end?session=N`; a POST needs the page's nonce. `host`: the request's `Host`.
+pub fn answer(board: &Board, access: &Access, req: Request<'_>) -> Answer {
+    let Request {
+        post,
+        path,
+        query,
+        host,
+    } = req;
     let query: BTreeMap<String, String> = query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -274,7 +305,7 @@ pub fn answer(board: &Board, access: &Access, post: bool, path: &str, query: &st
         None => "/".to_owned(),
     };
     let request = match (post, path) {
-        (false, "/") if access.allowed(&query) => {
+        (false, "/") if access.allowed(&query, host) => {
             return Answer::Page(board.render(query.get("token").map(String::as_str)));
         }
         (false, "/") => return Answer::Forbidden,
@@ -286,7 +317,7 @@ pub fn answer(board: &Board, access: &Access, post: bool, path: &str, query: &st
         _ => return Answer::NotMine,
     };
     let nonce = query.get("nonce").map_or("", String::as_str);
-    if !access.allowed(&query) || !same_secret(nonce, &board.nonce) {
+    if !access.allowed(&query, host) || !same_secret(nonce, &board.nonce) {
         return Answer::Forbidden;
     }
     if let Some(r) = request {
@@ -299,6 +330,62 @@ pub fn answer(board: &Board, access: &Access, post: bool, path: &str, query: &st
 mod tests {
     use super::*;
 
+    /// `answer` to a request sent to `Host: 127.0.0.1:9835`.
+    fn ask(board: &Board, access: &Access, post: bool, path: &str, query: &str) -> Answer {
+        let host = "127.0.0.1:9835";
+        answer(
+            board,
+            access,
+            Request {
+                post,
+                path,
+                query,
+                host,
+            },
+        )
+    }
+
+    /// A page of another site whose name now resolves to 127.0.0.1 gets nothing from a
+    /// loopback dashboard: its `Host` is its own name. Loopback names and addresses pass.
+    #[test]
+    fn a_rebound_name_is_refused() {
+        let (board, _rx) = Board::new().unwrap();
+        let local = Access {
+            listen: "127.0.0.1:9835".parse().unwrap(),
+            token: None,
+        };
+        let get = |host| {
+            answer(
+                &board,
+                &local,
+                Request {
+                    post: false,
+                    path: "/",
+                    query: "",
+                    host,
+                },
+            )
+        };
+        for host in [
+            "127.0.0.1:9835",
+            "localhost:9835",
+            "LOCALHOST",
+            "[::1]:9835",
+            "127.0.0.2",
+        ] {
+            assert!(matches!(get(host), Answer::Page(_)), "{host}");
+        }
+        for host in [
+            "evil.example:9835",
+            "evil.example",
+            "",
+            "127.0.0.1.evil.example:9835",
+            "localhost.evil",
+        ] {
+            assert_eq!(get(host), Answer::Forbidden, "{host}");
+        }
+    }
+
     #[test]
     fn page_lists_and_kick_is_passed_on() {
         let (board, mut rx) = Board::new().unwrap();
@@ -309,7 +396,7 @@ mod tests {
             listen: "127.0.0.1:9835".parse().unwrap(),
             token: None,
         };
-        let Answer::Page(page) = answer(&board, &local, false, "/", "") else {
+        let Answer::Page(page) = ask(&board, &local, false, "/", "") else {
             panic!("no page")
         };
         assert!(
@@ -327,18 +414,18 @@ mod tests {
             "{page}"
         );
         assert_eq!(
-            answer(&board, &local, true, "/kick", &format!("user=cam&{nonce}")),
+            ask(&board, &local, true, "/kick", &format!("user=cam&{nonce}")),
             Answer::SeeOther("/".into())
         );
         assert_eq!(rx.try_recv().unwrap(), AdminRequest::Kick("cam".into()));
         assert_eq!(
-            answer(&board, &local, true, "/end", &format!("session=7&{nonce}")),
+            ask(&board, &local, true, "/end", &format!("session=7&{nonce}")),
             Answer::SeeOther("/".into())
         );
         assert_eq!(rx.try_recv().unwrap(), AdminRequest::EndSession(7));
         board.offline("cam<1>");
         board.session_ended(7);
-        let Answer::Page(page) = answer(&board, &local, false, "/", "") else {
+        let Answer::Page(page) = ask(&board, &local, false, "/", "") else {
             panic!("no page")
         };
         assert!(!page.contains("cam&lt;1&gt;"));
@@ -360,7 +447,7 @@ mod tests {
             ("/end", format!("session=7&nonce={}0", board.nonce)),
         ] {
             assert_eq!(
-                answer(&board, &local, true, path, &query),
+                ask(&board, &local, true, path, &query),
                 Answer::Forbidden,
                 "{path}?{query}"
             );
@@ -390,31 +477,28 @@ mod tests {
             listen: "0.0.0.0:9835".parse().unwrap(),
             token: None,
         };
-        assert_eq!(answer(&board, &open, false, "/", ""), Answer::Forbidden);
+        assert_eq!(ask(&board, &open, false, "/", ""), Answer::Forbidden);
         let guarded = Access {
             listen: "0.0.0.0:9835".parse().unwrap(),
             token: Some("s3cret".into()),
         };
         assert_eq!(
-            answer(&board, &guarded, false, "/", "token=x"),
+            ask(&board, &guarded, false, "/", "token=x"),
             Answer::Forbidden
         );
         assert!(matches!(
-            answer(&board, &guarded, false, "/", "token=s3cret"),
+            ask(&board, &guarded, false, "/", "token=s3cret"),
             Answer::Page(_)
         ));
-        assert_eq!(answer(&board, &guarded, false, "/", ""), Answer::Forbidden);
+        assert_eq!(ask(&board, &guarded, false, "/", ""), Answer::Forbidden);
         // `admin_token = ""` is a mistake, not an open door.
         let empty = Access {
             listen: "0.0.0.0:9835".parse().unwrap(),
             token: Some(String::new()),
         };
+        assert_eq!(ask(&board, &empty, false, "/", "token="), Answer::Forbidden);
         assert_eq!(
-            answer(&board, &empty, false, "/", "token="),
-            Answer::Forbidden
-        );
-        assert_eq!(
-            answer(
+            ask(
                 &board,
                 &empty,
                 true,
@@ -424,7 +508,7 @@ mod tests {
             Answer::Forbidden
         );
         assert_eq!(
-            answer(&board, &guarded, false, "/metrics", ""),
+            ask(&board, &guarded, false, "/metrics", ""),
             Answer::NotMine
         );
     }
