@@ -425,7 +425,8 @@ fn a_kicked_device_is_told_so_and_comes_back() {
     dashboard_action(admin, "/kick?user=cam-1");
 }
 
-/// Issue 14's dashboard: *end* on one session's row ends that session only. The laptop's
+/// Issue 14's dashboard: a running session's row counts its bytes, and *end* on it ends
+/// that session only. The laptop's
 /// local connection closes, both sides are told why, and both stay logged in (the device
 /// is still on the page, a new session works).
 #[test]
@@ -441,6 +442,12 @@ fn the_dashboard_ends_one_session() {
     session.write_all(b"hi").unwrap();
     session.read_exact(&mut [0u8; 2]).unwrap();
 
+    // The page counts the session's bytes (as of its last reload).
+    let start = Instant::now();
+    while !admin_http(admin, "GET", "/").contains("<td class=up>2</td><td class=down>2</td>") {
+        assert!(start.elapsed() < T, "no byte counts on the page");
+        thread::sleep(Duration::from_millis(100));
+    }
     let end = dashboard_action(admin, "/end?session=");
     let answer = admin_http(admin, "POST", &end);
     assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");

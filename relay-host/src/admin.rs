@@ -28,6 +28,9 @@ pub enum AdminRequest {
     Kick(String),
     /// End this running session; both sides stay logged in.
     EndSession(u32),
+    /// Someone is looking at the page: hand the sessions' byte counts to
+    /// [`Board::counted`], for its next reload (nobody looking, nothing counted).
+    CountBytes,
 }
 
 #[derive(Debug)]
@@ -43,6 +46,8 @@ struct SessionRow {
     to: String,
     service: String,
     since: SystemTime,
+    /// Payload bytes (requester to target, target to requester) at the last count.
+    bytes: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -111,6 +116,7 @@ impl Board {
             to: to.to_owned(),
             service: service.to_owned(),
             since: SystemTime::now(),
+            bytes: (0, 0),
         };
         self.state().sessions.insert(session, row);
     }
@@ -118,6 +124,16 @@ impl Board {
     /// A session ended.
     pub fn session_ended(&self, session: u32) {
         self.state().sessions.remove(&session);
+    }
+
+    /// The running sessions' byte counts: (session, up, down).
+    pub fn counted(&self, counts: impl Iterator<Item = (u32, u64, u64)>) {
+        let mut st = self.state();
+        for (session, up, down) in counts {
+            if let Some(row) = st.sessions.get_mut(&session) {
+                row.bytes = (up, down);
+            }
+        }
     }
 
     /// A login failed or was throttled; the oldest of [`RECENT_FAILURES`] goes.
@@ -175,15 +191,17 @@ impl Board {
             st.sessions.len()
         );
         html.push_str(END_NOTE);
-        html.push_str("<table id=sessions><tr><th>session</th><th>from</th><th>to</th><th>service</th><th>running for</th><th></th></tr>");
+        html.push_str("<table id=sessions><tr><th>session</th><th>from</th><th>to</th><th>service</th><th>running for</th><th>bytes up</th><th>bytes down</th><th></th></tr>");
         for (id, s) in &st.sessions {
             let _ = write!(
                 html,
-                "<tr id=\"session-{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><form method=post action=\"/end?session={id}{q}\"><button id=\"end-{id}\">end</button></form></td></tr>",
+                "<tr id=\"session-{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=up>{}</td><td class=down>{}</td><td><form method=post action=\"/end?session={id}{q}\"><button id=\"end-{id}\">end</button></form></td></tr>",
                 escape(&s.from),
                 escape(&s.to),
                 escape(&s.service),
-                age(s.since)
+                age(s.since),
+                s.bytes.0,
+                s.bytes.1
             );
         }
         html.push_str("</table><h2>Recent failed and throttled logins</h2><table id=failures><tr><th>ago</th><th>user</th><th>from</th><th>why</th></tr>");
@@ -306,6 +324,7 @@ pub fn answer(board: &Board, access: &Access, req: Request<'_>) -> Answer {
     };
     let request = match (post, path) {
         (false, "/") if access.allowed(&query, host) => {
+            board.request(AdminRequest::CountBytes);
             return Answer::Page(board.render(query.get("token").map(String::as_str)));
         }
         (false, "/") => return Answer::Forbidden,
@@ -404,6 +423,16 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("wrong password") && page.contains("<td>7</td>"));
+        assert_eq!(rx.try_recv().unwrap(), AdminRequest::CountBytes);
+        board.counted([(7, 1234, 56), (8, 1, 1)].into_iter());
+        let Answer::Page(page) = ask(&board, &local, false, "/", "") else {
+            panic!("no page")
+        };
+        assert!(
+            page.contains("<td class=up>1234</td><td class=down>56</td>"),
+            "{page}"
+        );
+        assert_eq!(rx.try_recv().unwrap(), AdminRequest::CountBytes);
         let nonce = format!("nonce={}", board.nonce);
         assert!(
             page.contains(&format!("/kick?user=cam&lt;1&gt;&amp;{nonce}")),
@@ -423,6 +452,7 @@ mod tests {
             Answer::SeeOther("/".into())
         );
         assert_eq!(rx.try_recv().unwrap(), AdminRequest::EndSession(7));
+        assert!(rx.try_recv().is_err());
         board.offline("cam<1>");
         board.session_ended(7);
         let Answer::Page(page) = ask(&board, &local, false, "/", "") else {

@@ -995,6 +995,7 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
                     false => tracing::info!(session, "dashboard: no such session (ended already?)"),
                 }
             }
+            AdminRequest::CountBytes => srv.board.counted(srv.lock().relay.session_bytes()),
         }
     }
 }

@@ -68,14 +68,23 @@ fn ended_reason(r: &mut Core) -> Option<ReleaseReason> {
 
 /// The operator ends one session: both sides get RELEASE `EndedByOperator`, stay logged
 /// in and may start another; the event says why. An unknown session changes nothing.
+/// While it runs, its byte counts are there to read.
 #[test]
 fn ending_a_session_releases_both_sides() {
     let mut r = core();
     let (a, b, session) = session(&mut r);
     ended_reason(&mut r);
     assert!(!r.close_session(session + 1));
+    let mut data = data_header(3).unwrap().to_vec();
+    data.extend([1, 2, 3]);
+    feed(&mut r, a, &data);
+    output(&mut r, b);
+    assert_eq!(output(&mut r, b).0, [], "payload written: unlocked");
+    let counts: Vec<_> = r.session_bytes().collect();
+    assert_eq!(counts, [(session, 3, 0)], "a demanded: up");
     assert!(r.close_session(session));
     assert_eq!(ended_reason(&mut r), Some(ReleaseReason::EndedByOperator));
+    assert_eq!(r.session_bytes().count(), 0);
     for conn in [a, b] {
         let (frames, close) = output(&mut r, conn);
         assert_eq!(

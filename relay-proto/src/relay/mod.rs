@@ -1619,6 +1619,30 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         true
     }
 
+    /// Every running session with the payload bytes it carried so far: (session,
+    /// requester to target, target to requester), the figures its `SessionEnded` event
+    /// will give. One pass over the connections.
+    pub fn session_bytes(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        let mut k = 0;
+        core::iter::from_fn(move || {
+            while let Some(key) = self.conns.next_key(k) {
+                k = key + 1;
+                let c = self.conns.get(key)?;
+                if let Some(&Phase::Session {
+                    session,
+                    peer,
+                    requester: true,
+                    ..
+                }) = c.phase()
+                {
+                    let down = self.conns.get(peer).map_or(0, |p| p.bytes);
+                    return Some((session, c.bytes, down));
+                }
+            }
+            None
+        })
+    }
+
     /// The two connections of running session `session`.
     fn session_conns(&self, session: u32) -> Option<(u32, u32)> {
         let mut k = 0;
