@@ -1,7 +1,7 @@
 //! The operator dashboard in a real browser: headless Chromium driven through
 //! chromedriver's WebDriver HTTP API logs nothing in itself, sees a logged-in terminal on
-//! the page, kicks it with the page's button, sees it go (told why), and saves a screenshot as
-//! docs/dashboard.png.
+//! the page, ends its session and kicks it with the page's buttons, sees them go (the
+//! device told why), and saves a screenshot as docs/dashboard.png.
 
 #[path = "host_support.rs"]
 mod support;
@@ -130,7 +130,7 @@ fn kick_a_terminal_from_the_dashboard_in_chromium() {
                 .to_owned()
         })
     };
-    let button = eventually("cam-1 on the page", || find("#kick-cam-1"));
+    eventually("cam-1 on the page", || find("#kick-cam-1"));
     eventually("the session and the failed login on the page", || {
         find("#sessions tr + tr").and(find("#failures tr + tr"))
     });
@@ -141,13 +141,23 @@ fn kick_a_terminal_from_the_dashboard_in_chromium() {
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png");
     std::fs::write(docs, png).unwrap();
 
-    let click = webdriver(
-        port,
-        "POST",
-        &at(&format!("/element/{button}/click")),
-        Some(json!({})),
-    );
-    assert_eq!(click.0, 200, "{}", click.1);
+    let click = |button: &str| {
+        let click = webdriver(
+            port,
+            "POST",
+            &at(&format!("/element/{button}/click")),
+            Some(json!({})),
+        );
+        assert_eq!(click.0, 200, "{}", click.1);
+    };
+    let end = find("#sessions button").expect("an end button");
+    click(&end);
+    relay.proc().wait_for("session ended from the dashboard", T);
+    eventually("the session gone from the page", || {
+        find("#sessions tr + tr").is_none().then_some(())
+    });
+    let button = eventually("cam-1 still on the page", || find("#kick-cam-1"));
+    click(&button);
     relay.proc().wait_for("kicked from the dashboard", T);
     eventually("cam-1 gone from the page", || {
         find("#terminal-cam-1").is_none().then_some(())
