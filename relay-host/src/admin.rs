@@ -165,7 +165,7 @@ impl Board {
         };
         let mut q = format!("&amp;nonce={}", self.nonce);
         if let Some(t) = token {
-            let _ = write!(q, "&amp;token={}", escape(t));
+            let _ = write!(q, "&amp;token={}", percent_encode(t));
         }
         let mut html = String::from(HEAD);
         let _ = write!(
@@ -176,10 +176,10 @@ impl Board {
         html.push_str(KICK_NOTE);
         html.push_str("<table id=terminals><tr><th>user</th><th>from</th><th>logged in for</th><th>connection logins</th><th></th></tr>");
         for (user, t) in &st.terminals {
-            let u = escape(user);
+            let (u, in_url) = (escape(user), percent_encode(user));
             let _ = write!(
                 html,
-                "<tr id=\"terminal-{u}\"><td>{u}</td><td>{}</td><td>{}</td><td>{}</td><td><form method=post action=\"/kick?user={u}{q}\"><button id=\"kick-{u}\">kick</button></form></td></tr>",
+                "<tr id=\"terminal-{u}\"><td>{u}</td><td>{}</td><td>{}</td><td>{}</td><td><form method=post action=\"/kick?user={in_url}{q}\"><button id=\"kick-{u}\">kick</button></form></td></tr>",
                 escape(&t.peer),
                 age(t.since),
                 t.logins
@@ -227,6 +227,40 @@ const KICK_NOTE: &str = "<p>A kick closes the terminal's connections now (it is 
 
 /// What ending a session does.
 const END_NOTE: &str = "<p><i>end</i> ends that session: both sides are told (<i>the relay's operator ended the session</i>) and stay logged in.</p>";
+
+/// A query value as it goes into a URL: every byte but `A-Z a-z 0-9 - . _ ~` as `%XX`
+/// (user IDs may hold `&`, `#`, `%`, `+`).
+fn percent_encode(s: &str) -> String {
+    s.bytes().fold(String::new(), |mut out, b| {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+        out
+    })
+}
+
+/// A query value from a URL (`%XX` and `+` as a space, as forms send it); `None` if it is
+/// not valid percent-encoded UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            b'+' => b' ',
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
+}
 
 /// HTML-escapes user IDs and addresses (they come from the network).
 fn escape(s: &str) -> String {
@@ -316,10 +350,10 @@ pub fn answer(board: &Board, access: &Access, req: Request<'_>) -> Answer {
     let query: BTreeMap<String, String> = query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter_map(|(k, v)| Some((k.to_owned(), percent_decode(v)?)))
         .collect();
     let back = || match query.get("token") {
-        Some(t) => format!("/?token={t}"),
+        Some(t) => format!("/?token={}", percent_encode(t)),
         None => "/".to_owned(),
     };
     let request = match (post, path) {
@@ -435,7 +469,7 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), AdminRequest::CountBytes);
         let nonce = format!("nonce={}", board.nonce);
         assert!(
-            page.contains(&format!("/kick?user=cam&lt;1&gt;&amp;{nonce}")),
+            page.contains(&format!("/kick?user=cam%3C1%3E&amp;{nonce}")),
             "{page}"
         );
         assert!(
@@ -463,6 +497,36 @@ mod tests {
 
     /// Another site open in the operator's browser can POST to a loopback dashboard (a
     /// form needs no script) but cannot read the page's nonce: without it, nothing happens.
+    /// User IDs may hold `&`, `#`, `%` and `+`: the page's kick URL names the whole ID
+    /// (it stopped at the `&`), and a token with such bytes works too.
+    #[test]
+    fn names_and_tokens_survive_the_url() {
+        let (board, mut rx) = Board::new().unwrap();
+        let odd = "a&b#c%d+e=f";
+        board.logged_in(odd, "127.0.0.1:5");
+        let guarded = Access {
+            listen: "127.0.0.1:9835".parse().unwrap(),
+            token: Some("t&k%n".into()),
+        };
+        let Answer::Page(page) = ask(&board, &guarded, false, "/", "token=t%26k%25n") else {
+            panic!("no page")
+        };
+        let action = page
+            .split("action=\"/kick?")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("a kick button")
+            .replace("&amp;", "&");
+        assert_eq!(rx.try_recv().unwrap(), AdminRequest::CountBytes);
+        assert_eq!(
+            ask(&board, &guarded, true, "/kick", &action),
+            Answer::SeeOther("/?token=t%26k%25n".into())
+        );
+        assert_eq!(rx.try_recv().unwrap(), AdminRequest::Kick(odd.into()));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%2"), None);
+    }
+
     #[test]
     fn actions_need_the_pages_nonce() {
         let (board, mut rx) = Board::new().unwrap();
