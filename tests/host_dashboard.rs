@@ -1,7 +1,7 @@
 //! The operator dashboard in a real browser: headless Chromium driven through
 //! chromedriver's WebDriver HTTP API logs nothing in itself, sees a logged-in terminal on
-//! the page, kicks it with the page's button, sees it go, and saves a screenshot as
-//! docs/dashboard.png.
+//! the page, ends its session and kicks it with the page's buttons, sees them go (the
+//! device told why), and saves a screenshot as docs/dashboard.png.
 
 #[path = "host_support.rs"]
 mod support;
@@ -74,7 +74,7 @@ fn kick_a_terminal_from_the_dashboard_in_chromium() {
     );
     relay.add_user("cam-1");
     let echo = echo_service();
-    let mut cam = relay.expose("cam-1", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let cam = relay.expose("cam-1", &["--service", &format!("echo=127.0.0.1:{echo}")]);
     // A running session and a failed login, for the page to show.
     relay.add_user("laptop");
     let (_forward, local) = relay.forward("laptop", "cam-1/echo");
@@ -130,7 +130,7 @@ fn kick_a_terminal_from_the_dashboard_in_chromium() {
                 .to_owned()
         })
     };
-    let button = eventually("cam-1 on the page", || find("#kick-cam-1"));
+    eventually("cam-1 on the page", || find("#kick-cam-1"));
     eventually("the session and the failed login on the page", || {
         find("#sessions tr + tr").and(find("#failures tr + tr"))
     });
@@ -141,18 +141,27 @@ fn kick_a_terminal_from_the_dashboard_in_chromium() {
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png");
     std::fs::write(docs, png).unwrap();
 
-    let click = webdriver(
-        port,
-        "POST",
-        &at(&format!("/element/{button}/click")),
-        Some(json!({})),
-    );
-    assert_eq!(click.0, 200, "{}", click.1);
+    let click = |button: &str| {
+        let click = webdriver(
+            port,
+            "POST",
+            &at(&format!("/element/{button}/click")),
+            Some(json!({})),
+        );
+        assert_eq!(click.0, 200, "{}", click.1);
+    };
+    let end = find("#sessions button").expect("an end button");
+    click(&end);
+    relay.proc().wait_for("session ended from the dashboard", T);
+    eventually("the session gone from the page", || {
+        find("#sessions tr + tr").is_none().then_some(())
+    });
+    let button = eventually("cam-1 still on the page", || find("#kick-cam-1"));
+    click(&button);
     relay.proc().wait_for("kicked from the dashboard", T);
     eventually("cam-1 gone from the page", || {
         find("#terminal-cam-1").is_none().then_some(())
     });
-    let (_, log) = cam.wait_exit(T);
-    assert!(log.contains("relay: error:"), "{log}");
+    cam.wait_for("connections closed by the operator", T);
     webdriver(port, "DELETE", &at(""), None);
 }

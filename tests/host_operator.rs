@@ -374,3 +374,94 @@ fn client_config_and_the_ssh_config_block() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One HTTP/1.1 request to the admin listener; the whole answer.
+fn admin_http(port: u16, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin listener");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The dashboard's form action that starts with `prefix` (`/kick?user=cam-1`), once the
+/// page shows it, `&amp;` undone.
+fn dashboard_action(port: u16, prefix: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let page = admin_http(port, "GET", "/");
+        let found = page.split("action=\"").skip(1).find_map(|rest| {
+            let action = rest.split('"').next()?.replace("&amp;", "&");
+            action.starts_with(prefix).then_some(action)
+        });
+        if let Some(action) = found {
+            return action;
+        }
+        assert!(start.elapsed() < T, "no {prefix} on the page:\n{page}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 14's dashboard: a kick closes the device's connections with ERROR `Kicked`, which
+/// the device shows as such (it was told "account removed by the operator", and stopped
+/// for good), and, its account being intact, it logs in again after its back-off.
+#[test]
+fn a_kicked_device_is_told_so_and_comes_back() {
+    let admin = free_port();
+    let relay = Relay::start_with(&format!("metrics = \"127.0.0.1:{admin}\""), FAST);
+    relay.add_user("cam-1");
+    let echo = echo_service();
+    let cam = relay.expose("cam-1", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let kick = dashboard_action(admin, "/kick?user=cam-1");
+    let answer = admin_http(admin, "POST", &kick);
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    cam.wait_for("connections closed by the operator", T);
+    assert_eq!(cam.count("account removed"), 0, "{}", cam.log());
+    relay.proc().wait_for_n("kicked from the dashboard", 1, T);
+    dashboard_action(admin, "/kick?user=cam-1");
+}
+
+/// Issue 14's dashboard: a running session's row counts its bytes, and *end* on it ends
+/// that session only. The laptop's
+/// local connection closes, both sides are told why, and both stay logged in (the device
+/// is still on the page, a new session works).
+#[test]
+fn the_dashboard_ends_one_session() {
+    let admin = free_port();
+    let relay = Relay::start_with(&format!("metrics = \"127.0.0.1:{admin}\""), FAST);
+    relay.add_user("cam-1");
+    relay.add_user("laptop");
+    let echo = echo_service();
+    let cam = relay.expose("cam-1", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (forward, local) = relay.forward("laptop", "cam-1/echo");
+    let mut session = TcpStream::connect(("127.0.0.1", local)).unwrap();
+    session.write_all(b"hi").unwrap();
+    session.read_exact(&mut [0u8; 2]).unwrap();
+
+    // The page counts the session's bytes (as of its last reload).
+    let start = Instant::now();
+    while !admin_http(admin, "GET", "/").contains("<td class=up>2</td><td class=down>2</td>") {
+        assert!(start.elapsed() < T, "no byte counts on the page");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let end = dashboard_action(admin, "/end?session=");
+    let answer = admin_http(admin, "POST", &end);
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    relay.proc().wait_for("session ended from the dashboard", T);
+    session.set_read_timeout(Some(T)).expect("a read deadline");
+    assert_eq!(
+        session.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "the local side closes"
+    );
+    forward.wait_for("the relay's operator ended the session", T);
+    cam.wait_for("reason=EndedByOperator", T);
+    // Only the session went: the device is still there and takes a new one.
+    dashboard_action(admin, "/kick?user=cam-1");
+    assert_eq!(round_trip(local, b"again"), b"again");
+    assert_eq!(cam.count("closed a connection"), 0, "{}", cam.log());
+}

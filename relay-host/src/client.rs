@@ -200,6 +200,10 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
             }
             Event::Closed { handle, cause } => {
                 tracing::debug!(handle = handle.0, ?cause, "relay connection closed");
+                // The relay's own reason (an operator's kick, a shutdown) is worth a line.
+                if let terminal::Cause::Relay(code) = cause {
+                    tracing::warn!(server = %ctx.server, "the relay closed a connection: {code} ({code:?})");
+                }
                 let slot = ctx.lock().slots[usize::from(handle.0)].take();
                 if let Some(s) = slot {
                     s.out.kill();
@@ -974,6 +978,7 @@ fn describe(reason: ReleaseReason) -> &'static str {
         ReleaseReason::PeerLoggedOut => "the peer logged out or was replaced",
         ReleaseReason::Cancelled => "cancelled by the relay",
         ReleaseReason::ShuttingDown => "the relay is shutting down",
+        ReleaseReason::EndedByOperator => "the relay's operator ended the session",
     }
 }
 

@@ -204,9 +204,18 @@ fn respond(
             .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid")
     };
-    let (uri, post) = (req.uri(), req.method() == Method::POST);
-    let query = uri.query().unwrap_or("");
-    match crate::admin::answer(&dashboard.board, &dashboard.access, post, uri.path(), query) {
+    let uri = req.uri();
+    let asked = crate::admin::Request {
+        post: req.method() == Method::POST,
+        path: uri.path(),
+        query: uri.query().unwrap_or(""),
+        host: req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(""),
+    };
+    match crate::admin::answer(&dashboard.board, &dashboard.access, asked) {
         Answer::Page(html) => return reply(StatusCode::OK, "text/html; charset=utf-8", html),
         Answer::SeeOther(to) => {
             return Response::builder()
@@ -216,7 +225,7 @@ fn respond(
                 .expect("static response parts are valid");
         }
         Answer::Forbidden => {
-            let why = "the dashboard needs ?token=admin_token off loopback\n";
+            let why = "the dashboard needs ?token=admin_token, or a loopback listener asked for by a loopback name (and its buttons the page's nonce)\n";
             return reply(StatusCode::FORBIDDEN, "text/plain", why.into());
         }
         Answer::NotMine => {}
@@ -293,7 +302,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new());
         metrics.bytes_relayed.inc_by(7);
-        let (board, _requests) = Board::new();
+        let (board, _requests) = Board::new().unwrap();
         let dashboard = Dashboard {
             board: Arc::new(board),
             access: Access {

@@ -25,6 +25,9 @@ const LIVE: [&str; 4] = [
     "limits.login_failures_per_source_per_minute",
 ];
 
+/// Keys whose values are secrets: a change is logged, the values never are.
+const SECRET: [&str; 1] = ["admin_token"];
+
 /// How to read the configuration again: the file, then the original flags on top.
 pub type Resolve = Box<dyn Fn() -> anyhow::Result<ServeConfig> + Send + Sync>;
 
@@ -162,7 +165,10 @@ fn changes(old: &ServeConfig, new: &ServeConfig) -> anyhow::Result<Vec<String>> 
                 true => "now",
                 false => "at the next start",
             };
-            (was != is).then(|| format!("{key}: {was} -> {is} ({when})"))
+            match SECRET.contains(&key.as_str()) {
+                true => (was != is).then(|| format!("{key}: changed, not shown ({when})")),
+                false => (was != is).then(|| format!("{key}: {was} -> {is} ({when})")),
+            }
         })
         .collect())
 }
@@ -201,5 +207,15 @@ mod tests {
             ]
         );
         assert!(changes(&old, &old).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_admin_token_is_never_logged() {
+        let old = ServeConfig::from_toml("admin_token = \"old-s3cret\"\n").unwrap();
+        let new = ServeConfig::from_toml("admin_token = \"new-s3cret\"\n").unwrap();
+        assert_eq!(
+            changes(&old, &new).unwrap(),
+            ["admin_token: changed, not shown (at the next start)"]
+        );
     }
 }

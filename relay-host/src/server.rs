@@ -981,11 +981,21 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
                 Ok(user) => {
                     tracing::info!(user = %name, "kicked from the dashboard");
                     let mut core = srv.lock();
-                    core.relay.remove_user(&user);
+                    core.relay.kick_user(&user);
                     core.drain(&srv);
                 }
                 Err(e) => tracing::warn!("dashboard: no such user ID '{name}': {e:?}"),
             },
+            AdminRequest::EndSession(session) => {
+                let mut core = srv.lock();
+                let ended = core.relay.close_session(session);
+                core.drain(&srv);
+                match ended {
+                    true => tracing::info!(session, "session ended from the dashboard"),
+                    false => tracing::info!(session, "dashboard: no such session (ended already?)"),
+                }
+            }
+            AdminRequest::CountBytes => srv.board.counted(srv.lock().relay.session_bytes()),
         }
     }
 }
@@ -1032,7 +1042,7 @@ pub async fn serve(
     let policy = SnapshotPolicy(accounts.borrow().clone());
     let epoch = std::time::Instant::now();
     let timer_wake = Arc::new(Notify::new());
-    let (board, admin_requests) = Board::new();
+    let (board, admin_requests) = Board::new()?;
     let board = Arc::new(board);
     let srv = Arc::new(Server {
         core: Mutex::new(Core {

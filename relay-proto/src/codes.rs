@@ -47,6 +47,9 @@ pub enum ErrorCode {
     Busy = 16,
     /// Anything but LOGIN before the login succeeded.
     NotLoggedIn = 17,
+    /// The operator closed this terminal's connections; the account stays, so the
+    /// terminal may log in again.
+    Kicked = 18,
 }
 
 impl ErrorCode {
@@ -84,6 +87,7 @@ impl ErrorCode {
             ErrorCode::AccountRemoved => "account removed by the operator",
             ErrorCode::Busy => "relay busy",
             ErrorCode::NotLoggedIn => "log in first",
+            ErrorCode::Kicked => "connections closed by the operator",
         }
     }
 }
@@ -172,6 +176,8 @@ pub enum ReleaseReason {
     Cancelled,
     /// The relay is shutting down.
     ShuttingDown,
+    /// The relay's operator ended the session; both connections stay logged in.
+    EndedByOperator,
 }
 
 impl fmt::Display for ErrorCode {

@@ -46,6 +46,7 @@ fn release_reason() -> impl Strategy<Value = ReleaseReason> {
         Just(ReleaseReason::PeerLoggedOut),
         Just(ReleaseReason::Cancelled),
         Just(ReleaseReason::ShuttingDown),
+        Just(ReleaseReason::EndedByOperator),
     ]
 }
 fn demand_error() -> impl Strategy<Value = DemandError> {

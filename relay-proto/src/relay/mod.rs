@@ -1588,12 +1588,84 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// The operator removed `user`'s account: the connections of all its instances
     /// close now.
     pub fn remove_user(&mut self, user: &UserId) {
+        self.drop_user(user, ErrorCode::AccountRemoved);
+    }
+
+    /// The operator kicked `user`: the connections of all its instances get ERROR
+    /// `Kicked` and close now. The account stays, so a terminal may log in again (to keep
+    /// it out, the operator removes or disables the account: [`Relay::remove_user`]).
+    pub fn kick_user(&mut self, user: &UserId) {
+        self.drop_user(user, ErrorCode::Kicked);
+    }
+
+    /// The operator ends session `session`: both sides get RELEASE `EndedByOperator` and
+    /// stay logged in. A side the host is writing a DATA payload into cannot be told
+    /// in-band and closes instead (as when a peer is lost, §10.3). False if no such
+    /// session runs.
+    pub fn close_session(&mut self, session: u32) -> bool {
+        let Some((a, b)) = self.session_conns(session) else {
+            return false;
+        };
+        let locked = |r: &Self, k| r.conns.get(k).is_some_and(ConnEntry::mid_payload);
+        let (a_locked, b_locked) = (locked(self, a), locked(self, b));
+        let reason = ReleaseReason::EndedByOperator;
+        self.end_session(a, b, reason, reason);
+        for (k, locked) in [(a, a_locked), (b, b_locked)] {
+            if locked {
+                self.close_conn(k, None, ReleaseReason::PeerLost);
+            } else if let Some(c) = self.conns.get_mut(k) {
+                c.outbound.withdraw();
+            }
+        }
+        self.serve_kicks();
+        true
+    }
+
+    /// Every running session with the payload bytes it carried so far: (session,
+    /// requester to target, target to requester), the figures its `SessionEnded` event
+    /// will give. One pass over the connections.
+    pub fn session_bytes(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        let mut k = 0;
+        core::iter::from_fn(move || {
+            while let Some(key) = self.conns.next_key(k) {
+                k = key + 1;
+                let c = self.conns.get(key)?;
+                if let Some(&Phase::Session {
+                    session,
+                    peer,
+                    requester: true,
+                    ..
+                }) = c.phase()
+                {
+                    let down = self.conns.get(peer).map_or(0, |p| p.bytes);
+                    return Some((session, c.bytes, down));
+                }
+            }
+            None
+        })
+    }
+
+    /// The two connections of running session `session`.
+    fn session_conns(&self, session: u32) -> Option<(u32, u32)> {
+        let mut k = 0;
+        while let Some(key) = self.conns.next_key(k) {
+            if let Some(&Phase::Session {
+                session: s, peer, ..
+            }) = self.conns.get(key).and_then(ConnEntry::phase)
+                && s == session
+            {
+                return Some((key, peer));
+            }
+            k = key + 1;
+        }
+        None
+    }
+
+    /// Closes the connections of all of `user`'s instances after ERROR `code`; the peers
+    /// of their sessions get RELEASE `PeerLoggedOut`.
+    fn drop_user(&mut self, user: &UserId, code: ErrorCode) {
         while let Some(tk) = self.users.get(user) {
-            self.drop_terminal(
-                tk,
-                Some(ErrorCode::AccountRemoved),
-                ReleaseReason::PeerLoggedOut,
-            );
+            self.drop_terminal(tk, Some(code), ReleaseReason::PeerLoggedOut);
         }
         self.serve_kicks();
     }

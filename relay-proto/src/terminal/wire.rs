@@ -236,13 +236,14 @@ fn release_reason(i: u32) -> Result<ReleaseReason, Malformed> {
         2 => ReleaseReason::PeerLoggedOut,
         3 => ReleaseReason::Cancelled,
         4 => ReleaseReason::ShuttingDown,
+        5 => ReleaseReason::EndedByOperator,
         _ => return Err(Malformed),
     })
 }
 
 fn error_code(i: u32) -> Result<ErrorCode, Malformed> {
     use ErrorCode::*;
-    const CODES: [ErrorCode; 18] = [
+    const CODES: [ErrorCode; 19] = [
         BadFrame,
         UnknownFrameType,
         FrameTooLarge,
@@ -261,6 +262,7 @@ fn error_code(i: u32) -> Result<ErrorCode, Malformed> {
         AccountRemoved,
         Busy,
         NotLoggedIn,
+        Kicked,
     ];
     CODES.get(i as usize).copied().ok_or(Malformed)
 }
@@ -429,7 +431,7 @@ mod tests {
     use proptest::prelude::*;
     use std::vec::Vec;
 
-    const ERROR_CODES: usize = 18;
+    const ERROR_CODES: usize = 19;
 
     /// What `frame`'s codec makes of the same bytes, as an `Inbound`. Frames a relay
     /// never sends to a terminal map to `None`.
