@@ -8,7 +8,7 @@ use relay_bench::fleet::{self, Fleet};
 use relay_bench::load;
 use relay_bench::procs::{self, Proc, free_port, wait_port};
 use relay_bench::report::{self, FIGS, Results, applies};
-use relay_bench::systems::{self, Ctx, RelayOpts, System, Tools, bench_dir};
+use relay_bench::systems::{self, Ctx, PathUp, RelayOpts, System, Tools, bench_dir};
 use std::fmt::Write as _;
 use std::fs;
 use std::net::SocketAddr;
@@ -519,22 +519,30 @@ fn fig_tput(sys: System, ctx: &mut Ctx, cfg: &Cfg, res: &mut Results) -> Result<
     // public port forwards at once; give iperf3 time to reset before the real test.
     std::thread::sleep(Duration::from_millis(500));
     for streams in [1u32, 8] {
-        let (bps, bytes, cpu) = match iperf(ctx, cfg, path.port, streams, &path.forwarders()) {
+        let t = match iperf(ctx, cfg, streams, &path) {
             Ok(r) => r,
             Err(e) => {
                 println!("    iperf3 -P {streams} failed once ({e:#}); retrying");
                 std::thread::sleep(Duration::from_secs(1));
-                iperf(ctx, cfg, path.port, streams, &path.forwarders())?
+                iperf(ctx, cfg, streams, &path)?
             }
         };
         let key = if streams == 1 { "tput1" } else { "tput8" };
-        res.add(&format!("{key}.gbps"), sys, bps / 1e9);
+        res.add(&format!("{key}.gbps"), sys, t.bps / 1e9);
         if !path.procs.is_empty() {
-            res.add(&format!("{key}.cpu_s_per_gb"), sys, cpu / (bytes / 1e9));
+            let gb = t.bytes / 1e9;
+            res.add(&format!("{key}.cpu_s_per_gb"), sys, t.cpu_all / gb);
+            res.add(
+                &format!("{key}.server_cpu_s_per_gb"),
+                sys,
+                t.cpu_server / gb,
+            );
         }
         println!(
-            "    tput -P {streams}: {:.2} Gbit/s, forwarders' CPU {cpu:.2} s",
-            bps / 1e9
+            "    tput -P {streams}: {:.2} Gbit/s, forwarders' CPU {:.2} s (relay role {:.2} s)",
+            t.bps / 1e9,
+            t.cpu_all,
+            t.cpu_server
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -543,10 +551,22 @@ fn fig_tput(sys: System, ctx: &mut Ctx, cfg: &Cfg, res: &mut Results) -> Result<
     Ok(())
 }
 
-/// One iperf3 client run through the path: (bits/s, bytes received, forwarders' CPU s).
-fn iperf(ctx: &Ctx, cfg: &Cfg, port: u16, streams: u32, fwd: &[u32]) -> Result<(f64, f64, f64)> {
+/// One iperf3 run's result.
+struct Tput {
+    bps: f64,
+    bytes: f64,
+    /// CPU seconds of every forwarding process of the path.
+    cpu_all: f64,
+    /// CPU seconds of the relay-role process tree alone.
+    cpu_server: f64,
+}
+
+/// One iperf3 client run through the path.
+fn iperf(ctx: &Ctx, cfg: &Cfg, streams: u32, path: &PathUp) -> Result<Tput> {
+    let (fwd, port) = (path.forwarders(), path.port);
     {
-        let cpu0 = procs::cpu_seconds(fwd);
+        let cpu0 = procs::cpu_seconds(&fwd);
+        let server0 = procs::cpu_seconds(&path.server);
         let mut c = Command::new(&ctx.tools.iperf3);
         c.args([
             "-c",
@@ -562,7 +582,8 @@ fn iperf(ctx: &Ctx, cfg: &Cfg, port: u16, streams: u32, fwd: &[u32]) -> Result<(
             "5000",
         ]);
         let out = run_with_deadline("iperf3", c, cfg.dur + Duration::from_secs(20))?;
-        let cpu = procs::cpu_seconds(fwd) - cpu0;
+        let cpu_all = procs::cpu_seconds(&fwd) - cpu0;
+        let cpu_server = procs::cpu_seconds(&path.server) - server0;
         let j: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
             anyhow!(
                 "iperf3 JSON: {e}: {}",
@@ -580,7 +601,12 @@ fn iperf(ctx: &Ctx, cfg: &Cfg, port: u16, streams: u32, fwd: &[u32]) -> Result<(
         if bytes <= 0.0 {
             bail!("iperf3 -P {streams}: no bytes received");
         }
-        Ok((bps, bytes, cpu))
+        Ok(Tput {
+            bps,
+            bytes,
+            cpu_all,
+            cpu_server,
+        })
     }
 }
 
@@ -646,7 +672,9 @@ fn fig_http(
         "3s",
         &format!("http://127.0.0.1:{port}/"),
     ]);
+    let cpu0 = procs::cpu_seconds(&path.server);
     let out = run_with_deadline("wrk", c, cfg.dur + Duration::from_secs(20))?;
+    let server_cpu = procs::cpu_seconds(&path.server) - cpu0;
     let rps: f64 = out
         .lines()
         .find(|l| l.trim_start().starts_with("Requests/sec:"))
@@ -669,6 +697,16 @@ fn fig_http(
     res.add("http.rps", sys, rps);
     res.add("http.errors", sys, errors);
     println!("    http (wrk -c32): {rps:.0} req/s, {errors} errors");
+    if sys != System::Direct {
+        let requests: f64 = out
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("wrk printed no request count: {out}"))?;
+        let us = server_cpu * 1e6 / requests.max(1.0);
+        res.add("http.server_cpu_us_per_req", sys, us);
+        println!("    relay-role CPU {us:.1} µs per request");
+    }
     if sys != System::Direct {
         let server = path.server.clone();
         let all = path.forwarders();
@@ -963,7 +1001,9 @@ fn fig_idle(sys: System, ctx: &mut Ctx, cfg: &Cfg, echo: u16, res: &mut Results)
             }
             per_client_fds = 2;
         }
-        System::Direct | System::Socat | System::Relay | System::RelaySplice => return Ok(()),
+        System::Direct | System::Socat | System::SshChain | System::Relay | System::RelaySplice => {
+            return Ok(());
+        }
     }
     let pids = [server[0].pid()];
     let grown = wait_fds(&pids, base_fds, n * per_client_fds, settle);

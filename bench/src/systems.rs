@@ -17,18 +17,22 @@ pub enum System {
     Rathole,
     Bore,
     Ssh,
+    /// OpenSSH terminal to terminal: `ssh -L` on the client's side through sshd to an
+    /// `ssh -R` on the device's side, the shape of our three-hop path.
+    SshChain,
     Relay,
     /// Our relay with its splice(2) data path switched on (figure 7; the default copies).
     RelaySplice,
 }
 
 impl System {
-    pub const PEERS: [System; 5] = [
+    pub const PEERS: [System; 6] = [
         System::Direct,
         System::Socat,
         System::Rathole,
         System::Bore,
         System::Ssh,
+        System::SshChain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +42,7 @@ impl System {
             System::Rathole => "rathole",
             System::Bore => "bore",
             System::Ssh => "ssh",
+            System::SshChain => "ssh-chain",
             System::Relay => "relay",
             System::RelaySplice => "relay-splice",
         }
@@ -64,11 +69,21 @@ impl System {
                 "client → sshd (-R listener, encrypted channel) → ssh -N -R → service",
                 2,
             ),
+            System::SshChain => (
+                "client → ssh -N -L → sshd (-L session → its own -R listener) → ssh -N -R → service",
+                3,
+            ),
             System::Relay | System::RelaySplice => (
                 "client → relay connect --listen → relay serve → relay expose → service",
                 3,
             ),
         }
+    }
+
+    /// Paths with a forwarding process on the client's side as well as the device's
+    /// (terminal to terminal): compared with each other, not with the two-hop peers.
+    pub fn three_hops(self) -> bool {
+        self.hops().1 == 3
     }
 }
 
@@ -159,7 +174,7 @@ impl Tools {
             System::Socat => vec![&self.socat],
             System::Rathole => vec![&self.rathole],
             System::Bore => vec![&self.bore],
-            System::Ssh => vec![&self.sshd, &self.ssh, &self.ssh_keygen],
+            System::Ssh | System::SshChain => vec![&self.sshd, &self.ssh, &self.ssh_keygen],
             System::Relay | System::RelaySplice => match &self.relay {
                 Some(p) => vec![p.as_path()],
                 None => {
@@ -337,6 +352,18 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             let l = free_port()?;
             up.procs
                 .push(ssh_reverse(&t, &dir, p, &[(l, target)], &log)?);
+            up.port = l;
+        }
+        System::SshChain => {
+            let (sshd, p) = sshd_start(&t, &dir, 16)?;
+            up.procs.push(sshd);
+            wait_port(p, READY, &mut up.procs)?;
+            let public = free_port()?;
+            up.procs
+                .push(ssh_reverse(&t, &dir, p, &[(public, target)], &log)?);
+            wait_port(public, READY, &mut up.procs)?;
+            let l = free_port()?;
+            up.procs.push(ssh_local(&t, &dir, p, &[(l, public)], &log)?);
             up.port = l;
         }
         System::Relay | System::RelaySplice => {
@@ -635,6 +662,30 @@ pub fn ssh_reverse(
     fwds: &[(u16, u16)],
     log: &Path,
 ) -> Result<Proc> {
+    ssh_forward(t, dir, sshd_port, "-R", fwds, log)
+}
+
+/// `ssh -N -L` from the client's side: each (local, remote) pair is one local forward,
+/// whose far end sshd opens on 127.0.0.1.
+pub fn ssh_local(
+    t: &Tools,
+    dir: &Path,
+    sshd_port: u16,
+    fwds: &[(u16, u16)],
+    log: &Path,
+) -> Result<Proc> {
+    ssh_forward(t, dir, sshd_port, "-L", fwds, log)
+}
+
+/// `ssh -N` with one `flag` (`-R` or `-L`) per (listen, to) pair, key-only, no prompts.
+fn ssh_forward(
+    t: &Tools,
+    dir: &Path,
+    sshd_port: u16,
+    flag: &str,
+    fwds: &[(u16, u16)],
+    log: &Path,
+) -> Result<Proc> {
     let keys = ssh_keys(t, dir)?;
     let mut c = Command::new(&t.ssh);
     c.args(["-F", "/dev/null", "-N", "-T"])
@@ -646,12 +697,12 @@ pub fn ssh_reverse(
         .arg("-i")
         .arg(keys.join("id"))
         .args(["-p", &sshd_port.to_string()]);
-    for (public, target) in fwds {
-        c.arg("-R")
-            .arg(format!("127.0.0.1:{public}:127.0.0.1:{target}"));
+    for (listen, to) in fwds {
+        c.arg(flag)
+            .arg(format!("127.0.0.1:{listen}:127.0.0.1:{to}"));
     }
     c.arg(format!("{}@127.0.0.1", current_user()));
-    Proc::spawn("ssh -R", c, log)
+    Proc::spawn(if flag == "-R" { "ssh -R" } else { "ssh -L" }, c, log)
 }
 
 /// The SHA-256 fingerprint `relay serve` prints on start: the first run of 64 hex digits
