@@ -33,7 +33,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,socat,rathole,bore,ssh,relay"
+        default_value = "direct,socat,rathole,bore,ssh,ssh-chain,relay"
     )]
     systems: Vec<System>,
     /// Systems that must be available (otherwise they are reported as "not available").
