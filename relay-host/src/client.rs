@@ -214,6 +214,10 @@ fn dispatch(ctx: &Arc<Ctx>, events: Vec<Event>) {
             }
             Event::LoggedIn => {
                 tracing::info!(server = %ctx.server, "logged in to the relay");
+                let runs_as = ctx.lock().term.runs_as();
+                if ctx.exposed.is_none() && runs_as == Some(terminal::Kind::Reachable) {
+                    tracing::warn!(server = %ctx.server, "the relay does not know requester instances (no REQUESTER capability): this login runs as the user ID's reachable instance and replaced a device logged in with it");
+                }
                 let _ = ctx.app.send(AppEvent::LoggedIn);
             }
             Event::Down if ctx.stopping.load(std::sync::atomic::Ordering::Relaxed) => {}
@@ -1048,7 +1052,14 @@ pub fn online(args: &TerminalArgs, patience: Duration) -> anyhow::Result<Vec<Str
             while tokio::time::Instant::now() < give_up {
                 let events = {
                     let mut st = ctx.lock();
-                    st.term.request_online(cursor).ok().map(|_| st.after(&ctx))
+                    match st.term.request_online(cursor) {
+                        Ok(_) => Some(st.after(&ctx)),
+                        Err(SendError::Unsupported(_)) => bail!(
+                            "the relay at {} does not offer the online list (no LIST capability in its LOGIN_OK)",
+                            ctx.server
+                        ),
+                        Err(_) => None,
+                    }
                 };
                 if let Some(ev) = events {
                     dispatch(&ctx, ev);

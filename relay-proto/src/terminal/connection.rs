@@ -109,6 +109,7 @@ pub(crate) enum Step {
 pub(crate) enum Change {
     None,
     LoggedIn {
+        caps: u32,
         token: ResumeToken,
         keepalive: Duration,
         max_payload: u16,
@@ -539,6 +540,7 @@ impl Connection {
             (
                 State::LoggingIn { .. },
                 Inbound::LoginOk {
+                    caps,
                     keepalive_ms,
                     max_payload,
                     token,
@@ -548,6 +550,7 @@ impl Connection {
                 let keepalive = Duration::from_millis(keepalive_ms.into());
                 self.next_ka = now + jitter.spread(keepalive, 10);
                 Change::LoggedIn {
+                    caps,
                     token,
                     keepalive,
                     max_payload,

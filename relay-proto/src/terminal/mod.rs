@@ -193,6 +193,16 @@ pub enum SendError {
     TooLong,
     /// The caller's buffer is smaller than [`MIN_TRANSMIT_BUF`].
     BufferTooSmall,
+    /// The relay did not announce the capability the call needs (docs/PROTOCOL.md §9).
+    Unsupported(Unsupported),
+}
+
+/// A feature the relay's LOGIN_OK did not announce, so the terminal does not use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Unsupported {
+    /// No `LIST` bit: the relay does not answer LIST, so no online list.
+    List,
 }
 
 /// A terminal's connections to one relay. `N` is the most connections it ever holds
@@ -210,6 +220,8 @@ pub struct Terminal<const N: usize> {
     user: UserId,
     password: Password,
     token: Option<ResumeToken>,
+    /// The capabilities in force, from the latest LOGIN_OK (0 before any).
+    caps: u32,
     /// The relay's keep-alive interval once known.
     keepalive: Duration,
     max_payload: u16,
@@ -243,6 +255,7 @@ impl<const N: usize> Terminal<N> {
             user,
             password,
             token: None,
+            caps: 0,
             max_payload: MAX_PAYLOAD as u16,
             slots: core::array::from_fn(|_| None),
             event: None,
@@ -264,6 +277,28 @@ impl<const N: usize> Terminal<N> {
     /// Whether at least one connection is logged in.
     pub fn is_up(&self) -> bool {
         self.up
+    }
+
+    /// The capabilities in force ([`caps`]): the bits our LOGIN announced that the relay
+    /// has too, from its latest LOGIN_OK; 0 before the first.
+    pub fn caps(&self) -> u32 {
+        self.caps
+    }
+
+    /// The kind of instance the relay runs us as, once a LOGIN_OK said it: a relay that
+    /// does not know [`caps::REQUESTER`] runs a requester as its user ID's reachable
+    /// instance (it may replace, or be replaced by, the device of the same user ID).
+    pub fn runs_as(&self) -> Option<Kind> {
+        match (self.caps == 0, self.caps & caps::REQUESTER != 0) {
+            (true, _) => None,
+            (false, true) => Some(Kind::Requester),
+            (false, false) => Some(Kind::Reachable),
+        }
+    }
+
+    /// Whether the relay announced `bit`.
+    fn has(&self, bit: u32) -> bool {
+        self.caps & bit != 0
     }
 
     /// Largest DATA payload the relay accepts (65,535 until it says otherwise).
@@ -363,8 +398,13 @@ impl<const N: usize> Terminal<N> {
         let coming = self.conns().filter(|(_, c)| c.is_coming_up()).count();
         let idle = self.conns().filter(|(_, c)| c.is_idle()).count();
         let full = self.slots.iter().all(Option::is_some);
+        // Without RESUME another connection needs a second password login, which starts
+        // a new instance (a reachable one would replace us): one connection only.
+        let more = self.has(caps::RESUME) || self.conns().next().is_none();
         // Before the first login, one at a time: the password is checked once.
-        !full && idle + coming < usize::from(self.config.spare.max(1)) && (self.up || coming == 0)
+        !full
+            && idle + coming < usize::from(self.config.spare.max(1))
+            && (if self.up { more } else { coming == 0 })
     }
 
     fn replenish(&mut self, now: Instant) {
@@ -448,11 +488,14 @@ impl<const N: usize> Terminal<N> {
         let event = match change {
             Change::None => None,
             Change::LoggedIn {
+                caps: in_force,
                 token,
                 keepalive,
                 max_payload,
             } => {
-                self.token = Some(token);
+                self.caps = in_force;
+                // A relay without RESUME would not take the token back.
+                self.token = self.has(caps::RESUME).then_some(token);
                 self.keepalive = keepalive;
                 self.max_payload = max_payload;
                 self.failures = 0;
@@ -667,8 +710,12 @@ impl<const N: usize> Terminal<N> {
     }
 
     /// Asks for a page of the online list; `cursor` 0 is the first page.
+    /// Refused with [`Unsupported::List`] when the relay did not announce [`caps::LIST`].
     pub fn request_online(&mut self, cursor: u32) -> Result<Handle, SendError> {
         let h = self.idle_handle()?;
+        if !self.has(caps::LIST) {
+            return Err(SendError::Unsupported(Unsupported::List));
+        }
         self.conn_mut(h)?.list(cursor)?;
         Ok(h)
     }

@@ -557,3 +557,89 @@ fn logout_closes_once_written() {
     assert_eq!(r.sent(H0), []);
     assert_eq!(closed(&r.events(), H0), Some(Cause::Local));
 }
+
+/// A terminal whose first connection logged in with a LOGIN_OK carrying `caps`.
+fn up_with_caps(config: Config, caps: u32) -> Rig {
+    let mut r = Rig {
+        t: Terminal::new(
+            config,
+            UserId::new("dev").unwrap(),
+            Password::new("pw").unwrap(),
+            7,
+        ),
+        now: Instant::from_secs(1),
+    };
+    r.t.start(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)]);
+    r.t.connected(H0, r.now);
+    r.sent(H0);
+    r.feed(
+        H0,
+        Frame::LoginOk(LoginOk {
+            caps,
+            keepalive_ms: 30_000,
+            max_payload: 4096,
+            token: ResumeToken::from_slice(b"token").unwrap(),
+        }),
+    );
+    r
+}
+
+#[test]
+fn no_online_list_from_a_relay_without_list() {
+    let mut r = up_with_caps(Config::default(), frame::caps::RESUME);
+    assert_eq!(r.events()[0], Event::LoggedIn);
+    assert_eq!(r.t.caps(), frame::caps::RESUME);
+    assert_eq!(
+        r.t.request_online(0),
+        Err(SendError::Unsupported(Unsupported::List))
+    );
+    assert_eq!(r.sent(H0), []);
+}
+
+#[test]
+fn no_resumption_and_no_spare_with_a_relay_without_resume() {
+    let config = Config {
+        spare: 2,
+        ..Config::default()
+    };
+    let mut r = up_with_caps(config, frame::caps::LIST);
+    // Another connection would need the token (or a second password login, which
+    // replaces this one): the terminal stays at one.
+    assert_eq!(r.events(), [Event::LoggedIn]);
+    assert_eq!(r.t.open_connections(), 1);
+    // Lost, it logs in again with the password.
+    r.t.transport_closed(H0, r.now);
+    r.now = r.now + Duration::from_secs(120);
+    r.t.handle_timeout(r.now);
+    let opened: Vec<Handle> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Open(h) => Some(h),
+            _ => None,
+        })
+        .collect();
+    let [h] = opened[..] else {
+        panic!("one connection: {opened:?}");
+    };
+    r.t.connected(h, r.now);
+    let [Frame::Login(login)] = &r.sent(h)[..] else {
+        panic!("LOGIN");
+    };
+    assert!(matches!(login.credential, frame::Credential::Password(_)));
+}
+
+#[test]
+fn a_requester_on_a_relay_without_requester_is_told_it_runs_reachable() {
+    let config = Config {
+        kind: Kind::Requester,
+        ..Config::default()
+    };
+    let mut r = up_with_caps(config.clone(), frame::caps::ALL);
+    assert_eq!(r.events()[0], Event::LoggedIn);
+    assert_eq!(r.t.runs_as(), Some(Kind::Reachable));
+    let mut r = up_with_caps(config, frame::caps::ALL | frame::caps::REQUESTER);
+    assert_eq!(r.events()[0], Event::LoggedIn);
+    assert_eq!(r.t.runs_as(), Some(Kind::Requester));
+}
