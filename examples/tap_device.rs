@@ -99,7 +99,7 @@ impl Device {
 }
 
 impl Service for Device {
-    fn on_notice(&mut self, from: &UserId, service: &ServiceName) -> Decision {
+    fn on_notice(&mut self, _: Handle, from: &UserId, service: &ServiceName) -> Decision {
         log::info!("demand from {from} for {service:?}");
         match service.as_str() {
             "echo" | "http" | "" => Decision::Accept,

@@ -16,6 +16,7 @@ mod service;
 pub use link::{Link, LinkError, LinkState};
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 
+use crate::codes::RejectReason;
 use crate::frame::HEADER_LEN;
 use crate::ident::{Password, ServiceName, UserId};
 use crate::terminal::{Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal};
@@ -401,6 +402,46 @@ impl<const N: usize> Driver<N> {
         self.drain(now, t, svc);
     }
 
+    /// Answers the notice the service deferred on `h` ([`Decision::Defer`]): `Ok` accepts
+    /// (the session opens, [`Service::on_open`]), `Err` rejects with that reason.
+    /// [`SendError::NoNotice`] when none waits there any more (the relay withdrew it).
+    pub fn answer<T: Link, S: Service>(
+        &mut self,
+        h: Handle,
+        answer: Result<(), RejectReason>,
+        now: Instant,
+        transport: &mut T,
+        service: &mut S,
+    ) -> Result<(), SendError> {
+        let slot = usize::from(h.0);
+        let link = self.links.get_mut(slot).ok_or(SendError::BadHandle)?;
+        if !link
+            .session
+            .as_ref()
+            .is_some_and(|s| !s.open && !s.requester)
+        {
+            return Err(SendError::NoNotice);
+        }
+        match answer {
+            Ok(()) => self.accept(slot, now, transport, service),
+            Err(reason) => {
+                link.session = None;
+                self.terminal.reject(h, reason)?;
+            }
+        }
+        self.drain(now, transport, service);
+        Ok(())
+    }
+
+    /// Accepts the notice on `slot`, whose session record is in place, and opens it.
+    fn accept<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
+        if self.terminal.accept(Handle(slot as u8), now).is_ok() {
+            self.open_session(slot, t, svc);
+        } else if let Some(link) = self.links.get_mut(slot) {
+            link.session = None;
+        }
+    }
+
     fn open_session<T: Link, S: Service>(&mut self, slot: usize, t: &mut T, svc: &mut S) {
         let Driver {
             terminal, links, ..
@@ -472,20 +513,21 @@ impl<const N: usize> Driver<N> {
                     ..
                 } => {
                     let slot = usize::from(handle.0);
-                    match svc.on_notice(&from, &service) {
-                        Decision::Accept if slot < N => {
-                            if self.terminal.accept(handle, now).is_ok() {
-                                self.links[slot].session = Some(SessionInfo {
-                                    service,
-                                    requester: false,
-                                    peer_ended: false,
-                                    ended: false,
-                                    open: false,
-                                });
-                                self.open_session(slot, t, svc);
-                            }
-                        }
-                        Decision::Accept | Decision::Ignore => {}
+                    let decision = svc.on_notice(handle, &from, &service);
+                    if let (Decision::Accept | Decision::Defer, Some(link)) =
+                        (decision, self.links.get_mut(slot))
+                    {
+                        link.session = Some(SessionInfo {
+                            service,
+                            requester: false,
+                            peer_ended: false,
+                            ended: false,
+                            open: false,
+                        });
+                    }
+                    match decision {
+                        Decision::Accept => self.accept(slot, now, t, svc),
+                        Decision::Defer | Decision::Ignore => {}
                         Decision::Reject(reason) => {
                             let _ = self.terminal.reject(handle, reason);
                         }

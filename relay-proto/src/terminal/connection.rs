@@ -177,6 +177,16 @@ pub(crate) struct Connection {
     /// Close once the pending output is flushed (after LOGOUT).
     close_after_flush: bool,
     login_attempts: u8,
+    /// A demand made while this connection was coming up: made once it logs in.
+    queued: Option<Queued>,
+}
+
+/// A demand waiting for its connection's login.
+#[derive(Debug, Clone)]
+struct Queued {
+    target: UserId,
+    service: ServiceName,
+    give_up: Instant,
 }
 
 impl Connection {
@@ -194,6 +204,7 @@ impl Connection {
             rx_payload: 0,
             close_after_flush: false,
             login_attempts: 0,
+            queued: None,
         }
     }
 
@@ -226,12 +237,17 @@ impl Connection {
         matches!(self.state, State::Closed(_))
     }
 
-    /// Whether this connection will be idle once its handshake completes.
+    /// Whether this connection is on its way to being logged in.
     pub(crate) fn is_coming_up(&self) -> bool {
         matches!(
             self.state,
             State::Connecting { .. } | State::LoggingIn { .. }
         )
+    }
+
+    /// Whether it will be idle once logged in (no demand waits for it).
+    pub(crate) fn is_spare_coming_up(&self) -> bool {
+        self.is_coming_up() && self.queued.is_none()
     }
 
     /// Ends the connection; the terminal sees the state and does the rest.
@@ -367,8 +383,17 @@ impl Connection {
         frame::data_header(len).map_err(|_| SendError::TooLong)
     }
 
-    /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed.
+    /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed;
+    /// or on a spare coming up ([`Connection::is_spare_coming_up`]): made at its login.
     pub(crate) fn demand(&mut self, target: UserId, service: ServiceName, give_up: Instant) {
+        if self.is_coming_up() {
+            self.queued = Some(Queued {
+                target,
+                service,
+                give_up,
+            });
+            return;
+        }
         self.state = State::Demanding {
             target,
             service,
@@ -546,7 +571,19 @@ impl Connection {
                     token,
                 },
             ) => {
-                self.state = State::Idle;
+                self.state = match self.queued.take() {
+                    Some(Queued {
+                        target,
+                        service,
+                        give_up,
+                    }) => State::Demanding {
+                        target,
+                        service,
+                        give_up,
+                        step: Step::Owed,
+                    },
+                    None => State::Idle,
+                };
                 let keepalive = Duration::from_millis(keepalive_ms.into());
                 self.next_ka = now + jitter.spread(keepalive, 10);
                 Change::LoggedIn {

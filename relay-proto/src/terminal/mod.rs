@@ -396,6 +396,7 @@ impl<const N: usize> Terminal<N> {
             return false;
         }
         let coming = self.conns().filter(|(_, c)| c.is_coming_up()).count();
+        let spares = self.conns().filter(|(_, c)| c.is_spare_coming_up()).count();
         let idle = self.conns().filter(|(_, c)| c.is_idle()).count();
         let full = self.slots.iter().all(Option::is_some);
         // Without RESUME another connection needs a second password login, which starts
@@ -403,7 +404,7 @@ impl<const N: usize> Terminal<N> {
         let more = self.has(caps::RESUME) || self.conns().next().is_none();
         // Before the first login, one at a time: the password is checked once.
         !full
-            && idle + coming < usize::from(self.config.spare.max(1))
+            && idle + spares < usize::from(self.config.spare.max(1))
             && (if self.up { more } else { coming == 0 })
     }
 
@@ -652,16 +653,40 @@ impl<const N: usize> Terminal<N> {
     /// The answer is [`Event::Accepted`] or [`Event::DemandFailed`] on the returned handle.
     /// While the relay answers `NoIdleConnection` the demand is made again, every
     /// `demand_retry`, until `demand_patience` from `now` has passed.
+    ///
+    /// With no idle connection the demand waits for a spare connection coming up, or a
+    /// new one opened for it (one login away, with the token), and is made once that
+    /// connection logs in; if it closes first, its [`Event::Closed`] ends the demand.
+    /// `NoIdleConnection` only when every slot is taken (or the relay has no `RESUME`),
+    /// `NotLoggedIn` while no connection is logged in or coming up.
     pub fn demand(
         &mut self,
         target: UserId,
         service: ServiceName,
         now: Instant,
     ) -> Result<Handle, SendError> {
-        let h = self.idle_handle()?;
+        let h = match self.idle_handle() {
+            Ok(h) => h,
+            Err(e) => self.carrier(now).ok_or(e)?,
+        };
         let give_up = now + self.config.demand_patience;
         self.conn_mut(h)?.demand(target, service, give_up);
+        self.replenish(now);
         Ok(h)
+    }
+
+    /// A connection on its way up that no demand waits for yet, or a new one.
+    fn carrier(&mut self, now: Instant) -> Option<Handle> {
+        let coming = self.conns().find(|(_, c)| c.is_spare_coming_up());
+        if let Some((h, _)) = coming {
+            return Some(h);
+        }
+        if self.stopped || !self.up || !self.has(caps::RESUME) {
+            return None;
+        }
+        let i = self.slots.iter().position(Option::is_none)?;
+        *self.slots.get_mut(i)? = Some(Connection::new(now));
+        Some(Handle(i as u8))
     }
 
     fn idle_handle(&self) -> Result<Handle, SendError> {

@@ -282,6 +282,8 @@ fn demanding(r: &mut Rig) {
             .unwrap();
     assert_eq!(h, H0);
     assert!(matches!(r.sent(H0)[..], [Frame::Demand(_)]));
+    // The pool's spare connection, at once.
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
 }
 
 fn no_idle() -> Frame {
@@ -296,8 +298,7 @@ fn no_idle_connection_is_retried_after_the_retry_delay_without_an_event() {
     let mut r = Rig::up();
     demanding(&mut r);
     r.feed(H0, no_idle());
-    // Only the pool's spare connection.
-    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    assert_eq!(r.events(), []);
     assert_eq!(r.sent(H0), []);
     let retry = r.now + Config::default().demand_retry;
     assert!(r.t.poll_timeout().is_some_and(|t| t <= retry));
@@ -642,4 +643,45 @@ fn a_requester_on_a_relay_without_requester_is_told_it_runs_reachable() {
     let mut r = up_with_caps(config, frame::caps::ALL | frame::caps::REQUESTER);
     assert_eq!(r.events()[0], Event::LoggedIn);
     assert_eq!(r.t.runs_as(), Some(Kind::Requester));
+}
+
+#[test]
+fn a_demand_without_an_idle_connection_rides_the_next_one_to_log_in() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    // H0 is busy, H1 (the spare) is coming up: the second demand waits for its login.
+    let h1 = Handle(1);
+    let second =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now);
+    assert_eq!(second, Ok(h1));
+    // The pool still wants a spare of its own: H1 is taken.
+    assert_eq!(r.t.open_connections(), 2);
+    r.t.connected(h1, r.now);
+    assert!(matches!(r.sent(h1)[..], [Frame::Login(_)]));
+    r.feed(
+        h1,
+        Frame::LoginOk(LoginOk {
+            caps: frame::caps::ALL,
+            keepalive_ms: 30_000,
+            max_payload: 4096,
+            token: ResumeToken::from_slice(b"token").unwrap(),
+        }),
+    );
+    assert!(matches!(r.sent(h1)[..], [Frame::Demand(_)]));
+    assert_eq!(r.t.idle_connections(), 0);
+}
+
+#[test]
+fn a_demand_with_every_slot_busy_is_refused() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    let cam = || UserId::new("cam").unwrap();
+    assert_eq!(
+        r.t.demand(cam(), ServiceName::default(), r.now),
+        Ok(Handle(1))
+    );
+    assert_eq!(
+        r.t.demand(cam(), ServiceName::default(), r.now),
+        Err(SendError::NoIdleConnection)
+    );
 }
