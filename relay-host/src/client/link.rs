@@ -217,6 +217,9 @@ async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>) {
         let _ = shared.app.send(AppEvent::Closed(closed_reason(&shared)));
     }
     let _ = writer.await;
+    // The connection is finished: a LOGOUT waiting for it sees so at once.
+    drop(pipe);
+    shared.wake.notify_one();
 }
 
 /// Reads the relay into the pipe while it has room. True when the relay ended the

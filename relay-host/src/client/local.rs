@@ -184,6 +184,13 @@ impl HostService {
             .ok_or(RejectReason::UnknownService)
     }
 
+    /// A late answer to a notice on `h` is void from now on.
+    fn forget_notice(&mut self, h: Handle) {
+        if let Some(n) = self.notices.get_mut(usize::from(h.0)) {
+            *n = 0;
+        }
+    }
+
     fn fail_demand(&mut self, h: Handle, message: String) {
         self.end(h);
         if let Some((reply, _)) = self.waiters.remove(&h.0) {
@@ -303,6 +310,7 @@ impl Service for HostService {
                 if let terminal::Cause::Relay(code) = cause {
                     tracing::warn!(%server, "the relay closed a connection: {code} ({code:?})");
                 }
+                self.forget_notice(*handle);
                 let lost = "the relay connection closed before the demand was answered";
                 self.fail_demand(*handle, lost.into());
             }
@@ -349,6 +357,8 @@ impl Service for HostService {
                 self.fail_demand(*handle, message);
             }
             Event::SessionEnded { handle, reason } => {
+                // A notice withdrawn while its local connection was being made.
+                self.forget_notice(*handle);
                 if let Some(pipe) = self.local(*handle) {
                     pipe.lock().reason = Some(*reason);
                 }

@@ -422,23 +422,37 @@ impl<const N: usize> Driver<N> {
         {
             return Err(SendError::NoNotice);
         }
-        match answer {
+        let done = match answer {
             Ok(()) => self.accept(slot, now, transport, service),
             Err(reason) => {
                 link.session = None;
-                self.terminal.reject(h, reason)?;
+                self.terminal.reject(h, reason)
             }
-        }
+        };
         self.drain(now, transport, service);
-        Ok(())
+        done
     }
 
-    /// Accepts the notice on `slot`, whose session record is in place, and opens it.
-    fn accept<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
-        if self.terminal.accept(Handle(slot as u8), now).is_ok() {
-            self.open_session(slot, t, svc);
-        } else if let Some(link) = self.links.get_mut(slot) {
-            link.session = None;
+    /// Accepts the notice on `slot`, whose session record is in place, and opens it; a
+    /// refused accept drops the record.
+    fn accept<T: Link, S: Service>(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        t: &mut T,
+        svc: &mut S,
+    ) -> Result<(), SendError> {
+        match self.terminal.accept(Handle(slot as u8), now) {
+            Ok(()) => {
+                self.open_session(slot, t, svc);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(link) = self.links.get_mut(slot) {
+                    link.session = None;
+                }
+                Err(e)
+            }
         }
     }
 
@@ -526,7 +540,10 @@ impl<const N: usize> Driver<N> {
                         });
                     }
                     match decision {
-                        Decision::Accept => self.accept(slot, now, t, svc),
+                        // Refused only if the notice is gone: nothing to answer.
+                        Decision::Accept => {
+                            let _ = self.accept(slot, now, t, svc);
+                        }
                         Decision::Defer | Decision::Ignore => {}
                         Decision::Reject(reason) => {
                             let _ = self.terminal.reject(handle, reason);
@@ -595,5 +612,167 @@ impl<const N: usize> Driver<N> {
                 | Event::RelayError { .. } => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::frame::{self, Frame, LoginOk, Notice, Parsed, caps};
+    use crate::ident::ResumeToken;
+    use crate::terminal::Config;
+    use std::vec::Vec;
+
+    /// One slot, always connected: the relay's bytes are `rx`, ours go to `tx`.
+    #[derive(Default)]
+    struct Script {
+        rx: Vec<u8>,
+        tx: Vec<u8>,
+    }
+
+    impl Script {
+        fn relay_sends(&mut self, f: Frame) {
+            let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+            let n = f.encode(&mut buf).unwrap();
+            self.rx.extend_from_slice(&buf[..n]);
+        }
+
+        /// The control frames written since the last call.
+        fn sent(&mut self) -> Vec<Frame> {
+            let mut out = Vec::new();
+            let mut pos = 0;
+            while pos < self.tx.len() {
+                let (parsed, used) = frame::parse(&self.tx[pos..]).unwrap().unwrap();
+                if let Parsed::Control(f) = parsed {
+                    out.push(f);
+                }
+                pos += used;
+            }
+            self.tx.clear();
+            out
+        }
+    }
+
+    impl Link for Script {
+        fn open(&mut self, _: usize) -> Result<(), LinkError> {
+            Ok(())
+        }
+        fn state(&mut self, _: usize) -> LinkState {
+            LinkState::Open
+        }
+        fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
+            let n = self.rx.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.rx[..n]);
+            Ok(n)
+        }
+        fn consume(&mut self, _: usize, n: usize) {
+            self.rx.drain(..n);
+        }
+        fn write(&mut self, _: usize, bytes: &[u8]) -> Result<(), LinkError> {
+            self.tx.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn send_space(&mut self, _: usize) -> usize {
+            4096
+        }
+        fn close(&mut self, _: usize, _: bool) {}
+    }
+
+    /// Defers every notice; counts the sessions it sees open.
+    #[derive(Default)]
+    struct Later {
+        deferred: Vec<Handle>,
+        opened: usize,
+    }
+
+    impl Service for Later {
+        fn on_notice(&mut self, h: Handle, _: &UserId, _: &ServiceName) -> Decision {
+            self.deferred.push(h);
+            Decision::Defer
+        }
+        fn on_open(&mut self, _: &mut Session<'_>) {
+            self.opened += 1;
+        }
+        fn on_data(&mut self, _: &mut Session<'_>, data: &[u8]) -> usize {
+            data.len()
+        }
+    }
+
+    /// A driver with one connection, logged in, and a NOTICE for session 9 on it.
+    fn noticed() -> (Driver<1>, Script, Later, Instant) {
+        let now = Instant::from_secs(1);
+        let user = UserId::new("dev").unwrap();
+        let mut d = Driver::new(Config::default(), user, Password::new("pw").unwrap(), 1);
+        let (mut link, mut svc) = (Script::default(), Later::default());
+        d.start(now);
+        d.poll(now, &mut link, &mut svc);
+        assert!(matches!(link.sent()[..], [Frame::Login(_)]));
+        link.relay_sends(Frame::LoginOk(LoginOk {
+            caps: caps::ALL,
+            keepalive_ms: 30_000,
+            max_payload: 1024,
+            token: ResumeToken::from_slice(b"t").unwrap(),
+        }));
+        link.relay_sends(Frame::Notice(Notice {
+            session: 9,
+            from: UserId::new("peer").unwrap(),
+            service: ServiceName::new("web").unwrap(),
+        }));
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(svc.deferred, [Handle(0)]);
+        assert_eq!(link.sent(), []);
+        (d, link, svc, now)
+    }
+
+    #[test]
+    fn a_deferred_notice_is_accepted_when_the_service_answers() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        assert_eq!(
+            d.answer(Handle(0), Ok(()), now, &mut link, &mut svc),
+            Ok(())
+        );
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(link.sent(), [Frame::Accept { session: 9 }]);
+        assert_eq!(svc.opened, 1);
+        // Once only.
+        assert_eq!(
+            d.answer(Handle(0), Ok(()), now, &mut link, &mut svc),
+            Err(SendError::NoNotice)
+        );
+    }
+
+    #[test]
+    fn a_deferred_notice_is_rejected_with_the_services_reason() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        let unavailable = Err(RejectReason::ServiceUnavailable);
+        assert_eq!(
+            d.answer(Handle(0), unavailable, now, &mut link, &mut svc),
+            Ok(())
+        );
+        d.poll(now, &mut link, &mut svc);
+        let sent = link.sent();
+        assert!(
+            matches!(sent[..], [Frame::Reject(ref r)] if r.session == 9 && r.reason == RejectReason::ServiceUnavailable),
+            "{sent:?}"
+        );
+        assert_eq!(svc.opened, 0);
+    }
+
+    #[test]
+    fn an_answer_after_the_relay_withdrew_the_notice_is_refused() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        link.relay_sends(Frame::Release {
+            reason: crate::codes::ReleaseReason::Cancelled,
+        });
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(
+            d.answer(Handle(0), Ok(()), now, &mut link, &mut svc),
+            Err(SendError::NoNotice)
+        );
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(link.sent(), []);
+        assert_eq!(svc.opened, 0);
     }
 }
