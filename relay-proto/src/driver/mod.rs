@@ -1,6 +1,7 @@
 //! The terminal driver: a [`Terminal`] wired to a non-blocking [`Link`] (the sockets)
 //! and a [`Service`] (the application), written once for every binding
-//! (relay-embedded's agent runs it over smoltcp, the simulation over its pipes).
+//! (relay-embedded's agent runs it over smoltcp, the simulation over its pipes,
+//! relay-host's `expose` and `connect` over tokio sockets).
 //!
 //! All protocol decisions (login, spares, keep-alive, back-off, demand routing) are the
 //! terminal's; the driver only moves bytes and events between it, the sockets and the
