@@ -50,10 +50,12 @@ const OWED: usize = 4;
 #[derive(Debug, Clone)]
 pub(crate) enum State {
     /// The host is opening the TCP connection; `announced`: [`super::Event::Open`] was
-    /// reported.
+    /// reported. `held`: not yet, a demand made while the terminal was down keeps this
+    /// slot until the back-off ends.
     Connecting {
         since: Instant,
         announced: bool,
+        held: bool,
     },
     /// LOGIN owed (`sent` false) or sent, no answer yet. `fallback`: a refused token may
     /// be followed by the password (only when no other connection is up: else we were
@@ -191,10 +193,20 @@ struct Queued {
 
 impl Connection {
     pub(crate) fn new(now: Instant) -> Self {
+        Self::opening(now, false)
+    }
+
+    /// A connection held until the back-off ends ([`Connection::release`]).
+    pub(crate) fn held(now: Instant) -> Self {
+        Self::opening(now, true)
+    }
+
+    fn opening(now: Instant, held: bool) -> Self {
         Connection {
             state: State::Connecting {
                 since: now,
                 announced: false,
+                held,
             },
             owed: Deque::new(),
             ka_seq: 0,
@@ -208,9 +220,23 @@ impl Connection {
         }
     }
 
+    /// The back-off is over: a held connection opens now.
+    pub(crate) fn release(&mut self, now: Instant) {
+        if let State::Connecting { since, held, .. } = &mut self.state
+            && *held
+        {
+            *held = false;
+            *since = now;
+        }
+    }
+
+    pub(crate) fn is_held(&self) -> bool {
+        matches!(self.state, State::Connecting { held: true, .. })
+    }
+
     /// The TCP connection is up: log in with the token if there is one.
     pub(crate) fn connected(&mut self, now: Instant, with_token: bool, fallback: bool) {
-        if matches!(self.state, State::Connecting { .. }) {
+        if matches!(self.state, State::Connecting { held: false, .. }) {
             self.state = State::LoggingIn {
                 since: now,
                 with_token,
@@ -460,10 +486,11 @@ impl Connection {
     /// The next instant at which [`Connection::handle_timeout`] has work.
     pub(crate) fn poll_timeout(&self, cfg: &Config, keepalive: Duration) -> Option<Instant> {
         match self.state {
+            // The terminal releases it at its back-off instant.
+            State::Connecting { held: true, .. } | State::Closed(_) => None,
             State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 Some(since + cfg.handshake_timeout)
             }
-            State::Closed(_) => None,
             _ => {
                 let alive = self
                     .next_ka
@@ -496,12 +523,12 @@ impl Connection {
         jitter: &mut Jitter,
     ) {
         match self.state {
+            State::Connecting { held: true, .. } | State::Closed(_) => {}
             State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 if now >= since + cfg.handshake_timeout {
                     self.close(Cause::HandshakeTimeout);
                 }
             }
-            State::Closed(_) => {}
             _ => {
                 if now >= self.last_rx + self.rx_timeout(cfg, keepalive) {
                     self.close(Cause::KeepAliveTimeout);

@@ -363,7 +363,12 @@ impl<const N: usize> Terminal<N> {
         }
         self.slots.iter_mut().enumerate().find_map(|(i, slot)| {
             let Some(Connection {
-                state: State::Connecting { announced, .. },
+                state:
+                    State::Connecting {
+                        announced,
+                        held: false,
+                        ..
+                    },
                 ..
             }) = slot
             else {
@@ -409,6 +414,9 @@ impl<const N: usize> Terminal<N> {
     }
 
     fn replenish(&mut self, now: Instant) {
+        if now >= self.retry_at {
+            self.slots.iter_mut().flatten().for_each(|c| c.release(now));
+        }
         while now >= self.retry_at && self.wants_connection() {
             let Some(slot) = self.slots.iter_mut().find(|s| s.is_none()) else {
                 return;
@@ -624,7 +632,8 @@ impl<const N: usize> Terminal<N> {
 
     /// The earliest instant at which [`Terminal::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = if self.wants_connection() {
+        let held = self.conns().any(|(_, c)| c.is_held());
+        let mut t = if self.wants_connection() || held {
             Some(self.retry_at)
         } else {
             None
@@ -657,8 +666,9 @@ impl<const N: usize> Terminal<N> {
     /// With no idle connection the demand waits for a spare connection coming up, or a
     /// new one opened for it (one login away, with the token), and is made once that
     /// connection logs in; if it closes first, its [`Event::Closed`] ends the demand.
-    /// `NoIdleConnection` only when every slot is taken (or the relay has no `RESUME`),
-    /// `NotLoggedIn` while no connection is logged in or coming up.
+    /// While the terminal is down (reconnecting) the demand takes the connection that
+    /// opens when the back-off ends. `NoIdleConnection` only when every slot is taken (or
+    /// the relay has no `RESUME`), `NotLoggedIn` once stopped (logged out or refused).
     pub fn demand(
         &mut self,
         target: UserId,
@@ -675,22 +685,28 @@ impl<const N: usize> Terminal<N> {
         Ok(h)
     }
 
-    /// A connection on its way up that no demand waits for yet, or a new one.
+    /// A connection on its way up that no demand waits for yet, or a new one: opened
+    /// now while up, else held until the reconnect back-off ends.
     fn carrier(&mut self, now: Instant) -> Option<Handle> {
         let coming = self.conns().find(|(_, c)| c.is_spare_coming_up());
         if let Some((h, _)) = coming {
             return Some(h);
         }
-        if self.stopped || !self.up || !self.has(caps::RESUME) {
+        if self.stopped || (self.up && !self.has(caps::RESUME)) {
             return None;
         }
         let i = self.slots.iter().position(Option::is_none)?;
-        *self.slots.get_mut(i)? = Some(Connection::new(now));
+        let c = match self.up {
+            true => Connection::new(now),
+            false => Connection::held(now),
+        };
+        *self.slots.get_mut(i)? = Some(c);
         Some(Handle(i as u8))
     }
 
     fn idle_handle(&self) -> Result<Handle, SendError> {
-        if !self.up {
+        // Logged out: the connection carrying LOGOUT is still up, but not ours to use.
+        if !self.up || self.stopped {
             return Err(SendError::NotLoggedIn);
         }
         self.conns()

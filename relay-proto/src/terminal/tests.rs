@@ -685,3 +685,43 @@ fn a_demand_with_every_slot_busy_is_refused() {
         Err(SendError::NoIdleConnection)
     );
 }
+
+#[test]
+fn a_demand_while_reconnecting_waits_for_the_back_off_and_the_login() {
+    let mut r = Rig::up();
+    r.t.transport_closed(H0, r.now);
+    let down = r.events();
+    assert!(down.contains(&Event::Down), "{down:?}");
+    // In back-off: the demand holds a slot, and nothing opens before the back-off ends.
+    let h =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+            .unwrap();
+    assert_eq!(r.events(), []);
+    let at = r.t.poll_timeout().unwrap();
+    assert!(at > r.now);
+    r.now = at;
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(h)]);
+    r.t.connected(h, r.now);
+    assert!(matches!(r.sent(h)[..], [Frame::Login(_)]));
+    r.feed(
+        h,
+        Frame::LoginOk(LoginOk {
+            caps: frame::caps::ALL,
+            keepalive_ms: 30_000,
+            max_payload: 4096,
+            token: ResumeToken::from_slice(b"token").unwrap(),
+        }),
+    );
+    assert!(matches!(r.sent(h)[..], [Frame::Demand(_)]));
+}
+
+#[test]
+fn no_demand_once_logged_out() {
+    let mut r = Rig::up();
+    r.t.logout(r.now);
+    assert_eq!(
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now),
+        Err(SendError::NotLoggedIn)
+    );
+}
