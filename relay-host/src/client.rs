@@ -171,7 +171,12 @@ impl Task {
             && self.svc.is_requester()
             && driver.terminal().runs_as() == Some(terminal::Kind::Reachable)
         {
-            tracing::warn!(server = %self.shared.server, "the relay does not know requester instances (no REQUESTER capability): this login runs as the user ID's reachable instance and replaced a device logged in with it");
+            tracing::warn!(
+                server = %self.shared.server,
+                "the relay does not know requester instances (no REQUESTER capability): this \
+                 login runs as the user ID's reachable instance, which replaces a device \
+                 logged in with the same user ID (and is replaced by the next one)"
+            );
         }
         if self.logout.is_some() && self.link.finished() {
             if let Some(reply) = self.logout.take() {
@@ -197,7 +202,7 @@ impl Task {
                 }
                 Err(e) => {
                     let _ = reply.send(Err(match e {
-                        SendError::NotLoggedIn => "not logged in to the relay".to_owned(),
+                        SendError::NotLoggedIn => "the terminal has logged out".to_owned(),
                         SendError::NoIdleConnection => {
                             format!("no free connection to the relay (all {SLOTS} in use)")
                         }
@@ -208,10 +213,11 @@ impl Task {
             Cmd::Online { cursor, reply } => match driver.terminal_mut().request_online(cursor) {
                 Ok(_) => self.online = Some(reply),
                 Err(SendError::Unsupported(_)) => {
+                    let server = &self.shared.server;
                     let _ = reply.send(Err(format!(
-                            "the relay at {} does not offer the online list (no LIST capability in its LOGIN_OK)",
-                            self.shared.server
-                        )));
+                        "the relay at {server} does not offer the online list \
+                         (no LIST capability in its LOGIN_OK)"
+                    )));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(format!("cannot ask the relay: {e:?}")));
