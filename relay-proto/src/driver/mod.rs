@@ -213,6 +213,9 @@ impl<const N: usize> Driver<N> {
         }
         if self.terminal.poll_timeout().is_some_and(|t| t <= now) {
             self.terminal.handle_timeout(now);
+            for slot in 0..N {
+                self.unlink_held(slot, transport);
+            }
             self.drain(now, transport, service);
         }
         for slot in 0..N {
@@ -250,7 +253,18 @@ impl<const N: usize> Driver<N> {
             }
             _ => return,
         }
+        self.unlink_held(slot, t);
         self.drain(now, t, svc);
+    }
+
+    /// A connection the terminal holds for a waiting demand after it failed before its
+    /// login: its transport goes now; the terminal opens the slot again after the
+    /// back-off ([`Event::Open`] with no `Closed`).
+    fn unlink_held<T: Link>(&mut self, slot: usize, t: &mut T) {
+        if self.links[slot].phase != Phase::Idle && self.terminal.is_held(Handle(slot as u8)) {
+            t.close(slot, false);
+            self.links[slot].reset();
+        }
     }
 
     /// Offers what the slot received to the terminal, frame by frame, and hands payload
@@ -275,7 +289,13 @@ impl<const N: usize> Driver<N> {
                 Err(_) => return self.fail(slot, now, t, svc),
             };
             let bytes = self.scratch.get(..n).unwrap_or(&[]);
-            match self.terminal.handle_input(h, now, bytes) {
+            let offer = self.terminal.handle_input(h, now, bytes);
+            // A refused login may leave the slot held for a waiting demand.
+            self.unlink_held(slot, t);
+            if self.links[slot].phase != Phase::Open {
+                return self.drain(now, t, svc);
+            }
+            match offer {
                 Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
                 Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
                 Offer::NeedMore if n == self.scratch.len() => {
@@ -400,6 +420,7 @@ impl<const N: usize> Driver<N> {
     /// The transport misbehaved (read or write error, EOF): the terminal closes the slot.
     fn fail<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
         self.terminal.transport_closed(Handle(slot as u8), now);
+        self.unlink_held(slot, t);
         self.drain(now, t, svc);
     }
 

@@ -230,6 +230,19 @@ impl Connection {
         }
     }
 
+    /// Failed before its login while a demand waits on it: held again for the next
+    /// attempt (after the back-off), until the demand's patience runs out.
+    pub(crate) fn requeue(&mut self, now: Instant) {
+        let waiting = self.queued.as_ref().is_some_and(|q| now < q.give_up);
+        if waiting && self.is_closed() {
+            let queued = self.queued.take();
+            *self = Connection {
+                queued,
+                ..Connection::held(now)
+            };
+        }
+    }
+
     pub(crate) fn is_held(&self) -> bool {
         matches!(self.state, State::Connecting { held: true, .. })
     }

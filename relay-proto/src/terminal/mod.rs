@@ -103,7 +103,10 @@ impl Default for Config {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Event {
     /// Open a TCP (or TLS) connection to the relay for this handle, then call
-    /// [`Terminal::connected`] or [`Terminal::connect_failed`].
+    /// [`Terminal::connected`] or [`Terminal::connect_failed`]. It may come again for a
+    /// handle with no `Closed` between: a connection that failed before its login while
+    /// a demand waited on it is opened again (drop the old socket), until the demand's
+    /// patience runs out.
     Open(Handle),
     /// This handle's connection is finished, and any session on it is over: close its
     /// socket if it is still open. The handle may be reused by a later `Open`.
@@ -476,6 +479,22 @@ impl<const N: usize> Terminal<N> {
             self.stop(Cause::Relay(code));
             self.refuse(code, Text::lossy(code.describe()));
         }
+        // A demand waiting for this connection's login waits for the next attempt.
+        if !self.stopped
+            && cause != Cause::Local
+            && let Some(c) = self
+                .slots
+                .get_mut(usize::from(h.0))
+                .and_then(Option::as_mut)
+        {
+            c.requeue(now);
+        }
+    }
+
+    /// Whether `h` is held for a waiting demand until the back-off ends: its transport,
+    /// if any, is finished (an [`Event::Open`] for `h` follows, with no `Closed`).
+    pub(crate) fn is_held(&self, h: Handle) -> bool {
+        matches!(self.slots.get(usize::from(h.0)), Some(Some(c)) if c.is_held())
     }
 
     /// Stops for good (until `start`) and keeps why for [`Event::LoginRefused`]. The first

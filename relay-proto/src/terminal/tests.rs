@@ -725,3 +725,34 @@ fn no_demand_once_logged_out() {
         Err(SendError::NotLoggedIn)
     );
 }
+
+#[test]
+fn a_waiting_demand_outlives_failed_reconnects_until_its_patience() {
+    let mut r = Rig::up();
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    let h =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+            .unwrap();
+    let patience_ends = r.now + Config::default().demand_patience;
+    // Each failed attempt holds the slot again: Open after Open, no Closed, until the
+    // patience runs out; then the demand ends with its connection.
+    let mut attempts = 0;
+    loop {
+        r.now = r.t.poll_timeout().unwrap();
+        r.t.handle_timeout(r.now);
+        match &r.events()[..] {
+            [] => continue,
+            [Event::Open(o)] if *o == h => attempts += 1,
+            other => panic!("attempt {attempts}: {other:?}"),
+        }
+        r.t.connect_failed(h, r.now);
+        let events = r.events();
+        if closed(&events, h).is_some() {
+            assert!(r.now >= patience_ends, "gave up early: {events:?}");
+            break;
+        }
+        assert_eq!(events, [], "attempt {attempts}");
+    }
+    assert!(attempts >= 3, "{attempts}");
+}
