@@ -21,7 +21,6 @@ use std::process::ExitCode;
 use std::time::Instant as StdInstant;
 
 use relay_embedded::rand_core::OsRng;
-use relay_embedded::relay_proto::codes::RejectReason;
 use relay_embedded::relay_proto::ident::{Password, ServiceName, UserId};
 use relay_embedded::relay_proto::terminal::{self, Event, Handle};
 use relay_embedded::relay_proto::time::Duration;
@@ -32,6 +31,8 @@ use smoltcp::phy::{Medium, TunTapInterface, wait};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, IpCidr, IpEndpoint, Ipv4Address};
 
+/// The services this device offers, by name.
+const SERVICES: [&str; 2] = ["echo", "http"];
 /// Relay connections: 2 idle spares and room for 2 sessions at once.
 const CONNS: usize = 4;
 /// What a board with 64 KiB of RAM would give each relay connection.
@@ -99,11 +100,13 @@ impl Device {
 }
 
 impl Service for Device {
-    fn on_notice(&mut self, from: &UserId, service: &ServiceName) -> Decision {
+    fn on_notice(&mut self, _: Handle, from: &UserId, service: &ServiceName) -> Decision {
         log::info!("demand from {from} for {service:?}");
-        match service.as_str() {
-            "echo" | "http" | "" => Decision::Accept,
-            _ => Decision::Reject(RejectReason::UnknownService),
+        // relay-proto's one admission rule, as relay-host's `expose` applies it: the same
+        // reasons (and texts) for the requester, and a name is required with two services.
+        match terminal::admit(from, service, &SERVICES, &[]) {
+            Ok(_) => Decision::Accept,
+            Err(reason) => Decision::Reject(reason),
         }
     }
 

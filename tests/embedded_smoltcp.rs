@@ -423,7 +423,7 @@ fn pattern(i: usize) -> u8 {
 }
 
 impl Service for Cam {
-    fn on_notice(&mut self, _from: &UserId, service: &ServiceName) -> Decision {
+    fn on_notice(&mut self, _: Handle, _from: &UserId, service: &ServiceName) -> Decision {
         match service.as_str() {
             "echo" | "hello" => Decision::Accept,
             "secret" => Decision::Reject(RejectReason::NotAllowed),
@@ -479,7 +479,7 @@ struct Client {
 }
 
 impl Service for Client {
-    fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
+    fn on_notice(&mut self, _: Handle, _: &UserId, _: &ServiceName) -> Decision {
         Decision::Reject(RejectReason::Busy)
     }
     fn on_open(&mut self, _: &mut Session<'_>) {

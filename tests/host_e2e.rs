@@ -659,3 +659,24 @@ fn a_refused_session_closes_its_local_connection_and_the_next_one_is_served() {
         fwd.wait_for_n("service unavailable", attempt, Duration::from_secs(10));
     }
 }
+
+/// A local connection made while the forward is reconnecting waits for the relay to come
+/// back and is served then (the demand holds a connection slot until the reconnect's
+/// login: relay-proto's terminal decides it, relay-host only runs the driver).
+#[test]
+fn a_forward_used_while_the_relay_restarts_is_served_once_it_is_back() {
+    let mut relay = Relay::start(FAST);
+    relay.add_user("cam");
+    relay.add_user("me");
+    let echo = echo_service();
+    let cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (me, port) = relay.forward("me", "cam/echo");
+    assert_eq!(round_trip(port, b"before"), b"before");
+    relay.stop();
+    me.wait_for("lost the relay", T);
+    let during = thread::spawn(move || round_trip(port, b"during the restart"));
+    relay.launch();
+    cam.wait_for_n("logged in to the relay", 2, T);
+    let back = during.join().unwrap();
+    assert_eq!(back, b"during the restart", "log:\n{}", me.log());
+}

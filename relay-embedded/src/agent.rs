@@ -56,8 +56,8 @@ impl<T: Transport> Link for Adapted<'_, T> {
 struct Logged<'s, S>(&'s mut S);
 
 impl<S: Service> Service for Logged<'_, S> {
-    fn on_notice(&mut self, from: &UserId, service: &ServiceName) -> Decision {
-        self.0.on_notice(from, service)
+    fn on_notice(&mut self, h: Handle, from: &UserId, service: &ServiceName) -> Decision {
+        self.0.on_notice(h, from, service)
     }
     fn on_open(&mut self, s: &mut Session<'_>) {
         self.0.on_open(s);
@@ -231,7 +231,7 @@ mod tests {
     }
 
     impl Service for Slow {
-        fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
+        fn on_notice(&mut self, _: Handle, _: &UserId, _: &ServiceName) -> Decision {
             self.notices += 1;
             Decision::Accept
         }

@@ -1,8 +1,7 @@
 //! The relay's per-connection outgoing FIFO, its payload credit and its task's waker.
 //!
-//! The server's counterpart of [`crate::outbox`] (which the terminal keeps, with its
-//! reader and writer tasks): here one task per connection polls both directions, so the
-//! wake-ups are plain wakers instead of a `Notify` and a `Semaphore`.
+//! One task per connection polls both directions, so the wake-ups are plain wakers
+//! instead of a `Notify` and a `Semaphore`.
 //!
 //! Why a FIFO of [`Bytes`] and not a byte buffer: payload read from one connection is
 //! split off its read buffer and queued for the other connection as is (no copy in user

@@ -14,7 +14,7 @@
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`admin`]: the dashboard.
 //! - [`reload`]: `relay serve` on SIGHUP (config, certificate, limits).
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
-//!   FIFOs ([`outbox`]: the terminal's); `splice`: payload socket to socket on Linux.
+//!   FIFOs; `splice`: payload socket to socket on Linux.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line; [`relays`]: the terminal's config file.
 
@@ -28,7 +28,6 @@ pub mod fifo;
 mod hashing;
 pub mod listen;
 pub mod metrics;
-pub mod outbox;
 pub mod relays;
 pub mod reload;
 mod retired;

@@ -631,7 +631,7 @@ struct App<'a> {
 }
 
 impl Service for App<'_> {
-    fn on_notice(&mut self, _: &UserId, _: &ServiceName) -> Decision {
+    fn on_notice(&mut self, _: Handle, _: &UserId, _: &ServiceName) -> Decision {
         match self.role {
             Role::Echo => Decision::Accept,
             Role::Reject(reason) => Decision::Reject(reason),

@@ -155,7 +155,11 @@ fn bounded_pipes_with_write_errors() {
         let alice = sim.add("alice", Role::Sink, cfg());
         sim.sleep(Duration::from_secs(5), STEPS);
         let mut sent = Vec::new();
-        for i in 0..4u8 {
+        // Two sessions, one per idle connection. (Four demands used to run two: the
+        // others found no idle connection and failed at once. Now they wait for a
+        // connection of their own and run too, and with four sessions through these
+        // pipes hardly any ends clean: 0 of 160 over these seeds, 6 of 80 with two.)
+        for i in 0..2u8 {
             if let Ok(h) = sim.demand(alice, "cam", "echo") {
                 let data = pattern(5_000 + 1_000 * usize::from(i), i);
                 sim.send(alice, h, &data, true);

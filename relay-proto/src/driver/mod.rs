@@ -1,6 +1,7 @@
 //! The terminal driver: a [`Terminal`] wired to a non-blocking [`Link`] (the sockets)
 //! and a [`Service`] (the application), written once for every binding
-//! (relay-embedded's agent runs it over smoltcp, the simulation over its pipes).
+//! (relay-embedded's agent runs it over smoltcp, the simulation over its pipes,
+//! relay-host's `expose` and `connect` over tokio sockets).
 //!
 //! All protocol decisions (login, spares, keep-alive, back-off, demand routing) are the
 //! terminal's; the driver only moves bytes and events between it, the sockets and the
@@ -16,6 +17,7 @@ mod service;
 pub use link::{Link, LinkError, LinkState};
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 
+use crate::codes::RejectReason;
 use crate::frame::HEADER_LEN;
 use crate::ident::{Password, ServiceName, UserId};
 use crate::terminal::{Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal};
@@ -211,6 +213,9 @@ impl<const N: usize> Driver<N> {
         }
         if self.terminal.poll_timeout().is_some_and(|t| t <= now) {
             self.terminal.handle_timeout(now);
+            for slot in 0..N {
+                self.unlink_held(slot, transport);
+            }
             self.drain(now, transport, service);
         }
         for slot in 0..N {
@@ -248,7 +253,18 @@ impl<const N: usize> Driver<N> {
             }
             _ => return,
         }
+        self.unlink_held(slot, t);
         self.drain(now, t, svc);
+    }
+
+    /// A connection the terminal holds for a waiting demand after it failed before its
+    /// login: its transport goes now; the terminal opens the slot again after the
+    /// back-off ([`Event::Open`] with no `Closed`).
+    fn unlink_held<T: Link>(&mut self, slot: usize, t: &mut T) {
+        if self.links[slot].phase != Phase::Idle && self.terminal.is_held(Handle(slot as u8)) {
+            t.close(slot, false);
+            self.links[slot].reset();
+        }
     }
 
     /// Offers what the slot received to the terminal, frame by frame, and hands payload
@@ -273,7 +289,13 @@ impl<const N: usize> Driver<N> {
                 Err(_) => return self.fail(slot, now, t, svc),
             };
             let bytes = self.scratch.get(..n).unwrap_or(&[]);
-            match self.terminal.handle_input(h, now, bytes) {
+            let offer = self.terminal.handle_input(h, now, bytes);
+            // A refused login may leave the slot held for a waiting demand.
+            self.unlink_held(slot, t);
+            if self.links[slot].phase != Phase::Open {
+                return self.drain(now, t, svc);
+            }
+            match offer {
                 Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
                 Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
                 Offer::NeedMore if n == self.scratch.len() => {
@@ -398,7 +420,62 @@ impl<const N: usize> Driver<N> {
     /// The transport misbehaved (read or write error, EOF): the terminal closes the slot.
     fn fail<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
         self.terminal.transport_closed(Handle(slot as u8), now);
+        self.unlink_held(slot, t);
         self.drain(now, t, svc);
+    }
+
+    /// Answers the notice the service deferred on `h` ([`Decision::Defer`]): `Ok` accepts
+    /// (the session opens, [`Service::on_open`]), `Err` rejects with that reason.
+    /// [`SendError::NoNotice`] when none waits there any more (the relay withdrew it).
+    pub fn answer<T: Link, S: Service>(
+        &mut self,
+        h: Handle,
+        answer: Result<(), RejectReason>,
+        now: Instant,
+        transport: &mut T,
+        service: &mut S,
+    ) -> Result<(), SendError> {
+        let slot = usize::from(h.0);
+        let link = self.links.get_mut(slot).ok_or(SendError::BadHandle)?;
+        if !link
+            .session
+            .as_ref()
+            .is_some_and(|s| !s.open && !s.requester)
+        {
+            return Err(SendError::NoNotice);
+        }
+        let done = match answer {
+            Ok(()) => self.accept(slot, now, transport, service),
+            Err(reason) => {
+                link.session = None;
+                self.terminal.reject(h, reason)
+            }
+        };
+        self.drain(now, transport, service);
+        done
+    }
+
+    /// Accepts the notice on `slot`, whose session record is in place, and opens it; a
+    /// refused accept drops the record.
+    fn accept<T: Link, S: Service>(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        t: &mut T,
+        svc: &mut S,
+    ) -> Result<(), SendError> {
+        match self.terminal.accept(Handle(slot as u8), now) {
+            Ok(()) => {
+                self.open_session(slot, t, svc);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(link) = self.links.get_mut(slot) {
+                    link.session = None;
+                }
+                Err(e)
+            }
+        }
     }
 
     fn open_session<T: Link, S: Service>(&mut self, slot: usize, t: &mut T, svc: &mut S) {
@@ -472,20 +549,24 @@ impl<const N: usize> Driver<N> {
                     ..
                 } => {
                     let slot = usize::from(handle.0);
-                    match svc.on_notice(&from, &service) {
-                        Decision::Accept if slot < N => {
-                            if self.terminal.accept(handle, now).is_ok() {
-                                self.links[slot].session = Some(SessionInfo {
-                                    service,
-                                    requester: false,
-                                    peer_ended: false,
-                                    ended: false,
-                                    open: false,
-                                });
-                                self.open_session(slot, t, svc);
-                            }
+                    let decision = svc.on_notice(handle, &from, &service);
+                    if let (Decision::Accept | Decision::Defer, Some(link)) =
+                        (decision, self.links.get_mut(slot))
+                    {
+                        link.session = Some(SessionInfo {
+                            service,
+                            requester: false,
+                            peer_ended: false,
+                            ended: false,
+                            open: false,
+                        });
+                    }
+                    match decision {
+                        // Refused only if the notice is gone: nothing to answer.
+                        Decision::Accept => {
+                            let _ = self.accept(slot, now, t, svc);
                         }
-                        Decision::Accept | Decision::Ignore => {}
+                        Decision::Defer | Decision::Ignore => {}
                         Decision::Reject(reason) => {
                             let _ = self.terminal.reject(handle, reason);
                         }
@@ -553,5 +634,167 @@ impl<const N: usize> Driver<N> {
                 | Event::RelayError { .. } => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::frame::{self, Frame, LoginOk, Notice, Parsed, caps};
+    use crate::ident::ResumeToken;
+    use crate::terminal::Config;
+    use std::vec::Vec;
+
+    /// One slot, always connected: the relay's bytes are `rx`, ours go to `tx`.
+    #[derive(Default)]
+    struct Script {
+        rx: Vec<u8>,
+        tx: Vec<u8>,
+    }
+
+    impl Script {
+        fn relay_sends(&mut self, f: Frame) {
+            let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+            let n = f.encode(&mut buf).unwrap();
+            self.rx.extend_from_slice(&buf[..n]);
+        }
+
+        /// The control frames written since the last call.
+        fn sent(&mut self) -> Vec<Frame> {
+            let mut out = Vec::new();
+            let mut pos = 0;
+            while pos < self.tx.len() {
+                let (parsed, used) = frame::parse(&self.tx[pos..]).unwrap().unwrap();
+                if let Parsed::Control(f) = parsed {
+                    out.push(f);
+                }
+                pos += used;
+            }
+            self.tx.clear();
+            out
+        }
+    }
+
+    impl Link for Script {
+        fn open(&mut self, _: usize) -> Result<(), LinkError> {
+            Ok(())
+        }
+        fn state(&mut self, _: usize) -> LinkState {
+            LinkState::Open
+        }
+        fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
+            let n = self.rx.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.rx[..n]);
+            Ok(n)
+        }
+        fn consume(&mut self, _: usize, n: usize) {
+            self.rx.drain(..n);
+        }
+        fn write(&mut self, _: usize, bytes: &[u8]) -> Result<(), LinkError> {
+            self.tx.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn send_space(&mut self, _: usize) -> usize {
+            4096
+        }
+        fn close(&mut self, _: usize, _: bool) {}
+    }
+
+    /// Defers every notice; counts the sessions it sees open.
+    #[derive(Default)]
+    struct Later {
+        deferred: Vec<Handle>,
+        opened: usize,
+    }
+
+    impl Service for Later {
+        fn on_notice(&mut self, h: Handle, _: &UserId, _: &ServiceName) -> Decision {
+            self.deferred.push(h);
+            Decision::Defer
+        }
+        fn on_open(&mut self, _: &mut Session<'_>) {
+            self.opened += 1;
+        }
+        fn on_data(&mut self, _: &mut Session<'_>, data: &[u8]) -> usize {
+            data.len()
+        }
+    }
+
+    /// A driver with one connection, logged in, and a NOTICE for session 9 on it.
+    fn noticed() -> (Driver<1>, Script, Later, Instant) {
+        let now = Instant::from_secs(1);
+        let user = UserId::new("dev").unwrap();
+        let mut d = Driver::new(Config::default(), user, Password::new("pw").unwrap(), 1);
+        let (mut link, mut svc) = (Script::default(), Later::default());
+        d.start(now);
+        d.poll(now, &mut link, &mut svc);
+        assert!(matches!(link.sent()[..], [Frame::Login(_)]));
+        link.relay_sends(Frame::LoginOk(LoginOk {
+            caps: caps::ALL,
+            keepalive_ms: 30_000,
+            max_payload: 1024,
+            token: ResumeToken::from_slice(b"t").unwrap(),
+        }));
+        link.relay_sends(Frame::Notice(Notice {
+            session: 9,
+            from: UserId::new("peer").unwrap(),
+            service: ServiceName::new("web").unwrap(),
+        }));
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(svc.deferred, [Handle(0)]);
+        assert_eq!(link.sent(), []);
+        (d, link, svc, now)
+    }
+
+    #[test]
+    fn a_deferred_notice_is_accepted_when_the_service_answers() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        assert_eq!(
+            d.answer(Handle(0), Ok(()), now, &mut link, &mut svc),
+            Ok(())
+        );
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(link.sent(), [Frame::Accept { session: 9 }]);
+        assert_eq!(svc.opened, 1);
+        // Once only.
+        assert_eq!(
+            d.answer(Handle(0), Ok(()), now, &mut link, &mut svc),
+            Err(SendError::NoNotice)
+        );
+    }
+
+    #[test]
+    fn a_deferred_notice_is_rejected_with_the_services_reason() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        let unavailable = Err(RejectReason::ServiceUnavailable);
+        assert_eq!(
+            d.answer(Handle(0), unavailable, now, &mut link, &mut svc),
+            Ok(())
+        );
+        d.poll(now, &mut link, &mut svc);
+        let sent = link.sent();
+        assert!(
+            matches!(sent[..], [Frame::Reject(ref r)] if r.session == 9 && r.reason == RejectReason::ServiceUnavailable),
+            "{sent:?}"
+        );
+        assert_eq!(svc.opened, 0);
+    }
+
+    #[test]
+    fn an_answer_after_the_relay_withdrew_the_notice_is_refused() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        link.relay_sends(Frame::Release {
+            reason: crate::codes::ReleaseReason::Cancelled,
+        });
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(
+            d.answer(Handle(0), Ok(()), now, &mut link, &mut svc),
+            Err(SendError::NoNotice)
+        );
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(link.sent(), []);
+        assert_eq!(svc.opened, 0);
     }
 }

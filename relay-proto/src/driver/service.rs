@@ -21,6 +21,9 @@ pub enum Decision {
     /// No answer: the relay withdraws the notice (RELEASE `Cancelled`) at its demand
     /// deadline, and the requester gets `Timeout`.
     Ignore,
+    /// The answer comes later, through [`super::Driver::answer`] (a host that first
+    /// connects to the local service). Until then the connection holds the notice.
+    Defer,
 }
 
 /// What the driver keeps about a session, for the service. The relay's session number
@@ -116,9 +119,10 @@ impl Session<'_> {
 /// An application served through the relay. Every method has a default except
 /// `on_data`, so a simple service is a few lines (see [`Echo`]).
 pub trait Service {
-    /// `from` asks for a session with `service`: accept or reject. The default accepts.
-    fn on_notice(&mut self, from: &UserId, service: &ServiceName) -> Decision {
-        let _ = (from, service);
+    /// `from` asks for a session with `service` on `handle`: accept, reject, or defer.
+    /// The default accepts.
+    fn on_notice(&mut self, handle: Handle, from: &UserId, service: &ServiceName) -> Decision {
+        let _ = (handle, from, service);
         Decision::Accept
     }
 

@@ -50,10 +50,12 @@ const OWED: usize = 4;
 #[derive(Debug, Clone)]
 pub(crate) enum State {
     /// The host is opening the TCP connection; `announced`: [`super::Event::Open`] was
-    /// reported.
+    /// reported. `held`: not yet, a demand made while the terminal was down keeps this
+    /// slot until the back-off ends.
     Connecting {
         since: Instant,
         announced: bool,
+        held: bool,
     },
     /// LOGIN owed (`sent` false) or sent, no answer yet. `fallback`: a refused token may
     /// be followed by the password (only when no other connection is up: else we were
@@ -109,6 +111,7 @@ pub(crate) enum Step {
 pub(crate) enum Change {
     None,
     LoggedIn {
+        caps: u32,
         token: ResumeToken,
         keepalive: Duration,
         max_payload: u16,
@@ -176,14 +179,34 @@ pub(crate) struct Connection {
     /// Close once the pending output is flushed (after LOGOUT).
     close_after_flush: bool,
     login_attempts: u8,
+    /// A demand made while this connection was coming up: made once it logs in.
+    queued: Option<Queued>,
+}
+
+/// A demand waiting for its connection's login.
+#[derive(Debug, Clone)]
+struct Queued {
+    target: UserId,
+    service: ServiceName,
+    give_up: Instant,
 }
 
 impl Connection {
     pub(crate) fn new(now: Instant) -> Self {
+        Self::opening(now, false)
+    }
+
+    /// A connection held until the back-off ends ([`Connection::release`]).
+    pub(crate) fn held(now: Instant) -> Self {
+        Self::opening(now, true)
+    }
+
+    fn opening(now: Instant, held: bool) -> Self {
         Connection {
             state: State::Connecting {
                 since: now,
                 announced: false,
+                held,
             },
             owed: Deque::new(),
             ka_seq: 0,
@@ -193,12 +216,40 @@ impl Connection {
             rx_payload: 0,
             close_after_flush: false,
             login_attempts: 0,
+            queued: None,
         }
+    }
+
+    /// The back-off is over: a held connection opens now.
+    pub(crate) fn release(&mut self, now: Instant) {
+        if let State::Connecting { since, held, .. } = &mut self.state
+            && *held
+        {
+            *held = false;
+            *since = now;
+        }
+    }
+
+    /// Failed before its login while a demand waits on it: held again for the next
+    /// attempt (after the back-off), until the demand's patience runs out.
+    pub(crate) fn requeue(&mut self, now: Instant) {
+        let waiting = self.queued.as_ref().is_some_and(|q| now < q.give_up);
+        if waiting && self.is_closed() {
+            let queued = self.queued.take();
+            *self = Connection {
+                queued,
+                ..Connection::held(now)
+            };
+        }
+    }
+
+    pub(crate) fn is_held(&self) -> bool {
+        matches!(self.state, State::Connecting { held: true, .. })
     }
 
     /// The TCP connection is up: log in with the token if there is one.
     pub(crate) fn connected(&mut self, now: Instant, with_token: bool, fallback: bool) {
-        if matches!(self.state, State::Connecting { .. }) {
+        if matches!(self.state, State::Connecting { held: false, .. }) {
             self.state = State::LoggingIn {
                 since: now,
                 with_token,
@@ -225,12 +276,17 @@ impl Connection {
         matches!(self.state, State::Closed(_))
     }
 
-    /// Whether this connection will be idle once its handshake completes.
+    /// Whether this connection is on its way to being logged in.
     pub(crate) fn is_coming_up(&self) -> bool {
         matches!(
             self.state,
             State::Connecting { .. } | State::LoggingIn { .. }
         )
+    }
+
+    /// Whether it will be idle once logged in (no demand waits for it).
+    pub(crate) fn is_spare_coming_up(&self) -> bool {
+        self.is_coming_up() && self.queued.is_none()
     }
 
     /// Ends the connection; the terminal sees the state and does the rest.
@@ -366,8 +422,17 @@ impl Connection {
         frame::data_header(len).map_err(|_| SendError::TooLong)
     }
 
-    /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed.
+    /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed;
+    /// or on a spare coming up ([`Connection::is_spare_coming_up`]): made at its login.
     pub(crate) fn demand(&mut self, target: UserId, service: ServiceName, give_up: Instant) {
+        if self.is_coming_up() {
+            self.queued = Some(Queued {
+                target,
+                service,
+                give_up,
+            });
+            return;
+        }
         self.state = State::Demanding {
             target,
             service,
@@ -434,10 +499,11 @@ impl Connection {
     /// The next instant at which [`Connection::handle_timeout`] has work.
     pub(crate) fn poll_timeout(&self, cfg: &Config, keepalive: Duration) -> Option<Instant> {
         match self.state {
+            // The terminal releases it at its back-off instant.
+            State::Connecting { held: true, .. } | State::Closed(_) => None,
             State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 Some(since + cfg.handshake_timeout)
             }
-            State::Closed(_) => None,
             _ => {
                 let alive = self
                     .next_ka
@@ -470,12 +536,12 @@ impl Connection {
         jitter: &mut Jitter,
     ) {
         match self.state {
+            State::Connecting { held: true, .. } | State::Closed(_) => {}
             State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 if now >= since + cfg.handshake_timeout {
                     self.close(Cause::HandshakeTimeout);
                 }
             }
-            State::Closed(_) => {}
             _ => {
                 if now >= self.last_rx + self.rx_timeout(cfg, keepalive) {
                     self.close(Cause::KeepAliveTimeout);
@@ -539,15 +605,29 @@ impl Connection {
             (
                 State::LoggingIn { .. },
                 Inbound::LoginOk {
+                    caps,
                     keepalive_ms,
                     max_payload,
                     token,
                 },
             ) => {
-                self.state = State::Idle;
+                self.state = match self.queued.take() {
+                    Some(Queued {
+                        target,
+                        service,
+                        give_up,
+                    }) => State::Demanding {
+                        target,
+                        service,
+                        give_up,
+                        step: Step::Owed,
+                    },
+                    None => State::Idle,
+                };
                 let keepalive = Duration::from_millis(keepalive_ms.into());
                 self.next_ka = now + jitter.spread(keepalive, 10);
                 Change::LoggedIn {
+                    caps,
                     token,
                     keepalive,
                     max_payload,

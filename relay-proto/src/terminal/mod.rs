@@ -103,7 +103,10 @@ impl Default for Config {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Event {
     /// Open a TCP (or TLS) connection to the relay for this handle, then call
-    /// [`Terminal::connected`] or [`Terminal::connect_failed`].
+    /// [`Terminal::connected`] or [`Terminal::connect_failed`]. It may come again for a
+    /// handle with no `Closed` between: a connection that failed before its login while
+    /// a demand waited on it is opened again (drop the old socket), until the demand's
+    /// patience runs out.
     Open(Handle),
     /// This handle's connection is finished, and any session on it is over: close its
     /// socket if it is still open. The handle may be reused by a later `Open`.
@@ -193,6 +196,16 @@ pub enum SendError {
     TooLong,
     /// The caller's buffer is smaller than [`MIN_TRANSMIT_BUF`].
     BufferTooSmall,
+    /// The relay did not announce the capability the call needs (docs/PROTOCOL.md §9).
+    Unsupported(Unsupported),
+}
+
+/// A feature the relay's LOGIN_OK did not announce, so the terminal does not use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Unsupported {
+    /// No `LIST` bit: the relay does not answer LIST, so no online list.
+    List,
 }
 
 /// A terminal's connections to one relay. `N` is the most connections it ever holds
@@ -210,6 +223,8 @@ pub struct Terminal<const N: usize> {
     user: UserId,
     password: Password,
     token: Option<ResumeToken>,
+    /// The capabilities in force, from the latest LOGIN_OK (0 before any).
+    caps: u32,
     /// The relay's keep-alive interval once known.
     keepalive: Duration,
     max_payload: u16,
@@ -243,6 +258,7 @@ impl<const N: usize> Terminal<N> {
             user,
             password,
             token: None,
+            caps: 0,
             max_payload: MAX_PAYLOAD as u16,
             slots: core::array::from_fn(|_| None),
             event: None,
@@ -264,6 +280,28 @@ impl<const N: usize> Terminal<N> {
     /// Whether at least one connection is logged in.
     pub fn is_up(&self) -> bool {
         self.up
+    }
+
+    /// The capabilities in force ([`caps`]): the bits our LOGIN announced that the relay
+    /// has too, from its latest LOGIN_OK; 0 before the first.
+    pub fn caps(&self) -> u32 {
+        self.caps
+    }
+
+    /// The kind of instance the relay runs us as, once a LOGIN_OK said it: a relay that
+    /// does not know [`caps::REQUESTER`] runs a requester as its user ID's reachable
+    /// instance (it may replace, or be replaced by, the device of the same user ID).
+    pub fn runs_as(&self) -> Option<Kind> {
+        match (self.caps == 0, self.caps & caps::REQUESTER != 0) {
+            (true, _) => None,
+            (false, true) => Some(Kind::Requester),
+            (false, false) => Some(Kind::Reachable),
+        }
+    }
+
+    /// Whether the relay announced `bit`.
+    fn has(&self, bit: u32) -> bool {
+        self.caps & bit != 0
     }
 
     /// Largest DATA payload the relay accepts (65,535 until it says otherwise).
@@ -328,7 +366,12 @@ impl<const N: usize> Terminal<N> {
         }
         self.slots.iter_mut().enumerate().find_map(|(i, slot)| {
             let Some(Connection {
-                state: State::Connecting { announced, .. },
+                state:
+                    State::Connecting {
+                        announced,
+                        held: false,
+                        ..
+                    },
                 ..
             }) = slot
             else {
@@ -361,13 +404,22 @@ impl<const N: usize> Terminal<N> {
             return false;
         }
         let coming = self.conns().filter(|(_, c)| c.is_coming_up()).count();
+        let spares = self.conns().filter(|(_, c)| c.is_spare_coming_up()).count();
         let idle = self.conns().filter(|(_, c)| c.is_idle()).count();
         let full = self.slots.iter().all(Option::is_some);
+        // Without RESUME another connection needs a second password login, which starts
+        // a new instance (a reachable one would replace us): one connection only.
+        let more = self.has(caps::RESUME) || self.conns().next().is_none();
         // Before the first login, one at a time: the password is checked once.
-        !full && idle + coming < usize::from(self.config.spare.max(1)) && (self.up || coming == 0)
+        !full
+            && idle + spares < usize::from(self.config.spare.max(1))
+            && (if self.up { more } else { coming == 0 })
     }
 
     fn replenish(&mut self, now: Instant) {
+        if now >= self.retry_at {
+            self.slots.iter_mut().flatten().for_each(|c| c.release(now));
+        }
         while now >= self.retry_at && self.wants_connection() {
             let Some(slot) = self.slots.iter_mut().find(|s| s.is_none()) else {
                 return;
@@ -427,6 +479,22 @@ impl<const N: usize> Terminal<N> {
             self.stop(Cause::Relay(code));
             self.refuse(code, Text::lossy(code.describe()));
         }
+        // A demand waiting for this connection's login waits for the next attempt.
+        if !self.stopped
+            && cause != Cause::Local
+            && let Some(c) = self
+                .slots
+                .get_mut(usize::from(h.0))
+                .and_then(Option::as_mut)
+        {
+            c.requeue(now);
+        }
+    }
+
+    /// Whether `h` is held for a waiting demand until the back-off ends: its transport,
+    /// if any, is finished (an [`Event::Open`] for `h` follows, with no `Closed`).
+    pub(crate) fn is_held(&self, h: Handle) -> bool {
+        matches!(self.slots.get(usize::from(h.0)), Some(Some(c)) if c.is_held())
     }
 
     /// Stops for good (until `start`) and keeps why for [`Event::LoginRefused`]. The first
@@ -448,11 +516,14 @@ impl<const N: usize> Terminal<N> {
         let event = match change {
             Change::None => None,
             Change::LoggedIn {
+                caps: in_force,
                 token,
                 keepalive,
                 max_payload,
             } => {
-                self.token = Some(token);
+                self.caps = in_force;
+                // A relay without RESUME would not take the token back.
+                self.token = self.has(caps::RESUME).then_some(token);
                 self.keepalive = keepalive;
                 self.max_payload = max_payload;
                 self.failures = 0;
@@ -580,7 +651,8 @@ impl<const N: usize> Terminal<N> {
 
     /// The earliest instant at which [`Terminal::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = if self.wants_connection() {
+        let held = self.conns().any(|(_, c)| c.is_held());
+        let mut t = if self.wants_connection() || held {
             Some(self.retry_at)
         } else {
             None
@@ -609,20 +681,51 @@ impl<const N: usize> Terminal<N> {
     /// The answer is [`Event::Accepted`] or [`Event::DemandFailed`] on the returned handle.
     /// While the relay answers `NoIdleConnection` the demand is made again, every
     /// `demand_retry`, until `demand_patience` from `now` has passed.
+    ///
+    /// With no idle connection the demand waits for a spare connection coming up, or a
+    /// new one opened for it (one login away, with the token), and is made once that
+    /// connection logs in; if it closes first, its [`Event::Closed`] ends the demand.
+    /// While the terminal is down (reconnecting) the demand takes the connection that
+    /// opens when the back-off ends. `NoIdleConnection` only when every slot is taken (or
+    /// the relay has no `RESUME`), `NotLoggedIn` once stopped (logged out or refused).
     pub fn demand(
         &mut self,
         target: UserId,
         service: ServiceName,
         now: Instant,
     ) -> Result<Handle, SendError> {
-        let h = self.idle_handle()?;
+        let h = match self.idle_handle() {
+            Ok(h) => h,
+            Err(e) => self.carrier(now).ok_or(e)?,
+        };
         let give_up = now + self.config.demand_patience;
         self.conn_mut(h)?.demand(target, service, give_up);
+        self.replenish(now);
         Ok(h)
     }
 
+    /// A connection on its way up that no demand waits for yet, or a new one: opened
+    /// now while up, else held until the reconnect back-off ends.
+    fn carrier(&mut self, now: Instant) -> Option<Handle> {
+        let coming = self.conns().find(|(_, c)| c.is_spare_coming_up());
+        if let Some((h, _)) = coming {
+            return Some(h);
+        }
+        if self.stopped || (self.up && !self.has(caps::RESUME)) {
+            return None;
+        }
+        let i = self.slots.iter().position(Option::is_none)?;
+        let c = match self.up {
+            true => Connection::new(now),
+            false => Connection::held(now),
+        };
+        *self.slots.get_mut(i)? = Some(c);
+        Some(Handle(i as u8))
+    }
+
     fn idle_handle(&self) -> Result<Handle, SendError> {
-        if !self.up {
+        // Logged out: the connection carrying LOGOUT is still up, but not ours to use.
+        if !self.up || self.stopped {
             return Err(SendError::NotLoggedIn);
         }
         self.conns()
@@ -667,8 +770,12 @@ impl<const N: usize> Terminal<N> {
     }
 
     /// Asks for a page of the online list; `cursor` 0 is the first page.
+    /// Refused with [`Unsupported::List`] when the relay did not announce [`caps::LIST`].
     pub fn request_online(&mut self, cursor: u32) -> Result<Handle, SendError> {
         let h = self.idle_handle()?;
+        if !self.has(caps::LIST) {
+            return Err(SendError::Unsupported(Unsupported::List));
+        }
         self.conn_mut(h)?.list(cursor)?;
         Ok(h)
     }

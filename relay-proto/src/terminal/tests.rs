@@ -282,6 +282,8 @@ fn demanding(r: &mut Rig) {
             .unwrap();
     assert_eq!(h, H0);
     assert!(matches!(r.sent(H0)[..], [Frame::Demand(_)]));
+    // The pool's spare connection, at once.
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
 }
 
 fn no_idle() -> Frame {
@@ -296,8 +298,7 @@ fn no_idle_connection_is_retried_after_the_retry_delay_without_an_event() {
     let mut r = Rig::up();
     demanding(&mut r);
     r.feed(H0, no_idle());
-    // Only the pool's spare connection.
-    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    assert_eq!(r.events(), []);
     assert_eq!(r.sent(H0), []);
     let retry = r.now + Config::default().demand_retry;
     assert!(r.t.poll_timeout().is_some_and(|t| t <= retry));
@@ -556,4 +557,202 @@ fn logout_closes_once_written() {
     assert_eq!(r.events(), []);
     assert_eq!(r.sent(H0), []);
     assert_eq!(closed(&r.events(), H0), Some(Cause::Local));
+}
+
+/// A terminal whose first connection logged in with a LOGIN_OK carrying `caps`.
+fn up_with_caps(config: Config, caps: u32) -> Rig {
+    let mut r = Rig {
+        t: Terminal::new(
+            config,
+            UserId::new("dev").unwrap(),
+            Password::new("pw").unwrap(),
+            7,
+        ),
+        now: Instant::from_secs(1),
+    };
+    r.t.start(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)]);
+    r.t.connected(H0, r.now);
+    r.sent(H0);
+    r.feed(
+        H0,
+        Frame::LoginOk(LoginOk {
+            caps,
+            keepalive_ms: 30_000,
+            max_payload: 4096,
+            token: ResumeToken::from_slice(b"token").unwrap(),
+        }),
+    );
+    r
+}
+
+#[test]
+fn no_online_list_from_a_relay_without_list() {
+    let mut r = up_with_caps(Config::default(), frame::caps::RESUME);
+    assert_eq!(r.events()[0], Event::LoggedIn);
+    assert_eq!(r.t.caps(), frame::caps::RESUME);
+    assert_eq!(
+        r.t.request_online(0),
+        Err(SendError::Unsupported(Unsupported::List))
+    );
+    assert_eq!(r.sent(H0), []);
+}
+
+#[test]
+fn no_resumption_and_no_spare_with_a_relay_without_resume() {
+    let config = Config {
+        spare: 2,
+        ..Config::default()
+    };
+    let mut r = up_with_caps(config, frame::caps::LIST);
+    // Another connection would need the token (or a second password login, which
+    // replaces this one): the terminal stays at one.
+    assert_eq!(r.events(), [Event::LoggedIn]);
+    assert_eq!(r.t.open_connections(), 1);
+    // Lost, it logs in again with the password.
+    r.t.transport_closed(H0, r.now);
+    r.now = r.now + Duration::from_secs(120);
+    r.t.handle_timeout(r.now);
+    let opened: Vec<Handle> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Open(h) => Some(h),
+            _ => None,
+        })
+        .collect();
+    let [h] = opened[..] else {
+        panic!("one connection: {opened:?}");
+    };
+    r.t.connected(h, r.now);
+    let [Frame::Login(login)] = &r.sent(h)[..] else {
+        panic!("LOGIN");
+    };
+    assert!(matches!(login.credential, frame::Credential::Password(_)));
+}
+
+#[test]
+fn a_requester_on_a_relay_without_requester_is_told_it_runs_reachable() {
+    let config = Config {
+        kind: Kind::Requester,
+        ..Config::default()
+    };
+    let mut r = up_with_caps(config.clone(), frame::caps::ALL);
+    assert_eq!(r.events()[0], Event::LoggedIn);
+    assert_eq!(r.t.runs_as(), Some(Kind::Reachable));
+    let mut r = up_with_caps(config, frame::caps::ALL | frame::caps::REQUESTER);
+    assert_eq!(r.events()[0], Event::LoggedIn);
+    assert_eq!(r.t.runs_as(), Some(Kind::Requester));
+}
+
+#[test]
+fn a_demand_without_an_idle_connection_rides_the_next_one_to_log_in() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    // H0 is busy, H1 (the spare) is coming up: the second demand waits for its login.
+    let h1 = Handle(1);
+    let second =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now);
+    assert_eq!(second, Ok(h1));
+    // The pool still wants a spare of its own: H1 is taken.
+    assert_eq!(r.t.open_connections(), 2);
+    r.t.connected(h1, r.now);
+    assert!(matches!(r.sent(h1)[..], [Frame::Login(_)]));
+    r.feed(
+        h1,
+        Frame::LoginOk(LoginOk {
+            caps: frame::caps::ALL,
+            keepalive_ms: 30_000,
+            max_payload: 4096,
+            token: ResumeToken::from_slice(b"token").unwrap(),
+        }),
+    );
+    assert!(matches!(r.sent(h1)[..], [Frame::Demand(_)]));
+    assert_eq!(r.t.idle_connections(), 0);
+}
+
+#[test]
+fn a_demand_with_every_slot_busy_is_refused() {
+    let mut r = Rig::up();
+    demanding(&mut r);
+    let cam = || UserId::new("cam").unwrap();
+    assert_eq!(
+        r.t.demand(cam(), ServiceName::default(), r.now),
+        Ok(Handle(1))
+    );
+    assert_eq!(
+        r.t.demand(cam(), ServiceName::default(), r.now),
+        Err(SendError::NoIdleConnection)
+    );
+}
+
+#[test]
+fn a_demand_while_reconnecting_waits_for_the_back_off_and_the_login() {
+    let mut r = Rig::up();
+    r.t.transport_closed(H0, r.now);
+    let down = r.events();
+    assert!(down.contains(&Event::Down), "{down:?}");
+    // In back-off: the demand holds a slot, and nothing opens before the back-off ends.
+    let h =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+            .unwrap();
+    assert_eq!(r.events(), []);
+    let at = r.t.poll_timeout().unwrap();
+    assert!(at > r.now);
+    r.now = at;
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(h)]);
+    r.t.connected(h, r.now);
+    assert!(matches!(r.sent(h)[..], [Frame::Login(_)]));
+    r.feed(
+        h,
+        Frame::LoginOk(LoginOk {
+            caps: frame::caps::ALL,
+            keepalive_ms: 30_000,
+            max_payload: 4096,
+            token: ResumeToken::from_slice(b"token").unwrap(),
+        }),
+    );
+    assert!(matches!(r.sent(h)[..], [Frame::Demand(_)]));
+}
+
+#[test]
+fn no_demand_once_logged_out() {
+    let mut r = Rig::up();
+    r.t.logout(r.now);
+    assert_eq!(
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now),
+        Err(SendError::NotLoggedIn)
+    );
+}
+
+#[test]
+fn a_waiting_demand_outlives_failed_reconnects_until_its_patience() {
+    let mut r = Rig::up();
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    let h =
+        r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+            .unwrap();
+    let patience_ends = r.now + Config::default().demand_patience;
+    // Each failed attempt holds the slot again: Open after Open, no Closed, until the
+    // patience runs out; then the demand ends with its connection.
+    let mut attempts = 0;
+    loop {
+        r.now = r.t.poll_timeout().unwrap();
+        r.t.handle_timeout(r.now);
+        match &r.events()[..] {
+            [] => continue,
+            [Event::Open(o)] if *o == h => attempts += 1,
+            other => panic!("attempt {attempts}: {other:?}"),
+        }
+        r.t.connect_failed(h, r.now);
+        let events = r.events();
+        if closed(&events, h).is_some() {
+            assert!(r.now >= patience_ends, "gave up early: {events:?}");
+            break;
+        }
+        assert_eq!(events, [], "attempt {attempts}");
+    }
+    assert!(attempts >= 3, "{attempts}");
 }

@@ -22,6 +22,8 @@ use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Inbound {
     LoginOk {
+        /// The capabilities in force (docs/PROTOCOL.md §9).
+        caps: u32,
         keepalive_ms: u32,
         max_payload: u16,
         token: ResumeToken,
@@ -79,14 +81,12 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Inbound, usize)>, Malformed>
     };
     let mut r = Reader(payload);
     let frame = match ty {
-        FrameType::LoginOk => {
-            r.varint_u32()?; // caps: nothing to act on in version 1
-            Inbound::LoginOk {
-                keepalive_ms: r.varint_u32()?,
-                max_payload: r.varint_u16()?,
-                token: ResumeToken::from_slice(r.bytes()?).ok_or(Malformed)?,
-            }
-        }
+        FrameType::LoginOk => Inbound::LoginOk {
+            caps: r.varint_u32()?,
+            keepalive_ms: r.varint_u32()?,
+            max_payload: r.varint_u16()?,
+            token: ResumeToken::from_slice(r.bytes()?).ok_or(Malformed)?,
+        },
         FrameType::KeepAliveAck => {
             r.varint_u32()?;
             Inbound::KeepAliveAck
@@ -443,6 +443,7 @@ mod tests {
             Parsed::DataHeader { len } => Some(Inbound::Data(len)),
             Parsed::Control(f) => match f {
                 Frame::LoginOk(ok) => Some(Inbound::LoginOk {
+                    caps: ok.caps,
                     keepalive_ms: ok.keepalive_ms,
                     max_payload: ok.max_payload,
                     token: ok.token,
