@@ -235,6 +235,11 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         }
     }
 
+    /// A pair the host cannot use any more, back into the router.
+    pub fn give_back(&mut self, pair: Pair) {
+        self.put_back(pair);
+    }
+
     /// A pair's wires back into their entries, with the wakes it owes.
     fn put_back(&mut self, pair: Pair) {
         self.stats.bytes_relayed += pair.relayed;
