@@ -161,7 +161,9 @@ struct Links(HashMap<usize, Arc<Link>>);
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("ends", &[self.ends[0].0, self.ends[1].0]).finish()
+        f.debug_struct("Link")
+            .field("ends", &[self.ends[0].0, self.ends[1].0])
+            .finish()
     }
 }
 
@@ -962,7 +964,8 @@ fn pull_control(srv: &Arc<Server>, id: ConnId, me: &Arc<Conn>) -> bool {
             let mut buf = [0u8; MIN_TRANSMIT_BUF];
             let n = pair.poll_transmit(id, &mut buf).unwrap_or(0);
             if n > 0 {
-                me.out.push(Chunk::Bytes(Bytes::copy_from_slice(&buf[..n]), 0));
+                me.out
+                    .push(Chunk::Bytes(Bytes::copy_from_slice(&buf[..n]), 0));
             }
             deliver_wakes(pair, &link);
             return n > 0;

@@ -9,9 +9,8 @@
 //! [`TermEntry::sibling`], so a user's instances cost no table of their own.
 
 use super::{
-    Handback,
-    Event, InstanceEnd, NIL, Phase, Policy, Relay, ReleaseReason, Slab, State, Storage, TermEntry,
-    UserIndex,
+    Event, Handback, InstanceEnd, NIL, Phase, Policy, Relay, ReleaseReason, Slab, State, Storage,
+    TermEntry, UserIndex,
 };
 use crate::codes::ErrorCode;
 use crate::frame::caps;

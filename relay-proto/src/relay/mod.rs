@@ -49,8 +49,8 @@ use conn::{Acks, Forward, Out, Outbound, Passed, Phase, State};
 pub use conn::{ConnEntry, ConnId};
 use heapless::Vec;
 pub use instances::Kind;
-pub use pair::{Handback, NoPairs, Pair, PairOffer};
 use instances::{Admitted, RELAY_CAPS};
+pub use pair::{Handback, NoPairs, Pair, PairOffer};
 use wakes::Lists;
 
 use crate::codes::{DemandError, ErrorCode, ReleaseReason};

@@ -89,7 +89,11 @@ impl Pair {
         let peer = 1 - me;
         self.wires[me].last_rx = now;
         if self.wires[me].inbound.is_some() {
-            let Passed { n, to_peer, complete } = self.wires[me].pass(input.len());
+            let Passed {
+                n,
+                to_peer,
+                complete,
+            } = self.wires[me].pass(input.len());
             if !to_peer {
                 return PairOffer::Consumed(n);
             }
@@ -222,10 +226,14 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             Some(pair) => self.put_back(pair),
             // The host lost it: the wires stay as they were handed out.
             None => {
-                let peer = self.conns.get(key).and_then(ConnEntry::phase).and_then(|p| match p {
-                    Phase::Session { peer, .. } => Some(*peer),
-                    _ => None,
-                });
+                let peer = self
+                    .conns
+                    .get(key)
+                    .and_then(ConnEntry::phase)
+                    .and_then(|p| match p {
+                        Phase::Session { peer, .. } => Some(*peer),
+                        _ => None,
+                    });
                 for k in [Some(key), peer].into_iter().flatten() {
                     if let Some(c) = self.conns.get_mut(k) {
                         c.handed = false;
@@ -363,7 +371,10 @@ mod tests {
         assert_eq!(p.poll_wake(), Some(tgt));
         let keepalive = enc(&Frame::KeepAlive { seq: 9 });
         let n = keepalive.len();
-        assert_eq!(p.handle_input(t(3), tgt, &keepalive), PairOffer::Consumed(n));
+        assert_eq!(
+            p.handle_input(t(3), tgt, &keepalive),
+            PairOffer::Consumed(n)
+        );
         assert_eq!(p.poll_wake(), Some(tgt));
         let ack = enc(&Frame::KeepAliveAck { seq: 9 });
         assert_eq!(p.poll_transmit(tgt, &mut buf), Ok(ack.len()), "its ack");
@@ -381,7 +392,11 @@ mod tests {
             }
         }
         assert_eq!(ended, None, "half-closed only");
-        assert_eq!(drain(&mut r, tgt).as_slice(), &[0x0D, 0, 0], "TERMINATE forwarded");
+        assert_eq!(
+            drain(&mut r, tgt).as_slice(),
+            &[0x0D, 0, 0],
+            "TERMINATE forwarded"
+        );
         assert_eq!(r.stats().bytes_relayed, 2, "the pair's bytes count");
     }
 
@@ -392,7 +407,10 @@ mod tests {
         let mut r = R::new(Config::default(), AllowAll);
         let (req, tgt) = session(&mut r);
         let mut p = r.hand_out(tgt).unwrap();
-        assert_eq!(p.handle_input(t(2), tgt, &[0x0C, 0, 4]), PairOffer::Consumed(3));
+        assert_eq!(
+            p.handle_input(t(2), tgt, &[0x0C, 0, 4]),
+            PairOffer::Consumed(3)
+        );
         let mut buf = [0u8; MIN_TRANSMIT_BUF];
         assert_eq!(p.poll_transmit(req, &mut buf), Ok(3));
         assert_eq!(

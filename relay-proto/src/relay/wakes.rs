@@ -8,8 +8,7 @@
 //! - The **kick list**: connections that became idle during the current call while a
 //!   demand may wait for their terminal; served (and emptied) at the end of every call.
 
-use super::{
-    Handback,ConnEntry, Event, NIL, Policy, Relay, Slab, Storage};
+use super::{ConnEntry, Event, Handback, NIL, Policy, Relay, Slab, Storage};
 
 /// A connection's membership in the wake list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
