@@ -234,6 +234,8 @@ struct Wire {
     buf: Vec<u8>,
 }
 
+// One value at a time, on the stack of a terminal's task: no need to box the frame.
+#[allow(clippy::large_enum_variant)]
 enum In {
     Control(Frame),
     Data(usize),

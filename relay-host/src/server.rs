@@ -172,9 +172,8 @@ impl Handback for Links {
     /// path never takes them the other way round).
     fn take(&mut self, conn: ConnId) -> Option<Pair> {
         let link = self.0.get(&conn.index())?.clone();
-        if link.end(conn).is_none() {
-            return None;
-        }
+        // (An index reused by a newer connection names another link's end: not this.)
+        link.end(conn)?;
         let pair = lock(&link.pair).take();
         for (id, end) in &link.ends {
             self.0.remove(&id.index());

@@ -20,6 +20,15 @@
 //! any way it likes (one copy, `splice(2)`) and report them with
 //! [`Relay::forwarded`].
 //!
+//! ## The router and its pairs
+//!
+//! A running session's DATA and KEEPALIVEs touch only its two connections' framing,
+//! keep-alive and forwarding state (`conn::Wire`). A host that runs connections in
+//! parallel takes that state out with [`Relay::hand_out`] as a [`Pair`] and forwards the
+//! session's bytes through it without the router; every other frame, and every transition
+//! of the router that touches those connections, brings the pair back first (through the
+//! host's [`Handback`], see `pair.rs`). The wire transitions are one code for both.
+//!
 //! ## Output without buffers
 //!
 //! A connection's pending output is a handful of flags and small fields (an ack to send,
