@@ -139,8 +139,29 @@ impl Conn {
 /// core's [`Pair`] behind its own lock, and the two connections it joins. `pair` is
 /// `None` once the router took it back; the connections then go to the router again.
 struct Link {
-    pair: Mutex<Option<Pair>>,
+    pair: Mutex<Paired>,
     ends: [(ConnId, Arc<Conn>); 2],
+}
+
+/// What [`Link::pair`] guards.
+struct Paired {
+    pair: Option<Pair>,
+    /// Payload bytes forwarded and not yet in `relay_bytes_relayed`: published in steps
+    /// of [`PUBLISH_BYTES`], not per chunk (two atomics on cache lines that every
+    /// thread writes); the rest when the router takes the pair back and counts it.
+    unpublished: u64,
+}
+
+/// See [`Paired::unpublished`].
+const PUBLISH_BYTES: u64 = 64 * 1024;
+
+/// What [`offer_paired`] did.
+enum ViaPair {
+    Done(Step),
+    /// A frame for the router; the pair is still handed out (the router takes it back).
+    Router,
+    /// The router took the pair back already.
+    Gone,
 }
 
 impl Link {
@@ -174,7 +195,7 @@ impl Handback for Links {
         let link = self.0.get(&conn.index())?.clone();
         // (An index reused by a newer connection names another link's end: not this.)
         link.end(conn)?;
-        let pair = lock(&link.pair).take();
+        let pair = lock(&link.pair).pair.take();
         for (id, end) in &link.ends {
             self.0.remove(&id.index());
             let mut slot = lock(&end.link);
@@ -337,11 +358,14 @@ impl Core {
             return false;
         };
         let link = Arc::new(Link {
-            pair: Mutex::new(None),
+            pair: Mutex::new(Paired {
+                pair: None,
+                unpublished: 0,
+            }),
             ends: [(a, ca.clone()), (b, cb.clone())],
         });
         deliver_wakes(&mut pair, &link);
-        *lock(&link.pair) = Some(pair);
+        lock(&link.pair).pair = Some(pair);
         for (c, conn) in [(a, &ca), (b, &cb)] {
             self.relay.handback_mut().0.insert(c.index(), link.clone());
             *lock(&conn.link) = Some(link.clone());
@@ -597,6 +621,8 @@ struct ConnIo {
     /// The pipe chunk being written to this socket and the bytes of it still to go.
     #[cfg(target_os = "linux")]
     splicing: Option<(Arc<Pipe>, usize)>,
+    /// The handed-out data path of its session, once seen ([`current_link`]).
+    link: Option<Arc<Link>>,
 }
 
 impl ConnIo {
@@ -613,6 +639,7 @@ impl ConnIo {
             pipe: None,
             #[cfg(target_os = "linux")]
             splicing: None,
+            link: None,
         }
     }
 
@@ -671,7 +698,9 @@ impl ConnIo {
                     return Poll::Ready(End::Closed);
                 }
                 Next::Empty { pull } => {
-                    if (pull || std::mem::take(&mut self.wrote)) && pull_control(srv, id, me) {
+                    if (pull || std::mem::take(&mut self.wrote))
+                        && pull_control(srv, id, me, &mut self.link)
+                    {
                         continue;
                     }
                     if self.unflushed {
@@ -745,7 +774,7 @@ impl ConnIo {
         me: &Arc<Conn>,
     ) -> Poll<bool> {
         if self.stalled {
-            match offer(cx, srv, id, me, &mut self.pending) {
+            match offer(cx, srv, id, me, &mut self.pending, &mut self.link) {
                 Step::Stop => return Poll::Ready(false),
                 Step::Stalled => return Poll::Pending,
                 Step::Done => self.stalled = false,
@@ -768,7 +797,7 @@ impl ConnIo {
             Ok(0) | Err(_) => return Poll::Ready(false),
             Ok(_) => {}
         }
-        match offer(cx, srv, id, me, &mut self.pending) {
+        match offer(cx, srv, id, me, &mut self.pending, &mut self.link) {
             Step::Stop => return Poll::Ready(false),
             Step::Stalled => {
                 self.stalled = true;
@@ -956,19 +985,26 @@ impl ConnIo {
 
 /// Asks the core for `id`'s control output and queues it. `true` if it queued anything
 /// (or a close).
-fn pull_control(srv: &Arc<Server>, id: ConnId, me: &Arc<Conn>) -> bool {
-    if let Some(link) = me.linked() {
+fn pull_control(
+    srv: &Arc<Server>,
+    id: ConnId,
+    me: &Arc<Conn>,
+    cache: &mut Option<Arc<Link>>,
+) -> bool {
+    if let Some(link) = current_link(cache, me) {
         let mut guard = lock(&link.pair);
-        if let Some(pair) = guard.as_mut() {
+        if let Some(pair) = guard.pair.as_mut() {
             let mut buf = [0u8; MIN_TRANSMIT_BUF];
             let n = pair.poll_transmit(id, &mut buf).unwrap_or(0);
             if n > 0 {
                 me.out
                     .push(Chunk::Bytes(Bytes::copy_from_slice(&buf[..n]), 0));
             }
-            deliver_wakes(pair, &link);
+            deliver_wakes(pair, link);
             return n > 0;
         }
+        drop(guard);
+        *cache = None;
     }
     let mut core = srv.lock();
     if !core.is(id, me) {
@@ -1054,12 +1090,15 @@ fn offer(
     id: ConnId,
     me: &Arc<Conn>,
     buf: &mut BytesMut,
+    cache: &mut Option<Arc<Link>>,
 ) -> Step {
     loop {
-        if let Some(link) = me.linked()
-            && let Some(step) = offer_paired(cx, srv, &link, id, buf)
-        {
-            return step;
+        if let Some(link) = current_link(cache, me) {
+            match offer_paired(cx, srv, link, id, buf) {
+                ViaPair::Done(step) => return step,
+                ViaPair::Router => {}
+                ViaPair::Gone => *cache = None,
+            }
         }
         match offer_router(cx, srv, id, me, buf) {
             // Handed out meanwhile: the rest goes to the pair.
@@ -1069,22 +1108,35 @@ fn offer(
     }
 }
 
-/// [`offer`] through the pair. `None`: the router must see the next frame (or it took
-/// the pair back); the bytes from it on are left in `buf`.
+/// The link this connection's bytes go through: the task's own copy (`cache`), read from
+/// the connection's slot only while it has none. The router fills the slot when it hands
+/// the session out; the task forgets its copy once it finds the pair taken back.
+fn current_link<'a>(cache: &'a mut Option<Arc<Link>>, me: &Conn) -> Option<&'a Arc<Link>> {
+    if cache.is_none() {
+        *cache = me.linked();
+    }
+    cache.as_ref()
+}
+
+/// [`offer`] through the pair. Unless `Done`, the bytes from the frame the pair does not
+/// take on are left in `buf`.
 fn offer_paired(
     cx: &mut Context<'_>,
     srv: &Arc<Server>,
     link: &Link,
     id: ConnId,
     buf: &mut BytesMut,
-) -> Option<Step> {
+) -> ViaPair {
     let mut guard = lock(&link.pair);
-    let pair = guard.as_mut()?;
+    let Paired { pair, unpublished } = &mut *guard;
+    let Some(pair) = pair.as_mut() else {
+        return ViaPair::Gone;
+    };
     let now = srv.now();
     let mut relayed = 0;
     let step = loop {
         if buf.is_empty() {
-            break Some(Step::Done);
+            break ViaPair::Done(Step::Done);
         }
         let target = pair
             .forward_target(id)
@@ -1092,16 +1144,15 @@ fn offer_paired(
         let Some((to, remaining, dest)) = target else {
             match pair.handle_input(now, id, buf) {
                 PairOffer::Consumed(n) => buf.advance(n),
-                PairOffer::NeedMore => break Some(Step::Done),
-                PairOffer::Router => break None,
-                // (Only with a target, handled below.)
-                PairOffer::Forward { .. } => break None,
+                PairOffer::NeedMore => break ViaPair::Done(Step::Done),
+                // (`Forward` only with a target, handled below.)
+                PairOffer::Router | PairOffer::Forward { .. } => break ViaPair::Router,
             }
             continue;
         };
         let m = buf.len().min(remaining);
         let Poll::Ready(credit) = dest.out.poll_reserve(cx, m) else {
-            break Some(Step::Stalled);
+            break ViaPair::Done(Step::Stalled);
         };
         let credit = credit.unwrap_or(0);
         // The receiver's DATA header first (see `offer_router`).
@@ -1124,16 +1175,26 @@ fn offer_paired(
                 buf.advance(n);
                 dest.out.release(credit);
             }
-            PairOffer::NeedMore | PairOffer::Router => {
+            PairOffer::NeedMore => {
                 dest.out.release(credit);
-                break Some(Step::Done);
+                break ViaPair::Done(Step::Done);
+            }
+            PairOffer::Router => {
+                dest.out.release(credit);
+                break ViaPair::Router;
             }
         }
     };
     deliver_wakes(pair, link);
+    *unpublished += relayed;
+    let publish = if *unpublished >= PUBLISH_BYTES {
+        std::mem::take(unpublished)
+    } else {
+        0
+    };
     drop(guard);
-    if relayed > 0 {
-        srv.count_bytes(relayed);
+    if publish > 0 {
+        srv.count_bytes(publish);
     }
     step
 }
