@@ -364,9 +364,10 @@ fn run(cli: Cli) -> Result<bool> {
         }
     }
 
-    let md = render_report(
+    let mut md = render_report(
         &cli, &cfg, &systems, &res, repeats, fd_limit, &tools, &png_path, &md_path,
     );
+    md.push_str(&kept_sections(&md_path));
     if let Some(d) = md_path.parent() {
         fs::create_dir_all(d)?;
     }
@@ -1219,4 +1220,19 @@ fn relative(target: &Path, md: &Path) -> String {
         r.push(c);
     }
     r.display().to_string()
+}
+
+/// Sections of the report that other benchmarks write (relay-host's in-process data path,
+/// `relay-host/benches/datapath.rs`), carried over from the report being replaced.
+fn kept_sections(md_path: &Path) -> String {
+    const KEPT: &str = "\n## In-process data path";
+    let Ok(old) = fs::read_to_string(md_path) else {
+        return String::new();
+    };
+    let Some(start) = old.find(KEPT) else {
+        return String::new();
+    };
+    let rest = &old[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 4);
+    format!("\n{}", &rest[..end])
 }

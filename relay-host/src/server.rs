@@ -1,41 +1,69 @@
 //! `relay serve`: relay-proto's core on real sockets.
 //!
-//! One [`Core`] (the protocol core plus a handle per connection) behind a
-//! `std::sync::Mutex`, never held across an `await` or any I/O. Each connection is one
-//! task ([`ConnIo`]) that polls both directions of its socket:
+//! Each connection is one task ([`ConnIo`]) that polls both directions of its socket:
 //!
 //! - *reading*: it reads the socket and offers the bytes to the core; for payload it first
-//!   asks [`Relay::forward_target`] where the bytes go and takes credit in that
-//!   connection's [`Fifo`] (or waits for it without reading more: backpressure), then
-//!   hands the core exactly that many bytes and pushes the chunk into the receiver's FIFO;
+//!   asks where the bytes go (`forward_target`) and takes credit in that connection's
+//!   [`Fifo`] (or waits for it without reading more: backpressure), then hands the core
+//!   exactly that many bytes and pushes the chunk into the receiver's FIFO;
 //! - *writing*: it writes its own FIFO in order and, when the FIFO is empty, pulls control
-//!   output from the core ([`Relay::poll_transmit`]).
+//!   output from the core (`poll_transmit`).
 //!
-//! So control output is pulled (an [`Event::Wake`] only wakes the task), payload is
-//! pushed by the sender, and every push happens under the core lock: the FIFO's order is
-//! the core's order, which is what the forwarding contract requires.
+//! So control output is pulled (a wake only wakes the task), payload is pushed by the
+//! sender, and every push happens under the lock that ordered it: the FIFO's order is the
+//! core's order, which is what the forwarding contract requires.
+//!
+//! ## Locking
+//!
+//! The core is split in two (relay-proto's router and its [`Pair`]s), and so are the locks:
+//!
+//! - **The router lock** ([`Server::core`], a `std::sync::Mutex` around [`Core`]): the
+//!   router (logins, demands, pairing, releases, the online list, operator actions,
+//!   deadlines) and the handles of all connections. Never held across an `await` or I/O.
+//! - **A pair lock per running session** ([`Link::pair`]): once a session runs, the
+//!   router hands its data path out ([`Relay::hand_out`]) and both connections' tasks
+//!   offer their bytes to the [`Pair`] under this lock only, and pull their output (DATA
+//!   headers, keep-alive acks) from it. A paired session's DATA and KEEPALIVEs take no
+//!   process-wide lock. A frame the pair does not take (TERMINATE, LIST, LOGOUT, anything
+//!   out of place) goes to the router, which takes the pair back first.
+//! - **Leaf locks**: each connection's [`Fifo`] and its `link` slot; nothing is locked
+//!   while one of them is held.
+//!
+//! Order: router, then pair, then leaves. The router takes a pair back ([`Links`], its
+//! `Handback`) under its own lock whenever one of its transitions touches a handed-out
+//! connection (a close, a deadline, a logout or replaced instance, an operator action);
+//! the data path never takes the router lock while it holds a pair lock. So logins,
+//! demands and the timer sweep hold only the router lock, which a paired session's bytes
+//! do not need; a sweep that reaches a handed-out connection's deadline locks that one
+//! pair. With `--splice`, sessions are not handed out (the splice path moves payload
+//! through the router's `forward_target`/`forwarded`).
 //!
 //! Deadlines (handshake, keep-alive, demand) are not a timer per connection: the core's
 //! deadlines sit in one ordered set ([`Core::arm`]) and one timer task runs those that
 //! are due. An entry is only moved *earlier*; a deadline that moved later (a keep-alive
 //! arrived) fires early once, which the core allows, and is re-armed then. So an idle
-//! connection costs one set entry and keep-alives cost no timer work.
+//! connection costs one set entry and keep-alives cost no timer work. A handed-out
+//! session's deadline is the one its connections had when handed out: when it fires the
+//! router takes the pair back and re-arms (once per keep-alive timeout per session).
 //!
 //! Idle connections hold no read buffer: a buffer is allocated when the socket has data
 //! and dropped when everything in it was handled; only a partial control frame is kept.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::{Buf, Bytes, BytesMut};
-use relay_proto::relay::{self, ConnId, Event, Heap, MIN_TRANSMIT_BUF, Offer, Policy, Relay};
+use relay_proto::relay::{
+    self, ConnId, Event, Handback, Heap, MIN_TRANSMIT_BUF, Offer, Pair, PairOffer, Policy, Relay,
+};
 use relay_proto::{DemandError, UserId};
 #[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
@@ -71,6 +99,9 @@ const WRITE_BATCH: usize = 16;
 /// of tiny frames to a slow receiver cannot pin many whole read buffers.
 const COPY_BELOW: usize = 2048;
 
+/// Deadlines run per hold of the router lock in a timer sweep.
+const SWEEP_BATCH: usize = 256;
+
 /// How long shutdown waits for connections to flush their last frames.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -93,6 +124,87 @@ struct Conn {
     peer: SocketAddr,
     /// Payload for this connection may arrive as [`Chunk::Pipe`] (plain TCP, splice on).
     splice: bool,
+    /// Its session's data path while the router has handed it out ([`Link`]).
+    link: Mutex<Option<Arc<Link>>>,
+}
+
+impl Conn {
+    /// The handed-out data path this connection's bytes go through, if any.
+    fn linked(&self) -> Option<Arc<Link>> {
+        lock(&self.link).clone()
+    }
+}
+
+/// A running session's data path, handed out of the router ([`Relay::hand_out`]): the
+/// core's [`Pair`] behind its own lock, and the two connections it joins. `pair` is
+/// `None` once the router took it back; the connections then go to the router again.
+struct Link {
+    pair: Mutex<Paired>,
+    ends: [(ConnId, Arc<Conn>); 2],
+}
+
+/// What [`Link::pair`] guards.
+struct Paired {
+    pair: Option<Pair>,
+    /// Payload bytes forwarded and not yet in `relay_bytes_relayed`: published in steps
+    /// of [`PUBLISH_BYTES`], not per chunk (two atomics on cache lines that every
+    /// thread writes); the rest when the router takes the pair back and counts it.
+    unpublished: u64,
+}
+
+/// See [`Paired::unpublished`].
+const PUBLISH_BYTES: u64 = 64 * 1024;
+
+/// What [`offer_paired`] did.
+enum ViaPair {
+    Done(Step),
+    /// A frame for the router; the pair is still handed out (the router takes it back).
+    Router,
+    /// The router took the pair back already.
+    Gone,
+}
+
+impl Link {
+    fn end(&self, id: ConnId) -> Option<&Arc<Conn>> {
+        self.ends.iter().find(|(c, _)| *c == id).map(|(_, c)| c)
+    }
+}
+
+/// Locks a mutex whatever a panicking holder left: every update under these locks is
+/// one step through the core's or the FIFO's own methods.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The router's way back to the pairs it handed out: the links by connection index.
+#[derive(Debug, Default)]
+struct Links(HashMap<usize, Arc<Link>>);
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("ends", &[self.ends[0].0, self.ends[1].0])
+            .finish()
+    }
+}
+
+impl Handback for Links {
+    /// Runs under the router's lock and takes the pair's (router, then pair: the data
+    /// path never takes them the other way round).
+    fn take(&mut self, conn: ConnId) -> Option<Pair> {
+        let link = self.0.get(&conn.index())?.clone();
+        // (An index reused by a newer connection names another link's end: not this.)
+        link.end(conn)?;
+        let pair = lock(&link.pair).pair.take();
+        for (id, end) in &link.ends {
+            self.0.remove(&id.index());
+            let mut slot = lock(&end.link);
+            if slot.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link)) {
+                *slot = None;
+            }
+        }
+        pair
+    }
 }
 
 /// [`Slot::armed`] when the connection has no entry in [`Core::timers`].
@@ -107,7 +219,7 @@ struct Slot {
 
 /// The protocol core and the connections' handles, behind one lock.
 struct Core {
-    relay: Relay<Heap, SnapshotPolicy>,
+    relay: Relay<Heap, SnapshotPolicy, Links>,
     /// Indexed by [`ConnId::index`] (the core reuses small keys).
     conns: Vec<Option<Slot>>,
     /// Deadlines of all connections, `(core milliseconds, connection)`, earliest first.
@@ -115,12 +227,16 @@ struct Core {
     /// Wakes the timer task when an entry earlier than all others was added.
     timer_wake: Arc<Notify>,
     epoch: std::time::Instant,
-    bytes_seen: u64,
 }
 
 /// Everything the connection tasks share.
 struct Server {
     core: Mutex<Core>,
+    epoch: std::time::Instant,
+    /// Payload bytes counted in `relay_bytes_relayed`: the router's count, and ahead of
+    /// it the bytes of pairs still handed out (the router counts those when it takes a
+    /// pair back).
+    bytes_seen: AtomicU64,
     auth: Auth,
     metrics: Arc<Metrics>,
     /// Payload between plain-TCP connections moves with `splice(2)` ([`crate::splice`]).
@@ -200,11 +316,16 @@ impl Core {
     }
 
     /// Runs the deadlines that are due and re-arms those connections.
-    fn fire(&mut self, srv: &Arc<Server>) {
+    /// At most [`SWEEP_BATCH`] of them per call, so that a sweep over many deadlines
+    /// lets go of the router between batches. `true` if more are due.
+    fn fire(&mut self, srv: &Arc<Server>) -> bool {
         let now = self.now();
         let mut due = Vec::new();
         while let Some(&(at, id)) = self.timers.first() {
             if at > now.as_millis() {
+                break;
+            }
+            if due.len() == SWEEP_BATCH {
                 break;
             }
             self.timers.pop_first();
@@ -216,10 +337,40 @@ impl Core {
         for &id in &due {
             self.relay.handle_timeout(now, id);
         }
+        let more = due.len() == SWEEP_BATCH;
         for id in due {
             self.arm(id);
         }
         self.drain(srv);
+        more
+    }
+
+    /// Hands `id`'s running session out of the router if it may be ([`Relay::hand_out`]):
+    /// both connections then forward through their [`Link`]. `true` if it did.
+    fn hand_out(&mut self, id: ConnId) -> bool {
+        let Some(mut pair) = self.relay.hand_out(id) else {
+            return false;
+        };
+        let [a, b] = pair.conns();
+        let (Some(ca), Some(cb)) = (self.conn(a).cloned(), self.conn(b).cloned()) else {
+            // A connection without its handle (cannot be: both are live): give it back.
+            self.relay.give_back(pair);
+            return false;
+        };
+        let link = Arc::new(Link {
+            pair: Mutex::new(Paired {
+                pair: None,
+                unpublished: 0,
+            }),
+            ends: [(a, ca.clone()), (b, cb.clone())],
+        });
+        deliver_wakes(&mut pair, &link);
+        lock(&link.pair).pair = Some(pair);
+        for (c, conn) in [(a, &ca), (b, &cb)] {
+            self.relay.handback_mut().0.insert(c.index(), link.clone());
+            *lock(&conn.link) = Some(link.clone());
+        }
+        true
     }
 
     /// The peer address for a log line ("gone" once the connection is).
@@ -360,11 +511,9 @@ impl Core {
         srv.metrics
             .active_sessions
             .set(stats.active_sessions as i64);
-        if stats.bytes_relayed > self.bytes_seen {
-            srv.metrics
-                .bytes_relayed
-                .inc_by(stats.bytes_relayed - self.bytes_seen);
-            self.bytes_seen = stats.bytes_relayed;
+        let seen = srv.bytes_seen.load(Ordering::Relaxed);
+        if stats.bytes_relayed > seen {
+            srv.count_bytes(stats.bytes_relayed - seen);
         }
     }
 }
@@ -373,7 +522,16 @@ impl Server {
     fn lock(&self) -> MutexGuard<'_, Core> {
         // The core is only ever changed through its own methods; a panic in one connection
         // task must not take the whole relay down with a poisoned lock.
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.core)
+    }
+
+    fn now(&self) -> relay_proto::Instant {
+        to_relay_instant(self.epoch, std::time::Instant::now())
+    }
+
+    fn count_bytes(&self, n: u64) {
+        self.metrics.bytes_relayed.inc_by(n);
+        self.bytes_seen.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -392,7 +550,9 @@ async fn run_timers(srv: Weak<Server>, wake: Arc<Notify>, epoch: std::time::Inst
                 tokio::select! {
                     () = tokio::time::sleep_until(at) => {
                         let Some(srv) = srv.upgrade() else { return };
-                        srv.lock().fire(&srv);
+                        while srv.lock().fire(&srv) {
+                            tokio::task::yield_now().await;
+                        }
                     }
                     () = wake.notified() => {}
                 }
@@ -461,6 +621,8 @@ struct ConnIo {
     /// The pipe chunk being written to this socket and the bytes of it still to go.
     #[cfg(target_os = "linux")]
     splicing: Option<(Arc<Pipe>, usize)>,
+    /// The handed-out data path of its session, once seen ([`current_link`]).
+    link: Option<Arc<Link>>,
 }
 
 impl ConnIo {
@@ -477,6 +639,7 @@ impl ConnIo {
             pipe: None,
             #[cfg(target_os = "linux")]
             splicing: None,
+            link: None,
         }
     }
 
@@ -535,7 +698,9 @@ impl ConnIo {
                     return Poll::Ready(End::Closed);
                 }
                 Next::Empty { pull } => {
-                    if (pull || std::mem::take(&mut self.wrote)) && pull_control(srv, id, me) {
+                    if (pull || std::mem::take(&mut self.wrote))
+                        && pull_control(srv, id, me, &mut self.link)
+                    {
                         continue;
                     }
                     if self.unflushed {
@@ -609,7 +774,7 @@ impl ConnIo {
         me: &Arc<Conn>,
     ) -> Poll<bool> {
         if self.stalled {
-            match offer(cx, srv, id, me, &mut self.pending) {
+            match offer(cx, srv, id, me, &mut self.pending, &mut self.link) {
                 Step::Stop => return Poll::Ready(false),
                 Step::Stalled => return Poll::Pending,
                 Step::Done => self.stalled = false,
@@ -632,7 +797,7 @@ impl ConnIo {
             Ok(0) | Err(_) => return Poll::Ready(false),
             Ok(_) => {}
         }
-        match offer(cx, srv, id, me, &mut self.pending) {
+        match offer(cx, srv, id, me, &mut self.pending, &mut self.link) {
             Step::Stop => return Poll::Ready(false),
             Step::Stalled => {
                 self.stalled = true;
@@ -820,7 +985,27 @@ impl ConnIo {
 
 /// Asks the core for `id`'s control output and queues it. `true` if it queued anything
 /// (or a close).
-fn pull_control(srv: &Arc<Server>, id: ConnId, me: &Arc<Conn>) -> bool {
+fn pull_control(
+    srv: &Arc<Server>,
+    id: ConnId,
+    me: &Arc<Conn>,
+    cache: &mut Option<Arc<Link>>,
+) -> bool {
+    if let Some(link) = current_link(cache, me) {
+        let mut guard = lock(&link.pair);
+        if let Some(pair) = guard.pair.as_mut() {
+            let mut buf = [0u8; MIN_TRANSMIT_BUF];
+            let n = pair.poll_transmit(id, &mut buf).unwrap_or(0);
+            if n > 0 {
+                me.out
+                    .push(Chunk::Bytes(Bytes::copy_from_slice(&buf[..n]), 0));
+            }
+            deliver_wakes(pair, link);
+            return n > 0;
+        }
+        drop(guard);
+        *cache = None;
+    }
     let mut core = srv.lock();
     if !core.is(id, me) {
         return false;
@@ -848,6 +1033,7 @@ fn connection(
         out: Fifo::new(),
         peer,
         splice: srv.splice && cfg!(target_os = "linux") && matches!(stream, Either::Right(_)),
+        link: Mutex::new(None),
     });
     let id = {
         let mut core = srv.lock();
@@ -883,25 +1069,156 @@ fn connection(
     }
 }
 
-/// Offers `buf` to the core until it is used up, only a partial frame is left, payload
-/// must wait for credit at its receiver (then `cx` is woken when credit comes back), or
-/// frames behind a LOGIN wait for its verdict (woken by the verdict's `Wake`). All
-/// under one lock: payload is pushed into the receiver's FIFO in the core's order.
+/// Tells the pair's connections with new output ([`Pair::poll_wake`]).
+fn deliver_wakes(pair: &mut Pair, link: &Link) {
+    while let Some(c) = pair.poll_wake() {
+        if let Some(end) = link.end(c) {
+            end.out.wake();
+        }
+    }
+}
+
+/// Offers `buf` until it is used up, only a partial frame is left, payload must wait for
+/// credit at its receiver (then `cx` is woken when credit comes back), or frames behind a
+/// LOGIN wait for its verdict (woken by the verdict's `Wake`). A paired session's bytes go
+/// to its handed-out [`Pair`] under that pair's lock alone; the rest, and whatever the
+/// pair gives back, to the router under the core lock. Either way payload is pushed into
+/// the receiver's FIFO under the lock that ordered it.
 fn offer(
     cx: &mut Context<'_>,
     srv: &Arc<Server>,
     id: ConnId,
     me: &Arc<Conn>,
     buf: &mut BytesMut,
+    cache: &mut Option<Arc<Link>>,
 ) -> Step {
+    loop {
+        if let Some(link) = current_link(cache, me) {
+            match offer_paired(cx, srv, link, id, buf) {
+                ViaPair::Done(step) => return step,
+                ViaPair::Router => {}
+                ViaPair::Gone => *cache = None,
+            }
+        }
+        match offer_router(cx, srv, id, me, buf) {
+            // Handed out meanwhile: the rest goes to the pair.
+            None => continue,
+            Some(step) => return step,
+        }
+    }
+}
+
+/// The link this connection's bytes go through: the task's own copy (`cache`), read from
+/// the connection's slot only while it has none. The router fills the slot when it hands
+/// the session out; the task forgets its copy once it finds the pair taken back.
+fn current_link<'a>(cache: &'a mut Option<Arc<Link>>, me: &Conn) -> Option<&'a Arc<Link>> {
+    if cache.is_none() {
+        *cache = me.linked();
+    }
+    cache.as_ref()
+}
+
+/// [`offer`] through the pair. Unless `Done`, the bytes from the frame the pair does not
+/// take on are left in `buf`.
+fn offer_paired(
+    cx: &mut Context<'_>,
+    srv: &Arc<Server>,
+    link: &Link,
+    id: ConnId,
+    buf: &mut BytesMut,
+) -> ViaPair {
+    let mut guard = lock(&link.pair);
+    let Paired { pair, unpublished } = &mut *guard;
+    let Some(pair) = pair.as_mut() else {
+        return ViaPair::Gone;
+    };
+    let now = srv.now();
+    let mut relayed = 0;
+    let step = loop {
+        if buf.is_empty() {
+            break ViaPair::Done(Step::Done);
+        }
+        let target = pair
+            .forward_target(id)
+            .and_then(|(to, remaining)| Some((to, remaining, link.end(to)?)));
+        let Some((to, remaining, dest)) = target else {
+            match pair.handle_input(now, id, buf) {
+                PairOffer::Consumed(n) => buf.advance(n),
+                PairOffer::NeedMore => break ViaPair::Done(Step::Done),
+                // (`Forward` only with a target, handled below.)
+                PairOffer::Router | PairOffer::Forward { .. } => break ViaPair::Router,
+            }
+            continue;
+        };
+        let m = buf.len().min(remaining);
+        let Poll::Ready(credit) = dest.out.poll_reserve(cx, m) else {
+            break ViaPair::Done(Step::Stalled);
+        };
+        let credit = credit.unwrap_or(0);
+        // The receiver's DATA header first (see `offer_router`).
+        let mut out = [0u8; MIN_TRANSMIT_BUF];
+        if let Ok(n @ 1..) = pair.poll_transmit(to, &mut out) {
+            dest.out
+                .push(Chunk::Bytes(Bytes::copy_from_slice(&out[..n]), 0));
+        }
+        match pair.handle_input(now, id, &buf[..m]) {
+            PairOffer::Forward { to: t, n } => {
+                let chunk = chunk_of(buf, n);
+                let used = if t == to { credit.min(n as u32) } else { 0 };
+                dest.out.release(credit - used);
+                relayed += n as u64;
+                if let Some(c) = link.end(t) {
+                    c.out.push(Chunk::Bytes(chunk, used));
+                }
+            }
+            PairOffer::Consumed(n) => {
+                buf.advance(n);
+                dest.out.release(credit);
+            }
+            PairOffer::NeedMore => {
+                dest.out.release(credit);
+                break ViaPair::Done(Step::Done);
+            }
+            PairOffer::Router => {
+                dest.out.release(credit);
+                break ViaPair::Router;
+            }
+        }
+    };
+    deliver_wakes(pair, link);
+    *unpublished += relayed;
+    let publish = if *unpublished >= PUBLISH_BYTES {
+        std::mem::take(unpublished)
+    } else {
+        0
+    };
+    drop(guard);
+    if publish > 0 {
+        srv.count_bytes(publish);
+    }
+    step
+}
+
+/// [`offer`] through the router, under the core lock. `None`: the connection's session
+/// was just handed out; offer the rest to its pair.
+fn offer_router(
+    cx: &mut Context<'_>,
+    srv: &Arc<Server>,
+    id: ConnId,
+    me: &Arc<Conn>,
+    buf: &mut BytesMut,
+) -> Option<Step> {
     let mut core = srv.lock();
     if !core.is(id, me) {
-        return Step::Stop;
+        return Some(Step::Stop);
     }
     let now = core.now();
     let step = loop {
         if buf.is_empty() {
-            break Step::Done;
+            break Some(Step::Done);
+        }
+        if !srv.splice && core.hand_out(id) {
+            break None;
         }
         let target = core
             .relay
@@ -910,9 +1227,9 @@ fn offer(
         let Some((to, remaining, dest)) = target else {
             match core.relay.handle_input(now, id, buf) {
                 Offer::Consumed(n) => buf.advance(n),
-                Offer::NeedMore => break Step::Done,
+                Offer::NeedMore => break Some(Step::Done),
                 // Frames behind a LOGIN under check: the verdict's wake polls us again.
-                Offer::Hold => break Step::Stalled,
+                Offer::Hold => break Some(Step::Stalled),
                 Offer::Forward { to, n } => {
                     // Only when the receiver has no handle any more: nothing to write.
                     let chunk = chunk_of(buf, n);
@@ -928,7 +1245,7 @@ fn offer(
         // deadline ends the session, as the core documents).
         let m = buf.len().min(remaining);
         let Poll::Ready(credit) = dest.out.poll_reserve(cx, m) else {
-            break Step::Stalled;
+            break Some(Step::Stalled);
         };
         let credit = credit.unwrap_or(0);
         // The receiver's pending output (this frame's DATA header) goes first. Not after
@@ -951,7 +1268,7 @@ fn offer(
             // (`Hold` only before login, never with a payload under way.)
             Offer::NeedMore | Offer::Hold => {
                 dest.out.release(credit);
-                break Step::Done;
+                break Some(Step::Done);
             }
         }
     };
@@ -995,7 +1312,13 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
                     false => tracing::info!(session, "dashboard: no such session (ended already?)"),
                 }
             }
-            AdminRequest::CountBytes => srv.board.counted(srv.lock().relay.session_bytes()),
+            AdminRequest::CountBytes => {
+                // Handed-out pairs come back first: their figures are theirs until then.
+                let mut core = srv.lock();
+                core.relay.take_back_all();
+                srv.board.counted(core.relay.session_bytes());
+                core.drain(&srv);
+            }
         }
     }
 }
@@ -1051,8 +1374,9 @@ pub async fn serve(
             timers: BTreeSet::new(),
             timer_wake: timer_wake.clone(),
             epoch,
-            bytes_seen: 0,
         }),
+        epoch,
+        bytes_seen: AtomicU64::new(0),
         auth: Auth::new(
             store.clone(),
             &limits,

@@ -21,7 +21,10 @@ use crate::codes::RejectReason;
 use crate::driver::{self, Decision, Driver, LinkError, LinkState, Service, Session};
 use crate::frame::Credential;
 use crate::ident::{Password, ResumeToken, ServiceName, UserId};
-use crate::relay::{self, AllowAll, ConnId, Heap, Policy, Refusal, Relay, Storage, Verdict};
+use crate::relay::{
+    self, AllowAll, ConnId, Handback, Heap, Pair, PairOffer, Policy, Refusal, Relay, Storage,
+    Verdict,
+};
 use crate::rng::Jitter;
 use crate::terminal::{self, Event, Handle, Terminal};
 use crate::time::{Duration, Instant};
@@ -156,7 +159,7 @@ pub struct Node {
 /// `S`: growing ones, or the fixed ones of a no_std relay.
 pub struct Sim<P: Policy = AllowAll, S: Storage = Heap> {
     pub now: Instant,
-    pub relay: Relay<S, P>,
+    pub relay: Relay<S, P, Pairs>,
     pub nodes: Vec<Node>,
     pub accounts: BTreeMap<UserId, Password>,
     /// Largest chunk one delivery carries.
@@ -167,6 +170,11 @@ pub struct Sim<P: Policy = AllowAll, S: Storage = Heap> {
     pub write_errors_per_mille: u32,
     links: Vec<Link>,
     rng: Jitter,
+    /// When the host hands a running session out ([`Pairs`]): a stream of its own, so
+    /// that the other choices of a seed stay what they were.
+    hand_outs: Jitter,
+    /// Sessions handed out so far (each may be taken back and handed out again).
+    pub pairs_handed: u64,
     instances: u64,
     /// Relay events seen, in order.
     pub relay_events: Vec<relay::Event>,
@@ -181,6 +189,19 @@ impl<P: Policy, S: Storage> core::fmt::Debug for Sim<P, S> {
             .field("now", &self.now)
             .field("links", &self.links.len())
             .finish()
+    }
+}
+
+/// The pairs the simulated host took out of the router ([`Relay::hand_out`]), kept where
+/// the router asks for them back, as relay-host keeps its links. The host hands a running
+/// session out at random moments, so every run mixes both data paths.
+#[derive(Debug, Default)]
+pub struct Pairs(Vec<Pair>);
+
+impl Handback for Pairs {
+    fn take(&mut self, conn: ConnId) -> Option<Pair> {
+        let i = self.0.iter().position(|p| p.conns().contains(&conn))?;
+        Some(self.0.swap_remove(i))
     }
 }
 
@@ -207,6 +228,8 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             write_errors_per_mille: 0,
             links: Vec::new(),
             rng: Jitter::new(seed),
+            hand_outs: Jitter::new(!seed),
+            pairs_handed: 0,
             instances: 0,
             relay_events: Vec::new(),
             deferred: Vec::new(),
@@ -369,6 +392,19 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             // Hosts may flush the receiver before offering payload (to reserve room
             // there first) or after `Forward`: both orders are part of the contract.
             let flush_first = self.rng.next_u32() & 1 == 0;
+            if self.hand_outs.next_u32() & 1 == 0
+                && let Some(pair) = self.relay.hand_out(conn)
+            {
+                self.pairs_handed += 1;
+                self.relay.handback_mut().0.push(pair);
+            }
+            if let Some(n) = self.offer_pair(conn, &rx[pos..], flush_first) {
+                match n {
+                    Some(n) => pos += n,
+                    None => break,
+                }
+                continue;
+            }
             if flush_first && let Some((to, _)) = self.relay.forward_target(conn) {
                 self.flush_relay(to);
             }
@@ -408,9 +444,66 @@ impl<P: Policy, S: Storage> Sim<P, S> {
         }
     }
 
+    fn pair_of(&mut self, conn: ConnId) -> Option<&mut Pair> {
+        let pairs = &mut self.relay.handback_mut().0;
+        pairs.iter_mut().find(|p| p.conns().contains(&conn))
+    }
+
+    /// Offers `rx` to `conn`'s handed-out pair, if it has one and the pair takes the
+    /// frame: `Some(Some(n))` bytes handled, `Some(None)` a partial frame; `None`: the
+    /// router's (no pair, or a frame the pair leaves to it).
+    fn offer_pair(&mut self, conn: ConnId, rx: &[u8], flush_first: bool) -> Option<Option<usize>> {
+        let target = self.pair_of(conn)?.forward_target(conn);
+        if flush_first && let Some((to, _)) = target {
+            self.flush_relay(to);
+        }
+        let now = self.now;
+        let offer = self.pair_of(conn)?.handle_input(now, conn, rx);
+        let done = match offer {
+            PairOffer::Consumed(n) => Some(Some(n)),
+            PairOffer::Forward { to, n } => {
+                if !flush_first {
+                    self.flush_relay(to);
+                }
+                if let Some(j) = self.link_of_conn(to) {
+                    self.links[j].append_down(&rx[..n], true);
+                }
+                Some(Some(n))
+            }
+            PairOffer::NeedMore => Some(None),
+            PairOffer::Router => None,
+        };
+        self.pair_wakes();
+        done
+    }
+
+    /// The pairs' wakes, handled as the router's [`relay::Event::Wake`]s are.
+    fn pair_wakes(&mut self) {
+        let mut woken = Vec::new();
+        for p in &mut self.relay.handback_mut().0 {
+            while let Some(c) = p.poll_wake() {
+                woken.push(c);
+            }
+        }
+        for c in woken {
+            if self.rng.next_u32() & 1 == 0 {
+                self.flush_relay(c);
+            } else {
+                self.deferred.push(c);
+            }
+        }
+    }
+
     /// Writes the relay's pending output for `conn` into its down pipe.
     fn flush_relay(&mut self, conn: ConnId) {
         let mut buf = [0u8; relay::MIN_TRANSMIT_BUF];
+        if let Some(pair) = self.pair_of(conn) {
+            let n = pair.poll_transmit(conn, &mut buf).unwrap_or(0);
+            if let Some(j) = self.link_of_conn(conn) {
+                self.links[j].append_down(&buf[..n], false);
+            }
+            return self.pair_wakes();
+        }
         let Ok(t) = self.relay.poll_transmit(conn, &mut buf) else {
             return;
         };
@@ -705,7 +798,7 @@ struct Pipes<'a, P: Policy, S: Storage> {
     node: usize,
     now: Instant,
     links: &'a mut Vec<Link>,
-    relay: &'a mut Relay<S, P>,
+    relay: &'a mut Relay<S, P, Pairs>,
     rng: &'a mut Jitter,
     capacity: usize,
     write_errors_per_mille: u32,

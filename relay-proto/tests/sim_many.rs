@@ -299,6 +299,8 @@ fn run_seed<S: Storage>(seed: u64) {
         .count();
     assert_eq!(started, ended, "seed {seed}: started vs ended sessions");
     assert_eq!(sim.relay.stats().active_sessions, 0, "seed {seed}");
+    // Both data paths ran: the router's, and handed-out pairs (relay::Pair).
+    assert!(sim.pairs_handed > 0, "seed {seed}: no session handed out");
 
     // Spares replenished on every healthy terminal.
     for &s in servers[1..].iter().chain(&clients) {

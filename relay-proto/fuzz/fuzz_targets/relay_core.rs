@@ -1,17 +1,32 @@
 //! The relay core driven by arbitrary bytes on many connections. The run starts deep:
 //! three logged-in terminals, `a` in a session with `b`, and a requester instance of
 //! `b` beside its reachable one. The input is then a script of
-//! operations (accept, feed a chunk to a connection, advance time, close, flush).
+//! operations (accept, feed a chunk to a connection, advance time, close, flush, hand a
+//! running session's data path out as a `Pair`, which then takes the bytes the router
+//! leaves to it, until the router takes it back).
 //! Checks: no panic, forwards only to live connections, `NeedMore` never holds a whole
 //! frame's worth, and the core's counts agree with the host's view.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use relay_proto::frame::{self, Credential, Demand, Frame, Hello, Login, caps};
-use relay_proto::relay::{self, AllowAll, ConnId, Event, Heap, Offer, Refusal, Relay, Verdict};
+use relay_proto::relay::{
+    self, AllowAll, ConnId, Event, Handback, Heap, Offer, Pair, PairOffer, Refusal, Relay, Verdict,
+};
 use relay_proto::{Duration, Instant, Password, ResumeToken, ServiceName, UserId};
 
-type Core = Relay<Heap, AllowAll>;
+type Core = Relay<Heap, AllowAll, Pairs>;
+
+/// The pairs handed out, given back when the router asks.
+#[derive(Default)]
+struct Pairs(Vec<Pair>);
+
+impl Handback for Pairs {
+    fn take(&mut self, conn: ConnId) -> Option<Pair> {
+        let i = self.0.iter().position(|p| p.conns().contains(&conn))?;
+        Some(self.0.swap_remove(i))
+    }
+}
 
 struct Host {
     r: Core,
@@ -46,6 +61,25 @@ impl Host {
         pending.extend_from_slice(chunk);
         let mut pos = 0;
         while pos < pending.len() {
+            let pairs = &mut self.r.handback_mut().0;
+            if let Some(p) = pairs.iter_mut().find(|p| p.conns().contains(&c)) {
+                match p.handle_input(self.now, c, &pending[pos..]) {
+                    PairOffer::Consumed(n) => {
+                        assert!(n > 0 && n <= pending.len() - pos);
+                        pos += n;
+                        continue;
+                    }
+                    PairOffer::Forward { to, n } => {
+                        assert!(n > 0 && n <= pending.len() - pos);
+                        assert!(p.conns().contains(&to), "forward out of the pair");
+                        let _ = p.poll_transmit(to, &mut self.buf);
+                        pos += n;
+                        continue;
+                    }
+                    PairOffer::NeedMore => break,
+                    PairOffer::Router => {}
+                }
+            }
             match self.r.handle_input(self.now, c, &pending[pos..]) {
                 Offer::Consumed(n) => {
                     assert!(n > 0 && n <= pending.len() - pos);
@@ -103,6 +137,12 @@ impl Host {
 
     fn flush(&mut self, k: usize) {
         let c = self.conns[k].0;
+        let pairs = &mut self.r.handback_mut().0;
+        if let Some(p) = pairs.iter_mut().find(|p| p.conns().contains(&c)) {
+            let _ = p.poll_transmit(c, &mut self.buf);
+            while p.poll_wake().is_some() {}
+            return;
+        }
         if let Ok(t) = self.r.poll_transmit(c, &mut self.buf) {
             if t.close {
                 self.conns.swap_remove(k);
@@ -144,7 +184,7 @@ fuzz_target!(|data: &[u8]| {
     while i < data.len() {
         let op = next(&mut i);
         let k = usize::from(next(&mut i)) % h.conns.len().max(1);
-        match op % 6 {
+        match op % 7 {
             0 => h.accept(),
             1 | 2 if !h.conns.is_empty() => {
                 let len = usize::from(next(&mut i));
@@ -165,6 +205,11 @@ fuzz_target!(|data: &[u8]| {
                 h.r.closed(c);
             }
             5 if !h.conns.is_empty() => h.flush(k),
+            6 if !h.conns.is_empty() => {
+                if let Some(p) = h.r.hand_out(h.conns[k].0) {
+                    h.r.handback_mut().0.push(p);
+                }
+            }
             _ => {}
         }
         assert_eq!(h.r.connection_count(), h.conns.len());

@@ -185,12 +185,35 @@ pub(super) struct Out {
     /// With `error` Throttled: seconds to wait, and whether the terminal decodes the
     /// field ([`crate::frame::caps::RETRY_AFTER`]); older terminals read it in the text only.
     pub retry_after: Option<(u32, bool)>,
-    pub acks: Option<Acks>,
     pub list: Option<u32>,
     pub notice: bool,
     pub result: Option<DemandResult>,
     pub terminate: bool,
     pub release: Option<ReleaseReason>,
+}
+
+impl Out {
+    /// Nothing for the router to write: the connection's output is its wire's alone.
+    pub(super) fn is_empty(&self) -> bool {
+        let Out {
+            login_ok,
+            error,
+            retry_after,
+            list,
+            notice,
+            result,
+            terminate,
+            release,
+        } = self;
+        login_ok.is_none()
+            && error.is_none()
+            && retry_after.is_none()
+            && list.is_none()
+            && !notice
+            && result.is_none()
+            && !terminate
+            && release.is_none()
+    }
 }
 
 /// One connection's entry in the core's tables.
@@ -199,14 +222,12 @@ pub struct ConnEntry {
     pub(super) state: State,
     pub(super) generation: u32,
     pub(super) accepted: Instant,
-    pub(super) last_rx: Instant,
     pub(super) out: Out,
-    /// DATA from the peer being written here.
-    pub(super) outbound: Outbound,
-    /// DATA from this connection's terminal being passed on.
-    pub(super) inbound: Option<Forward>,
-    /// Payload bytes received from this connection in the current session.
-    pub(super) bytes: u64,
+    /// Framing, keep-alive and forwarding: what a [`super::Pair`] takes while handed out.
+    pub(super) wire: Wire,
+    /// Its session's data path is handed out to the host ([`super::Relay::hand_out`]):
+    /// `wire` is stale until the pair comes back.
+    pub(super) handed: bool,
     pub(super) attempts: u8,
     /// Its place in the wake list (output the host has not been told about).
     pub(super) wake: WakeLink,
@@ -225,11 +246,9 @@ impl ConnEntry {
             state: State::Handshake,
             generation,
             accepted: now,
-            last_rx: now,
             out: Out::default(),
-            outbound: Outbound::Free,
-            inbound: None,
-            bytes: 0,
+            wire: Wire::new(now),
+            handed: false,
             attempts: 0,
             wake: WakeLink::Out,
             kick: KickLink::Out,
@@ -272,12 +291,12 @@ impl ConnEntry {
 
     /// Inside a DATA frame on the way to the terminal: no frame can be written now.
     pub(super) fn mid_payload(&self) -> bool {
-        self.outbound == Outbound::Payload
+        self.wire.outbound == Outbound::Payload
     }
 
     /// Where the payload under way goes: only to the session peer it was announced to.
     pub(super) fn fwd_target(&self) -> Option<u32> {
-        match (self.phase(), self.inbound) {
+        match (self.phase(), self.wire.inbound) {
             (Some(Phase::Session { peer, .. }), Some(Forward { pass: true, .. })) => Some(*peer),
             _ => None,
         }
@@ -287,13 +306,129 @@ impl ConnEntry {
         let o = &self.out;
         o.login_ok.is_some()
             || o.error.is_some()
-            || o.acks.is_some()
+            || self.wire.has_output()
             || o.list.is_some()
             || o.notice
             || o.result.is_some()
-            || self.outbound.has_header()
             || o.terminate
             || o.release.is_some()
             || self.is_closing()
+    }
+}
+
+/// A connection's framing, keep-alive and forwarding state: all that a paired session's
+/// DATA and KEEPALIVE touch. The router keeps it in the connection's entry, or hands it
+/// out with the session's [`super::Pair`]; the transitions below are the same code in
+/// both places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Wire {
+    pub last_rx: Instant,
+    /// DATA from this connection's terminal being passed on.
+    pub inbound: Option<Forward>,
+    /// DATA from the peer being written here.
+    pub outbound: Outbound,
+    pub acks: Option<Acks>,
+    /// Payload bytes received from this connection in the current session.
+    pub bytes: u64,
+}
+
+/// What [`Wire::pass`] did with payload bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Passed {
+    pub n: usize,
+    /// They go to the session peer (else they are dropped).
+    pub to_peer: bool,
+    /// The frame's payload is complete.
+    pub complete: bool,
+}
+
+impl Wire {
+    pub(super) fn new(now: Instant) -> Self {
+        Wire {
+            last_rx: now,
+            inbound: None,
+            outbound: Outbound::Free,
+            acks: None,
+            bytes: 0,
+        }
+    }
+
+    /// A KEEPALIVE arrived: one more KEEPALIVE_ACK owed.
+    pub(super) fn keepalive(&mut self, seq: u32) {
+        let count = self.acks.map_or(0, |a| a.count);
+        self.acks = Some(Acks {
+            last: seq,
+            count: count.saturating_add(1),
+        });
+    }
+
+    /// A DATA header of `len` bytes for the session peer, whose wire is `peer`.
+    pub(super) fn begin_data(&mut self, peer: &mut Wire, len: u16) {
+        self.inbound = Some(Forward {
+            remaining: len,
+            pass: true,
+        });
+        peer.outbound.queue(len);
+    }
+
+    /// Up to `available` payload bytes of the DATA frame under way passed. The caller
+    /// marks the peer's outbound complete when `to_peer && complete`.
+    pub(super) fn pass(&mut self, available: usize) -> Passed {
+        let Some(fwd) = self.inbound else {
+            return Passed {
+                n: 0,
+                to_peer: false,
+                complete: true,
+            };
+        };
+        let n = available.min(usize::from(fwd.remaining));
+        let remaining = fwd.remaining - n as u16;
+        self.bytes += n as u64;
+        self.inbound = (remaining > 0).then_some(Forward { remaining, ..fwd });
+        Passed {
+            n,
+            to_peer: fwd.pass,
+            complete: remaining == 0,
+        }
+    }
+
+    /// The start of a `poll_transmit`: `Some(wake)` when nothing may be written now
+    /// (`wake`: call again, the lock was just lifted), `None` to go on.
+    pub(super) fn hold(&mut self) -> Option<bool> {
+        match self.outbound {
+            Outbound::Payload => Some(false),
+            // The payload is complete. A host that flushes right after the last
+            // `Forward` has not written those bytes yet: give nothing this once (and
+            // wake again). A host that flushes before offering the next frame's payload
+            // needs that frame's header now: it is already waiting, so go on.
+            Outbound::Done { next: None } => {
+                self.outbound = Outbound::Free;
+                Some(true)
+            }
+            Outbound::Done {
+                next: Some((len, complete)),
+            } => {
+                self.outbound = Outbound::Queued { len, complete };
+                None
+            }
+            Outbound::Free | Outbound::Queued { .. } => None,
+        }
+    }
+
+    /// The DATA header to write last in this burst, if one waits; its payload follows.
+    pub(super) fn take_header(&mut self) -> Option<u16> {
+        let Outbound::Queued { len, complete } = self.outbound else {
+            return None;
+        };
+        self.outbound = if complete {
+            Outbound::Done { next: None }
+        } else {
+            Outbound::Payload
+        };
+        Some(len)
+    }
+
+    pub(super) fn has_output(&self) -> bool {
+        self.acks.is_some() || self.outbound.has_header()
     }
 }

@@ -9,8 +9,8 @@
 //! [`TermEntry::sibling`], so a user's instances cost no table of their own.
 
 use super::{
-    Event, InstanceEnd, NIL, Phase, Policy, Relay, ReleaseReason, Slab, State, Storage, TermEntry,
-    UserIndex,
+    Event, Handback, InstanceEnd, NIL, Phase, Policy, Relay, ReleaseReason, Slab, State, Storage,
+    TermEntry, UserIndex,
 };
 use crate::codes::ErrorCode;
 use crate::frame::caps;
@@ -49,7 +49,7 @@ pub(super) struct Admitted {
     pub token: ResumeToken,
 }
 
-impl<S: Storage, P: Policy> Relay<S, P> {
+impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
     /// The keys of `user`'s instances.
     pub(super) fn instances(&self, user: &UserId) -> impl Iterator<Item = u32> + '_ {
         let mut next = self.users.get(user).unwrap_or(NIL);
@@ -113,7 +113,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 term,
                 phase: Phase::Idle,
             };
-            c.last_rx = now;
+            c.wire.last_rx = now;
             c.out.login_ok = Some(caps);
         }
         self.emit(Event::LoggedIn {

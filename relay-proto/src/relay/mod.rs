@@ -20,6 +20,15 @@
 //! any way it likes (one copy, `splice(2)`) and report them with
 //! [`Relay::forwarded`].
 //!
+//! ## The router and its pairs
+//!
+//! A running session's DATA and KEEPALIVEs touch only its two connections' framing,
+//! keep-alive and forwarding state (`conn::Wire`). A host that runs connections in
+//! parallel takes that state out with [`Relay::hand_out`] as a [`Pair`] and forwards the
+//! session's bytes through it without the router; every other frame, and every transition
+//! of the router that touches those connections, brings the pair back first (through the
+//! host's [`Handback`], see `pair.rs`). The wire transitions are one code for both.
+//!
 //! ## Output without buffers
 //!
 //! A connection's pending output is a handful of flags and small fields (an ack to send,
@@ -37,6 +46,7 @@
 
 mod conn;
 mod instances;
+mod pair;
 mod storage;
 mod wakes;
 
@@ -44,11 +54,12 @@ pub use storage::{Fixed, FixedIndex, FixedSlab, Queue, Slab, Storage, UserIndex}
 #[cfg(feature = "std")]
 pub use storage::{Heap, HeapSlab};
 
-use conn::{Acks, Forward, Out, Outbound, Phase, State};
+use conn::{Acks, Forward, Out, Outbound, Passed, Phase, State};
 pub use conn::{ConnEntry, ConnId};
 use heapless::Vec;
 pub use instances::Kind;
 use instances::{Admitted, RELAY_CAPS};
+pub use pair::{Handback, NoPairs, Pair, PairOffer};
 use wakes::Lists;
 
 use crate::codes::{DemandError, ErrorCode, ReleaseReason};
@@ -304,10 +315,12 @@ pub struct Stats {
     pub bytes_relayed: u64,
 }
 
-/// The relay core over storage `S` with access rule `P`.
-pub struct Relay<S: Storage, P: Policy = AllowAll> {
+/// The relay core over storage `S` with access rule `P`; `H` gives back the pairs the
+/// host took ([`Relay::hand_out`]).
+pub struct Relay<S: Storage, P: Policy = AllowAll, H: Handback = NoPairs> {
     config: Config,
     policy: P,
+    handback: H,
     conns: S::Conns,
     terms: S::Terms,
     users: S::Users,
@@ -320,7 +333,7 @@ pub struct Relay<S: Storage, P: Policy = AllowAll> {
     generations: u32,
 }
 
-impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
+impl<S: Storage, P: Policy, H: Handback> core::fmt::Debug for Relay<S, P, H> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Relay")
             .field("connections", &self.conns.len())
@@ -330,13 +343,17 @@ impl<S: Storage, P: Policy> core::fmt::Debug for Relay<S, P> {
     }
 }
 
-impl<S: Storage, P: Policy> Relay<S, P> {
-    pub fn new(mut config: Config, policy: P) -> Self {
+impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
+    pub fn new(mut config: Config, policy: P) -> Self
+    where
+        H: Default,
+    {
         config.max_connections_per_account = config.max_connections_per_account.max(1);
         let (conns, terms, users, events) = S::build();
         Relay {
             config,
             policy,
+            handback: H::default(),
             conns,
             terms,
             users,
@@ -355,6 +372,11 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// The access rule, for the host to update (it applies to the next demand).
     pub fn policy_mut(&mut self) -> &mut P {
         &mut self.policy
+    }
+
+    /// Where the host keeps the pairs it took, for it to add them.
+    pub fn handback_mut(&mut self) -> &mut H {
+        &mut self.handback
     }
 
     pub fn stats(&self) -> Stats {
@@ -444,6 +466,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         if self.conns.get(key).is_none_or(ConnEntry::is_closing) {
             return;
         }
+        self.home(key);
         self.detach(key, reason);
         let Some(c) = self.conns.get_mut(key) else {
             return;
@@ -454,8 +477,9 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             ..Out::default()
         };
         c.state = State::Closing { term: c.term() };
-        // Nothing more is forwarded here: the session ended above.
-        c.outbound = Outbound::Free;
+        // Nothing more is forwarded here (the session ended above), nor acknowledged.
+        c.wire.outbound = Outbound::Free;
+        c.wire.acks = None;
         self.wake(key);
     }
 
@@ -465,19 +489,20 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(key) = self.key(conn) else {
             return Offer::Consumed(input.len());
         };
+        self.home(key);
         let Some(c) = self.conns.get_mut(key) else {
             return Offer::Consumed(input.len());
         };
         if input.is_empty() {
             return Offer::NeedMore;
         }
-        c.last_rx = now;
+        c.wire.last_rx = now;
         match c.state {
             State::Closing { .. } => return Offer::Consumed(input.len()),
             State::Authenticating { .. } => return Offer::Hold,
             _ => {}
         }
-        if c.inbound.is_some() {
+        if c.wire.inbound.is_some() {
             return self.pass_payload(key, input.len());
         }
         let offer = match frame::parse(input) {
@@ -505,21 +530,22 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     pub fn forward_target(&self, conn: ConnId) -> Option<(ConnId, usize)> {
         let c = self.conns.get(self.key(conn)?)?;
         let peer = c.fwd_target()?;
-        Some((self.id(peer), usize::from(c.inbound?.remaining)))
+        Some((self.id(peer), usize::from(c.wire.inbound?.remaining)))
     }
 
     /// Payload bytes still to come on `conn` for the DATA frame under way.
     pub fn forward_remaining(&self, conn: ConnId) -> usize {
         self.key(conn)
-            .and_then(|k| self.conns.get(k)?.inbound)
+            .and_then(|k| self.conns.get(k)?.wire.inbound)
             .map_or(0, |f| usize::from(f.remaining))
     }
 
     /// The host moved `n` payload bytes of `conn` by itself (see [`Relay::forward_remaining`]).
     pub fn forwarded(&mut self, now: Instant, conn: ConnId, n: usize) {
         let Some(key) = self.key(conn) else { return };
+        self.home(key);
         if let Some(c) = self.conns.get_mut(key) {
-            c.last_rx = now;
+            c.wire.last_rx = now;
             self.pass_payload(key, n);
         }
     }
@@ -528,28 +554,23 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some(c) = self.conns.get_mut(key) else {
             return Offer::Consumed(available);
         };
-        let Some(fwd) = c.inbound else {
+        if c.wire.inbound.is_none() {
             return Offer::Consumed(0);
-        };
-        let n = available.min(usize::from(fwd.remaining));
-        let remaining = fwd.remaining - n as u16;
-        c.bytes += n as u64;
+        }
         let target = c.fwd_target();
-        c.inbound = (remaining > 0).then_some(Forward { remaining, ..fwd });
+        let Passed { n, complete, .. } = c.wire.pass(available);
         let Some(peer) = target else {
             // Payload nobody may receive (the session ended under it, or DATA that was
             // not allowed): dropped.
             return Offer::Consumed(n);
         };
         self.stats.bytes_relayed += n as u64;
-        if remaining == 0
-            && let Some(pc) = self.conns.get_mut(peer)
-        {
+        if complete && let Some(pc) = self.conns.get_mut(peer) {
             // Not unlocked yet: the host may flush `peer` before writing these last
             // bytes. The next `poll_transmit(peer)` unlocks it (and gives nothing), so
             // frames queued meanwhile go out after the payload whatever the host's order.
             // If this frame's header is not even written yet, it is marked when it is.
-            pc.outbound.complete();
+            pc.wire.outbound.complete();
             self.wake(peer);
         }
         Offer::Forward {
@@ -579,23 +600,23 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     sent_end: false,
                     ..
                 } => {
-                    c.inbound = Some(Forward {
-                        remaining: len,
-                        pass: true,
-                    });
+                    let mut me = c.wire;
                     if let Some(pc) = self.conns.get_mut(peer) {
-                        pc.outbound.queue(len);
+                        me.begin_data(&mut pc.wire, len);
                         self.wake(peer);
+                    }
+                    if let Some(c) = self.conns.get_mut(key) {
+                        c.wire = me;
                     }
                 }
                 // Sent before this side learnt that its session ended (RELEASE may
                 // already be written, so Idle too): drop it quietly, the stream stays in
                 // sync (§3.10).
-                Phase::Releasing | Phase::Idle => c.inbound = Some(drop),
+                Phase::Releasing | Phase::Idle => c.wire.inbound = Some(drop),
                 _ => {
                     // DATA outside a session has no receiver; the stream must be resynced
                     // by skipping its payload, so the connection stays usable.
-                    c.inbound = Some(drop);
+                    c.wire.inbound = Some(drop);
                     self.fail(key, ErrorCode::UnexpectedFrame);
                 }
             },
@@ -603,7 +624,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 }
 
-impl<S: Storage, P: Policy> Relay<S, P> {
+impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
     fn on_frame(&mut self, now: Instant, key: u32, f: Frame) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
@@ -615,13 +636,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             _ => return self.fail(key, ErrorCode::NotLoggedIn),
         };
         match (phase, f) {
-            (_, Frame::KeepAlive { seq }) => {
-                let count = c.out.acks.map_or(0, |a| a.count);
-                c.out.acks = Some(Acks {
-                    last: seq,
-                    count: count.saturating_add(1),
-                });
-            }
+            (_, Frame::KeepAlive { seq }) => c.wire.keepalive(seq),
             // Any logged-in state: an answer between frames never disturbs a session.
             (_, Frame::List { cursor }) => c.out.list = Some(cursor),
             (Phase::Idle, Frame::Demand(d)) => self.route(now, key, d),
@@ -960,7 +975,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             .filter(|&ck| ck != key)
             .filter_map(|ck| Some((ck, self.conns.get(ck)?)))
             .filter(|(_, c)| c.is_idle())
-            .max_by_key(|(_, c)| c.last_rx)
+            .max_by_key(|(_, c)| c.wire.last_rx)
             .map(|(ck, _)| ck);
         match idle {
             Some(ck) => self.notify(key, ck, d.service, deadline),
@@ -1060,7 +1075,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 sent_end: false,
                 requester: false,
             });
-            c.bytes = 0;
+            c.wire.bytes = 0;
         }
         if let Some(c) = self.conns.get_mut(requester) {
             c.set_phase(Phase::Session {
@@ -1069,7 +1084,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 sent_end: false,
                 requester: true,
             });
-            c.bytes = 0;
+            c.wire.bytes = 0;
             c.out.result = Some(DemandResult::Accepted { session });
         }
         self.stats.sessions += 1;
@@ -1152,6 +1167,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// Ends the session between `a` and `b`, telling each its reason with RELEASE.
     fn end_session(&mut self, a: u32, b: u32, reason_a: ReleaseReason, reason_b: ReleaseReason) {
+        self.home(a);
         let Some(&Phase::Session {
             session, requester, ..
         }) = self.conns.get(a).and_then(ConnEntry::phase)
@@ -1160,7 +1176,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         };
         let (req, tgt) = if requester { (a, b) } else { (b, a) };
         let users = (self.user_of(req).cloned(), self.user_of(tgt).cloned());
-        let bytes = |k| self.conns.get(k).map_or(0, |c| c.bytes);
+        let bytes = |k| self.conns.get(k).map_or(0, |c| c.wire.bytes);
         let (up, down) = (bytes(req), bytes(tgt));
         self.sessions_done(a, b);
         self.stats.active_sessions -= 1;
@@ -1193,6 +1209,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// `key` is going away: its demand, notice or session ends; the peer learns `reason`.
     fn detach(&mut self, key: u32, reason: ReleaseReason) {
+        self.home(key);
         let Some(c) = self.conns.get(key) else { return };
         let own = c.term();
         match c.phase() {
@@ -1215,7 +1232,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 if peer_locked {
                     self.close_conn(peer, None, ReleaseReason::PeerLost);
                 } else if let Some(p) = self.conns.get_mut(peer) {
-                    p.outbound.withdraw();
+                    p.wire.outbound.withdraw();
                 }
             }
             _ => {}
@@ -1325,7 +1342,7 @@ impl<S: Storage> Iterator for TermConns<'_, S> {
     }
 }
 
-impl<S: Storage, P: Policy> Relay<S, P> {
+impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
     /// Encodes `conn`'s pending output into `buf` (at least [`MIN_TRANSMIT_BUF`] bytes).
     /// Returns nothing while a forwarded payload is under way on `conn`.
     pub fn poll_transmit(&mut self, conn: ConnId, buf: &mut [u8]) -> Result<Transmit, RelayError> {
@@ -1333,26 +1350,17 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             return Err(RelayError::BufferTooSmall);
         }
         let key = self.key(conn).ok_or(RelayError::UnknownConn)?;
+        self.home(key);
         let nothing = Transmit {
             len: 0,
             close: false,
         };
         let c = self.conns.get_mut(key).ok_or(RelayError::UnknownConn)?;
-        match c.outbound {
-            Outbound::Payload => return Ok(nothing),
-            // The payload is complete. A host that flushes right after the last
-            // `Forward` has not written those bytes yet: give nothing this once (and
-            // wake again). A host that flushes before offering the next frame's payload
-            // needs that frame's header now: it is already waiting, so go on.
-            Outbound::Done { next: None } => {
-                c.outbound = Outbound::Free;
+        if let Some(again) = c.wire.hold() {
+            if again {
                 self.wake(key);
-                return Ok(nothing);
             }
-            Outbound::Done {
-                next: Some((len, complete)),
-            } => c.outbound = Outbound::Queued { len, complete },
-            Outbound::Free | Outbound::Queued { .. } => {}
+            return Ok(nothing);
         }
         let closing = c.is_closing();
         let mut out = core::mem::take(&mut c.out);
@@ -1362,13 +1370,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             return Err(RelayError::UnknownConn);
         };
         // A DATA header ends the burst: its payload comes next, then the rest.
-        if let (false, Outbound::Queued { len, complete }) = (closing, c.outbound) {
+        if let Some(len) = (!closing).then(|| c.wire.take_header()).flatten() {
             w.put_data_header(len);
-            c.outbound = if complete {
-                Outbound::Done { next: None }
-            } else {
-                Outbound::Payload
-            };
         } else if !closing {
             if core::mem::take(&mut out.terminate) {
                 w.put(&Frame::Terminate);
@@ -1396,7 +1399,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     }
 
     /// Writes the control frames of `out` that come before a DATA header, in order.
-    fn write_control(&self, key: u32, out: &mut Out, closing: bool, w: &mut Writer<'_>) {
+    fn write_control(&mut self, key: u32, out: &mut Out, closing: bool, w: &mut Writer<'_>) {
         let term = self.conns.get(key).and_then(ConnEntry::term);
         if let Some(caps) = out.login_ok.take()
             && let Some(t) = term.and_then(|t| self.terms.get(t))
@@ -1418,8 +1421,10 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         if closing {
             return;
         }
-        if let Some(acks) = out.acks.take() {
-            out.acks = w.put_acks(acks);
+        if let Some(c) = self.conns.get_mut(key)
+            && let Some(acks) = c.wire.acks.take()
+        {
+            c.wire.acks = w.put_acks(acks);
         }
         if let Some(cursor) = out.list.take() {
             w.put(&Frame::ListAnswer(self.list_page(key, cursor)));
@@ -1489,7 +1494,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 // Also mid-payload: a device that hangs half-way through a DATA frame must
                 // be detected. A receiver so slow that the host reads nothing from this
                 // connection for the whole deadline ends the session too (documented).
-                let idle = Some(c.last_rx + self.config.keepalive_timeout);
+                let idle = Some(c.wire.last_rx + self.config.keepalive_timeout);
                 let demand = match c.phase() {
                     Some(Phase::Demanding { deadline, .. } | Phase::Waiting { deadline, .. }) => {
                         Some(*deadline)
@@ -1504,6 +1509,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// Runs `conn`'s deadlines. Calling early is harmless.
     pub fn handle_timeout(&mut self, now: Instant, conn: ConnId) {
         if let Some(key) = self.key(conn) {
+            self.home(key);
             self.timeout(now, key);
         }
         self.serve_kicks();
@@ -1523,7 +1529,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                 }
             }
             _ => {
-                if now >= c.last_rx + self.config.keepalive_timeout {
+                if now >= c.wire.last_rx + self.config.keepalive_timeout {
                     return self.close_conn(
                         key,
                         Some(ErrorCode::KeepAliveTimeout),
@@ -1551,6 +1557,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
     /// The host closed `conn`'s socket (or saw it close). Frees its entry.
     pub fn closed(&mut self, conn: ConnId) {
         let Some(key) = self.key(conn) else { return };
+        self.home(key);
         if self.conns.get(key).is_some_and(|c| !c.is_closing()) {
             self.detach(key, ReleaseReason::PeerLost);
         }
@@ -1606,6 +1613,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         let Some((a, b)) = self.session_conns(session) else {
             return false;
         };
+        self.home(a);
         let locked = |r: &Self, k| r.conns.get(k).is_some_and(ConnEntry::mid_payload);
         let (a_locked, b_locked) = (locked(self, a), locked(self, b));
         let reason = ReleaseReason::EndedByOperator;
@@ -1614,7 +1622,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             if locked {
                 self.close_conn(k, None, ReleaseReason::PeerLost);
             } else if let Some(c) = self.conns.get_mut(k) {
-                c.outbound.withdraw();
+                c.wire.outbound.withdraw();
             }
         }
         self.serve_kicks();
@@ -1623,7 +1631,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
 
     /// Every running session with the payload bytes it carried so far: (session,
     /// requester to target, target to requester), the figures its `SessionEnded` event
-    /// will give. One pass over the connections.
+    /// will give. One pass over the connections. A pair handed out counts what it had
+    /// when handed out: [`Relay::take_back_all`] first for the figures of now.
     pub fn session_bytes(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
         let mut k = 0;
         core::iter::from_fn(move || {
@@ -1637,8 +1646,8 @@ impl<S: Storage, P: Policy> Relay<S, P> {
                     ..
                 }) = c.phase()
                 {
-                    let down = self.conns.get(peer).map_or(0, |p| p.bytes);
-                    return Some((session, c.bytes, down));
+                    let down = self.conns.get(peer).map_or(0, |p| p.wire.bytes);
+                    return Some((session, c.wire.bytes, down));
                 }
             }
             None

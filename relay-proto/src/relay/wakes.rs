@@ -8,7 +8,7 @@
 //! - The **kick list**: connections that became idle during the current call while a
 //!   demand may wait for their terminal; served (and emptied) at the end of every call.
 
-use super::{ConnEntry, Event, NIL, Policy, Relay, Slab, Storage};
+use super::{ConnEntry, Event, Handback, NIL, Policy, Relay, Slab, Storage};
 
 /// A connection's membership in the wake list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ impl Default for Lists {
     }
 }
 
-impl<S: Storage, P: Policy> Relay<S, P> {
+impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
     /// `key` has output (or must close): the host learns it from [`Relay::poll_event`].
     pub(super) fn wake(&mut self, key: u32) {
         let tail = self.lists.wake_tail;
@@ -60,13 +60,14 @@ impl<S: Storage, P: Policy> Relay<S, P> {
         self.lists.wake_tail = key;
     }
 
-    /// Takes `key` out of the wake list, wherever it is (it is going away).
-    pub(super) fn unwake(&mut self, key: u32) {
+    /// Takes `key` out of the wake list, wherever it is (it is going away, or handed
+    /// out with its wakes). `true` if it was in.
+    pub(super) fn unwake(&mut self, key: u32) -> bool {
         let Some(c) = self.conns.get_mut(key) else {
-            return;
+            return false;
         };
         let WakeLink::In { prev, next } = core::mem::replace(&mut c.wake, WakeLink::Out) else {
-            return;
+            return false;
         };
         self.set_wake_next(prev, next);
         match self.conns.get_mut(next) {
@@ -76,6 +77,7 @@ impl<S: Storage, P: Policy> Relay<S, P> {
             }) => *p = prev,
             _ => self.lists.wake_tail = prev,
         }
+        true
     }
 
     /// Links `key`'s successor (or the head, when `key` is [`NIL`]) to `next`.

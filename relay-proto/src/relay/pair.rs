@@ -1,0 +1,428 @@
+//! A paired session's data path, handed out of the router (the split of issue 10, as
+//! quinn-proto splits its endpoint and its connections).
+//!
+//! Once a session runs, its DATA frames and KEEPALIVEs touch only its two connections'
+//! framing, keep-alive and forwarding state ([`Wire`]). [`Relay::hand_out`] moves both
+//! wires into a [`Pair`] that the host keeps beside the two connections (behind a lock of
+//! their own, say), so that their bytes move without the router. Every other frame, and
+//! every transition that changes routing (TERMINATE, LIST, LOGOUT, a frame out of place,
+//! a deadline, a close), is the router's: [`Pair::handle_input`] answers
+//! [`PairOffer::Router`] and the host offers the bytes to the router instead, which takes
+//! the wires back first through the host's [`Handback`]. The router reaches for a pair
+//! the same way whenever one of its own transitions touches a handed connection (its
+//! terminal logs out or is replaced, the operator ends the session, shutdown), so the
+//! router's decisions always see the wires as they are.
+//!
+//! The transitions are [`Wire`]'s, the same code the router runs on a connection it
+//! holds: a pair forwards exactly as the router would.
+
+use super::conn::{Passed, Wire};
+use super::{
+    ConnEntry, ConnId, MIN_TRANSMIT_BUF, Phase, Policy, Relay, RelayError, Slab, Storage, Writer,
+};
+use crate::frame::{self, Frame, Parsed};
+use crate::time::{Duration, Instant};
+
+/// How the host hands a pair back when the router needs it ([`Relay::hand_out`]).
+pub trait Handback {
+    /// The pair that `conn` belongs to, taken from wherever the host keeps it; `None` if
+    /// the host has none (then the router goes on with the wires as it handed them out).
+    fn take(&mut self, conn: ConnId) -> Option<Pair>;
+}
+
+/// A host that never hands pairs out.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPairs;
+
+impl Handback for NoPairs {
+    fn take(&mut self, _: ConnId) -> Option<Pair> {
+        None
+    }
+}
+
+/// What [`Pair::handle_input`] did with the bytes offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PairOffer {
+    /// As [`super::Offer::Consumed`].
+    Consumed(usize),
+    /// As [`super::Offer::Forward`]: write `poll_transmit(to)`'s bytes, then these, on `to`.
+    Forward { to: ConnId, n: usize },
+    /// As [`super::Offer::NeedMore`].
+    NeedMore,
+    /// A frame for the router: offer the same bytes to [`Relay::handle_input`].
+    Router,
+}
+
+/// The data path of one running session: its two connections' wires.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub(super) conns: [ConnId; 2],
+    pub(super) wires: [Wire; 2],
+    /// Connections with output the host has not been told about ([`Pair::poll_wake`]).
+    pub(super) wakes: [bool; 2],
+    pub(super) max_payload: u16,
+    pub(super) keepalive_timeout: Duration,
+    /// Payload bytes passed between the two since the pair was handed out.
+    pub(super) relayed: u64,
+}
+
+impl Pair {
+    /// The two connections.
+    pub fn conns(&self) -> [ConnId; 2] {
+        self.conns
+    }
+
+    fn side(&self, conn: ConnId) -> Option<usize> {
+        self.conns.iter().position(|&c| c == conn)
+    }
+
+    /// Takes bytes received on `conn`, one frame (or one run of payload) at a time, as
+    /// [`Relay::handle_input`] does for the frames a running session sends most.
+    pub fn handle_input(&mut self, now: Instant, conn: ConnId, input: &[u8]) -> PairOffer {
+        let Some(me) = self.side(conn) else {
+            return PairOffer::Router;
+        };
+        if input.is_empty() {
+            return PairOffer::NeedMore;
+        }
+        let peer = 1 - me;
+        self.wires[me].last_rx = now;
+        if self.wires[me].inbound.is_some() {
+            let Passed {
+                n,
+                to_peer,
+                complete,
+            } = self.wires[me].pass(input.len());
+            if !to_peer {
+                return PairOffer::Consumed(n);
+            }
+            self.relayed += n as u64;
+            if complete {
+                self.wires[peer].outbound.complete();
+                self.wakes[peer] = true;
+            }
+            return PairOffer::Forward {
+                to: self.conns[peer],
+                n,
+            };
+        }
+        match frame::parse(input) {
+            Ok(None) => PairOffer::NeedMore,
+            Ok(Some((Parsed::DataHeader { len }, n))) if len <= self.max_payload => {
+                let [a, b] = &mut self.wires;
+                let (mine, theirs) = if me == 0 { (a, b) } else { (b, a) };
+                mine.begin_data(theirs, len);
+                self.wakes[peer] = true;
+                PairOffer::Consumed(n)
+            }
+            Ok(Some((Parsed::Control(Frame::KeepAlive { seq }), n))) => {
+                self.wires[me].keepalive(seq);
+                self.wakes[me] = true;
+                PairOffer::Consumed(n)
+            }
+            // Errors, a DATA header too large, and every other frame.
+            _ => PairOffer::Router,
+        }
+    }
+
+    /// As [`Relay::forward_target`].
+    pub fn forward_target(&self, conn: ConnId) -> Option<(ConnId, usize)> {
+        let me = self.side(conn)?;
+        let fwd = self.wires[me].inbound?;
+        fwd.pass
+            .then_some((self.conns[1 - me], usize::from(fwd.remaining)))
+    }
+
+    /// As [`Relay::poll_transmit`], for `conn`'s keep-alive acks and DATA headers (the
+    /// only output a handed-out connection has).
+    pub fn poll_transmit(&mut self, conn: ConnId, buf: &mut [u8]) -> Result<usize, RelayError> {
+        if buf.len() < MIN_TRANSMIT_BUF {
+            return Err(RelayError::BufferTooSmall);
+        }
+        let me = self.side(conn).ok_or(RelayError::UnknownConn)?;
+        let wire = &mut self.wires[me];
+        if let Some(again) = wire.hold() {
+            self.wakes[me] |= again;
+            return Ok(0);
+        }
+        let mut w = Writer { buf, len: 0 };
+        if let Some(acks) = wire.acks.take() {
+            wire.acks = w.put_acks(acks);
+        }
+        if let Some(len) = wire.take_header() {
+            w.put_data_header(len);
+        }
+        self.wakes[me] |= wire.has_output();
+        Ok(w.len)
+    }
+
+    /// The next connection with output: call [`Pair::poll_transmit`] for it.
+    pub fn poll_wake(&mut self) -> Option<ConnId> {
+        let i = self.wakes.iter().position(|&w| w)?;
+        self.wakes[i] = false;
+        Some(self.conns[i])
+    }
+
+    /// When `conn`'s keep-alive deadline passes: then the host gives the router the
+    /// deadline ([`Relay::handle_timeout`]), which takes the pair back.
+    pub fn poll_timeout(&self, conn: ConnId) -> Option<Instant> {
+        let me = self.side(conn)?;
+        Some(self.wires[me].last_rx + self.keepalive_timeout)
+    }
+}
+
+impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
+    /// Hands the data path of `conn`'s running session to the host: both connections'
+    /// wires, as a [`Pair`]. `None` unless the session runs with neither side's
+    /// TERMINATE sent and no router output waits on either connection (a result, a
+    /// RELEASE...): the host writes that first and asks again. While handed out, the
+    /// host offers the two connections' bytes to the pair, and to the router only what
+    /// the pair answers [`PairOffer::Router`]; the router takes the pair back through
+    /// `H` before it touches either connection.
+    pub fn hand_out(&mut self, conn: ConnId) -> Option<Pair> {
+        let key = self.key(conn)?;
+        let peer = self.handable(key)?;
+        if self.handable(peer) != Some(key) {
+            return None;
+        }
+        let mut wakes = [false; 2];
+        for (i, k) in [key, peer].into_iter().enumerate() {
+            wakes[i] = self.unwake(k);
+            if let Some(c) = self.conns.get_mut(k) {
+                c.handed = true;
+            }
+        }
+        let wire = |k| self.conns.get(k).map(|c| c.wire);
+        Some(Pair {
+            conns: [conn, self.id(peer)],
+            wires: [wire(key)?, wire(peer)?],
+            wakes,
+            max_payload: self.config.max_frame_payload,
+            keepalive_timeout: self.config.keepalive_timeout,
+            relayed: 0,
+        })
+    }
+
+    /// `key`'s session peer if `key` may be handed out.
+    fn handable(&self, key: u32) -> Option<u32> {
+        let c = self.conns.get(key)?;
+        match c.phase()? {
+            &Phase::Session {
+                peer,
+                sent_end: false,
+                ..
+            } if !c.handed && c.out.is_empty() => Some(peer),
+            _ => None,
+        }
+    }
+
+    /// Takes `key`'s pair back if it is handed out: the router is about to use it.
+    pub(super) fn home(&mut self, key: u32) {
+        if !self.conns.get(key).is_some_and(|c| c.handed) {
+            return;
+        }
+        match self.handback.take(self.id(key)) {
+            Some(pair) => self.put_back(pair),
+            // The host lost it: the wires stay as they were handed out.
+            None => {
+                let peer = self
+                    .conns
+                    .get(key)
+                    .and_then(ConnEntry::phase)
+                    .and_then(|p| match p {
+                        Phase::Session { peer, .. } => Some(*peer),
+                        _ => None,
+                    });
+                for k in [Some(key), peer].into_iter().flatten() {
+                    if let Some(c) = self.conns.get_mut(k) {
+                        c.handed = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A pair the host cannot use any more, back into the router.
+    pub fn give_back(&mut self, pair: Pair) {
+        self.put_back(pair);
+    }
+
+    /// A pair's wires back into their entries, with the wakes it owes.
+    fn put_back(&mut self, pair: Pair) {
+        self.stats.bytes_relayed += pair.relayed;
+        for i in 0..2 {
+            let Some(key) = self.key(pair.conns[i]) else {
+                continue;
+            };
+            if let Some(c) = self.conns.get_mut(key).filter(|c| c.handed) {
+                c.wire = pair.wires[i];
+                c.handed = false;
+                if pair.wakes[i] {
+                    self.wake(key);
+                }
+            }
+        }
+    }
+
+    /// Takes every pair back (before [`Relay::session_bytes`], say).
+    pub fn take_back_all(&mut self) {
+        let mut k = 0;
+        while let Some(key) = self.conns.next_key(k) {
+            self.home(key);
+            k = key + 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AllowAll, Config, Event, Fixed, Offer, Relay, Verdict};
+    use super::*;
+    use crate::frame::{Credential, Demand, Hello, Login, caps};
+    use crate::ident::{Password, ResumeToken, ServiceName, UserId};
+
+    type R = Relay<Fixed<4, 2, 7>, AllowAll, Stash>;
+
+    /// The host's side in these tests: one pair, kept here.
+    #[derive(Debug, Default)]
+    struct Stash(Option<Pair>, usize);
+
+    impl Handback for Stash {
+        fn take(&mut self, conn: ConnId) -> Option<Pair> {
+            let p = self.0.take().filter(|p| p.conns().contains(&conn));
+            self.1 += usize::from(p.is_some());
+            p
+        }
+    }
+
+    fn enc(f: &Frame) -> heapless::Vec<u8, 512> {
+        let mut b = [0u8; 512];
+        let n = f.encode(&mut b).unwrap();
+        heapless::Vec::from_slice(&b[..n]).unwrap()
+    }
+
+    fn t(s: u64) -> Instant {
+        Instant::from_secs(s)
+    }
+
+    fn login(r: &mut R, user: &str, caps: u32) -> ConnId {
+        let c = r.accept(t(0)).unwrap();
+        let f = enc(&Frame::Login(Login {
+            hello: Hello::current(caps),
+            user: UserId::new(user).unwrap(),
+            credential: Credential::Password(Password::new("pw").unwrap()),
+        }));
+        assert_eq!(r.handle_input(t(0), c, &f), Offer::Consumed(f.len()));
+        let token = ResumeToken::from_slice(&[1]).unwrap();
+        let instance = c.index() as u64 + 1;
+        r.login_verdict(t(0), c, Verdict::Accept { instance, token });
+        drain(r, c);
+        c
+    }
+
+    fn drain(r: &mut R, c: ConnId) -> heapless::Vec<u8, 512> {
+        while r.poll_event().is_some() {}
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        let n = r.poll_transmit(c, &mut buf).unwrap().len;
+        while r.poll_event().is_some() {}
+        heapless::Vec::from_slice(&buf[..n]).unwrap()
+    }
+
+    /// Two logged-in connections with a running session: (requester, target).
+    fn session(r: &mut R) -> (ConnId, ConnId) {
+        let tgt = login(r, "dev", caps::ALL);
+        let req = login(r, "cli", caps::ALL | caps::REQUESTER);
+        let d = enc(&Frame::Demand(Demand {
+            target: UserId::new("dev").unwrap(),
+            service: ServiceName::default(),
+        }));
+        r.handle_input(t(1), req, &d);
+        let notice = drain(r, tgt);
+        let Ok(Some((Parsed::Control(Frame::Notice(n)), _))) = frame::parse(&notice) else {
+            panic!("no notice: {notice:?}");
+        };
+        let a = enc(&Frame::Accept { session: n.session });
+        r.handle_input(t(1), tgt, &a);
+        drain(r, req);
+        (req, tgt)
+    }
+
+    #[test]
+    fn a_pair_forwards_data_and_acks_without_the_router() {
+        let mut r = R::new(Config::default(), AllowAll);
+        let (req, tgt) = session(&mut r);
+        let mut p = r.hand_out(req).expect("a running session is handed out");
+        assert_eq!(p.conns(), [req, tgt]);
+        assert!(r.hand_out(tgt).is_none(), "handed out once");
+        let data = [0x0C, 0, 2, b'h', b'i'];
+        assert_eq!(p.handle_input(t(2), req, &data), PairOffer::Consumed(3));
+        assert_eq!(p.forward_target(req), Some((tgt, 2)));
+        assert_eq!(p.poll_wake(), Some(tgt));
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        assert_eq!(p.poll_transmit(tgt, &mut buf), Ok(3), "the DATA header");
+        assert_eq!(&buf[..3], &data[..3]);
+        assert_eq!(
+            p.handle_input(t(2), req, &data[3..]),
+            PairOffer::Forward { to: tgt, n: 2 }
+        );
+        assert_eq!(p.poll_wake(), Some(tgt));
+        assert_eq!(p.poll_transmit(tgt, &mut buf), Ok(0), "the lock lifts");
+        assert_eq!(p.poll_wake(), Some(tgt));
+        let keepalive = enc(&Frame::KeepAlive { seq: 9 });
+        let n = keepalive.len();
+        assert_eq!(
+            p.handle_input(t(3), tgt, &keepalive),
+            PairOffer::Consumed(n)
+        );
+        assert_eq!(p.poll_wake(), Some(tgt));
+        let ack = enc(&Frame::KeepAliveAck { seq: 9 });
+        assert_eq!(p.poll_transmit(tgt, &mut buf), Ok(ack.len()), "its ack");
+        assert_eq!(&buf[..ack.len()], ack.as_slice());
+        assert_eq!(p.poll_timeout(tgt), Some(t(93)));
+        // TERMINATE is the router's: it takes the pair back and ends the session's half.
+        assert_eq!(p.handle_input(t(4), req, &[0x0D, 0, 0]), PairOffer::Router);
+        r.handback_mut().0 = Some(p);
+        assert_eq!(r.handle_input(t(4), req, &[0x0D, 0, 0]), Offer::Consumed(3));
+        assert_eq!(r.handback_mut().1, 1, "taken back once");
+        let mut ended = None;
+        while let Some(e) = r.poll_event() {
+            if let Event::SessionEnded { up, .. } = e {
+                ended = Some(up);
+            }
+        }
+        assert_eq!(ended, None, "half-closed only");
+        assert_eq!(
+            drain(&mut r, tgt).as_slice(),
+            &[0x0D, 0, 0],
+            "TERMINATE forwarded"
+        );
+        assert_eq!(r.stats().bytes_relayed, 2, "the pair's bytes count");
+    }
+
+    /// A router transition that touches a handed-out connection (here: the operator
+    /// kicks the target) takes the pair back first, and sees its payload under way.
+    #[test]
+    fn the_router_takes_a_pair_back_before_touching_it() {
+        let mut r = R::new(Config::default(), AllowAll);
+        let (req, tgt) = session(&mut r);
+        let mut p = r.hand_out(tgt).unwrap();
+        assert_eq!(
+            p.handle_input(t(2), tgt, &[0x0C, 0, 4]),
+            PairOffer::Consumed(3)
+        );
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        assert_eq!(p.poll_transmit(req, &mut buf), Ok(3));
+        assert_eq!(
+            p.handle_input(t(2), tgt, &[1, 2]),
+            PairOffer::Forward { to: req, n: 2 }
+        );
+        r.handback_mut().0 = Some(p);
+        r.kick_user(&UserId::new("dev").unwrap());
+        assert_eq!(r.handback_mut().1, 1);
+        // The requester is in the middle of a payload: it cannot be told in-band, so it
+        // closes (§10.3) rather than getting a RELEASE inside the payload.
+        let t = r.poll_transmit(req, &mut buf).unwrap();
+        assert!(t.close && t.len == 0, "{t:?}");
+    }
+}
