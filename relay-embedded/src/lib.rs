@@ -22,6 +22,8 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+#[cfg(feature = "embassy")]
+mod embassy;
 mod log;
 mod noise;
 mod service;
@@ -30,6 +32,8 @@ mod smol;
 mod transport;
 
 pub use agent::{Agent, MIN_SOCKET_RX, MIN_SOCKET_TX};
+#[cfg(feature = "embassy")]
+pub use embassy::{CARRY, EmbassyError, EmbassyIo, EmbassyTcp, embassy_instant, proto_now};
 pub use noise::{
     Channel, ChannelError, Failure, MIN_CHANNEL_SOCKET_TX, OVERHEAD, PLAIN_BUF, PROLOGUE,
     RECEIVE_LIMIT, SEAL_MAX, Sealed, Sealer,
@@ -45,3 +49,5 @@ pub use clatter::rand_core;
 pub use relay_proto;
 #[cfg(feature = "smoltcp")]
 pub use smoltcp;
+#[cfg(feature = "embassy")]
+pub use {embassy_net, embassy_time};
