@@ -20,20 +20,21 @@ use std::task::{Context, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
-use embassy_futures::join::{join, join_array, join3};
-use embassy_futures::select::select;
+use embassy_futures::select::{Either, select};
 use embassy_net::driver::{self, Capabilities, HardwareAddress, LinkState};
 use embassy_net::tcp::TcpSocket;
 use embassy_net::{Config as NetConfig, Ipv4Address, Ipv4Cidr, StackResources, StaticConfigV4};
+use embassy_time::Timer;
 use relay_embedded::rand_core::{CryptoRng, RngCore};
 use relay_embedded::{
-    Agent, Channel, EmbassyTcp, Failure, MIN_CHANNEL_SOCKET_TX, Service, Session,
+    Agent, CARRY_CHANNEL, Channel, EmbassyTcp, Failure, MIN_CHANNEL_SOCKET_TX, Service, Session,
 };
 use relay_host::channel::RelayKey;
 use relay_proto::ident::{Password, UserId};
 use relay_proto::terminal::{Config, Event};
 use relay_proto::time::Duration as ProtoDuration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::spawn_local;
 
 use support::*;
 
@@ -42,10 +43,11 @@ const T: Duration = Duration::from_secs(30);
 const DEVICE_IP: Ipv4Address = Ipv4Address::new(192, 0, 2, 2);
 const GATEWAY_IP: Ipv4Address = Ipv4Address::new(192, 0, 2, 1);
 const RELAY_PORT: u16 = 7000;
-/// The device's relay connections and their socket buffers (what a small board gives).
+/// The device's relay connections and their socket buffers, each way (what a small
+/// board gives).
 const CONNS: usize = 3;
-const SOCK_RX: usize = 2048;
-const SOCK_TX: usize = 2048;
+const SOCK_BUF: usize = 2048;
+const _: () = assert!(SOCK_BUF >= MIN_CHANNEL_SOCKET_TX);
 /// The gateway's listening sockets: the device's connections, plus room for those that
 /// are still closing.
 const GATEWAY_SOCKETS: usize = 6;
@@ -150,6 +152,10 @@ struct Seen {
     failures: Vec<Failure>,
     /// Every byte the device sent towards the relay (the gateway's capture).
     sent: Vec<u8>,
+    /// Steps a `select` cancelled.
+    cancelled: usize,
+    /// Agent polls so far.
+    polls: usize,
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -195,6 +201,9 @@ impl CryptoRng for TestRng {}
 enum Link {
     /// Plain TCP to the relay's `--allow-plain` listener.
     Plain,
+    /// The same, each step raced in a `select` against a 2 ms timer polled first, so
+    /// steps are cancelled mid-wait again and again.
+    PlainCancelled,
     /// The device channel on the relay's TLS port, pinning this key.
     Channel([u8; 32]),
 }
@@ -216,8 +225,9 @@ impl World {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async move {
-                select(world(&user, link, relay_port, shared), stopped).await;
+            // Dropping the LocalSet when the test drops the world ends every task.
+            tokio::task::LocalSet::new().block_on(&rt, async move {
+                select(world(user, link, relay_port, shared), stopped).await;
             });
         });
         World {
@@ -262,80 +272,111 @@ impl Drop for World {
     }
 }
 
-/// Both stacks, the device task and the gateway, until the test drops the world.
-async fn world(user: &str, link: Link, relay_port: u16, seen: Shared) {
+/// Both stacks, the device and the gateway, each in tasks of their own (a stack's runner
+/// must not share a task with code that uses its sockets: every socket call wakes the
+/// runner), until the test drops the world.
+async fn world(user: String, link: Link, relay_port: u16, seen: Shared) {
     let wire = Rc::new(RefCell::new(Wire::default()));
-    let mut dev_res = StackResources::<CONNS>::new();
-    let mut gw_res = StackResources::<GATEWAY_SOCKETS>::new();
     let (dev_stack, mut dev_runner) = embassy_net::new(
         End {
             wire: wire.clone(),
             side: 0,
         },
         net_config(DEVICE_IP),
-        &mut dev_res,
+        Box::leak(Box::new(StackResources::<CONNS>::new())),
         0x5eed_0001,
     );
     let (gw_stack, mut gw_runner) = embassy_net::new(
         End { wire, side: 1 },
         net_config(GATEWAY_IP),
-        &mut gw_res,
+        Box::leak(Box::new(StackResources::<GATEWAY_SOCKETS>::new())),
         0x5eed_0002,
     );
-    let mut dev_bufs = [[0u8; SOCK_RX]; 2 * CONNS];
-    let [a, b, c, d, e, f] = &mut dev_bufs;
+    spawn_local(async move { dev_runner.run().await });
+    spawn_local(async move { gw_runner.run().await });
+    for _ in 0..GATEWAY_SOCKETS {
+        spawn_local(forward(gw_stack, relay_port, seen.clone()));
+    }
+    let [a, b, c, d, e, f] = Box::leak(Box::new([[0u8; SOCK_BUF]; 2 * CONNS]));
     let sockets = [
         TcpSocket::new(dev_stack, a, b),
         TcpSocket::new(dev_stack, c, d),
         TcpSocket::new(dev_stack, e, f),
     ];
-    assert!(SOCK_TX >= MIN_CHANNEL_SOCKET_TX);
-    let tcp = EmbassyTcp::new(sockets, (GATEWAY_IP, RELAY_PORT).into());
-    let gateway = join_array(core::array::from_fn::<_, GATEWAY_SOCKETS, _>(|_| {
-        forward(gw_stack, relay_port, seen.clone())
-    }));
-    join3(
-        join(dev_runner.run(), gw_runner.run()),
-        device(user, link, tcp, seen.clone()),
-        gateway,
-    )
+    let relay = (GATEWAY_IP, RELAY_PORT).into();
+    let _ = spawn_local(async move {
+        match link {
+            Link::Plain | Link::PlainCancelled => {
+                let cancel = matches!(link, Link::PlainCancelled);
+                plain_device(&user, EmbassyTcp::new(sockets, relay), cancel, &seen).await
+            }
+            // The carry of one channel record, as a device under the channel uses.
+            Link::Channel(key) => {
+                let tcp = EmbassyTcp::<CONNS, CARRY_CHANNEL>::new(sockets, relay);
+                channel_device(&user, key, tcp, &seen).await
+            }
+        }
+    })
     .await;
 }
 
-/// The device: the agent on `EmbassyTcp::step`, over the channel or plain.
-async fn device(user: &str, link: Link, mut tcp: EmbassyTcp<'_, CONNS>, seen: Shared) {
-    let mut agent: Agent<CONNS> = Agent::new(
+fn agent(user: &str) -> Agent<CONNS> {
+    let mut agent = Agent::new(
         Config::default(),
         UserId::new(user).unwrap(),
         Password::new(PASSWORD).unwrap(),
         7,
     );
-    let mut service = Recorder(seen.clone());
     agent.start(relay_embedded::proto_now());
-    match link {
-        Link::Plain => loop {
-            tcp.step(|now, t| agent.poll(now, t, &mut service)).await;
-        },
-        Link::Channel(key) => {
-            let mut channel: Channel<CONNS> = Channel::new(key, ProtoDuration::from_secs(5));
-            let mut rng = TestRng(0x1234_5678_9abc_def1);
-            loop {
-                tcp.step(|now, t| {
-                    let next = agent.poll(now, &mut channel.bind(now, t, &mut rng), &mut service);
-                    while let Some((_, why)) = channel.take_failure() {
-                        seen.lock().unwrap().failures.push(why);
-                    }
-                    next.into_iter().chain(channel.poll_at()).min()
-                })
-                .await;
-            }
+    agent
+}
+
+/// The device on plain TCP: the agent on `EmbassyTcp::step`, raced against a short
+/// timer when `cancel`.
+async fn plain_device(user: &str, mut tcp: EmbassyTcp<'_, CONNS>, cancel: bool, seen: &Shared) {
+    let mut agent = agent(user);
+    let mut service = Recorder(seen.clone());
+    loop {
+        let step = tcp.step(|now, t| {
+            seen.lock().unwrap().polls += 1;
+            agent.poll(now, t, &mut service)
+        });
+        if !cancel {
+            step.await;
+        } else if let Either::First(()) = select(Timer::after_millis(2), step).await {
+            // The timer is polled first: when it fires, the step is dropped mid-wait.
+            seen.lock().unwrap().cancelled += 1;
         }
+    }
+}
+
+/// The device over the channel, pinning `key`: failures recorded as they come.
+async fn channel_device(
+    user: &str,
+    key: [u8; 32],
+    mut tcp: EmbassyTcp<'_, CONNS, CARRY_CHANNEL>,
+    seen: &Shared,
+) {
+    let mut agent = agent(user);
+    let mut service = Recorder(seen.clone());
+    let mut channel: Channel<CONNS> = Channel::new(key, ProtoDuration::from_secs(5));
+    let mut rng = TestRng(0x1234_5678_9abc_def1);
+    loop {
+        tcp.step(|now, t| {
+            seen.lock().unwrap().polls += 1;
+            let next = agent.poll(now, &mut channel.bind(now, t, &mut rng), &mut service);
+            while let Some((_, why)) = channel.take_failure() {
+                seen.lock().unwrap().failures.push(why);
+            }
+            next.into_iter().chain(channel.poll_at()).min()
+        })
+        .await;
     }
 }
 
 /// One gateway socket: accepts a device connection, carries it to the relay on
 /// 127.0.0.1 and back, records what the device sent; again and again.
-async fn forward(stack: embassy_net::Stack<'_>, relay_port: u16, seen: Shared) {
+async fn forward(stack: embassy_net::Stack<'static>, relay_port: u16, seen: Shared) {
     let (mut rx, mut tx) = ([0u8; 4096], [0u8; 4096]);
     let mut s = TcpSocket::new(stack, &mut rx, &mut tx);
     loop {
@@ -381,8 +422,9 @@ fn pinned(key: &str) -> [u8; 32] {
 }
 
 /// A device logs in through `link`, a host `relay connect` opens a session to it, and
-/// 200 KB come back byte-exact. Returns the world (for its capture).
-fn echo_session(relay: &Relay, link: Link, port: u16) -> World {
+/// 200 KB come back byte-exact. Returns the world (for its capture) and how many steps
+/// were cancelled during the transfer.
+fn echo_session(relay: &Relay, link: Link, port: u16) -> (World, usize) {
     relay.add_user("cam");
     relay.add_user("alice");
     let world = World::start("cam", link, port);
@@ -392,30 +434,52 @@ fn echo_session(relay: &Relay, link: Link, port: u16) -> World {
     let (_alice, local) = relay.forward("alice", "cam");
     let mut data = vec![0u8; 200_000];
     fill(&mut data, &mut 11);
+    let cancelled = world.seen.lock().unwrap().cancelled;
     let back = round_trip(local, &data);
+    let cancelled = world.seen.lock().unwrap().cancelled - cancelled;
     assert_eq!(back.len(), data.len());
     assert!(back == data, "echoed byte-exact through the embassy device");
-    world
+    (world, cancelled)
+}
+
+/// Agent polls while the device is idle for 2 s (keep-alive every 2 s): the task sleeps
+/// between socket events and deadlines instead of spinning.
+fn idle_polls(world: &World) -> usize {
+    let before = world.seen.lock().unwrap().polls;
+    std::thread::sleep(Duration::from_secs(2));
+    world.seen.lock().unwrap().polls - before
 }
 
 #[test]
 fn an_embassy_device_serves_a_session_over_the_channel() {
     let relay = Relay::start(FAST);
     let key = pinned(&relay.channel_keys[0]);
-    let world = echo_session(&relay, Link::Channel(key), relay.tls_port);
+    let (world, _) = echo_session(&relay, Link::Channel(key), relay.tls_port);
     assert!(
         !world.sent_contains(PASSWORD.as_bytes()),
         "the password never crossed the link in clear"
     );
     assert!(world.seen.lock().unwrap().failures.is_empty());
+    let polls = idle_polls(&world);
+    assert!(polls < 100, "{polls} agent polls in 2 s of idle");
 }
 
 #[test]
 fn an_embassy_device_serves_a_session_over_plain_tcp() {
     let relay = Relay::start(FAST);
-    let world = echo_session(&relay, Link::Plain, relay.plain_port);
+    let (world, _) = echo_session(&relay, Link::Plain, relay.plain_port);
+    let polls = idle_polls(&world);
+    assert!(polls < 100, "{polls} agent polls in 2 s of idle");
     // The capture is real: over plain TCP the password is in it.
     assert!(world.sent_contains(PASSWORD.as_bytes()));
+}
+
+#[test]
+fn an_embassy_device_loses_nothing_when_its_steps_are_cancelled_in_select() {
+    let relay = Relay::start(FAST);
+    let (_world, cancelled) = echo_session(&relay, Link::PlainCancelled, relay.plain_port);
+    assert!(cancelled > 0, "no step was cancelled during the transfer");
+    eprintln!("{cancelled} steps cancelled during the transfer");
 }
 
 #[test]

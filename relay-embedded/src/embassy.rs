@@ -12,11 +12,13 @@
 //!
 //! embassy-net shows received bytes only as the contiguous run up to the end of its ring
 //! buffer (`read_with`), and it can register a task for "more bytes" only while no byte
-//! is waiting. So each connection keeps a small carry buffer ([`CARRY`] bytes, a control
-//! frame): the tail of the ring when a frame straddles its end, and a frame that has
-//! only partly arrived when the agent waits (its bytes leave the socket, which can then
-//! wake the task when the rest comes). The driver's view is unchanged: `peek` shows the
-//! carry, then the socket.
+//! is waiting. So each connection keeps a small carry buffer: the tail of the ring when a
+//! frame straddles its end, and a frame that has only partly arrived when the agent waits
+//! (its bytes leave the socket, which can then wake the task when the rest comes). The
+//! driver's view is unchanged: `peek` shows the carry, then the socket. Its size is the
+//! largest unit the layer above waits for whole: a control frame ([`CARRY_PLAIN`], the
+//! default) for the agent on plain TCP, a channel record ([`CARRY_CHANNEL`]) under a
+//! [`crate::Channel`], whose own buffer then assembles frames.
 
 use core::future::Future;
 use core::pin::pin;
@@ -31,9 +33,12 @@ use relay_proto::time::Instant;
 
 use crate::transport::{LinkState, Transport};
 
-/// Per connection: the most bytes a frame still being assembled can need (a whole
-/// control frame; a channel record is smaller).
-pub const CARRY: usize = MAX_CONTROL_FRAME;
+/// The carry for the agent straight on the sockets: a whole control frame.
+pub const CARRY_PLAIN: usize = MAX_CONTROL_FRAME;
+
+/// The carry under the device channel: one whole record (its length prefix, the largest
+/// message the device accepts). The channel assembles frames in its own buffer.
+pub const CARRY_CHANNEL: usize = crate::noise::RECORD_MAX;
 
 /// Errors of the embassy transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,26 +72,27 @@ impl embedded_io::Error for EmbassyError {
 
 /// Bytes taken out of a socket that the agent has not consumed yet (they come first).
 #[derive(Debug)]
-struct Carry {
-    buf: [u8; CARRY],
+struct Carry<const C: usize> {
+    buf: [u8; C],
     len: usize,
 }
 
-impl Carry {
+impl<const C: usize> Carry<C> {
     fn free(&self) -> usize {
-        CARRY - self.len
+        C - self.len
     }
 }
 
 /// The relay's connections on `N` embassy-net TCP sockets (the application creates them
-/// with their buffers, so it decides the RAM), and where the relay is.
-pub struct EmbassyTcp<'a, const N: usize> {
+/// with their buffers, so it decides the RAM), and where the relay is. `C`: the carry
+/// per connection, [`CARRY_PLAIN`] (the default) or, under the channel, [`CARRY_CHANNEL`].
+pub struct EmbassyTcp<'a, const N: usize, const C: usize = CARRY_PLAIN> {
     sockets: [TcpSocket<'a>; N],
-    carry: [Carry; N],
+    carry: [Carry<C>; N],
     relay: IpEndpoint,
 }
 
-impl<const N: usize> core::fmt::Debug for EmbassyTcp<'_, N> {
+impl<const N: usize, const C: usize> core::fmt::Debug for EmbassyTcp<'_, N, C> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("EmbassyTcp")
             .field("relay", &self.relay)
@@ -104,17 +110,17 @@ pub fn embassy_instant(t: Instant) -> embassy_time::Instant {
     embassy_time::Instant::from_millis(t.as_millis())
 }
 
-impl<'a, const N: usize> EmbassyTcp<'a, N> {
+impl<'a, const N: usize, const C: usize> EmbassyTcp<'a, N, C> {
     /// `sockets`: `N` sockets of the stack, each with a transmit buffer of at least
     /// [`crate::MIN_SOCKET_TX`] bytes ([`crate::MIN_CHANNEL_SOCKET_TX`] over the channel)
-    /// and a receive buffer of at least twice [`CARRY`]. Local ports come from the stack
+    /// and a receive buffer of at least twice `C`. Local ports come from the stack
     /// (randomised by its seed, so a rebooted device does not reuse its last ones).
     pub fn new(sockets: [TcpSocket<'a>; N], relay: IpEndpoint) -> Self {
         EmbassyTcp {
             sockets,
             carry: [const {
                 Carry {
-                    buf: [0; CARRY],
+                    buf: [0; C],
                     len: 0,
                 }
             }; N],
@@ -200,7 +206,7 @@ impl<'a, const N: usize> EmbassyTcp<'a, N> {
 }
 
 /// Moves the socket's next contiguous received bytes into the carry, as many as fit.
-fn take(s: &mut TcpSocket<'_>, c: &mut Carry) -> usize {
+fn take<const C: usize>(s: &mut TcpSocket<'_>, c: &mut Carry<C>) -> usize {
     let free = &mut c.buf[c.len..];
     let moved = poll_once(s.read_with(|b| {
         let n = b.len().min(free.len());
@@ -273,7 +279,7 @@ impl embedded_io::Write for EmbassyIo<'_, '_> {
     }
 }
 
-impl<'a, const N: usize> Transport for EmbassyTcp<'a, N> {
+impl<'a, const N: usize, const C: usize> Transport for EmbassyTcp<'a, N, C> {
     type Error = EmbassyError;
     type Io<'s>
         = EmbassyIo<'s, 'a>

@@ -33,10 +33,12 @@ mod transport;
 
 pub use agent::{Agent, MIN_SOCKET_RX, MIN_SOCKET_TX};
 #[cfg(feature = "embassy")]
-pub use embassy::{CARRY, EmbassyError, EmbassyIo, EmbassyTcp, embassy_instant, proto_now};
+pub use embassy::{
+    CARRY_CHANNEL, CARRY_PLAIN, EmbassyError, EmbassyIo, EmbassyTcp, embassy_instant, proto_now,
+};
 pub use noise::{
     Channel, ChannelError, Failure, MIN_CHANNEL_SOCKET_TX, OVERHEAD, PLAIN_BUF, PROLOGUE,
-    RECEIVE_LIMIT, SEAL_MAX, Sealed, Sealer,
+    RECEIVE_LIMIT, RECORD_MAX, SEAL_MAX, Sealed, Sealer,
 };
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 #[cfg(feature = "smoltcp")]
