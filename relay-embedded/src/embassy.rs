@@ -221,28 +221,19 @@ fn take<const C: usize>(s: &mut TcpSocket<'_>, c: &mut Carry<C>) -> usize {
     n
 }
 
-/// How many received bytes the socket shows in one run (up to the end of its ring):
-/// `None` once the stream is over.
-fn contiguous(s: &mut TcpSocket<'_>) -> Option<usize> {
-    match poll_once(s.read_with(|b| (0, b.len()))) {
-        Poll::Ready(Ok(n)) => Some(n),
-        Poll::Pending => Some(0),
-        Poll::Ready(Err(_)) => None,
-    }
-}
-
-/// Copies the socket's next contiguous received bytes into `buf`, consuming none:
-/// `None` once the stream is over (FIN or reset, every byte read).
-fn peek_socket(s: &mut TcpSocket<'_>, buf: &mut [u8]) -> Option<usize> {
+/// Copies the socket's next received bytes into `buf`, consuming none, as far as they
+/// run contiguously (up to the end of its ring). Returns the run's length and how many
+/// were copied; `None` once the stream is over (FIN or reset, every byte read).
+fn peek_run(s: &mut TcpSocket<'_>, buf: &mut [u8]) -> Option<(usize, usize)> {
     let peeked = poll_once(s.read_with(|b| {
         let n = b.len().min(buf.len());
         buf[..n].copy_from_slice(&b[..n]);
-        (0, n)
+        (0, (b.len(), n))
     }));
     match peeked {
-        Poll::Ready(Ok(n)) => Some(n),
+        Poll::Ready(Ok(run)) => Some(run),
         // Nothing received yet: the read would wait.
-        Poll::Pending => Some(0),
+        Poll::Pending => Some((0, 0)),
         Poll::Ready(Err(_)) => None,
     }
 }
@@ -330,7 +321,7 @@ impl<'a, const N: usize, const C: usize> Transport for EmbassyTcp<'a, N, C> {
         // The socket shows bytes only up to the end of its ring: when that cuts short
         // what was asked for, the tail moves into the carry and the rest follows from the
         // ring's start. Each round moves at least one byte into the bounded carry.
-        while let Some(run) = contiguous(s) {
+        while let Some((run, _)) = peek_run(s, &mut []) {
             let want = buf.len().saturating_sub(c.len);
             if run == 0 || run >= want || run >= s.recv_queue() || run > c.free() {
                 break;
@@ -341,8 +332,8 @@ impl<'a, const N: usize, const C: usize> Transport for EmbassyTcp<'a, N, C> {
         }
         let n = c.len.min(buf.len());
         buf[..n].copy_from_slice(&c.buf[..n]);
-        match peek_socket(s, &mut buf[n..]) {
-            Some(k) => Ok(n + k),
+        match peek_run(s, &mut buf[n..]) {
+            Some((_, k)) => Ok(n + k),
             // The stream is over: what the carry holds is still the relay's last bytes.
             None if n > 0 => Ok(n),
             None => Err(EmbassyError::State),
