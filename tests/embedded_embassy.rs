@@ -447,7 +447,9 @@ fn echo_session(relay: &Relay, link: Link, port: u16) -> (World, usize) {
 fn idle_polls(world: &World) -> usize {
     let before = world.seen.lock().unwrap().polls;
     std::thread::sleep(Duration::from_secs(2));
-    world.seen.lock().unwrap().polls - before
+    let polls = world.seen.lock().unwrap().polls - before;
+    eprintln!("{polls} agent polls in 2 s of idle");
+    polls
 }
 
 #[test]
