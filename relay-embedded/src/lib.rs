@@ -22,6 +22,8 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+#[cfg(feature = "embassy")]
+mod embassy;
 mod log;
 mod noise;
 mod service;
@@ -30,9 +32,13 @@ mod smol;
 mod transport;
 
 pub use agent::{Agent, MIN_SOCKET_RX, MIN_SOCKET_TX};
+#[cfg(feature = "embassy")]
+pub use embassy::{
+    CARRY_CHANNEL, CARRY_PLAIN, EmbassyError, EmbassyIo, EmbassyTcp, embassy_instant, proto_now,
+};
 pub use noise::{
     Channel, ChannelError, Failure, MIN_CHANNEL_SOCKET_TX, OVERHEAD, PLAIN_BUF, PROLOGUE,
-    RECEIVE_LIMIT, SEAL_MAX, Sealed, Sealer,
+    RECEIVE_LIMIT, RECORD_MAX, SEAL_MAX, Sealed, Sealer,
 };
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 #[cfg(feature = "smoltcp")]
@@ -45,3 +51,5 @@ pub use clatter::rand_core;
 pub use relay_proto;
 #[cfg(feature = "smoltcp")]
 pub use smoltcp;
+#[cfg(feature = "embassy")]
+pub use {embassy_net, embassy_time};

@@ -46,6 +46,8 @@ pub const OVERHEAD: usize = PREFIX + TAG;
 /// The largest message the device accepts (tag included), announced to the relay: small
 /// records keep [`PLAIN_BUF`] small, at 18 bytes of overhead per 128 of payload.
 pub const RECEIVE_LIMIT: usize = 128 + TAG;
+/// The largest record on the wire from the relay: its length prefix and message.
+pub const RECORD_MAX: usize = PREFIX + RECEIVE_LIMIT;
 /// Per connection: a control frame's first part (all but one byte) plus one whole record.
 pub const PLAIN_BUF: usize = MAX_CONTROL_FRAME - 1 + RECEIVE_LIMIT - TAG;
 /// The largest plaintext the device seals into one record: a whole control frame fits.
