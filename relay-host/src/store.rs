@@ -320,6 +320,8 @@ pub trait AccountStore: Send + Sync + fmt::Debug {
     /// tokens may start it) or `None` (logged out: no token may). Accounts never recorded
     /// are absent.
     fn instances(&self) -> Result<HashMap<String, Option<u64>>, StoreError>;
+    /// One account's entry of [`Self::instances`].
+    fn instance(&self, name: &str) -> Result<Option<Option<u64>>, StoreError>;
     /// Records `name`'s current instance (does not move [`Self::generation`]).
     fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError>;
     /// From now on, wakes `wake` soon after any process changes accounts or access rules,
@@ -746,6 +748,15 @@ impl AccountStore for SqliteStore {
         })?;
         rows.map(|r| Ok(r.map(|(name, i)| (name, i.map(|i| i as u64)))?))
             .collect()
+    }
+
+    fn instance(&self, name: &str) -> Result<Option<Option<u64>>, StoreError> {
+        Ok(self
+            .lock()
+            .prepare_cached("SELECT instance FROM instances WHERE account = ?1")?
+            .query_row(params![name], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .map(|i| i.map(|i| i as u64)))
     }
 
     fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {

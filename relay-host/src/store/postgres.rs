@@ -535,6 +535,17 @@ impl AccountStore for PgStore {
         })
     }
 
+    fn instance(&self, name: &str) -> Result<Option<Option<u64>>, StoreError> {
+        let owned = name.to_owned();
+        self.run(move |client| async move {
+            let stmt = client
+                .prepare_cached("SELECT instance FROM relay.instances WHERE account = $1")
+                .await?;
+            let row = client.query_opt(&stmt, &[&owned]).await?;
+            Ok(row.map(|r| r.get::<_, Option<i64>>(0).map(|i| i as u64)))
+        })
+    }
+
     fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {
         let owned = name.to_owned();
         let instance = instance.map(|i| i as i64);

@@ -318,13 +318,17 @@ fn credential_stamps_and_current_instances(f: &dyn Fixture) {
         store.instances().unwrap(),
         HashMap::from([("cam".to_owned(), Some(7))])
     );
+    assert_eq!(store.instance("cam").unwrap(), Some(Some(7)));
+    assert_eq!(store.instance("ghost").unwrap(), None);
     // Every bit of an instance id survives (they are random u64s, stored signed).
     store.set_instance("cam", Some(u64::MAX - 1)).unwrap();
     assert_eq!(f.open().instances().unwrap()["cam"], Some(u64::MAX - 1));
     store.set_instance("cam", None).unwrap();
     assert_eq!(store.instances().unwrap()["cam"], None);
+    assert_eq!(store.instance("cam").unwrap(), Some(None));
     store.delete(&cam).unwrap();
     assert!(store.instances().unwrap().is_empty());
+    assert_eq!(store.instance("cam").unwrap(), None);
     store.add(&cam, "pw").unwrap();
     assert_ne!(stamp(store.as_ref()), second);
 }
