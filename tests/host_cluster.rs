@@ -270,6 +270,7 @@ fn an_access_rule_changed_through_one_node_applies_on_the_other_within_a_second(
         );
     }
     let took = started.elapsed();
+    eprintln!("access rule changed through node 0: applied on node 1 after {took:?}");
     assert!(took < WITHIN, "the rule took {took:?} to apply on node 1");
 }
 
@@ -299,6 +300,7 @@ fn an_account_deleted_through_one_node_ends_its_sessions_on_the_other_within_a_s
     let mut rest = Vec::new();
     let _ = session.read_to_end(&mut rest);
     let took = started.elapsed();
+    eprintln!("account deleted through node 0: its session on node 1 ended after {took:?}");
     assert!(
         took < WITHIN,
         "the session ended {took:?} after the deletion"
