@@ -98,13 +98,22 @@ impl Cluster {
         let sql = format!(
             "SELECT coalesce(instance::text, '') FROM relay.instances WHERE account = '{user}'"
         );
+        self.wait_sql(&sql, &want);
+    }
+
+    /// Polls `sql` every 20 ms until psql prints `want`; fails after 15 s.
+    fn wait_sql(&self, sql: &str, want: &str) {
         let start = Instant::now();
-        while self.pg.psql("relay", &sql).trim() != want {
+        loop {
+            let got = self.pg.psql("relay", sql);
+            if got.trim() == want {
+                return;
+            }
             assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{user}'s instance never became {want:?}"
+                start.elapsed() < Duration::from_secs(15),
+                "{sql}: {got:?}, not {want:?}"
             );
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -342,4 +351,72 @@ fn query_parameters_never_reach_the_log() {
         "debug logging was on: {log}"
     );
     assert!(!log.contains("argon2id"), "{log}");
+}
+
+/// Each node registers in `relay.nodes` with its address and certificate fingerprint and
+/// writes a heartbeat every second (the database's clock); a node killed with SIGKILL
+/// stops beating and counts as dead 3 s after its last beat; a node stopped with SIGTERM
+/// removes its row.
+#[test]
+fn nodes_register_and_beat_and_a_killed_one_goes_stale() {
+    let mut c = Cluster::start(2);
+    let live = "SELECT count(*) FROM relay.nodes WHERE heartbeat > now() - interval '3 seconds'";
+    c.wait_sql(live, "2");
+    let mut fingerprints = [c.node(0).fingerprint.clone(), c.node(1).fingerprint.clone()];
+    fingerprints.sort();
+    let registered = c.pg.psql(
+        "relay",
+        "SELECT string_agg(fingerprint, ',' ORDER BY fingerprint) FROM relay.nodes",
+    );
+    assert_eq!(registered.trim(), fingerprints.join(","));
+    let addresses = c.pg.psql(
+        "relay",
+        "SELECT string_agg(address, ',' ORDER BY address) FROM relay.nodes",
+    );
+    let mut expected: Vec<String> = (0..2)
+        .map(|i| format!("127.0.0.1:{}", c.node(i).tls_port))
+        .collect();
+    expected.sort();
+    assert_eq!(addresses.trim(), expected.join(","));
+
+    let (fp0, fp1) = (c.node(0).fingerprint.clone(), c.node(1).fingerprint.clone());
+    let beat0 = format!(
+        "SELECT extract(epoch FROM heartbeat) FROM relay.nodes WHERE fingerprint = '{fp0}'"
+    );
+    let first = c.pg.psql("relay", &beat0);
+    let start = Instant::now();
+    while c.pg.psql("relay", &beat0) == first {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "node 0 did not beat"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    drop(c.nodes[1].0.proc.take()); // SIGKILL
+    let killed = Instant::now();
+    c.wait_sql(live, "1");
+    eprintln!(
+        "node 1 killed: dead to the others after {:?}",
+        killed.elapsed()
+    );
+    let alive = format!(
+        "SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp0}' \
+         AND heartbeat > now() - interval '3 seconds'"
+    );
+    assert_eq!(c.pg.psql("relay", &alive).trim(), "1", "node 0 beats on");
+    let stale = format!("SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp1}'");
+    assert_eq!(
+        c.pg.psql("relay", &stale).trim(),
+        "1",
+        "a killed node's row stays"
+    );
+
+    c.nodes[0].0.stop();
+    let gone = format!("SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp0}'");
+    assert_eq!(
+        c.pg.psql("relay", &gone).trim(),
+        "0",
+        "a stopped node leaves"
+    );
 }

@@ -21,7 +21,7 @@ use crate::channel::{RelayKey, RelayLink};
 use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
 use crate::store::{
     AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, MIN_PASSWORD_CHARS, SqliteStore,
-    postgres::PgStore,
+    postgres::{NodeInfo, PgStore},
 };
 use crate::tls::{Fingerprint, ServerTrust, client_config};
 
@@ -688,10 +688,7 @@ impl StoreAt {
     fn open(&self) -> anyhow::Result<Box<dyn AccountStore>> {
         Ok(match self {
             Self::File(path) => Box::new(SqliteStore::open(path)?),
-            Self::Database(url) => {
-                crate::config::check_database_url(url)?;
-                Box::new(PgStore::open(url)?)
-            }
+            Self::Database(url) => Box::new(open_database(url)?),
         })
     }
 
@@ -702,6 +699,11 @@ impl StoreAt {
             _ => None,
         }
     }
+}
+
+fn open_database(url: &str) -> anyhow::Result<PgStore> {
+    crate::config::check_database_url(url)?;
+    Ok(PgStore::open(url)?)
 }
 
 /// Which account store a `relay user` command means: `--database`/`RELAY_DATABASE`, else
@@ -893,7 +895,13 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
 /// store, certificate, listeners' warnings.
 fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
-    let store: Arc<dyn AccountStore> = StoreAt::of(&config).open()?.into();
+    let (store, database): (Arc<dyn AccountStore>, _) = match &config.database {
+        Some(url) => {
+            let pg = Arc::new(open_database(url)?);
+            (pg.clone(), Some(pg))
+        }
+        None => (Arc::new(SqliteStore::open(&config.db)?), None),
+    };
     if store.list()?.is_empty() {
         let (what, flag) = match &config.database {
             Some(_) => ("database", "--database URL".to_owned()),
@@ -905,6 +913,12 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     }
     let identity = crate::reload::identity(&config)?;
     tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
+    // With a database, this relay is a node of the cluster while it runs (relay.nodes).
+    let node = NodeInfo {
+        address: config.listen.to_string(),
+        fingerprint: identity.fingerprint().to_string(),
+    };
+    let _membership = database.map(|pg| pg.join(node)).transpose()?;
     let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
     tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
     if let Some(plain) = config.allow_plain {

@@ -99,7 +99,68 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE ON relay.access
         FOR EACH STATEMENT EXECUTE FUNCTION relay.accounts_changed();
     ",
+    // 2: the relays serving from this database, each with a heartbeat in the database's
+    // clock (docs/CLUSTER.md, part 3).
+    "
+    CREATE TABLE relay.nodes (
+        id          text PRIMARY KEY,              -- random per process start
+        address     text NOT NULL,                 -- where terminals reach it
+        fingerprint text NOT NULL,                 -- its TLS certificate, SHA-256
+        started     timestamptz NOT NULL DEFAULT now(),
+        heartbeat   timestamptz NOT NULL DEFAULT now()
+    );
+    ",
 ];
+
+/// How often a node writes its heartbeat.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// A node whose heartbeat is older than this is dead to the others (docs/CLUSTER.md).
+pub const DEAD_AFTER: Duration = Duration::from_secs(3);
+
+/// Rows of nodes dead for this long are deleted by whichever node notices.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// What a node tells the others about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Where terminals reach it (host:port).
+    pub address: String,
+    /// Its TLS certificate's SHA-256 fingerprint, as terminals pin it.
+    pub fingerprint: String,
+}
+
+/// This process's row in `relay.nodes`, kept fresh by a heartbeat every
+/// [`HEARTBEAT_EVERY`]; deleted when dropped (a clean stop), left to go stale otherwise.
+#[derive(Debug)]
+pub struct Membership {
+    store: Arc<PgStore>,
+    id: String,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Membership {
+    /// The node id: random, new at every start.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+        let id = self.id.clone();
+        let left = self.store.run(move |client| async move {
+            client
+                .execute("DELETE FROM relay.nodes WHERE id = $1", &[&id])
+                .await?;
+            Ok(())
+        });
+        if let Err(e) = left {
+            tracing::warn!("cannot remove this node from relay.nodes: {e}");
+        }
+    }
+}
 
 /// The PostgreSQL account store. Cheap to share: one per process.
 pub struct PgStore {
@@ -223,6 +284,30 @@ impl PgStore {
         });
         rx.recv()
             .map_err(|_| StoreError::Database("the database runtime stopped".into()))?
+    }
+
+    /// Registers this process as a node of the cluster and starts its heartbeat.
+    pub fn join(self: &Arc<Self>, node: NodeInfo) -> Result<Membership, StoreError> {
+        let mut raw = [0u8; 16];
+        OsRng.fill_bytes(&mut raw);
+        let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let row = (id.clone(), node.clone());
+        self.run(move |client| async move {
+            let (id, node) = row;
+            insert_node(&client, &id, &node).await
+        })?;
+        tracing::info!(node = %id, "joined the cluster (relay.nodes)");
+        let heartbeat = self.runtime().spawn(heartbeat(
+            self.pool.clone(),
+            id.clone(),
+            node,
+            self.target.clone(),
+        ));
+        Ok(Membership {
+            store: self.clone(),
+            id,
+            heartbeat,
+        })
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -566,6 +651,55 @@ impl AccountStore for PgStore {
     fn watch_changes(&self, wake: Arc<Notify>) {
         self.runtime()
             .spawn(listen(self.config.clone(), self.target.clone(), wake));
+    }
+}
+
+async fn insert_node(client: &Object, id: &str, node: &NodeInfo) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO relay.nodes (id, address, fingerprint) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET heartbeat = now()",
+            &[&id, &node.address, &node.fingerprint],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Writes node `id`'s heartbeat every [`HEARTBEAT_EVERY`] (the database's clock), and
+/// deletes the rows of nodes dead for [`FORGET_AFTER`]. A failed write is logged once per
+/// outage; fencing (closing this node's terminals after 2 s without a write) is planned
+/// (docs/CLUSTER.md, part 6).
+async fn heartbeat(pool: Pool, id: String, node: NodeInfo, target: String) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let forget = format!("{} seconds", FORGET_AFTER.as_secs());
+    let mut healthy = true;
+    loop {
+        tick.tick().await;
+        let beat = async {
+            let client = pool.get().await.map_err(|e| pool_error(&target, e))?;
+            // An upsert: a row deleted meanwhile (by hand) comes back.
+            insert_node(&client, &id, &node).await?;
+            client
+                .execute(
+                    "DELETE FROM relay.nodes WHERE heartbeat < now() - $1::text::interval",
+                    &[&forget],
+                )
+                .await?;
+            Ok::<_, StoreError>(())
+        };
+        match beat.await {
+            Ok(()) if !healthy => {
+                tracing::info!(node = %id, "heartbeat written again");
+                healthy = true;
+            }
+            Ok(()) => {}
+            Err(e) if healthy => {
+                tracing::warn!(node = %id, "cannot write the heartbeat: {e}");
+                healthy = false;
+            }
+            Err(_) => {}
+        }
     }
 }
 
