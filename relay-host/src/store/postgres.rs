@@ -16,6 +16,9 @@
 //! The schema lives in its own PostgreSQL schema, `relay`, and is versioned: migration N
 //! runs once, in one transaction under an advisory lock, so nodes starting together cannot
 //! run it twice; a database migrated by a newer relay is refused ([`StoreError::SchemaTooNew`]).
+//!
+//! A running relay is also a row of `relay.nodes` ([`PgStore::join`]) with a heartbeat
+//! every second: the start of the cluster's membership (docs/CLUSTER.md, part 3).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -112,11 +115,9 @@ const MIGRATIONS: &[&str] = &[
     ",
 ];
 
-/// How often a node writes its heartbeat.
+/// How often a node writes its heartbeat. The others count it dead 3 s after its last
+/// one (docs/CLUSTER.md, part 3).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-
-/// A node whose heartbeat is older than this is dead to the others (docs/CLUSTER.md).
-pub const DEAD_AFTER: Duration = Duration::from_secs(3);
 
 /// Rows of nodes dead for this long are deleted by whichever node notices.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
@@ -137,13 +138,6 @@ pub struct Membership {
     store: Arc<PgStore>,
     id: String,
     heartbeat: tokio::task::JoinHandle<()>,
-}
-
-impl Membership {
-    /// The node id: random, new at every start.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
 }
 
 impl Drop for Membership {
@@ -177,12 +171,6 @@ impl fmt::Debug for PgStore {
         f.debug_struct("PgStore")
             .field("target", &self.target)
             .finish_non_exhaustive()
-    }
-}
-
-impl fmt::Display for PgStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.target)
     }
 }
 
