@@ -98,7 +98,7 @@ impl Instances {
 
     /// Writes the unsaved changes to `store`, in one batch on a blocking thread. They
     /// count as unsaved until written, so [`Auth`] never takes the store's older record
-    /// over them meanwhile.
+    /// over them meanwhile; one that fails stays unsaved and goes with the next batch.
     async fn write(&self, store: &Arc<dyn AccountStore>) {
         let batch = lock(&self.unsaved).clone();
         if batch.is_empty() {
@@ -106,12 +106,15 @@ impl Instances {
         }
         let store = store.clone();
         let written = tokio::task::spawn_blocking(move || {
-            for (user, instance) in &batch {
-                if let Err(e) = store.set_instance(user, *instance) {
+            let mut done = batch;
+            done.retain(|user, instance| match store.set_instance(user, *instance) {
+                Ok(()) => true,
+                Err(e) => {
                     tracing::warn!(%user, "cannot record the current instance: {e}");
+                    false
                 }
-            }
-            batch
+            });
+            done
         })
         .await;
         match written {
