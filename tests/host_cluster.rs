@@ -420,3 +420,33 @@ fn nodes_register_and_beat_and_a_killed_one_goes_stale() {
         "a stopped node leaves"
     );
 }
+
+/// Presence: the row of a device's current instance says which node recorded it and
+/// when (an epoch every node agrees on); it follows the device from node to node and
+/// keeps the node when the device logs out.
+#[test]
+fn presence_follows_the_device_between_nodes() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    let homed = "SELECT n.fingerprint || ' ' || i.epoch FROM relay.instances i \
+                 JOIN relay.nodes n ON n.id = i.node WHERE i.account = 'cam'";
+    let on = |node: usize| {
+        let mut client = Client::connect(c.node(node), LOCAL);
+        let Answer::Ok(token) = client.login("cam", password(PASSWORD)) else {
+            panic!("password login on node {node}")
+        };
+        c.wait_recorded("cam", Some(&token));
+        let row = c.pg.psql("relay", homed);
+        let (fingerprint, epoch) = row.trim().split_once(' ').expect("a presence row");
+        assert_eq!(fingerprint, c.node(node).fingerprint);
+        (client, epoch.parse::<i64>().unwrap())
+    };
+    let (first, e0) = on(0);
+    drop(first);
+    let (second, e1) = on(1);
+    assert!(e1 > e0, "epochs grow: {e0} then {e1}");
+    second.logout();
+    c.wait_recorded("cam", None);
+    let row = c.pg.psql("relay", homed);
+    assert!(row.starts_with(&c.node(1).fingerprint), "{row}");
+}

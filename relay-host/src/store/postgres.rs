@@ -113,6 +113,15 @@ const MIGRATIONS: &[&str] = &[
         heartbeat   timestamptz NOT NULL DEFAULT now()
     );
     ",
+    // 3: presence (docs/CLUSTER.md, part 4). Each account's current instance row already
+    // changes exactly at login, logout and replacement, so it also says which node
+    // recorded it and when, in an order every node agrees on: one write, not two.
+    "
+    CREATE SEQUENCE relay.presence_epoch;
+    ALTER TABLE relay.instances
+        ADD COLUMN node  text,                     -- relay.nodes id; NULL: not a node
+        ADD COLUMN epoch bigint NOT NULL DEFAULT 0; -- from relay.presence_epoch
+    ",
 ];
 
 /// How often a node writes its heartbeat. The others count it dead 3 s after its last
@@ -164,6 +173,9 @@ pub struct PgStore {
     pool: Pool,
     /// Runs every query (see the module docs). `None` only while dropping.
     runtime: Option<tokio::runtime::Runtime>,
+    /// This process's id in `relay.nodes`, once it [joined](Self::join): recorded with the
+    /// instances it starts and ends.
+    node: std::sync::OnceLock<String>,
 }
 
 impl fmt::Debug for PgStore {
@@ -241,6 +253,7 @@ impl PgStore {
             config,
             pool,
             runtime: Some(runtime),
+            node: std::sync::OnceLock::new(),
         };
         // The first connection: a failure here names the database (never its password).
         store.run(migrate).map_err(|e| match e {
@@ -285,6 +298,8 @@ impl PgStore {
             insert_node(&client, &id, &node).await
         })?;
         tracing::info!(node = %id, "joined the cluster (relay.nodes)");
+        // Only `relay serve` joins, once: set succeeds.
+        let _ = self.node.set(id.clone());
         let heartbeat = self.runtime().spawn(heartbeat(
             self.pool.clone(),
             id.clone(),
@@ -622,16 +637,19 @@ impl AccountStore for PgStore {
     fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {
         let owned = name.to_owned();
         let instance = instance.map(|i| i as i64);
+        let node = self.node.get().cloned();
         self.run(move |client| async move {
             // Only for accounts that exist: a late write must not outlive a deletion.
             let stmt = client
                 .prepare_cached(
-                    "INSERT INTO relay.instances (account, instance)
-                     SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM relay.accounts WHERE name = $1)
-                     ON CONFLICT (account) DO UPDATE SET instance = EXCLUDED.instance",
+                    "INSERT INTO relay.instances (account, instance, node, epoch)
+                     SELECT $1, $2, $3, nextval('relay.presence_epoch')
+                     WHERE EXISTS (SELECT 1 FROM relay.accounts WHERE name = $1)
+                     ON CONFLICT (account) DO UPDATE SET instance = EXCLUDED.instance,
+                         node = EXCLUDED.node, epoch = EXCLUDED.epoch",
                 )
                 .await?;
-            client.execute(&stmt, &[&owned, &instance]).await?;
+            client.execute(&stmt, &[&owned, &instance, &node]).await?;
             Ok(())
         })
     }
