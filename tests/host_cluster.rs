@@ -450,3 +450,38 @@ fn presence_follows_the_device_between_nodes() {
     let row = c.pg.psql("relay", homed);
     assert!(row.starts_with(&c.node(1).fingerprint), "{row}");
 }
+
+/// A node whose write of a device's current instance fails (the database refused it for a
+/// moment) writes it again with its next change: it used to be dropped, and the database
+/// then held an older instance, whose tokens other nodes would accept.
+#[test]
+fn an_instance_record_the_database_refused_is_written_later() {
+    let c = Cluster::start(1);
+    c.add(0, "cam");
+    c.add(0, "dev");
+    c.pg.psql(
+        "relay",
+        "CREATE FUNCTION relay.refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON relay.instances \
+         FOR EACH ROW EXECUTE FUNCTION relay.refuse();",
+    );
+    let rollbacks = "SELECT xact_rollback FROM pg_stat_database WHERE datname = 'relay'";
+    let before: u64 = c.pg.psql("relay", rollbacks).trim().parse().unwrap();
+    let Answer::Ok(token) = Client::connect(c.node(0), LOCAL).login("cam", password(PASSWORD))
+    else {
+        panic!("password login of cam")
+    };
+    // The write was refused once the database counts one more failed transaction (the
+    // node's warning is a log line, which a test does not wait on).
+    c.wait_sql(
+        &format!("SELECT xact_rollback > {before} FROM pg_stat_database WHERE datname = 'relay'"),
+        "t",
+    );
+    c.pg.psql("relay", "DROP TRIGGER refuse ON relay.instances");
+    // The next change on the node (another device's login) sends both.
+    let Answer::Ok(_) = Client::connect(c.node(0), LOCAL).login("dev", password(PASSWORD)) else {
+        panic!("password login of dev")
+    };
+    c.wait_recorded("cam", Some(&token));
+}
