@@ -11,9 +11,11 @@
 //! stamp (a password change or a re-created account revokes every token), and the token's
 //! instance must be the account's current one, which the core reports
 //! ([`Event::InstanceStarted`], [`Event::InstanceEnded`]): a replaced instance's tokens get
-//! `Replaced`, a logged-out instance's `ResumeRejected`. The current instances are kept in
-//! memory and written to the store in the background (one row per account, so bounded),
-//! so revocations survive a restart.
+//! `Replaced`, a logged-out instance's `ResumeRejected`. The current instances are written
+//! to the store in the background (one row per account, so bounded), so revocations
+//! survive a restart, and a token is checked against the store's record (one indexed read)
+//! unless this relay's own newer change is not written yet: relays that share a database
+//! then agree on every account's current instance.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -84,23 +86,48 @@ impl Instances {
         lock(&self.current).get(user).copied()
     }
 
-    /// Writes the unsaved changes to `store`, in one batch on a blocking thread.
+    /// This relay's change of `user`'s instance that the store may not hold yet.
+    fn unsaved(&self, user: &str) -> Option<Option<u64>> {
+        lock(&self.unsaved).get(user).copied()
+    }
+
+    /// The store's record of `user`, read because the store is newer than this copy.
+    fn remember(&self, user: &str, instance: Option<u64>) {
+        lock(&self.current).insert(user.to_owned(), instance);
+    }
+
+    /// Writes the unsaved changes to `store`, in one batch on a blocking thread. They
+    /// count as unsaved until written, so [`Auth`] never takes the store's older record
+    /// over them meanwhile; one that fails stays unsaved and goes with the next batch.
     async fn write(&self, store: &Arc<dyn AccountStore>) {
-        let batch = std::mem::take(&mut *lock(&self.unsaved));
+        let batch = lock(&self.unsaved).clone();
         if batch.is_empty() {
             return;
         }
         let store = store.clone();
         let written = tokio::task::spawn_blocking(move || {
-            for (user, instance) in batch {
-                if let Err(e) = store.set_instance(&user, instance) {
+            let mut done = batch;
+            done.retain(|user, instance| match store.set_instance(user, *instance) {
+                Ok(()) => true,
+                Err(e) => {
                     tracing::warn!(%user, "cannot record the current instance: {e}");
+                    false
                 }
-            }
+            });
+            done
         })
         .await;
-        if let Err(e) = written {
-            tracing::warn!("recording current instances: {e}");
+        match written {
+            Ok(batch) => {
+                let mut unsaved = lock(&self.unsaved);
+                for (user, instance) in batch {
+                    // A newer change made during the write stays for the next one.
+                    if unsaved.get(&user) == Some(&instance) {
+                        unsaved.remove(&user);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("recording current instances: {e}"),
         }
     }
 }
@@ -305,11 +332,42 @@ impl Auth {
                 false => Ok(instance),
             };
         }
-        match self.instances.get(user.as_str()) {
+        match self.current_instance(user.as_str()).await {
             None => Ok(instance),
             Some(Some(current)) if current == instance.0 => Ok(instance),
             Some(Some(_)) => Err(Refusal::Replaced),
             Some(None) => Err(Refusal::TokenRevoked),
+        }
+    }
+
+    /// `user`'s current instance, to check a token against: this relay's own change while
+    /// the store may not hold it yet, else the store's record. The store decides because
+    /// relays that share a database (docs/CLUSTER.md) record there the instances they
+    /// start and end: a device that moved to another relay has a newer instance than this
+    /// relay's copy says, and one that logged out there has none. Only when the store cannot
+    /// answer does this relay's copy decide alone.
+    async fn current_instance(&self, user: &str) -> Option<Option<u64>> {
+        if let Some(ours) = self.instances.unsaved(user) {
+            return Some(ours);
+        }
+        let known = self.instances.get(user);
+        let store = self.store.clone();
+        let name = user.to_owned();
+        match tokio::task::spawn_blocking(move || store.instance(&name)).await {
+            Ok(Ok(recorded)) => {
+                if let Some(instance) = recorded {
+                    self.instances.remember(user, instance);
+                }
+                recorded
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%user, "cannot read the current instance: {e}");
+                known
+            }
+            Err(e) => {
+                tracing::warn!(%user, "reading the current instance: {e}");
+                known
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use crate::channel::{RelayKey, RelayLink};
 use crate::config::{DEFAULT_DB, DEFAULT_PORT, ServeConfig};
 use crate::store::{
     AccessRule, AccountName, AccountStore, MAX_PASSWORD_LEN, MIN_PASSWORD_CHARS, SqliteStore,
+    postgres::{NodeInfo, PgStore},
 };
 use crate::tls::{Fingerprint, ServerTrust, client_config};
 
@@ -115,6 +116,11 @@ pub struct ServeArgs {
     /// relay.db].
     #[arg(long, env = "RELAY_DB", value_name = "PATH")]
     pub db: Option<PathBuf>,
+    /// Keep the accounts in this PostgreSQL database instead: postgres://USER:PASSWORD@HOST/DB
+    /// (config key `database`). Relays that name the same database share accounts, access
+    /// rules and resumption tokens; the certificate and channel keys stay beside --db.
+    #[arg(long, env = "RELAY_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
     /// PEM certificate chain, with --key (config key `cert`); without both, a self-signed
     /// certificate is generated beside the account store.
     #[arg(long, value_name = "FILE", requires = "key")]
@@ -152,6 +158,9 @@ impl ServeArgs {
         if let Some(db) = &self.db {
             config.db.clone_from(db);
         }
+        if self.database.is_some() {
+            config.database.clone_from(&self.database);
+        }
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
             config.cert = Some(cert.clone());
             config.key = Some(key.clone());
@@ -176,9 +185,20 @@ impl ServeArgs {
 /// `relay user`.
 #[derive(Debug, Args)]
 pub struct UserArgs {
-    /// Account store. Without it: the `db` of --config, else ./relay.db if it exists.
+    /// Account store. Without it: the `database` or `db` of --config, else ./relay.db if it
+    /// exists.
     #[arg(long, env = "RELAY_DB", value_name = "PATH", global = true)]
     pub db: Option<PathBuf>,
+    /// The accounts' PostgreSQL database (postgres://USER:PASSWORD@HOST/DB), as `relay serve
+    /// --database` names it.
+    #[arg(
+        long,
+        env = "RELAY_DATABASE",
+        value_name = "URL",
+        global = true,
+        conflicts_with = "db"
+    )]
+    pub database: Option<String>,
     /// The relay's config file: its `db` is the account store.
     #[arg(long, env = "RELAY_CONFIG", value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
@@ -646,34 +666,72 @@ fn checked_password(bytes: Vec<u8>) -> anyhow::Result<String> {
     Ok(password)
 }
 
-fn open_store(path: &Path) -> anyhow::Result<SqliteStore> {
-    Ok(SqliteStore::open(path)?)
+/// Where a command's accounts are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StoreAt {
+    /// A SQLite file.
+    File(PathBuf),
+    /// A PostgreSQL database URL.
+    Database(String),
 }
 
-/// Which account store a `relay user` command means: `--db`/`RELAY_DB`, else the `db` of
-/// `--config`/`RELAY_CONFIG`, else `./relay.db` if it exists. Never a new empty store by
-/// accident: only `user add` creates one, and only where it was named.
-fn user_store(args: &UserArgs) -> anyhow::Result<PathBuf> {
-    let named = match (&args.db, &args.config) {
-        (Some(db), _) => Some(db.clone()),
-        (None, Some(config)) => Some(ServeConfig::load(config)?.db),
-        (None, None) => None,
-    };
-    let Some(db) = named else {
-        if Path::new(DEFAULT_DB).exists() {
-            return Ok(PathBuf::from(DEFAULT_DB));
+impl StoreAt {
+    /// Where `config` keeps them: its `database`, else its `db`.
+    fn of(config: &ServeConfig) -> Self {
+        match &config.database {
+            Some(url) => Self::Database(url.clone()),
+            None => Self::File(config.db.clone()),
         }
-        bail!(
-            "which account store? give --db PATH (or set RELAY_DB), or the relay's --config \
-             FILE (or RELAY_CONFIG); there is no {DEFAULT_DB} here"
-        );
+    }
+
+    /// Opens (and creates, or migrates) the store.
+    fn open(&self) -> anyhow::Result<Box<dyn AccountStore>> {
+        Ok(match self {
+            Self::File(path) => Box::new(SqliteStore::open(path)?),
+            Self::Database(url) => Box::new(open_database(url)?),
+        })
+    }
+
+    /// The SQLite file, if it is one and does not exist: only `user add` creates it.
+    fn missing_file(&self) -> Option<&Path> {
+        match self {
+            Self::File(path) if !path.exists() => Some(path),
+            _ => None,
+        }
+    }
+}
+
+fn open_database(url: &str) -> anyhow::Result<PgStore> {
+    crate::config::check_database_url(url)?;
+    Ok(PgStore::open(url)?)
+}
+
+/// Which account store a `relay user` command means: `--database`/`RELAY_DATABASE`, else
+/// `--db`/`RELAY_DB`, else the `database` or `db` of `--config`/`RELAY_CONFIG`, else
+/// `./relay.db` if it exists. Never a new empty SQLite file by accident: only `user add`
+/// creates one, and only where it was named.
+fn user_store(args: &UserArgs) -> anyhow::Result<StoreAt> {
+    let named = match (&args.database, &args.db, &args.config) {
+        (Some(url), ..) => return Ok(StoreAt::Database(url.clone())),
+        (None, Some(db), _) => StoreAt::File(db.clone()),
+        (None, None, Some(config)) => StoreAt::of(&ServeConfig::load(config)?),
+        (None, None, None) => {
+            if Path::new(DEFAULT_DB).exists() {
+                return Ok(StoreAt::File(PathBuf::from(DEFAULT_DB)));
+            }
+            bail!(
+                "which account store? give --db PATH (or set RELAY_DB), --database URL (or \
+                 RELAY_DATABASE), or the relay's --config FILE (or RELAY_CONFIG); there is no \
+                 {DEFAULT_DB} here"
+            );
+        }
     };
     // `add` creates the store; `list` of a store that does not exist lists nobody.
     let may_be_missing = matches!(
         args.action,
         UserCommand::Add { .. } | UserCommand::List { .. }
     );
-    if !db.exists() {
+    if let Some(db) = named.missing_file() {
         let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
         if let Some(dir) = dir.filter(|d| !d.is_dir()) {
             bail!(
@@ -692,7 +750,7 @@ fn user_store(args: &UserArgs) -> anyhow::Result<PathBuf> {
             );
         }
     }
-    Ok(db)
+    Ok(named)
 }
 
 /// Runs a parsed command line.
@@ -743,13 +801,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn run_user(args: UserArgs) -> anyhow::Result<()> {
-    let db = user_store(&args)?;
+    let at = user_store(&args)?;
     match args.action {
         UserCommand::Add {
             name,
             password_stdin,
         } => {
-            let store = open_store(&db)?;
+            let store = at.open()?;
             // Fail before prompting if the name is taken.
             if store.exists(&name)? {
                 bail!("account '{name}' already exists");
@@ -759,14 +817,14 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             println!("added account '{name}'");
         }
         UserCommand::Del { name } => {
-            open_store(&db)?.delete(&name)?;
+            at.open()?.delete(&name)?;
             println!("deleted account '{name}'");
         }
         UserCommand::Passwd {
             name,
             password_stdin,
         } => {
-            let store = open_store(&db)?;
+            let store = at.open()?;
             if !store.exists(&name)? {
                 bail!("no account named '{name}'");
             }
@@ -775,9 +833,9 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             println!("changed the password of '{name}'");
         }
         UserCommand::List { json } => {
-            let accounts = match db.exists() {
-                true => open_store(&db)?.list()?,
-                false => Vec::new(),
+            let accounts = match at.missing_file() {
+                None => at.open()?.list()?,
+                Some(_) => Vec::new(),
             };
             if accounts.is_empty() {
                 eprintln!("no accounts; add one with: relay user add NAME");
@@ -818,7 +876,7 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
             } else {
                 AccessRule::only(targets)
             };
-            let store = open_store(&db)?;
+            let store = at.open()?;
             store.set_access_rule(&name, &rule)?;
             println!("'{name}' may reach: {rule}");
             for target in rule.allow.iter().flatten() {
@@ -837,16 +895,30 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
 /// store, certificate, listeners' warnings.
 fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
-    let store = open_store(&config.db)?;
+    let (store, database): (Arc<dyn AccountStore>, _) = match &config.database {
+        Some(url) => {
+            let pg = Arc::new(open_database(url)?);
+            (pg.clone(), Some(pg))
+        }
+        None => (Arc::new(SqliteStore::open(&config.db)?), None),
+    };
     if store.list()?.is_empty() {
+        let (what, flag) = match &config.database {
+            Some(_) => ("database", "--database URL".to_owned()),
+            None => ("store", format!("--db {}", config.db.display())),
+        };
         tracing::warn!(
-            "the account store {} has no accounts; add one with: relay user add NAME --db {}",
-            config.db.display(),
-            config.db.display()
+            "the account {what} has no accounts; add one with: relay user add NAME {flag}"
         );
     }
     let identity = crate::reload::identity(&config)?;
     tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
+    // With a database, this relay is a node of the cluster while it runs (relay.nodes).
+    let node = NodeInfo {
+        address: config.listen.to_string(),
+        fingerprint: identity.fingerprint().to_string(),
+    };
+    let _membership = database.map(|pg| pg.join(node)).transpose()?;
     let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
     tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
     if let Some(plain) = config.allow_plain {
@@ -855,7 +927,7 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let again = args.clone();
     let reloader =
         crate::reload::Reloader::new(config.clone(), &identity, Box::new(move || again.resolve()))?;
-    crate::server::run(config, Arc::new(store), reloader)
+    crate::server::run(config, store, reloader)
 }
 
 #[cfg(test)]

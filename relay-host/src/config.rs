@@ -5,6 +5,7 @@
 //! ```toml
 //! listen = "0.0.0.0:7835"
 //! db = "/var/lib/relay/relay.db"
+//! # database = "postgres://relay@db.example/relay"   # accounts shared by several relays
 //! metrics = "127.0.0.1:9835"
 //!
 //! [limits]
@@ -35,8 +36,12 @@ pub const DEFAULT_DB: &str = "relay.db";
 pub struct ServeConfig {
     /// TLS listen address.
     pub listen: SocketAddr,
-    /// Account store path.
+    /// Account store path (SQLite). With `database`, only where the generated certificate
+    /// and channel keys go (beside it): no SQLite file is made.
     pub db: PathBuf,
+    /// Accounts in PostgreSQL instead (`postgres://user:password@host/dbname`): relays that
+    /// name the same database share accounts, access rules and the token key.
+    pub database: Option<String>,
     /// PEM certificate chain; with `key`. Neither: a generated self-signed certificate.
     pub cert: Option<PathBuf>,
     /// PEM private key; with `cert`.
@@ -63,6 +68,7 @@ impl Default for ServeConfig {
         Self {
             listen: DEFAULT_LISTEN,
             db: PathBuf::from(DEFAULT_DB),
+            database: None,
             cert: None,
             key: None,
             metrics: None,
@@ -199,6 +205,9 @@ impl ServeConfig {
         if self.cert.is_some() != self.key.is_some() {
             return invalid("cert and key go together: set both or neither");
         }
+        if let Some(url) = &self.database {
+            check_database_url(url)?;
+        }
         if self.allow_plain == Some(self.listen) {
             return invalid("allow_plain must be a different address from listen");
         }
@@ -252,6 +261,19 @@ impl ServeConfig {
         }
         Ok(())
     }
+}
+
+/// `url` must name a PostgreSQL database; the message never repeats it (it may hold a
+/// password).
+pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
+    if !crate::store::postgres::is_url(url) {
+        return Err(ConfigError::Invalid(
+            "database must be a postgres:// or postgresql:// URL".into(),
+        ));
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map(drop)
+        .map_err(|e| ConfigError::Invalid(format!("database URL: {e}")))
 }
 
 /// " at line L, column C" for a parser error span, so the message points at the mistake.
@@ -353,6 +375,29 @@ mod tests {
         ] {
             let err = ServeConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn database_is_a_postgres_url_never_echoed() {
+        let c =
+            ServeConfig::from_toml("database = \"postgres://relay:pw@db:5433/relay\"\n").unwrap();
+        assert_eq!(
+            c.database.as_deref(),
+            Some("postgres://relay:pw@db:5433/relay")
+        );
+        for bad in [
+            "relay.db",
+            "mysql://u:s3cret@h/d",
+            "postgres://u:s3cret@h:notaport/d",
+        ] {
+            let err = ServeConfig::from_toml(&format!("database = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("database") && !err.contains("s3cret"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -3,7 +3,8 @@
 //! This crate does I/O, timers, TLS, storage, configuration, CLI, logs and metrics; every
 //! protocol decision lives in relay-proto.
 //!
-//! - [`store`]: accounts, passwords (argon2id), access rules, the server secret (SQLite).
+//! - [`store`]: accounts, passwords (argon2id), access rules, the server secret (SQLite, or
+//!   PostgreSQL for relays that share one database).
 //! - [`token`]: resumption credentials (HMAC-SHA256 with the server secret).
 //! - [`auth`]: the login check (throttle, password, token) that answers the core.
 //! - [`channel`]: the device channel (Noise NK, pinned relay key) on the TLS port.
@@ -38,3 +39,8 @@ pub mod store;
 pub mod throttle;
 pub mod tls;
 pub mod token;
+
+/// A real PostgreSQL for the store's tests, shared with the end-to-end tests.
+#[cfg(test)]
+#[path = "../../tests/postgres_support.rs"]
+mod test_postgres;

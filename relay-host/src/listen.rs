@@ -239,13 +239,16 @@ pub fn watch_accounts(
 }
 
 /// [`watch_accounts`], also re-reading the store at once whenever `refresh` is notified
-/// (a login by an account the snapshot does not know yet: added a moment ago).
+/// (a login by an account the snapshot does not know yet: added a moment ago), and
+/// whenever the store says it changed ([`AccountStore::watch_changes`]: another relay
+/// or `relay user` edited the shared database).
 pub fn watch_accounts_with(
     store: Arc<dyn AccountStore>,
     every: Duration,
     refresh: Arc<tokio::sync::Notify>,
 ) -> Result<watch::Receiver<Arc<AccountsSnapshot>>, StoreError> {
     let first = AccountsSnapshot::load(store.as_ref())?;
+    store.watch_changes(refresh.clone());
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

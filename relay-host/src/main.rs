@@ -17,11 +17,17 @@ fn main() -> ExitCode {
     // Logs go to standard error: `relay connect --stdio` owns standard output. RUST_LOG
     // overrides the level the command and -q/-v chose.
     let level = cli.log_level();
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(level.as_str().to_ascii_lowercase()))
+        // tokio-postgres logs each query's parameters at debug: password hashes and the
+        // token key among them. Never, whatever RUST_LOG says.
+        .add_directive(
+            "tokio_postgres::query=info"
+                .parse()
+                .expect("a valid directive"),
+        );
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new(level.as_str().to_ascii_lowercase())),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours only for a person watching: log files and test harnesses get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

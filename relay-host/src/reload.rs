@@ -25,8 +25,9 @@ const LIVE: [&str; 4] = [
     "limits.login_failures_per_source_per_minute",
 ];
 
-/// Keys whose values are secrets: a change is logged, the values never are.
-const SECRET: [&str; 1] = ["admin_token"];
+/// Keys whose values are secrets: a change is logged, the values never are (a database
+/// URL may hold a password).
+const SECRET: [&str; 2] = ["admin_token", "database"];
 
 /// How to read the configuration again: the file, then the original flags on top.
 pub type Resolve = Box<dyn Fn() -> anyhow::Result<ServeConfig> + Send + Sync>;

@@ -1,8 +1,9 @@
 //! The account store: accounts with argon2id password hashes, the relay-side access rule,
 //! and the persistent server secret that keys resumption credentials.
 //!
-//! [`AccountStore`] is the interface the server and the CLI use, so a PostgreSQL store can be
-//! added later without touching them. [`SqliteStore`] is the default implementation.
+//! [`AccountStore`] is the interface the server and the CLI use. [`SqliteStore`] is the
+//! default implementation (one file, one relay); [`postgres::PgStore`] keeps the same data in
+//! PostgreSQL for relays that share one database.
 //!
 //! The CLI edits the store while `relay serve` runs, so several processes open the same file
 //! at once: the SQLite store uses WAL mode (readers never block the writer) and a busy
@@ -23,7 +24,7 @@ use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -31,6 +32,9 @@ use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
+use tokio::sync::Notify;
+
+pub mod postgres;
 
 /// Longest account name, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 32;
@@ -48,7 +52,7 @@ pub const MIN_PASSWORD_CHARS: usize = 8;
 /// How long a write waits for another process's write to finish before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The schema this code creates and understands (kept in `PRAGMA user_version`).
+/// The SQLite schema this code creates and understands (kept in `PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 2;
 
 /// A validated account name: 1 to [`MAX_NAME_LEN`] bytes of UTF-8 with no control
@@ -238,12 +242,12 @@ pub enum StoreError {
     #[error("account store is damaged: {0}")]
     Corrupt(String),
     /// The store was written by a newer relay.
-    #[error(
-        "account store has schema version {found}; this relay understands up to {SCHEMA_VERSION}"
-    )]
+    #[error("account store has schema version {found}; this relay understands up to {known}")]
     SchemaTooNew {
-        /// The version found in the file.
+        /// The version found in the store.
         found: i64,
+        /// The newest version this relay knows.
+        known: i64,
     },
     /// Creating or opening the file failed.
     #[error("account store {}: {source}", path.display())]
@@ -256,6 +260,12 @@ pub enum StoreError {
     /// SQLite reported an error.
     #[error("account store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL reported an error, or the connection to it failed.
+    #[error("account database: {}", postgres::detail(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The account database cannot be used (a bad URL, no connection in time).
+    #[error("account database: {0}")]
+    Database(String),
 }
 
 /// A password check failed.
@@ -310,8 +320,16 @@ pub trait AccountStore: Send + Sync + fmt::Debug {
     /// tokens may start it) or `None` (logged out: no token may). Accounts never recorded
     /// are absent.
     fn instances(&self) -> Result<HashMap<String, Option<u64>>, StoreError>;
+    /// One account's entry of [`Self::instances`].
+    fn instance(&self, name: &str) -> Result<Option<Option<u64>>, StoreError>;
     /// Records `name`'s current instance (does not move [`Self::generation`]).
     fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError>;
+    /// From now on, wakes `wake` soon after any process changes accounts or access rules,
+    /// where the store is told of changes (PostgreSQL's LISTEN/NOTIFY). Stores that are not
+    /// (SQLite) do nothing here: [`Self::generation`] is polled in any case.
+    fn watch_changes(&self, wake: Arc<Notify>) {
+        let _ = wake;
+    }
 }
 
 /// The SQLite account store: one file, created on first use with mode 0600.
@@ -432,7 +450,10 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError::SchemaTooNew { found: version });
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                known: SCHEMA_VERSION,
+            });
         }
         if version == 0 {
             tx.execute_batch(SCHEMA_V1)?;
@@ -729,6 +750,15 @@ impl AccountStore for SqliteStore {
             .collect()
     }
 
+    fn instance(&self, name: &str) -> Result<Option<Option<u64>>, StoreError> {
+        Ok(self
+            .lock()
+            .prepare_cached("SELECT instance FROM instances WHERE account = ?1")?
+            .query_row(params![name], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .map(|i| i.map(|i| i as u64)))
+    }
+
     fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {
         // Only for accounts that exist: a late write must not outlive a deletion.
         self.lock().execute(
@@ -821,334 +851,4 @@ impl AccountsSnapshot {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn name(s: &str) -> AccountName {
-        AccountName::new(s).unwrap()
-    }
-
-    fn temp_store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("relay.db")).unwrap();
-        (dir, store)
-    }
-
-    #[test]
-    fn names_are_validated() {
-        assert!(AccountName::new("cam-1").is_ok());
-        assert!(AccountName::new("ünïcødé").is_ok());
-        assert!(AccountName::new(&"a".repeat(32)).is_ok());
-        assert_eq!(AccountName::new(""), Err(NameError::Empty));
-        assert_eq!(
-            AccountName::new(&"a".repeat(33)),
-            Err(NameError::TooLong(33))
-        );
-        // 11 two-byte characters: 22 bytes fine; 17 of them: 34 bytes too long.
-        assert!(AccountName::new(&"é".repeat(16)).is_ok());
-        assert_eq!(
-            AccountName::new(&"é".repeat(17)),
-            Err(NameError::TooLong(34))
-        );
-        assert_eq!(AccountName::new("a\u{7}b"), Err(NameError::ControlChar));
-        assert_eq!(AccountName::new("a\tb"), Err(NameError::ControlChar));
-        assert_eq!(AccountName::new("a b"), Err(NameError::Whitespace));
-        assert_eq!(AccountName::new("a\u{a0}b"), Err(NameError::Whitespace));
-        assert_eq!(AccountName::new("cam/ssh"), Err(NameError::Slash));
-    }
-
-    #[test]
-    fn created_with_mode_0600() {
-        let (dir, store) = temp_store();
-        store.add(&name("alice"), "pw").unwrap();
-        for file in ["relay.db", "relay.db-wal", "relay.db-shm"] {
-            let path = dir.path().join(file);
-            if path.exists() {
-                let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-                assert_eq!(mode, 0o600, "{file}");
-            }
-        }
-        assert!(dir.path().join("relay.db-wal").exists(), "WAL mode is on");
-    }
-
-    #[test]
-    fn crud() {
-        let (_dir, store) = temp_store();
-        let alice = name("alice");
-        let bob = name("bob");
-        assert!(store.list().unwrap().is_empty());
-        store.add(&bob, "hunter2").unwrap();
-        store.add(&alice, "correct horse").unwrap();
-        assert!(matches!(
-            store.add(&alice, "again"),
-            Err(StoreError::AlreadyExists(n)) if n == alice
-        ));
-        let list = store.list().unwrap();
-        let names: Vec<_> = list.iter().map(|a| a.name.as_str()).collect();
-        assert_eq!(names, ["alice", "bob"]);
-        assert!(list[0].created > 1_600_000_000);
-        assert_eq!(list[0].access, AccessRule::anyone());
-        assert!(store.exists(&alice).unwrap());
-
-        store.verify_password(&alice, "correct horse").unwrap();
-        assert!(matches!(
-            store.verify_password(&alice, "hunter2"),
-            Err(VerifyError::WrongPassword)
-        ));
-        assert!(matches!(
-            store.verify_password(&name("carol"), "x"),
-            Err(VerifyError::UnknownAccount)
-        ));
-        assert!(matches!(
-            store.verify_password(&alice, ""),
-            Err(VerifyError::WrongPassword)
-        ));
-
-        store.set_password(&alice, "new one").unwrap();
-        assert!(matches!(
-            store.verify_password(&alice, "correct horse"),
-            Err(VerifyError::WrongPassword)
-        ));
-        store.verify_password(&alice, "new one").unwrap();
-        assert!(matches!(
-            store.set_password(&name("carol"), "x"),
-            Err(StoreError::NoSuchAccount(_))
-        ));
-
-        store.delete(&bob).unwrap();
-        assert!(!store.exists(&bob).unwrap());
-        assert!(matches!(
-            store.delete(&bob),
-            Err(StoreError::NoSuchAccount(_))
-        ));
-        assert!(matches!(
-            store.verify_password(&bob, "hunter2"),
-            Err(VerifyError::UnknownAccount)
-        ));
-    }
-
-    #[test]
-    fn passwords_are_bounded_and_hashed_as_argon2id() {
-        let (_dir, store) = temp_store();
-        assert!(matches!(
-            store.add(&name("a"), ""),
-            Err(StoreError::InvalidPassword)
-        ));
-        assert!(matches!(
-            store.add(&name("a"), &"x".repeat(MAX_PASSWORD_LEN + 1)),
-            Err(StoreError::InvalidPassword)
-        ));
-        store.add(&name("a"), "pw").unwrap();
-        let phc: String = store
-            .lock()
-            .query_row("SELECT phc FROM accounts", [], |r| r.get(0))
-            .unwrap();
-        assert!(phc.starts_with("$argon2id$"), "{phc}");
-    }
-
-    #[test]
-    fn access_rules() {
-        let (_dir, store) = temp_store();
-        let (a, b, c) = (name("a"), name("b"), name("c"));
-        store.add(&a, "pw").unwrap();
-        assert!(store.may_reach(&a, &b).unwrap());
-        store
-            .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
-            .unwrap();
-        assert!(store.may_reach(&a, &b).unwrap());
-        assert!(!store.may_reach(&a, &c).unwrap());
-        assert_eq!(store.access_rule(&a).unwrap().to_string(), "b");
-        store
-            .set_access_rule(&a, &AccessRule::only(vec![]))
-            .unwrap();
-        assert!(!store.may_reach(&a, &b).unwrap());
-        assert_eq!(store.access_rule(&a).unwrap().to_string(), "none");
-        store.set_access_rule(&a, &AccessRule::anyone()).unwrap();
-        assert!(store.may_reach(&a, &c).unwrap());
-        // Unknown accounts may reach nobody; setting their rule is an error.
-        assert!(!store.may_reach(&c, &a).unwrap());
-        assert!(matches!(
-            store.set_access_rule(&c, &AccessRule::anyone()),
-            Err(StoreError::NoSuchAccount(_))
-        ));
-        // A deleted and re-created account starts with the default rule again.
-        store
-            .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
-            .unwrap();
-        store.delete(&a).unwrap();
-        store.add(&a, "pw").unwrap();
-        assert_eq!(store.access_rule(&a).unwrap(), AccessRule::anyone());
-    }
-
-    #[test]
-    fn two_handles_share_one_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        let one = SqliteStore::open(&path).unwrap();
-        let two = SqliteStore::open(&path).unwrap();
-        assert_eq!(one.server_secret().unwrap(), two.server_secret().unwrap());
-        let g0 = one.generation().unwrap();
-        two.add(&name("dev"), "pw").unwrap();
-        let g1 = one.generation().unwrap();
-        assert_ne!(g0, g1, "a change by another handle moves the generation");
-        one.verify_password(&name("dev"), "pw").unwrap();
-        two.set_access_rule(&name("dev"), &AccessRule::only(vec![]))
-            .unwrap();
-        let g2 = one.generation().unwrap();
-        assert_ne!(g1, g2);
-        assert!(!one.may_reach(&name("dev"), &name("x")).unwrap());
-        one.delete(&name("dev")).unwrap();
-        assert!(!two.exists(&name("dev")).unwrap());
-        assert_ne!(g2, two.generation().unwrap());
-        // Reads do not move it.
-        let g3 = one.generation().unwrap();
-        one.list().unwrap();
-        assert_eq!(g3, one.generation().unwrap());
-    }
-
-    #[test]
-    fn concurrent_writers_wait_instead_of_failing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        SqliteStore::open(&path).unwrap();
-        let handles: Vec<_> = (0..4)
-            .map(|t| {
-                let path = path.clone();
-                std::thread::spawn(move || {
-                    let store = SqliteStore::open(&path).unwrap();
-                    for i in 0..5 {
-                        let n = name(&format!("t{t}-{i}"));
-                        // A raw insert skips argon2 (slow in debug builds); the rule update
-                        // below takes the write lock with BEGIN IMMEDIATE.
-                        store
-                            .lock()
-                            .execute(
-                                "INSERT INTO accounts (name, phc, created) VALUES (?1, 'x', 0)",
-                                params![n.as_str()],
-                            )
-                            .unwrap();
-                        store
-                            .set_access_rule(&n, &AccessRule::only(vec![name("peer")]))
-                            .unwrap();
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-        let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.list().unwrap().len(), 20);
-    }
-
-    #[test]
-    fn secret_persists_and_schema_is_versioned() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        let secret = SqliteStore::open(&path).unwrap().server_secret().unwrap();
-        let again = SqliteStore::open(&path).unwrap();
-        assert_eq!(secret, again.server_secret().unwrap());
-        assert_ne!(secret.as_bytes(), &[0u8; 32]);
-        assert_eq!(format!("{secret:?}"), "ServerSecret(..)");
-        again
-            .lock()
-            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-            .unwrap();
-        drop(again);
-        assert!(matches!(
-            SqliteStore::open(&path),
-            Err(StoreError::SchemaTooNew { .. })
-        ));
-    }
-
-    /// What revokes tokens: a new credential stamp on a password change and on re-creation;
-    /// the current instance, kept per account and gone with it.
-    #[test]
-    fn credential_stamps_and_current_instances() {
-        let (_dir, store) = temp_store();
-        let cam = name("cam");
-        store.add(&cam, "pw").unwrap();
-        let stamp = |s: &SqliteStore| s.list().unwrap()[0].credential;
-        let first = stamp(&store);
-        store.set_password(&cam, "pw2").unwrap();
-        let second = stamp(&store);
-        assert_ne!(first, second);
-        let g = store.generation().unwrap();
-        store.set_instance("cam", Some(7)).unwrap();
-        assert_eq!(
-            store.generation().unwrap(),
-            g,
-            "instances do not reload accounts"
-        );
-        store.set_instance("ghost", Some(1)).unwrap();
-        assert_eq!(
-            store.instances().unwrap(),
-            HashMap::from([("cam".to_owned(), Some(7))])
-        );
-        store.set_instance("cam", None).unwrap();
-        assert_eq!(store.instances().unwrap()["cam"], None);
-        store.delete(&cam).unwrap();
-        assert!(store.instances().unwrap().is_empty());
-        store.add(&cam, "pw").unwrap();
-        assert_ne!(stamp(&store), second);
-    }
-
-    #[test]
-    fn a_version_1_store_is_upgraded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(SCHEMA_V1).unwrap();
-            conn.execute(
-                "INSERT INTO server_secret (id, secret) VALUES (1, zeroblob(32))",
-                [],
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO accounts (name, phc, created) VALUES ('old', 'x', 0)",
-                [],
-            )
-            .unwrap();
-            conn.pragma_update(None, "user_version", 1).unwrap();
-        }
-        let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.list().unwrap()[0].credential, 0);
-        store.set_instance("old", Some(3)).unwrap();
-        assert_eq!(store.instances().unwrap()["old"], Some(3));
-    }
-
-    #[test]
-    fn missing_directory_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = SqliteStore::open(&dir.path().join("no/such/relay.db")).unwrap_err();
-        assert!(err.to_string().contains("no/such/relay.db"), "{err}");
-    }
-
-    #[test]
-    fn snapshot_follows_the_store() {
-        let (_dir, store) = temp_store();
-        let (a, b) = (name("a"), name("b"));
-        store.add(&a, "pw").unwrap();
-        store.add(&b, "pw").unwrap();
-        let first = AccountsSnapshot::load(&store).unwrap();
-        assert!(first.exists("a") && !first.exists("c"));
-        assert!(first.may_reach("a", "b") && first.may_reach("a", "anyone"));
-        assert!(!first.may_reach("c", "a"));
-        assert_eq!(first.generation(), store.generation().unwrap());
-
-        store
-            .set_access_rule(&a, &AccessRule::only(vec![b.clone()]))
-            .unwrap();
-        store.delete(&b).unwrap();
-        assert_ne!(first.generation(), store.generation().unwrap());
-        let second = AccountsSnapshot::load(&store).unwrap();
-        assert!(second.may_reach("a", "b") && !second.may_reach("a", "c"));
-        assert_eq!(first.removed(&second), ["b"]);
-        assert!(second.removed(&first).is_empty());
-        // A re-created account (new creation time) counts as removed too.
-        let mut recreated = second.clone();
-        recreated.accounts.get_mut("a").unwrap().0 += 1;
-        assert_eq!(second.removed(&recreated), ["a"]);
-    }
-}
+mod tests;

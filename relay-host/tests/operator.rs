@@ -18,6 +18,7 @@ fn relay(cwd: &Path) -> Command {
         "RELAY_FINGERPRINT",
         "RELAY_CA",
         "RELAY_DB",
+        "RELAY_DATABASE",
         "RELAY_CONFIG",
         "XDG_CONFIG_HOME",
     ] {

@@ -1,0 +1,487 @@
+//! Relays as one service (issue 15), step 1: two `relay serve` processes on one PostgreSQL
+//! database, which the test starts itself (tests/postgres_support.rs; it fails when
+//! PostgreSQL is not installed). Accounts are edited with `relay user … --config` of one
+//! node, as an operator would, and the other node must follow within a second; a token
+//! issued by one node starts a login on the other without a password check.
+
+#[path = "login_client.rs"]
+mod login_client;
+#[path = "postgres_support.rs"]
+mod postgres_support;
+#[path = "host_support.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use login_client::*;
+use postgres_support::Postgres;
+use support::*;
+
+/// How soon an account change made through one node must count on the other.
+const WITHIN: Duration = Duration::from_secs(1);
+
+/// A database and two nodes on it, each with its own directory (certificate, channel
+/// keys) and a /metrics port.
+struct Cluster {
+    nodes: Vec<(Relay, u16)>,
+    pg: Postgres,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+/// One cluster at a time: each is a PostgreSQL server and two relays, and the tests
+/// measure how soon a change arrives.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let pg = Postgres::start();
+        let url = pg.create_database("relay");
+        let nodes = (0..n)
+            .map(|_| {
+                let metrics = free_port();
+                let top = format!("database = \"{url}\"\nmetrics = \"127.0.0.1:{metrics}\"\n");
+                (Relay::start_with(&top, ""), metrics)
+            })
+            .collect();
+        Cluster {
+            nodes,
+            pg,
+            _turn: turn,
+        }
+    }
+
+    fn node(&self, i: usize) -> &Relay {
+        &self.nodes[i].0
+    }
+
+    /// `relay user ARGS --config` of node `i` (its `database` names the store).
+    fn user(&self, i: usize, args: &[&str]) {
+        let mut child = Command::new(relay_bin())
+            .arg("user")
+            .args(args)
+            .arg("--config")
+            .arg(self.node(i).dir.path().join("relay.toml"))
+            .env_remove("RELAY_DB")
+            .env_remove("RELAY_DATABASE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("relay user");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(PASSWORD.as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "relay user {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn add(&self, i: usize, name: &str) {
+        self.user(i, &["add", name, "--password-stdin"]);
+    }
+
+    /// Waits until the database records `instance` (the first 8 bytes of its tokens) as
+    /// `user`'s current one, or none with `None`: the node that changed it writes it in
+    /// the background.
+    fn wait_recorded(&self, user: &str, token: Option<&[u8]>) {
+        let want = match token {
+            Some(t) => i64::from_be_bytes(t[..8].try_into().unwrap()).to_string(),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT coalesce(instance::text, '') FROM relay.instances WHERE account = '{user}'"
+        );
+        self.wait_sql(&sql, &want);
+    }
+
+    /// Polls `sql` every 20 ms until psql prints `want`; fails after 15 s.
+    fn wait_sql(&self, sql: &str, want: &str) {
+        let start = Instant::now();
+        loop {
+            let got = self.pg.psql("relay", sql);
+            if got.trim() == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{sql}: {got:?}, not {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The value of `series` (a full Prometheus series name) on node `i`; 0 if absent.
+    fn metric(&self, i: usize, series: &str) -> f64 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.nodes[i].1)).expect("metrics port");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).unwrap();
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Polls node `i`'s `series` every 10 ms until `ok` holds; fails after 10 s.
+    fn wait_metric(&self, i: usize, series: &str, ok: impl Fn(f64) -> bool) {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(i, series);
+            if ok(v) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "node {i}: {series} is {v}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
+const PASSWORD_OK: &str = "relay_logins_total{method=\"password\",outcome=\"ok\"}";
+const TOKEN_OK: &str = "relay_logins_total{method=\"resumption\",outcome=\"ok\"}";
+
+/// One echo round trip through a `relay connect --listen` port: whether the demand was
+/// accepted and the bytes came back.
+fn echo_works(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if s.write_all(b"ping").is_err() || s.shutdown(Shutdown::Write).is_err() {
+        return false;
+    }
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    back == b"ping"
+}
+
+#[test]
+fn an_account_added_through_one_node_logs_in_on_the_other_at_once() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    let started = Instant::now();
+    let answer = Client::connect(c.node(1), LOCAL).login("cam", password(PASSWORD));
+    assert!(matches!(answer, Answer::Ok(_)), "{answer:?}");
+    assert!(started.elapsed() < WITHIN, "took {:?}", started.elapsed());
+    // And a changed password counts there at once too.
+    c.user(0, &["passwd", "cam", "--password-stdin"]);
+    let again = Client::connect(c.node(1), LOCAL).login("cam", password("wrong one"));
+    assert!(matches!(again, Answer::Refused(..)), "{again:?}");
+}
+
+/// A token issued by one node starts a login on the other, with no argon2 run there; and
+/// back again, including after the device's instance changed on the first node while the
+/// second still remembered an older one.
+#[test]
+fn a_token_from_one_node_is_accepted_by_the_other() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    // The device logs in on node 1 first, so node 1 remembers that instance as current.
+    let (first, old) = {
+        let mut client = Client::connect(c.node(1), LOCAL);
+        match client.login("cam", password(PASSWORD)) {
+            Answer::Ok(t) => (client, t),
+            other => panic!("{other:?}"),
+        }
+    };
+    // It moves to node 0 with its password: a new instance, which node 0 records.
+    drop(first);
+    let on0 = Client::connect(c.node(0), LOCAL).login("cam", password(PASSWORD));
+    let Answer::Ok(token) = on0 else {
+        panic!("password login on node 0: {on0:?}")
+    };
+    assert_ne!(token[..8], old[..8], "a new instance");
+    c.wait_recorded("cam", Some(&token));
+    let password_logins_1 = c.metric(1, PASSWORD_OK);
+    // It resumes on node 1 with node 0's token (node 1 remembered the older instance).
+    let answer = Client::connect(c.node(1), LOCAL).login("cam", login_client::token(&token));
+    let Answer::Ok(token1) = answer else {
+        panic!("node 1 refused node 0's token: {answer:?}")
+    };
+    assert_eq!(c.metric(1, TOKEN_OK), 1.0);
+    assert_eq!(
+        c.metric(1, PASSWORD_OK),
+        password_logins_1,
+        "no password check on node 1"
+    );
+    // Node 1's token works on node 0 as well.
+    let back = Client::connect(c.node(0), LOCAL).login("cam", login_client::token(&token1));
+    assert!(matches!(back, Answer::Ok(_)), "{back:?}");
+}
+
+/// Token revocation holds across nodes: the token of an instance that logged out on one
+/// node, or that another node's password login replaced, is refused on every node.
+#[test]
+fn a_token_revoked_on_one_node_is_refused_on_the_other() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    let mut on0 = Client::connect(c.node(0), LOCAL);
+    let Answer::Ok(token) = on0.login("cam", password(PASSWORD)) else {
+        panic!("password login on node 0")
+    };
+    on0.logout();
+    c.wait_recorded("cam", None);
+    let answer = Client::connect(c.node(1), LOCAL).login("cam", login_client::token(&token));
+    assert!(
+        matches!(
+            answer,
+            Answer::Refused(relay_proto::ErrorCode::ResumeRejected, _)
+        ),
+        "{answer:?}"
+    );
+
+    let Answer::Ok(old) = Client::connect(c.node(0), LOCAL).login("cam", password(PASSWORD)) else {
+        panic!("password login on node 0")
+    };
+    let Answer::Ok(new) = Client::connect(c.node(1), LOCAL).login("cam", password(PASSWORD)) else {
+        panic!("password login on node 1")
+    };
+    c.wait_recorded("cam", Some(&new));
+    let answer = Client::connect(c.node(0), LOCAL).login("cam", login_client::token(&old));
+    assert!(
+        matches!(answer, Answer::Refused(relay_proto::ErrorCode::Replaced, _)),
+        "{answer:?}"
+    );
+}
+
+#[test]
+fn an_access_rule_changed_through_one_node_applies_on_the_other_within_a_second() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let echo = echo_service();
+    let on1 = c.node(1);
+    let _cam = on1.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (_alice, port) = on1.forward("alice", "cam/echo");
+    assert!(echo_works(port), "alice reaches cam through node 1");
+
+    // alice stays logged in on node 1: only the change, not a login, can tell node 1.
+    c.user(0, &["allow", "alice", "--none"]);
+    let started = Instant::now();
+    while echo_works(port) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "node 1 never applied the new rule"
+        );
+    }
+    let took = started.elapsed();
+    eprintln!("access rule changed through node 0: applied on node 1 after {took:?}");
+    assert!(took < WITHIN, "the rule took {took:?} to apply on node 1");
+}
+
+#[test]
+fn an_account_deleted_through_one_node_ends_its_sessions_on_the_other_within_a_second() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let echo = echo_service();
+    let on1 = c.node(1);
+    let _cam = on1.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let (_alice, port) = on1.forward("alice", "cam/echo");
+    // A session that stays open: bytes go through, then it waits.
+    let mut session = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    session
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    session.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    session.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    c.wait_metric(1, "relay_active_sessions", |v| v == 1.0);
+
+    c.user(0, &["del", "cam"]);
+    let started = Instant::now();
+    // The session ends: its local connection reaches end of file.
+    let mut rest = Vec::new();
+    let _ = session.read_to_end(&mut rest);
+    let took = started.elapsed();
+    eprintln!("account deleted through node 0: its session on node 1 ended after {took:?}");
+    assert!(
+        took < WITHIN,
+        "the session ended {took:?} after the deletion"
+    );
+    c.wait_metric(1, "relay_active_sessions", |v| v == 0.0);
+    // cam's connections are gone from node 1, and cam cannot log in anywhere.
+    for node in 0..2 {
+        let answer = Client::connect(c.node(node), LOCAL).login("cam", password(PASSWORD));
+        assert!(matches!(answer, Answer::Refused(..)), "{answer:?}");
+    }
+}
+
+/// tokio-postgres logs every query's parameters at debug level: with `RUST_LOG=debug`,
+/// `relay user add` printed the new password's argon2 hash (and `relay serve` the token
+/// key). Never again, whatever RUST_LOG says.
+#[test]
+fn query_parameters_never_reach_the_log() {
+    let c = Cluster::start(1);
+    let mut child = Command::new(relay_bin())
+        .args(["user", "add", "cam", "--password-stdin", "--config"])
+        .arg(c.node(0).dir.path().join("relay.toml"))
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(PASSWORD.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("tokio_postgres"),
+        "debug logging was on: {log}"
+    );
+    assert!(!log.contains("argon2id"), "{log}");
+}
+
+/// Each node registers in `relay.nodes` with its address and certificate fingerprint and
+/// writes a heartbeat every second (the database's clock); a node killed with SIGKILL
+/// stops beating and counts as dead 3 s after its last beat; a node stopped with SIGTERM
+/// removes its row.
+#[test]
+fn nodes_register_and_beat_and_a_killed_one_goes_stale() {
+    let mut c = Cluster::start(2);
+    let live = "SELECT count(*) FROM relay.nodes WHERE heartbeat > now() - interval '3 seconds'";
+    c.wait_sql(live, "2");
+    let mut fingerprints = [c.node(0).fingerprint.clone(), c.node(1).fingerprint.clone()];
+    fingerprints.sort();
+    let registered = c.pg.psql(
+        "relay",
+        "SELECT string_agg(fingerprint, ',' ORDER BY fingerprint) FROM relay.nodes",
+    );
+    assert_eq!(registered.trim(), fingerprints.join(","));
+    let addresses = c.pg.psql(
+        "relay",
+        "SELECT string_agg(address, ',' ORDER BY address) FROM relay.nodes",
+    );
+    let mut expected: Vec<String> = (0..2)
+        .map(|i| format!("127.0.0.1:{}", c.node(i).tls_port))
+        .collect();
+    expected.sort();
+    assert_eq!(addresses.trim(), expected.join(","));
+
+    let (fp0, fp1) = (c.node(0).fingerprint.clone(), c.node(1).fingerprint.clone());
+    let beat0 = format!(
+        "SELECT extract(epoch FROM heartbeat) FROM relay.nodes WHERE fingerprint = '{fp0}'"
+    );
+    let first = c.pg.psql("relay", &beat0);
+    let start = Instant::now();
+    while c.pg.psql("relay", &beat0) == first {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "node 0 did not beat"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    drop(c.nodes[1].0.proc.take()); // SIGKILL
+    let killed = Instant::now();
+    c.wait_sql(live, "1");
+    eprintln!(
+        "node 1 killed: dead to the others after {:?}",
+        killed.elapsed()
+    );
+    let alive = format!(
+        "SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp0}' \
+         AND heartbeat > now() - interval '3 seconds'"
+    );
+    assert_eq!(c.pg.psql("relay", &alive).trim(), "1", "node 0 beats on");
+    let stale = format!("SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp1}'");
+    assert_eq!(
+        c.pg.psql("relay", &stale).trim(),
+        "1",
+        "a killed node's row stays"
+    );
+
+    c.nodes[0].0.stop();
+    let gone = format!("SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp0}'");
+    assert_eq!(
+        c.pg.psql("relay", &gone).trim(),
+        "0",
+        "a stopped node leaves"
+    );
+}
+
+/// Presence: the row of a device's current instance says which node recorded it and
+/// when (an epoch every node agrees on); it follows the device from node to node and
+/// keeps the node when the device logs out.
+#[test]
+fn presence_follows_the_device_between_nodes() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    let homed = "SELECT n.fingerprint || ' ' || i.epoch FROM relay.instances i \
+                 JOIN relay.nodes n ON n.id = i.node WHERE i.account = 'cam'";
+    let on = |node: usize| {
+        let mut client = Client::connect(c.node(node), LOCAL);
+        let Answer::Ok(token) = client.login("cam", password(PASSWORD)) else {
+            panic!("password login on node {node}")
+        };
+        c.wait_recorded("cam", Some(&token));
+        let row = c.pg.psql("relay", homed);
+        let (fingerprint, epoch) = row.trim().split_once(' ').expect("a presence row");
+        assert_eq!(fingerprint, c.node(node).fingerprint);
+        (client, epoch.parse::<i64>().unwrap())
+    };
+    let (first, e0) = on(0);
+    drop(first);
+    let (second, e1) = on(1);
+    assert!(e1 > e0, "epochs grow: {e0} then {e1}");
+    second.logout();
+    c.wait_recorded("cam", None);
+    let row = c.pg.psql("relay", homed);
+    assert!(row.starts_with(&c.node(1).fingerprint), "{row}");
+}
+
+/// A node whose write of a device's current instance fails (the database refused it for a
+/// moment) writes it again with its next change: it used to be dropped, and the database
+/// then held an older instance, whose tokens other nodes would accept.
+#[test]
+fn an_instance_record_the_database_refused_is_written_later() {
+    let c = Cluster::start(1);
+    c.add(0, "cam");
+    c.add(0, "dev");
+    c.pg.psql(
+        "relay",
+        "CREATE FUNCTION relay.refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON relay.instances \
+         FOR EACH ROW EXECUTE FUNCTION relay.refuse();",
+    );
+    let rollbacks = "SELECT xact_rollback FROM pg_stat_database WHERE datname = 'relay'";
+    let before: u64 = c.pg.psql("relay", rollbacks).trim().parse().unwrap();
+    let Answer::Ok(token) = Client::connect(c.node(0), LOCAL).login("cam", password(PASSWORD))
+    else {
+        panic!("password login of cam")
+    };
+    // The write was refused once the database counts one more failed transaction (the
+    // node's warning is a log line, which a test does not wait on).
+    c.wait_sql(
+        &format!("SELECT xact_rollback > {before} FROM pg_stat_database WHERE datname = 'relay'"),
+        "t",
+    );
+    c.pg.psql("relay", "DROP TRIGGER refuse ON relay.instances");
+    // The next change on the node (another device's login) sends both.
+    let Answer::Ok(_) = Client::connect(c.node(0), LOCAL).login("dev", password(PASSWORD)) else {
+        panic!("password login of dev")
+    };
+    c.wait_recorded("cam", Some(&token));
+}
