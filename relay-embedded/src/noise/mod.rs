@@ -418,6 +418,19 @@ impl<T: Transport, R: RngCore + CryptoRng, const N: usize> Sealed<'_, T, R, N> {
         };
     }
 
+    /// Plaintext that one record written now can carry: the socket's room less one
+    /// record's overhead, at most [`SEAL_MAX`].
+    fn record_room(&mut self, slot: usize) -> usize {
+        match self.ch.links.get(slot).map(|l| &l.phase) {
+            Some(Phase::Ready { .. }) => self
+                .inner
+                .send_space(slot)
+                .saturating_sub(OVERHEAD)
+                .min(SEAL_MAX),
+            _ => 0,
+        }
+    }
+
     /// Decrypts whole records from the socket into `slot`'s plaintext while they fit.
     fn fill(&mut self, slot: usize) -> Result<Fill, Failure> {
         let Channel { links, work, .. } = &mut *self.ch;
@@ -532,7 +545,7 @@ impl<'x, T: Transport, R: RngCore + CryptoRng, const N: usize> Transport for Sea
     }
 
     fn io(&mut self, slot: usize) -> Sealer<'_, T> {
-        let room = self.send_space(slot);
+        let room = self.record_room(slot);
         let Channel { links, work, .. } = &mut *self.ch;
         Sealer {
             inner: &mut *self.inner,
@@ -544,12 +557,17 @@ impl<'x, T: Transport, R: RngCore + CryptoRng, const N: usize> Transport for Sea
         }
     }
 
+    /// Room for two records' overhead: the driver spends what this promises in up to two
+    /// writes (a DATA header, then its payload), and each write is a record of its own.
+    /// With one record's overhead promised, the payload's record did not fit once the
+    /// socket's send buffer was nearly full: the write failed mid-frame and the slot
+    /// closed (tests/embedded_nat.sh's 1 MiB echo ended after 32-64 KiB).
     fn send_space(&mut self, slot: usize) -> usize {
         match self.ch.links.get(slot).map(|l| &l.phase) {
             Some(Phase::Ready { .. }) => self
                 .inner
                 .send_space(slot)
-                .saturating_sub(OVERHEAD)
+                .saturating_sub(2 * OVERHEAD)
                 .min(SEAL_MAX),
             _ => 0,
         }
