@@ -59,6 +59,9 @@ pub struct ServeConfig {
     /// Off by default: measured on loopback with iperf3 it was slower than the one copy
     /// through user space (see docs/relay-host-config.md), so the copy is the default.
     pub splice: bool,
+    /// Published ports (`[[published]]` tables): a port of the relay mapped to a device's
+    /// service for plain TCP clients from the listed networks. None by default.
+    pub published: Vec<crate::published::Published>,
     /// Resource limits.
     pub limits: Limits,
 }
@@ -75,6 +78,7 @@ impl Default for ServeConfig {
             admin_token: None,
             allow_plain: None,
             splice: false,
+            published: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -210,6 +214,24 @@ impl ServeConfig {
         }
         if self.allow_plain == Some(self.listen) {
             return invalid("allow_plain must be a different address from listen");
+        }
+        for (i, p) in self.published.iter().enumerate() {
+            if p.allow.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "published port {}: allow must list the source networks (CIDRs) that may connect",
+                    p.listen
+                )));
+            }
+            let taken = [Some(self.listen), self.allow_plain, self.metrics]
+                .into_iter()
+                .flatten()
+                .chain(self.published[..i].iter().map(|q| q.listen));
+            if taken.into_iter().any(|a| a == p.listen) {
+                return Err(ConfigError::Invalid(format!(
+                    "published port {}: the address is already used by another listener",
+                    p.listen
+                )));
+            }
         }
         let l = &self.limits;
         for (name, value) in [

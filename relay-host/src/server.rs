@@ -64,6 +64,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use relay_proto::relay::{
     self, ConnId, Event, Handback, Heap, MIN_TRANSMIT_BUF, Offer, Pair, PairOffer, Policy, Relay,
 };
+use relay_proto::frame::Demand;
 use relay_proto::{DemandError, UserId};
 #[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
@@ -81,7 +82,8 @@ use crate::admin::{AdminRequest, Board};
 use crate::auth::{Auth, Login};
 use crate::config::{Limits, ServeConfig};
 use crate::fifo::{Chunk, Fifo, Next};
-use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
+use crate::listen::{Accepted, Acceptor, ClientStream, ConnectionSlot, watch_accounts_with};
+use crate::published::{Published, PublishedStream};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::store::{AccountStore, AccountsSnapshot};
@@ -106,14 +108,23 @@ const SWEEP_BATCH: usize = 256;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The access rule over the newest account snapshot: `relay user allow` applies to the
-/// next demand.
+/// next demand. The relay itself ([`crate::published::REQUESTER`]) may reach the targets
+/// of the published ports, and only those: the `[[published]]` tables are its rule.
 #[derive(Debug, Clone)]
-pub struct SnapshotPolicy(pub Arc<AccountsSnapshot>);
+pub struct SnapshotPolicy(pub Arc<AccountsSnapshot>, pub Arc<[UserId]>);
 
 impl Policy for SnapshotPolicy {
     fn may_reach(&self, from: &UserId, to: &UserId) -> bool {
+        if from.as_str() == crate::published::REQUESTER {
+            return self.1.contains(to);
+        }
         self.0.may_reach(from.as_str(), to.as_str())
     }
+}
+
+/// The targets of the published ports: whom the relay itself may reach.
+fn published_targets(ports: &[Published]) -> Arc<[UserId]> {
+    ports.iter().map(|p| p.target.clone()).collect()
 }
 
 /// What the relay keeps per connection besides the core's entry, shared by the
@@ -596,11 +607,15 @@ enum Step {
     Stop,
 }
 
+/// A connection's stream: a terminal's, or a published port's client in a requester
+/// terminal's place ([`crate::published`]).
+type IoStream = Either<ClientStream, PublishedStream>;
+
 /// One connection's I/O, owned by its single task: the socket, the bytes read and not yet
 /// handled, and the chunk being written. Both directions are polled by that one task, so
 /// a connection costs one task and no second stack of futures.
 struct ConnIo {
-    stream: ClientStream,
+    stream: IoStream,
     /// Bytes read and not yet handled: a partial control frame, or payload waiting for
     /// credit. Empty (no allocation) while the connection is idle.
     pending: BytesMut,
@@ -626,7 +641,7 @@ struct ConnIo {
 }
 
 impl ConnIo {
-    fn new(stream: ClientStream) -> Self {
+    fn new(stream: IoStream) -> Self {
         Self {
             stream,
             pending: BytesMut::new(),
@@ -862,7 +877,7 @@ impl ConnIo {
         id: ConnId,
         me: &Arc<Conn>,
     ) -> Option<Poll<bool>> {
-        let Either::Right(tcp) = &self.stream else {
+        let Either::Left(Either::Right(tcp)) = &self.stream else {
             return None;
         };
         let (to, remaining, dest) = {
@@ -959,7 +974,9 @@ impl ConnIo {
 
     /// Writes the pipe chunk under way to this socket, giving back credit as it goes.
     fn poll_splice_out(&mut self, cx: &mut Context<'_>, me: &Arc<Conn>) -> Poll<Result<(), End>> {
-        let (Some((pipe, left)), Either::Right(tcp)) = (&mut self.splicing, &self.stream) else {
+        let (Some((pipe, left)), Either::Left(Either::Right(tcp))) =
+            (&mut self.splicing, &self.stream)
+        else {
             return Poll::Ready(Err(End::Gone));
         };
         let fd = tcp.as_raw_fd();
@@ -1029,18 +1046,61 @@ fn connection(
         login_deadline,
         slot,
     } = accepted;
+    let splice = srv.splice && cfg!(target_os = "linux") && matches!(stream, Either::Right(_));
+    // One deadline for TLS and login: the core counts from the TCP accept.
+    let since = login_deadline.into_std() - handshake;
+    run_connection(srv, Either::Left(stream), peer, slot, splice, move |core| {
+        let at = to_relay_instant(core.epoch, since);
+        core.relay.accept(at)
+    })
+}
+
+/// A client of published port `port`: a session the relay requests itself
+/// ([`Relay::demand_local`]), its bytes carried by a [`PublishedStream`].
+fn published_connection(
+    srv: Arc<Server>,
+    port: &Published,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    limits: &Limits,
+) -> impl Future<Output = ()> + Send + 'static {
+    let _ = tcp.set_nodelay(true);
+    let stream = PublishedStream::new(tcp, limits.keepalive_interval, limits.max_frame_payload);
+    let demand = Demand {
+        target: port.target.clone(),
+        service: port.service.clone(),
+    };
+    run_connection(srv, Either::Right(stream), peer, slot, false, move |core| {
+        let now = core.now();
+        core.relay
+            .demand_local(now, published_requester(), demand)
+    })
+}
+
+/// The user ID published ports' sessions are requested as ([`crate::published::REQUESTER`]).
+fn published_requester() -> UserId {
+    UserId::new(crate::published::REQUESTER).expect("a constant that passes the user ID rules")
+}
+
+/// Registers a connection made by `open` (under the router lock) and runs its task.
+fn run_connection(
+    srv: Arc<Server>,
+    stream: IoStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    splice: bool,
+    open: impl FnOnce(&mut Core) -> Result<ConnId, relay::RelayError>,
+) -> impl Future<Output = ()> + Send + 'static {
     let me = Arc::new(Conn {
         out: Fifo::new(),
         peer,
-        splice: srv.splice && cfg!(target_os = "linux") && matches!(stream, Either::Right(_)),
+        splice,
         link: Mutex::new(None),
     });
     let id = {
         let mut core = srv.lock();
-        // One deadline for TLS and login: the core counts from the TCP accept.
-        let since = login_deadline.into_std() - handshake;
-        let at = to_relay_instant(core.epoch, since);
-        match core.relay.accept(at) {
+        match open(&mut core) {
             Ok(id) => {
                 let i = id.index();
                 if core.conns.len() <= i {
@@ -1051,6 +1111,8 @@ fn connection(
                     armed: NOT_ARMED,
                 });
                 core.arm(id);
+                // A local demand has already made events (its result, a notice).
+                core.drain(&srv);
                 Some(id)
             }
             Err(e) => {
@@ -1066,6 +1128,49 @@ fn connection(
             srv.lock().finish(&srv, id, &me);
         }
         drop(slot);
+    }
+}
+
+/// Accepts published port `port`'s clients until `stop`: those from outside its
+/// allow-list are closed at once and counted, the others become sessions.
+async fn run_published(
+    srv: Arc<Server>,
+    listener: TcpListener,
+    port: Published,
+    slots: Arc<Semaphore>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = crate::listen::stop_requested(&mut stop) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(listen = %port.listen, "published port: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if !port.admits(peer.ip()) {
+            srv.metrics.published_refused.inc();
+            tracing::info!(%peer, listen = %port.listen, "published port: source not allowed, closed");
+            continue;
+        }
+        let Some(slot) = ConnectionSlot::take(&slots, &srv.metrics) else {
+            tracing::debug!(%peer, "connection refused: max_total_connections reached");
+            continue;
+        };
+        tokio::spawn(published_connection(
+            srv.clone(),
+            &port,
+            tcp,
+            peer,
+            slot,
+            &limits,
+        ));
     }
 }
 
@@ -1362,7 +1467,10 @@ pub async fn serve(
         Duration::from_secs(1),
         refresh_accounts.clone(),
     )?;
-    let policy = SnapshotPolicy(accounts.borrow().clone());
+    let policy = SnapshotPolicy(
+        accounts.borrow().clone(),
+        published_targets(&config.published),
+    );
     let epoch = std::time::Instant::now();
     let timer_wake = Arc::new(Notify::new());
     let (board, admin_requests) = Board::new()?;
@@ -1401,7 +1509,7 @@ pub async fn serve(
                 let newer = rx.borrow_and_update().clone();
                 let removed = current.removed(&newer);
                 let mut core = srv.lock();
-                *core.relay.policy_mut() = SnapshotPolicy(newer.clone());
+                core.relay.policy_mut().0 = newer.clone();
                 for name in removed {
                     if let Ok(user) = UserId::new(&name) {
                         tracing::info!(user = %name, "account deleted: closing its connections");
@@ -1471,6 +1579,27 @@ pub async fn serve(
         ));
     }
     let mut tasks = Vec::new();
+    for port in &config.published {
+        let listener = TcpListener::bind(port.listen)
+            .await
+            .with_context(|| format!("published port {}", port.listen))?;
+        let allow: Vec<String> = port.allow.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            listen = %port.listen,
+            target = %port.target,
+            service = port.service.as_str(),
+            allow = %allow.join(","),
+            "PUBLISHED PORT: plain TCP clients from these networks reach this service without an account"
+        );
+        tasks.push(tokio::spawn(run_published(
+            srv.clone(),
+            listener,
+            port.clone(),
+            slots.clone(),
+            limits.clone(),
+            stop_rx.clone(),
+        )));
+    }
     for a in acceptors {
         let addr = a.local_addr()?;
         tracing::info!(%addr, tls = !format!("{a:?}").contains("tls: false"), "listening");
