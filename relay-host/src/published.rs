@@ -44,9 +44,10 @@ pub struct Published {
     /// Where the relay listens for the port's clients (plain TCP).
     pub listen: SocketAddr,
     /// The device (user ID) whose service the port reaches.
+    #[serde(deserialize_with = "owned")]
     pub target: UserId,
     /// The service asked for; empty (the default): the device's default service.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "owned")]
     pub service: ServiceName,
     /// Source networks allowed to connect; required, never empty.
     pub allow: Vec<Cidr>,
@@ -58,6 +59,17 @@ impl Published {
         let ip = ip.to_canonical();
         self.allow.iter().any(|c| c.contains(ip))
     }
+}
+
+/// A user ID or service name from a string the parser owns (relay-proto's own
+/// `Deserialize` borrows it, which a TOML file's strings cannot be).
+fn owned<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: for<'a> TryFrom<&'a str, Error = relay_proto::ident::IdentError>,
+{
+    let s = String::deserialize(d)?;
+    T::try_from(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e:?}")))
 }
 
 /// A network, `10.0.0.0/8` or `2001:db8::/32` (a bare address: that address only).
@@ -230,7 +242,9 @@ impl PublishedStream {
     /// The client's next bytes as one DATA frame in `buf`, or TERMINATE at its end.
     fn poll_client(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if buf.remaining() <= HEADER_LEN {
-            return Poll::Ready(Err(io::Error::other("published port: read buffer too small")));
+            return Poll::Ready(Err(io::Error::other(
+                "published port: read buffer too small",
+            )));
         }
         let space = buf.initialize_unfilled();
         let end = space.len().min(HEADER_LEN + self.max_payload);

@@ -61,10 +61,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::{Buf, Bytes, BytesMut};
+use relay_proto::frame::Demand;
 use relay_proto::relay::{
     self, ConnId, Event, Handback, Heap, MIN_TRANSMIT_BUF, Offer, Pair, PairOffer, Policy, Relay,
 };
-use relay_proto::frame::Demand;
 use relay_proto::{DemandError, UserId};
 #[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
@@ -83,8 +83,8 @@ use crate::auth::{Auth, Login};
 use crate::config::{Limits, ServeConfig};
 use crate::fifo::{Chunk, Fifo, Next};
 use crate::listen::{Accepted, Acceptor, ClientStream, ConnectionSlot, watch_accounts_with};
-use crate::published::{Published, PublishedStream};
 use crate::metrics::Metrics;
+use crate::published::{Published, PublishedStream};
 use crate::reload::Reloader;
 use crate::store::{AccountStore, AccountsSnapshot};
 
@@ -1073,8 +1073,7 @@ fn published_connection(
     };
     run_connection(srv, Either::Right(stream), peer, slot, false, move |core| {
         let now = core.now();
-        core.relay
-            .demand_local(now, published_requester(), demand)
+        core.relay.demand_local(now, published_requester(), demand)
     })
 }
 
