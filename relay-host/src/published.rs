@@ -339,6 +339,12 @@ impl AsyncWrite for PublishedStream {
 mod tests {
     use super::*;
 
+    /// `server.rs` makes the relay's user ID from it without a fallback.
+    #[test]
+    fn the_requester_is_a_valid_user_id() {
+        assert!(UserId::new(REQUESTER).is_ok());
+    }
+
     #[test]
     fn cidrs_parse_and_match() {
         let c: Cidr = "10.1.0.0/16".parse().unwrap();
