@@ -164,3 +164,56 @@ fn a_published_port_without_an_allow_list_is_refused_at_start() {
     assert!(!out.status.success());
     assert!(err.contains("allow must list the source networks"), "{err}");
 }
+
+/// Retries `f` until it holds, within [`T`].
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within {T:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sighup_opens_and_closes_published_ports() {
+    let (kept, added, removed) = (free_port(), free_port(), free_port());
+    let any = "\"127.0.0.0/8\"";
+    let before = format!(
+        "{}{}",
+        published(kept, "cam", "echo", any),
+        published(removed, "cam", "echo", any)
+    );
+    let mut relay = Relay::start_with(&before, FAST);
+    relay.add_user("cam");
+    let echo = echo_service();
+    let _cam = relay.expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    assert_eq!(round_trip(removed, b"old"), b"old");
+    // A session on the port to be removed runs on after the reload.
+    let mut running = TcpStream::connect(("127.0.0.1", removed)).unwrap();
+    running.set_read_timeout(Some(T)).unwrap();
+    let mut b = [0u8; 3];
+    running.write_all(b"one").unwrap();
+    running.read_exact(&mut b).unwrap();
+
+    let after = format!(
+        "{}{}\n[limits]\n{FAST}\n",
+        published(kept, "cam", "echo", any),
+        published(added, "cam", "echo", any)
+    );
+    relay.config = after;
+    std::fs::write(relay.dir.path().join("relay.toml"), &relay.config).unwrap();
+    relay.proc().signal("-HUP");
+
+    eventually("the added port serves", || {
+        TcpStream::connect(("127.0.0.1", added)).is_ok()
+    });
+    assert_eq!(round_trip(added, b"new"), b"new");
+    eventually("the removed port is closed", || {
+        TcpStream::connect(("127.0.0.1", removed)).is_err()
+    });
+    assert_eq!(round_trip(kept, b"kept"), b"kept");
+    running.write_all(b"two").unwrap();
+    running.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"two", "the running session is untouched");
+    relay.stop();
+}

@@ -1130,12 +1130,97 @@ fn run_connection(
     }
 }
 
-/// Accepts published port `port`'s clients until `stop`: those from outside its
-/// allow-list are closed at once and counted, the others become sessions.
+/// The published ports' listeners, by address: each task follows its table through a
+/// watch, so that SIGHUP changes a port in place, closes a removed one (`None`; its
+/// running sessions go on) and opens a new one.
+struct PublishedPorts {
+    running: Mutex<HashMap<SocketAddr, watch::Sender<Option<Published>>>>,
+    slots: Arc<Semaphore>,
+    /// The limits at start: the core's keep-alive interval and payload bound.
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+}
+
+impl PublishedPorts {
+    /// Makes the open ports those of `ports` and the relay's reach their targets. A port
+    /// that cannot be opened is an error (at start, fatal; on SIGHUP, logged).
+    fn set(&self, srv: &Arc<Server>, ports: &[Published]) -> anyhow::Result<()> {
+        let mut running = lock(&self.running);
+        running.retain(|addr, tx| {
+            let keep = ports.iter().any(|p| p.listen == *addr);
+            if !keep {
+                let _ = tx.send(None);
+                tracing::warn!(listen = %addr, "published port closed");
+            }
+            keep
+        });
+        let mut result = Ok(());
+        for port in ports {
+            if let Some(tx) = running.get(&port.listen) {
+                let changed = tx.send_if_modified(|old| {
+                    let changed = old.as_ref() != Some(port);
+                    *old = Some(port.clone());
+                    changed
+                });
+                if changed {
+                    announce(port);
+                }
+                continue;
+            }
+            match self.open(srv, port) {
+                Ok(tx) => {
+                    running.insert(port.listen, tx);
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        srv.lock().relay.policy_mut().1 = published_targets(ports);
+        result
+    }
+
+    fn open(
+        &self,
+        srv: &Arc<Server>,
+        port: &Published,
+    ) -> anyhow::Result<watch::Sender<Option<Published>>> {
+        let listen = port.listen;
+        let bound = std::net::TcpListener::bind(listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std)
+            .with_context(|| format!("published port {listen}"))?;
+        announce(port);
+        let (tx, rx) = watch::channel(Some(port.clone()));
+        tokio::spawn(run_published(
+            srv.clone(),
+            bound,
+            rx,
+            self.slots.clone(),
+            self.limits.clone(),
+            self.stop.clone(),
+        ));
+        Ok(tx)
+    }
+}
+
+/// The loud line each published port gets when it opens or changes.
+fn announce(port: &Published) {
+    let allow: Vec<String> = port.allow.iter().map(ToString::to_string).collect();
+    tracing::warn!(
+        listen = %port.listen,
+        target = %port.target,
+        service = port.service.as_str(),
+        allow = %allow.join(","),
+        "PUBLISHED PORT: plain TCP clients from these networks reach this service without an account"
+    );
+}
+
+/// Accepts a published port's clients until `stop` or until its table is gone: those
+/// from outside its allow-list are closed at once and counted, the others become
+/// sessions.
 async fn run_published(
     srv: Arc<Server>,
     listener: TcpListener,
-    port: Published,
+    mut table: watch::Receiver<Option<Published>>,
     slots: Arc<Semaphore>,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
@@ -1144,14 +1229,21 @@ async fn run_published(
         let (tcp, peer) = tokio::select! {
             biased;
             () = crate::listen::stop_requested(&mut stop) => return,
+            changed = table.changed() => match changed {
+                Ok(()) if table.borrow().is_some() => continue,
+                _ => return,
+            },
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    tracing::warn!(listen = %port.listen, "published port: accept failed: {e}");
+                    tracing::warn!("published port: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
+        };
+        let Some(port) = table.borrow().clone() else {
+            return;
         };
         if !port.admits(peer.ip()) {
             srv.metrics.published_refused.inc();
@@ -1544,11 +1636,24 @@ pub async fn serve(
 
     let slots = Arc::new(Semaphore::new(limits.max_total_connections as usize));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let published = Arc::new(PublishedPorts {
+        running: Mutex::new(HashMap::new()),
+        slots: slots.clone(),
+        limits: limits.clone(),
+        stop: stop_rx.clone(),
+    });
+    published.set(&srv, &config.published)?;
     let mut acceptors = Vec::new();
     let tls = reloader.tls_config()?;
     tokio::spawn({
         let srv = srv.clone();
-        reloader.run(move |old, new| srv.auth.reconfigure(&old.limits, &new.limits))
+        let published = published.clone();
+        reloader.run(move |old, new| {
+            srv.auth.reconfigure(&old.limits, &new.limits);
+            if let Err(e) = published.set(&srv, &new.published) {
+                tracing::error!("SIGHUP: {e:#}");
+            }
+        })
     });
     let listener = TcpListener::bind(config.listen)
         .await
@@ -1578,27 +1683,6 @@ pub async fn serve(
         ));
     }
     let mut tasks = Vec::new();
-    for port in &config.published {
-        let listener = TcpListener::bind(port.listen)
-            .await
-            .with_context(|| format!("published port {}", port.listen))?;
-        let allow: Vec<String> = port.allow.iter().map(ToString::to_string).collect();
-        tracing::warn!(
-            listen = %port.listen,
-            target = %port.target,
-            service = port.service.as_str(),
-            allow = %allow.join(","),
-            "PUBLISHED PORT: plain TCP clients from these networks reach this service without an account"
-        );
-        tasks.push(tokio::spawn(run_published(
-            srv.clone(),
-            listener,
-            port.clone(),
-            slots.clone(),
-            limits.clone(),
-            stop_rx.clone(),
-        )));
-    }
     for a in acceptors {
         let addr = a.local_addr()?;
         tracing::info!(%addr, tls = !format!("{a:?}").contains("tls: false"), "listening");
