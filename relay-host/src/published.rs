@@ -138,8 +138,8 @@ enum Stage {
     Demanding,
     /// The session runs: the client's bytes go out as DATA.
     Running,
-    /// The client closed its side: TERMINATE is owed (`false`) or sent (`true`).
-    ClientDone { sent: bool },
+    /// The client closed its sending side: TERMINATE is sent.
+    ClientDone,
     /// The session is over (or never started): end of stream to the connection task.
     Ended,
 }
@@ -188,14 +188,10 @@ impl PublishedStream {
     fn on_frame(&mut self, f: Frame, task: &Waker) {
         match f {
             Frame::DemandResult(DemandResult::Accepted { .. }) => self.stage = Stage::Running,
-            // The device ended its side: so does the client's, and the session ends
-            // with this side's TERMINATE unless the client's went out already.
-            Frame::Terminate => {
-                self.shut_owed = true;
-                if self.stage == Stage::Running {
-                    self.stage = Stage::ClientDone { sent: false };
-                }
-            }
+            // The device is done sending (a half-close, docs/PROTOCOL.md §3.11): so is
+            // the client's side of the socket. The client may go on sending until it
+            // closes too, which sends this side's TERMINATE and ends the session.
+            Frame::Terminate => self.shut_owed = true,
             Frame::DemandResult(DemandResult::Failed { error, .. }) => {
                 tracing::debug!(%error, "published port: demand failed");
                 self.stage = Stage::Ended;
@@ -253,7 +249,7 @@ impl PublishedStream {
         let n = rb.filled().len();
         if n == 0 {
             space[..HEADER_LEN].copy_from_slice(&TERMINATE);
-            self.stage = Stage::ClientDone { sent: true };
+            self.stage = Stage::ClientDone;
             buf.advance(HEADER_LEN);
             return Poll::Ready(Ok(()));
         }
@@ -284,14 +280,8 @@ impl AsyncRead for PublishedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        match me.stage {
-            Stage::Ended => return Poll::Ready(Ok(())),
-            Stage::ClientDone { sent: false } => {
-                buf.put_slice(&TERMINATE);
-                me.stage = Stage::ClientDone { sent: true };
-                return Poll::Ready(Ok(()));
-            }
-            _ => {}
+        if me.stage == Stage::Ended {
+            return Poll::Ready(Ok(()));
         }
         if me.poll_keepalive(cx, buf).is_ready() {
             return Poll::Ready(Ok(()));
