@@ -59,6 +59,9 @@ pub struct ServeConfig {
     /// Off by default: measured on loopback with iperf3 it was slower than the one copy
     /// through user space (see docs/relay-host-config.md), so the copy is the default.
     pub splice: bool,
+    /// Published ports (`[[published]]` tables): a port of the relay mapped to a device's
+    /// service for plain TCP clients from the listed networks. None by default.
+    pub published: Vec<crate::published::Published>,
     /// Resource limits.
     pub limits: Limits,
 }
@@ -75,6 +78,7 @@ impl Default for ServeConfig {
             admin_token: None,
             allow_plain: None,
             splice: false,
+            published: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -210,6 +214,24 @@ impl ServeConfig {
         }
         if self.allow_plain == Some(self.listen) {
             return invalid("allow_plain must be a different address from listen");
+        }
+        for (i, p) in self.published.iter().enumerate() {
+            if p.allow.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "published port {}: allow must list the source networks (CIDRs) that may connect",
+                    p.listen
+                )));
+            }
+            let taken = [Some(self.listen), self.allow_plain, self.metrics]
+                .into_iter()
+                .flatten()
+                .chain(self.published[..i].iter().map(|q| q.listen));
+            if taken.into_iter().any(|a| a == p.listen) {
+                return Err(ConfigError::Invalid(format!(
+                    "published port {}: the address is already used by another listener",
+                    p.listen
+                )));
+            }
         }
         let l = &self.limits;
         for (name, value) in [
@@ -434,6 +456,44 @@ mod tests {
             ServeConfig::load(&path).unwrap().db,
             PathBuf::from("relay.db")
         );
+    }
+
+    /// The published-port example of docs/relay-host-config.md is what it says.
+    #[test]
+    fn the_documented_published_ports_parse() {
+        let doc = include_str!("../../docs/relay-host-config.md");
+        let section = &doc[doc.find("## Published ports").expect("the section")..];
+        let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let end = start + section[start..].find("```").expect("its end");
+        let c = ServeConfig::from_toml(&section[start..end]).unwrap();
+        let [web, db] = &c.published[..] else {
+            panic!("{:?}", c.published)
+        };
+        assert_eq!(web.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!((web.target.as_str(), web.service.as_str()), ("cam", "web"));
+        assert!(web.admits("192.0.2.77".parse().unwrap()));
+        assert!(web.admits("203.0.113.7".parse().unwrap()));
+        assert!(!web.admits("203.0.113.8".parse().unwrap()));
+        assert!(db.admits("127.0.0.1".parse().unwrap()));
+        assert!(!db.admits("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_published_port_needs_an_allow_list_and_an_address_of_its_own() {
+        let port = |listen: &str, allow: &str| {
+            format!("[[published]]\nlisten = \"{listen}\"\ntarget = \"cam\"\nallow = [{allow}]\n")
+        };
+        let missing = ServeConfig::from_toml(&port("127.0.0.1:80", "")).unwrap_err();
+        assert!(missing.to_string().contains("allow must list"), "{missing}");
+        let twice = port("127.0.0.1:80", "\"::1\"").repeat(2);
+        let clash = ServeConfig::from_toml(&twice).unwrap_err();
+        assert!(clash.to_string().contains("already used"), "{clash}");
+        let on_listen = port("0.0.0.0:7835", "\"::1\"");
+        assert!(ServeConfig::from_toml(&on_listen).is_err());
+        assert!(ServeConfig::from_toml(&port("127.0.0.1:80", "\"10.0.0.0/40\"")).is_err());
+        let bad_target =
+            "[[published]]\nlisten = \"127.0.0.1:80\"\ntarget = \"a/b\"\nallow = [\"::1\"]\n";
+        assert!(ServeConfig::from_toml(bad_target).is_err());
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod fifo;
 mod hashing;
 pub mod listen;
 pub mod metrics;
+pub mod published;
 pub mod relays;
 pub mod reload;
 mod retired;

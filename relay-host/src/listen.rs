@@ -45,6 +45,18 @@ pub struct ConnectionSlot {
     metrics: Arc<Metrics>,
 }
 
+impl ConnectionSlot {
+    /// A slot under the cap `slots`, counted in `metrics`; `None` when the cap is reached.
+    pub fn take(slots: &Arc<Semaphore>, metrics: &Arc<Metrics>) -> Option<Self> {
+        let permit = slots.clone().try_acquire_owned().ok()?;
+        metrics.connections.inc();
+        Some(ConnectionSlot {
+            _permit: permit,
+            metrics: metrics.clone(),
+        })
+    }
+}
+
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.metrics.connections.dec();
@@ -87,7 +99,7 @@ impl std::fmt::Debug for Acceptor {
 }
 
 /// Resolves when `rx` holds `true` or its sender is gone.
-async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stop_requested(rx: &mut watch::Receiver<bool>) {
     while !*rx.borrow_and_update() {
         if rx.changed().await.is_err() {
             return;
@@ -150,14 +162,9 @@ impl Acceptor {
                     }
                 },
             };
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            let Some(slot) = ConnectionSlot::take(&self.slots, &self.metrics) else {
                 tracing::debug!(%peer, "connection refused: max_total_connections reached");
                 continue;
-            };
-            self.metrics.connections.inc();
-            let slot = ConnectionSlot {
-                _permit: permit,
-                metrics: self.metrics.clone(),
             };
             // Interactive sessions (ssh) need small writes to go out at once.
             let _ = tcp.set_nodelay(true);

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub active_sessions: Gauge,
     /// Payload bytes relayed, both directions added.
     pub bytes_relayed: Counter,
+    /// Clients of published ports closed at once: their source is outside the port's
+    /// allow-list.
+    pub published_refused: Counter,
     logins: Family<LoginLabels, Counter>,
     demands: Family<DemandLabels, Counter>,
 }
@@ -85,6 +88,7 @@ impl Metrics {
         let logged_in_terminals = Gauge::default();
         let active_sessions = Gauge::default();
         let bytes_relayed = Counter::default();
+        let published_refused = Counter::default();
         let logins = Family::<LoginLabels, Counter>::default();
         let demands = Family::<DemandLabels, Counter>::default();
         registry.register(
@@ -107,6 +111,11 @@ impl Metrics {
             "Payload bytes relayed, both directions",
             bytes_relayed.clone(),
         );
+        registry.register(
+            "published_refused",
+            "Clients of published ports refused by the source allow-list",
+            published_refused.clone(),
+        );
         registry.register("logins", "Logins by method and outcome", logins.clone());
         registry.register("demands", "Connection demands by outcome", demands.clone());
         Self {
@@ -115,6 +124,7 @@ impl Metrics {
             logged_in_terminals,
             active_sessions,
             bytes_relayed,
+            published_refused,
             logins,
             demands,
         }

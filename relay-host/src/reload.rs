@@ -18,9 +18,10 @@ use crate::config::ServeConfig;
 use crate::tls::ServerIdentity;
 
 /// Keys whose new value takes effect at once; every other change waits for a restart.
-const LIVE: [&str; 4] = [
+const LIVE: [&str; 5] = [
     "cert",
     "key",
+    "published",
     "limits.login_failures_per_account_per_minute",
     "limits.login_failures_per_source_per_minute",
 ];

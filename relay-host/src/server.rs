@@ -61,6 +61,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::{Buf, Bytes, BytesMut};
+use relay_proto::frame::Demand;
 use relay_proto::relay::{
     self, ConnId, Event, Handback, Heap, MIN_TRANSMIT_BUF, Offer, Pair, PairOffer, Policy, Relay,
 };
@@ -81,8 +82,9 @@ use crate::admin::{AdminRequest, Board};
 use crate::auth::{Auth, Login};
 use crate::config::{Limits, ServeConfig};
 use crate::fifo::{Chunk, Fifo, Next};
-use crate::listen::{Accepted, Acceptor, ClientStream, watch_accounts_with};
+use crate::listen::{Accepted, Acceptor, ClientStream, ConnectionSlot, watch_accounts_with};
 use crate::metrics::Metrics;
+use crate::published::{Published, PublishedStream};
 use crate::reload::Reloader;
 use crate::store::{AccountStore, AccountsSnapshot};
 
@@ -106,14 +108,23 @@ const SWEEP_BATCH: usize = 256;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The access rule over the newest account snapshot: `relay user allow` applies to the
-/// next demand.
+/// next demand. The relay itself ([`crate::published::REQUESTER`]) may reach the targets
+/// of the published ports, and only those: the `[[published]]` tables are its rule.
 #[derive(Debug, Clone)]
-pub struct SnapshotPolicy(pub Arc<AccountsSnapshot>);
+pub struct SnapshotPolicy(pub Arc<AccountsSnapshot>, pub Arc<[UserId]>);
 
 impl Policy for SnapshotPolicy {
     fn may_reach(&self, from: &UserId, to: &UserId) -> bool {
+        if from.as_str() == crate::published::REQUESTER {
+            return self.1.contains(to);
+        }
         self.0.may_reach(from.as_str(), to.as_str())
     }
+}
+
+/// The targets of the published ports: whom the relay itself may reach.
+fn published_targets(ports: &[Published]) -> Arc<[UserId]> {
+    ports.iter().map(|p| p.target.clone()).collect()
 }
 
 /// What the relay keeps per connection besides the core's entry, shared by the
@@ -596,11 +607,15 @@ enum Step {
     Stop,
 }
 
+/// A connection's stream: a terminal's, or a published port's client in a requester
+/// terminal's place ([`crate::published`]).
+type IoStream = Either<ClientStream, PublishedStream>;
+
 /// One connection's I/O, owned by its single task: the socket, the bytes read and not yet
 /// handled, and the chunk being written. Both directions are polled by that one task, so
 /// a connection costs one task and no second stack of futures.
 struct ConnIo {
-    stream: ClientStream,
+    stream: IoStream,
     /// Bytes read and not yet handled: a partial control frame, or payload waiting for
     /// credit. Empty (no allocation) while the connection is idle.
     pending: BytesMut,
@@ -626,7 +641,7 @@ struct ConnIo {
 }
 
 impl ConnIo {
-    fn new(stream: ClientStream) -> Self {
+    fn new(stream: IoStream) -> Self {
         Self {
             stream,
             pending: BytesMut::new(),
@@ -862,7 +877,7 @@ impl ConnIo {
         id: ConnId,
         me: &Arc<Conn>,
     ) -> Option<Poll<bool>> {
-        let Either::Right(tcp) = &self.stream else {
+        let Either::Left(Either::Right(tcp)) = &self.stream else {
             return None;
         };
         let (to, remaining, dest) = {
@@ -959,7 +974,9 @@ impl ConnIo {
 
     /// Writes the pipe chunk under way to this socket, giving back credit as it goes.
     fn poll_splice_out(&mut self, cx: &mut Context<'_>, me: &Arc<Conn>) -> Poll<Result<(), End>> {
-        let (Some((pipe, left)), Either::Right(tcp)) = (&mut self.splicing, &self.stream) else {
+        let (Some((pipe, left)), Either::Left(Either::Right(tcp))) =
+            (&mut self.splicing, &self.stream)
+        else {
             return Poll::Ready(Err(End::Gone));
         };
         let fd = tcp.as_raw_fd();
@@ -1029,18 +1046,60 @@ fn connection(
         login_deadline,
         slot,
     } = accepted;
+    let splice = srv.splice && cfg!(target_os = "linux") && matches!(stream, Either::Right(_));
+    // One deadline for TLS and login: the core counts from the TCP accept.
+    let since = login_deadline.into_std() - handshake;
+    run_connection(srv, Either::Left(stream), peer, slot, splice, move |core| {
+        let at = to_relay_instant(core.epoch, since);
+        core.relay.accept(at)
+    })
+}
+
+/// A client of published port `port`: a session the relay requests itself
+/// ([`Relay::demand_local`]), its bytes carried by a [`PublishedStream`].
+fn published_connection(
+    srv: Arc<Server>,
+    port: &Published,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    limits: &Limits,
+) -> impl Future<Output = ()> + Send + 'static {
+    let _ = tcp.set_nodelay(true);
+    let stream = PublishedStream::new(tcp, limits.keepalive_interval, limits.max_frame_payload);
+    let demand = Demand {
+        target: port.target.clone(),
+        service: port.service.clone(),
+    };
+    run_connection(srv, Either::Right(stream), peer, slot, false, move |core| {
+        let now = core.now();
+        core.relay.demand_local(now, published_requester(), demand)
+    })
+}
+
+/// The user ID published ports' sessions are requested as ([`crate::published::REQUESTER`]).
+fn published_requester() -> UserId {
+    UserId::new(crate::published::REQUESTER).expect("a constant that passes the user ID rules")
+}
+
+/// Registers a connection made by `open` (under the router lock) and runs its task.
+fn run_connection(
+    srv: Arc<Server>,
+    stream: IoStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    splice: bool,
+    open: impl FnOnce(&mut Core) -> Result<ConnId, relay::RelayError>,
+) -> impl Future<Output = ()> + Send + 'static {
     let me = Arc::new(Conn {
         out: Fifo::new(),
         peer,
-        splice: srv.splice && cfg!(target_os = "linux") && matches!(stream, Either::Right(_)),
+        splice,
         link: Mutex::new(None),
     });
     let id = {
         let mut core = srv.lock();
-        // One deadline for TLS and login: the core counts from the TCP accept.
-        let since = login_deadline.into_std() - handshake;
-        let at = to_relay_instant(core.epoch, since);
-        match core.relay.accept(at) {
+        match open(&mut core) {
             Ok(id) => {
                 let i = id.index();
                 if core.conns.len() <= i {
@@ -1051,6 +1110,8 @@ fn connection(
                     armed: NOT_ARMED,
                 });
                 core.arm(id);
+                // A local demand has already made events (its result, a notice).
+                core.drain(&srv);
                 Some(id)
             }
             Err(e) => {
@@ -1066,6 +1127,141 @@ fn connection(
             srv.lock().finish(&srv, id, &me);
         }
         drop(slot);
+    }
+}
+
+/// The published ports' listeners, by address: each task follows its table through a
+/// watch, so that SIGHUP changes a port in place, closes a removed one (`None`; its
+/// running sessions go on) and opens a new one.
+struct PublishedPorts {
+    running: Mutex<HashMap<SocketAddr, watch::Sender<Option<Published>>>>,
+    slots: Arc<Semaphore>,
+    /// The limits at start: the core's keep-alive interval and payload bound.
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+}
+
+impl PublishedPorts {
+    /// Makes the open ports those of `ports` and the relay's reach their targets. A port
+    /// that cannot be opened is an error (at start, fatal; on SIGHUP, logged).
+    fn set(&self, srv: &Arc<Server>, ports: &[Published]) -> anyhow::Result<()> {
+        let mut running = lock(&self.running);
+        running.retain(|addr, tx| {
+            let keep = ports.iter().any(|p| p.listen == *addr);
+            if !keep {
+                let _ = tx.send(None);
+                tracing::warn!(listen = %addr, "published port closed");
+            }
+            keep
+        });
+        let mut result = Ok(());
+        for port in ports {
+            if let Some(tx) = running.get(&port.listen) {
+                let changed = tx.send_if_modified(|old| {
+                    let changed = old.as_ref() != Some(port);
+                    *old = Some(port.clone());
+                    changed
+                });
+                if changed {
+                    announce(port);
+                }
+                continue;
+            }
+            match self.open(srv, port) {
+                Ok(tx) => {
+                    running.insert(port.listen, tx);
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        srv.lock().relay.policy_mut().1 = published_targets(ports);
+        result
+    }
+
+    fn open(
+        &self,
+        srv: &Arc<Server>,
+        port: &Published,
+    ) -> anyhow::Result<watch::Sender<Option<Published>>> {
+        let listen = port.listen;
+        let bound = std::net::TcpListener::bind(listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std)
+            .with_context(|| format!("published port {listen}"))?;
+        announce(port);
+        let (tx, rx) = watch::channel(Some(port.clone()));
+        tokio::spawn(run_published(
+            srv.clone(),
+            bound,
+            rx,
+            self.slots.clone(),
+            self.limits.clone(),
+            self.stop.clone(),
+        ));
+        Ok(tx)
+    }
+}
+
+/// The loud line each published port gets when it opens or changes.
+fn announce(port: &Published) {
+    let allow: Vec<String> = port.allow.iter().map(ToString::to_string).collect();
+    tracing::warn!(
+        listen = %port.listen,
+        target = %port.target,
+        service = port.service.as_str(),
+        allow = %allow.join(","),
+        "PUBLISHED PORT: plain TCP clients from these networks reach this service without an account"
+    );
+}
+
+/// Accepts a published port's clients until `stop` or until its table is gone: those
+/// from outside its allow-list are closed at once and counted, the others become
+/// sessions.
+async fn run_published(
+    srv: Arc<Server>,
+    listener: TcpListener,
+    mut table: watch::Receiver<Option<Published>>,
+    slots: Arc<Semaphore>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = crate::listen::stop_requested(&mut stop) => return,
+            changed = table.changed() => match changed {
+                Ok(()) if table.borrow().is_some() => continue,
+                _ => return,
+            },
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("published port: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(port) = table.borrow().clone() else {
+            return;
+        };
+        if !port.admits(peer.ip()) {
+            srv.metrics.published_refused.inc();
+            tracing::info!(%peer, listen = %port.listen, "published port: source not allowed, closed");
+            continue;
+        }
+        let Some(slot) = ConnectionSlot::take(&slots, &srv.metrics) else {
+            tracing::debug!(%peer, "connection refused: max_total_connections reached");
+            continue;
+        };
+        tokio::spawn(published_connection(
+            srv.clone(),
+            &port,
+            tcp,
+            peer,
+            slot,
+            &limits,
+        ));
     }
 }
 
@@ -1362,7 +1558,10 @@ pub async fn serve(
         Duration::from_secs(1),
         refresh_accounts.clone(),
     )?;
-    let policy = SnapshotPolicy(accounts.borrow().clone());
+    let policy = SnapshotPolicy(
+        accounts.borrow().clone(),
+        published_targets(&config.published),
+    );
     let epoch = std::time::Instant::now();
     let timer_wake = Arc::new(Notify::new());
     let (board, admin_requests) = Board::new()?;
@@ -1401,7 +1600,7 @@ pub async fn serve(
                 let newer = rx.borrow_and_update().clone();
                 let removed = current.removed(&newer);
                 let mut core = srv.lock();
-                *core.relay.policy_mut() = SnapshotPolicy(newer.clone());
+                core.relay.policy_mut().0 = newer.clone();
                 for name in removed {
                     if let Ok(user) = UserId::new(&name) {
                         tracing::info!(user = %name, "account deleted: closing its connections");
@@ -1437,11 +1636,24 @@ pub async fn serve(
 
     let slots = Arc::new(Semaphore::new(limits.max_total_connections as usize));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let published = Arc::new(PublishedPorts {
+        running: Mutex::new(HashMap::new()),
+        slots: slots.clone(),
+        limits: limits.clone(),
+        stop: stop_rx.clone(),
+    });
+    published.set(&srv, &config.published)?;
     let mut acceptors = Vec::new();
     let tls = reloader.tls_config()?;
     tokio::spawn({
         let srv = srv.clone();
-        reloader.run(move |old, new| srv.auth.reconfigure(&old.limits, &new.limits))
+        let published = published.clone();
+        reloader.run(move |old, new| {
+            srv.auth.reconfigure(&old.limits, &new.limits);
+            if let Err(e) = published.set(&srv, &new.published) {
+                tracing::error!("SIGHUP: {e:#}");
+            }
+        })
     });
     let listener = TcpListener::bind(config.listen)
         .await

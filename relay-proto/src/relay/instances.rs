@@ -47,6 +47,9 @@ pub(super) struct Admitted {
     pub caps: u32,
     pub instance: u64,
     pub token: ResumeToken,
+    /// A connection of the relay's own ([`Relay::demand_local`]): it has no terminal to
+    /// greet, so no LOGIN_OK and no `LoggedIn` event.
+    pub local: bool,
 }
 
 impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
@@ -102,6 +105,16 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             Kind::Requester => a.caps | caps::REQUESTER,
         };
         self.link(term, key);
+        if a.local {
+            if let Some(c) = self.conns.get_mut(key) {
+                c.state = State::In {
+                    term,
+                    phase: Phase::Idle,
+                };
+                c.wire.last_rx = now;
+            }
+            return;
+        }
         if a.password && t_kind == Kind::Reachable {
             self.emit(Event::InstanceStarted {
                 user: a.user.clone(),

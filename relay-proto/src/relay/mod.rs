@@ -46,6 +46,7 @@
 
 mod conn;
 mod instances;
+mod local;
 mod pair;
 mod storage;
 mod wakes;
@@ -59,6 +60,7 @@ pub use conn::{ConnEntry, ConnId};
 use heapless::Vec;
 pub use instances::Kind;
 use instances::{Admitted, RELAY_CAPS};
+pub use local::LOCAL_INSTANCE;
 pub use pair::{Handback, NoPairs, Pair, PairOffer};
 use wakes::Lists;
 
@@ -753,6 +755,7 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             caps,
             instance,
             token,
+            local: false,
         };
         self.admit(now, key, admitted);
     }
