@@ -33,7 +33,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,socat,rathole,bore,ssh,ssh-chain,relay"
+        default_value = "direct,socat,rathole,bore,ssh,ssh-chain,relay,relay-published"
     )]
     systems: Vec<System>,
     /// Systems that must be available (otherwise they are reported as "not available").
@@ -354,7 +354,7 @@ fn run(cli: Cli) -> Result<bool> {
 
     // Figure 5 at every N of our relay.
     if want(&cfg, "idle") {
-        for &sys in runnable.iter().filter(|s| s.is_relay()) {
+        for &sys in runnable.iter().filter(|s| applies("idle_scale", **s)) {
             for &n in &cfg.relay_idle_n {
                 if res.median(&format!("idle_scale.{n}.pss"), sys).is_none() {
                     res.errors
@@ -872,7 +872,8 @@ fn fig_recovery(
     let dir = ctx.work.join(format!("recovery-{sys}"));
     let mut fr = FleetRelay::start(sys, ctx, &dir, "rec", n)?;
     let (terminals, port) =
-        systems::relay_terminals(ctx, &fr.relay, &fr.serve, echo, &fr.dir, &fr.log)?;
+        systems::relay_terminals(ctx, &fr.relay, &fr.serve, echo, &fr.dir, &fr.log, true)?;
+    let port = port.context("relay connect's port")?;
     fr.procs.extend(terminals);
     let fleet = Fleet::start(fr.addr, "rec", n, RAMP)?;
     fleet::wait_logged_in(&fleet, fr.metrics, n, login_deadline(n))?;
@@ -1002,7 +1003,12 @@ fn fig_idle(sys: System, ctx: &mut Ctx, cfg: &Cfg, echo: u16, res: &mut Results)
             }
             per_client_fds = 2;
         }
-        System::Direct | System::Socat | System::SshChain | System::Relay | System::RelaySplice => {
+        System::Direct
+        | System::Socat
+        | System::SshChain
+        | System::Relay
+        | System::RelayPublished
+        | System::RelaySplice => {
             return Ok(());
         }
     }

@@ -249,8 +249,12 @@ pub fn fmt_num(v: f64) -> String {
 /// Figures that apply to a system (idle needs a relay that holds clients).
 pub fn applies(fig: &str, sys: System) -> bool {
     match fig {
-        "idle" => !matches!(sys, System::Direct | System::Socat | System::SshChain),
-        "idle_scale" | "recovery" => sys.is_relay(),
+        // The published path is the same relay as `relay`: its fleet figures are that row's.
+        "idle" => !matches!(
+            sys,
+            System::Direct | System::Socat | System::SshChain | System::RelayPublished
+        ),
+        "idle_scale" | "recovery" => sys.is_relay() && sys != System::RelayPublished,
         "rss" => sys != System::Direct,
         "splice" => false,
         _ => true,
@@ -387,7 +391,7 @@ fn idle_scale_table(res: &Results, systems: &[System]) -> String {
             );
         }
     }
-    for &sys in systems.iter().filter(|s| s.is_relay()) {
+    for &sys in systems.iter().filter(|s| applies("idle_scale", **s)) {
         for (n, why) in &res.idle_unmeasurable {
             let _ = writeln!(s, "| {sys} | {n} | {why} |");
         }

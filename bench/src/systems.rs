@@ -21,6 +21,9 @@ pub enum System {
     /// `ssh -R` on the device's side, the shape of our three-hop path.
     SshChain,
     Relay,
+    /// Our relay's two-hop path: a published port of `relay serve` (`[[published]]` in its
+    /// config) straight to `relay expose`, the shape of rathole, bore and `ssh -R`.
+    RelayPublished,
     /// Our relay with its splice(2) data path switched on (figure 7; the default copies).
     RelaySplice,
 }
@@ -44,12 +47,16 @@ impl System {
             System::Ssh => "ssh",
             System::SshChain => "ssh-chain",
             System::Relay => "relay",
+            System::RelayPublished => "relay-published",
             System::RelaySplice => "relay-splice",
         }
     }
 
     pub fn is_relay(self) -> bool {
-        matches!(self, System::Relay | System::RelaySplice)
+        matches!(
+            self,
+            System::Relay | System::RelayPublished | System::RelaySplice
+        )
     }
 
     /// The path, hop by hop, and the number of forwarding processes on it.
@@ -76,6 +83,10 @@ impl System {
             System::Relay | System::RelaySplice => (
                 "client → relay connect --listen → relay serve → relay expose → service",
                 3,
+            ),
+            System::RelayPublished => (
+                "client → relay serve (published port) → relay expose → service",
+                2,
             ),
         }
     }
@@ -175,7 +186,7 @@ impl Tools {
             System::Rathole => vec![&self.rathole],
             System::Bore => vec![&self.bore],
             System::Ssh | System::SshChain => vec![&self.sshd, &self.ssh, &self.ssh_keygen],
-            System::Relay | System::RelaySplice => match &self.relay {
+            System::Relay | System::RelayPublished | System::RelaySplice => match &self.relay {
                 Some(p) => vec![p.as_path()],
                 None => {
                     return Some(
@@ -366,7 +377,7 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             up.procs.push(ssh_local(&t, &dir, p, &[(l, public)], &log)?);
             up.port = l;
         }
-        System::Relay | System::RelaySplice => {
+        System::Relay | System::RelayPublished | System::RelaySplice => {
             let relay = t
                 .relay
                 .clone()
@@ -374,16 +385,29 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             let p = free_port()?;
             let db = dir.join("relay.db");
             relay_users(&relay, &db, &dir)?;
-            let serve = relay_serve(ctx, p, path_str(&db)?, sys, &[])?;
+            let published = match sys {
+                System::RelayPublished => Some(free_port()?),
+                _ => None,
+            };
+            let extra = match published {
+                Some(port) => {
+                    let cfg = dir.join("relay.toml");
+                    fs::write(&cfg, published_toml(port))?;
+                    vec!["--config".to_string(), path_str(&cfg)?.to_string()]
+                }
+                None => Vec::new(),
+            };
+            let serve = relay_serve(ctx, p, path_str(&db)?, sys, &extra)?;
             up.procs.push(Proc::spawn(
                 "relay serve",
                 serve.command(&relay, &dir),
                 &log,
             )?);
             serve.wait(&mut up.procs)?;
-            let (terminals, l) = relay_terminals(ctx, &relay, &serve, target, &dir, &log)?;
+            let (terminals, l) =
+                relay_terminals(ctx, &relay, &serve, target, &dir, &log, published.is_none())?;
             up.procs.extend(terminals);
-            up.port = l;
+            up.port = published.or(l).context("no public port")?;
         }
     }
     if let Some(first) = up.procs.first() {
@@ -482,9 +506,20 @@ pub fn relay_serve(
     Ok(RelayServe { args, tls, listen })
 }
 
-/// `relay expose` (user dev, service svc -> 127.0.0.1:`target`) and `relay connect`
-/// (user cli, dev/svc, listening on a fresh port), started against `serve`. Returns them
-/// and the port the client program connects to.
+/// The relay config of the two-hop path: 127.0.0.1:`port` published to dev's service,
+/// open to loopback only, and the per-account limits raised (every published connection
+/// counts against the relay's own requester, and the bench opens hundreds at once).
+fn published_toml(port: u16) -> String {
+    format!(
+        "[[published]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"dev\"\nservice = \"svc\"\n\
+         allow = [\"127.0.0.0/8\"]\n\n[limits]\nmax_connections_per_account = 20000\n\
+         max_sessions_per_account = 20000\n"
+    )
+}
+
+/// `relay expose` (user dev, service svc -> 127.0.0.1:`target`) and, when `connect`,
+/// `relay connect` (user cli, dev/svc, listening on a fresh port), started against
+/// `serve`. Returns them and the port the client program connects to (`relay connect`'s).
 pub fn relay_terminals(
     ctx: &Ctx,
     relay: &Path,
@@ -492,7 +527,8 @@ pub fn relay_terminals(
     target: u16,
     dir: &Path,
     log: &Path,
-) -> Result<(Vec<Proc>, u16)> {
+    connect: bool,
+) -> Result<(Vec<Proc>, Option<u16>)> {
     let mut term_args: Vec<String> = vec!["--server".into(), serve.listen.clone()];
     if ctx.relay.tls {
         let fp = relay_fingerprint(log)?;
@@ -508,6 +544,9 @@ pub fn relay_terminals(
         .env("RELAY_PASSWORD", "bench-password")
         .current_dir(dir);
     let mut procs = vec![Proc::spawn("relay expose", expose, log)?];
+    if !connect {
+        return Ok((procs, None));
+    }
     let l = free_port()?;
     let l_addr = format!("127.0.0.1:{l}");
     let mut connect = cmd(relay, &["connect"]);
@@ -517,7 +556,7 @@ pub fn relay_terminals(
         .env("RELAY_PASSWORD", "bench-password")
         .current_dir(dir);
     procs.push(Proc::spawn("relay connect", connect, log)?);
-    Ok((procs, l))
+    Ok((procs, Some(l)))
 }
 
 fn path_str(p: &Path) -> Result<&str> {

@@ -79,6 +79,10 @@ pub enum NameError {
     /// The name contains `/`.
     #[error("an account name must not contain '/'")]
     Slash,
+    /// The name starts with `@`: those are the relay's own requesters (`@published`, the
+    /// requester of published ports, may reach their targets), never an account's.
+    #[error("an account name must not start with '@' (reserved for the relay's own requesters)")]
+    Reserved,
 }
 
 impl AccountName {
@@ -89,6 +93,9 @@ impl AccountName {
         }
         if name.len() > MAX_NAME_LEN {
             return Err(NameError::TooLong(name.len()));
+        }
+        if name.starts_with('@') {
+            return Err(NameError::Reserved);
         }
         for c in name.chars() {
             // `is_control` covers the ASCII controls and the C1 controls: neither belongs in

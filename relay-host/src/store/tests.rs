@@ -492,3 +492,16 @@ async fn postgres_changes_reach_the_watcher_without_polling() {
         started.elapsed()
     );
 }
+
+/// `@published` is the relay's own requester for published ports, allowed to reach their
+/// targets: an account of that name would hand its terminals the same reach, so names
+/// starting with `@` are refused (by `relay user add` and at login alike).
+#[test]
+fn names_starting_with_at_are_the_relays_own() {
+    assert_eq!(
+        AccountName::new(crate::published::REQUESTER),
+        Err(NameError::Reserved)
+    );
+    assert_eq!(AccountName::new("@x"), Err(NameError::Reserved));
+    assert!(AccountName::new("cam@site").is_ok());
+}
