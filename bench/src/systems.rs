@@ -357,18 +357,14 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             up.port = l;
         }
         System::Ssh => {
-            let (sshd, p) = sshd_start(&t, &dir, 16)?;
-            up.procs.push(sshd);
-            wait_port(p, READY, &mut up.procs)?;
+            let p = sshd_up(&t, &dir, &mut up)?;
             let l = free_port()?;
             up.procs
                 .push(ssh_reverse(&t, &dir, p, &[(l, target)], &log)?);
             up.port = l;
         }
         System::SshChain => {
-            let (sshd, p) = sshd_start(&t, &dir, 16)?;
-            up.procs.push(sshd);
-            wait_port(p, READY, &mut up.procs)?;
+            let p = sshd_up(&t, &dir, &mut up)?;
             let public = free_port()?;
             up.procs
                 .push(ssh_reverse(&t, &dir, p, &[(public, target)], &log)?);
@@ -416,6 +412,14 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
     wait_port(up.port, READY, &mut up.procs)
         .with_context(|| format!("{sys}: public port; log: {}", log.display()))?;
     Ok(up)
+}
+
+/// sshd of a path, started and listening: its port.
+fn sshd_up(t: &Tools, dir: &Path, up: &mut PathUp) -> Result<u16> {
+    let (sshd, p) = sshd_start(t, dir, 16)?;
+    up.procs.push(sshd);
+    wait_port(p, READY, &mut up.procs)?;
+    Ok(p)
 }
 
 /// The two accounts of every relay path: `dev` (exposes the service) and `cli` (connects),

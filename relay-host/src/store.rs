@@ -504,6 +504,27 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
 }
 
+/// Checks `password` against `name`'s stored PHC string (`None`: no such account), the
+/// same way for every store: an unknown account costs a whole verification too, so the
+/// answer time does not say which accounts exist. Runs argon2: call it without locks.
+pub(crate) fn verify_stored(
+    name: &AccountName,
+    password: &str,
+    phc: Option<String>,
+) -> Result<(), VerifyError> {
+    let Some(phc) = phc else {
+        let _ = verify(password, &dummy_hash()?);
+        return Err(VerifyError::UnknownAccount);
+    };
+    if check_password(password).is_err() {
+        return Err(VerifyError::WrongPassword);
+    }
+    let hash = PasswordHash::new(&phc).map_err(|e| {
+        StoreError::Corrupt(format!("password hash of '{name}' is unreadable: {e}"))
+    })?;
+    verify(password, &hash)
+}
+
 /// Checks `password` against `hash`. The verifier takes its parameters from the PHC string,
 /// runs on reused memory (so every check costs the same) and compares the digests in
 /// constant time.
@@ -681,18 +702,7 @@ impl AccountStore for SqliteStore {
             .optional()
             .map_err(StoreError::from)?;
         // The lock is released here: argon2 runs without it.
-        let Some(phc) = phc else {
-            // As slow as a known account, so the answer time does not say which exist.
-            let _ = verify(password, &dummy_hash()?);
-            return Err(VerifyError::UnknownAccount);
-        };
-        if check_password(password).is_err() {
-            return Err(VerifyError::WrongPassword);
-        }
-        let hash = PasswordHash::new(&phc).map_err(|e| {
-            StoreError::Corrupt(format!("password hash of '{name}' is unreadable: {e}"))
-        })?;
-        verify(password, &hash)
+        verify_stored(name, password, phc)
     }
 
     fn access_rule(&self, name: &AccountName) -> Result<AccessRule, StoreError> {

@@ -27,7 +27,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use argon2::password_hash::PasswordHash;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio::sync::Notify;
@@ -36,7 +35,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{
     AccessRule, AccountInfo, AccountName, AccountStore, ServerSecret, StoreError, VerifyError,
-    check_password, credential_stamp, dummy_hash, hash_password, now_unix, stored_name, verify,
+    credential_stamp, hash_password, now_unix, stored_name, verify_stored,
 };
 
 /// The schema version this code creates and understands: the number of [`MIGRATIONS`].
@@ -514,18 +513,7 @@ impl AccountStore for PgStore {
             Ok(client.query_opt(&stmt, &[&owned]).await?.map(|r| r.get(0)))
         })?;
         // Argon2 runs here, on the caller's thread, not on the store's runtime.
-        let Some(phc) = phc else {
-            // As slow as a known account, so the answer time does not say which exist.
-            let _ = verify(password, &dummy_hash()?);
-            return Err(VerifyError::UnknownAccount);
-        };
-        if check_password(password).is_err() {
-            return Err(VerifyError::WrongPassword);
-        }
-        let hash = PasswordHash::new(&phc).map_err(|e| {
-            StoreError::Corrupt(format!("password hash of '{name}' is unreadable: {e}"))
-        })?;
-        verify(password, &hash)
+        verify_stored(name, password, phc)
     }
 
     fn access_rule(&self, name: &AccountName) -> Result<AccessRule, StoreError> {
