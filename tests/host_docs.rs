@@ -5,7 +5,7 @@
 #[path = "host_support.rs"]
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,15 +52,23 @@ fn path_with_relay() -> String {
 }
 
 /// Runs `script` with sh in its own process group, killed with everything it started when
-/// the returned guard drops.
-struct Script(std::process::Child);
+/// the returned guard drops. Its output is read by threads from the start, so that a
+/// process that outlives the kill (and keeps the pipes open) cannot hang the test, and its
+/// temporary files go to `tmp` (`TMPDIR`), so that a failure can show them.
+struct Script {
+    child: std::process::Child,
+    out: std::sync::mpsc::Receiver<(bool, String)>,
+    tmp: tempfile::TempDir,
+}
 
 impl Script {
     fn run(script: &str) -> Script {
-        let child = Command::new("sh")
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = Command::new("sh")
             .args(["-e", "-c", script])
             .current_dir(repo())
             .env("PATH", path_with_relay())
+            .env("TMPDIR", tmp.path())
             .env_remove("RELAY_CONFIG")
             .env_remove("RELAY_DB")
             .stdin(Stdio::null())
@@ -69,49 +77,109 @@ impl Script {
             .process_group(0)
             .spawn()
             .unwrap();
-        Script(child)
+        let (tx, out) = std::sync::mpsc::channel();
+        for (is_err, mut pipe) in [
+            (
+                false,
+                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            ),
+            (true, Box::new(child.stderr.take().unwrap())),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                let _ = pipe.read_to_end(&mut text);
+                let _ = tx.send((is_err, String::from_utf8_lossy(&text).into_owned()));
+            });
+        }
+        Script { child, out, tmp }
     }
 
     /// Waits up to `4 T` for the script's end, stops what it left running, and returns
-    /// (success, stdout, stderr).
+    /// (success, stdout, stderr). A script that did not end, or left a process holding its
+    /// output after the kill, fails with what it printed so far and its temporary files.
     fn finish(mut self) -> (bool, String, String) {
-        use std::io::Read;
         let started = std::time::Instant::now();
         let mut status = None;
         while status.is_none() && started.elapsed() < 4 * T {
             std::thread::sleep(Duration::from_millis(50));
-            status = self.0.try_wait().unwrap();
+            status = self.child.try_wait().unwrap();
         }
-        self.kill_group();
+        self.stop_group();
         let (mut out, mut err) = (String::new(), String::new());
-        self.0
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        self.0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        for _ in 0..2 {
+            match self.out.recv_timeout(T) {
+                Ok((false, text)) => out = text,
+                Ok((true, text)) => err = text,
+                Err(_) => err.push_str("\n[a process kept the script's output open]"),
+            }
+        }
+        if status.is_none() {
+            err.push_str(&format!(
+                "\n[the script did not end within {:?}]{}",
+                4 * T,
+                files_under(self.tmp.path())
+            ));
+        }
         (status.is_some_and(|s| s.success()), out, err)
     }
 
-    /// Stops the script and every background job it started (its process group).
-    fn kill_group(&self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.0.id())])
-            .stderr(Stdio::null())
-            .status();
+    /// Stops the script and every background job it started (its process group): SIGTERM,
+    /// and SIGKILL for whatever is left a few seconds later.
+    fn stop_group(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let signal = |sig: &str| {
+            Command::new("kill")
+                .args([sig, "--", &group])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !signal("-TERM") {
+            return;
+        }
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(50));
+            // `kill -0` fails once no process of the group is left.
+            if !signal("-0") {
+                return;
+            }
+        }
+        signal("-KILL");
     }
+}
+
+/// Every file under `dir` with its contents, for a failure message.
+fn files_under(dir: &Path) -> String {
+    let mut text = String::new();
+    for entry in walk(dir) {
+        let body = std::fs::read(&entry).unwrap_or_default();
+        let body = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+        text.push_str(&format!("\n--- {}\n{body}", entry.display()));
+    }
+    text
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else if p.extension().is_none_or(|x| x != "db") {
+            files.push(p);
+        }
+    }
+    files
 }
 
 impl Drop for Script {
     fn drop(&mut self) {
-        self.kill_group();
-        let _ = self.0.wait();
+        self.stop_group();
+        let _ = self.child.wait();
     }
 }
 
