@@ -21,6 +21,9 @@ use crate::tls::TlsError;
 /// Bytes a relay connection holds each way between its socket and the driver.
 const LINK_BUF: usize = 256 * 1024;
 
+/// Bytes read from the relay at once.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// A stream to the relay: encrypted (TLS or the channel), or plain.
 type RelayStream = Either<
     Box<Either<tokio_rustls::client::TlsStream<TcpStream>, NoiseStream<TcpStream>>>,
@@ -229,7 +232,7 @@ async fn read_relay(
     pipe: &Pipe,
     mut rd: tokio::io::ReadHalf<RelayStream>,
 ) -> bool {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = BytesMut::new();
     loop {
         let (closed, full) = {
             let st = pipe.lock();
@@ -242,15 +245,16 @@ async fn read_relay(
             pipe.reader.notified().await;
             continue;
         }
+        buf.reserve(READ_CHUNK);
         let n = tokio::select! {
-            r = rd.read(&mut buf) => r.unwrap_or(0),
+            r = rd.read_buf(&mut buf) => r.unwrap_or(0),
             () = pipe.reader.notified() => continue,
         };
         if n == 0 {
             pipe.end(shared);
             return true;
         }
-        pipe.lock().rx.extend_from_slice(&buf[..n]);
+        super::append(&mut pipe.lock().rx, &mut buf);
         shared.wake.notify_one();
     }
 }

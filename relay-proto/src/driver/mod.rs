@@ -9,7 +9,10 @@
 //! socket until they are used ([`Link::peek`], [`Link::consume`]), so a frame split
 //! across packets simply waits there, and payload the service cannot take yet is
 //! backpressure in the socket's window. One scratch buffer, shared by all connections,
-//! holds a control frame while it is decoded or encoded.
+//! holds a control frame while it is decoded or encoded, and payload on its way to the
+//! service: its size `B` is how much payload one hand-over moves. A device keeps the
+//! minimum (a control frame's worth, RAM is dear); a host gives it tens of KiB, since
+//! every hand-over costs a peek, a service call and a consume.
 
 mod link;
 mod service;
@@ -73,13 +76,16 @@ impl Slot {
 ///
 /// Call [`Driver::poll`] after every `Interface::poll` (or whenever a socket may have
 /// changed) and at the latest at the instant it returns.
+///
+/// `B` is the scratch buffer's size, at least [`MIN_TRANSMIT_BUF`] (checked when the
+/// driver is made): control frames use that much of it, payload all of it.
 #[derive(Debug)]
-pub struct Driver<const N: usize> {
+pub struct Driver<const N: usize, const B: usize = MIN_TRANSMIT_BUF> {
     terminal: Terminal<N>,
     links: [Slot; N],
     /// A control frame being decoded or encoded, or payload on its way to the service;
     /// shared, since the driver handles one connection at a time.
-    scratch: [u8; MIN_TRANSMIT_BUF],
+    scratch: [u8; B],
 }
 
 /// Session output over the terminal and the transport (see [`Out`]).
@@ -131,15 +137,27 @@ impl<T: Link, const N: usize> Out for Wire<'_, T, N> {
     }
 }
 
-impl<const N: usize> Driver<N> {
+impl<const N: usize, const B: usize> Driver<N, B> {
+    /// A scratch buffer too small for a control frame does not build.
+    const SCRATCH_HOLDS_A_CONTROL_FRAME: () = assert!(B >= MIN_TRANSMIT_BUF);
+
     /// A driver that logs in as `user`. `seed` drives keep-alive and back-off jitter:
     /// give each device its own (from the RNG peripheral or a unique ID).
     pub fn new(config: Config, user: UserId, password: Password, seed: u64) -> Self {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::SCRATCH_HOLDS_A_CONTROL_FRAME;
         Driver {
             terminal: Terminal::new(config, user, password, seed),
             links: [const { Slot::new() }; N],
-            scratch: [0; MIN_TRANSMIT_BUF],
+            scratch: [0; B],
         }
+    }
+
+    /// The part of the scratch buffer a control frame uses: peeking more for a frame
+    /// header would copy payload that [`Driver::deliver`] copies again, and more output
+    /// than that would not fit the room [`Driver::transmit`] checks for.
+    fn control(scratch: &mut [u8; B]) -> &mut [u8] {
+        scratch.get_mut(..MIN_TRANSMIT_BUF).unwrap_or_default()
     }
 
     /// Starts connecting (and reconnecting, from now on). The first `poll` opens sockets.
@@ -269,46 +287,70 @@ impl<const N: usize> Driver<N> {
 
     /// Offers what the slot received to the terminal, frame by frame, and hands payload
     /// to the service. Bytes are consumed from the socket only once used.
+    ///
+    /// Events are drained once the slot's input is used up, if there was any, and
+    /// whenever one holds the input back ([`Offer::Blocked`]: an event the terminal holds
+    /// goes before any later frame), not after every frame: a drain looks at every slot,
+    /// and a stream is mostly DATA frames, which make no events.
     fn receive<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
+        if self.receive_frames(slot, now, t, svc) {
+            self.drain(now, t, svc);
+        }
+    }
+
+    /// [`Driver::receive`] but the last drain. `true` if anything happened: bytes offered
+    /// or delivered, or the slot failed.
+    fn receive_frames<T: Link, S: Service>(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        t: &mut T,
+        svc: &mut S,
+    ) -> bool {
         let h = Handle(slot as u8);
+        let mut worked = false;
         loop {
             if self.links[slot].phase != Phase::Open {
-                return;
+                return worked;
             }
             // Payload first: it came before anything after it in the stream.
             if self.links[slot].payload > 0 {
                 if !self.deliver(slot, now, t, svc) {
-                    return;
+                    return true;
                 }
                 continue;
             }
-            let n = match t.peek(slot, &mut self.scratch) {
-                Ok(0) => return,
-                Ok(n) => n.min(self.scratch.len()),
+            let n = match t.peek(slot, Self::control(&mut self.scratch)) {
+                Ok(0) => return worked,
+                Ok(n) => n.min(MIN_TRANSMIT_BUF),
                 // The relay closed and every byte was used, or the stack failed.
-                Err(_) => return self.fail(slot, now, t, svc),
+                Err(_) => {
+                    self.fail(slot, now, t, svc);
+                    return true;
+                }
             };
+            worked = true;
             let bytes = self.scratch.get(..n).unwrap_or(&[]);
             let offer = self.terminal.handle_input(h, now, bytes);
             // A refused login may leave the slot held for a waiting demand.
             self.unlink_held(slot, t);
             if self.links[slot].phase != Phase::Open {
-                return self.drain(now, t, svc);
+                return true;
             }
             match offer {
                 Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
                 Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
-                Offer::NeedMore if n == self.scratch.len() => {
+                Offer::NeedMore if n == MIN_TRANSMIT_BUF => {
                     // A frame larger than any the protocol allows: the terminal would have
                     // refused it, so this cannot happen; close rather than spin.
-                    return self.fail(slot, now, t, svc);
+                    self.fail(slot, now, t, svc);
+                    return true;
                 }
                 // The rest of the frame is still on its way: it waits in the socket.
-                Offer::NeedMore => return self.drain(now, t, svc),
-                // Drained just below; then the same bytes again.
-                Offer::Blocked => {}
+                Offer::NeedMore => return true,
+                // The event first; then the same bytes again.
+                Offer::Blocked => self.drain(now, t, svc),
             }
-            self.drain(now, t, svc);
         }
     }
 
@@ -404,7 +446,10 @@ impl<const N: usize> Driver<N> {
         {
             return;
         }
-        match self.terminal.poll_transmit(h, now, &mut self.scratch) {
+        match self
+            .terminal
+            .poll_transmit(h, now, Self::control(&mut self.scratch))
+        {
             Ok(0) | Err(_) => {}
             Ok(n) => {
                 let bytes = self.scratch.get(..n).unwrap_or(&[]);

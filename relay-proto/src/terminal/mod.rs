@@ -514,6 +514,7 @@ impl<const N: usize> Terminal<N> {
         // ERROR Throttled's `retry_after`: it replaces our own back-off.
         let mut relay_wait = None;
         let event = match change {
+            Change::Quiet => return None,
             Change::None => None,
             Change::LoggedIn {
                 caps: in_force,
