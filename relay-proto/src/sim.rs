@@ -472,9 +472,27 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             }
             PairOffer::NeedMore => Some(None),
             PairOffer::Router => None,
+            PairOffer::Finished(n) => {
+                self.pair_wakes();
+                self.give_back(conn);
+                return Some(Some(n));
+            }
         };
         self.pair_wakes();
         done
+    }
+
+    /// `conn`'s pair is finished: back to the router, which ends the session. Either
+    /// way a host may do it: handing the pair over, or having the router take it back.
+    fn give_back(&mut self, conn: ConnId) {
+        if self.hand_outs.next_u32() & 1 == 0 {
+            if let Some(pair) = self.relay.handback_mut().take(conn) {
+                self.relay.give_back(pair);
+            }
+        } else {
+            self.relay.take_back(conn);
+        }
+        self.drain_relay();
     }
 
     /// The pairs' wakes, handled as the router's [`relay::Event::Wake`]s are.
