@@ -1383,14 +1383,15 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             return Err(RelayError::UnknownConn);
         };
         // A DATA header ends the burst: its payload comes next, then the rest.
-        if !closing && !w.put_wire_tail(&mut c.wire) {
-            if let Some(reason) = out.release.take() {
-                w.put(&Frame::Release { reason });
-                // RELEASE written: the connection is idle and may serve a waiting demand.
-                if c.phase() == Some(&Phase::Releasing) {
-                    c.set_phase(Phase::Idle);
-                    self.kick(key);
-                }
+        if !closing
+            && !w.put_wire_tail(&mut c.wire)
+            && let Some(reason) = out.release.take()
+        {
+            w.put(&Frame::Release { reason });
+            // RELEASE written: the connection is idle and may serve a waiting demand.
+            if c.phase() == Some(&Phase::Releasing) {
+                c.set_phase(Phase::Idle);
+                self.kick(key);
             }
         }
         if let Some(c) = self.conns.get_mut(key).filter(|_| !closing) {

@@ -299,14 +299,14 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
     fn put_back(&mut self, pair: Pair) {
         self.stats.bytes_relayed += pair.relayed;
         let mut back = [None; 2];
-        for i in 0..2 {
+        for (i, slot) in back.iter_mut().enumerate() {
             let Some(key) = self.key(pair.conns[i]) else {
                 continue;
             };
             if let Some(c) = self.conns.get_mut(key).filter(|c| c.handed) {
                 c.wire = pair.wires[i];
                 c.handed = false;
-                back[i] = Some(key);
+                *slot = Some(key);
                 if pair.wakes[i] {
                     self.wake(key);
                 }
