@@ -22,12 +22,15 @@
 //!
 //! ## The router and its pairs
 //!
-//! A running session's DATA and KEEPALIVEs touch only its two connections' framing,
-//! keep-alive and forwarding state (`conn::Wire`). A host that runs connections in
-//! parallel takes that state out with [`Relay::hand_out`] as a [`Pair`] and forwards the
-//! session's bytes through it without the router; every other frame, and every transition
-//! of the router that touches those connections, brings the pair back first (through the
-//! host's [`Handback`], see `pair.rs`). The wire transitions are one code for both.
+//! A running session's DATA, KEEPALIVEs and TERMINATEs touch only its two connections'
+//! framing, keep-alive and forwarding state (`conn::Wire`). A host that runs connections
+//! in parallel takes that state out with [`Relay::hand_out`] as a [`Pair`] and forwards
+//! the session's bytes through it without the router; every other frame, and every
+//! transition of the router that touches those connections, brings the pair back first
+//! (through the host's [`Handback`], see `pair.rs`). The session's end, once both sides
+//! sent TERMINATE, is the router's: the pair says so ([`PairOffer::Finished`]) and the
+//! router applies it when it gets the pair back. The wire transitions are one code for
+//! both.
 //!
 //! ## Output without buffers
 //!
