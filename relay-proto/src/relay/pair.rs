@@ -578,6 +578,8 @@ mod tests {
         conns: [ConnId; 2],
         path: Path,
         seen: Seen,
+        /// The pair answered [`PairOffer::Finished`].
+        finished: bool,
     }
 
     impl Host {
@@ -620,6 +622,7 @@ mod tests {
                     Some(PairOffer::Forward { to, n }) => Offer::Forward { to, n },
                     Some(PairOffer::NeedMore) => Offer::NeedMore,
                     Some(PairOffer::Finished(n)) => {
+                        self.finished = true;
                         let pair = self.pair.take();
                         match (self.path, pair) {
                             (Path::Pair { late: false }, Some(p)) => self.r.give_back(p),
@@ -648,8 +651,9 @@ mod tests {
         }
     }
 
-    /// Runs `script` on a fresh session (requester "cli", target "dev") along `path`.
-    fn run(script: &[Step], path: Path) -> Seen {
+    /// Runs `script` on a fresh session (requester "cli", target "dev") along `path`;
+    /// `true` if the pair finished the session.
+    fn run(script: &[Step], path: Path) -> (Seen, bool) {
         let mut r = R::new(Config::default(), AllowAll);
         let (req, tgt) = session(&mut r);
         let pair = (path != Path::Router).then(|| r.hand_out(req).unwrap());
@@ -659,6 +663,7 @@ mod tests {
             conns: [req, tgt],
             path,
             seen: Seen::default(),
+            finished: false,
         };
         for step in script {
             match *step {
@@ -681,15 +686,18 @@ mod tests {
         }
         seen.active = h.r.stats().active_sessions;
         seen.relayed = h.r.stats().bytes_relayed;
-        seen
+        (seen, h.finished)
     }
 
     /// Both data paths, for the same inputs, give the same frames, events, session
-    /// table, per-account session counts and byte counts.
-    fn same_on_both_paths(script: &[Step]) -> Seen {
-        let router = run(script, Path::Router);
+    /// table, per-account session counts and byte counts. `finishes`: both TERMINATEs
+    /// went through the pair (else the router took it back before the second one).
+    fn same_on_both_paths(script: &[Step], finishes: bool) -> Seen {
+        let (router, _) = run(script, Path::Router);
         for late in [false, true] {
-            assert_eq!(run(script, Path::Pair { late }), router, "late: {late}");
+            let (paired, finished) = run(script, Path::Pair { late });
+            assert_eq!(paired, router, "late: {late}");
+            assert_eq!(finished, finishes, "late: {late}");
         }
         router
     }
@@ -714,16 +722,19 @@ mod tests {
     #[test]
     fn half_closed_then_closed_is_the_same_through_a_pair() {
         use Step::*;
-        let seen = same_on_both_paths(&[
-            In(0, &[0x0C, 0, 2, b'h', b'i']),
-            Flush,
-            In(0, TERMINATE),
-            Flush,
-            In(1, &[0x0C, 0, 3, b'y', b'o', b'u']),
-            Flush,
-            In(1, TERMINATE),
-            Flush,
-        ]);
+        let seen = same_on_both_paths(
+            &[
+                In(0, &[0x0C, 0, 2, b'h', b'i']),
+                Flush,
+                In(0, TERMINATE),
+                Flush,
+                In(1, &[0x0C, 0, 3, b'y', b'o', b'u']),
+                Flush,
+                In(1, TERMINATE),
+                Flush,
+            ],
+            true,
+        );
         assert_eq!(ended(&seen), Some((2, 3, ReleaseReason::Normal)));
         assert_eq!(seen.phases, [Some(Phase::Idle), Some(Phase::Idle)]);
         assert_eq!(seen.sessions, [0, 0], "the session slots are free again");
@@ -740,7 +751,7 @@ mod tests {
     #[test]
     fn crossing_terminates_are_the_same_through_a_pair() {
         use Step::*;
-        let seen = same_on_both_paths(&[In(0, TERMINATE), In(1, TERMINATE), Flush]);
+        let seen = same_on_both_paths(&[In(0, TERMINATE), In(1, TERMINATE), Flush], true);
         assert_eq!(ended(&seen), Some((0, 0, ReleaseReason::Normal)));
         let mut both = heapless::Vec::<u8, 256>::from_slice(TERMINATE).unwrap();
         both.extend_from_slice(&release()).unwrap();
@@ -754,15 +765,18 @@ mod tests {
     #[test]
     fn terminate_then_data_is_the_same_through_a_pair() {
         use Step::*;
-        let seen = same_on_both_paths(&[
-            In(0, TERMINATE),
-            In(0, &[0x0C, 0, 1, b'x']),
-            Flush,
-            In(0, TERMINATE),
-            Flush,
-            In(1, TERMINATE),
-            Flush,
-        ]);
+        let seen = same_on_both_paths(
+            &[
+                In(0, TERMINATE),
+                In(0, &[0x0C, 0, 1, b'x']),
+                Flush,
+                In(0, TERMINATE),
+                Flush,
+                In(1, TERMINATE),
+                Flush,
+            ],
+            false,
+        );
         let error = enc(&error_frame(ErrorCode::UnexpectedFrame, None));
         let mut req = heapless::Vec::<u8, 256>::from_slice(&error).unwrap();
         req.extend_from_slice(&error).unwrap();
@@ -779,13 +793,16 @@ mod tests {
         use Step::*;
         let keepalive = &[0x03, 0, 1, 7];
         assert_eq!(enc(&Frame::KeepAlive { seq: 7 }).as_slice(), keepalive);
-        let seen = same_on_both_paths(&[
-            In(1, &[0x0C, 0, 3, b'a', b'b', b'c']),
-            In(1, TERMINATE),
-            In(0, TERMINATE),
-            In(0, keepalive),
-            Flush,
-        ]);
+        let seen = same_on_both_paths(
+            &[
+                In(1, &[0x0C, 0, 3, b'a', b'b', b'c']),
+                In(1, TERMINATE),
+                In(0, TERMINATE),
+                In(0, keepalive),
+                Flush,
+            ],
+            true,
+        );
         assert_eq!(ended(&seen), Some((0, 3, ReleaseReason::Normal)));
         let ack = enc(&Frame::KeepAliveAck { seq: 7 });
         let mut req =
