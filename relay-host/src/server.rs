@@ -30,7 +30,8 @@
 //!   (the router sends both RELEASEs and ends the session). A frame the pair does not
 //!   take (LIST, LOGOUT, anything out of place) goes to the router, which takes the pair
 //!   back first. `relay_router_locks_total` counts the router lock's acquisitions: a
-//!   running session's bytes do not move it.
+//!   session takes it a few times to be handed out and at its end (and when a deadline
+//!   of its connections fires), never per frame (tests/datapath_locks.rs).
 //! - **Leaf locks**: each connection's [`Fifo`] and its `link` slot; nothing is locked
 //!   while one of them is held.
 //!
