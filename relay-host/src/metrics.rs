@@ -70,6 +70,10 @@ pub struct Metrics {
     /// Clients of published ports closed at once: their source is outside the port's
     /// allow-list.
     pub published_refused: Counter,
+    /// Times the router's lock (the one process-wide lock, server.rs) was taken: it grows
+    /// with logins, demands, session starts and ends, deadlines, not with a running
+    /// session's bytes.
+    pub router_locks: Counter,
     logins: Family<LoginLabels, Counter>,
     demands: Family<DemandLabels, Counter>,
 }
@@ -89,6 +93,7 @@ impl Metrics {
         let active_sessions = Gauge::default();
         let bytes_relayed = Counter::default();
         let published_refused = Counter::default();
+        let router_locks = Counter::default();
         let logins = Family::<LoginLabels, Counter>::default();
         let demands = Family::<DemandLabels, Counter>::default();
         registry.register(
@@ -116,6 +121,11 @@ impl Metrics {
             "Clients of published ports refused by the source allow-list",
             published_refused.clone(),
         );
+        registry.register(
+            "router_locks",
+            "Acquisitions of the router lock (not taken by a running session's data)",
+            router_locks.clone(),
+        );
         registry.register("logins", "Logins by method and outcome", logins.clone());
         registry.register("demands", "Connection demands by outcome", demands.clone());
         Self {
@@ -125,6 +135,7 @@ impl Metrics {
             active_sessions,
             bytes_relayed,
             published_refused,
+            router_locks,
             logins,
             demands,
         }
@@ -268,6 +279,7 @@ mod tests {
         m.logged_in_terminals.set(5);
         m.active_sessions.inc();
         m.bytes_relayed.inc_by(1234);
+        m.router_locks.inc();
         m.login(LoginMethod::Password, LoginOutcome::Ok);
         m.login(LoginMethod::Password, LoginOutcome::Failed);
         m.login(LoginMethod::Resumption, LoginOutcome::Ok);
@@ -280,6 +292,7 @@ mod tests {
             "relay_logged_in_terminals 5",
             "relay_active_sessions 1",
             "relay_relayed_bytes_total 1234",
+            "relay_router_locks_total 1",
             "relay_logins_total{method=\"password\",outcome=\"ok\"} 1",
             "relay_logins_total{method=\"password\",outcome=\"failed\"} 1",
             "relay_logins_total{method=\"resumption\",outcome=\"ok\"} 1",

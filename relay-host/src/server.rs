@@ -23,9 +23,15 @@
 //! - **A pair lock per running session** ([`Link::pair`]): once a session runs, the
 //!   router hands its data path out ([`Relay::hand_out`]) and both connections' tasks
 //!   offer their bytes to the [`Pair`] under this lock only, and pull their output (DATA
-//!   headers, keep-alive acks) from it. A paired session's DATA and KEEPALIVEs take no
-//!   process-wide lock. A frame the pair does not take (TERMINATE, LIST, LOGOUT, anything
-//!   out of place) goes to the router, which takes the pair back first.
+//!   headers, keep-alive acks, the peer's TERMINATE) from it. A paired session's DATA,
+//!   KEEPALIVEs and first TERMINATE take no process-wide lock, nor does the other side's
+//!   DATA after it. The second TERMINATE ends the session ([`PairOffer::Finished`]): the
+//!   task lets go of the pair lock, then takes the router lock once to give the pair back
+//!   (the router sends both RELEASEs and ends the session). A frame the pair does not
+//!   take (LIST, LOGOUT, anything out of place) goes to the router, which takes the pair
+//!   back first. `relay_router_locks_total` counts the router lock's acquisitions: a
+//!   session takes it a few times to be handed out and at its end (and when a deadline
+//!   of its connections fires), never per frame (tests/datapath_locks.rs).
 //! - **Leaf locks**: each connection's [`Fifo`] and its `link` slot; nothing is locked
 //!   while one of them is held.
 //!
@@ -171,6 +177,8 @@ enum ViaPair {
     Done(Step),
     /// A frame for the router; the pair is still handed out (the router takes it back).
     Router,
+    /// The session is over ([`PairOffer::Finished`]): the router must take the pair back.
+    Finished,
     /// The router took the pair back already.
     Gone,
 }
@@ -530,7 +538,9 @@ impl Core {
 }
 
 impl Server {
+    /// The router lock, counted in `relay_router_locks_total`.
     fn lock(&self) -> MutexGuard<'_, Core> {
+        self.metrics.router_locks.inc();
         // The core is only ever changed through its own methods; a panic in one connection
         // task must not take the whole relay down with a poisoned lock.
         lock(&self.core)
@@ -1289,14 +1299,19 @@ fn offer(
     cache: &mut Option<Arc<Link>>,
 ) -> Step {
     loop {
+        let mut finished = false;
         if let Some(link) = current_link(cache, me) {
             match offer_paired(cx, srv, link, id, buf) {
                 ViaPair::Done(step) => return step,
                 ViaPair::Router => {}
+                ViaPair::Finished => {
+                    finished = true;
+                    *cache = None;
+                }
                 ViaPair::Gone => *cache = None,
             }
         }
-        match offer_router(cx, srv, id, me, buf) {
+        match offer_router(cx, srv, id, me, buf, finished) {
             // Handed out meanwhile: the rest goes to the pair.
             None => continue,
             Some(step) => return step,
@@ -1341,6 +1356,10 @@ fn offer_paired(
             match pair.handle_input(now, id, buf) {
                 PairOffer::Consumed(n) => buf.advance(n),
                 PairOffer::NeedMore => break ViaPair::Done(Step::Done),
+                PairOffer::Finished(n) => {
+                    buf.advance(n);
+                    break ViaPair::Finished;
+                }
                 // (`Forward` only with a target, handled below.)
                 PairOffer::Router | PairOffer::Forward { .. } => break ViaPair::Router,
             }
@@ -1375,7 +1394,8 @@ fn offer_paired(
                 dest.out.release(credit);
                 break ViaPair::Done(Step::Done);
             }
-            PairOffer::Router => {
+            // (`Finished` only for a TERMINATE, never with a payload under way.)
+            PairOffer::Router | PairOffer::Finished(_) => {
                 dest.out.release(credit);
                 break ViaPair::Router;
             }
@@ -1396,17 +1416,23 @@ fn offer_paired(
 }
 
 /// [`offer`] through the router, under the core lock. `None`: the connection's session
-/// was just handed out; offer the rest to its pair.
+/// was just handed out; offer the rest to its pair. `finished`: the connection's pair
+/// finished its session ([`ViaPair::Finished`]): the router takes it back first, which
+/// ends the session.
 fn offer_router(
     cx: &mut Context<'_>,
     srv: &Arc<Server>,
     id: ConnId,
     me: &Arc<Conn>,
     buf: &mut BytesMut,
+    finished: bool,
 ) -> Option<Step> {
     let mut core = srv.lock();
     if !core.is(id, me) {
         return Some(Step::Stop);
+    }
+    if finished {
+        core.relay.take_back(id);
     }
     let now = core.now();
     let step = loop {
