@@ -520,7 +520,7 @@ impl<const N: usize> Driver<N> {
                         continue;
                     }
                     self.links[slot].reset();
-                    if t.open(slot).is_err() {
+                    if t.open_to(slot, self.terminal.relay()).is_err() {
                         self.terminal.connect_failed(h, now);
                     } else if t.state(slot) == LinkState::Open {
                         // Up at once (a stack that connects synchronously): LOGIN

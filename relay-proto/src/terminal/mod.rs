@@ -237,6 +237,8 @@ pub struct Terminal<const N: usize> {
     failures: u32,
     /// Logged out or refused: no more connections until `start`.
     stopped: bool,
+    /// Which of the host's relay addresses new connections go to ([`Terminal::relay`]).
+    relay: u32,
     /// Whether a connection is logged in, and whether the host was last told so.
     up: bool,
     told_up: bool,
@@ -266,6 +268,7 @@ impl<const N: usize> Terminal<N> {
             retry_at: Instant::ZERO,
             failures: 0,
             stopped: true,
+            relay: 0,
             up: false,
             told_up: false,
             refusal: None,
@@ -302,6 +305,16 @@ impl<const N: usize> Terminal<N> {
     /// Whether the relay announced `bit`.
     fn has(&self, bit: u32) -> bool {
         self.caps & bit != 0
+    }
+
+    /// Which relay address the next [`Event::Open`] is for: an index the host takes modulo
+    /// the number of addresses it has (a host with one address ignores it). It moves to
+    /// the next address once per relay lost: when the last logged-in connection to the
+    /// current one closes, or a connection to it fails before its login while the
+    /// terminal is down (connection refused, timed out, an ERROR). Connections are never
+    /// spread over several relays: a reachable instance lives on one.
+    pub fn relay(&self) -> u32 {
+        self.relay
     }
 
     /// Largest DATA payload the relay accepts (65,535 until it says otherwise).
@@ -364,6 +377,7 @@ impl<const N: usize> Terminal<N> {
         if let Some((code, text)) = self.refusal.take() {
             return Some(Event::LoginRefused { code, text });
         }
+        let relay = self.relay;
         self.slots.iter_mut().enumerate().find_map(|(i, slot)| {
             let Some(Connection {
                 state:
@@ -372,6 +386,7 @@ impl<const N: usize> Terminal<N> {
                         held: false,
                         ..
                     },
+                relay: opened_to,
                 ..
             }) = slot
             else {
@@ -379,6 +394,7 @@ impl<const N: usize> Terminal<N> {
             };
             (!*announced).then(|| {
                 *announced = true;
+                *opened_to = relay;
                 Event::Open(Handle(i as u8))
             })
         })
@@ -456,12 +472,13 @@ impl<const N: usize> Terminal<N> {
     fn settle(&mut self, h: Handle, now: Instant) {
         let Some(Connection {
             state: State::Closed(cause),
+            relay,
             ..
         }) = self.slots.get(usize::from(h.0)).and_then(Option::as_ref)
         else {
             return;
         };
-        let cause = cause.clone();
+        let (cause, opened_to) = (cause.clone(), *relay);
         if cause != Cause::Local {
             self.failures = self.failures.saturating_add(1);
             let exp = self.failures.clamp(1, 16) - 1;
@@ -474,6 +491,11 @@ impl<const N: usize> Terminal<N> {
         }
         let up = self.conns().any(|(_, c)| c.is_logged_in());
         self.up = up;
+        // The relay is lost (or was never reached): the next connection tries the next
+        // address. Once per relay: the other connections it held close with the old index.
+        if cause != Cause::Local && !up && opened_to == self.relay {
+            self.relay = self.relay.wrapping_add(1);
+        }
         // Another instance of this user ID took over, or the account is gone.
         if let Cause::Relay(code @ (ErrorCode::Replaced | ErrorCode::AccountRemoved)) = cause {
             self.stop(Cause::Relay(code));
