@@ -161,23 +161,45 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
                         return Err(ErrorCode::Replaced);
                     }
                     // Newest wins: a rebooted device is reachable at once.
-                    let old = self.terms.get(tk).map(|t| t.instance);
-                    self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
-                    self.emit(Event::Replaced {
-                        user: a.user.clone(),
-                    });
-                    if let Some(instance) = old {
-                        self.emit(Event::InstanceEnded {
-                            user: a.user.clone(),
-                            instance,
-                            how: InstanceEnd::Replaced,
-                            kind: Kind::Reachable,
-                        });
-                    }
+                    self.replace(tk, &a.user);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Ends reachable instance `tk` of `user` because a newer one took its place: its
+    /// connections get ERROR `Replaced` (the terminal stops), its sessions' peers RELEASE
+    /// `PeerLoggedOut`.
+    fn replace(&mut self, tk: u32, user: &UserId) {
+        let old = self.terms.get(tk).map(|t| t.instance);
+        self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
+        self.emit(Event::Replaced { user: user.clone() });
+        if let Some(instance) = old {
+            self.emit(Event::InstanceEnded {
+                user: user.clone(),
+                instance,
+                how: InstanceEnd::Replaced,
+                kind: Kind::Reachable,
+            });
+        }
+    }
+
+    /// A newer login of `user`, instance `instance`, is reachable on another relay (relays
+    /// sharing one database, docs/CLUSTER.md): the reachable instance here, unless it is
+    /// that one, ends exactly as a local replacement ends it (ERROR `Replaced`, the same
+    /// events), so a user ID is reachable on one relay. Requester instances stay. Whether
+    /// one ended.
+    pub fn replace_user(&mut self, user: &UserId, instance: u64) -> bool {
+        let Some(tk) = self
+            .reachable(user)
+            .filter(|&tk| self.terms.get(tk).is_some_and(|t| t.instance != instance))
+        else {
+            return false;
+        };
+        self.replace(tk, user);
+        self.serve_kicks();
+        true
     }
 
     /// A new instance entry, first of its user's chain.
