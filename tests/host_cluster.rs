@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use login_client::*;
 use postgres_support::Postgres;
+use relay_proto::ErrorCode;
 use support::*;
 
 /// How soon an account change made through one node must count on the other.
@@ -484,4 +485,50 @@ fn an_instance_record_the_database_refused_is_written_later() {
         panic!("password login of dev")
     };
     c.wait_recorded("cam", Some(&token));
+}
+
+/// Newest wins across nodes: a password login on node 1 for a user ID whose reachable
+/// instance runs on node 0 moves the presence row to node 1 with a higher epoch, and
+/// node 0, told by NOTIFY, ends its instance with ERROR `Replaced`, as a second login on
+/// node 0 itself would. Red before: node 0's connection stayed logged in.
+#[test]
+fn newest_wins_across_nodes() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    let epoch = "SELECT epoch FROM relay.instances WHERE account = 'cam'";
+    let mut older = Client::connect(c.node(0), LOCAL);
+    let Answer::Ok(t0) = older.login("cam", password(PASSWORD)) else {
+        panic!("password login on node 0")
+    };
+    c.wait_recorded("cam", Some(&t0));
+    let e0: i64 = c.pg.psql("relay", epoch).trim().parse().unwrap();
+    c.wait_metric(0, "relay_logged_in_terminals", |v| v == 1.0);
+
+    let start = Instant::now();
+    let mut newer = Client::connect(c.node(1), LOCAL);
+    let Answer::Ok(t1) = newer.login("cam", password(PASSWORD)) else {
+        panic!("password login on node 1")
+    };
+    assert_eq!(older.next_error(), Some(ErrorCode::Replaced));
+    eprintln!(
+        "newest wins: node 0's instance replaced {:?} after the login on node 1",
+        start.elapsed()
+    );
+    c.wait_recorded("cam", Some(&t1));
+    let e1: i64 = c.pg.psql("relay", epoch).trim().parse().unwrap();
+    assert!(e1 > e0, "epochs: {e0} then {e1}");
+    c.wait_metric(0, "relay_logged_in_terminals", |v| v == 0.0);
+    assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
+    // The replaced instance stops: its token is refused with Replaced on either node.
+    for node in 0..2 {
+        let again = Client::connect(c.node(node), LOCAL).login("cam", token(&t0));
+        assert_eq!(
+            again,
+            Answer::Refused(ErrorCode::Replaced, None),
+            "node {node}"
+        );
+    }
+    // The newer one stays.
+    assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
+    drop(newer);
 }

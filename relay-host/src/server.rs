@@ -1519,6 +1519,33 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
     }
 }
 
+/// Newest wins across relays (docs/CLUSTER.md, part 4): a reachable instance another
+/// relay recorded after this one's replaces the instance of that user ID here, as a local
+/// password login would (ERROR `Replaced`).
+fn replace_from_elsewhere(
+    srv: Weak<Server>,
+    store: &dyn AccountStore,
+) -> impl Future<Output = ()> + use<> {
+    let (tx, mut moved) = mpsc::unbounded_channel();
+    store.watch_presence(tx);
+    async move {
+        while let Some(p) = moved.recv().await {
+            let Some(srv) = srv.upgrade() else { return };
+            let Ok(user) = UserId::new(&p.account) else {
+                continue;
+            };
+            if !srv.auth.outranked(&p.account, p.epoch) {
+                continue;
+            }
+            let mut core = srv.lock();
+            if core.relay.replace_user(&user, p.instance) {
+                tracing::info!(%user, epoch = p.epoch, "a newer login on another relay replaced the instance here");
+            }
+            core.drain(&srv);
+        }
+    }
+}
+
 /// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn run(
     config: ServeConfig,
@@ -1613,6 +1640,8 @@ pub async fn serve(
             }
         });
     }
+
+    tokio::spawn(replace_from_elsewhere(Arc::downgrade(&srv), store.as_ref()));
 
     if let Some(addr) = config.metrics {
         let listener = TcpListener::bind(addr)

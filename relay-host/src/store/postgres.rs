@@ -121,7 +121,23 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN node  text,                     -- relay.nodes id; NULL: not a node
         ADD COLUMN epoch bigint NOT NULL DEFAULT 0; -- from relay.presence_epoch
     ",
+    // 4: newest wins across nodes (docs/CLUSTER.md, part 4): every presence write tells
+    // the nodes, in commit order, 'node instance epoch account' ('-' for no instance).
+    "
+    CREATE FUNCTION relay.presence_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('relay_presence', concat_ws(' ', coalesce(NEW.node, '-'),
+            coalesce(NEW.instance::text, '-'), NEW.epoch, NEW.account));
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER presence_changed AFTER INSERT OR UPDATE ON relay.instances
+        FOR EACH ROW EXECUTE FUNCTION relay.presence_changed();
+    ",
 ];
+
+/// The channel the presence trigger notifies on (migration 4).
+const PRESENCE: &str = "relay_presence";
 
 /// How often a node writes its heartbeat. The others count it dead 3 s after its last
 /// one (docs/CLUSTER.md, part 3).
@@ -622,7 +638,7 @@ impl AccountStore for PgStore {
         })
     }
 
-    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {
+    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<u64, StoreError> {
         let owned = name.to_owned();
         let instance = instance.map(|i| i as i64);
         let node = self.node.get().cloned();
@@ -634,17 +650,39 @@ impl AccountStore for PgStore {
                      SELECT $1, $2, $3, nextval('relay.presence_epoch')
                      WHERE EXISTS (SELECT 1 FROM relay.accounts WHERE name = $1)
                      ON CONFLICT (account) DO UPDATE SET instance = EXCLUDED.instance,
-                         node = EXCLUDED.node, epoch = EXCLUDED.epoch",
+                         node = EXCLUDED.node, epoch = EXCLUDED.epoch
+                     RETURNING epoch",
                 )
                 .await?;
-            client.execute(&stmt, &[&owned, &instance, &node]).await?;
-            Ok(())
+            let row = client.query_opt(&stmt, &[&owned, &instance, &node]).await?;
+            Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
         })
     }
 
     fn watch_changes(&self, wake: Arc<Notify>) {
-        self.runtime()
-            .spawn(listen(self.config.clone(), self.target.clone(), wake));
+        let on = move |_: Option<&str>| wake.notify_one();
+        self.runtime().spawn(listen(
+            self.config.clone(),
+            self.target.clone(),
+            CHANNEL,
+            on,
+        ));
+    }
+
+    fn watch_presence(&self, moved: tokio::sync::mpsc::UnboundedSender<super::Presence>) {
+        let me = self.node.get().cloned();
+        let on = move |payload: Option<&str>| {
+            if let Some(p) = payload.and_then(|p| foreign_presence(p, me.as_deref())) {
+                // The server is gone only while it stops.
+                let _ = moved.send(p);
+            }
+        };
+        self.runtime().spawn(listen(
+            self.config.clone(),
+            self.target.clone(),
+            PRESENCE,
+            on,
+        ));
     }
 }
 
@@ -697,15 +735,36 @@ async fn heartbeat(pool: Pool, id: String, node: NodeInfo, target: String) {
     }
 }
 
-/// Keeps a connection that `LISTEN`s on [`CHANNEL`] and wakes `wake` on each notification,
-/// and once after each (re)connection for what happened while it was away. Runs until the
-/// store's runtime stops.
-async fn listen(config: tokio_postgres::Config, target: String, wake: Arc<Notify>) {
+/// A presence notification's payload ('node instance epoch account', migration 4) as a
+/// reachable instance recorded by a node other than `me`; `None` for this node's own
+/// records, logouts and anything malformed.
+fn foreign_presence(payload: &str, me: Option<&str>) -> Option<super::Presence> {
+    let mut fields = payload.splitn(4, ' ');
+    let node = fields.next()?;
+    let instance = fields.next()?.parse::<i64>().ok()?;
+    let epoch = fields.next()?.parse::<i64>().ok()?;
+    let account = fields.next()?;
+    (Some(node) != me).then(|| super::Presence {
+        account: account.to_owned(),
+        instance: instance as u64,
+        epoch: epoch as u64,
+    })
+}
+
+/// Keeps a connection that `LISTEN`s on `channel` and calls `on` with each notification's
+/// payload, and with `None` after each (re)connection for what happened while it was
+/// away. Runs until the store's runtime stops.
+async fn listen(
+    config: tokio_postgres::Config,
+    target: String,
+    channel: &'static str,
+    on: impl Fn(Option<&str>) + Clone + Send + 'static,
+) {
     let mut healthy = true;
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
-                let woken = wake.clone();
+                let told = on.clone();
                 // The connection must be polled for the LISTEN to go out; its messages are
                 // the notifications.
                 let mut driver = tokio::spawn(async move {
@@ -713,25 +772,25 @@ async fn listen(config: tokio_postgres::Config, target: String, wake: Arc<Notify
                         std::future::poll_fn(|cx| connection.poll_message(cx)).await
                     {
                         match message {
-                            Ok(AsyncMessage::Notification(_)) => woken.notify_one(),
+                            Ok(AsyncMessage::Notification(n)) => told(Some(n.payload())),
                             Ok(_) => {}
                             Err(e) => return e.to_string(),
                         }
                     }
                     "closed by the server".to_owned()
                 });
-                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                match client.batch_execute(&format!("LISTEN {channel}")).await {
                     Ok(()) => {
                         if !healthy {
-                            tracing::info!(database = %target, "listening for account changes again");
+                            tracing::info!(database = %target, channel, "listening again");
                         }
                         healthy = true;
-                        wake.notify_one();
+                        on(None);
                         let why = (&mut driver).await.unwrap_or_else(|e| e.to_string());
-                        tracing::warn!(database = %target, "account change listener lost its connection: {why}");
+                        tracing::warn!(database = %target, channel, "the listener lost its connection: {why}");
                     }
                     Err(e) if healthy => {
-                        tracing::warn!(database = %target, "cannot listen for account changes: {e}");
+                        tracing::warn!(database = %target, channel, "cannot listen: {e}");
                         healthy = false;
                     }
                     Err(_) => {}
@@ -739,7 +798,7 @@ async fn listen(config: tokio_postgres::Config, target: String, wake: Arc<Notify
                 driver.abort();
             }
             Err(e) if healthy => {
-                tracing::warn!(database = %target, "cannot listen for account changes: {e}");
+                tracing::warn!(database = %target, channel, "cannot listen: {e}");
                 healthy = false;
             }
             Err(_) => {}
