@@ -65,6 +65,9 @@ pub struct Metrics {
     pub logged_in_terminals: Gauge,
     /// Sessions being relayed.
     pub active_sessions: Gauge,
+    /// 1 while this relay is fenced: a node of a cluster that cannot write its heartbeat
+    /// serves no terminal (docs/CLUSTER.md, part 6).
+    pub fenced: Gauge,
     /// Payload bytes relayed, both directions added.
     pub bytes_relayed: Counter,
     /// Clients of published ports closed at once: their source is outside the port's
@@ -87,6 +90,7 @@ impl Metrics {
         let connections = Gauge::default();
         let logged_in_terminals = Gauge::default();
         let active_sessions = Gauge::default();
+        let fenced = Gauge::default();
         let bytes_relayed = Counter::default();
         let published_refused = Counter::default();
         let logins = Family::<LoginLabels, Counter>::default();
@@ -107,6 +111,11 @@ impl Metrics {
             active_sessions.clone(),
         );
         registry.register(
+            "fenced",
+            "1 while this cluster node cannot write its heartbeat and serves no terminal",
+            fenced.clone(),
+        );
+        registry.register(
             "relayed_bytes",
             "Payload bytes relayed, both directions",
             bytes_relayed.clone(),
@@ -123,6 +132,7 @@ impl Metrics {
             connections,
             logged_in_terminals,
             active_sessions,
+            fenced,
             bytes_relayed,
             published_refused,
             logins,

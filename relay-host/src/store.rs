@@ -346,6 +346,12 @@ pub trait AccountStore: Send + Sync + fmt::Debug {
     fn watch_presence(&self, moved: tokio::sync::mpsc::UnboundedSender<Presence>) {
         let _ = moved;
     }
+    /// Fencing (docs/CLUSTER.md, part 6): `true` while this relay, a node of a cluster,
+    /// has not written its heartbeat for [`postgres::FENCE_AFTER`], so the others may
+    /// count it dead; it must then serve no terminal. `None`: not a node of a cluster.
+    fn fencing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// A reachable instance another relay recorded ([`AccountStore::watch_presence`]).

@@ -143,6 +143,15 @@ const PRESENCE: &str = "relay_presence";
 /// one (docs/CLUSTER.md, part 3).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
+/// A node that has not written its heartbeat for this long (its own monotonic clock,
+/// since the last write that succeeded) fences itself: it closes its terminals and
+/// refuses logins until a write succeeds. Less than the others' 3 s death threshold: the
+/// margin covers the last write's round trip, so no user ID is reachable on two nodes.
+pub const FENCE_AFTER: Duration = Duration::from_secs(2);
+
+/// How often a node compares its last written heartbeat with [`FENCE_AFTER`].
+const FENCE_CHECK: Duration = Duration::from_millis(100);
+
 /// Rows of nodes dead for this long are deleted by whichever node notices.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
@@ -191,6 +200,8 @@ pub struct PgStore {
     /// This process's id in `relay.nodes`, once it [joined](Self::join): recorded with the
     /// instances it starts and ends.
     node: std::sync::OnceLock<String>,
+    /// `true` while fenced ([`AccountStore::fencing`]), once it joined.
+    fenced: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -269,6 +280,7 @@ impl PgStore {
             pool,
             runtime: Some(runtime),
             node: std::sync::OnceLock::new(),
+            fenced: std::sync::OnceLock::new(),
         };
         // The first connection: a failure here names the database (never its password).
         store.run(migrate).map_err(|e| match e {
@@ -315,11 +327,14 @@ impl PgStore {
         tracing::info!(node = %id, "joined the cluster (relay.nodes)");
         // Only `relay serve` joins, once: set succeeds.
         let _ = self.node.set(id.clone());
+        let (fence, fenced) = tokio::sync::watch::channel(false);
+        let _ = self.fenced.set(fenced);
         let heartbeat = self.runtime().spawn(heartbeat(
             self.pool.clone(),
             id.clone(),
             node,
             self.target.clone(),
+            fence,
         ));
         Ok(Membership {
             store: self.clone(),
@@ -669,6 +684,10 @@ impl AccountStore for PgStore {
         ));
     }
 
+    fn fencing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.fenced.get().cloned()
+    }
+
     fn watch_presence(&self, moved: tokio::sync::mpsc::UnboundedSender<super::Presence>) {
         let me = self.node.get().cloned();
         let on = move |payload: Option<&str>| {
@@ -698,17 +717,25 @@ async fn insert_node(client: &Object, id: &str, node: &NodeInfo) -> Result<(), S
 }
 
 /// Writes node `id`'s heartbeat every [`HEARTBEAT_EVERY`] (the database's clock), and
-/// deletes the rows of nodes dead for [`FORGET_AFTER`]. A failed write is logged once per
-/// outage; fencing (closing this node's terminals after 2 s without a write) is planned
-/// (docs/CLUSTER.md, part 6).
-async fn heartbeat(pool: Pool, id: String, node: NodeInfo, target: String) {
+/// deletes the rows of nodes dead for [`FORGET_AFTER`]. Each write may take at most
+/// [`HEARTBEAT_EVERY`] (a paused database does not answer at all); `fence` says `true`
+/// once none succeeded for [`FENCE_AFTER`], and `false` again at the next success.
+async fn heartbeat(
+    pool: Pool,
+    id: String,
+    node: NodeInfo,
+    target: String,
+    fence: tokio::sync::watch::Sender<bool>,
+) {
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let forget = format!("{} seconds", FORGET_AFTER.as_secs());
+    // `join` has just written the row.
+    let mut written = tokio::time::Instant::now();
     let mut healthy = true;
     loop {
         tick.tick().await;
-        let beat = async {
+        let beat = tokio::time::timeout(HEARTBEAT_EVERY, async {
             let client = pool.get().await.map_err(|e| pool_error(&target, e))?;
             // An upsert: a row deleted meanwhile (by hand) comes back.
             insert_node(&client, &id, &node).await?;
@@ -719,20 +746,49 @@ async fn heartbeat(pool: Pool, id: String, node: NodeInfo, target: String) {
                 )
                 .await?;
             Ok::<_, StoreError>(())
-        };
-        match beat.await {
-            Ok(()) if !healthy => {
-                tracing::info!(node = %id, "heartbeat written again");
-                healthy = true;
+        });
+        tokio::pin!(beat);
+        // While the write waits, the fence is checked: a hung write must fence too.
+        let outcome = loop {
+            tokio::select! {
+                r = &mut beat => break r.unwrap_or_else(|_| {
+                    Err(StoreError::Database(format!("{target}: the heartbeat write timed out")))
+                }),
+                () = tokio::time::sleep(FENCE_CHECK) => set_fence(&fence, &id, written),
             }
-            Ok(()) => {}
+        };
+        match outcome {
+            Ok(()) => {
+                written = tokio::time::Instant::now();
+                if !healthy {
+                    tracing::info!(node = %id, "heartbeat written again");
+                    healthy = true;
+                }
+            }
             Err(e) if healthy => {
                 tracing::warn!(node = %id, "cannot write the heartbeat: {e}");
                 healthy = false;
             }
             Err(_) => {}
         }
+        set_fence(&fence, &id, written);
     }
+}
+
+/// Fenced while the last heartbeat written is older than [`FENCE_AFTER`].
+fn set_fence(fence: &tokio::sync::watch::Sender<bool>, id: &str, written: tokio::time::Instant) {
+    let fenced = written.elapsed() >= FENCE_AFTER;
+    fence.send_if_modified(|was| {
+        if *was == fenced {
+            return false;
+        }
+        match fenced {
+            true => tracing::warn!(node = %id, "no heartbeat written for {FENCE_AFTER:?}: fenced (closing every terminal connection, refusing logins)"),
+            false => tracing::info!(node = %id, "heartbeat written again: serving terminals again"),
+        }
+        *was = fenced;
+        true
+    });
 }
 
 /// A presence notification's payload ('node instance epoch account', migration 4) as a
