@@ -4,6 +4,8 @@
 //! node, as an operator would, and the other node must follow within a second; a token
 //! issued by one node starts a login on the other without a password check.
 
+#[path = "fleet.rs"]
+mod fleet;
 #[path = "login_client.rs"]
 mod login_client;
 #[path = "postgres_support.rs"]
@@ -38,6 +40,11 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, "")
+    }
+
+    /// `n` nodes whose `[limits]` section is `limits`.
+    fn start_with(n: usize, limits: &str) -> Cluster {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let pg = Postgres::start();
         let url = pg.create_database("relay");
@@ -45,7 +52,7 @@ impl Cluster {
             .map(|_| {
                 let metrics = free_port();
                 let top = format!("database = \"{url}\"\nmetrics = \"127.0.0.1:{metrics}\"\n");
-                (Relay::start_with(&top, ""), metrics)
+                (Relay::start_with(&top, limits), metrics)
             })
             .collect();
         Cluster {
@@ -531,4 +538,281 @@ fn newest_wins_across_nodes() {
     // The newer one stays.
     assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
     drop(newer);
+}
+
+/// Idle terminals must outlive a long test: the fleet sends no keep-alives.
+const PATIENT: &str = "keepalive_interval = \"5m\"\nkeepalive_timeout = \"10m\"";
+
+impl Cluster {
+    /// Node `i`'s plain listener.
+    fn plain(&self, i: usize) -> std::net::SocketAddr {
+        (Ipv4Addr::LOCALHOST, self.node(i).plain_port).into()
+    }
+
+    /// Accounts `t0` … `t{n-1}` (one argon2 hash, copied by SQL) and for each the LOGIN
+    /// frame of a reachable terminal resuming with a token minted from the database's key
+    /// (any node accepts it: no argon2 at login either).
+    fn token_logins(&self, n: usize) -> Vec<Vec<u8>> {
+        use relay_host::store::ServerSecret;
+        use relay_host::token::{InstanceId, TokenKey};
+        use relay_proto::frame::{Credential, Frame, Hello, Login, caps};
+        self.add(0, "seed");
+        self.pg.psql(
+            "relay",
+            &format!(
+                "INSERT INTO relay.accounts (name, phc, created, restricted, credential) \
+                 SELECT 't' || i, phc, created, restricted, credential \
+                 FROM relay.accounts, generate_series(0, {}) AS i WHERE name = 'seed'",
+                n - 1
+            ),
+        );
+        let stamp: i64 = self
+            .pg
+            .psql(
+                "relay",
+                "SELECT credential FROM relay.accounts WHERE name = 'seed'",
+            )
+            .trim()
+            .parse()
+            .unwrap();
+        let hex = self.pg.psql(
+            "relay",
+            "SELECT encode(secret, 'hex') FROM relay.server_secret",
+        );
+        let hex = hex.trim();
+        let secret: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let key = TokenKey::new(&ServerSecret::from_bytes(secret.try_into().unwrap()));
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        (0..n)
+            .map(|i| {
+                let user = format!("t{i}");
+                let token = key.issue(&user, stamp as u64, InstanceId(i as u64 + 1), expiry);
+                let frame = Frame::Login(Login {
+                    hello: Hello::current(caps::ALL),
+                    user: relay_proto::UserId::new(&user).unwrap(),
+                    credential: Credential::Resume(
+                        relay_proto::ResumeToken::from_slice(&token).unwrap(),
+                    ),
+                });
+                let mut buf = [0u8; 512];
+                let len = frame.encode(&mut buf).unwrap();
+                buf[..len].to_vec()
+            })
+            .collect()
+    }
+
+    /// Password logins node `i` has checked (argon2 runs), whatever their outcome.
+    fn password_checks(&self, i: usize) -> f64 {
+        ["ok", "failed"]
+            .iter()
+            .map(|o| {
+                self.metric(
+                    i,
+                    &format!("relay_logins_total{{method=\"password\",outcome=\"{o}\"}}"),
+                )
+            })
+            .sum()
+    }
+
+    /// The user IDs node `i`'s dashboard shows logged in (its admin view).
+    fn homed(&self, i: usize) -> std::collections::BTreeSet<String> {
+        dashboard_users(self.nodes[i].1)
+    }
+
+    /// Signals every process of the database server (the postmaster and its backends).
+    fn signal_database(&self, sig: i32) {
+        let root = self.pg.pid() as i32;
+        let mut pids = vec![root];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // "pid (comm) state ppid …": the fields after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(root) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {pid}");
+        }
+    }
+}
+
+/// The user IDs the dashboard on admin port `port` shows logged in.
+fn dashboard_users(port: u16) -> std::collections::BTreeSet<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    page.split("id=\"terminal-")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect()
+}
+
+/// `relay expose` of `user` with every node's plain listener in `--server`, node 0
+/// first, serving `echo` on `port`.
+fn expose_everywhere(c: &Cluster, user: &str, port: u16) -> Proc {
+    let servers: Vec<String> = (0..c.nodes.len()).map(|i| c.plain(i).to_string()).collect();
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(["expose", "--plain", "--server", &servers.join(",")])
+        .args([
+            "--user",
+            user,
+            "--service",
+            &format!("echo=127.0.0.1:{port}"),
+        ])
+        .env("RELAY_PASSWORD", PASSWORD);
+    let p = Proc::spawn(&format!("expose {user}"), cmd);
+    p.wait_for("logged in to the relay", Duration::from_secs(20));
+    p
+}
+
+/// Polls `ok` every 10 ms; fails with `what` after `within`. Returns the time it took.
+fn wait_until(within: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// `kill -9` of the node that holds every terminal: they all log in again through the
+/// other two (with their tokens: no password check anywhere), the real `relay expose`
+/// with several `--server` addresses among them, reachable through its new node.
+#[test]
+fn a_killed_node_s_terminals_are_reachable_again_through_the_others() {
+    const N: usize = 200;
+    let mut c = Cluster::start_with(3, PATIENT);
+    let logins = c.token_logins(N);
+    let fleet = fleet::Fleet::start((0..3).map(|i| c.plain(i)).collect(), logins, |_| 0);
+    c.add(0, "cam");
+    c.add(0, "laptop");
+    let echo = echo_service();
+    let _cam = expose_everywhere(&c, "cam", echo);
+    wait_until(Duration::from_secs(60), "every terminal on node 0", || {
+        fleet.on(0) == N
+    });
+    c.wait_metric(0, "relay_logged_in_terminals", |v| v == N as f64 + 1.0);
+    let checks = c.password_checks(1) + c.password_checks(2);
+
+    let killed = fleet.now_ms();
+    drop(c.nodes[0].0.proc.take()); // SIGKILL
+    let all = wait_until(
+        Duration::from_secs(30),
+        "every terminal on nodes 1 and 2",
+        || fleet.on(1) + fleet.on(2) == N,
+    );
+    let mut took: Vec<u64> = fleet.login_times().iter().map(|t| t - killed).collect();
+    took.sort();
+    eprintln!(
+        "node 0 killed with {N} terminals: 99 % reachable again after {} ms, all after {all:?}",
+        took[N * 99 / 100 - 1]
+    );
+    wait_until(Duration::from_secs(30), "cam on node 1", || {
+        c.metric(1, "relay_logged_in_terminals") + c.metric(2, "relay_logged_in_terminals")
+            == N as f64 + 1.0
+    });
+    // The real terminal took the next address of its list: node 1.
+    let (_fwd, port) = c.node(1).forward("laptop", "cam/echo");
+    assert!(echo_works(port), "cam reachable through node 1");
+    assert_eq!(
+        c.password_checks(1) + c.password_checks(2) - checks,
+        1.0,
+        "only laptop's own login checked a password: the moved terminals used tokens"
+    );
+}
+
+/// The database paused (SIGSTOP) for 5 s: both nodes fence (close their terminals,
+/// refuse logins) within 2 s, so no user ID is ever reachable on both, sampled from
+/// their dashboards throughout; after SIGCONT every terminal is reachable again.
+#[test]
+fn a_paused_database_never_leaves_a_user_id_on_two_nodes() {
+    const N: usize = 50;
+    let c = Cluster::start_with(2, PATIENT);
+    let logins = c.token_logins(N);
+    let fleet = fleet::Fleet::start(vec![c.plain(0), c.plain(1)], logins, |i| i % 2);
+    c.add(0, "cam");
+    let _cam = expose_everywhere(&c, "cam", echo_service());
+    wait_until(Duration::from_secs(60), "every terminal up", || {
+        fleet.up() == N
+    });
+
+    // Samples node 0, node 1, node 0 again: a user ID on node 0 both times and on node
+    // 1 between was on both at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, ports) = (stop.clone(), [c.nodes[0].1, c.nodes[1].1]);
+        let view = dashboard_users;
+        std::thread::spawn(move || {
+            let (mut samples, mut doubles) = (0, Vec::new());
+            let mut before = view(ports[0]);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let other = view(ports[1]);
+                let after = view(ports[0]);
+                doubles.extend(
+                    before
+                        .intersection(&after)
+                        .filter(|u| other.contains(*u))
+                        .cloned(),
+                );
+                before = after;
+                samples += 1;
+            }
+            (samples, doubles)
+        })
+    };
+
+    c.signal_database(libc::SIGSTOP);
+    let paused = Instant::now();
+    for i in 0..2 {
+        c.wait_metric(i, "relay_fenced", |v| v == 1.0);
+    }
+    eprintln!(
+        "database paused: both nodes fenced after {:?}",
+        paused.elapsed()
+    );
+    assert!(
+        c.homed(0).is_empty() && c.homed(1).is_empty(),
+        "fenced nodes hold no terminal"
+    );
+    // The pause the scenario is about.
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(paused.elapsed()));
+    c.signal_database(libc::SIGCONT);
+    let resumed = wait_until(Duration::from_secs(60), "every terminal up again", || {
+        fleet.up() == N
+    });
+    wait_until(Duration::from_secs(60), "cam back", || {
+        c.homed(0).contains("cam") || c.homed(1).contains("cam")
+    });
+    eprintln!("database resumed: every terminal reachable again after {resumed:?}");
+    for i in 0..2 {
+        assert_eq!(c.metric(i, "relay_fenced"), 0.0, "node {i} unfenced");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (samples, doubles) = sampler.join().unwrap();
+    eprintln!(
+        "{samples} samples of both nodes' presence: {} user IDs on two nodes",
+        doubles.len()
+    );
+    assert!(samples > 10, "{samples} samples");
+    assert!(doubles.is_empty(), "on two nodes at once: {doubles:?}");
 }
