@@ -816,3 +816,40 @@ fn a_paused_database_never_leaves_a_user_id_on_two_nodes() {
     assert!(samples > 10, "{samples} samples");
     assert!(doubles.is_empty(), "on two nodes at once: {doubles:?}");
 }
+
+/// A node stopped with SIGTERM drains: every terminal gets ERROR `ShuttingDown`, which
+/// is no failure to it, and moves to its next relay address within 250 ms (plus the
+/// login there); the real `relay expose` with both nodes in `--server` is reachable
+/// through node 1 soon after.
+#[test]
+fn a_draining_node_s_terminals_move_to_the_next_relay() {
+    const N: usize = 50;
+    let mut c = Cluster::start_with(2, PATIENT);
+    let fleet = fleet::Fleet::start(vec![c.plain(0), c.plain(1)], c.token_logins(N), |_| 0);
+    c.add(0, "cam");
+    c.add(0, "laptop");
+    let _cam = expose_everywhere(&c, "cam", echo_service());
+    wait_until(Duration::from_secs(60), "every terminal on node 0", || {
+        fleet.on(0) == N
+    });
+    assert!(c.homed(0).contains("cam"));
+    let stopping = Instant::now();
+    c.nodes[0].0.proc().signal("-TERM");
+    let moved = wait_until(Duration::from_secs(30), "cam on node 1", || {
+        c.homed(1).contains("cam")
+    });
+    eprintln!("node 0 draining: cam (relay expose) reachable through node 1 after {moved:?}");
+    wait_until(Duration::from_secs(30), "every terminal on node 1", || {
+        fleet.on(1) == N
+    });
+    let (ok, log) = c.nodes[0]
+        .0
+        .proc
+        .take()
+        .unwrap()
+        .wait_exit(Duration::from_secs(15));
+    assert!(ok, "node 0 exits 0 after draining:\n{log}");
+    eprintln!("node 0 stopped {:?} after SIGTERM", stopping.elapsed());
+    let (_fwd, port) = c.node(1).forward("laptop", "cam/echo");
+    assert!(echo_works(port), "cam reachable through node 1");
+}

@@ -59,6 +59,10 @@ impl Kind {
     }
 }
 
+/// After ERROR `ShuttingDown` the next connection opens within this many milliseconds
+/// (uniform), not after the failure back-off.
+const MOVE_SPREAD_MS: u64 = 250;
+
 /// Terminal settings. The relay's LOGIN_OK overrides the keep-alive interval.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -479,7 +483,13 @@ impl<const N: usize> Terminal<N> {
             return;
         };
         let (cause, opened_to) = (cause.clone(), *relay);
-        if cause != Cause::Local {
+        if cause == Cause::Relay(ErrorCode::ShuttingDown) {
+            // The relay leaves on purpose (it stops, drains, or is fenced from its
+            // cluster): not a failure. Move on almost at once, spread so that all its
+            // terminals do not arrive at the next relay in the same instant.
+            let spread = Duration::from_millis(u64::from(self.jitter.next_u32()) % MOVE_SPREAD_MS);
+            self.retry_at = self.retry_at.max(now + spread);
+        } else if cause != Cause::Local {
             self.failures = self.failures.saturating_add(1);
             let exp = self.failures.clamp(1, 16) - 1;
             let delay = self

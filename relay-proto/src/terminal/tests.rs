@@ -817,3 +817,29 @@ fn the_other_connections_of_a_lost_relay_do_not_move_the_terminal_again() {
     r.events();
     assert_eq!(r.t.relay(), 1, "H1 was opened to the lost relay");
 }
+
+/// ERROR `ShuttingDown` (the relay stops, drains or is fenced): not a failure. The next
+/// connection goes to the next address within 250 ms, not after the 0.5 s back-off a
+/// lost connection waits; and the back-off is not raised by it.
+#[test]
+fn shutting_down_moves_to_the_next_relay_within_250_ms() {
+    let mut r = Rig::up();
+    r.feed(H0, error(ErrorCode::ShuttingDown));
+    let events = r.events();
+    assert_eq!(
+        closed(&events, H0),
+        Some(Cause::Relay(ErrorCode::ShuttingDown))
+    );
+    assert_eq!(r.t.relay(), 1);
+    r.now = r.now + Duration::from_millis(250);
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)], "moved within 250 ms");
+
+    // A connection lost otherwise waits the back-off (0.5 s ± 25 %).
+    let mut r = Rig::up();
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    r.now = r.now + Duration::from_millis(250);
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [], "still backing off");
+}
