@@ -238,7 +238,9 @@ impl Auth {
     /// leaves none; a logged-out requester instance is retired.
     pub fn instance_changed(&self, event: Event) {
         match event {
-            Event::InstanceStarted { user, instance } => {
+            // Started here, or moved here from another relay: its presence is here now.
+            Event::InstanceStarted { user, instance }
+            | Event::InstanceArrived { user, instance } => {
                 self.instances.set(user.as_str(), Some(instance))
             }
             Event::InstanceEnded {

@@ -512,9 +512,9 @@ impl Core {
                     srv.board.offline(user.as_str());
                     tracing::info!(%user, "logged out (offline)")
                 }
-                e @ (Event::InstanceStarted { .. } | Event::InstanceEnded { .. }) => {
-                    srv.auth.instance_changed(e)
-                }
+                e @ (Event::InstanceStarted { .. }
+                | Event::InstanceArrived { .. }
+                | Event::InstanceEnded { .. }) => srv.auth.instance_changed(e),
             }
         }
         let stats = self.relay.stats();

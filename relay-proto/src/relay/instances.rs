@@ -115,10 +115,11 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             }
             return;
         }
-        if a.password && t_kind == Kind::Reachable {
-            self.emit(Event::InstanceStarted {
-                user: a.user.clone(),
-                instance: a.instance,
+        if t_kind == Kind::Reachable && (a.password || own.is_none()) {
+            let (user, instance) = (a.user.clone(), a.instance);
+            self.emit(match a.password {
+                true => Event::InstanceStarted { user, instance },
+                false => Event::InstanceArrived { user, instance },
             });
         }
         if let Some(c) = self.conns.get_mut(key) {
@@ -185,19 +186,22 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         }
     }
 
-    /// A newer login of `user`, instance `instance`, is reachable on another relay (relays
-    /// sharing one database, docs/CLUSTER.md): the reachable instance here, unless it is
-    /// that one, ends exactly as a local replacement ends it (ERROR `Replaced`, the same
-    /// events), so a user ID is reachable on one relay. Requester instances stay. Whether
-    /// one ended.
+    /// Instance `instance` of `user` is now reachable on another relay (relays sharing
+    /// one database, docs/CLUSTER.md), by a newer login there or because it moved there:
+    /// the reachable instance here ends, so a user ID is reachable on one relay. Another
+    /// instance ends exactly as a local replacement ends it (ERROR `Replaced`, the same
+    /// events); the same instance's connections here are left over from before it moved
+    /// and close without a frame (its terminal is elsewhere). Requester instances stay.
+    /// Whether one ended.
     pub fn replace_user(&mut self, user: &UserId, instance: u64) -> bool {
-        let Some(tk) = self
-            .reachable(user)
-            .filter(|&tk| self.terms.get(tk).is_some_and(|t| t.instance != instance))
-        else {
+        let Some(tk) = self.reachable(user) else {
             return false;
         };
-        self.replace(tk, user);
+        if self.terms.get(tk).is_some_and(|t| t.instance == instance) {
+            self.drop_terminal(tk, None, ReleaseReason::PeerLost);
+        } else {
+            self.replace(tk, user);
+        }
         self.serve_kicks();
         true
     }
