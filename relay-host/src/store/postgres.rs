@@ -143,10 +143,11 @@ const PRESENCE: &str = "relay_presence";
 /// one (docs/CLUSTER.md, part 3).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
-/// A node that has not written its heartbeat for this long (its own monotonic clock,
-/// since the last write that succeeded) fences itself: it closes its terminals and
-/// refuses logins until a write succeeds. Less than the others' 3 s death threshold: the
-/// margin covers the last write's round trip, so no user ID is reachable on two nodes.
+/// A node this long after the start of its last heartbeat write that succeeded (its own
+/// monotonic clock) fences itself: it closes its terminals and refuses logins until a
+/// write succeeds. Less than the others' 3 s death threshold (counted from the same
+/// write's `now()`, which is no earlier): the margin lets the closes take effect, so no
+/// user ID is reachable on two nodes.
 pub const FENCE_AFTER: Duration = Duration::from_secs(2);
 
 /// How often a node compares its last written heartbeat with [`FENCE_AFTER`].
@@ -320,6 +321,8 @@ impl PgStore {
         OsRng.fill_bytes(&mut raw);
         let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         let row = (id.clone(), node.clone());
+        // The row's heartbeat (the database's now()) is no earlier than this.
+        let written = tokio::time::Instant::now();
         self.run(move |client| async move {
             let (id, node) = row;
             insert_node(&client, &id, &node).await
@@ -334,7 +337,7 @@ impl PgStore {
             id.clone(),
             node,
             self.target.clone(),
-            fence,
+            (fence, written),
         ));
         Ok(Membership {
             store: self.clone(),
@@ -717,25 +720,28 @@ async fn insert_node(client: &Object, id: &str, node: &NodeInfo) -> Result<(), S
 }
 
 /// Writes node `id`'s heartbeat every [`HEARTBEAT_EVERY`] (the database's clock), and
-/// deletes the rows of nodes dead for [`FORGET_AFTER`]. Each write may take at most
-/// [`HEARTBEAT_EVERY`] (a paused database does not answer at all); `fence` says `true`
-/// once none succeeded for [`FENCE_AFTER`], and `false` again at the next success.
+/// deletes the rows of nodes dead for [`FORGET_AFTER`]. `fence` says `true` once
+/// [`FENCE_AFTER`] has passed since the *start* of the last write that succeeded (`join`'s
+/// first, then this loop's; the database's `now()` in it is no earlier, so this node
+/// fences before the others may count it dead, however long the write took), and `false`
+/// again at the next success. A
+/// write that hangs (a paused database does not answer at all) is given up after
+/// [`FENCE_AFTER`]; the fence is checked while it waits.
 async fn heartbeat(
     pool: Pool,
     id: String,
     node: NodeInfo,
     target: String,
-    fence: tokio::sync::watch::Sender<bool>,
+    (fence, mut written): (tokio::sync::watch::Sender<bool>, tokio::time::Instant),
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let forget = format!("{} seconds", FORGET_AFTER.as_secs());
-    // `join` has just written the row.
-    let mut written = tokio::time::Instant::now();
     let mut healthy = true;
     loop {
         tick.tick().await;
-        let beat = tokio::time::timeout(HEARTBEAT_EVERY, async {
+        let started = tokio::time::Instant::now();
+        let beat = tokio::time::timeout(FENCE_AFTER, async {
             let client = pool.get().await.map_err(|e| pool_error(&target, e))?;
             // An upsert: a row deleted meanwhile (by hand) comes back.
             insert_node(&client, &id, &node).await?;
@@ -759,7 +765,7 @@ async fn heartbeat(
         };
         match outcome {
             Ok(()) => {
-                written = tokio::time::Instant::now();
+                written = started;
                 if !healthy {
                     tracing::info!(node = %id, "heartbeat written again");
                     healthy = true;
