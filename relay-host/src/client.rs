@@ -229,7 +229,7 @@ impl Task {
             Cmd::Online { cursor, reply } => match driver.terminal_mut().request_online(cursor) {
                 Ok(_) => self.online = Some(reply),
                 Err(SendError::Unsupported(_)) => {
-                    let server = &self.shared.server();
+                    let server = self.shared.server();
                     let _ = reply.send(Err(format!(
                         "the relay at {server} does not offer the online list \
                          (no LIST capability in its LOGIN_OK)"

@@ -1526,8 +1526,9 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
 }
 
 /// Newest wins across relays (docs/CLUSTER.md, part 4): a reachable instance another
-/// relay recorded after this one's replaces the instance of that user ID here, as a local
-/// password login would (ERROR `Replaced`).
+/// relay recorded after this one's ends the instance of that user ID here: another
+/// instance as a local password login would end it (ERROR `Replaced`), the same one (it
+/// moved there) without a frame.
 fn replace_from_elsewhere(
     srv: Weak<Server>,
     store: &dyn AccountStore,
@@ -1545,7 +1546,7 @@ fn replace_from_elsewhere(
             }
             let mut core = srv.lock();
             if core.relay.replace_user(&user, p.instance) {
-                tracing::info!(%user, epoch = p.epoch, "a newer login on another relay replaced the instance here");
+                tracing::info!(%user, instance = p.instance, epoch = p.epoch, "reachable on another relay now: its instance here ended");
             }
             core.drain(&srv);
         }
