@@ -18,7 +18,10 @@
 //! run it twice; a database migrated by a newer relay is refused ([`StoreError::SchemaTooNew`]).
 //!
 //! A running relay is also a row of `relay.nodes` ([`PgStore::join`]) with a heartbeat
-//! every second: the start of the cluster's membership (docs/CLUSTER.md, part 3).
+//! every second, and fences itself ([`AccountStore::fencing`]) when it cannot write it
+//! (docs/CLUSTER.md, parts 3 and 6). Every presence write notifies the other nodes
+//! ([`AccountStore::watch_presence`]), so the newest login of a user ID wins across
+//! nodes (part 4).
 
 use std::collections::HashMap;
 use std::fmt;
