@@ -15,7 +15,7 @@ mod local;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -72,14 +72,30 @@ struct Shared {
     wake: Notify,
     /// Logging out on purpose: losing the relay is expected, not worth a warning.
     stopping: AtomicBool,
-    server: ServerAddr,
-    tls: Option<RelayLink>,
+    /// The relay addresses, in order, each with how its connections are protected.
+    relays: Vec<(ServerAddr, Option<RelayLink>)>,
+    /// The index in `relays` of the last connection opened (for messages).
+    current: AtomicUsize,
     app: mpsc::UnboundedSender<AppEvent>,
 }
 
 impl Shared {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The relay the terminal uses now (the last one a connection was opened to).
+    fn server(&self) -> &ServerAddr {
+        &self.relays[self.current.load(Ordering::Relaxed)].0
+    }
+
+    /// The address a connection opened for relay number `relay` goes to (the terminal's
+    /// [`relay_proto::terminal::Terminal::relay`], modulo the number of addresses), and
+    /// how it is protected; it becomes the current one.
+    fn choose(&self, relay: u32) -> &(ServerAddr, Option<RelayLink>) {
+        let i = relay as usize % self.relays.len();
+        self.current.store(i, Ordering::Relaxed);
+        &self.relays[i]
     }
 }
 
@@ -181,7 +197,7 @@ impl Task {
             && driver.terminal().runs_as() == Some(terminal::Kind::Reachable)
         {
             tracing::warn!(
-                server = %self.shared.server,
+                server = %self.shared.server(),
                 "the relay does not know requester instances (no REQUESTER capability): this \
                  login runs as the user ID's reachable instance, which replaces a device \
                  logged in with the same user ID (and is replaced by the next one)"
@@ -222,7 +238,7 @@ impl Task {
             Cmd::Online { cursor, reply } => match driver.terminal_mut().request_online(cursor) {
                 Ok(_) => self.online = Some(reply),
                 Err(SendError::Unsupported(_)) => {
-                    let server = &self.shared.server;
+                    let server = self.shared.server();
                     let _ = reply.send(Err(format!(
                         "the relay at {server} does not offer the online list \
                          (no LIST capability in its LOGIN_OK)"
@@ -284,7 +300,10 @@ fn start(
     let user = UserId::new(args.user.as_str()).map_err(|e| anyhow!("user ID: {e:?}"))?;
     let password = Password::new(&password).map_err(|e| anyhow!("password: {e:?}"))?;
     // `prepare` already warned loudly about --plain (`None`).
-    let tls = args.link()?;
+    let relays = args.relays()?;
+    if relays.is_empty() {
+        bail!("no relay address (--server)");
+    }
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random seed: {e}"))?;
     // Only `expose` takes demands; `connect` and `online` log in as requesters, so they
@@ -308,8 +327,8 @@ fn start(
     let shared = Arc::new(Shared {
         wake: Notify::new(),
         stopping: AtomicBool::new(false),
-        server: args.server.clone(),
-        tls,
+        relays,
+        current: AtomicUsize::new(0),
         app,
     });
     let (cmds, cmd_rx) = mpsc::unbounded_channel();
@@ -347,7 +366,7 @@ async fn logged_in(
             },
             () = &mut deadline => bail!(
                 "not logged in to the relay at {} within {}: {}",
-                client.shared.server,
+                client.shared.server(),
                 humantime::format_duration(patience),
                 why.as_deref().unwrap_or("no answer")
             ),
@@ -433,7 +452,7 @@ async fn log_out(client: &Client) {
     if client.ask(Cmd::Logout { reply }).is_ok() {
         let _ = tokio::time::timeout(LOGOUT_GRACE, done).await;
     }
-    tracing::info!(server = %client.shared.server, "logged out");
+    tracing::info!(server = %client.shared.server(), "logged out");
 }
 
 /// Opens one session to `target`, bridged to `sink` and `source`. Returns the session's

@@ -65,6 +65,9 @@ pub struct Metrics {
     pub logged_in_terminals: Gauge,
     /// Sessions being relayed.
     pub active_sessions: Gauge,
+    /// 1 while this relay is fenced: a node of a cluster that cannot write its heartbeat
+    /// serves no terminal (docs/CLUSTER.md, part 6).
+    pub fenced: Gauge,
     /// Payload bytes relayed, both directions added.
     pub bytes_relayed: Counter,
     /// Clients of published ports closed at once: their source is outside the port's
@@ -91,6 +94,7 @@ impl Metrics {
         let connections = Gauge::default();
         let logged_in_terminals = Gauge::default();
         let active_sessions = Gauge::default();
+        let fenced = Gauge::default();
         let bytes_relayed = Counter::default();
         let published_refused = Counter::default();
         let router_locks = Counter::default();
@@ -110,6 +114,11 @@ impl Metrics {
             "active_sessions",
             "Sessions being relayed",
             active_sessions.clone(),
+        );
+        registry.register(
+            "fenced",
+            "1 while this cluster node cannot write its heartbeat and serves no terminal",
+            fenced.clone(),
         );
         registry.register(
             "relayed_bytes",
@@ -133,6 +142,7 @@ impl Metrics {
             connections,
             logged_in_terminals,
             active_sessions,
+            fenced,
             bytes_relayed,
             published_refused,
             router_locks,

@@ -262,6 +262,8 @@ struct Server {
     splice: bool,
     /// The operator dashboard's view ([`crate::admin`]).
     board: Arc<Board>,
+    /// A fenced cluster node serves no terminal ([`fence`]); changed under the core lock.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 /// The core's configuration from the operator's limits.
@@ -518,9 +520,9 @@ impl Core {
                     srv.board.offline(user.as_str());
                     tracing::info!(%user, "logged out (offline)")
                 }
-                e @ (Event::InstanceStarted { .. } | Event::InstanceEnded { .. }) => {
-                    srv.auth.instance_changed(e)
-                }
+                e @ (Event::InstanceStarted { .. }
+                | Event::InstanceArrived { .. }
+                | Event::InstanceEnded { .. }) => srv.auth.instance_changed(e),
             }
         }
         let stats = self.relay.stats();
@@ -587,6 +589,10 @@ async fn run_timers(srv: Weak<Server>, wake: Arc<Notify>, epoch: std::time::Inst
 async fn authenticate(srv: Arc<Server>, conn: ConnId, me: Arc<Conn>, login: Login) {
     let verdict = srv.auth.check(&login, me.peer).await;
     let mut core = srv.lock();
+    if srv.fenced.load(Ordering::Relaxed) {
+        // Another node may hold this user ID now: no login here until unfenced.
+        return core.finish(&srv, conn, &me);
+    }
     if core.is(conn, &me) {
         let now = core.now();
         core.relay.login_verdict(now, conn, verdict);
@@ -1545,6 +1551,58 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
     }
 }
 
+/// Newest wins across relays (docs/CLUSTER.md, part 4): a reachable instance another
+/// relay recorded after this one's ends the instance of that user ID here: another
+/// instance as a local password login would end it (ERROR `Replaced`), the same one (it
+/// moved there) without a frame.
+fn replace_from_elsewhere(
+    srv: Weak<Server>,
+    store: &dyn AccountStore,
+) -> impl Future<Output = ()> + use<> {
+    let (tx, mut moved) = mpsc::unbounded_channel();
+    store.watch_presence(tx);
+    async move {
+        while let Some(p) = moved.recv().await {
+            let Some(srv) = srv.upgrade() else { return };
+            let Ok(user) = UserId::new(&p.account) else {
+                continue;
+            };
+            if !srv.auth.outranked(&p.account, p.epoch) {
+                continue;
+            }
+            let mut core = srv.lock();
+            if core.relay.replace_user(&user, p.instance) {
+                tracing::info!(%user, instance = p.instance, epoch = p.epoch, "reachable on another relay now: its instance here ended");
+            }
+            core.drain(&srv);
+        }
+    }
+}
+
+/// Fencing (docs/CLUSTER.md, part 6): while this node cannot write its heartbeat, the
+/// others may count it dead and let its user IDs log in elsewhere, so it closes every
+/// connection (ERROR `ShuttingDown`: terminals move to their next relay) and refuses
+/// logins ([`authenticate`]) until a heartbeat is written again.
+async fn fence(srv: Weak<Server>, mut fencing: watch::Receiver<bool>) {
+    loop {
+        let fenced = *fencing.borrow_and_update();
+        let Some(srv) = srv.upgrade() else { return };
+        {
+            let mut core = srv.lock();
+            srv.fenced.store(fenced, Ordering::Relaxed);
+            srv.metrics.fenced.set(i64::from(fenced));
+            if fenced {
+                core.relay.shutdown();
+                core.drain(&srv);
+            }
+        }
+        drop(srv);
+        if fencing.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn run(
     config: ServeConfig,
@@ -1612,6 +1670,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         splice: config.splice,
         board: board.clone(),
+        fenced: Default::default(),
     });
     tokio::spawn(carry_out(Arc::downgrade(&srv), admin_requests));
     tokio::spawn(run_timers(Arc::downgrade(&srv), timer_wake, epoch));
@@ -1638,6 +1697,11 @@ pub async fn serve(
                 current = newer;
             }
         });
+    }
+
+    tokio::spawn(replace_from_elsewhere(Arc::downgrade(&srv), store.as_ref()));
+    if let Some(fencing) = store.fencing() {
+        tokio::spawn(fence(Arc::downgrade(&srv), fencing));
     }
 
     if let Some(addr) = config.metrics {

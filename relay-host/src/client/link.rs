@@ -16,6 +16,7 @@ use tokio_util::either::Either;
 
 use super::{AppEvent, Shared};
 use crate::channel::{ChannelError, NoiseStream, RelayLink};
+use crate::cli::ServerAddr;
 use crate::tls::TlsError;
 
 /// Bytes a relay connection holds each way between its socket and the driver.
@@ -110,6 +111,10 @@ impl HostLink {
 
 impl Link for HostLink {
     fn open(&mut self, slot: usize) -> Result<(), LinkError> {
+        self.open_to(slot, 0)
+    }
+
+    fn open_to(&mut self, slot: usize, relay: u32) -> Result<(), LinkError> {
         let pipe = Arc::new(Pipe::new());
         let old = self
             .pipes
@@ -119,7 +124,7 @@ impl Link for HostLink {
         if let Some(old) = old {
             self.close_pipe(old, false);
         }
-        tokio::spawn(connection(self.shared.clone(), pipe));
+        tokio::spawn(connection(self.shared.clone(), pipe, relay));
         Ok(())
     }
 
@@ -189,8 +194,9 @@ impl HostLink {
 }
 
 /// Connects, then runs the connection's reader and writer until it ends.
-async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>) {
-    let stream = match connect_relay(&shared).await {
+async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>, relay: u32) {
+    let (server, tls) = shared.choose(relay);
+    let stream = match connect_relay(server, tls).await {
         Ok(s) => s,
         Err(e) => {
             let text = format!("{e:#}");
@@ -198,7 +204,7 @@ async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>) {
                 || e.downcast_ref::<ChannelError>()
                     .is_some_and(ChannelError::is_wrong_key)
                 || text.contains("invalid peer certificate");
-            tracing::debug!(server = %shared.server, "cannot connect to the relay: {text}");
+            tracing::debug!(%server, "cannot connect to the relay: {text}");
             let _ = shared.app.send(match fatal {
                 true => AppEvent::Fatal(with_hint(text)),
                 false => AppEvent::Unreachable(with_hint(text)),
@@ -217,7 +223,9 @@ async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>) {
     let (rd, wr) = tokio::io::split(stream);
     let writer = tokio::spawn(write_relay(shared.clone(), pipe.clone(), wr));
     if read_relay(&shared, &pipe, rd).await {
-        let _ = shared.app.send(AppEvent::Closed(closed_reason(&shared)));
+        let _ = shared
+            .app
+            .send(AppEvent::Closed(closed_reason(server, tls)));
     }
     let _ = writer.await;
     // The connection is finished: a LOGOUT waiting for it sees so at once.
@@ -285,14 +293,17 @@ async fn write_relay(shared: Arc<Shared>, pipe: Arc<Pipe>, mut wr: impl AsyncWri
     }
 }
 
-async fn connect_relay(shared: &Shared) -> anyhow::Result<RelayStream> {
-    let addr = (shared.server.host.as_str(), shared.server.port);
+async fn connect_relay(
+    server: &ServerAddr,
+    tls: &Option<RelayLink>,
+) -> anyhow::Result<RelayStream> {
+    let addr = (server.host.as_str(), server.port);
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
-        .map_err(|_| anyhow!("connecting to {}: timed out", shared.server))?
-        .with_context(|| format!("connecting to {}", shared.server))?;
+        .map_err(|_| anyhow!("connecting to {server}: timed out"))?
+        .with_context(|| format!("connecting to {server}"))?;
     let _ = tcp.set_nodelay(true);
-    match &shared.tls {
+    match tls {
         None => Ok(Either::Right(tcp)),
         Some(RelayLink::Tls(config, name)) => {
             let tls = crate::tls::connect(config.clone(), name.clone(), tcp).await?;
@@ -307,12 +318,12 @@ async fn connect_relay(shared: &Shared) -> anyhow::Result<RelayStream> {
 
 /// Why a relay connection closed, as a user can act on it (it matters only when no login
 /// ever succeeded: then it is why there is none).
-fn closed_reason(shared: &Shared) -> String {
-    let hint = match shared.tls {
+fn closed_reason(server: &ServerAddr, tls: &Option<RelayLink>) -> String {
+    let hint = match tls {
         None => " (is that its TLS port? --plain needs the relay's allow_plain port)",
         Some(_) => "",
     };
-    format!("the relay at {} closed the connection{hint}", shared.server)
+    format!("the relay at {server} closed the connection{hint}")
 }
 
 /// A connection error with the step that fixes it, where there is an obvious one.

@@ -301,7 +301,7 @@ impl Service for HostService {
     }
 
     fn on_event(&mut self, event: &Event) {
-        let server = &self.shared.server;
+        let server = self.shared.server();
         match event {
             Event::Open(_) | Event::Notice { .. } | Event::PeerTerminated { .. } => {}
             Event::Closed { handle, cause } => {

@@ -34,6 +34,16 @@ pub trait Link {
     /// Starts connecting `slot` to the relay, dropping whatever the slot held before.
     fn open(&mut self, slot: usize) -> Result<(), LinkError>;
 
+    /// Starts connecting `slot` to the relay at index `relay` of the host's addresses
+    /// (modulo their number: [`Terminal::relay`], which moves on when a relay is lost).
+    /// A stack with one relay address needs only [`Link::open`], which this calls.
+    ///
+    /// [`Terminal::relay`]: crate::terminal::Terminal::relay
+    fn open_to(&mut self, slot: usize, relay: u32) -> Result<(), LinkError> {
+        let _ = relay;
+        self.open(slot)
+    }
+
     /// The slot's connection state.
     fn state(&mut self, slot: usize) -> LinkState;
 

@@ -565,7 +565,7 @@ impl<const N: usize, const B: usize> Driver<N, B> {
                         continue;
                     }
                     self.links[slot].reset();
-                    if t.open(slot).is_err() {
+                    if t.open_to(slot, self.terminal.relay()).is_err() {
                         self.terminal.connect_failed(h, now);
                     } else if t.state(slot) == LinkState::Open {
                         // Up at once (a stack that connects synchronously): LOGIN
@@ -697,6 +697,10 @@ mod tests {
     struct Script {
         rx: Vec<u8>,
         tx: Vec<u8>,
+        /// The relay address index of each `open_to`.
+        opened: Vec<u32>,
+        /// The connection ends (the relay is gone).
+        gone: bool,
     }
 
     impl Script {
@@ -724,10 +728,18 @@ mod tests {
 
     impl Link for Script {
         fn open(&mut self, _: usize) -> Result<(), LinkError> {
+            unreachable!("the driver opens with open_to")
+        }
+        fn open_to(&mut self, _: usize, relay: u32) -> Result<(), LinkError> {
+            self.opened.push(relay);
+            self.gone = false;
             Ok(())
         }
         fn state(&mut self, _: usize) -> LinkState {
-            LinkState::Open
+            match self.gone {
+                true => LinkState::Closed,
+                false => LinkState::Open,
+            }
         }
         fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
             let n = self.rx.len().min(buf.len());
@@ -791,6 +803,19 @@ mod tests {
         assert_eq!(svc.deferred, [Handle(0)]);
         assert_eq!(link.sent(), []);
         (d, link, svc, now)
+    }
+
+    /// The driver opens each connection to the terminal's current relay address, and
+    /// after losing its relay, to the next one.
+    #[test]
+    fn connections_open_to_the_terminals_relay_address() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        assert_eq!(link.opened, [0]);
+        link.gone = true;
+        d.poll(now, &mut link, &mut svc);
+        let later = now + crate::time::Duration::from_secs(120);
+        d.poll(later, &mut link, &mut svc);
+        assert_eq!(link.opened, [0, 1]);
     }
 
     #[test]

@@ -216,6 +216,11 @@ pub enum Event {
     /// tokens makes `instance` the only one that `user`'s reachable tokens may start).
     /// Requester instances are not reported: they replace nothing and are never replaced.
     InstanceStarted { user: UserId, instance: u64 },
+    /// A resumption brought reachable instance `instance` of `user` to this relay, which
+    /// did not run it (it ran on another relay of a cluster, or before a restart). A host
+    /// that records where instances run (relay-host's presence, docs/CLUSTER.md) records
+    /// it here; its tokens stay as they were.
+    InstanceArrived { user: UserId, instance: u64 },
     /// An instance ended for good (LOGOUT, or a reachable one replaced): its tokens must
     /// not start it again.
     InstanceEnded {

@@ -187,6 +187,8 @@ pub(crate) struct Connection {
     login_attempts: u8,
     /// A demand made while this connection was coming up: made once it logs in.
     queued: Option<Queued>,
+    /// The relay address it was opened to ([`super::Terminal::relay`] when announced).
+    pub(crate) relay: u32,
 }
 
 /// A demand waiting for its connection's login.
@@ -223,6 +225,7 @@ impl Connection {
             close_after_flush: false,
             login_attempts: 0,
             queued: None,
+            relay: 0,
         }
     }
 
