@@ -166,6 +166,14 @@ impl Auth {
             current: Mutex::new(store.instances()?),
             ..Instances::default()
         });
+        // Password checks' spare memory goes back to the system once logins are quiet.
+        tokio::spawn(async {
+            let mut every = tokio::time::interval(crate::hashing::SPARE_IDLE / 4);
+            loop {
+                every.tick().await;
+                crate::hashing::forget_idle(std::time::Instant::now());
+            }
+        });
         // The one writer, so the store sees the changes in their order.
         tokio::spawn({
             let (instances, store) = (instances.clone(), store.clone());
