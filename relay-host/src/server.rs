@@ -480,6 +480,10 @@ impl Core {
                     srv.metrics.demand(demand_outcome(&error));
                     tracing::info!(%from, %to, service = service.as_str(), %error, "demand failed");
                 }
+                Event::DemandRedirected { from, to, service } => {
+                    srv.metrics.demand("redirected");
+                    tracing::info!(%from, %to, service = service.as_str(), "demand redirected to the target's node");
+                }
                 Event::SessionStarted {
                     session,
                     from,

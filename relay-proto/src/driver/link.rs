@@ -8,6 +8,8 @@
 //! writes only as many bytes as [`Link::send_space`] promised, which is why that figure
 //! must be exact (a DATA frame's header and its payload must reach the stream together).
 
+use crate::frame::Redirect;
+
 /// Where a slot's connection stands, as far as the stack knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -33,6 +35,17 @@ pub struct LinkError;
 pub trait Link {
     /// Starts connecting `slot` to the relay, dropping whatever the slot held before.
     fn open(&mut self, slot: usize) -> Result<(), LinkError>;
+
+    /// Starts connecting `slot` to another node of the relay service, which a redirected
+    /// demand goes to (docs/PROTOCOL.md §10.6): TLS to `to.address`, trusting exactly the
+    /// certificate whose SHA-256 fingerprint is `to.fingerprint`. Drops what the slot
+    /// held before, as [`Link::open`] does. A stack that cannot (the default) fails: the
+    /// demand then ends with its connection; such a terminal should not set
+    /// [`Config::follow_redirects`](crate::terminal::Config::follow_redirects).
+    fn open_to(&mut self, slot: usize, to: &Redirect) -> Result<(), LinkError> {
+        let _ = (slot, to);
+        Err(LinkError)
+    }
 
     /// The slot's connection state.
     fn state(&mut self, slot: usize) -> LinkState;

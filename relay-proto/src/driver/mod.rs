@@ -18,7 +18,7 @@ pub use link::{Link, LinkError, LinkState};
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 
 use crate::codes::RejectReason;
-use crate::frame::HEADER_LEN;
+use crate::frame::{HEADER_LEN, Redirect};
 use crate::ident::{Password, ServiceName, UserId};
 use crate::terminal::{Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal};
 use crate::time::Instant;
@@ -509,28 +509,38 @@ impl<const N: usize> Driver<N> {
         }
     }
 
+    /// Opens `h`'s transport, to our relay or (`to`) to the node a demand was
+    /// redirected to, dropping what the slot held.
+    fn open<T: Link>(&mut self, h: Handle, to: Option<&Redirect>, now: Instant, t: &mut T) {
+        let slot = usize::from(h.0);
+        if slot >= N {
+            return;
+        }
+        self.links[slot].reset();
+        let opened = match to {
+            None => t.open(slot),
+            Some(to) => t.open_to(slot, to),
+        };
+        if opened.is_err() {
+            self.terminal.connect_failed(h, now);
+        } else if t.state(slot) == LinkState::Open {
+            // Up at once (a stack that connects synchronously): LOGIN goes out in this
+            // poll, not the next.
+            self.links[slot].phase = Phase::Open;
+            self.terminal.connected(h, now);
+        } else {
+            self.links[slot].phase = Phase::Opening;
+        }
+    }
+
     /// Acts on every queued terminal event.
     fn drain<T: Link, S: Service>(&mut self, now: Instant, t: &mut T, svc: &mut S) {
         while let Some(event) = self.terminal.poll_event() {
             svc.on_event(&event);
             match event {
-                Event::Open(h) => {
-                    let slot = usize::from(h.0);
-                    if slot >= N {
-                        continue;
-                    }
-                    self.links[slot].reset();
-                    if t.open(slot).is_err() {
-                        self.terminal.connect_failed(h, now);
-                    } else if t.state(slot) == LinkState::Open {
-                        // Up at once (a stack that connects synchronously): LOGIN
-                        // goes out in this poll, not the next.
-                        self.links[slot].phase = Phase::Open;
-                        self.terminal.connected(h, now);
-                    } else {
-                        self.links[slot].phase = Phase::Opening;
-                    }
-                }
+                Event::Open(h) => self.open(h, None, now, t),
+                // The demand's record stays on the slot: it goes on at the other node.
+                Event::Redirected { handle, to } => self.open(handle, Some(&to), now, t),
                 Event::Closed { handle, cause } => {
                     let slot = usize::from(handle.0);
                     if slot >= N {
@@ -652,6 +662,8 @@ mod tests {
     struct Script {
         rx: Vec<u8>,
         tx: Vec<u8>,
+        /// Where `open_to` was asked to connect.
+        redirected: Vec<frame::Redirect>,
     }
 
     impl Script {
@@ -679,6 +691,10 @@ mod tests {
 
     impl Link for Script {
         fn open(&mut self, _: usize) -> Result<(), LinkError> {
+            Ok(())
+        }
+        fn open_to(&mut self, _: usize, to: &frame::Redirect) -> Result<(), LinkError> {
+            self.redirected.push(to.clone());
             Ok(())
         }
         fn state(&mut self, _: usize) -> LinkState {
@@ -796,5 +812,64 @@ mod tests {
         d.poll(now, &mut link, &mut svc);
         assert_eq!(link.sent(), []);
         assert_eq!(svc.opened, 0);
+    }
+
+    /// A redirected demand: the driver opens the same slot at the other node (the
+    /// demand's record stays), logs in there with the token and demands again; the
+    /// session that follows is the service's as any other.
+    #[test]
+    fn a_redirect_reopens_the_slot_at_the_other_node() {
+        let now = Instant::from_secs(1);
+        let config = Config {
+            kind: crate::terminal::Kind::Requester,
+            follow_redirects: true,
+            ..Config::default()
+        };
+        let user = UserId::new("laptop").unwrap();
+        let mut d: Driver<1> = Driver::new(config, user, Password::new("pw").unwrap(), 1);
+        let (mut link, mut svc) = (Script::default(), Later::default());
+        d.start(now);
+        d.poll(now, &mut link, &mut svc);
+        link.sent();
+        let token = ResumeToken::from_slice(b"t").unwrap();
+        link.relay_sends(Frame::LoginOk(LoginOk {
+            caps: caps::ALL | caps::REQUESTER | caps::REDIRECT,
+            keepalive_ms: 30_000,
+            max_payload: 1024,
+            token: token.clone(),
+        }));
+        d.poll(now, &mut link, &mut svc);
+        let cam = UserId::new("cam").unwrap();
+        assert_eq!(d.demand(cam, ServiceName::default(), now), Ok(Handle(0)));
+        d.poll(now, &mut link, &mut svc);
+        assert!(matches!(link.sent()[..], [Frame::Demand(_)]));
+        let to = frame::Redirect {
+            address: crate::ident::NodeAddress::new("n7:7835").unwrap(),
+            fingerprint: [7; 32],
+        };
+        link.relay_sends(Frame::DemandResult(frame::DemandResult::Redirect(
+            to.clone(),
+        )));
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(link.redirected, [to]);
+        let sent = link.sent();
+        assert!(
+            matches!(&sent[..], [Frame::Login(l)] if l.credential == frame::Credential::Resume(token.clone())),
+            "{sent:?}"
+        );
+        link.relay_sends(Frame::LoginOk(LoginOk {
+            caps: caps::ALL | caps::REQUESTER,
+            keepalive_ms: 30_000,
+            max_payload: 1024,
+            token,
+        }));
+        d.poll(now, &mut link, &mut svc);
+        assert!(matches!(link.sent()[..], [Frame::Demand(_)]));
+        link.relay_sends(Frame::DemandResult(frame::DemandResult::Accepted {
+            session: 4,
+        }));
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(svc.opened, 1);
+        assert!(d.session(Handle(0)).is_some_and(|s| s.requester));
     }
 }
