@@ -179,6 +179,7 @@ fn run_once(args: &Args, threads: usize) -> Result<Figures> {
             config,
             Arc::new(store),
             reloader,
+            None,
             async {
                 let _ = stop_rx.await;
             },

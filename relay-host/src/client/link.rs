@@ -16,7 +16,10 @@ use tokio_util::either::Either;
 
 use super::{AppEvent, Shared};
 use crate::channel::{ChannelError, NoiseStream, RelayLink};
-use crate::tls::TlsError;
+use crate::cli::ServerAddr;
+use crate::tls::{Fingerprint, ServerTrust, TlsError};
+use relay_proto::frame::Redirect;
+use rustls::pki_types::ServerName;
 
 /// Bytes a relay connection holds each way between its socket and the driver.
 const LINK_BUF: usize = 256 * 1024;
@@ -107,17 +110,11 @@ impl HostLink {
 
 impl Link for HostLink {
     fn open(&mut self, slot: usize) -> Result<(), LinkError> {
-        let pipe = Arc::new(Pipe::new());
-        let old = self
-            .pipes
-            .get_mut(slot)
-            .ok_or(LinkError)?
-            .replace(pipe.clone());
-        if let Some(old) = old {
-            self.close_pipe(old, false);
-        }
-        tokio::spawn(connection(self.shared.clone(), pipe));
-        Ok(())
+        self.dial(slot, Dial::Relay)
+    }
+
+    fn open_to(&mut self, slot: usize, to: &Redirect) -> Result<(), LinkError> {
+        self.dial(slot, Dial::Node(to.clone()))
     }
 
     fn state(&mut self, slot: usize) -> LinkState {
@@ -177,6 +174,21 @@ impl Link for HostLink {
 }
 
 impl HostLink {
+    /// Starts connecting `slot` to `to`, dropping what the slot held.
+    fn dial(&mut self, slot: usize, to: Dial) -> Result<(), LinkError> {
+        let pipe = Arc::new(Pipe::new());
+        let old = self
+            .pipes
+            .get_mut(slot)
+            .ok_or(LinkError)?
+            .replace(pipe.clone());
+        if let Some(old) = old {
+            self.close_pipe(old, false);
+        }
+        tokio::spawn(connection(self.shared.clone(), pipe, to));
+        Ok(())
+    }
+
     fn close_pipe(&mut self, pipe: Arc<Pipe>, graceful: bool) {
         pipe.lock().close = Some(graceful);
         pipe.writer.notify_one();
@@ -185,10 +197,28 @@ impl HostLink {
     }
 }
 
+/// Where a slot connects.
+enum Dial {
+    /// Our relay, as configured (`--server`, with its TLS trust, channel key or plain).
+    Relay,
+    /// Another node of the relay service, which a demand was redirected to: TLS, pinning
+    /// the certificate the redirect names (the relay that named it is trusted already).
+    Node(Redirect),
+}
+
 /// Connects, then runs the connection's reader and writer until it ends.
-async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>) {
-    let stream = match connect_relay(&shared).await {
+async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>, to: Dial) {
+    let connected = match &to {
+        Dial::Relay => connect_relay(&shared).await,
+        Dial::Node(node) => connect_node(node).await,
+    };
+    let stream = match connected {
         Ok(s) => s,
+        // That demand fails with its connection; the terminal and its relay are fine.
+        Err(e) if matches!(to, Dial::Node(_)) => {
+            tracing::warn!("cannot reach the relay node a demand was redirected to: {e:#}");
+            return pipe.end(&shared);
+        }
         Err(e) => {
             let text = format!("{e:#}");
             let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
@@ -279,6 +309,27 @@ async fn write_relay(shared: Arc<Shared>, pipe: Arc<Pipe>, mut wr: impl AsyncWri
             None => pipe.writer.notified().await,
         }
     }
+}
+
+/// TLS to the node a redirect names, trusting exactly its certificate's fingerprint.
+async fn connect_node(node: &Redirect) -> anyhow::Result<RelayStream> {
+    let address = node.address.as_str();
+    let addr: ServerAddr = address
+        .parse()
+        .map_err(|e: String| anyhow!("redirected to {address}: {e}"))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        TcpStream::connect((addr.host.as_str(), addr.port)),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {address} (redirected): timed out"))?
+    .with_context(|| format!("connecting to {address} (redirected)"))?;
+    let _ = tcp.set_nodelay(true);
+    let trust = ServerTrust::Pinned(Fingerprint(node.fingerprint));
+    // The pinned certificate is checked, not its names: any valid name will do.
+    let name = ServerName::try_from("relay")?;
+    let tls = crate::tls::connect(crate::tls::client_config(&trust)?, name, tcp).await?;
+    Ok(Either::Left(Box::new(Either::Left(tls))))
 }
 
 async fn connect_relay(shared: &Shared) -> anyhow::Result<RelayStream> {

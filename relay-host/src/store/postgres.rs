@@ -33,6 +33,8 @@ use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use crate::presence::Presence;
+
 use super::{
     AccessRule, AccountInfo, AccountName, AccountStore, ServerSecret, StoreError, VerifyError,
     credential_stamp, hash_password, now_unix, stored_name, verify_stored,
@@ -120,6 +122,29 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE relay.instances
         ADD COLUMN node  text,                     -- relay.nodes id; NULL: not a node
         ADD COLUMN epoch bigint NOT NULL DEFAULT 0; -- from relay.presence_epoch
+    ",
+    // 4: every change of a presence row is announced (crate::presence): the nodes keep
+    // an in-memory copy that the protocol core asks where to redirect a demand.
+    "
+    CREATE FUNCTION relay.presence_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        r relay.instances;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            r := OLD;
+            r.instance := NULL;
+        ELSE
+            r := NEW;
+        END IF;
+        PERFORM pg_notify('relay_presence_rows', json_build_object(
+            'account', r.account,
+            'node', CASE WHEN r.instance IS NULL THEN NULL ELSE r.node END,
+            'epoch', r.epoch)::text);
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER presence_changed AFTER INSERT OR UPDATE OR DELETE ON relay.instances
+        FOR EACH ROW EXECUTE FUNCTION relay.presence_changed();
     ",
 ];
 
@@ -310,6 +335,20 @@ impl PgStore {
             id,
             heartbeat,
         })
+    }
+
+    /// This node's copy of the cluster's presence, kept current from now on (see
+    /// [`crate::presence`]); call after [`Self::join`], which names this node.
+    pub fn watch_presence(&self) -> Arc<Presence> {
+        let me = self.node.get().cloned().unwrap_or_default();
+        let presence = Arc::new(Presence::new(me));
+        self.runtime().spawn(crate::presence::follow(
+            self.config.clone(),
+            self.pool.clone(),
+            self.target.clone(),
+            presence.clone(),
+        ));
+        presence
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
