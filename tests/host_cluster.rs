@@ -5,6 +5,9 @@
 //! issued by one node starts a login on the other without a password check; a demand for
 //! a device on the other node is redirected there.
 
+/// The redirect figures: an ignored test, run explicitly.
+#[path = "cluster_figures.rs"]
+mod figures;
 #[path = "login_client.rs"]
 mod login_client;
 #[path = "postgres_support.rs"]

@@ -197,6 +197,10 @@ struct Queued {
     target: UserId,
     service: ServiceName,
     give_up: Instant,
+    /// Its DEMAND is written already, right behind the LOGIN (a detour's: the relay
+    /// holds it until the login's verdict, docs/PROTOCOL.md §6.2, so it costs no round
+    /// trip of its own).
+    sent: bool,
 }
 
 impl Connection {
@@ -391,6 +395,13 @@ impl Connection {
                 step: Step::Owed,
                 ..
             } => Outbound::Demand { target, service },
+            State::LoggingIn { sent: true, .. } if self.pipelines() => {
+                let q = self.queued.as_ref()?;
+                Outbound::Demand {
+                    target: &q.target,
+                    service: &q.service,
+                }
+            }
             _ => match *self.owed.front()? {
                 Owed::Accept(session) => Outbound::Accept(session),
                 Owed::Reject { session, reason } => Outbound::Reject { session, reason },
@@ -402,8 +413,21 @@ impl Connection {
         Some(frame.encode(buf))
     }
 
+    /// A detour's DEMAND is owed right behind its LOGIN: a detour never falls back to
+    /// the password, so the relay answers that DEMAND in the state the token's verdict
+    /// leads to (logged in), or the refused login ends the demand anyway.
+    fn pipelines(&self) -> bool {
+        self.detour && self.queued.as_ref().is_some_and(|q| !q.sent)
+    }
+
     /// The frame [`Connection::encode_owed`] encoded is written.
     fn mark_sent(&mut self) {
+        if matches!(self.state, State::LoggingIn { sent: true, .. }) && self.pipelines() {
+            if let Some(q) = &mut self.queued {
+                q.sent = true;
+            }
+            return;
+        }
         match &mut self.state {
             State::LoggingIn { sent, .. } if !*sent => *sent = true,
             State::Demanding { step, .. } if *step == Step::Owed => *step = Step::Sent,
@@ -421,7 +445,7 @@ impl Connection {
                     step: Step::Owed,
                     ..
                 }
-        );
+        ) || (matches!(self.state, State::LoggingIn { .. }) && self.pipelines());
         state_owes || !self.owed.is_empty() || self.ka_due
     }
 
@@ -465,6 +489,7 @@ impl Connection {
                 target,
                 service,
                 give_up,
+                sent: false,
             });
             return;
         }
@@ -648,6 +673,7 @@ impl Connection {
                     target,
                     service,
                     give_up,
+                    sent: false,
                 });
                 Change::Redirected(to)
             }
@@ -682,11 +708,12 @@ impl Connection {
                         target,
                         service,
                         give_up,
+                        sent,
                     }) => State::Demanding {
                         target,
                         service,
                         give_up,
-                        step: Step::Owed,
+                        step: if sent { Step::Sent } else { Step::Owed },
                     },
                     None => State::Idle,
                 };
