@@ -156,25 +156,31 @@ fn demand(target: &str) -> Frame {
     })
 }
 
+/// A redirected demand's time, step by step: DEMAND to `Redirect`, TCP and TLS to the
+/// other node, LOGIN and DEMAND there to `Accepted`.
+type Steps = [Duration; 3];
+
 /// One demand to `target` from `home`, followed if redirected, and its session ended:
-/// the time from DEMAND to `Accepted`, and whether it was redirected.
+/// the time from DEMAND to `Accepted`, and its steps if it was redirected.
 async fn one_demand<S: AsyncRead + AsyncWrite + Unpin>(
     home: &mut Conn<S>,
     token: &[u8],
     target: &str,
-) -> (Duration, bool) {
+) -> (Duration, Option<Steps>) {
     let t0 = Instant::now();
     home.send(&[demand(target)]).await;
     let to: Redirect = match home.next().await {
         Frame::DemandResult(DemandResult::Accepted { .. }) => {
             let took = t0.elapsed();
             home.finish().await;
-            return (took, false);
+            return (took, None);
         }
         Frame::DemandResult(DemandResult::Redirect(to)) => to,
         other => panic!("demand for {target}: {other:?}"),
     };
+    let redirected = Instant::now();
     let mut there = tls(to.address.as_str(), to.fingerprint).await;
+    let connected = Instant::now();
     let resume = Credential::Resume(ResumeToken::from_slice(token).unwrap());
     // As the terminal does: the DEMAND right behind the token LOGIN, in one write.
     let login = Frame::Login(Login {
@@ -189,8 +195,9 @@ async fn one_demand<S: AsyncRead + AsyncWrite + Unpin>(
         other => panic!("redirected demand for {target}: {other:?}"),
     }
     let took = t0.elapsed();
+    let steps = [redirected - t0, connected - redirected, connected.elapsed()];
     there.finish().await;
-    (took, true)
+    (took, Some(steps))
 }
 
 /// One requester homed on `node` for a round: demands until `until`, each for the next
@@ -201,23 +208,25 @@ async fn requester(
     token: Vec<u8>,
     targets: Vec<String>,
     until: Instant,
-) -> (Vec<Duration>, Vec<Duration>) {
+) -> (Vec<Duration>, Vec<Duration>, Vec<Steps>) {
     let mut home = tls(&address, fingerprint).await;
     let resume = Credential::Resume(ResumeToken::from_slice(&token).unwrap());
     home.login("req", caps::ALL | caps::REQUESTER | caps::REDIRECT, resume)
         .await;
-    let (mut same, mut cross) = (Vec::new(), Vec::new());
+    let (mut same, mut cross, mut steps) = (Vec::new(), Vec::new(), Vec::new());
     for target in targets.iter().cycle() {
         if Instant::now() >= until {
             break;
         }
-        let (took, redirected) = one_demand(&mut home, &token, target).await;
-        match redirected {
-            true => cross.push(took),
-            false => same.push(took),
+        match one_demand(&mut home, &token, target).await {
+            (took, Some(s)) => {
+                cross.push(took);
+                steps.push(s);
+            }
+            (took, None) => same.push(took),
         }
     }
-    (same, cross)
+    (same, cross, steps)
 }
 
 fn device_name(node: usize, i: usize) -> String {
@@ -339,7 +348,7 @@ fn redirect_figures() {
         let mut same_p99 = None;
         for cross_percent in [0, 50, 100] {
             let mut rates = Vec::new();
-            let (mut same, mut cross) = (Vec::new(), Vec::new());
+            let (mut same, mut cross, mut steps) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 let until = Instant::now() + ROUND;
                 let started = Instant::now();
@@ -357,10 +366,11 @@ fn redirect_figures() {
                 }
                 let mut accepted = 0;
                 for w in workers {
-                    let (s, x) = w.await.unwrap();
+                    let (s, x, st) = w.await.unwrap();
                     accepted += s.len() + x.len();
                     same.extend(s);
                     cross.extend(x);
+                    steps.extend(st);
                 }
                 rates.push(accepted as f64 / started.elapsed().as_secs_f64());
             }
@@ -387,6 +397,21 @@ fn redirect_figures() {
             );
             if cross_percent == 0 {
                 same_p99 = Some(percentile(&same, 0.99));
+            }
+            if !steps.is_empty() {
+                let step = |i: usize| {
+                    let mut v: Vec<Duration> = steps.iter().map(|s: &Steps| s[i]).collect();
+                    v.sort();
+                    ms(percentile(&v, 0.5))
+                };
+                eprintln!(
+                    "redirect figures: {cross_percent:>3} % cross-node, a redirected demand's \
+                     steps (p50): DEMAND to Redirect {}, TCP+TLS to the node {}, LOGIN+DEMAND \
+                     there to Accepted {}",
+                    step(0),
+                    step(1),
+                    step(2)
+                );
             }
             if let (100, Some(base)) = (cross_percent, same_p99) {
                 let extra = percentile(&cross, 0.99).saturating_sub(base);
