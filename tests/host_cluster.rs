@@ -8,6 +8,8 @@
 /// The redirect figures: an ignored test, run explicitly.
 #[path = "cluster_figures.rs"]
 mod figures;
+#[path = "fleet.rs"]
+mod fleet;
 #[path = "login_client.rs"]
 mod login_client;
 #[path = "postgres_support.rs"]
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use login_client::*;
 use postgres_support::Postgres;
+use relay_proto::ErrorCode;
 use support::*;
 
 /// How soon an account change made through one node must count on the other.
@@ -41,6 +44,11 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Cluster {
     fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, "")
+    }
+
+    /// `n` nodes whose `[limits]` section is `limits`.
+    fn start_with(n: usize, limits: &str) -> Cluster {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let pg = Postgres::start();
         let url = pg.create_database("relay");
@@ -48,7 +56,7 @@ impl Cluster {
             .map(|_| {
                 let metrics = free_port();
                 let top = format!("database = \"{url}\"\nmetrics = \"127.0.0.1:{metrics}\"\n");
-                (Relay::start_with(&top, ""), metrics)
+                (Relay::start_with(&top, limits), metrics)
             })
             .collect();
         Cluster {
@@ -604,4 +612,540 @@ fn an_old_terminal_gets_target_offline_for_a_device_on_another_node() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An account deleted while its device is logged in to node 0, then made again: node 1
+/// forgets where the old one was (migration 5 announces a deleted presence row), so a
+/// demand for the new account, logged in nowhere, is `TargetOffline` at once, not a
+/// redirect to node 0. Red before migration 5: node 1 kept redirecting.
+#[test]
+fn an_account_deleted_and_made_again_is_not_redirected_to_its_old_node() {
+    use relay_proto::frame::{DemandResult, caps};
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let mut cam = Client::connect(c.node(0), LOCAL);
+    assert!(matches!(
+        cam.login("cam", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    redirect_from(&c, 1, "cam");
+    c.user(0, &["del", "cam"]);
+    // Node 0 has closed the device (it writes no row for an account that is gone).
+    let closed = cam.next_error();
+    assert!(
+        matches!(closed, None | Some(ErrorCode::AccountRemoved)),
+        "{closed:?}"
+    );
+    c.add(0, "cam");
+    let mut alice = Client::connect(c.node(1), LOCAL);
+    let follows = caps::ALL | caps::REQUESTER | caps::REDIRECT;
+    assert!(matches!(
+        alice.login_with(follows, "alice", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    let start = Instant::now();
+    loop {
+        match alice.demand("cam") {
+            DemandResult::Failed {
+                error: relay_proto::DemandError::TargetOffline,
+                ..
+            } => break,
+            other => assert!(
+                start.elapsed() < WITHIN,
+                "still answered {other:?} {:?} after the account was made again",
+                start.elapsed()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Newest wins across nodes: a password login on node 1 for a user ID whose reachable
+/// instance runs on node 0 moves the presence row to node 1 with a higher epoch, and
+/// node 0, told by NOTIFY, ends its instance with ERROR `Replaced`, as a second login on
+/// node 0 itself would. Red before: node 0's connection stayed logged in.
+#[test]
+fn newest_wins_across_nodes() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    let epoch = "SELECT epoch FROM relay.instances WHERE account = 'cam'";
+    let mut older = Client::connect(c.node(0), LOCAL);
+    let Answer::Ok(t0) = older.login("cam", password(PASSWORD)) else {
+        panic!("password login on node 0")
+    };
+    c.wait_recorded("cam", Some(&t0));
+    let e0: i64 = c.pg.psql("relay", epoch).trim().parse().unwrap();
+    c.wait_metric(0, "relay_logged_in_terminals", |v| v == 1.0);
+
+    let start = Instant::now();
+    let mut newer = Client::connect(c.node(1), LOCAL);
+    let Answer::Ok(t1) = newer.login("cam", password(PASSWORD)) else {
+        panic!("password login on node 1")
+    };
+    assert_eq!(older.next_error(), Some(ErrorCode::Replaced));
+    eprintln!(
+        "newest wins: node 0's instance replaced {:?} after the login on node 1",
+        start.elapsed()
+    );
+    c.wait_recorded("cam", Some(&t1));
+    let e1: i64 = c.pg.psql("relay", epoch).trim().parse().unwrap();
+    assert!(e1 > e0, "epochs: {e0} then {e1}");
+    c.wait_metric(0, "relay_logged_in_terminals", |v| v == 0.0);
+    assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
+    // The replaced instance stops: its token is refused with Replaced on either node.
+    for node in 0..2 {
+        let again = Client::connect(c.node(node), LOCAL).login("cam", token(&t0));
+        assert_eq!(
+            again,
+            Answer::Refused(ErrorCode::Replaced, None),
+            "node {node}"
+        );
+    }
+    // The newer one stays.
+    assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
+    drop(newer);
+}
+
+/// Idle terminals must outlive a long test: the fleet sends no keep-alives.
+const PATIENT: &str = "keepalive_interval = \"5m\"\nkeepalive_timeout = \"10m\"";
+
+impl Cluster {
+    /// Node `i`'s plain listener.
+    fn plain(&self, i: usize) -> std::net::SocketAddr {
+        (Ipv4Addr::LOCALHOST, self.node(i).plain_port).into()
+    }
+
+    /// Accounts `t0` … `t{n-1}` (one argon2 hash, copied by SQL) and for each the LOGIN
+    /// frame of a reachable terminal resuming with a token minted from the database's key
+    /// (any node accepts it: no argon2 at login either).
+    fn token_logins(&self, n: usize) -> Vec<Vec<u8>> {
+        use relay_host::store::ServerSecret;
+        use relay_host::token::{InstanceId, TokenKey};
+        use relay_proto::frame::{Credential, Frame, Hello, Login, caps};
+        self.add(0, "seed");
+        self.pg.psql(
+            "relay",
+            &format!(
+                "INSERT INTO relay.accounts (name, phc, created, restricted, credential) \
+                 SELECT 't' || i, phc, created, restricted, credential \
+                 FROM relay.accounts, generate_series(0, {}) AS i WHERE name = 'seed'",
+                n - 1
+            ),
+        );
+        let stamp: i64 = self
+            .pg
+            .psql(
+                "relay",
+                "SELECT credential FROM relay.accounts WHERE name = 'seed'",
+            )
+            .trim()
+            .parse()
+            .unwrap();
+        let hex = self.pg.psql(
+            "relay",
+            "SELECT encode(secret, 'hex') FROM relay.server_secret",
+        );
+        let hex = hex.trim();
+        let secret: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let key = TokenKey::new(&ServerSecret::from_bytes(secret.try_into().unwrap()));
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        (0..n)
+            .map(|i| {
+                let user = format!("t{i}");
+                let token = key.issue(&user, stamp as u64, InstanceId(i as u64 + 1), expiry);
+                let frame = Frame::Login(Login {
+                    hello: Hello::current(caps::ALL),
+                    user: relay_proto::UserId::new(&user).unwrap(),
+                    credential: Credential::Resume(
+                        relay_proto::ResumeToken::from_slice(&token).unwrap(),
+                    ),
+                });
+                let mut buf = [0u8; 512];
+                let len = frame.encode(&mut buf).unwrap();
+                buf[..len].to_vec()
+            })
+            .collect()
+    }
+
+    /// Password logins node `i` has checked (argon2 runs), whatever their outcome.
+    fn password_checks(&self, i: usize) -> f64 {
+        ["ok", "failed"]
+            .iter()
+            .map(|o| {
+                self.metric(
+                    i,
+                    &format!("relay_logins_total{{method=\"password\",outcome=\"{o}\"}}"),
+                )
+            })
+            .sum()
+    }
+
+    /// The user IDs node `i`'s dashboard shows logged in (its admin view).
+    fn homed(&self, i: usize) -> std::collections::BTreeSet<String> {
+        dashboard_users(self.nodes[i].1)
+    }
+
+    /// Signals every process of the database server (the postmaster and its backends).
+    fn signal_database(&self, sig: i32) {
+        let root = self.pg.pid() as i32;
+        let mut pids = vec![root];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // "pid (comm) state ppid …": the fields after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(root) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal {sig} to {pid}");
+        }
+    }
+}
+
+/// The user IDs the dashboard on admin port `port` shows logged in.
+fn dashboard_users(port: u16) -> std::collections::BTreeSet<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    page.split("id=\"terminal-")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect()
+}
+
+/// Samples two nodes' dashboards in a loop: node 0, node 1, node 0 again. A user ID on
+/// node 0 both times and on node 1 between was on both at once.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Sampler {
+    fn start(ports: [u16; 2]) -> Sampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut samples, mut doubles) = (0, Vec::new());
+            let mut before = dashboard_users(ports[0]);
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let other = dashboard_users(ports[1]);
+                let after = dashboard_users(ports[0]);
+                doubles.extend(
+                    before
+                        .intersection(&after)
+                        .filter(|u| other.contains(*u))
+                        .cloned(),
+                );
+                before = after;
+                samples += 1;
+            }
+            (samples, doubles)
+        });
+        Sampler { stop, thread }
+    }
+
+    /// Stops; the number of samples and the user IDs seen on both nodes at once.
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+impl Cluster {
+    /// Pauses the database (SIGSTOP) for `pause`, checking that `nodes` fence meanwhile,
+    /// then lets it go on (SIGCONT). Returns how long the nodes took to fence.
+    fn pause_database(&self, nodes: &[usize], pause: Duration) -> Duration {
+        self.signal_database(libc::SIGSTOP);
+        let paused = Instant::now();
+        for &i in nodes {
+            self.wait_metric(i, "relay_fenced", |v| v == 1.0);
+        }
+        let fenced = paused.elapsed();
+        for &i in nodes {
+            // Closing thousands of connections takes a moment.
+            wait_until(Duration::from_secs(10), "the fenced node empties", || {
+                self.homed(i).is_empty()
+            });
+        }
+        // The pause the scenario is about.
+        std::thread::sleep(pause.saturating_sub(paused.elapsed()));
+        self.signal_database(libc::SIGCONT);
+        fenced
+    }
+}
+
+/// `relay expose` of `user` with every node's plain listener in `--server`, node 0
+/// first, serving `echo` on `port`.
+fn expose_everywhere(c: &Cluster, user: &str, port: u16) -> Proc {
+    let servers: Vec<String> = (0..c.nodes.len()).map(|i| c.plain(i).to_string()).collect();
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(["expose", "--plain", "--server", &servers.join(",")])
+        .args([
+            "--user",
+            user,
+            "--service",
+            &format!("echo=127.0.0.1:{port}"),
+        ])
+        .env("RELAY_PASSWORD", PASSWORD);
+    let p = Proc::spawn(&format!("expose {user}"), cmd);
+    p.wait_for("logged in to the relay", Duration::from_secs(20));
+    p
+}
+
+/// Polls `ok` every 10 ms; fails with `what` after `within`. Returns the time it took.
+fn wait_until(within: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// `kill -9` of the node that holds every terminal: they all log in again through the
+/// other two (with their tokens: no password check anywhere), the real `relay expose`
+/// with several `--server` addresses among them, reachable through its new node.
+#[test]
+fn a_killed_node_s_terminals_are_reachable_again_through_the_others() {
+    const N: usize = 200;
+    let mut c = Cluster::start_with(3, PATIENT);
+    let logins = c.token_logins(N);
+    let fleet = fleet::Fleet::start((0..3).map(|i| c.plain(i)).collect(), logins, |_| 0);
+    c.add(0, "cam");
+    c.add(0, "laptop");
+    let echo = echo_service();
+    let _cam = expose_everywhere(&c, "cam", echo);
+    wait_until(Duration::from_secs(60), "every terminal on node 0", || {
+        fleet.on(0) == N
+    });
+    c.wait_metric(0, "relay_logged_in_terminals", |v| v == N as f64 + 1.0);
+    let checks = c.password_checks(1) + c.password_checks(2);
+
+    let killed = fleet.now_ms();
+    drop(c.nodes[0].0.proc.take()); // SIGKILL
+    let all = wait_until(
+        Duration::from_secs(30),
+        "every terminal on nodes 1 and 2",
+        || fleet.on(1) + fleet.on(2) == N,
+    );
+    let mut took: Vec<u64> = fleet.login_times().iter().map(|t| t - killed).collect();
+    took.sort();
+    eprintln!(
+        "node 0 killed with {N} terminals: 99 % reachable again after {} ms, all after {all:?}",
+        took[N * 99 / 100 - 1]
+    );
+    wait_until(Duration::from_secs(30), "cam on node 1", || {
+        c.metric(1, "relay_logged_in_terminals") + c.metric(2, "relay_logged_in_terminals")
+            == N as f64 + 1.0
+    });
+    // The real terminal took the next address of its list: node 1.
+    let (_fwd, port) = c.node(1).forward("laptop", "cam/echo");
+    assert!(echo_works(port), "cam reachable through node 1");
+    assert_eq!(
+        c.password_checks(1) + c.password_checks(2) - checks,
+        1.0,
+        "only laptop's own login checked a password: the moved terminals used tokens"
+    );
+}
+
+/// The database paused (SIGSTOP) for 5 s: both nodes fence (close their terminals,
+/// refuse logins) within 2 s, so no user ID is ever reachable on both, sampled from
+/// their dashboards throughout; after SIGCONT every terminal is reachable again.
+#[test]
+fn a_paused_database_never_leaves_a_user_id_on_two_nodes() {
+    const N: usize = 50;
+    let c = Cluster::start_with(2, PATIENT);
+    let logins = c.token_logins(N);
+    let fleet = fleet::Fleet::start(vec![c.plain(0), c.plain(1)], logins, |i| i % 2);
+    c.add(0, "cam");
+    let _cam = expose_everywhere(&c, "cam", echo_service());
+    wait_until(Duration::from_secs(60), "every terminal up", || {
+        fleet.up() == N
+    });
+
+    let sampler = Sampler::start([c.nodes[0].1, c.nodes[1].1]);
+    let fenced = c.pause_database(&[0, 1], Duration::from_secs(5));
+    eprintln!("database paused: both nodes fenced after {fenced:?}");
+    let resumed = wait_until(Duration::from_secs(60), "every terminal up again", || {
+        fleet.up() == N
+    });
+    wait_until(Duration::from_secs(60), "cam back", || {
+        c.homed(0).contains("cam") || c.homed(1).contains("cam")
+    });
+    eprintln!("database resumed: every terminal reachable again after {resumed:?}");
+    for i in 0..2 {
+        assert_eq!(c.metric(i, "relay_fenced"), 0.0, "node {i} unfenced");
+    }
+    let (samples, doubles) = sampler.finish();
+    eprintln!(
+        "{samples} samples of both nodes' presence: {} user IDs on two nodes",
+        doubles.len()
+    );
+    assert!(samples > 10, "{samples} samples");
+    assert!(doubles.is_empty(), "on two nodes at once: {doubles:?}");
+}
+
+/// A node stopped with SIGTERM drains: every terminal gets ERROR `ShuttingDown`, which
+/// is no failure to it, and moves to its next relay address within 250 ms (plus the
+/// login there); the real `relay expose` with both nodes in `--server` is reachable
+/// through node 1 soon after.
+#[test]
+fn a_draining_node_s_terminals_move_to_the_next_relay() {
+    const N: usize = 50;
+    let mut c = Cluster::start_with(2, PATIENT);
+    let fleet = fleet::Fleet::start(vec![c.plain(0), c.plain(1)], c.token_logins(N), |_| 0);
+    c.add(0, "cam");
+    c.add(0, "laptop");
+    let _cam = expose_everywhere(&c, "cam", echo_service());
+    wait_until(Duration::from_secs(60), "every terminal on node 0", || {
+        fleet.on(0) == N
+    });
+    assert!(c.homed(0).contains("cam"));
+    let stopping = Instant::now();
+    c.nodes[0].0.proc().signal("-TERM");
+    let moved = wait_until(Duration::from_secs(30), "cam on node 1", || {
+        c.homed(1).contains("cam")
+    });
+    eprintln!("node 0 draining: cam (relay expose) reachable through node 1 after {moved:?}");
+    wait_until(Duration::from_secs(30), "every terminal on node 1", || {
+        fleet.on(1) == N
+    });
+    let (ok, log) = c.nodes[0]
+        .0
+        .proc
+        .take()
+        .unwrap()
+        .wait_exit(Duration::from_secs(15));
+    assert!(ok, "node 0 exits 0 after draining:\n{log}");
+    eprintln!("node 0 stopped {:?} after SIGTERM", stopping.elapsed());
+    let (_fwd, port) = c.node(1).forward("laptop", "cam/echo");
+    assert!(echo_works(port), "cam reachable through node 1");
+}
+
+/// The median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Issue 15's failure figures, ignored by default (10,000 terminals, or
+/// `RELAY_CLUSTER_TERMINALS`; `RELAY_CLUSTER_ROUNDS` fresh clusters, 3 by default), medians
+/// printed:
+///
+/// - seconds from `kill -9` of one of 3 nodes until 99 % of the terminals are reachable
+///   again (logged in on a live node), and until all are (target ≤ 10 s);
+/// - password checks (argon2 runs) on the surviving nodes meanwhile (target 0: the
+///   terminals resume with their tokens);
+/// - user IDs on two nodes at once while the database is then paused for 5 s, sampled
+///   from both survivors' dashboards (target 0).
+///
+/// `RELAY_CLUSTER_TERMINALS=10000 cargo test -p relay-tests --test host_cluster -- --ignored --nocapture figures`
+#[test]
+#[ignore]
+fn figures_failover_and_database_pause() {
+    let n: usize = std::env::var("RELAY_CLUSTER_TERMINALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let rounds: usize = std::env::var("RELAY_CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let (mut t99, mut t100, mut checks, mut doubles) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let mut c = Cluster::start_with(3, PATIENT);
+        let fleet = fleet::Fleet::start(
+            (0..3).map(|i| c.plain(i)).collect(),
+            c.token_logins(n),
+            |i| i % 3,
+        );
+        let up = wait_until(Duration::from_secs(600), "every terminal up", || {
+            fleet.up() == n
+        });
+        let on0 = fleet.on(0);
+        let before = c.password_checks(1) + c.password_checks(2);
+        let killed = Instant::now();
+        drop(c.nodes[0].0.proc.take()); // SIGKILL
+        let at99 = wait_until(Duration::from_secs(300), "99 % up again", || {
+            fleet.on(1) + fleet.on(2) >= n * 99 / 100
+        });
+        wait_until(Duration::from_secs(300), "all up again", || {
+            fleet.on(1) + fleet.on(2) == n
+        });
+        let all = killed.elapsed();
+        let argon2 = c.password_checks(1) + c.password_checks(2) - before;
+
+        let sampler = Sampler::start([c.nodes[1].1, c.nodes[2].1]);
+        let fenced = c.pause_database(&[1, 2], Duration::from_secs(5));
+        let resumed = wait_until(Duration::from_secs(300), "all up after the pause", || {
+            fleet.up() == n
+        });
+        let (samples, both) = sampler.finish();
+        eprintln!(
+            "round {round}: {n} terminals up in {up:.1?}; node 0 killed holding {on0}: 99 % \
+             reachable again after {at99:.2?}, all after {all:.2?}, {argon2} password checks; \
+             database paused 5 s: fenced after {fenced:.2?}, all up {resumed:.2?} after SIGCONT, \
+             {} user IDs on two nodes in {samples} samples",
+            both.len()
+        );
+        t99.push(at99.as_secs_f64());
+        t100.push(all.as_secs_f64());
+        checks.push(argon2);
+        doubles.push(both.len() as f64);
+    }
+    eprintln!(
+        "medians of {rounds} rounds, {n} terminals, 3 nodes: 99 % reachable again {:.2} s \
+         after kill -9 (all: {:.2} s), {} argon2 verifications, {} user IDs held by two \
+         nodes during a 5 s database pause",
+        median(&mut t99),
+        median(&mut t100),
+        median(&mut checks),
+        median(&mut doubles)
+    );
+}
+
+/// A device that resumes with its token on another node moves its presence there (the
+/// row names node 1 with a newer epoch), and what is left of it on node 0 closes without
+/// an ERROR (`Replaced` would stop the device): a user ID is reachable on one node.
+#[test]
+fn a_device_resuming_on_another_node_takes_its_presence_along() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    let homed = "SELECT n.fingerprint FROM relay.instances i \
+                 JOIN relay.nodes n ON n.id = i.node WHERE i.account = 'cam'";
+    let mut left = Client::connect(c.node(0), LOCAL);
+    let Answer::Ok(t) = left.login("cam", password(PASSWORD)) else {
+        panic!("password login on node 0")
+    };
+    c.wait_sql(homed, &c.node(0).fingerprint);
+    let mut moved = Client::connect(c.node(1), LOCAL);
+    let Answer::Ok(_) = moved.login("cam", token(&t)) else {
+        panic!("token login on node 1")
+    };
+    c.wait_sql(homed, &c.node(1).fingerprint);
+    assert_eq!(left.next_error(), None, "closed without an ERROR");
+    c.wait_metric(0, "relay_logged_in_terminals", |v| v == 0.0);
+    assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
+    drop(moved);
 }

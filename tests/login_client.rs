@@ -113,6 +113,27 @@ impl Client {
         }
     }
 
+    /// Reads until the relay sends an ERROR (its code) or closes (`None`).
+    pub fn next_error(&mut self) -> Option<ErrorCode> {
+        loop {
+            match frame::parse(&self.buf).expect("a valid frame from the relay") {
+                Some((parsed, n)) => {
+                    self.buf.drain(..n);
+                    if let Parsed::Control(Frame::Error { code, .. }) = parsed {
+                        return Some(code);
+                    }
+                }
+                None => {
+                    let mut chunk = [0u8; 1024];
+                    match self.stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+        }
+    }
+
     /// Sends LOGOUT and waits for the relay to close the connection.
     pub fn logout(mut self) {
         let mut out = [0u8; 16];

@@ -71,6 +71,9 @@ pub struct Auth {
 struct Instances {
     current: Mutex<HashMap<String, Option<u64>>>,
     unsaved: Mutex<HashMap<String, Option<u64>>>,
+    /// The epoch of this relay's last written record per account
+    /// ([`AccountStore::set_instance`]); changed under the `unsaved` lock.
+    epochs: Mutex<HashMap<String, u64>>,
     /// Wakes the writer.
     save: Notify,
 }
@@ -91,6 +94,14 @@ impl Instances {
         lock(&self.unsaved).get(user).copied()
     }
 
+    /// Whether a record of `user` with `epoch`, written by another relay, is newer than
+    /// this relay's: none of ours is waiting to be written (it would be newer still), and
+    /// the last one written has an older epoch.
+    fn outranked(&self, user: &str, epoch: u64) -> bool {
+        let unsaved = lock(&self.unsaved);
+        !unsaved.contains_key(user) && lock(&self.epochs).get(user).is_none_or(|&e| e < epoch)
+    }
+
     /// The store's record of `user`, read because the store is newer than this copy.
     fn remember(&self, user: &str, instance: Option<u64>) {
         lock(&self.current).insert(user.to_owned(), instance);
@@ -106,25 +117,30 @@ impl Instances {
         }
         let store = store.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let mut done = batch;
-            done.retain(|user, instance| match store.set_instance(user, *instance) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(%user, "cannot record the current instance: {e}");
-                    false
-                }
-            });
-            done
+            batch
+                .into_iter()
+                .filter_map(
+                    |(user, instance)| match store.set_instance(&user, instance) {
+                        Ok(epoch) => Some((user, instance, epoch)),
+                        Err(e) => {
+                            tracing::warn!(%user, "cannot record the current instance: {e}");
+                            None
+                        }
+                    },
+                )
+                .collect::<Vec<_>>()
         })
         .await;
         match written {
             Ok(batch) => {
                 let mut unsaved = lock(&self.unsaved);
-                for (user, instance) in batch {
+                let mut epochs = lock(&self.epochs);
+                for (user, instance, epoch) in batch {
                     // A newer change made during the write stays for the next one.
                     if unsaved.get(&user) == Some(&instance) {
                         unsaved.remove(&user);
                     }
+                    epochs.insert(user, epoch);
                 }
             }
             Err(e) => tracing::warn!("recording current instances: {e}"),
@@ -196,6 +212,13 @@ impl Auth {
         self.refresh_accounts.notify_one();
     }
 
+    /// Whether another relay's record of `user`'s reachable instance, with `epoch`
+    /// ([`crate::store::AccountStore::watch_presence`]), is newer than this relay's: then
+    /// the instance here, if any other, is replaced (newest wins across relays).
+    pub fn outranked(&self, user: &str, epoch: u64) -> bool {
+        self.instances.outranked(user, epoch)
+    }
+
     /// Stores what the background writer has not yet (at shutdown).
     pub async fn flush(&self) {
         self.instances.write(&self.store).await;
@@ -215,7 +238,9 @@ impl Auth {
     /// leaves none; a logged-out requester instance is retired.
     pub fn instance_changed(&self, event: Event) {
         match event {
-            Event::InstanceStarted { user, instance } => {
+            // Started here, or moved here from another relay: its presence is here now.
+            Event::InstanceStarted { user, instance }
+            | Event::InstanceArrived { user, instance } => {
                 self.instances.set(user.as_str(), Some(instance))
             }
             Event::InstanceEnded {

@@ -258,9 +258,17 @@ pub enum UserCommand {
 /// Flags every terminal command shares.
 #[derive(Debug, Args)]
 pub struct TerminalArgs {
-    /// Relay address: HOST, HOST:PORT or [IPv6]:PORT (port 7835 when omitted).
-    #[arg(long, env = "RELAY_SERVER", value_name = "ADDR")]
-    pub server: ServerAddr,
+    /// Relay address: HOST, HOST:PORT or [IPv6]:PORT (port 7835 when omitted). Several
+    /// (repeat the flag, or a comma list) for relays sharing one database: the terminal
+    /// uses the first, and moves to the next when it loses its relay or cannot reach it.
+    #[arg(
+        long,
+        env = "RELAY_SERVER",
+        value_name = "ADDR,...",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub server: Vec<ServerAddr>,
     /// This terminal's user ID.
     #[arg(long, env = "RELAY_USER", value_name = "NAME")]
     pub user: AccountName,
@@ -332,26 +340,34 @@ impl TerminalArgs {
         }
     }
 
-    /// How the connections to the relay are protected; `None` for `--plain`.
-    pub fn link(&self) -> anyhow::Result<Option<RelayLink>> {
-        Ok(match (self.relay_key, self.trust()) {
-            (Some(key), _) => Some(RelayLink::Channel(key)),
-            (None, Some(trust)) => Some(RelayLink::Tls(
-                client_config(&trust)?,
-                self.server.server_name()?,
-            )),
-            (None, None) => None,
-        })
+    /// Each relay address, in order, with how connections to it are protected (`None`
+    /// for `--plain`).
+    pub fn relays(&self) -> anyhow::Result<Vec<(ServerAddr, Option<RelayLink>)>> {
+        let tls = match (self.relay_key, self.trust()) {
+            (None, Some(trust)) => Some(client_config(&trust)?),
+            _ => None,
+        };
+        let link = |server: &ServerAddr| -> anyhow::Result<Option<RelayLink>> {
+            Ok(match (self.relay_key, &tls) {
+                (Some(key), _) => Some(RelayLink::Channel(key)),
+                (None, Some(config)) => Some(RelayLink::Tls(config.clone(), server.server_name()?)),
+                (None, None) => None,
+            })
+        };
+        self.server
+            .iter()
+            .map(|server| Ok((server.clone(), link(server)?)))
+            .collect()
     }
 
     /// Resolves everything a terminal needs before it connects (password, TLS trust), so
     /// mistakes show before any network traffic.
     fn prepare(&self) -> anyhow::Result<()> {
         let _password = self.password()?;
-        match self.link()? {
-            Some(_) => {}
-            None => tracing::warn!(
-                server = %self.server,
+        match self.relays()?.first() {
+            Some((_, Some(_))) => {}
+            _ => tracing::warn!(
+                server = ?self.server,
                 "--plain: the password and all data cross the network unencrypted"
             ),
         }
@@ -919,7 +935,7 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         fingerprint: identity.fingerprint().to_string(),
     };
     let _membership = database.as_ref().map(|pg| pg.join(node)).transpose()?;
-    let presence = database.as_ref().map(|pg| pg.watch_presence());
+    let presence = database.as_ref().map(|pg| pg.follow_presence());
     let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
     tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
     if let Some(plain) = config.allow_plain {
@@ -1038,6 +1054,16 @@ mod tests {
             args.terminal.trust(),
             Some(ServerTrust::Pinned(Fingerprint([7; 32])))
         );
+        // Several relays: the flag repeated and comma lists, in order.
+        let cli = Cli::try_parse_from([
+            "relay", "online", "--server", "a,b:9", "--server", "c", "--user", "me",
+        ])
+        .unwrap();
+        let Command::Online(args) = cli.command else {
+            panic!("not online")
+        };
+        let servers: Vec<String> = args.terminal.server.iter().map(|s| s.to_string()).collect();
+        assert_eq!(servers, ["a:7835", "b:9", "c:7835"]);
         // --listen and --stdio exclude each other, and one is needed.
         for argv in [
             &["relay", "connect", "--server", "r", "--user", "me", "cam"][..],

@@ -15,7 +15,7 @@ mod local;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -35,6 +35,15 @@ use local::{Answer, DemandReply, Ended, HostService};
 /// Connection slots of one Linux terminal: its concurrent sessions plus spares (the
 /// relay's default allows 256 connections and 128 sessions per account).
 pub const SLOTS: usize = 128;
+
+/// Payload the driver hands to the local side at once: a whole DATA frame. (The driver's
+/// default, a control frame's worth, suits a device's RAM; here every hand-over costs two
+/// pipe locks and a wake, and ~300 bytes a time made the receiving terminal a stream's
+/// bottleneck.)
+const HANDOVER: usize = 64 * 1024;
+
+/// The driver of one Linux terminal.
+type HostDriver = Driver<SLOTS, HANDOVER>;
 
 /// How long a terminal stopped by a signal waits for its LOGOUT to leave.
 const LOGOUT_GRACE: Duration = Duration::from_secs(1);
@@ -63,14 +72,30 @@ struct Shared {
     wake: Notify,
     /// Logging out on purpose: losing the relay is expected, not worth a warning.
     stopping: AtomicBool,
-    server: ServerAddr,
-    tls: Option<RelayLink>,
+    /// The relay addresses, in order, each with how its connections are protected.
+    relays: Vec<(ServerAddr, Option<RelayLink>)>,
+    /// The index in `relays` of the last connection opened (for messages).
+    current: AtomicUsize,
     app: mpsc::UnboundedSender<AppEvent>,
 }
 
 impl Shared {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The relay the terminal uses now (the last one a connection was opened to).
+    fn server(&self) -> &ServerAddr {
+        &self.relays[self.current.load(Ordering::Relaxed)].0
+    }
+
+    /// The address a connection opened for relay number `relay` goes to (the terminal's
+    /// [`relay_proto::terminal::Terminal::relay`], modulo the number of addresses), and
+    /// how it is protected; it becomes the current one.
+    fn choose(&self, relay: u32) -> &(ServerAddr, Option<RelayLink>) {
+        let i = relay as usize % self.relays.len();
+        self.current.store(i, Ordering::Relaxed);
+        &self.relays[i]
     }
 }
 
@@ -133,7 +158,7 @@ impl Task {
     }
 
     /// Runs the driver until the application is gone.
-    async fn run(mut self, mut driver: Box<Driver<SLOTS>>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(mut self, mut driver: Box<HostDriver>, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
         driver.start(self.now());
         loop {
             let now = self.now();
@@ -160,7 +185,7 @@ impl Task {
     }
 
     /// Replies whose answer a poll may have brought.
-    fn after_poll(&mut self, driver: &Driver<SLOTS>) {
+    fn after_poll(&mut self, driver: &HostDriver) {
         if std::mem::take(&mut self.svc.page) {
             if let Some(reply) = self.online.take() {
                 let page = driver.terminal().online_page().cloned();
@@ -172,7 +197,7 @@ impl Task {
             && driver.terminal().runs_as() == Some(terminal::Kind::Reachable)
         {
             tracing::warn!(
-                server = %self.shared.server,
+                server = %self.shared.server(),
                 "the relay does not know requester instances (no REQUESTER capability): this \
                  login runs as the user ID's reachable instance, which replaces a device \
                  logged in with the same user ID (and is replaced by the next one)"
@@ -185,7 +210,7 @@ impl Task {
         }
     }
 
-    fn command(&mut self, driver: &mut Driver<SLOTS>, cmd: Cmd) {
+    fn command(&mut self, driver: &mut HostDriver, cmd: Cmd) {
         let now = self.now();
         match cmd {
             Cmd::Demand {
@@ -213,7 +238,7 @@ impl Task {
             Cmd::Online { cursor, reply } => match driver.terminal_mut().request_online(cursor) {
                 Ok(_) => self.online = Some(reply),
                 Err(SendError::Unsupported(_)) => {
-                    let server = &self.shared.server;
+                    let server = self.shared.server();
                     let _ = reply.send(Err(format!(
                         "the relay at {server} does not offer the online list \
                          (no LIST capability in its LOGIN_OK)"
@@ -233,7 +258,7 @@ impl Task {
     }
 
     /// A deferred notice's local connection: accept with it, or reject.
-    fn answer(&mut self, driver: &mut Driver<SLOTS>, a: Answer) {
+    fn answer(&mut self, driver: &mut HostDriver, a: Answer) {
         if !self.svc.current(&a) {
             return;
         }
@@ -275,7 +300,10 @@ fn start(
     let user = UserId::new(args.user.as_str()).map_err(|e| anyhow!("user ID: {e:?}"))?;
     let password = Password::new(&password).map_err(|e| anyhow!("password: {e:?}"))?;
     // `prepare` already warned loudly about --plain (`None`).
-    let tls = args.link()?;
+    let relays = args.relays()?;
+    if relays.is_empty() {
+        bail!("no relay address (--server)");
+    }
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed).map_err(|e| anyhow!("random seed: {e}"))?;
     // Only `expose` takes demands; `connect` and `online` log in as requesters, so they
@@ -292,7 +320,7 @@ fn start(
         follow_redirects: kind == terminal::Kind::Requester,
         ..terminal::Config::default()
     };
-    let driver = Box::new(Driver::new(
+    let driver: Box<HostDriver> = Box::new(Driver::new(
         config,
         user,
         password,
@@ -302,8 +330,8 @@ fn start(
     let shared = Arc::new(Shared {
         wake: Notify::new(),
         stopping: AtomicBool::new(false),
-        server: args.server.clone(),
-        tls,
+        relays,
+        current: AtomicUsize::new(0),
         app,
     });
     let (cmds, cmd_rx) = mpsc::unbounded_channel();
@@ -341,7 +369,7 @@ async fn logged_in(
             },
             () = &mut deadline => bail!(
                 "not logged in to the relay at {} within {}: {}",
-                client.shared.server,
+                client.shared.server(),
                 humantime::format_duration(patience),
                 why.as_deref().unwrap_or("no answer")
             ),
@@ -427,7 +455,7 @@ async fn log_out(client: &Client) {
     if client.ask(Cmd::Logout { reply }).is_ok() {
         let _ = tokio::time::timeout(LOGOUT_GRACE, done).await;
     }
-    tracing::info!(server = %client.shared.server, "logged out");
+    tracing::info!(server = %client.shared.server(), "logged out");
 }
 
 /// Opens one session to `target`, bridged to `sink` and `source`. Returns the session's
@@ -639,4 +667,17 @@ pub fn online(args: &TerminalArgs, patience: Duration) -> anyhow::Result<Vec<Str
     });
     rt.shutdown_timeout(Duration::from_millis(100));
     result
+}
+
+/// Appends what a reader task read (`read`) to the buffer it shares with the driver
+/// (`to`), leaving `read` empty for the next read. An empty `to` (the driver kept up: the
+/// usual case) takes the read buffer itself, so the bytes are not copied; the reader
+/// goes on with `to`'s old allocation.
+fn append(to: &mut bytes::BytesMut, read: &mut bytes::BytesMut) {
+    if to.is_empty() {
+        std::mem::swap(to, read);
+    } else {
+        to.extend_from_slice(read);
+    }
+    read.clear();
 }

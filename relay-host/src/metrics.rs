@@ -65,11 +65,18 @@ pub struct Metrics {
     pub logged_in_terminals: Gauge,
     /// Sessions being relayed.
     pub active_sessions: Gauge,
+    /// 1 while this relay is fenced: a node of a cluster that cannot write its heartbeat
+    /// serves no terminal (docs/CLUSTER.md, part 6).
+    pub fenced: Gauge,
     /// Payload bytes relayed, both directions added.
     pub bytes_relayed: Counter,
     /// Clients of published ports closed at once: their source is outside the port's
     /// allow-list.
     pub published_refused: Counter,
+    /// Times the router's lock (the one process-wide lock, server.rs) was taken: it grows
+    /// with logins, demands, session starts and ends, deadlines, not with a running
+    /// session's bytes.
+    pub router_locks: Counter,
     logins: Family<LoginLabels, Counter>,
     demands: Family<DemandLabels, Counter>,
 }
@@ -87,8 +94,10 @@ impl Metrics {
         let connections = Gauge::default();
         let logged_in_terminals = Gauge::default();
         let active_sessions = Gauge::default();
+        let fenced = Gauge::default();
         let bytes_relayed = Counter::default();
         let published_refused = Counter::default();
+        let router_locks = Counter::default();
         let logins = Family::<LoginLabels, Counter>::default();
         let demands = Family::<DemandLabels, Counter>::default();
         registry.register(
@@ -107,6 +116,11 @@ impl Metrics {
             active_sessions.clone(),
         );
         registry.register(
+            "fenced",
+            "1 while this cluster node cannot write its heartbeat and serves no terminal",
+            fenced.clone(),
+        );
+        registry.register(
             "relayed_bytes",
             "Payload bytes relayed, both directions",
             bytes_relayed.clone(),
@@ -116,6 +130,11 @@ impl Metrics {
             "Clients of published ports refused by the source allow-list",
             published_refused.clone(),
         );
+        registry.register(
+            "router_locks",
+            "Acquisitions of the router lock (not taken by a running session's data)",
+            router_locks.clone(),
+        );
         registry.register("logins", "Logins by method and outcome", logins.clone());
         registry.register("demands", "Connection demands by outcome", demands.clone());
         Self {
@@ -123,8 +142,10 @@ impl Metrics {
             connections,
             logged_in_terminals,
             active_sessions,
+            fenced,
             bytes_relayed,
             published_refused,
+            router_locks,
             logins,
             demands,
         }
@@ -268,6 +289,7 @@ mod tests {
         m.logged_in_terminals.set(5);
         m.active_sessions.inc();
         m.bytes_relayed.inc_by(1234);
+        m.router_locks.inc();
         m.login(LoginMethod::Password, LoginOutcome::Ok);
         m.login(LoginMethod::Password, LoginOutcome::Failed);
         m.login(LoginMethod::Resumption, LoginOutcome::Ok);
@@ -280,6 +302,7 @@ mod tests {
             "relay_logged_in_terminals 5",
             "relay_active_sessions 1",
             "relay_relayed_bytes_total 1234",
+            "relay_router_locks_total 1",
             "relay_logins_total{method=\"password\",outcome=\"ok\"} 1",
             "relay_logins_total{method=\"password\",outcome=\"failed\"} 1",
             "relay_logins_total{method=\"resumption\",outcome=\"ok\"} 1",

@@ -3,8 +3,10 @@
 //! the protocol core asks when a DEMAND names a user ID not logged in here
 //! ([`relay_proto::relay::Policy::locate`]). The core is synchronous and runs under the
 //! server's lock, so the answer must come from memory: this copy is read at start, kept
-//! current by `NOTIFY relay_presence_rows` (a trigger on the rows, so every writer is
-//! heard) and read again whole after each reconnection of the listener; the nodes are read
+//! current by `NOTIFY relay_presence` (the store's trigger on the rows, migrations 4 and
+//! 5, so every writer is heard; the same notifications newest-wins hears,
+//! [`crate::store::AccountStore::watch_presence`]) and read again whole after each
+//! reconnection of the store's listener; the nodes are read
 //! every second, and a node whose heartbeat is more than [`DEAD_AFTER`] old is ignored
 //! (its rows say nothing: the device is reconnecting elsewhere).
 
@@ -17,14 +19,10 @@ use relay_proto::UserId;
 use relay_proto::frame::Redirect;
 use relay_proto::ident::NodeAddress;
 use relay_proto::relay::Node;
-use serde::Deserialize;
-use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::store::StoreError;
+use crate::store::postgres::{PRESENCE, listen};
 use crate::tls::Fingerprint;
-
-/// The channel the presence trigger notifies (migration 4 of the PostgreSQL store).
-pub const CHANNEL: &str = "relay_presence_rows";
 
 /// A node whose heartbeat is older than this is dead to the others (docs/CLUSTER.md).
 pub const DEAD_AFTER: Duration = Duration::from_secs(3);
@@ -32,8 +30,8 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(3);
 /// How often the nodes' table is read (their heartbeats are written every second).
 const NODES_EVERY: Duration = Duration::from_secs(1);
 
-/// How long the listener waits before reconnecting after losing its connection.
-const RELISTEN_AFTER: Duration = Duration::from_secs(1);
+/// How long a full read of the rows that failed waits before it is tried again.
+const REREAD_AFTER: Duration = Duration::from_secs(1);
 
 /// The cluster's presence, as this node knows it. Cheap to read under the core's lock.
 #[derive(Debug)]
@@ -65,12 +63,29 @@ struct NodeEntry {
 }
 
 /// One presence row, as the trigger sends it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq)]
 struct Row {
     account: String,
     /// `None`: logged out (or the account is gone).
     node: Option<String>,
     epoch: i64,
+}
+
+impl Row {
+    /// The trigger's payload, `node instance epoch account` (`-` for no node or no
+    /// instance: a row with no instance is logged out, or its account is gone).
+    fn parse(payload: &str) -> Option<Row> {
+        let mut fields = payload.splitn(4, ' ');
+        let (node, instance) = (fields.next()?, fields.next()?);
+        let epoch = fields.next()?.parse().ok()?;
+        let account = fields.next()?.to_owned();
+        let reachable = node != "-" && instance != "-";
+        Some(Row {
+            account,
+            node: reachable.then(|| node.to_owned()),
+            epoch,
+        })
+    }
 }
 
 /// One row of `relay.nodes`.
@@ -174,7 +189,7 @@ fn redirect_of(address: &str, fingerprint: &str) -> Option<Redirect> {
 }
 
 /// Keeps `presence` current from the database until the runtime stops: the nodes every
-/// [`NODES_EVERY`], the rows at every (re)connection of the listener and at each
+/// [`NODES_EVERY`], the rows at every (re)connection of the store's listener and at each
 /// notification.
 pub async fn follow(
     config: tokio_postgres::Config,
@@ -183,54 +198,34 @@ pub async fn follow(
     presence: Arc<Presence>,
 ) {
     tokio::spawn(read_nodes(pool.clone(), target.clone(), presence.clone()));
-    let mut healthy = true;
-    loop {
-        match listen(&config, &pool, &presence).await {
-            Ok(why) => {
-                tracing::warn!(database = %target, "presence listener lost its connection: {why}");
-                healthy = true;
-            }
-            Err(e) if healthy => {
-                tracing::warn!(database = %target, "cannot listen for presence changes: {e}");
-                healthy = false;
-            }
-            Err(_) => {}
+    let database = target.clone();
+    let on = move |payload: Option<&str>| match payload {
+        Some(payload) => match Row::parse(payload) {
+            Some(row) => presence.apply(row),
+            None => tracing::warn!("presence notification not understood: {payload}"),
+        },
+        // Listening (again): what changed while nobody listened is read whole.
+        None => {
+            tokio::spawn(reread_rows(
+                pool.clone(),
+                database.clone(),
+                presence.clone(),
+            ));
         }
-        tokio::time::sleep(RELISTEN_AFTER).await;
-    }
+    };
+    listen(config, target, PRESENCE, on).await;
 }
 
-/// One listening connection: `LISTEN`, then the rows read whole (what changed while
-/// nobody listened), then each notification, until the connection ends (its reason).
-async fn listen(
-    config: &tokio_postgres::Config,
-    pool: &Pool,
-    presence: &Arc<Presence>,
-) -> Result<String, StoreError> {
-    let (client, mut connection) = config.connect(NoTls).await?;
-    let heard = presence.clone();
-    let mut driver = tokio::spawn(async move {
-        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => match serde_json::from_str(n.payload()) {
-                    Ok(row) => heard.apply(row),
-                    Err(e) => tracing::warn!("presence notification not understood: {e}"),
-                },
-                Ok(_) => {}
-                Err(e) => return e.to_string(),
-            }
+/// Reads the rows whole, again every [`REREAD_AFTER`] until that succeeds.
+async fn reread_rows(pool: Pool, target: String, presence: Arc<Presence>) {
+    let mut healthy = true;
+    while let Err(e) = read_rows(&pool, &presence).await {
+        if healthy {
+            tracing::warn!(database = %target, "cannot read the presence rows: {e}");
         }
-        "closed by the server".to_owned()
-    });
-    let ready = async {
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        read_rows(pool, presence).await
-    };
-    if let Err(e) = ready.await {
-        driver.abort();
-        return Err(e);
+        healthy = false;
+        tokio::time::sleep(REREAD_AFTER).await;
     }
-    Ok((&mut driver).await.unwrap_or_else(|e| e.to_string()))
 }
 
 /// Every presence row, read whole.
@@ -397,8 +392,10 @@ mod tests {
 
     #[test]
     fn the_triggers_payload_decodes() {
-        let r: Row =
-            serde_json::from_str(r#"{"account" : "cam", "node" : null, "epoch" : 7}"#).unwrap();
-        assert_eq!((r.account.as_str(), r.node, r.epoch), ("cam", None, 7));
+        assert_eq!(Row::parse("n1 42 7 cam"), Some(row("cam", Some("n1"), 7)));
+        // Logged out, a deleted row, a row no node wrote: not reachable anywhere.
+        assert_eq!(Row::parse("n1 - 8 cam"), Some(row("cam", None, 8)));
+        assert_eq!(Row::parse("- 42 9 cam"), Some(row("cam", None, 9)));
+        assert_eq!(Row::parse("n1 42 cam"), None);
     }
 }

@@ -6,7 +6,7 @@
 //! default = "home"                     # optional when there is only one relay
 //!
 //! [relays.home]
-//! server = "relay.example.org"         # --server
+//! server = "relay.example.org"         # --server (or a list: ["a.example", "b.example"])
 //! fingerprint = "3A:9F:…:C4"           # --fingerprint (or ca = "/path/ca.pem", or plain = true)
 //! user = "laptop"                      # --user
 //! password_command = "pass show relay" # --password-command (or password_file = "…")
@@ -38,7 +38,7 @@ pub struct ClientFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayEntry {
-    server: String,
+    server: Servers,
     fingerprint: Option<String>,
     ca: Option<PathBuf>,
     #[serde(default)]
@@ -46,6 +46,31 @@ pub struct RelayEntry {
     user: Option<String>,
     password_file: Option<PathBuf>,
     password_command: Option<String>,
+}
+
+/// `server`: one address, or several (relays sharing one database), as `--server` takes
+/// them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Servers {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl Default for Servers {
+    fn default() -> Self {
+        Servers::One(String::new())
+    }
+}
+
+impl Servers {
+    /// The flag's value: a comma list.
+    fn flag(&self) -> String {
+        match self {
+            Servers::One(s) => s.clone(),
+            Servers::Several(list) => list.join(","),
+        }
+    }
 }
 
 /// Where the file is, if there is a place for it.
@@ -114,7 +139,7 @@ pub fn with_defaults(
     let Some(relay) = file.pick(named_relay(argv).as_deref())? else {
         return Ok(cmd);
     };
-    let mut defaults = vec![("server", relay.server.clone())];
+    let mut defaults = vec![("server", relay.server.flag())];
     let text = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     for (id, value) in [
         ("fingerprint", relay.fingerprint.clone()),
@@ -151,13 +176,34 @@ mod tests {
         let two = file(
             "default = \"b\"\n[relays.a]\nserver = \"a.example\"\n[relays.b]\nserver = \"b.example\"\n",
         );
-        assert_eq!(two.pick(None).unwrap().unwrap().server, "b.example");
-        assert_eq!(two.pick(Some("a")).unwrap().unwrap().server, "a.example");
+        assert_eq!(two.pick(None).unwrap().unwrap().server.flag(), "b.example");
+        assert_eq!(
+            two.pick(Some("a")).unwrap().unwrap().server.flag(),
+            "a.example"
+        );
         assert!(two.pick(Some("c")).is_err());
         let one = file("[relays.a]\nserver = \"a.example\"\n");
-        assert_eq!(one.pick(None).unwrap().unwrap().server, "a.example");
+        assert_eq!(one.pick(None).unwrap().unwrap().server.flag(), "a.example");
         assert!(file("").pick(None).unwrap().is_none());
         assert!(toml::from_str::<ClientFile>("[relays.a]\nserver = \"x\"\nusr = \"u\"\n").is_err());
+    }
+
+    /// `server` takes a list, which becomes the addresses of `--server` in order.
+    #[test]
+    fn several_servers_become_the_flags_addresses() {
+        use clap::{CommandFactory, FromArgMatches};
+        let f = file("[relays.a]\nserver = [\"a.example\", \"b.example:99\"]\nplain = true\n");
+        let argv: Vec<OsString> = ["relay", "online", "--user", "me"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let cmd = with_defaults(crate::cli::Cli::command(), &f, &argv).unwrap();
+        let cli = crate::cli::Cli::from_arg_matches(&cmd.get_matches_from(&argv)).unwrap();
+        let crate::cli::Command::Online(args) = cli.command else {
+            panic!("not online")
+        };
+        let servers: Vec<String> = args.terminal.server.iter().map(|s| s.to_string()).collect();
+        assert_eq!(servers, ["a.example:7835", "b.example:99"]);
     }
 
     #[test]

@@ -23,9 +23,15 @@
 //! - **A pair lock per running session** ([`Link::pair`]): once a session runs, the
 //!   router hands its data path out ([`Relay::hand_out`]) and both connections' tasks
 //!   offer their bytes to the [`Pair`] under this lock only, and pull their output (DATA
-//!   headers, keep-alive acks) from it. A paired session's DATA and KEEPALIVEs take no
-//!   process-wide lock. A frame the pair does not take (TERMINATE, LIST, LOGOUT, anything
-//!   out of place) goes to the router, which takes the pair back first.
+//!   headers, keep-alive acks, the peer's TERMINATE) from it. A paired session's DATA,
+//!   KEEPALIVEs and first TERMINATE take no process-wide lock, nor does the other side's
+//!   DATA after it. The second TERMINATE ends the session ([`PairOffer::Finished`]): the
+//!   task lets go of the pair lock, then takes the router lock once to give the pair back
+//!   (the router sends both RELEASEs and ends the session). A frame the pair does not
+//!   take (LIST, LOGOUT, anything out of place) goes to the router, which takes the pair
+//!   back first. `relay_router_locks_total` counts the router lock's acquisitions: a
+//!   session takes it a few times to be handed out and at its end (and when a deadline
+//!   of its connections fires), never per frame (tests/datapath_locks.rs).
 //! - **Leaf locks**: each connection's [`Fifo`] and its `link` slot; nothing is locked
 //!   while one of them is held.
 //!
@@ -187,6 +193,8 @@ enum ViaPair {
     Done(Step),
     /// A frame for the router; the pair is still handed out (the router takes it back).
     Router,
+    /// The session is over ([`PairOffer::Finished`]): the router must take the pair back.
+    Finished,
     /// The router took the pair back already.
     Gone,
 }
@@ -270,6 +278,8 @@ struct Server {
     splice: bool,
     /// The operator dashboard's view ([`crate::admin`]).
     board: Arc<Board>,
+    /// A fenced cluster node serves no terminal ([`fence`]); changed under the core lock.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 /// The core's configuration from the operator's limits.
@@ -530,9 +540,9 @@ impl Core {
                     srv.board.offline(user.as_str());
                     tracing::info!(%user, "logged out (offline)")
                 }
-                e @ (Event::InstanceStarted { .. } | Event::InstanceEnded { .. }) => {
-                    srv.auth.instance_changed(e)
-                }
+                e @ (Event::InstanceStarted { .. }
+                | Event::InstanceArrived { .. }
+                | Event::InstanceEnded { .. }) => srv.auth.instance_changed(e),
             }
         }
         let stats = self.relay.stats();
@@ -550,7 +560,9 @@ impl Core {
 }
 
 impl Server {
+    /// The router lock, counted in `relay_router_locks_total`.
     fn lock(&self) -> MutexGuard<'_, Core> {
+        self.metrics.router_locks.inc();
         // The core is only ever changed through its own methods; a panic in one connection
         // task must not take the whole relay down with a poisoned lock.
         lock(&self.core)
@@ -597,6 +609,10 @@ async fn run_timers(srv: Weak<Server>, wake: Arc<Notify>, epoch: std::time::Inst
 async fn authenticate(srv: Arc<Server>, conn: ConnId, me: Arc<Conn>, login: Login) {
     let verdict = srv.auth.check(&login, me.peer).await;
     let mut core = srv.lock();
+    if srv.fenced.load(Ordering::Relaxed) {
+        // Another node may hold this user ID now: no login here until unfenced.
+        return core.finish(&srv, conn, &me);
+    }
     if core.is(conn, &me) {
         let now = core.now();
         core.relay.login_verdict(now, conn, verdict);
@@ -1309,14 +1325,19 @@ fn offer(
     cache: &mut Option<Arc<Link>>,
 ) -> Step {
     loop {
+        let mut finished = false;
         if let Some(link) = current_link(cache, me) {
             match offer_paired(cx, srv, link, id, buf) {
                 ViaPair::Done(step) => return step,
                 ViaPair::Router => {}
+                ViaPair::Finished => {
+                    finished = true;
+                    *cache = None;
+                }
                 ViaPair::Gone => *cache = None,
             }
         }
-        match offer_router(cx, srv, id, me, buf) {
+        match offer_router(cx, srv, id, me, buf, finished) {
             // Handed out meanwhile: the rest goes to the pair.
             None => continue,
             Some(step) => return step,
@@ -1361,6 +1382,10 @@ fn offer_paired(
             match pair.handle_input(now, id, buf) {
                 PairOffer::Consumed(n) => buf.advance(n),
                 PairOffer::NeedMore => break ViaPair::Done(Step::Done),
+                PairOffer::Finished(n) => {
+                    buf.advance(n);
+                    break ViaPair::Finished;
+                }
                 // (`Forward` only with a target, handled below.)
                 PairOffer::Router | PairOffer::Forward { .. } => break ViaPair::Router,
             }
@@ -1395,7 +1420,8 @@ fn offer_paired(
                 dest.out.release(credit);
                 break ViaPair::Done(Step::Done);
             }
-            PairOffer::Router => {
+            // (`Finished` only for a TERMINATE, never with a payload under way.)
+            PairOffer::Router | PairOffer::Finished(_) => {
                 dest.out.release(credit);
                 break ViaPair::Router;
             }
@@ -1416,17 +1442,23 @@ fn offer_paired(
 }
 
 /// [`offer`] through the router, under the core lock. `None`: the connection's session
-/// was just handed out; offer the rest to its pair.
+/// was just handed out; offer the rest to its pair. `finished`: the connection's pair
+/// finished its session ([`ViaPair::Finished`]): the router takes it back first, which
+/// ends the session.
 fn offer_router(
     cx: &mut Context<'_>,
     srv: &Arc<Server>,
     id: ConnId,
     me: &Arc<Conn>,
     buf: &mut BytesMut,
+    finished: bool,
 ) -> Option<Step> {
     let mut core = srv.lock();
     if !core.is(id, me) {
         return Some(Step::Stop);
+    }
+    if finished {
+        core.relay.take_back(id);
     }
     let now = core.now();
     let step = loop {
@@ -1539,6 +1571,58 @@ async fn carry_out(srv: Weak<Server>, mut requests: mpsc::UnboundedReceiver<Admi
     }
 }
 
+/// Newest wins across relays (docs/CLUSTER.md, part 4): a reachable instance another
+/// relay recorded after this one's ends the instance of that user ID here: another
+/// instance as a local password login would end it (ERROR `Replaced`), the same one (it
+/// moved there) without a frame.
+fn replace_from_elsewhere(
+    srv: Weak<Server>,
+    store: &dyn AccountStore,
+) -> impl Future<Output = ()> + use<> {
+    let (tx, mut moved) = mpsc::unbounded_channel();
+    store.watch_presence(tx);
+    async move {
+        while let Some(p) = moved.recv().await {
+            let Some(srv) = srv.upgrade() else { return };
+            let Ok(user) = UserId::new(&p.account) else {
+                continue;
+            };
+            if !srv.auth.outranked(&p.account, p.epoch) {
+                continue;
+            }
+            let mut core = srv.lock();
+            if core.relay.replace_user(&user, p.instance) {
+                tracing::info!(%user, instance = p.instance, epoch = p.epoch, "reachable on another relay now: its instance here ended");
+            }
+            core.drain(&srv);
+        }
+    }
+}
+
+/// Fencing (docs/CLUSTER.md, part 6): while this node cannot write its heartbeat, the
+/// others may count it dead and let its user IDs log in elsewhere, so it closes every
+/// connection (ERROR `ShuttingDown`: terminals move to their next relay) and refuses
+/// logins ([`authenticate`]) until a heartbeat is written again.
+async fn fence(srv: Weak<Server>, mut fencing: watch::Receiver<bool>) {
+    loop {
+        let fenced = *fencing.borrow_and_update();
+        let Some(srv) = srv.upgrade() else { return };
+        {
+            let mut core = srv.lock();
+            srv.fenced.store(fenced, Ordering::Relaxed);
+            srv.metrics.fenced.set(i64::from(fenced));
+            if fenced {
+                core.relay.shutdown();
+                core.drain(&srv);
+            }
+        }
+        drop(srv);
+        if fencing.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn run(
     config: ServeConfig,
@@ -1609,6 +1693,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         splice: config.splice,
         board: board.clone(),
+        fenced: Default::default(),
     });
     tokio::spawn(carry_out(Arc::downgrade(&srv), admin_requests));
     tokio::spawn(run_timers(Arc::downgrade(&srv), timer_wake, epoch));
@@ -1635,6 +1720,11 @@ pub async fn serve(
                 current = newer;
             }
         });
+    }
+
+    tokio::spawn(replace_from_elsewhere(Arc::downgrade(&srv), store.as_ref()));
+    if let Some(fencing) = store.fencing() {
+        tokio::spawn(fence(Arc::downgrade(&srv), fencing));
     }
 
     if let Some(addr) = config.metrics {

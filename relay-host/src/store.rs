@@ -329,14 +329,38 @@ pub trait AccountStore: Send + Sync + fmt::Debug {
     fn instances(&self) -> Result<HashMap<String, Option<u64>>, StoreError>;
     /// One account's entry of [`Self::instances`].
     fn instance(&self, name: &str) -> Result<Option<Option<u64>>, StoreError>;
-    /// Records `name`'s current instance (does not move [`Self::generation`]).
-    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError>;
+    /// Records `name`'s current instance (does not move [`Self::generation`]). Returns the
+    /// record's epoch: its place in an order every relay on the store agrees on
+    /// (PostgreSQL's `relay.presence_epoch`; 0 where there is one relay, SQLite, or when
+    /// the account does not exist).
+    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<u64, StoreError>;
     /// From now on, wakes `wake` soon after any process changes accounts or access rules,
     /// where the store is told of changes (PostgreSQL's LISTEN/NOTIFY). Stores that are not
     /// (SQLite) do nothing here: [`Self::generation`] is polled in any case.
     fn watch_changes(&self, wake: Arc<Notify>) {
         let _ = wake;
     }
+    /// From now on, sends on `moved` every reachable instance that *another* relay on the
+    /// store records (a newer login there, docs/CLUSTER.md part 4), in the order the
+    /// store committed them. Stores with one relay (SQLite) send nothing.
+    fn watch_presence(&self, moved: tokio::sync::mpsc::UnboundedSender<Presence>) {
+        let _ = moved;
+    }
+    /// Fencing (docs/CLUSTER.md, part 6): `true` while this relay, a node of a cluster,
+    /// has not written its heartbeat for [`postgres::FENCE_AFTER`], so the others may
+    /// count it dead; it must then serve no terminal. `None`: not a node of a cluster.
+    fn fencing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+}
+
+/// A reachable instance another relay recorded ([`AccountStore::watch_presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub account: String,
+    pub instance: u64,
+    /// Its record's epoch ([`AccountStore::set_instance`]).
+    pub epoch: u64,
 }
 
 /// The SQLite account store: one file, created on first use with mode 0600.
@@ -776,14 +800,14 @@ impl AccountStore for SqliteStore {
             .map(|i| i.map(|i| i as u64)))
     }
 
-    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {
+    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<u64, StoreError> {
         // Only for accounts that exist: a late write must not outlive a deletion.
         self.lock().execute(
             "INSERT OR REPLACE INTO instances (account, instance)
              SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM accounts WHERE name = ?1)",
             params![name, instance.map(|i| i as i64)],
         )?;
-        Ok(())
+        Ok(0)
     }
 
     fn generation(&self) -> Result<u64, StoreError> {

@@ -175,6 +175,9 @@ pub struct Sim<P: Policy = AllowAll, S: Storage = Heap> {
     hand_outs: Jitter,
     /// Sessions handed out so far (each may be taken back and handed out again).
     pub pairs_handed: u64,
+    /// Sessions whose two TERMINATEs both went through their pair
+    /// ([`PairOffer::Finished`]): the router ended them when it got the pair back.
+    pub pairs_finished: u64,
     instances: u64,
     /// Relay events seen, in order.
     pub relay_events: Vec<relay::Event>,
@@ -230,6 +233,7 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             rng: Jitter::new(seed),
             hand_outs: Jitter::new(!seed),
             pairs_handed: 0,
+            pairs_finished: 0,
             instances: 0,
             relay_events: Vec::new(),
             deferred: Vec::new(),
@@ -472,9 +476,28 @@ impl<P: Policy, S: Storage> Sim<P, S> {
             }
             PairOffer::NeedMore => Some(None),
             PairOffer::Router => None,
+            PairOffer::Finished(n) => {
+                self.pairs_finished += 1;
+                self.pair_wakes();
+                self.give_back(conn);
+                return Some(Some(n));
+            }
         };
         self.pair_wakes();
         done
+    }
+
+    /// `conn`'s pair is finished: back to the router, which ends the session. Either
+    /// way a host may do it: handing the pair over, or having the router take it back.
+    fn give_back(&mut self, conn: ConnId) {
+        if self.hand_outs.next_u32() & 1 == 0 {
+            if let Some(pair) = self.relay.handback_mut().take(conn) {
+                self.relay.give_back(pair);
+            }
+        } else {
+            self.relay.take_back(conn);
+        }
+        self.drain_relay();
     }
 
     /// The pairs' wakes, handled as the router's [`relay::Event::Wake`]s are.

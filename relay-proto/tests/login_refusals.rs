@@ -107,14 +107,13 @@ fn instances_start_and_end_as_events() {
         user: cam.clone(),
         instance: 7
     }));
-    // A resumption joins the instance: nothing starts.
+    // A resumption joins the instance: nothing starts, nothing arrives.
     let c2 = login(&mut r, caps::ALL, token());
     let joined = accept(&mut r, c2, 7);
-    assert!(
-        !joined
-            .iter()
-            .any(|e| matches!(e, Event::InstanceStarted { .. }))
-    );
+    assert!(!joined.iter().any(|e| matches!(
+        e,
+        Event::InstanceStarted { .. } | Event::InstanceArrived { .. }
+    )));
     // A newer password login replaces it.
     let c3 = login(&mut r, caps::ALL, password());
     let replaced = accept(&mut r, c3, 8);
@@ -138,6 +137,37 @@ fn instances_start_and_end_as_events() {
         how: InstanceEnd::LoggedOut,
         kind: Kind::Reachable,
     }));
+}
+
+/// A resumption of an instance this relay does not run (it ran on another relay of a
+/// cluster, or before a restart) brings it here: `InstanceArrived`, not `InstanceStarted`
+/// (its tokens stay valid).
+#[test]
+fn a_resumed_instance_new_here_arrives() {
+    let mut r = core();
+    let c = login(&mut r, caps::ALL, token());
+    let events = accept(&mut r, c, 7);
+    assert!(
+        events.contains(&Event::InstanceArrived {
+            user: UserId::new("cam").unwrap(),
+            instance: 7
+        }),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::InstanceStarted { .. }))
+    );
+    // A requester's resumption arrives unreported, as its start is.
+    let c = login(&mut r, caps::ALL | caps::REQUESTER, token());
+    let events = accept(&mut r, c, 9);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::InstanceArrived { .. })),
+        "{events:?}"
+    );
 }
 
 /// A requester instance starts unreported (it replaces nothing), but its LOGOUT is

@@ -131,3 +131,63 @@ fn ending_a_session_mid_payload_closes_only_the_locked_side() {
     feed(&mut r, a, &enc(&Frame::KeepAlive { seq: 4 }));
     assert_eq!(output(&mut r, a).0, [Frame::KeepAliveAck { seq: 4 }]);
 }
+
+/// A newer login of a user ID on another relay of a cluster (docs/CLUSTER.md): its
+/// reachable instance here ends exactly as a local replacement ends it (ERROR `Replaced`,
+/// the `Replaced` and `InstanceEnded` events; its session's peer gets RELEASE
+/// `PeerLoggedOut`).
+#[test]
+fn a_replacement_on_another_relay_ends_the_instance_with_replaced() {
+    let mut r = core();
+    let (a, b, _) = session(&mut r);
+    // The harness accepts every login as instance 1.
+    let (user, instance) = (UserId::new("b").unwrap(), 1);
+    while r.poll_event().is_some() {}
+    assert!(r.replace_user(&user, instance ^ 1));
+    let (frames, close) = output(&mut r, b);
+    assert_eq!(error_code(&frames), Some(ErrorCode::Replaced), "{frames:?}");
+    assert!(close);
+    let (frames, close) = output(&mut r, a);
+    assert_eq!(released(&frames), Some(ReleaseReason::PeerLoggedOut));
+    assert!(!close);
+    assert!(!r.is_online(&user));
+    let events: Vec<Event> = std::iter::from_fn(|| r.poll_event()).collect();
+    assert!(
+        events.contains(&Event::Replaced { user: user.clone() }),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::InstanceEnded { instance: i, how: relay::InstanceEnd::Replaced, .. } if *i == instance
+        )),
+        "{events:?}"
+    );
+    assert!(!r.replace_user(&user, instance), "nothing left to replace");
+}
+
+/// An instance that moved to another relay (it resumed there with its token): what is
+/// left of it here closes without a frame (its terminal is elsewhere, and `Replaced`
+/// would stop it), its session's peer gets RELEASE `PeerLost`, and nothing says its
+/// instance ended.
+#[test]
+fn an_instance_that_moved_to_another_relay_closes_here_without_a_frame() {
+    let mut r = core();
+    let (a, b, _) = session(&mut r);
+    let user = UserId::new("b").unwrap();
+    while r.poll_event().is_some() {}
+    assert!(r.replace_user(&user, 1), "the harness's instance is 1");
+    let (frames, close) = output(&mut r, b);
+    assert_eq!(error_code(&frames), None, "{frames:?}");
+    assert!(close);
+    let (frames, _) = output(&mut r, a);
+    assert_eq!(released(&frames), Some(ReleaseReason::PeerLost));
+    assert!(!r.is_online(&user));
+    let events: Vec<Event> = std::iter::from_fn(|| r.poll_event()).collect();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::InstanceEnded { .. } | Event::Replaced { .. })),
+        "{events:?}"
+    );
+}

@@ -301,6 +301,8 @@ fn run_seed<S: Storage>(seed: u64) {
     assert_eq!(sim.relay.stats().active_sessions, 0, "seed {seed}");
     // Both data paths ran: the router's, and handed-out pairs (relay::Pair).
     assert!(sim.pairs_handed > 0, "seed {seed}: no session handed out");
+    // And sessions ended through their pair (both TERMINATEs), then by the router.
+    assert!(sim.pairs_finished > 0, "seed {seed}: no pair finished");
 
     // Spares replenished on every healthy terminal.
     for &s in servers[1..].iter().chain(&clients) {

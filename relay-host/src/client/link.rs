@@ -18,11 +18,15 @@ use super::{AppEvent, Shared};
 use crate::channel::{ChannelError, NoiseStream, RelayLink};
 use crate::cli::ServerAddr;
 use crate::tls::{Fingerprint, ServerTrust, TlsError};
+use relay_proto::driver::Target;
 use relay_proto::frame::Redirect;
 use rustls::pki_types::ServerName;
 
 /// Bytes a relay connection holds each way between its socket and the driver.
 const LINK_BUF: usize = 256 * 1024;
+
+/// Bytes read from the relay at once.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// A stream to the relay: encrypted (TLS or the channel), or plain.
 type RelayStream = Either<
@@ -110,11 +114,15 @@ impl HostLink {
 
 impl Link for HostLink {
     fn open(&mut self, slot: usize) -> Result<(), LinkError> {
-        self.dial(slot, Dial::Relay)
+        self.open_to(slot, Target::Relay(0))
     }
 
-    fn open_to(&mut self, slot: usize, to: &Redirect) -> Result<(), LinkError> {
-        self.dial(slot, Dial::Node(to.clone()))
+    fn open_to(&mut self, slot: usize, to: Target<'_>) -> Result<(), LinkError> {
+        let to = match to {
+            Target::Relay(relay) => Dial::Relay(relay),
+            Target::Node(node) => Dial::Node(node.clone()),
+        };
+        self.dial(slot, to)
     }
 
     fn state(&mut self, slot: usize) -> LinkState {
@@ -199,8 +207,9 @@ impl HostLink {
 
 /// Where a slot connects.
 enum Dial {
-    /// Our relay, as configured (`--server`, with its TLS trust, channel key or plain).
-    Relay,
+    /// Our relay at this index of its addresses (`--server`, each with its TLS trust,
+    /// channel key or plain: [`Shared::choose`]).
+    Relay(u32),
     /// Another node of the relay service, which a demand was redirected to: TLS, pinning
     /// the certificate the redirect names (the relay that named it is trusted already).
     Node(Redirect),
@@ -208,30 +217,28 @@ enum Dial {
 
 /// Connects, then runs the connection's reader and writer until it ends.
 async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>, to: Dial) {
-    let connected = match &to {
-        Dial::Relay => connect_relay(&shared).await,
-        Dial::Node(node) => connect_node(node).await,
-    };
-    let stream = match connected {
-        Ok(s) => s,
-        // That demand fails with its connection; the terminal and its relay are fine.
-        Err(e) if matches!(to, Dial::Node(_)) => {
-            tracing::warn!("cannot reach the relay node a demand was redirected to: {e:#}");
-            return pipe.end(&shared);
+    let (stream, closed) = match to {
+        Dial::Relay(relay) => {
+            let (server, tls) = shared.choose(relay);
+            match connect_relay(server, tls).await {
+                Ok(s) => (s, closed_reason(server, tls)),
+                Err(e) => {
+                    unreachable_relay(&shared, server, e);
+                    return pipe.end(&shared);
+                }
+            }
         }
-        Err(e) => {
-            let text = format!("{e:#}");
-            let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
-                || e.downcast_ref::<ChannelError>()
-                    .is_some_and(ChannelError::is_wrong_key)
-                || text.contains("invalid peer certificate");
-            tracing::debug!(server = %shared.server, "cannot connect to the relay: {text}");
-            let _ = shared.app.send(match fatal {
-                true => AppEvent::Fatal(with_hint(text)),
-                false => AppEvent::Unreachable(with_hint(text)),
-            });
-            return pipe.end(&shared);
-        }
+        Dial::Node(node) => match connect_node(&node).await {
+            Ok(s) => (
+                s,
+                format!("the relay node at {} closed the connection", node.address),
+            ),
+            // That demand fails with its connection; the terminal and its relay are fine.
+            Err(e) => {
+                tracing::warn!("cannot reach the relay node a demand was redirected to: {e:#}");
+                return pipe.end(&shared);
+            }
+        },
     };
     {
         let mut st = pipe.lock();
@@ -244,7 +251,7 @@ async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>, to: Dial) {
     let (rd, wr) = tokio::io::split(stream);
     let writer = tokio::spawn(write_relay(shared.clone(), pipe.clone(), wr));
     if read_relay(&shared, &pipe, rd).await {
-        let _ = shared.app.send(AppEvent::Closed(closed_reason(&shared)));
+        let _ = shared.app.send(AppEvent::Closed(closed));
     }
     let _ = writer.await;
     // The connection is finished: a LOGOUT waiting for it sees so at once.
@@ -259,7 +266,7 @@ async fn read_relay(
     pipe: &Pipe,
     mut rd: tokio::io::ReadHalf<RelayStream>,
 ) -> bool {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = BytesMut::new();
     loop {
         let (closed, full) = {
             let st = pipe.lock();
@@ -272,15 +279,16 @@ async fn read_relay(
             pipe.reader.notified().await;
             continue;
         }
+        buf.reserve(READ_CHUNK);
         let n = tokio::select! {
-            r = rd.read(&mut buf) => r.unwrap_or(0),
+            r = rd.read_buf(&mut buf) => r.unwrap_or(0),
             () = pipe.reader.notified() => continue,
         };
         if n == 0 {
             pipe.end(shared);
             return true;
         }
-        pipe.lock().rx.extend_from_slice(&buf[..n]);
+        super::append(&mut pipe.lock().rx, &mut buf);
         shared.wake.notify_one();
     }
 }
@@ -332,14 +340,32 @@ async fn connect_node(node: &Redirect) -> anyhow::Result<RelayStream> {
     Ok(Either::Left(Box::new(Either::Left(tls))))
 }
 
-async fn connect_relay(shared: &Shared) -> anyhow::Result<RelayStream> {
-    let addr = (shared.server.host.as_str(), shared.server.port);
+/// Tells the terminal why its relay at `server` cannot be reached: a fatal mismatch of
+/// its certificate or key (retrying cannot help), or unreachable for now.
+fn unreachable_relay(shared: &Shared, server: &ServerAddr, e: anyhow::Error) {
+    let text = format!("{e:#}");
+    let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
+        || e.downcast_ref::<ChannelError>()
+            .is_some_and(ChannelError::is_wrong_key)
+        || text.contains("invalid peer certificate");
+    tracing::debug!(%server, "cannot connect to the relay: {text}");
+    let _ = shared.app.send(match fatal {
+        true => AppEvent::Fatal(with_hint(text)),
+        false => AppEvent::Unreachable(with_hint(text)),
+    });
+}
+
+async fn connect_relay(
+    server: &ServerAddr,
+    tls: &Option<RelayLink>,
+) -> anyhow::Result<RelayStream> {
+    let addr = (server.host.as_str(), server.port);
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
-        .map_err(|_| anyhow!("connecting to {}: timed out", shared.server))?
-        .with_context(|| format!("connecting to {}", shared.server))?;
+        .map_err(|_| anyhow!("connecting to {server}: timed out"))?
+        .with_context(|| format!("connecting to {server}"))?;
     let _ = tcp.set_nodelay(true);
-    match &shared.tls {
+    match tls {
         None => Ok(Either::Right(tcp)),
         Some(RelayLink::Tls(config, name)) => {
             let tls = crate::tls::connect(config.clone(), name.clone(), tcp).await?;
@@ -354,12 +380,12 @@ async fn connect_relay(shared: &Shared) -> anyhow::Result<RelayStream> {
 
 /// Why a relay connection closed, as a user can act on it (it matters only when no login
 /// ever succeeded: then it is why there is none).
-fn closed_reason(shared: &Shared) -> String {
-    let hint = match shared.tls {
+fn closed_reason(server: &ServerAddr, tls: &Option<RelayLink>) -> String {
+    let hint = match tls {
         None => " (is that its TLS port? --plain needs the relay's allow_plain port)",
         Some(_) => "",
     };
-    format!("the relay at {} closed the connection{hint}", shared.server)
+    format!("the relay at {server} closed the connection{hint}")
 }
 
 /// A connection error with the step that fixes it, where there is an obvious one.

@@ -301,7 +301,7 @@ impl Service for HostService {
     }
 
     fn on_event(&mut self, event: &Event) {
-        let server = &self.shared.server;
+        let server = self.shared.server();
         match event {
             Event::Open(_) | Event::Notice { .. } | Event::PeerTerminated { .. } => {}
             Event::Closed { handle, cause } => {
@@ -414,7 +414,7 @@ async fn write_local(shared: Arc<Shared>, pipe: Arc<LocalPipe>, mut sink: Sink) 
 /// Local → relay: reads the local end while its buffer has room, until EOF or the end of
 /// the session.
 async fn read_local(shared: Arc<Shared>, pipe: Arc<LocalPipe>, mut source: Source) {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = BytesMut::new();
     loop {
         let (done, full) = {
             let st = pipe.lock();
@@ -427,8 +427,9 @@ async fn read_local(shared: Arc<Shared>, pipe: Arc<LocalPipe>, mut source: Sourc
             pipe.source.notified().await;
             continue;
         }
+        buf.reserve(CHUNK);
         let n = tokio::select! {
-            r = source.read(&mut buf) => r.unwrap_or(0),
+            r = source.read_buf(&mut buf) => r.unwrap_or(0),
             () = pipe.source.notified() => continue,
         };
         {
@@ -436,7 +437,7 @@ async fn read_local(shared: Arc<Shared>, pipe: Arc<LocalPipe>, mut source: Sourc
             if n == 0 {
                 st.inp_end = true;
             } else {
-                st.inp.extend_from_slice(&buf[..n]);
+                super::append(&mut st.inp, &mut buf);
             }
         }
         shared.wake.notify_one();

@@ -18,7 +18,10 @@
 //! run it twice; a database migrated by a newer relay is refused ([`StoreError::SchemaTooNew`]).
 //!
 //! A running relay is also a row of `relay.nodes` ([`PgStore::join`]) with a heartbeat
-//! every second: the start of the cluster's membership (docs/CLUSTER.md, part 3).
+//! every second, and fences itself ([`AccountStore::fencing`]) when it cannot write it
+//! (docs/CLUSTER.md, parts 3 and 6). Every presence write notifies the other nodes
+//! ([`AccountStore::watch_presence`]), so the newest login of a user ID wins across
+//! nodes (part 4).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -123,34 +126,57 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN node  text,                     -- relay.nodes id; NULL: not a node
         ADD COLUMN epoch bigint NOT NULL DEFAULT 0; -- from relay.presence_epoch
     ",
-    // 4: every change of a presence row is announced (crate::presence): the nodes keep
-    // an in-memory copy that the protocol core asks where to redirect a demand.
+    // 4: newest wins across nodes (docs/CLUSTER.md, part 4): every presence write tells
+    // the nodes, in commit order, 'node instance epoch account' ('-' for no instance).
     "
     CREATE FUNCTION relay.presence_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-    DECLARE
-        r relay.instances;
     BEGIN
-        IF TG_OP = 'DELETE' THEN
-            r := OLD;
-            r.instance := NULL;
-        ELSE
-            r := NEW;
-        END IF;
-        PERFORM pg_notify('relay_presence_rows', json_build_object(
-            'account', r.account,
-            'node', CASE WHEN r.instance IS NULL THEN NULL ELSE r.node END,
-            'epoch', r.epoch)::text);
+        PERFORM pg_notify('relay_presence', concat_ws(' ', coalesce(NEW.node, '-'),
+            coalesce(NEW.instance::text, '-'), NEW.epoch, NEW.account));
         RETURN NULL;
     END
     $$;
-    CREATE TRIGGER presence_changed AFTER INSERT OR UPDATE OR DELETE ON relay.instances
+    CREATE TRIGGER presence_changed AFTER INSERT OR UPDATE ON relay.instances
+        FOR EACH ROW EXECUTE FUNCTION relay.presence_changed();
+    ",
+    // 5: a deleted row (its account removed) is announced too, as logged out ('-' for
+    // its instance): the nodes' copy of the presence (crate::presence), which redirects
+    // demands, forgets it at once. Newest-wins (AccountStore::watch_presence) ignores a
+    // row with no instance.
+    "
+    CREATE OR REPLACE FUNCTION relay.presence_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            PERFORM pg_notify('relay_presence', concat_ws(' ', coalesce(OLD.node, '-'), '-',
+                OLD.epoch, OLD.account));
+        ELSE
+            PERFORM pg_notify('relay_presence', concat_ws(' ', coalesce(NEW.node, '-'),
+                coalesce(NEW.instance::text, '-'), NEW.epoch, NEW.account));
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER presence_deleted AFTER DELETE ON relay.instances
         FOR EACH ROW EXECUTE FUNCTION relay.presence_changed();
     ",
 ];
 
+/// The channel the presence trigger notifies on (migration 4).
+pub(crate) const PRESENCE: &str = "relay_presence";
+
 /// How often a node writes its heartbeat. The others count it dead 3 s after its last
 /// one (docs/CLUSTER.md, part 3).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// A node this long after the start of its last heartbeat write that succeeded (its own
+/// monotonic clock) fences itself: it closes its terminals and refuses logins until a
+/// write succeeds. Less than the others' 3 s death threshold (counted from the same
+/// write's `now()`, which is no earlier): the margin lets the closes take effect, so no
+/// user ID is reachable on two nodes.
+pub const FENCE_AFTER: Duration = Duration::from_secs(2);
+
+/// How often a node compares its last written heartbeat with [`FENCE_AFTER`].
+const FENCE_CHECK: Duration = Duration::from_millis(100);
 
 /// Rows of nodes dead for this long are deleted by whichever node notices.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
@@ -200,6 +226,8 @@ pub struct PgStore {
     /// This process's id in `relay.nodes`, once it [joined](Self::join): recorded with the
     /// instances it starts and ends.
     node: std::sync::OnceLock<String>,
+    /// `true` while fenced ([`AccountStore::fencing`]), once it joined.
+    fenced: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -278,6 +306,7 @@ impl PgStore {
             pool,
             runtime: Some(runtime),
             node: std::sync::OnceLock::new(),
+            fenced: std::sync::OnceLock::new(),
         };
         // The first connection: a failure here names the database (never its password).
         store.run(migrate).map_err(|e| match e {
@@ -317,6 +346,8 @@ impl PgStore {
         OsRng.fill_bytes(&mut raw);
         let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         let row = (id.clone(), node.clone());
+        // The row's heartbeat (the database's now()) is no earlier than this.
+        let written = tokio::time::Instant::now();
         self.run(move |client| async move {
             let (id, node) = row;
             insert_node(&client, &id, &node).await
@@ -324,11 +355,14 @@ impl PgStore {
         tracing::info!(node = %id, "joined the cluster (relay.nodes)");
         // Only `relay serve` joins, once: set succeeds.
         let _ = self.node.set(id.clone());
+        let (fence, fenced) = tokio::sync::watch::channel(false);
+        let _ = self.fenced.set(fenced);
         let heartbeat = self.runtime().spawn(heartbeat(
             self.pool.clone(),
             id.clone(),
             node,
             self.target.clone(),
+            (fence, written),
         ));
         Ok(Membership {
             store: self.clone(),
@@ -339,7 +373,7 @@ impl PgStore {
 
     /// This node's copy of the cluster's presence, kept current from now on (see
     /// [`crate::presence`]); call after [`Self::join`], which names this node.
-    pub fn watch_presence(&self) -> Arc<Presence> {
+    pub fn follow_presence(&self) -> Arc<Presence> {
         let me = self.node.get().cloned().unwrap_or_default();
         let presence = Arc::new(Presence::new(me));
         self.runtime().spawn(crate::presence::follow(
@@ -661,7 +695,7 @@ impl AccountStore for PgStore {
         })
     }
 
-    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<(), StoreError> {
+    fn set_instance(&self, name: &str, instance: Option<u64>) -> Result<u64, StoreError> {
         let owned = name.to_owned();
         let instance = instance.map(|i| i as i64);
         let node = self.node.get().cloned();
@@ -673,17 +707,43 @@ impl AccountStore for PgStore {
                      SELECT $1, $2, $3, nextval('relay.presence_epoch')
                      WHERE EXISTS (SELECT 1 FROM relay.accounts WHERE name = $1)
                      ON CONFLICT (account) DO UPDATE SET instance = EXCLUDED.instance,
-                         node = EXCLUDED.node, epoch = EXCLUDED.epoch",
+                         node = EXCLUDED.node, epoch = EXCLUDED.epoch
+                     RETURNING epoch",
                 )
                 .await?;
-            client.execute(&stmt, &[&owned, &instance, &node]).await?;
-            Ok(())
+            let row = client.query_opt(&stmt, &[&owned, &instance, &node]).await?;
+            Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
         })
     }
 
     fn watch_changes(&self, wake: Arc<Notify>) {
-        self.runtime()
-            .spawn(listen(self.config.clone(), self.target.clone(), wake));
+        let on = move |_: Option<&str>| wake.notify_one();
+        self.runtime().spawn(listen(
+            self.config.clone(),
+            self.target.clone(),
+            CHANNEL,
+            on,
+        ));
+    }
+
+    fn fencing(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.fenced.get().cloned()
+    }
+
+    fn watch_presence(&self, moved: tokio::sync::mpsc::UnboundedSender<super::Presence>) {
+        let me = self.node.get().cloned();
+        let on = move |payload: Option<&str>| {
+            if let Some(p) = payload.and_then(|p| foreign_presence(p, me.as_deref())) {
+                // The server is gone only while it stops.
+                let _ = moved.send(p);
+            }
+        };
+        self.runtime().spawn(listen(
+            self.config.clone(),
+            self.target.clone(),
+            PRESENCE,
+            on,
+        ));
     }
 }
 
@@ -699,17 +759,28 @@ async fn insert_node(client: &Object, id: &str, node: &NodeInfo) -> Result<(), S
 }
 
 /// Writes node `id`'s heartbeat every [`HEARTBEAT_EVERY`] (the database's clock), and
-/// deletes the rows of nodes dead for [`FORGET_AFTER`]. A failed write is logged once per
-/// outage; fencing (closing this node's terminals after 2 s without a write) is planned
-/// (docs/CLUSTER.md, part 6).
-async fn heartbeat(pool: Pool, id: String, node: NodeInfo, target: String) {
+/// deletes the rows of nodes dead for [`FORGET_AFTER`]. `fence` says `true` once
+/// [`FENCE_AFTER`] has passed since the *start* of the last write that succeeded (`join`'s
+/// first, then this loop's; the database's `now()` in it is no earlier, so this node
+/// fences before the others may count it dead, however long the write took), and `false`
+/// again at the next success. A
+/// write that hangs (a paused database does not answer at all) is given up after
+/// [`FENCE_AFTER`]; the fence is checked while it waits.
+async fn heartbeat(
+    pool: Pool,
+    id: String,
+    node: NodeInfo,
+    target: String,
+    (fence, mut written): (tokio::sync::watch::Sender<bool>, tokio::time::Instant),
+) {
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let forget = format!("{} seconds", FORGET_AFTER.as_secs());
     let mut healthy = true;
     loop {
         tick.tick().await;
-        let beat = async {
+        let started = tokio::time::Instant::now();
+        let beat = tokio::time::timeout(FENCE_AFTER, async {
             let client = pool.get().await.map_err(|e| pool_error(&target, e))?;
             // An upsert: a row deleted meanwhile (by hand) comes back.
             insert_node(&client, &id, &node).await?;
@@ -720,31 +791,81 @@ async fn heartbeat(pool: Pool, id: String, node: NodeInfo, target: String) {
                 )
                 .await?;
             Ok::<_, StoreError>(())
-        };
-        match beat.await {
-            Ok(()) if !healthy => {
-                tracing::info!(node = %id, "heartbeat written again");
-                healthy = true;
+        });
+        tokio::pin!(beat);
+        // While the write waits, the fence is checked: a hung write must fence too.
+        let outcome = loop {
+            tokio::select! {
+                r = &mut beat => break r.unwrap_or_else(|_| {
+                    Err(StoreError::Database(format!("{target}: the heartbeat write timed out")))
+                }),
+                () = tokio::time::sleep(FENCE_CHECK) => set_fence(&fence, &id, written),
             }
-            Ok(()) => {}
+        };
+        match outcome {
+            Ok(()) => {
+                written = started;
+                if !healthy {
+                    tracing::info!(node = %id, "heartbeat written again");
+                    healthy = true;
+                }
+            }
             Err(e) if healthy => {
                 tracing::warn!(node = %id, "cannot write the heartbeat: {e}");
                 healthy = false;
             }
             Err(_) => {}
         }
+        set_fence(&fence, &id, written);
     }
 }
 
-/// Keeps a connection that `LISTEN`s on [`CHANNEL`] and wakes `wake` on each notification,
-/// and once after each (re)connection for what happened while it was away. Runs until the
-/// store's runtime stops.
-async fn listen(config: tokio_postgres::Config, target: String, wake: Arc<Notify>) {
+/// Fenced while the last heartbeat written is older than [`FENCE_AFTER`].
+fn set_fence(fence: &tokio::sync::watch::Sender<bool>, id: &str, written: tokio::time::Instant) {
+    let fenced = written.elapsed() >= FENCE_AFTER;
+    fence.send_if_modified(|was| {
+        if *was == fenced {
+            return false;
+        }
+        match fenced {
+            true => tracing::warn!(node = %id, "no heartbeat written for {FENCE_AFTER:?}: fenced (closing every terminal connection, refusing logins)"),
+            false => tracing::info!(node = %id, "heartbeat written again: serving terminals again"),
+        }
+        *was = fenced;
+        true
+    });
+}
+
+/// A presence notification's payload ('node instance epoch account', migration 4) as a
+/// reachable instance recorded by a node other than `me`; `None` for this node's own
+/// records, logouts and anything malformed.
+fn foreign_presence(payload: &str, me: Option<&str>) -> Option<super::Presence> {
+    let mut fields = payload.splitn(4, ' ');
+    let node = fields.next()?;
+    let instance = fields.next()?.parse::<i64>().ok()?;
+    let epoch = fields.next()?.parse::<i64>().ok()?;
+    let account = fields.next()?;
+    (Some(node) != me).then(|| super::Presence {
+        account: account.to_owned(),
+        instance: instance as u64,
+        epoch: epoch as u64,
+    })
+}
+
+/// Keeps a connection that `LISTEN`s on `channel` and calls `on` with each notification's
+/// payload, and with `None` after each (re)connection for what happened while it was
+/// away. Runs until the store's runtime stops.
+pub(crate) async fn listen(
+    config: tokio_postgres::Config,
+    target: String,
+    channel: &'static str,
+    on: impl Fn(Option<&str>) + Clone + Send + 'static,
+) {
     let mut healthy = true;
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
-                let woken = wake.clone();
+                let told = on.clone();
                 // The connection must be polled for the LISTEN to go out; its messages are
                 // the notifications.
                 let mut driver = tokio::spawn(async move {
@@ -752,25 +873,25 @@ async fn listen(config: tokio_postgres::Config, target: String, wake: Arc<Notify
                         std::future::poll_fn(|cx| connection.poll_message(cx)).await
                     {
                         match message {
-                            Ok(AsyncMessage::Notification(_)) => woken.notify_one(),
+                            Ok(AsyncMessage::Notification(n)) => told(Some(n.payload())),
                             Ok(_) => {}
                             Err(e) => return e.to_string(),
                         }
                     }
                     "closed by the server".to_owned()
                 });
-                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                match client.batch_execute(&format!("LISTEN {channel}")).await {
                     Ok(()) => {
                         if !healthy {
-                            tracing::info!(database = %target, "listening for account changes again");
+                            tracing::info!(database = %target, channel, "listening again");
                         }
                         healthy = true;
-                        wake.notify_one();
+                        on(None);
                         let why = (&mut driver).await.unwrap_or_else(|e| e.to_string());
-                        tracing::warn!(database = %target, "account change listener lost its connection: {why}");
+                        tracing::warn!(database = %target, channel, "the listener lost its connection: {why}");
                     }
                     Err(e) if healthy => {
-                        tracing::warn!(database = %target, "cannot listen for account changes: {e}");
+                        tracing::warn!(database = %target, channel, "cannot listen: {e}");
                         healthy = false;
                     }
                     Err(_) => {}
@@ -778,7 +899,7 @@ async fn listen(config: tokio_postgres::Config, target: String, wake: Arc<Notify
                 driver.abort();
             }
             Err(e) if healthy => {
-                tracing::warn!(database = %target, "cannot listen for account changes: {e}");
+                tracing::warn!(database = %target, channel, "cannot listen: {e}");
                 healthy = false;
             }
             Err(_) => {}

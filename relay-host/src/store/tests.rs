@@ -313,7 +313,17 @@ fn credential_stamps_and_current_instances(f: &dyn Fixture) {
         g,
         "instances do not reload accounts"
     );
-    store.set_instance("ghost", Some(1)).unwrap();
+    assert_eq!(
+        store.set_instance("ghost", Some(1)).unwrap(),
+        0,
+        "no account, no record"
+    );
+    // Epochs grow where there are any (PostgreSQL; SQLite, one relay, has none).
+    let (e1, e2) = (
+        store.set_instance("cam", Some(7)).unwrap(),
+        store.set_instance("cam", Some(7)).unwrap(),
+    );
+    assert!(e2 > e1 || (e1, e2) == (0, 0), "epochs {e1} then {e2}");
     assert_eq!(
         store.instances().unwrap(),
         HashMap::from([("cam".to_owned(), Some(7))])

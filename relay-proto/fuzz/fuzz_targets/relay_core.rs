@@ -3,7 +3,7 @@
 //! `b` beside its reachable one. The input is then a script of
 //! operations (accept, feed a chunk to a connection, advance time, close, flush, hand a
 //! running session's data path out as a `Pair`, which then takes the bytes the router
-//! leaves to it, until the router takes it back).
+//! leaves to it, TERMINATEs too, until the router takes it back or the pair finishes).
 //! Checks: no panic, forwards only to live connections, `NeedMore` never holds a whole
 //! frame's worth, and the core's counts agree with the host's view.
 #![no_main]
@@ -78,6 +78,15 @@ impl Host {
                     }
                     PairOffer::NeedMore => break,
                     PairOffer::Router => {}
+                    // The session is over: the router ends it once it has the pair.
+                    PairOffer::Finished(n) => {
+                        assert!(n > 0 && n <= pending.len() - pos);
+                        assert!(p.finished());
+                        pos += n;
+                        self.r.take_back(c);
+                        assert!(!self.r.handback_mut().0.iter().any(|p| p.conns().contains(&c)));
+                        continue;
+                    }
                 }
             }
             match self.r.handle_input(self.now, c, &pending[pos..]) {

@@ -9,16 +9,19 @@
 //! socket until they are used ([`Link::peek`], [`Link::consume`]), so a frame split
 //! across packets simply waits there, and payload the service cannot take yet is
 //! backpressure in the socket's window. One scratch buffer, shared by all connections,
-//! holds a control frame while it is decoded or encoded.
+//! holds a control frame while it is decoded or encoded, and payload on its way to the
+//! service: its size `B` is how much payload one hand-over moves. A device keeps the
+//! minimum (a control frame's worth, RAM is dear); a host gives it tens of KiB, since
+//! every hand-over costs a peek, a service call and a consume.
 
 mod link;
 mod service;
 
-pub use link::{Link, LinkError, LinkState};
+pub use link::{Link, LinkError, LinkState, Target};
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 
 use crate::codes::RejectReason;
-use crate::frame::{HEADER_LEN, Redirect};
+use crate::frame::HEADER_LEN;
 use crate::ident::{Password, ServiceName, UserId};
 use crate::terminal::{Cause, Config, Event, Handle, MIN_TRANSMIT_BUF, Offer, SendError, Terminal};
 use crate::time::Instant;
@@ -73,13 +76,16 @@ impl Slot {
 ///
 /// Call [`Driver::poll`] after every `Interface::poll` (or whenever a socket may have
 /// changed) and at the latest at the instant it returns.
+///
+/// `B` is the scratch buffer's size, at least [`MIN_TRANSMIT_BUF`] (checked when the
+/// driver is made): control frames use that much of it, payload all of it.
 #[derive(Debug)]
-pub struct Driver<const N: usize> {
+pub struct Driver<const N: usize, const B: usize = MIN_TRANSMIT_BUF> {
     terminal: Terminal<N>,
     links: [Slot; N],
     /// A control frame being decoded or encoded, or payload on its way to the service;
     /// shared, since the driver handles one connection at a time.
-    scratch: [u8; MIN_TRANSMIT_BUF],
+    scratch: [u8; B],
 }
 
 /// Session output over the terminal and the transport (see [`Out`]).
@@ -131,15 +137,27 @@ impl<T: Link, const N: usize> Out for Wire<'_, T, N> {
     }
 }
 
-impl<const N: usize> Driver<N> {
+impl<const N: usize, const B: usize> Driver<N, B> {
+    /// A scratch buffer too small for a control frame does not build.
+    const SCRATCH_HOLDS_A_CONTROL_FRAME: () = assert!(B >= MIN_TRANSMIT_BUF);
+
     /// A driver that logs in as `user`. `seed` drives keep-alive and back-off jitter:
     /// give each device its own (from the RNG peripheral or a unique ID).
     pub fn new(config: Config, user: UserId, password: Password, seed: u64) -> Self {
+        #[allow(clippy::let_unit_value)]
+        let () = Self::SCRATCH_HOLDS_A_CONTROL_FRAME;
         Driver {
             terminal: Terminal::new(config, user, password, seed),
             links: [const { Slot::new() }; N],
-            scratch: [0; MIN_TRANSMIT_BUF],
+            scratch: [0; B],
         }
+    }
+
+    /// The part of the scratch buffer a control frame uses: peeking more for a frame
+    /// header would copy payload that [`Driver::deliver`] copies again, and more output
+    /// than that would not fit the room [`Driver::transmit`] checks for.
+    fn control(scratch: &mut [u8; B]) -> &mut [u8] {
+        scratch.get_mut(..MIN_TRANSMIT_BUF).unwrap_or_default()
     }
 
     /// Starts connecting (and reconnecting, from now on). The first `poll` opens sockets.
@@ -269,46 +287,70 @@ impl<const N: usize> Driver<N> {
 
     /// Offers what the slot received to the terminal, frame by frame, and hands payload
     /// to the service. Bytes are consumed from the socket only once used.
+    ///
+    /// Events are drained once the slot's input is used up, if there was any, and
+    /// whenever one holds the input back ([`Offer::Blocked`]: an event the terminal holds
+    /// goes before any later frame), not after every frame: a drain looks at every slot,
+    /// and a stream is mostly DATA frames, which make no events.
     fn receive<T: Link, S: Service>(&mut self, slot: usize, now: Instant, t: &mut T, svc: &mut S) {
+        if self.receive_frames(slot, now, t, svc) {
+            self.drain(now, t, svc);
+        }
+    }
+
+    /// [`Driver::receive`] but the last drain. `true` if anything happened: bytes offered
+    /// or delivered, or the slot failed.
+    fn receive_frames<T: Link, S: Service>(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        t: &mut T,
+        svc: &mut S,
+    ) -> bool {
         let h = Handle(slot as u8);
+        let mut worked = false;
         loop {
             if self.links[slot].phase != Phase::Open {
-                return;
+                return worked;
             }
             // Payload first: it came before anything after it in the stream.
             if self.links[slot].payload > 0 {
                 if !self.deliver(slot, now, t, svc) {
-                    return;
+                    return true;
                 }
                 continue;
             }
-            let n = match t.peek(slot, &mut self.scratch) {
-                Ok(0) => return,
-                Ok(n) => n.min(self.scratch.len()),
+            let n = match t.peek(slot, Self::control(&mut self.scratch)) {
+                Ok(0) => return worked,
+                Ok(n) => n.min(MIN_TRANSMIT_BUF),
                 // The relay closed and every byte was used, or the stack failed.
-                Err(_) => return self.fail(slot, now, t, svc),
+                Err(_) => {
+                    self.fail(slot, now, t, svc);
+                    return true;
+                }
             };
+            worked = true;
             let bytes = self.scratch.get(..n).unwrap_or(&[]);
             let offer = self.terminal.handle_input(h, now, bytes);
             // A refused login may leave the slot held for a waiting demand.
             self.unlink_held(slot, t);
             if self.links[slot].phase != Phase::Open {
-                return self.drain(now, t, svc);
+                return true;
             }
             match offer {
                 Offer::Consumed(used) => t.consume(slot, used.clamp(1, n)),
                 Offer::Payload(len) => self.links[slot].payload = len.min(n) as u16,
-                Offer::NeedMore if n == self.scratch.len() => {
+                Offer::NeedMore if n == MIN_TRANSMIT_BUF => {
                     // A frame larger than any the protocol allows: the terminal would have
                     // refused it, so this cannot happen; close rather than spin.
-                    return self.fail(slot, now, t, svc);
+                    self.fail(slot, now, t, svc);
+                    return true;
                 }
                 // The rest of the frame is still on its way: it waits in the socket.
-                Offer::NeedMore => return self.drain(now, t, svc),
-                // Drained just below; then the same bytes again.
-                Offer::Blocked => {}
+                Offer::NeedMore => return true,
+                // The event first; then the same bytes again.
+                Offer::Blocked => self.drain(now, t, svc),
             }
-            self.drain(now, t, svc);
         }
     }
 
@@ -404,7 +446,10 @@ impl<const N: usize> Driver<N> {
         {
             return;
         }
-        match self.terminal.poll_transmit(h, now, &mut self.scratch) {
+        match self
+            .terminal
+            .poll_transmit(h, now, Self::control(&mut self.scratch))
+        {
             Ok(0) | Err(_) => {}
             Ok(n) => {
                 let bytes = self.scratch.get(..n).unwrap_or(&[]);
@@ -509,19 +554,15 @@ impl<const N: usize> Driver<N> {
         }
     }
 
-    /// Opens `h`'s transport, to our relay or (`to`) to the node a demand was
-    /// redirected to, dropping what the slot held.
-    fn open<T: Link>(&mut self, h: Handle, to: Option<&Redirect>, now: Instant, t: &mut T) {
+    /// Opens `h`'s transport to `to` (our relay's current address, or the node a demand
+    /// was redirected to), dropping what the slot held.
+    fn open<T: Link>(&mut self, h: Handle, to: Target<'_>, now: Instant, t: &mut T) {
         let slot = usize::from(h.0);
         if slot >= N {
             return;
         }
         self.links[slot].reset();
-        let opened = match to {
-            None => t.open(slot),
-            Some(to) => t.open_to(slot, to),
-        };
-        if opened.is_err() {
+        if t.open_to(slot, to).is_err() {
             self.terminal.connect_failed(h, now);
         } else if t.state(slot) == LinkState::Open {
             // Up at once (a stack that connects synchronously): LOGIN goes out in this
@@ -538,9 +579,9 @@ impl<const N: usize> Driver<N> {
         while let Some(event) = self.terminal.poll_event() {
             svc.on_event(&event);
             match event {
-                Event::Open(h) => self.open(h, None, now, t),
+                Event::Open(h) => self.open(h, Target::Relay(self.terminal.relay()), now, t),
                 // The demand's record stays on the slot: it goes on at the other node.
-                Event::Redirected { handle, to } => self.open(handle, Some(&to), now, t),
+                Event::Redirected { handle, to } => self.open(handle, Target::Node(&to), now, t),
                 Event::Closed { handle, cause } => {
                     let slot = usize::from(handle.0);
                     if slot >= N {
@@ -662,8 +703,12 @@ mod tests {
     struct Script {
         rx: Vec<u8>,
         tx: Vec<u8>,
-        /// Where `open_to` was asked to connect.
+        /// The relay address index of each `open_to` a relay.
+        opened: Vec<u32>,
+        /// Where `open_to` was asked to connect instead: the nodes of redirects.
         redirected: Vec<frame::Redirect>,
+        /// The connection ends (the relay is gone).
+        gone: bool,
     }
 
     impl Script {
@@ -691,14 +736,21 @@ mod tests {
 
     impl Link for Script {
         fn open(&mut self, _: usize) -> Result<(), LinkError> {
-            Ok(())
+            unreachable!("the driver opens with open_to")
         }
-        fn open_to(&mut self, _: usize, to: &frame::Redirect) -> Result<(), LinkError> {
-            self.redirected.push(to.clone());
+        fn open_to(&mut self, _: usize, to: Target<'_>) -> Result<(), LinkError> {
+            match to {
+                Target::Relay(relay) => self.opened.push(relay),
+                Target::Node(node) => self.redirected.push(node.clone()),
+            }
+            self.gone = false;
             Ok(())
         }
         fn state(&mut self, _: usize) -> LinkState {
-            LinkState::Open
+            match self.gone {
+                true => LinkState::Closed,
+                false => LinkState::Open,
+            }
         }
         fn peek(&mut self, _: usize, buf: &mut [u8]) -> Result<usize, LinkError> {
             let n = self.rx.len().min(buf.len());
@@ -762,6 +814,19 @@ mod tests {
         assert_eq!(svc.deferred, [Handle(0)]);
         assert_eq!(link.sent(), []);
         (d, link, svc, now)
+    }
+
+    /// The driver opens each connection to the terminal's current relay address, and
+    /// after losing its relay, to the next one.
+    #[test]
+    fn connections_open_to_the_terminals_relay_address() {
+        let (mut d, mut link, mut svc, now) = noticed();
+        assert_eq!(link.opened, [0]);
+        link.gone = true;
+        d.poll(now, &mut link, &mut svc);
+        let later = now + crate::time::Duration::from_secs(120);
+        d.poll(later, &mut link, &mut svc);
+        assert_eq!(link.opened, [0, 1]);
     }
 
     #[test]

@@ -77,11 +77,11 @@ pub(super) enum Phase {
         peer: u32,
         session: u32,
     },
-    /// Paired with `peer`. `sent_end`: this side sent TERMINATE.
+    /// Paired with `peer`. Whether a side sent TERMINATE is its [`Wire::ended`]: the
+    /// session's data path, which a [`super::Pair`] may hold.
     Session {
         peer: u32,
         session: u32,
-        sent_end: bool,
         requester: bool,
     },
     /// The session is over; RELEASE still to send. Stray DATA and TERMINATE are dropped.
@@ -186,7 +186,7 @@ pub(super) enum Answer {
 
 /// Pending output, encoded by `poll_transmit` in this order (which respects causality:
 /// a result precedes the data it allows, data precedes TERMINATE, TERMINATE precedes
-/// RELEASE).
+/// RELEASE). The DATA headers and the TERMINATE are the wire's ([`Wire`]).
 #[derive(Debug, Clone, Default)]
 pub(super) struct Out {
     /// LOGIN_OK, with the capabilities both sides have.
@@ -198,7 +198,6 @@ pub(super) struct Out {
     pub list: Option<u32>,
     pub notice: bool,
     pub result: Option<Answer>,
-    pub terminate: bool,
     pub release: Option<ReleaseReason>,
 }
 
@@ -212,7 +211,6 @@ impl Out {
             list,
             notice,
             result,
-            terminate,
             release,
         } = self;
         login_ok.is_none()
@@ -221,7 +219,6 @@ impl Out {
             && list.is_none()
             && !notice
             && result.is_none()
-            && !terminate
             && release.is_none()
     }
 }
@@ -324,16 +321,15 @@ impl ConnEntry {
             || o.list.is_some()
             || o.notice
             || o.result.is_some()
-            || o.terminate
             || o.release.is_some()
             || self.is_closing()
     }
 }
 
 /// A connection's framing, keep-alive and forwarding state: all that a paired session's
-/// DATA and KEEPALIVE touch. The router keeps it in the connection's entry, or hands it
-/// out with the session's [`super::Pair`]; the transitions below are the same code in
-/// both places.
+/// DATA, KEEPALIVE and TERMINATE touch. The router keeps it in the connection's entry, or
+/// hands it out with the session's [`super::Pair`]; the transitions below are the same
+/// code in both places.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Wire {
     pub last_rx: Instant,
@@ -344,6 +340,12 @@ pub(super) struct Wire {
     pub acks: Option<Acks>,
     /// Payload bytes received from this connection in the current session.
     pub bytes: u64,
+    /// This connection's terminal sent TERMINATE in the current session: it sends no
+    /// more DATA (§3.11).
+    pub ended: bool,
+    /// The peer's TERMINATE, owed to this connection's terminal: written after the DATA
+    /// the peer sent before it.
+    pub terminate: bool,
 }
 
 /// What [`Wire::pass`] did with payload bytes.
@@ -364,7 +366,25 @@ impl Wire {
             outbound: Outbound::Free,
             acks: None,
             bytes: 0,
+            ended: false,
+            terminate: false,
         }
+    }
+
+    /// A session starts on this connection: nothing carried, nothing ended yet.
+    pub(super) fn begin_session(&mut self) {
+        self.bytes = 0;
+        self.ended = false;
+    }
+
+    /// This connection's terminal sent TERMINATE (steps (19)(20)): it is forwarded to the
+    /// peer, whose wire is `peer`, after the DATA before it. `true` when the peer had
+    /// sent its own already: both directions are closed, the session is over (step (21),
+    /// which is the router's: RELEASE to both, the session table, its event).
+    pub(super) fn terminate(&mut self, peer: &mut Wire) -> bool {
+        self.ended = true;
+        peer.terminate = true;
+        peer.ended
     }
 
     /// A KEEPALIVE arrived: one more KEEPALIVE_ACK owed.
@@ -443,6 +463,6 @@ impl Wire {
     }
 
     pub(super) fn has_output(&self) -> bool {
-        self.acks.is_some() || self.outbound.has_header()
+        self.acks.is_some() || self.outbound.has_header() || self.terminate
     }
 }

@@ -116,10 +116,11 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             }
             return;
         }
-        if a.password && t_kind == Kind::Reachable {
-            self.emit(Event::InstanceStarted {
-                user: a.user.clone(),
-                instance: a.instance,
+        if t_kind == Kind::Reachable && (a.password || own.is_none()) {
+            let (user, instance) = (a.user.clone(), a.instance);
+            self.emit(match a.password {
+                true => Event::InstanceStarted { user, instance },
+                false => Event::InstanceArrived { user, instance },
             });
         }
         if let Some(c) = self.conns.get_mut(key) {
@@ -163,23 +164,48 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
                         return Err(ErrorCode::Replaced);
                     }
                     // Newest wins: a rebooted device is reachable at once.
-                    let old = self.terms.get(tk).map(|t| t.instance);
-                    self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
-                    self.emit(Event::Replaced {
-                        user: a.user.clone(),
-                    });
-                    if let Some(instance) = old {
-                        self.emit(Event::InstanceEnded {
-                            user: a.user.clone(),
-                            instance,
-                            how: InstanceEnd::Replaced,
-                            kind: Kind::Reachable,
-                        });
-                    }
+                    self.replace(tk, &a.user);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Ends reachable instance `tk` of `user` because a newer one took its place: its
+    /// connections get ERROR `Replaced` (the terminal stops), its sessions' peers RELEASE
+    /// `PeerLoggedOut`.
+    fn replace(&mut self, tk: u32, user: &UserId) {
+        let old = self.terms.get(tk).map(|t| t.instance);
+        self.drop_terminal(tk, Some(ErrorCode::Replaced), ReleaseReason::PeerLoggedOut);
+        self.emit(Event::Replaced { user: user.clone() });
+        if let Some(instance) = old {
+            self.emit(Event::InstanceEnded {
+                user: user.clone(),
+                instance,
+                how: InstanceEnd::Replaced,
+                kind: Kind::Reachable,
+            });
+        }
+    }
+
+    /// Instance `instance` of `user` is now reachable on another relay (relays sharing
+    /// one database, docs/CLUSTER.md), by a newer login there or because it moved there:
+    /// the reachable instance here ends, so a user ID is reachable on one relay. Another
+    /// instance ends exactly as a local replacement ends it (ERROR `Replaced`, the same
+    /// events); the same instance's connections here are left over from before it moved
+    /// and close without a frame (its terminal is elsewhere). Requester instances stay.
+    /// Whether one ended.
+    pub fn replace_user(&mut self, user: &UserId, instance: u64) -> bool {
+        let Some(tk) = self.reachable(user) else {
+            return false;
+        };
+        if self.terms.get(tk).is_some_and(|t| t.instance == instance) {
+            self.drop_terminal(tk, None, ReleaseReason::PeerLost);
+        } else {
+            self.replace(tk, user);
+        }
+        self.serve_kicks();
+        true
     }
 
     /// A new instance entry, first of its user's chain.

@@ -22,12 +22,15 @@
 //!
 //! ## The router and its pairs
 //!
-//! A running session's DATA and KEEPALIVEs touch only its two connections' framing,
-//! keep-alive and forwarding state (`conn::Wire`). A host that runs connections in
-//! parallel takes that state out with [`Relay::hand_out`] as a [`Pair`] and forwards the
-//! session's bytes through it without the router; every other frame, and every transition
-//! of the router that touches those connections, brings the pair back first (through the
-//! host's [`Handback`], see `pair.rs`). The wire transitions are one code for both.
+//! A running session's DATA, KEEPALIVEs and TERMINATEs touch only its two connections'
+//! framing, keep-alive and forwarding state (`conn::Wire`). A host that runs connections
+//! in parallel takes that state out with [`Relay::hand_out`] as a [`Pair`] and forwards
+//! the session's bytes through it without the router; every other frame, and every
+//! transition of the router that touches those connections, brings the pair back first
+//! (through the host's [`Handback`], see `pair.rs`). The session's end, once both sides
+//! sent TERMINATE, is the router's: the pair says so ([`PairOffer::Finished`]) and the
+//! router applies it when it gets the pair back. The wire transitions are one code for
+//! both.
 //!
 //! ## Output without buffers
 //!
@@ -235,6 +238,11 @@ pub enum Event {
     /// tokens makes `instance` the only one that `user`'s reachable tokens may start).
     /// Requester instances are not reported: they replace nothing and are never replaced.
     InstanceStarted { user: UserId, instance: u64 },
+    /// A resumption brought reachable instance `instance` of `user` to this relay, which
+    /// did not run it (it ran on another relay of a cluster, or before a restart). A host
+    /// that records where instances run (relay-host's presence, docs/CLUSTER.md) records
+    /// it here; its tokens stay as they were.
+    InstanceArrived { user: UserId, instance: u64 },
     /// An instance ended for good (LOGOUT, or a reachable one replaced): its tokens must
     /// not start it again.
     InstanceEnded {
@@ -524,6 +532,7 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         // Nothing more is forwarded here (the session ended above), nor acknowledged.
         c.wire.outbound = Outbound::Free;
         c.wire.acks = None;
+        c.wire.terminate = false;
         self.wake(key);
     }
 
@@ -639,11 +648,7 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
                 self.fail(key, ErrorCode::NotLoggedIn)
             }
             State::In { phase, .. } => match *phase {
-                Phase::Session {
-                    peer,
-                    sent_end: false,
-                    ..
-                } => {
+                Phase::Session { peer, .. } if !c.wire.ended => {
                     let mut me = c.wire;
                     if let Some(pc) = self.conns.get_mut(peer) {
                         me.begin_data(&mut pc.wire, len);
@@ -712,14 +717,9 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             (_, Frame::Accept { .. } | Frame::Reject(_)) => {
                 self.fail(key, ErrorCode::UnknownSession)
             }
-            (
-                Phase::Session {
-                    peer,
-                    sent_end: false,
-                    ..
-                },
-                Frame::Terminate,
-            ) => self.on_terminate(key, peer),
+            (Phase::Session { peer, .. }, Frame::Terminate) if !c.wire.ended => {
+                self.on_terminate(key, peer)
+            }
             // Crossed with the end of the session: nothing to do (§3.11).
             (Phase::Releasing | Phase::Idle, Frame::Terminate) => {}
             (_, Frame::Logout) => {
@@ -1139,19 +1139,17 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             c.set_phase(Phase::Session {
                 peer: requester,
                 session,
-                sent_end: false,
                 requester: false,
             });
-            c.wire.bytes = 0;
+            c.wire.begin_session();
         }
         if let Some(c) = self.conns.get_mut(requester) {
             c.set_phase(Phase::Session {
                 peer: target,
                 session,
-                sent_end: false,
                 requester: true,
             });
-            c.wire.bytes = 0;
+            c.wire.begin_session();
             c.out.result = Some(Answer::Accepted { session });
         }
         self.stats.sessions += 1;
@@ -1212,24 +1210,30 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         }
     }
 
-    /// Step (19)(20): `key` sent TERMINATE. When both sides have, step (21): RELEASE.
+    /// Step (19)(20): `key` sent TERMINATE, forwarded to `peer` ([`conn::Wire::terminate`],
+    /// which a handed-out [`Pair`] runs too). When both sides have, step (21).
     fn on_terminate(&mut self, key: u32, peer: u32) {
-        if let Some(State::In {
-            phase: Phase::Session { sent_end, .. },
-            ..
-        }) = self.conns.get_mut(key).map(|c| &mut c.state)
-        {
-            *sent_end = true;
-        }
-        let Some(pc) = self.conns.get_mut(peer) else {
+        let (Some(mut mine), Some(pc)) = (
+            self.conns.get(key).map(|c| c.wire),
+            self.conns.get_mut(peer),
+        ) else {
             return;
         };
-        pc.out.terminate = true;
-        let peer_done = matches!(pc.phase(), Some(Phase::Session { sent_end: true, .. }));
-        self.wake(peer);
-        if peer_done {
-            self.end_session(key, peer, ReleaseReason::Normal, ReleaseReason::Normal);
+        let both = mine.terminate(&mut pc.wire);
+        if let Some(c) = self.conns.get_mut(key) {
+            c.wire = mine;
         }
+        self.wake(peer);
+        if both {
+            self.both_terminated(key, peer);
+        }
+    }
+
+    /// Step (21): both sides of the session between `a` and `b` sent TERMINATE (through
+    /// the router, or through their [`Pair`], which the router got back since): RELEASE
+    /// `Normal` to both, after the forwarded TERMINATE.
+    fn both_terminated(&mut self, a: u32, b: u32) {
+        self.end_session(a, b, ReleaseReason::Normal, ReleaseReason::Normal);
     }
 
     /// Ends the session between `a` and `b`, telling each its reason with RELEASE.
@@ -1386,6 +1390,20 @@ impl Writer<'_> {
         })
     }
 
+    /// The end of a burst from `wire`: a DATA header that waits (its payload comes next,
+    /// so nothing may follow it), else the peer's TERMINATE if owed. `true`: a header
+    /// ended the burst.
+    fn put_wire_tail(&mut self, wire: &mut conn::Wire) -> bool {
+        if let Some(len) = wire.take_header() {
+            self.put_data_header(len);
+            return true;
+        }
+        if core::mem::take(&mut wire.terminate) {
+            self.put(&Frame::Terminate);
+        }
+        false
+    }
+
     fn put_data_header(&mut self, len: u16) {
         let h = frame::data_header(usize::from(len)).expect("DATA of 1..=max_payload bytes");
         self.buf[self.len..self.len + h.len()].copy_from_slice(&h);
@@ -1437,19 +1455,15 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             return Err(RelayError::UnknownConn);
         };
         // A DATA header ends the burst: its payload comes next, then the rest.
-        if let Some(len) = (!closing).then(|| c.wire.take_header()).flatten() {
-            w.put_data_header(len);
-        } else if !closing {
-            if core::mem::take(&mut out.terminate) {
-                w.put(&Frame::Terminate);
-            }
-            if let Some(reason) = out.release.take() {
-                w.put(&Frame::Release { reason });
-                // RELEASE written: the connection is idle and may serve a waiting demand.
-                if c.phase() == Some(&Phase::Releasing) {
-                    c.set_phase(Phase::Idle);
-                    self.kick(key);
-                }
+        if !closing
+            && !w.put_wire_tail(&mut c.wire)
+            && let Some(reason) = out.release.take()
+        {
+            w.put(&Frame::Release { reason });
+            // RELEASE written: the connection is idle and may serve a waiting demand.
+            if c.phase() == Some(&Phase::Releasing) {
+                c.set_phase(Phase::Idle);
+                self.kick(key);
             }
         }
         if let Some(c) = self.conns.get_mut(key).filter(|_| !closing) {
@@ -1693,10 +1707,16 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
     /// in-band and closes instead (as when a peer is lost, §10.3). False if no such
     /// session runs.
     pub fn close_session(&mut self, session: u32) -> bool {
-        let Some((a, b)) = self.session_conns(session) else {
+        let Some(a) = self.session_conn(session) else {
             return false;
         };
+        // A pair given back may end the session (both sides had terminated): then there
+        // is none to end, as if the router had seen the TERMINATEs itself.
         self.home(a);
+        let Some(&Phase::Session { peer: b, .. }) = self.conns.get(a).and_then(ConnEntry::phase)
+        else {
+            return false;
+        };
         let locked = |r: &Self, k| r.conns.get(k).is_some_and(ConnEntry::mid_payload);
         let (a_locked, b_locked) = (locked(self, a), locked(self, b));
         let reason = ReleaseReason::EndedByOperator;
@@ -1737,16 +1757,15 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         })
     }
 
-    /// The two connections of running session `session`.
-    fn session_conns(&self, session: u32) -> Option<(u32, u32)> {
+    /// A connection of running session `session`.
+    fn session_conn(&self, session: u32) -> Option<u32> {
         let mut k = 0;
         while let Some(key) = self.conns.next_key(k) {
-            if let Some(&Phase::Session {
-                session: s, peer, ..
-            }) = self.conns.get(key).and_then(ConnEntry::phase)
+            if let Some(&Phase::Session { session: s, .. }) =
+                self.conns.get(key).and_then(ConnEntry::phase)
                 && s == session
             {
-                return Some((key, peer));
+                return Some(key);
             }
             k = key + 1;
         }

@@ -109,7 +109,13 @@ pub(crate) enum Step {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
+    /// The connection may have changed state (closed, say): the terminal settles it.
     None,
+    /// Bytes of a running session (payload, a DATA header) or a keep-alive's answer: the
+    /// connection's state is as it was, so the terminal has nothing to settle, replenish
+    /// or announce. (The common case by far: skipping that work is most of a stream's
+    /// cost on a terminal with many slots.)
+    Quiet,
     LoggedIn {
         caps: u32,
         token: ResumeToken,
@@ -189,6 +195,8 @@ pub(crate) struct Connection {
     /// carries that demand and its session only, and closes when they end. It is not one
     /// of the terminal's connections to its relay.
     detour: bool,
+    /// The relay address it was opened to ([`super::Terminal::relay`] when announced).
+    pub(crate) relay: u32,
 }
 
 /// A demand waiting for its connection's login.
@@ -230,6 +238,7 @@ impl Connection {
             login_attempts: 0,
             queued: None,
             detour: false,
+            relay: 0,
         }
     }
 
@@ -629,21 +638,21 @@ impl Connection {
         jitter: &mut Jitter,
     ) -> (Offer, Change) {
         if input.is_empty() {
-            return (Offer::NeedMore, Change::None);
+            return (Offer::NeedMore, Change::Quiet);
         }
         self.last_rx = now;
         if self.rx_payload > 0 {
             let n = input.len().min(usize::from(self.rx_payload));
             self.rx_payload -= n as u16;
-            return (Offer::Payload(n), Change::None);
+            return (Offer::Payload(n), Change::Quiet);
         }
         match wire::parse(input) {
-            Ok(None) => (Offer::NeedMore, Change::None),
+            Ok(None) => (Offer::NeedMore, Change::Quiet),
             Err(_) => (Offer::Consumed(input.len()), self.close(Cause::Protocol)),
             Ok(Some((Inbound::Data(len), n))) => {
                 if let State::Session { got_end: false, .. } = self.state {
                     self.rx_payload = len;
-                    (Offer::Consumed(n), Change::None)
+                    (Offer::Consumed(n), Change::Quiet)
                 } else {
                     (Offer::Consumed(input.len()), self.close(Cause::Protocol))
                 }
@@ -691,7 +700,7 @@ impl Connection {
     #[inline(never)]
     fn on_frame(&mut self, now: Instant, cfg: &Config, f: Inbound, jitter: &mut Jitter) -> Change {
         if matches!(f, Inbound::KeepAliveAck) && self.is_logged_in() {
-            return Change::None;
+            return Change::Quiet;
         }
         match (&mut self.state, f) {
             (

@@ -59,6 +59,10 @@ impl Kind {
     }
 }
 
+/// After ERROR `ShuttingDown` the next connection opens within this many milliseconds
+/// (uniform), not after the failure back-off.
+const MOVE_SPREAD_MS: u64 = 250;
+
 /// Terminal settings. The relay's LOGIN_OK overrides the keep-alive interval.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -251,6 +255,8 @@ pub struct Terminal<const N: usize> {
     failures: u32,
     /// Logged out or refused: no more connections until `start`.
     stopped: bool,
+    /// Which of the host's relay addresses new connections go to ([`Terminal::relay`]).
+    relay: u32,
     /// Whether a connection is logged in, and whether the host was last told so.
     up: bool,
     told_up: bool,
@@ -280,6 +286,7 @@ impl<const N: usize> Terminal<N> {
             retry_at: Instant::ZERO,
             failures: 0,
             stopped: true,
+            relay: 0,
             up: false,
             told_up: false,
             refusal: None,
@@ -316,6 +323,16 @@ impl<const N: usize> Terminal<N> {
     /// Whether the relay announced `bit`.
     fn has(&self, bit: u32) -> bool {
         self.caps & bit != 0
+    }
+
+    /// Which relay address the next [`Event::Open`] is for: an index the host takes modulo
+    /// the number of addresses it has (a host with one address ignores it). It moves to
+    /// the next address once per relay lost: when the last logged-in connection to the
+    /// current one closes, or a connection to it fails before its login while the
+    /// terminal is down (connection refused, timed out, an ERROR). Connections are never
+    /// spread over several relays: a reachable instance lives on one.
+    pub fn relay(&self) -> u32 {
+        self.relay
     }
 
     /// Largest DATA payload the relay accepts (65,535 until it says otherwise).
@@ -383,6 +400,7 @@ impl<const N: usize> Terminal<N> {
         if let Some((code, text)) = self.refusal.take() {
             return Some(Event::LoginRefused { code, text });
         }
+        let relay = self.relay;
         self.slots.iter_mut().enumerate().find_map(|(i, slot)| {
             let Some(Connection {
                 state:
@@ -391,6 +409,7 @@ impl<const N: usize> Terminal<N> {
                         held: false,
                         ..
                     },
+                relay: opened_to,
                 ..
             }) = slot
             else {
@@ -398,6 +417,7 @@ impl<const N: usize> Terminal<N> {
             };
             (!*announced).then(|| {
                 *announced = true;
+                *opened_to = relay;
                 Event::Open(Handle(i as u8))
             })
         })
@@ -475,17 +495,25 @@ impl<const N: usize> Terminal<N> {
     fn settle(&mut self, h: Handle, now: Instant) {
         let Some(Connection {
             state: State::Closed(cause),
+            relay,
             ..
         }) = self.slots.get(usize::from(h.0)).and_then(Option::as_ref)
         else {
             return;
         };
-        let cause = cause.clone();
+        let (cause, opened_to) = (cause.clone(), *relay);
         if self.is_detour(h) {
-            // A detour's end is its demand's: no back-off, no stop, no retry here.
+            // A detour's end is its demand's: no back-off, no stop, no retry here, and
+            // our relay is not lost.
             return;
         }
-        if cause != Cause::Local {
+        if cause == Cause::Relay(ErrorCode::ShuttingDown) {
+            // The relay leaves on purpose (it stops, drains, or is fenced from its
+            // cluster): not a failure. Move on almost at once, spread so that all its
+            // terminals do not arrive at the next relay in the same instant.
+            let spread = Duration::from_millis(u64::from(self.jitter.next_u32()) % MOVE_SPREAD_MS);
+            self.retry_at = self.retry_at.max(now + spread);
+        } else if cause != Cause::Local {
             self.failures = self.failures.saturating_add(1);
             let exp = self.failures.clamp(1, 16) - 1;
             let delay = self
@@ -497,6 +525,11 @@ impl<const N: usize> Terminal<N> {
         }
         let up = self.home().any(|(_, c)| c.is_logged_in());
         self.up = up;
+        // The relay is lost (or was never reached): the next connection tries the next
+        // address. Once per relay: the other connections it held close with the old index.
+        if cause != Cause::Local && !up && opened_to == self.relay {
+            self.relay = self.relay.wrapping_add(1);
+        }
         // Another instance of this user ID took over, or the account is gone.
         if let Cause::Relay(code @ (ErrorCode::Replaced | ErrorCode::AccountRemoved)) = cause {
             self.stop(Cause::Relay(code));
@@ -541,6 +574,7 @@ impl<const N: usize> Terminal<N> {
         // ERROR Throttled's `retry_after`: it replaces our own back-off.
         let mut relay_wait = None;
         let event = match change {
+            Change::Quiet => return None,
             Change::None => None,
             Change::LoggedIn {
                 caps: in_force,

@@ -970,3 +970,90 @@ fn a_terminal_that_does_not_follow_takes_a_redirect_as_target_offline() {
     );
     assert_eq!(r.t.idle_connections(), 1);
 }
+
+/// Several relay addresses (a cluster): the terminal moves to the next one when it loses
+/// its relay, once per loss (the other connections to the lost relay close with the old
+/// index), and again when a connection to the new one fails while down; losing one of
+/// several logged-in connections is not losing the relay.
+#[test]
+fn a_lost_relay_moves_the_next_connections_to_the_next_address_once() {
+    let mut r = Rig::up();
+    assert_eq!(r.t.relay(), 0);
+    // A demand takes H0: the spare H1 opens, to the same relay, and logs in.
+    r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+        .unwrap();
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    r.t.connected(Handle(1), r.now);
+    assert!(matches!(r.sent(Handle(1))[..], [Frame::Login(_)]));
+    r.feed(
+        Handle(1),
+        Frame::LoginOk(LoginOk {
+            caps: frame::caps::ALL,
+            keepalive_ms: 30_000,
+            max_payload: 4096,
+            token: ResumeToken::from_slice(b"token").unwrap(),
+        }),
+    );
+    r.events();
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    assert!(r.t.is_up());
+    assert_eq!(r.t.relay(), 0, "one connection of two lost: same relay");
+    r.t.transport_closed(Handle(1), r.now);
+    r.events();
+    assert_eq!(r.t.relay(), 1, "the last one lost: the next address");
+    // After the back-off the terminal opens one connection (down: one at a time), to
+    // address 1; it fails, and the next goes to address 2.
+    r.now = r.now + Duration::from_secs(120);
+    r.t.handle_timeout(r.now);
+    let [Event::Open(h)] = r.events()[..] else {
+        panic!("one Open after the back-off")
+    };
+    r.t.connect_failed(h, r.now);
+    r.events();
+    assert_eq!(r.t.relay(), 2);
+}
+
+/// The connections a lost relay held close one after another: the first moves the
+/// terminal on, the rest (opened to the old address) do not move it again.
+#[test]
+fn the_other_connections_of_a_lost_relay_do_not_move_the_terminal_again() {
+    let mut r = Rig::up();
+    r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now)
+        .unwrap();
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(Handle(1))]);
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    assert_eq!(r.t.relay(), 1);
+    r.t.connect_failed(Handle(1), r.now);
+    r.events();
+    assert_eq!(r.t.relay(), 1, "H1 was opened to the lost relay");
+}
+
+/// ERROR `ShuttingDown` (the relay stops, drains or is fenced): not a failure. The next
+/// connection goes to the next address within 250 ms, not after the 0.5 s back-off a
+/// lost connection waits; and the back-off is not raised by it.
+#[test]
+fn shutting_down_moves_to_the_next_relay_within_250_ms() {
+    let mut r = Rig::up();
+    r.feed(H0, error(ErrorCode::ShuttingDown));
+    let events = r.events();
+    assert_eq!(
+        closed(&events, H0),
+        Some(Cause::Relay(ErrorCode::ShuttingDown))
+    );
+    assert_eq!(r.t.relay(), 1);
+    r.now = r.now + Duration::from_millis(250);
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [Event::Open(H0)], "moved within 250 ms");
+
+    // A connection lost otherwise waits the back-off (0.5 s ± 25 %).
+    let mut r = Rig::up();
+    r.t.transport_closed(H0, r.now);
+    r.events();
+    r.now = r.now + Duration::from_millis(250);
+    r.t.handle_timeout(r.now);
+    assert_eq!(r.events(), [], "still backing off");
+}
