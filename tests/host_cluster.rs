@@ -1,9 +1,13 @@
-//! Relays as one service (issue 15), step 1: two `relay serve` processes on one PostgreSQL
+//! Relays as one service (issue 15): two `relay serve` processes on one PostgreSQL
 //! database, which the test starts itself (tests/postgres_support.rs; it fails when
 //! PostgreSQL is not installed). Accounts are edited with `relay user … --config` of one
 //! node, as an operator would, and the other node must follow within a second; a token
-//! issued by one node starts a login on the other without a password check.
+//! issued by one node starts a login on the other without a password check; a demand for
+//! a device on the other node is redirected there.
 
+/// The redirect figures: an ignored test, run explicitly.
+#[path = "cluster_figures.rs"]
+mod figures;
 #[path = "fleet.rs"]
 mod fleet;
 #[path = "login_client.rs"]
@@ -492,6 +496,169 @@ fn an_instance_record_the_database_refused_is_written_later() {
         panic!("password login of dev")
     };
     c.wait_recorded("cam", Some(&token));
+}
+
+/// Waits until node `from` redirects a DEMAND for `target` (it has heard of the device's
+/// presence row and of its node's heartbeat); returns the redirect. A requester that
+/// announces `REDIRECT` asks every 20 ms, for at most 10 s.
+fn redirect_from(c: &Cluster, from: usize, target: &str) -> relay_proto::frame::Redirect {
+    use relay_proto::frame::{DemandResult, caps};
+    let mut client = Client::connect(c.node(from), LOCAL);
+    let follows = caps::ALL | caps::REQUESTER | caps::REDIRECT;
+    assert!(matches!(
+        client.login_with(follows, "alice", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    let start = Instant::now();
+    loop {
+        match client.demand(target) {
+            DemandResult::Redirect(to) => return to,
+            other => assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "node {from} never redirected: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A demand made on node 1 for a device logged in to node 0: node 1 redirects it there
+/// (node 0's address and certificate fingerprint), `relay connect` follows, and a
+/// mebibyte comes back byte for byte through node 0 alone (three hops: no byte crosses
+/// node 1). Before redirects, node 1 answered `TargetOffline`.
+#[test]
+fn a_demand_for_a_device_on_another_node_is_redirected_there() {
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let echo = echo_service();
+    let _cam = c
+        .node(0)
+        .expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    let to = redirect_from(&c, 1, "cam");
+    assert_eq!(
+        to.address.as_str(),
+        format!("127.0.0.1:{}", c.node(0).tls_port)
+    );
+    let fingerprint: Vec<String> = to.fingerprint.iter().map(|b| format!("{b:02X}")).collect();
+    assert_eq!(fingerprint.join(":"), c.node(0).fingerprint);
+
+    let (_alice, port) = c.node(1).forward("alice", "cam/echo");
+    let mut data = vec![0u8; 1 << 20];
+    fill(&mut data, &mut 15);
+    let back = round_trip(port, &data);
+    assert!(back == data, "{} bytes came back, not the same", back.len());
+    const REDIRECTED: &str = "relay_demands_total{outcome=\"redirected\"}";
+    const ACCEPTED: &str = "relay_demands_total{outcome=\"accepted\"}";
+    assert!(
+        c.metric(1, REDIRECTED) >= 2.0,
+        "the probe's and relay connect's"
+    );
+    assert_eq!(c.metric(1, ACCEPTED), 0.0, "no session on node 1");
+    assert_eq!(c.metric(0, ACCEPTED), 1.0, "the session is node 0's");
+    // And again: each demand is redirected once, on its own.
+    assert!(echo_works(port));
+    assert_eq!(c.metric(0, ACCEPTED), 2.0);
+}
+
+/// A terminal that does not announce `REDIRECT` (every terminal before redirects) gets
+/// what it always got for a device on another node: `TargetOffline`; so does a device
+/// homed nowhere, and, once the device logs out, a terminal that does announce it.
+#[test]
+fn an_old_terminal_gets_target_offline_for_a_device_on_another_node() {
+    use relay_proto::frame::{DemandResult, caps};
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let mut cam = Client::connect(c.node(0), LOCAL);
+    assert!(matches!(
+        cam.login("cam", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    redirect_from(&c, 1, "cam");
+    let offline = |r: &DemandResult| {
+        matches!(
+            r,
+            DemandResult::Failed {
+                error: relay_proto::DemandError::TargetOffline,
+                ..
+            }
+        )
+    };
+    let mut old = Client::connect(c.node(1), LOCAL);
+    assert!(matches!(
+        old.login_with(caps::ALL | caps::REQUESTER, "alice", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    let answer = old.demand("cam");
+    assert!(offline(&answer), "{answer:?}");
+
+    cam.logout();
+    let mut new = Client::connect(c.node(1), LOCAL);
+    let follows = caps::ALL | caps::REQUESTER | caps::REDIRECT;
+    assert!(matches!(
+        new.login_with(follows, "alice", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    let start = Instant::now();
+    loop {
+        let answer = new.demand("cam");
+        if offline(&answer) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still redirected after the logout: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An account deleted while its device is logged in to node 0, then made again: node 1
+/// forgets where the old one was (migration 5 announces a deleted presence row), so a
+/// demand for the new account, logged in nowhere, is `TargetOffline` at once, not a
+/// redirect to node 0. Red before migration 5: node 1 kept redirecting.
+#[test]
+fn an_account_deleted_and_made_again_is_not_redirected_to_its_old_node() {
+    use relay_proto::frame::{DemandResult, caps};
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let mut cam = Client::connect(c.node(0), LOCAL);
+    assert!(matches!(
+        cam.login("cam", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    redirect_from(&c, 1, "cam");
+    c.user(0, &["del", "cam"]);
+    // Node 0 has closed the device (it writes no row for an account that is gone).
+    let closed = cam.next_error();
+    assert!(
+        matches!(closed, None | Some(ErrorCode::AccountRemoved)),
+        "{closed:?}"
+    );
+    c.add(0, "cam");
+    let mut alice = Client::connect(c.node(1), LOCAL);
+    let follows = caps::ALL | caps::REQUESTER | caps::REDIRECT;
+    assert!(matches!(
+        alice.login_with(follows, "alice", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    let start = Instant::now();
+    loop {
+        match alice.demand("cam") {
+            DemandResult::Failed {
+                error: relay_proto::DemandError::TargetOffline,
+                ..
+            } => break,
+            other => assert!(
+                start.elapsed() < WITHIN,
+                "still answered {other:?} {:?} after the account was made again",
+                start.elapsed()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Newest wins across nodes: a password login on node 1 for a user ID whose reachable

@@ -84,6 +84,35 @@ impl Client {
 }
 
 impl Client {
+    /// Sends DEMAND for `target` (default service) and returns the DEMAND_RESULT.
+    pub fn demand(&mut self, target: &str) -> frame::DemandResult {
+        let d = Frame::Demand(frame::Demand {
+            target: UserId::new(target).unwrap(),
+            service: relay_proto::ServiceName::default(),
+        });
+        let mut out = [0u8; 512];
+        let n = d.encode(&mut out).unwrap();
+        self.stream.write_all(&out[..n]).expect("send DEMAND");
+        loop {
+            match frame::parse(&self.buf).expect("a valid frame from the relay") {
+                Some((Parsed::Control(Frame::DemandResult(r)), n)) => {
+                    self.buf.drain(..n);
+                    return r;
+                }
+                Some((Parsed::Control(_), n)) => {
+                    self.buf.drain(..n);
+                }
+                Some((Parsed::DataHeader { .. }, _)) => panic!("DATA before a demand result"),
+                None => {
+                    let mut chunk = [0u8; 1024];
+                    let n = self.stream.read(&mut chunk).expect("read from the relay");
+                    assert!(n > 0, "the relay closed without a demand result");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+
     /// Reads until the relay sends an ERROR (its code) or closes (`None`).
     pub fn next_error(&mut self) -> Option<ErrorCode> {
         loop {

@@ -934,7 +934,8 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         address: config.listen.to_string(),
         fingerprint: identity.fingerprint().to_string(),
     };
-    let _membership = database.map(|pg| pg.join(node)).transpose()?;
+    let _membership = database.as_ref().map(|pg| pg.join(node)).transpose()?;
+    let presence = database.as_ref().map(|pg| pg.follow_presence());
     let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
     tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
     if let Some(plain) = config.allow_plain {
@@ -943,7 +944,7 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let again = args.clone();
     let reloader =
         crate::reload::Reloader::new(config.clone(), &identity, Box::new(move || again.resolve()))?;
-    crate::server::run(config, store, reloader)
+    crate::server::run(config, store, reloader, presence)
 }
 
 #[cfg(test)]

@@ -315,6 +315,9 @@ fn start(
     let config = terminal::Config {
         kind,
         spare,
+        // A requester's demand for a device homed on another node of a cluster follows
+        // the relay's redirect there (HostLink::open_to).
+        follow_redirects: kind == terminal::Kind::Requester,
         ..terminal::Config::default()
     };
     let driver: Box<HostDriver> = Box::new(Driver::new(

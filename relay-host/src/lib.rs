@@ -16,6 +16,7 @@
 //! - [`reload`]: `relay serve` on SIGHUP (config, certificate, limits).
 //! - [`server`]: `relay serve`, the protocol core on sockets; [`fifo`]: its per-connection
 //!   FIFOs; `splice`: payload socket to socket on Linux.
+//! - [`presence`]: where each user ID of a cluster is logged in, for redirects.
 //! - [`client`]: the Linux terminal (`expose`, `connect`, `online`).
 //! - [`cli`]: the `relay` command line; [`relays`]: the terminal's config file.
 
@@ -29,6 +30,7 @@ pub mod fifo;
 mod hashing;
 pub mod listen;
 pub mod metrics;
+pub mod presence;
 pub mod published;
 pub mod relays;
 pub mod reload;

@@ -67,9 +67,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::{Buf, Bytes, BytesMut};
-use relay_proto::frame::Demand;
+use relay_proto::frame::{Demand, Redirect};
 use relay_proto::relay::{
-    self, ConnId, Event, Handback, Heap, MIN_TRANSMIT_BUF, Offer, Pair, PairOffer, Policy, Relay,
+    self, ConnId, Event, Handback, Heap, MIN_TRANSMIT_BUF, Node, Offer, Pair, PairOffer, Policy,
+    Relay,
 };
 use relay_proto::{DemandError, UserId};
 #[cfg(target_os = "linux")]
@@ -79,6 +80,7 @@ use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::either::Either;
 
+use crate::presence::Presence;
 #[cfg(target_os = "linux")]
 use crate::splice::Pipe;
 use tokio::net::TcpListener;
@@ -116,8 +118,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The access rule over the newest account snapshot: `relay user allow` applies to the
 /// next demand. The relay itself ([`crate::published::REQUESTER`]) may reach the targets
 /// of the published ports, and only those: the `[[published]]` tables are its rule.
+/// With a cluster (`--database`), the presence copy says where a target that is not
+/// logged in here is (redirects, docs/CLUSTER.md part 5).
 #[derive(Debug, Clone)]
-pub struct SnapshotPolicy(pub Arc<AccountsSnapshot>, pub Arc<[UserId]>);
+pub struct SnapshotPolicy(
+    pub Arc<AccountsSnapshot>,
+    pub Arc<[UserId]>,
+    pub Option<Arc<Presence>>,
+);
 
 impl Policy for SnapshotPolicy {
     fn may_reach(&self, from: &UserId, to: &UserId) -> bool {
@@ -125,6 +133,14 @@ impl Policy for SnapshotPolicy {
             return self.1.contains(to);
         }
         self.0.may_reach(from.as_str(), to.as_str())
+    }
+
+    fn locate(&self, user: &UserId) -> Option<Node> {
+        self.2.as_ref()?.locate(user)
+    }
+
+    fn node(&self, node: Node) -> Option<Redirect> {
+        self.2.as_ref()?.node(node)
     }
 }
 
@@ -489,6 +505,10 @@ impl Core {
                 } => {
                     srv.metrics.demand(demand_outcome(&error));
                     tracing::info!(%from, %to, service = service.as_str(), %error, "demand failed");
+                }
+                Event::DemandRedirected { from, to, service } => {
+                    srv.metrics.demand("redirected");
+                    tracing::info!(%from, %to, service = service.as_str(), "demand redirected to the target's node");
                 }
                 Event::SessionStarted {
                     session,
@@ -1608,6 +1628,7 @@ pub fn run(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
     reloader: Reloader,
+    presence: Option<Arc<Presence>>,
 ) -> anyhow::Result<()> {
     // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
     // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
@@ -1618,7 +1639,7 @@ pub fn run(
         .max_blocking_threads((2 * cores).max(4))
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(config, store, reloader, async {
+    rt.block_on(serve(config, store, reloader, presence, async {
         if let Err(e) = crate::listen::shutdown_signal().await {
             tracing::warn!("cannot watch for signals: {e}");
             std::future::pending::<()>().await;
@@ -1632,6 +1653,7 @@ pub async fn serve(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
     reloader: Reloader,
+    presence: Option<Arc<Presence>>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
@@ -1645,6 +1667,7 @@ pub async fn serve(
     let policy = SnapshotPolicy(
         accounts.borrow().clone(),
         published_targets(&config.published),
+        presence,
     );
     let epoch = std::time::Instant::now();
     let timer_wake = Arc::new(Notify::new());

@@ -12,7 +12,7 @@ use nom::number::streaming::{be_u16, u8 as be_u8};
 use serde::{Deserialize, Serialize};
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
-use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::ident::{NodeAddress, Password, ResumeToken, ServiceName, Text, UserId};
 
 /// Bytes before every payload: type and length.
 pub const HEADER_LEN: usize = 3;
@@ -44,6 +44,11 @@ pub mod caps {
     /// The terminal decodes ERROR `Throttled` with its retry-after field (a terminal that
     /// did not announce it gets the frame without the field).
     pub const RETRY_AFTER: u32 = 1 << 3;
+    /// The terminal follows DEMAND_RESULT `Redirect` (the target is homed on another node
+    /// of the same service, docs/PROTOCOL.md §3.9). Not in [`ALL`]: only a terminal that
+    /// can open a connection to another relay announces it; one that does not gets
+    /// `TargetOffline` for such a target, as before.
+    pub const REDIRECT: u32 = 1 << 4;
     /// Every capability a terminal of any kind announces ([`REQUESTER`] aside, which
     /// chooses the kind).
     pub const ALL: u32 = RESUME | LIST | RETRY_AFTER;
@@ -177,11 +182,30 @@ pub struct Reject {
     pub text: Text,
 }
 
+/// Where a demand's target is reachable instead: another node of the same service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Redirect {
+    /// The node's address, as a terminal connects to it (`host:port`).
+    pub address: NodeAddress,
+    /// The SHA-256 fingerprint of the node's TLS certificate: the terminal pins it, so it
+    /// trusts the node exactly as far as it trusts the relay that redirected it.
+    pub fingerprint: [u8; 32],
+}
+
 /// Step (9): the answer to a demand.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DemandResult {
-    Accepted { session: u32 },
-    Failed { error: DemandError, text: Text },
+    Accepted {
+        session: u32,
+    },
+    Failed {
+        error: DemandError,
+        text: Text,
+    },
+    /// The target is not here but on another node: demand again there, once. Sent only to
+    /// a connection whose LOGIN announced [`caps::REDIRECT`].
+    Redirect(Redirect),
 }
 
 /// A control frame, decoded. DATA is not here: its payload streams (see [`Parsed`]).
@@ -474,6 +498,10 @@ mod tests {
             credential: Credential::Password(Password::new("pw").unwrap()),
         }));
         roundtrip(Frame::KeepAlive { seq: 7 });
+        roundtrip(Frame::DemandResult(DemandResult::Redirect(Redirect {
+            address: NodeAddress::new("[2001:db8::1]:7835").unwrap(),
+            fingerprint: [0xab; 32],
+        })));
         roundtrip(Frame::Terminate);
         roundtrip(Frame::Logout);
         roundtrip(Frame::Release {
@@ -508,6 +536,29 @@ mod tests {
         // Two trailing varints are still malformed.
         let bad = [0x10, 0, 6, 8, 1, b't', 0x01, 0x02, 0x03];
         assert!(parse(&bad[..]).is_err());
+    }
+
+    /// A redirect is variant 2: the address as a string, then the fingerprint's 32 raw
+    /// bytes (an array has no length prefix). A short or an empty address is malformed.
+    #[test]
+    fn redirect_layout() {
+        let mut buf = [0u8; MAX_CONTROL_FRAME];
+        let n = Frame::DemandResult(DemandResult::Redirect(Redirect {
+            address: NodeAddress::new("n:1").unwrap(),
+            fingerprint: [7; 32],
+        }))
+        .encode(&mut buf)
+        .unwrap();
+        assert_eq!(&buf[..8], &[0x0b, 0, 37, 2, 3, b'n', b':', b'1']);
+        assert_eq!(&buf[8..n], &[7; 32]);
+        let short = [0x0b, 0, 36, 2, 3, b'n', b':', b'1'];
+        let mut cut = [0u8; 39];
+        cut[..8].copy_from_slice(&short);
+        assert!(parse(&cut).is_err());
+        let empty = [0x0b, 0, 34, 2, 0];
+        let mut bytes = [0u8; 37];
+        bytes[..5].copy_from_slice(&empty);
+        assert!(parse(&bytes).is_err());
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub const MAX_SERVICE: usize = 32;
 pub const MAX_PASSWORD: usize = 128;
 /// Longest human-readable reason or error text, in bytes of UTF-8.
 pub const MAX_TEXT: usize = 64;
+/// Longest node address (`host:port`) in a redirect, in bytes of UTF-8.
+pub const MAX_ADDRESS: usize = 64;
 /// Longest resumption token, in bytes. The relay chooses the format (relay-host: 48 bytes).
 pub const MAX_TOKEN: usize = 64;
 
@@ -140,6 +142,15 @@ text_type!(
 );
 
 text_type!(
+    /// Where another node of the relay service listens, as terminals connect to it
+    /// (`relay.example:7835`, `[2001:db8::1]:7835`): 1 to 64 bytes, the characters of a
+    /// user ID.
+    NodeAddress,
+    MAX_ADDRESS,
+    |s| check_name(s, MAX_ADDRESS, false)
+);
+
+text_type!(
     /// A password: 1 to 128 bytes of UTF-8. Its `Debug` never shows it.
     Password,
     MAX_PASSWORD,
@@ -211,6 +222,18 @@ impl fmt::Debug for ServiceName {
 }
 
 impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for NodeAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for NodeAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

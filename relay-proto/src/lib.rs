@@ -20,7 +20,7 @@ pub mod time;
 
 pub use codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 pub use frame::{Frame, Parsed};
-pub use ident::{Password, ResumeToken, ServiceName, Text, UserId};
+pub use ident::{NodeAddress, Password, ResumeToken, ServiceName, Text, UserId};
 pub use time::{Duration, Instant};
 pub mod driver;
 pub mod relay;

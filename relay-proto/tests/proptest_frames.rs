@@ -6,9 +6,9 @@ use proptest::prelude::*;
 use relay_proto::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 use relay_proto::frame::{
     self, Credential, Demand, DemandResult, Frame, Hello, ListAnswer, Login, LoginOk, Notice,
-    Parsed, Reject,
+    Parsed, Redirect, Reject,
 };
-use relay_proto::{Password, ResumeToken, ServiceName, Text, UserId};
+use relay_proto::{NodeAddress, Password, ResumeToken, ServiceName, Text, UserId};
 
 fn user() -> impl Strategy<Value = UserId> {
     "[a-zA-Z0-9._@é-]{1,10}".prop_filter_map("fits", |s| UserId::new(&s).ok())
@@ -116,6 +116,12 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         any::<u32>().prop_map(|session| Frame::DemandResult(DemandResult::Accepted { session })),
         (demand_error(), text())
             .prop_map(|(error, text)| Frame::DemandResult(DemandResult::Failed { error, text })),
+        ("[a-zA-Z0-9.:\\[\\]-]{1,64}", any::<[u8; 32]>()).prop_map(|(address, fingerprint)| {
+            Frame::DemandResult(DemandResult::Redirect(Redirect {
+                address: NodeAddress::new(&address).unwrap(),
+                fingerprint,
+            }))
+        }),
         Just(Frame::Terminate),
         release_reason().prop_map(|reason| Frame::Release { reason }),
         Just(Frame::Logout),

@@ -17,7 +17,10 @@ use tokio_util::either::Either;
 use super::{AppEvent, Shared};
 use crate::channel::{ChannelError, NoiseStream, RelayLink};
 use crate::cli::ServerAddr;
-use crate::tls::TlsError;
+use crate::tls::{Fingerprint, ServerTrust, TlsError};
+use relay_proto::driver::Target;
+use relay_proto::frame::Redirect;
+use rustls::pki_types::ServerName;
 
 /// Bytes a relay connection holds each way between its socket and the driver.
 const LINK_BUF: usize = 256 * 1024;
@@ -111,21 +114,15 @@ impl HostLink {
 
 impl Link for HostLink {
     fn open(&mut self, slot: usize) -> Result<(), LinkError> {
-        self.open_to(slot, 0)
+        self.open_to(slot, Target::Relay(0))
     }
 
-    fn open_to(&mut self, slot: usize, relay: u32) -> Result<(), LinkError> {
-        let pipe = Arc::new(Pipe::new());
-        let old = self
-            .pipes
-            .get_mut(slot)
-            .ok_or(LinkError)?
-            .replace(pipe.clone());
-        if let Some(old) = old {
-            self.close_pipe(old, false);
-        }
-        tokio::spawn(connection(self.shared.clone(), pipe, relay));
-        Ok(())
+    fn open_to(&mut self, slot: usize, to: Target<'_>) -> Result<(), LinkError> {
+        let to = match to {
+            Target::Relay(relay) => Dial::Relay(relay),
+            Target::Node(node) => Dial::Node(node.clone()),
+        };
+        self.dial(slot, to)
     }
 
     fn state(&mut self, slot: usize) -> LinkState {
@@ -185,6 +182,21 @@ impl Link for HostLink {
 }
 
 impl HostLink {
+    /// Starts connecting `slot` to `to`, dropping what the slot held.
+    fn dial(&mut self, slot: usize, to: Dial) -> Result<(), LinkError> {
+        let pipe = Arc::new(Pipe::new());
+        let old = self
+            .pipes
+            .get_mut(slot)
+            .ok_or(LinkError)?
+            .replace(pipe.clone());
+        if let Some(old) = old {
+            self.close_pipe(old, false);
+        }
+        tokio::spawn(connection(self.shared.clone(), pipe, to));
+        Ok(())
+    }
+
     fn close_pipe(&mut self, pipe: Arc<Pipe>, graceful: bool) {
         pipe.lock().close = Some(graceful);
         pipe.writer.notify_one();
@@ -193,24 +205,40 @@ impl HostLink {
     }
 }
 
+/// Where a slot connects.
+enum Dial {
+    /// Our relay at this index of its addresses (`--server`, each with its TLS trust,
+    /// channel key or plain: [`Shared::choose`]).
+    Relay(u32),
+    /// Another node of the relay service, which a demand was redirected to: TLS, pinning
+    /// the certificate the redirect names (the relay that named it is trusted already).
+    Node(Redirect),
+}
+
 /// Connects, then runs the connection's reader and writer until it ends.
-async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>, relay: u32) {
-    let (server, tls) = shared.choose(relay);
-    let stream = match connect_relay(server, tls).await {
-        Ok(s) => s,
-        Err(e) => {
-            let text = format!("{e:#}");
-            let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
-                || e.downcast_ref::<ChannelError>()
-                    .is_some_and(ChannelError::is_wrong_key)
-                || text.contains("invalid peer certificate");
-            tracing::debug!(%server, "cannot connect to the relay: {text}");
-            let _ = shared.app.send(match fatal {
-                true => AppEvent::Fatal(with_hint(text)),
-                false => AppEvent::Unreachable(with_hint(text)),
-            });
-            return pipe.end(&shared);
+async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>, to: Dial) {
+    let (stream, closed) = match to {
+        Dial::Relay(relay) => {
+            let (server, tls) = shared.choose(relay);
+            match connect_relay(server, tls).await {
+                Ok(s) => (s, closed_reason(server, tls)),
+                Err(e) => {
+                    unreachable_relay(&shared, server, e);
+                    return pipe.end(&shared);
+                }
+            }
         }
+        Dial::Node(node) => match connect_node(&node).await {
+            Ok(s) => (
+                s,
+                format!("the relay node at {} closed the connection", node.address),
+            ),
+            // That demand fails with its connection; the terminal and its relay are fine.
+            Err(e) => {
+                tracing::warn!("cannot reach the relay node a demand was redirected to: {e:#}");
+                return pipe.end(&shared);
+            }
+        },
     };
     {
         let mut st = pipe.lock();
@@ -223,9 +251,7 @@ async fn connection(shared: Arc<Shared>, pipe: Arc<Pipe>, relay: u32) {
     let (rd, wr) = tokio::io::split(stream);
     let writer = tokio::spawn(write_relay(shared.clone(), pipe.clone(), wr));
     if read_relay(&shared, &pipe, rd).await {
-        let _ = shared
-            .app
-            .send(AppEvent::Closed(closed_reason(server, tls)));
+        let _ = shared.app.send(AppEvent::Closed(closed));
     }
     let _ = writer.await;
     // The connection is finished: a LOGOUT waiting for it sees so at once.
@@ -291,6 +317,42 @@ async fn write_relay(shared: Arc<Shared>, pipe: Arc<Pipe>, mut wr: impl AsyncWri
             None => pipe.writer.notified().await,
         }
     }
+}
+
+/// TLS to the node a redirect names, trusting exactly its certificate's fingerprint.
+async fn connect_node(node: &Redirect) -> anyhow::Result<RelayStream> {
+    let address = node.address.as_str();
+    let addr: ServerAddr = address
+        .parse()
+        .map_err(|e: String| anyhow!("redirected to {address}: {e}"))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        TcpStream::connect((addr.host.as_str(), addr.port)),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {address} (redirected): timed out"))?
+    .with_context(|| format!("connecting to {address} (redirected)"))?;
+    let _ = tcp.set_nodelay(true);
+    let trust = ServerTrust::Pinned(Fingerprint(node.fingerprint));
+    // The pinned certificate is checked, not its names: any valid name will do.
+    let name = ServerName::try_from("relay")?;
+    let tls = crate::tls::connect(crate::tls::client_config(&trust)?, name, tcp).await?;
+    Ok(Either::Left(Box::new(Either::Left(tls))))
+}
+
+/// Tells the terminal why its relay at `server` cannot be reached: a fatal mismatch of
+/// its certificate or key (retrying cannot help), or unreachable for now.
+fn unreachable_relay(shared: &Shared, server: &ServerAddr, e: anyhow::Error) {
+    let text = format!("{e:#}");
+    let fatal = matches!(e.downcast_ref::<TlsError>(), Some(TlsError::Mismatch(_)))
+        || e.downcast_ref::<ChannelError>()
+            .is_some_and(ChannelError::is_wrong_key)
+        || text.contains("invalid peer certificate");
+    tracing::debug!(%server, "cannot connect to the relay: {text}");
+    let _ = shared.app.send(match fatal {
+        true => AppEvent::Fatal(with_hint(text)),
+        false => AppEvent::Unreachable(with_hint(text)),
+    });
 }
 
 async fn connect_relay(

@@ -336,6 +336,9 @@ impl Service for HostService {
                     text.as_str()
                 )));
             }
+            Event::Redirected { handle, to } => {
+                tracing::info!(handle = handle.0, node = %to.address, "demand redirected to another relay node");
+            }
             Event::Accepted { handle, peer, .. } => {
                 tracing::info!(handle = handle.0, %peer, "session accepted");
             }

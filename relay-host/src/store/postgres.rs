@@ -36,6 +36,8 @@ use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use crate::presence::Presence;
+
 use super::{
     AccessRule, AccountInfo, AccountName, AccountStore, ServerSecret, StoreError, VerifyError,
     credential_stamp, hash_password, now_unix, stored_name, verify_stored,
@@ -137,10 +139,30 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER presence_changed AFTER INSERT OR UPDATE ON relay.instances
         FOR EACH ROW EXECUTE FUNCTION relay.presence_changed();
     ",
+    // 5: a deleted row (its account removed) is announced too, as logged out ('-' for
+    // its instance): the nodes' copy of the presence (crate::presence), which redirects
+    // demands, forgets it at once. Newest-wins (AccountStore::watch_presence) ignores a
+    // row with no instance.
+    "
+    CREATE OR REPLACE FUNCTION relay.presence_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            PERFORM pg_notify('relay_presence', concat_ws(' ', coalesce(OLD.node, '-'), '-',
+                OLD.epoch, OLD.account));
+        ELSE
+            PERFORM pg_notify('relay_presence', concat_ws(' ', coalesce(NEW.node, '-'),
+                coalesce(NEW.instance::text, '-'), NEW.epoch, NEW.account));
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER presence_deleted AFTER DELETE ON relay.instances
+        FOR EACH ROW EXECUTE FUNCTION relay.presence_changed();
+    ",
 ];
 
 /// The channel the presence trigger notifies on (migration 4).
-const PRESENCE: &str = "relay_presence";
+pub(crate) const PRESENCE: &str = "relay_presence";
 
 /// How often a node writes its heartbeat. The others count it dead 3 s after its last
 /// one (docs/CLUSTER.md, part 3).
@@ -347,6 +369,20 @@ impl PgStore {
             id,
             heartbeat,
         })
+    }
+
+    /// This node's copy of the cluster's presence, kept current from now on (see
+    /// [`crate::presence`]); call after [`Self::join`], which names this node.
+    pub fn follow_presence(&self) -> Arc<Presence> {
+        let me = self.node.get().cloned().unwrap_or_default();
+        let presence = Arc::new(Presence::new(me));
+        self.runtime().spawn(crate::presence::follow(
+            self.config.clone(),
+            self.pool.clone(),
+            self.target.clone(),
+            presence.clone(),
+        ));
+        presence
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -819,7 +855,7 @@ fn foreign_presence(payload: &str, me: Option<&str>) -> Option<super::Presence> 
 /// Keeps a connection that `LISTEN`s on `channel` and calls `on` with each notification's
 /// payload, and with `None` after each (re)connection for what happened while it was
 /// away. Runs until the store's runtime stops.
-async fn listen(
+pub(crate) async fn listen(
     config: tokio_postgres::Config,
     target: String,
     channel: &'static str,

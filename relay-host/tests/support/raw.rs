@@ -89,6 +89,7 @@ impl Relay {
             config,
             Arc::new(store),
             reloader,
+            None,
             async {
                 let _ = stopped.await;
             },

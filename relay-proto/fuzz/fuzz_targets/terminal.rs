@@ -14,9 +14,12 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Kind::Reachable
     };
+    // A requester follows redirects: a DEMAND_RESULT Redirect moves its connection to a
+    // detour (Event::Redirected, then `connected` as after Open).
     let config = Config {
         kind,
         spare: 2,
+        follow_redirects: kind == Kind::Requester,
         ..Config::default()
     };
     let mut t: Terminal<4> = Terminal::new(
@@ -35,6 +38,12 @@ fuzz_target!(|data: &[u8]| {
                 Event::Open(h) => {
                     t.connected(h, now);
                     open.push(h);
+                }
+                Event::Redirected { handle, .. } => {
+                    t.connected(handle, now);
+                    if !open.contains(&handle) {
+                        open.push(handle);
+                    }
                 }
                 Event::Closed { handle, .. } => open.retain(|h| *h != handle),
                 Event::Notice { handle, session, .. } => {

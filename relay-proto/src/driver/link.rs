@@ -8,6 +8,8 @@
 //! writes only as many bytes as [`Link::send_space`] promised, which is why that figure
 //! must be exact (a DATA frame's header and its payload must reach the stream together).
 
+use crate::frame::Redirect;
+
 /// Where a slot's connection stands, as far as the stack knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -23,6 +25,20 @@ pub enum LinkState {
     Open,
 }
 
+/// Where [`Link::open_to`] connects a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// The relay at this index of the host's addresses (modulo their number:
+    /// [`Terminal::relay`], which moves on when a relay is lost).
+    ///
+    /// [`Terminal::relay`]: crate::terminal::Terminal::relay
+    Relay(u32),
+    /// Another node of the relay service, which a redirected demand goes to
+    /// (docs/PROTOCOL.md §10.6): TLS to its address, trusting exactly the certificate
+    /// whose SHA-256 fingerprint the redirect names.
+    Node(&'a Redirect),
+}
+
 /// A slot's stream failed or ended; the driver closes the slot either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkError;
@@ -34,14 +50,17 @@ pub trait Link {
     /// Starts connecting `slot` to the relay, dropping whatever the slot held before.
     fn open(&mut self, slot: usize) -> Result<(), LinkError>;
 
-    /// Starts connecting `slot` to the relay at index `relay` of the host's addresses
-    /// (modulo their number: [`Terminal::relay`], which moves on when a relay is lost).
-    /// A stack with one relay address needs only [`Link::open`], which this calls.
-    ///
-    /// [`Terminal::relay`]: crate::terminal::Terminal::relay
-    fn open_to(&mut self, slot: usize, relay: u32) -> Result<(), LinkError> {
-        let _ = relay;
-        self.open(slot)
+    /// Starts connecting `slot` to `to`: one of the host's relay addresses, or the node
+    /// a demand was redirected to. Drops what the slot held before, as [`Link::open`]
+    /// does. The default serves a stack with one relay address and no redirects: it opens
+    /// that relay with [`Link::open`] and cannot reach another node (the demand then ends
+    /// with its connection; such a terminal should not set
+    /// [`Config::follow_redirects`](crate::terminal::Config::follow_redirects)).
+    fn open_to(&mut self, slot: usize, to: Target<'_>) -> Result<(), LinkError> {
+        match to {
+            Target::Relay(_) => self.open(slot),
+            Target::Node(_) => Err(LinkError),
+        }
     }
 
     /// The slot's connection state.

@@ -17,7 +17,7 @@
 mod link;
 mod service;
 
-pub use link::{Link, LinkError, LinkState};
+pub use link::{Link, LinkError, LinkState, Target};
 pub use service::{Decision, Echo, Service, Session, SessionInfo};
 
 use crate::codes::RejectReason;
@@ -554,28 +554,34 @@ impl<const N: usize, const B: usize> Driver<N, B> {
         }
     }
 
+    /// Opens `h`'s transport to `to` (our relay's current address, or the node a demand
+    /// was redirected to), dropping what the slot held.
+    fn open<T: Link>(&mut self, h: Handle, to: Target<'_>, now: Instant, t: &mut T) {
+        let slot = usize::from(h.0);
+        if slot >= N {
+            return;
+        }
+        self.links[slot].reset();
+        if t.open_to(slot, to).is_err() {
+            self.terminal.connect_failed(h, now);
+        } else if t.state(slot) == LinkState::Open {
+            // Up at once (a stack that connects synchronously): LOGIN goes out in this
+            // poll, not the next.
+            self.links[slot].phase = Phase::Open;
+            self.terminal.connected(h, now);
+        } else {
+            self.links[slot].phase = Phase::Opening;
+        }
+    }
+
     /// Acts on every queued terminal event.
     fn drain<T: Link, S: Service>(&mut self, now: Instant, t: &mut T, svc: &mut S) {
         while let Some(event) = self.terminal.poll_event() {
             svc.on_event(&event);
             match event {
-                Event::Open(h) => {
-                    let slot = usize::from(h.0);
-                    if slot >= N {
-                        continue;
-                    }
-                    self.links[slot].reset();
-                    if t.open_to(slot, self.terminal.relay()).is_err() {
-                        self.terminal.connect_failed(h, now);
-                    } else if t.state(slot) == LinkState::Open {
-                        // Up at once (a stack that connects synchronously): LOGIN
-                        // goes out in this poll, not the next.
-                        self.links[slot].phase = Phase::Open;
-                        self.terminal.connected(h, now);
-                    } else {
-                        self.links[slot].phase = Phase::Opening;
-                    }
-                }
+                Event::Open(h) => self.open(h, Target::Relay(self.terminal.relay()), now, t),
+                // The demand's record stays on the slot: it goes on at the other node.
+                Event::Redirected { handle, to } => self.open(handle, Target::Node(&to), now, t),
                 Event::Closed { handle, cause } => {
                     let slot = usize::from(handle.0);
                     if slot >= N {
@@ -697,8 +703,10 @@ mod tests {
     struct Script {
         rx: Vec<u8>,
         tx: Vec<u8>,
-        /// The relay address index of each `open_to`.
+        /// The relay address index of each `open_to` a relay.
         opened: Vec<u32>,
+        /// Where `open_to` was asked to connect instead: the nodes of redirects.
+        redirected: Vec<frame::Redirect>,
         /// The connection ends (the relay is gone).
         gone: bool,
     }
@@ -730,8 +738,11 @@ mod tests {
         fn open(&mut self, _: usize) -> Result<(), LinkError> {
             unreachable!("the driver opens with open_to")
         }
-        fn open_to(&mut self, _: usize, relay: u32) -> Result<(), LinkError> {
-            self.opened.push(relay);
+        fn open_to(&mut self, _: usize, to: Target<'_>) -> Result<(), LinkError> {
+            match to {
+                Target::Relay(relay) => self.opened.push(relay),
+                Target::Node(node) => self.redirected.push(node.clone()),
+            }
             self.gone = false;
             Ok(())
         }
@@ -866,5 +877,64 @@ mod tests {
         d.poll(now, &mut link, &mut svc);
         assert_eq!(link.sent(), []);
         assert_eq!(svc.opened, 0);
+    }
+
+    /// A redirected demand: the driver opens the same slot at the other node (the
+    /// demand's record stays), logs in there with the token and demands again; the
+    /// session that follows is the service's as any other.
+    #[test]
+    fn a_redirect_reopens_the_slot_at_the_other_node() {
+        let now = Instant::from_secs(1);
+        let config = Config {
+            kind: crate::terminal::Kind::Requester,
+            follow_redirects: true,
+            ..Config::default()
+        };
+        let user = UserId::new("laptop").unwrap();
+        let mut d: Driver<1> = Driver::new(config, user, Password::new("pw").unwrap(), 1);
+        let (mut link, mut svc) = (Script::default(), Later::default());
+        d.start(now);
+        d.poll(now, &mut link, &mut svc);
+        link.sent();
+        let token = ResumeToken::from_slice(b"t").unwrap();
+        link.relay_sends(Frame::LoginOk(LoginOk {
+            caps: caps::ALL | caps::REQUESTER | caps::REDIRECT,
+            keepalive_ms: 30_000,
+            max_payload: 1024,
+            token: token.clone(),
+        }));
+        d.poll(now, &mut link, &mut svc);
+        let cam = UserId::new("cam").unwrap();
+        assert_eq!(d.demand(cam, ServiceName::default(), now), Ok(Handle(0)));
+        d.poll(now, &mut link, &mut svc);
+        assert!(matches!(link.sent()[..], [Frame::Demand(_)]));
+        let to = frame::Redirect {
+            address: crate::ident::NodeAddress::new("n7:7835").unwrap(),
+            fingerprint: [7; 32],
+        };
+        link.relay_sends(Frame::DemandResult(frame::DemandResult::Redirect(
+            to.clone(),
+        )));
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(link.redirected, [to]);
+        let sent = link.sent();
+        assert!(
+            matches!(&sent[..], [Frame::Login(l), Frame::Demand(_)] if l.credential == frame::Credential::Resume(token.clone())),
+            "{sent:?}"
+        );
+        link.relay_sends(Frame::LoginOk(LoginOk {
+            caps: caps::ALL | caps::REQUESTER,
+            keepalive_ms: 30_000,
+            max_payload: 1024,
+            token,
+        }));
+        d.poll(now, &mut link, &mut svc);
+        assert!(link.sent().is_empty());
+        link.relay_sends(Frame::DemandResult(frame::DemandResult::Accepted {
+            session: 4,
+        }));
+        d.poll(now, &mut link, &mut svc);
+        assert_eq!(svc.opened, 1);
+        assert!(d.session(Handle(0)).is_some_and(|s| s.requester));
     }
 }

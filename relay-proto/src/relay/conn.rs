@@ -3,9 +3,9 @@
 //! one typed value, so that no combination of flags can say something impossible.
 
 use super::wakes::{KickLink, WakeLink};
+use crate::codes::DemandError;
 use crate::codes::{ErrorCode, ReleaseReason};
-use crate::frame::DemandResult;
-use crate::ident::{ServiceName, UserId};
+use crate::ident::{ServiceName, Text, UserId};
 use crate::time::Instant;
 
 /// A connection, as the host and the core call it: a table key and the generation of
@@ -174,6 +174,16 @@ pub(super) struct Acks {
     pub count: u16,
 }
 
+/// A DEMAND_RESULT owed: [`crate::frame::DemandResult`] but for the redirect, which is
+/// the host's name for the node ([`super::Policy::node`] is asked when it is written):
+/// 32 bytes less in every connection's entry than the address and fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Answer {
+    Accepted { session: u32 },
+    Failed { error: DemandError, text: Text },
+    Redirect(super::Node),
+}
+
 /// Pending output, encoded by `poll_transmit` in this order (which respects causality:
 /// a result precedes the data it allows, data precedes TERMINATE, TERMINATE precedes
 /// RELEASE). The DATA headers and the TERMINATE are the wire's ([`Wire`]).
@@ -187,7 +197,7 @@ pub(super) struct Out {
     pub retry_after: Option<(u32, bool)>,
     pub list: Option<u32>,
     pub notice: bool,
-    pub result: Option<DemandResult>,
+    pub result: Option<Answer>,
     pub release: Option<ReleaseReason>,
 }
 
@@ -226,6 +236,9 @@ pub struct ConnEntry {
     /// `wire` is stale until the pair comes back.
     pub(super) handed: bool,
     pub(super) attempts: u8,
+    /// Its LOGIN announced [`crate::frame::caps::REDIRECT`]: a demand for a target on
+    /// another node gets DEMAND_RESULT `Redirect` rather than `TargetOffline`.
+    pub(super) redirect: bool,
     /// Its place in the wake list (output the host has not been told about).
     pub(super) wake: WakeLink,
     /// Its place in the kick list (idle since the start of this call).
@@ -247,6 +260,7 @@ impl ConnEntry {
             wire: Wire::new(now),
             handed: false,
             attempts: 0,
+            redirect: false,
             wake: WakeLink::Out,
             kick: KickLink::Out,
             prev: super::NIL,

@@ -37,8 +37,9 @@ impl Kind {
     }
 }
 
-/// The capabilities the relay supports: version 1's and [`caps::REQUESTER`].
-pub(super) const RELAY_CAPS: u32 = caps::ALL | caps::REQUESTER;
+/// The capabilities the relay supports: version 1's, [`caps::REQUESTER`] and
+/// [`caps::REDIRECT`] (a relay with no other node simply never redirects).
+pub(super) const RELAY_CAPS: u32 = caps::ALL | caps::REQUESTER | caps::REDIRECT;
 
 /// A login the host accepted, on its way into the tables.
 pub(super) struct Admitted {
@@ -129,6 +130,7 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             };
             c.wire.last_rx = now;
             c.out.login_ok = Some(caps);
+            c.redirect = caps & caps::REDIRECT != 0;
         }
         self.emit(Event::LoggedIn {
             conn: self.id(key),

@@ -58,7 +58,7 @@ pub use storage::{Fixed, FixedIndex, FixedSlab, Queue, Slab, Storage, UserIndex}
 #[cfg(feature = "std")]
 pub use storage::{Heap, HeapSlab};
 
-use conn::{Acks, Forward, Out, Outbound, Passed, Phase, State};
+use conn::{Acks, Answer, Forward, Out, Outbound, Passed, Phase, State};
 pub use conn::{ConnEntry, ConnId};
 use heapless::Vec;
 pub use instances::Kind;
@@ -137,7 +137,29 @@ impl Default for Config {
 /// account store; the target may still reject on top of it.
 pub trait Policy {
     fn may_reach(&self, from: &UserId, to: &UserId) -> bool;
+
+    /// Where `user`, who has no reachable instance on this relay, is reachable instead:
+    /// another node of the same service (relay-host: from the cluster's presence rows).
+    /// Asked only for a requester that may reach `user` and announced
+    /// [`caps::REDIRECT`]; it must answer at once, from memory (the core is synchronous).
+    /// A single relay has no other node.
+    fn locate(&self, user: &UserId) -> Option<Node> {
+        let _ = user;
+        None
+    }
+
+    /// The address and certificate of `node`, asked when its redirect is written, so a
+    /// connection's entry holds a 4-byte name rather than the whole redirect. `None` (the
+    /// node died meanwhile): the requester gets `TargetOffline`.
+    fn node(&self, node: Node) -> Option<frame::Redirect> {
+        let _ = node;
+        None
+    }
 }
+
+/// Another node of the relay service, as the host names it ([`Policy::locate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Node(pub u32);
 
 /// Everyone may reach everyone.
 #[derive(Debug, Default, Clone, Copy)]
@@ -229,6 +251,13 @@ pub enum Event {
         how: InstanceEnd,
         kind: Kind,
     },
+    /// A demand was answered with a redirect to the node `to` is on
+    /// ([`Policy::locate`]); the requester demands again there.
+    DemandRedirected {
+        from: UserId,
+        to: UserId,
+        service: ServiceName,
+    },
     /// A demand was refused (accepted ones give [`Event::SessionStarted`]).
     DemandFailed {
         from: UserId,
@@ -254,6 +283,19 @@ pub enum Event {
     /// The reachable instance's last connection is gone (logout, timeout, close): `user`
     /// takes no demands now. (A requester instance ends without an event.)
     Offline { user: UserId },
+}
+
+/// Why a DEMAND is answered at once, without a NOTICE.
+enum Refused {
+    Failed(DemandError),
+    /// The target is on another node ([`Policy::locate`]).
+    Redirect(Node),
+}
+
+impl From<DemandError> for Refused {
+    fn from(e: DemandError) -> Self {
+        Refused::Failed(e)
+    }
 }
 
 /// How the host must treat the bytes it offered to [`Relay::handle_input`].
@@ -931,11 +973,11 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         let outcome = (|| {
             // The access rule first: a forbidden target's presence is not revealed.
             if !self.policy.may_reach(&from, &d.target) {
-                return Err(DemandError::Forbidden);
+                return Err(DemandError::Forbidden.into());
             }
-            let tk = self
-                .reachable(&d.target)
-                .ok_or(DemandError::TargetOffline)?;
+            let Some(tk) = self.reachable(&d.target) else {
+                return Err(self.elsewhere(key, &d.target));
+            };
             let ak = self
                 .conns
                 .get(key)
@@ -944,15 +986,25 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
             let max = self.config.max_sessions_per_account;
             let busy = |k| self.terms.get(k).is_none_or(|t| t.sessions >= max);
             if busy(ak) || busy(tk) {
-                return Err(DemandError::TooManySessions);
+                return Err(DemandError::TooManySessions.into());
             }
             Ok((ak, tk))
         })();
         let (ak, tk) = match outcome {
             Ok(keys) => keys,
-            Err(error) => {
+            Err(Refused::Redirect(node)) => {
                 if let Some(c) = self.conns.get_mut(key) {
-                    c.out.result = Some(DemandResult::Failed {
+                    c.out.result = Some(Answer::Redirect(node));
+                }
+                return self.emit(Event::DemandRedirected {
+                    from,
+                    to: d.target,
+                    service: d.service,
+                });
+            }
+            Err(Refused::Failed(error)) => {
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.out.result = Some(Answer::Failed {
                         error,
                         text: Text::display(&error),
                     });
@@ -994,6 +1046,18 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
                 }
                 self.push_waiter(tk, key);
             }
+        }
+    }
+
+    /// The answer to a demand from connection `key` for `target`, who has no reachable
+    /// instance here: a redirect to the node the host says it is on, if the connection
+    /// follows redirects (its LOGIN announced [`caps::REDIRECT`]); else `TargetOffline`,
+    /// what every terminal got before redirects existed.
+    fn elsewhere(&self, key: u32, target: &UserId) -> Refused {
+        let follows = self.conns.get(key).is_some_and(|c| c.redirect);
+        match follows.then(|| self.policy.locate(target)).flatten() {
+            Some(to) => Refused::Redirect(to),
+            None => Refused::Failed(DemandError::TargetOffline),
         }
     }
 
@@ -1040,7 +1104,7 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         self.slots_done(own, Some(tk));
         if let Some(c) = self.conns.get_mut(requester) {
             c.set_phase(Phase::Idle);
-            c.out.result = Some(DemandResult::Failed {
+            c.out.result = Some(Answer::Failed {
                 error,
                 text: Text::display(&error),
             });
@@ -1086,7 +1150,7 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
                 requester: true,
             });
             c.wire.begin_session();
-            c.out.result = Some(DemandResult::Accepted { session });
+            c.out.result = Some(Answer::Accepted { session });
         }
         self.stats.sessions += 1;
         self.stats.active_sessions += 1;
@@ -1110,7 +1174,7 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         self.sessions_done(requester, target);
         if let Some(c) = self.conns.get_mut(requester) {
             c.set_phase(Phase::Idle);
-            c.out.result = Some(DemandResult::Failed { error, text });
+            c.out.result = Some(Answer::Failed { error, text });
             self.wake(requester);
         }
         if let Some(c) = self.conns.get_mut(target) {
@@ -1450,12 +1514,28 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         // result goes first, or the terminal would take the notice for one that crossed
         // its demand.
         if let Some(r) = out.result.take() {
-            w.put(&Frame::DemandResult(r));
+            w.put(&Frame::DemandResult(self.demand_result(r)));
         }
         if core::mem::take(&mut out.notice)
             && let Some(n) = self.notice_for(key)
         {
             w.put(&Frame::Notice(n));
+        }
+    }
+
+    /// The DEMAND_RESULT of answer `a`: a redirect's node is looked up now
+    /// ([`Policy::node`]).
+    fn demand_result(&self, a: Answer) -> DemandResult {
+        match a {
+            Answer::Accepted { session } => DemandResult::Accepted { session },
+            Answer::Failed { error, text } => DemandResult::Failed { error, text },
+            Answer::Redirect(node) => match self.policy.node(node) {
+                Some(to) => DemandResult::Redirect(to),
+                None => DemandResult::Failed {
+                    error: DemandError::TargetOffline,
+                    text: Text::display(&DemandError::TargetOffline),
+                },
+            },
         }
     }
 
@@ -1722,8 +1802,9 @@ fn error_frame(code: ErrorCode, retry_after: Option<(u32, bool)>) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codes::{DemandError, RejectReason};
-    use crate::frame::ListAnswer;
+    use crate::codes::DemandError;
+    use crate::frame::{Hello, ListAnswer, Login, Redirect};
+    use crate::ident::{NodeAddress, Password};
 
     /// [`Writer::put`] cannot fail: the longest burst `poll_transmit` writes (one frame
     /// of each kind, each at its largest) fits [`MIN_TRANSMIT_BUF`].
@@ -1749,10 +1830,11 @@ mod tests {
                 users: core::iter::repeat_n(user.clone(), frame::LIST_PAGE).collect(),
                 next: Some(u32::MAX),
             }),
-            Frame::DemandResult(DemandResult::Failed {
-                error: DemandError::Rejected(RejectReason::NotAllowed),
-                text,
-            }),
+            // The longest DEMAND_RESULT: a redirect with the longest address.
+            Frame::DemandResult(DemandResult::Redirect(frame::Redirect {
+                address: crate::ident::NodeAddress::new(&long(crate::ident::MAX_ADDRESS)).unwrap(),
+                fingerprint: [0xFF; 32],
+            })),
             Frame::Notice(Notice {
                 session: u32::MAX,
                 from: user,
@@ -1800,5 +1882,185 @@ mod tests {
         assert_eq!(r.connection_count(), 1, "the new one is untouched");
         assert!(r.conn_entry(new).is_some() && r.conn_entry(old).is_none());
         assert_eq!(r.poll_transmit(new, &mut buf).map(|t| t.len), Ok(0));
+    }
+
+    /// A cluster as the host sees it: `cam` is homed on node 7, which is alive unless
+    /// `dead`; `alice` may reach no one when `closed`.
+    #[derive(Default)]
+    struct Cluster {
+        dead: bool,
+        closed: bool,
+    }
+
+    impl Policy for Cluster {
+        fn may_reach(&self, _: &UserId, _: &UserId) -> bool {
+            !self.closed
+        }
+        fn locate(&self, user: &UserId) -> Option<Node> {
+            (user.as_str() == "cam").then_some(Node(7))
+        }
+        fn node(&self, node: Node) -> Option<Redirect> {
+            (node == Node(7) && !self.dead).then(node7)
+        }
+    }
+
+    fn node7() -> Redirect {
+        Redirect {
+            address: NodeAddress::new("10.0.0.7:7835").unwrap(),
+            fingerprint: [7; 32],
+        }
+    }
+
+    type Clustered = Relay<Fixed<8, 4, { max_events_per_call(8) }>, Cluster>;
+    const T: Instant = Instant::from_secs(1);
+
+    /// Everything the connection would send now.
+    fn frames(r: &mut Clustered, c: ConnId) -> heapless::Vec<Frame, 4> {
+        let mut buf = [0u8; MIN_TRANSMIT_BUF];
+        let n = r.poll_transmit(c, &mut buf).unwrap().len;
+        let mut out = heapless::Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((Parsed::Control(f), used))) = frame::parse(&buf[pos..n]) {
+            out.push(f).unwrap();
+            pos += used;
+        }
+        out
+    }
+
+    /// A connection of `user` logged in with `caps`; the caps its LOGIN_OK confirmed.
+    fn up(r: &mut Clustered, user: &str, caps: u32) -> (ConnId, u32) {
+        let c = r.accept(T).unwrap();
+        let login = Frame::Login(Login {
+            hello: Hello::current(caps),
+            user: UserId::new(user).unwrap(),
+            credential: Credential::Password(Password::new("pw").unwrap()),
+        });
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = login.encode(&mut buf).unwrap();
+        r.handle_input(T, c, &buf[..n]);
+        while r.poll_event().is_some() {}
+        let token = ResumeToken::from_slice(b"t").unwrap();
+        r.login_verdict(T, c, Verdict::Accept { instance: 1, token });
+        while r.poll_event().is_some() {}
+        match &frames(r, c)[..] {
+            [Frame::LoginOk(ok)] => (c, ok.caps),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `c` demands `target`: the frames it gets at once, and the events.
+    fn demand(
+        r: &mut Clustered,
+        c: ConnId,
+        target: &str,
+    ) -> (heapless::Vec<Frame, 4>, heapless::Vec<Event, 8>) {
+        let d = Frame::Demand(Demand {
+            target: UserId::new(target).unwrap(),
+            service: ServiceName::default(),
+        });
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = d.encode(&mut buf).unwrap();
+        r.handle_input(T, c, &buf[..n]);
+        let mut events = heapless::Vec::new();
+        while let Some(e) = r.poll_event() {
+            if !matches!(e, Event::Wake(_)) {
+                events.push(e).unwrap();
+            }
+        }
+        (frames(r, c), events)
+    }
+
+    const FOLLOWS: u32 = caps::ALL | caps::REQUESTER | caps::REDIRECT;
+
+    fn offline() -> Frame {
+        Frame::DemandResult(DemandResult::Failed {
+            error: DemandError::TargetOffline,
+            text: Text::display(&DemandError::TargetOffline),
+        })
+    }
+
+    #[test]
+    fn a_target_on_another_node_is_a_redirect_for_a_terminal_that_follows() {
+        let mut r = Clustered::new(Config::default(), Cluster::default());
+        let (alice, caps) = up(&mut r, "alice", FOLLOWS);
+        assert_eq!(caps, FOLLOWS, "LOGIN_OK confirms REDIRECT");
+        let (got, events) = demand(&mut r, alice, "cam");
+        assert_eq!(
+            &got[..],
+            [Frame::DemandResult(DemandResult::Redirect(node7()))]
+        );
+        assert!(
+            matches!(&events[..], [Event::DemandRedirected { to, .. }] if to.as_str() == "cam"),
+            "{events:?}"
+        );
+        // The connection stays idle: it may demand again at once.
+        let (got, _) = demand(&mut r, alice, "bob");
+        assert_eq!(&got[..], [offline()]);
+    }
+
+    /// A terminal that does not announce REDIRECT (every one before it existed, and a
+    /// detour of a redirected demand) gets what it always got.
+    #[test]
+    fn a_terminal_that_does_not_follow_gets_target_offline() {
+        let mut r = Clustered::new(Config::default(), Cluster::default());
+        let (old, caps) = up(&mut r, "alice", caps::ALL | caps::REQUESTER);
+        assert_eq!(caps & caps::REDIRECT, 0);
+        let (got, events) = demand(&mut r, old, "cam");
+        assert_eq!(&got[..], [offline()]);
+        assert!(matches!(
+            &events[..],
+            [Event::DemandFailed {
+                error: DemandError::TargetOffline,
+                ..
+            }]
+        ));
+    }
+
+    /// The access rule first: a forbidden target's presence (here or elsewhere) is not
+    /// revealed by a redirect.
+    #[test]
+    fn a_forbidden_target_is_not_located() {
+        let closed = Cluster {
+            closed: true,
+            ..Cluster::default()
+        };
+        let mut r = Clustered::new(Config::default(), closed);
+        let (alice, _) = up(&mut r, "alice", FOLLOWS);
+        let (got, _) = demand(&mut r, alice, "cam");
+        assert!(matches!(
+            &got[..],
+            [Frame::DemandResult(DemandResult::Failed {
+                error: DemandError::Forbidden,
+                ..
+            })]
+        ));
+    }
+
+    /// The node is looked up when the result is written: one that died meanwhile is
+    /// `TargetOffline`, not a redirect to a dead node.
+    #[test]
+    fn a_node_that_died_before_the_write_is_target_offline() {
+        let mut r = Clustered::new(Config::default(), Cluster::default());
+        let (alice, _) = up(&mut r, "alice", FOLLOWS);
+        let d = Frame::Demand(Demand {
+            target: UserId::new("cam").unwrap(),
+            service: ServiceName::default(),
+        });
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = d.encode(&mut buf).unwrap();
+        r.handle_input(T, alice, &buf[..n]);
+        r.policy_mut().dead = true;
+        assert_eq!(&frames(&mut r, alice)[..], [offline()]);
+    }
+
+    /// A target logged in here is served here, whatever the presence rows say.
+    #[test]
+    fn a_target_here_is_not_redirected() {
+        let mut r = Clustered::new(Config::default(), Cluster::default());
+        let (cam, _) = up(&mut r, "cam", caps::ALL);
+        let (alice, _) = up(&mut r, "alice", FOLLOWS);
+        let (got, _) = demand(&mut r, alice, "cam");
+        assert!(got.is_empty(), "{got:?}");
+        assert!(matches!(&frames(&mut r, cam)[..], [Frame::Notice(_)]));
     }
 }

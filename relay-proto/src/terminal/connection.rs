@@ -14,7 +14,7 @@
 //! The [`Terminal`](super::Terminal) owns these and gives them handles.
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
-use crate::frame::{self, DemandResult};
+use crate::frame::{self, DemandResult, Redirect};
 use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant};
@@ -142,6 +142,9 @@ pub(crate) enum Change {
         error: DemandError,
         text: Text,
     },
+    /// The relay redirected our demand to another node; the demand waits in `queued`
+    /// until the terminal moves the connection there ([`Connection::detour`]) or drops it.
+    Redirected(Redirect),
     PeerTerminated,
     Released {
         reason: ReleaseReason,
@@ -187,6 +190,11 @@ pub(crate) struct Connection {
     login_attempts: u8,
     /// A demand made while this connection was coming up: made once it logs in.
     queued: Option<Queued>,
+    /// Opened to another node for one redirected demand (docs/PROTOCOL.md §10.6): it
+    /// logs in there as a requester with the token, never falls back to the password,
+    /// carries that demand and its session only, and closes when they end. It is not one
+    /// of the terminal's connections to its relay.
+    detour: bool,
     /// The relay address it was opened to ([`super::Terminal::relay`] when announced).
     pub(crate) relay: u32,
 }
@@ -197,6 +205,10 @@ struct Queued {
     target: UserId,
     service: ServiceName,
     give_up: Instant,
+    /// Its DEMAND is written already, right behind the LOGIN (a detour's: the relay
+    /// holds it until the login's verdict, docs/PROTOCOL.md §6.2, so it costs no round
+    /// trip of its own).
+    sent: bool,
 }
 
 impl Connection {
@@ -225,8 +237,35 @@ impl Connection {
             close_after_flush: false,
             login_attempts: 0,
             queued: None,
+            detour: false,
             relay: 0,
         }
+    }
+
+    /// Moves this connection, whose demand was just redirected ([`Change::Redirected`]),
+    /// to the other node: the host drops its transport and opens one there
+    /// ([`super::Event::Redirected`] announces it), and the demand is made once it logs in.
+    pub(crate) fn detour(&mut self, now: Instant) {
+        *self = Connection {
+            queued: self.queued.take(),
+            detour: true,
+            state: State::Connecting {
+                since: now,
+                announced: true,
+                held: false,
+            },
+            ..Connection::new(now)
+        };
+    }
+
+    /// A redirected demand the terminal cannot follow (no token to log in there with):
+    /// the connection stays idle here, the demand is over.
+    pub(crate) fn drop_redirect(&mut self) {
+        self.queued = None;
+    }
+
+    pub(crate) fn is_detour(&self) -> bool {
+        self.detour
     }
 
     /// The back-off is over: a held connection opens now.
@@ -262,7 +301,7 @@ impl Connection {
             self.state = State::LoggingIn {
                 since: now,
                 with_token,
-                fallback,
+                fallback: fallback && !self.detour,
                 sent: false,
             };
             self.last_rx = now;
@@ -365,6 +404,13 @@ impl Connection {
                 step: Step::Owed,
                 ..
             } => Outbound::Demand { target, service },
+            State::LoggingIn { sent: true, .. } if self.pipelines() => {
+                let q = self.queued.as_ref()?;
+                Outbound::Demand {
+                    target: &q.target,
+                    service: &q.service,
+                }
+            }
             _ => match *self.owed.front()? {
                 Owed::Accept(session) => Outbound::Accept(session),
                 Owed::Reject { session, reason } => Outbound::Reject { session, reason },
@@ -376,8 +422,21 @@ impl Connection {
         Some(frame.encode(buf))
     }
 
+    /// A detour's DEMAND is owed right behind its LOGIN: a detour never falls back to
+    /// the password, so the relay answers that DEMAND in the state the token's verdict
+    /// leads to (logged in), or the refused login ends the demand anyway.
+    fn pipelines(&self) -> bool {
+        self.detour && self.queued.as_ref().is_some_and(|q| !q.sent)
+    }
+
     /// The frame [`Connection::encode_owed`] encoded is written.
     fn mark_sent(&mut self) {
+        if matches!(self.state, State::LoggingIn { sent: true, .. }) && self.pipelines() {
+            if let Some(q) = &mut self.queued {
+                q.sent = true;
+            }
+            return;
+        }
         match &mut self.state {
             State::LoggingIn { sent, .. } if !*sent => *sent = true,
             State::Demanding { step, .. } if *step == Step::Owed => *step = Step::Sent,
@@ -395,7 +454,7 @@ impl Connection {
                     step: Step::Owed,
                     ..
                 }
-        );
+        ) || (matches!(self.state, State::LoggingIn { .. }) && self.pipelines());
         state_owes || !self.owed.is_empty() || self.ka_due
     }
 
@@ -439,6 +498,7 @@ impl Connection {
                 target,
                 service,
                 give_up,
+                sent: false,
             });
             return;
         }
@@ -597,7 +657,39 @@ impl Connection {
                     (Offer::Consumed(input.len()), self.close(Cause::Protocol))
                 }
             }
-            Ok(Some((f, n))) => (Offer::Consumed(n), self.on_frame(now, cfg, f, jitter)),
+            Ok(Some((f, n))) => {
+                let change = self.on_frame(now, cfg, f, jitter);
+                (Offer::Consumed(n), self.after_frame(change))
+            }
+        }
+    }
+
+    /// DEMAND_RESULT `Redirect` while Demanding: the demand waits for the terminal to
+    /// move it ([`Change::Redirected`]), if we follow redirects and this is not already a
+    /// detour (at most one redirect per demand: a detour's LOGIN does not announce
+    /// `REDIRECT`, so a relay does not send it one); else it fails as `TargetOffline`,
+    /// what the relay says to a terminal that does not follow.
+    fn redirected(&mut self, cfg: &Config, to: Redirect) -> Change {
+        let demand = core::mem::replace(&mut self.state, State::Idle);
+        match demand {
+            State::Demanding {
+                target,
+                service,
+                give_up,
+                ..
+            } if cfg.follow_redirects && !self.detour => {
+                self.queued = Some(Queued {
+                    target,
+                    service,
+                    give_up,
+                    sent: false,
+                });
+                Change::Redirected(to)
+            }
+            _ => Change::DemandFailed {
+                error: DemandError::TargetOffline,
+                text: Text::display(&DemandError::TargetOffline),
+            },
         }
     }
 
@@ -625,11 +717,12 @@ impl Connection {
                         target,
                         service,
                         give_up,
+                        sent,
                     }) => State::Demanding {
                         target,
                         service,
                         give_up,
-                        step: Step::Owed,
+                        step: if sent { Step::Sent } else { Step::Owed },
                     },
                     None => State::Idle,
                 };
@@ -752,6 +845,7 @@ impl Connection {
                     self.state = State::Idle;
                     Change::DemandFailed { error, text }
                 }
+                DemandResult::Redirect(to) => self.redirected(cfg, to),
             },
             (
                 State::Session {
@@ -777,6 +871,29 @@ impl Connection {
                 Change::Released { reason }
             }
             _ => self.close(Cause::Protocol),
+        }
+    }
+
+    /// What a frame's change means on a detour: a refused login ends its demand (the
+    /// terminal's own login is not concerned), and it closes once its demand or session
+    /// is over instead of idling at a relay that is not the terminal's.
+    fn after_frame(&mut self, change: Change) -> Change {
+        if !self.detour {
+            return change;
+        }
+        match change {
+            Change::LoginRefused { text, .. } => Change::DemandFailed {
+                error: DemandError::TargetOffline,
+                text,
+            },
+            // Its LOGIN_OK is for this connection alone: caps, token and keep-alive of
+            // the terminal's relay stay.
+            Change::LoggedIn { .. } => Change::None,
+            c @ (Change::DemandFailed { .. } | Change::Released { .. }) => {
+                self.close(Cause::Local);
+                c
+            }
+            c => c,
         }
     }
 

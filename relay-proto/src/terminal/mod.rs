@@ -19,7 +19,7 @@ mod wire;
 pub use admission::admit;
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
-use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD, caps};
+use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD, Redirect, caps};
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant, earliest};
@@ -81,6 +81,11 @@ pub struct Config {
     pub demand_patience: Duration,
     /// The pause before each such retry.
     pub demand_retry: Duration,
+    /// Follow DEMAND_RESULT `Redirect` (announce [`caps::REDIRECT`]): the host can open a
+    /// connection to another node ([`Event::Redirected`]; the driver's
+    /// [`Link::open_to`](crate::driver::Link::open_to)). Off, such a target is
+    /// `TargetOffline`.
+    pub follow_redirects: bool,
     /// First reconnect delay; doubles per failure up to `backoff_max`, ±25% jitter.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -96,6 +101,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             demand_patience: Duration::from_secs(15),
             demand_retry: Duration::from_millis(150),
+            follow_redirects: false,
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
         }
@@ -140,6 +146,14 @@ pub enum Event {
         session: u32,
         peer: UserId,
     },
+    /// Our demand's target is on another node: drop this handle's transport and open it
+    /// to `to` (TLS, pinning `to.fingerprint`), then [`Terminal::connected`] or
+    /// [`Terminal::connect_failed`], as after [`Event::Open`]. The demand goes on there,
+    /// on the same handle: it logs in with the token as a requester and demands again;
+    /// its answer ([`Event::Accepted`], [`Event::DemandFailed`]) comes on this handle,
+    /// and the handle closes when the demand fails or its session ends. At most one per
+    /// demand.
+    Redirected { handle: Handle, to: Redirect },
     /// Our demand failed; the handle is idle again.
     DemandFailed {
         handle: Handle,
@@ -345,6 +359,11 @@ impl<const N: usize> Terminal<N> {
             .filter(|(_, c)| !c.is_closed())
     }
 
+    /// The connections to our own relay: not the detours of redirected demands.
+    fn home(&self) -> impl Iterator<Item = (Handle, &Connection)> {
+        self.conns().filter(|(_, c)| !c.is_detour())
+    }
+
     fn conn_mut(&mut self, h: Handle) -> Result<&mut Connection, SendError> {
         open_slot(&mut self.slots, h).ok_or(SendError::BadHandle)
     }
@@ -423,13 +442,13 @@ impl<const N: usize> Terminal<N> {
         if self.stopped {
             return false;
         }
-        let coming = self.conns().filter(|(_, c)| c.is_coming_up()).count();
-        let spares = self.conns().filter(|(_, c)| c.is_spare_coming_up()).count();
-        let idle = self.conns().filter(|(_, c)| c.is_idle()).count();
+        let coming = self.home().filter(|(_, c)| c.is_coming_up()).count();
+        let spares = self.home().filter(|(_, c)| c.is_spare_coming_up()).count();
+        let idle = self.home().filter(|(_, c)| c.is_idle()).count();
         let full = self.slots.iter().all(Option::is_some);
         // Without RESUME another connection needs a second password login, which starts
         // a new instance (a reachable one would replace us): one connection only.
-        let more = self.has(caps::RESUME) || self.conns().next().is_none();
+        let more = self.has(caps::RESUME) || self.home().next().is_none();
         // Before the first login, one at a time: the password is checked once.
         !full
             && idle + spares < usize::from(self.config.spare.max(1))
@@ -483,6 +502,11 @@ impl<const N: usize> Terminal<N> {
             return;
         };
         let (cause, opened_to) = (cause.clone(), *relay);
+        if self.is_detour(h) {
+            // A detour's end is its demand's: no back-off, no stop, no retry here, and
+            // our relay is not lost.
+            return;
+        }
         if cause == Cause::Relay(ErrorCode::ShuttingDown) {
             // The relay leaves on purpose (it stops, drains, or is fenced from its
             // cluster): not a failure. Move on almost at once, spread so that all its
@@ -499,7 +523,7 @@ impl<const N: usize> Terminal<N> {
                 .min(self.config.backoff_max);
             self.retry_at = self.retry_at.max(now + self.jitter.spread(delay, 25));
         }
-        let up = self.conns().any(|(_, c)| c.is_logged_in());
+        let up = self.home().any(|(_, c)| c.is_logged_in());
         self.up = up;
         // The relay is lost (or was never reached): the next connection tries the next
         // address. Once per relay: the other connections it held close with the old index.
@@ -521,6 +545,10 @@ impl<const N: usize> Terminal<N> {
         {
             c.requeue(now);
         }
+    }
+
+    fn is_detour(&self, h: Handle) -> bool {
+        matches!(self.slots.get(usize::from(h.0)), Some(Some(c)) if c.is_detour())
     }
 
     /// Whether `h` is held for a waiting demand until the back-off ends: its transport,
@@ -609,6 +637,7 @@ impl<const N: usize> Terminal<N> {
                 error,
                 text,
             }),
+            Change::Redirected(to) => Some(self.follow(h, to, now)),
             Change::PeerTerminated => Some(Event::PeerTerminated { handle: h }),
             Change::Released { reason } => Some(Event::SessionEnded { handle: h, reason }),
             Change::ListPage(page) => {
@@ -628,6 +657,28 @@ impl<const N: usize> Terminal<N> {
         }
         self.replenish(now);
         event
+    }
+
+    /// A demand on `h` was redirected: it moves there with the token, or, with no token
+    /// to log in there (a relay without `RESUME`), ends as `TargetOffline`.
+    fn follow(&mut self, h: Handle, to: Redirect, now: Instant) -> Event {
+        let token = self.token.is_some();
+        let Ok(c) = self.conn_mut(h) else {
+            return Event::Closed {
+                handle: h,
+                cause: Cause::Local,
+            };
+        };
+        if token {
+            c.detour(now);
+            return Event::Redirected { handle: h, to };
+        }
+        c.drop_redirect();
+        Event::DemandFailed {
+            handle: h,
+            error: DemandError::TargetOffline,
+            text: Text::display(&DemandError::TargetOffline),
+        }
     }
 
     /// Closes every open connection and opens no more.
@@ -665,11 +716,17 @@ impl<const N: usize> Terminal<N> {
         buf: &mut [u8],
     ) -> Result<usize, SendError> {
         let c = open_slot(&mut self.slots, h).ok_or(SendError::BadHandle)?;
+        let caps = match c.is_detour() {
+            // A detour never replaces the device it reaches, nor is redirected again.
+            true => Kind::Requester.caps(),
+            false if self.config.follow_redirects => self.config.kind.caps() | caps::REDIRECT,
+            false => self.config.kind.caps(),
+        };
         let login = wire::LoginAs {
             user: &self.user,
             password: &self.password,
             token: self.token.as_ref(),
-            caps: self.config.kind.caps(),
+            caps,
         };
         let n = c.poll_transmit(buf, &login)?;
         // After LOGOUT the connection closes here.
@@ -740,7 +797,7 @@ impl<const N: usize> Terminal<N> {
     /// A connection on its way up that no demand waits for yet, or a new one: opened
     /// now while up, else held until the reconnect back-off ends.
     fn carrier(&mut self, now: Instant) -> Option<Handle> {
-        let coming = self.conns().find(|(_, c)| c.is_spare_coming_up());
+        let coming = self.home().find(|(_, c)| c.is_spare_coming_up());
         if let Some((h, _)) = coming {
             return Some(h);
         }
@@ -761,7 +818,7 @@ impl<const N: usize> Terminal<N> {
         if !self.up || self.stopped {
             return Err(SendError::NotLoggedIn);
         }
-        self.conns()
+        self.home()
             .find(|(_, c)| c.is_idle())
             .map(|(h, _)| h)
             .ok_or(SendError::NoIdleConnection)
@@ -821,7 +878,7 @@ impl<const N: usize> Terminal<N> {
     /// Logs out (step 22): LOGOUT goes out on one logged-in connection; every other
     /// connection closes now, that one once LOGOUT is written. No reconnects until `start`.
     pub fn logout(&mut self, now: Instant) {
-        let carrier = self.conns().find(|(_, c)| c.is_logged_in()).map(|(h, _)| h);
+        let carrier = self.home().find(|(_, c)| c.is_logged_in()).map(|(h, _)| h);
         self.stopped = true;
         for i in 0..N {
             let h = Handle(i as u8);

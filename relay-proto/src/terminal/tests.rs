@@ -6,7 +6,7 @@ extern crate std;
 use std::vec::Vec;
 
 use super::*;
-use crate::frame::{self, DemandResult, Frame, LoginOk, Notice, Parsed};
+use crate::frame::{self, DemandResult, Frame, LoginOk, Notice, Parsed, Redirect};
 use crate::ident::ResumeToken;
 
 /// A terminal with two slots, and the clock.
@@ -755,6 +755,220 @@ fn a_waiting_demand_outlives_failed_reconnects_until_its_patience() {
         assert_eq!(events, [], "attempt {attempts}");
     }
     assert!(attempts >= 3, "{attempts}");
+}
+
+/// Redirects (docs/PROTOCOL.md §10.6): a requester that follows them, with a demand for
+/// `cam` written on `H0` and the pool's spare `H1` opening.
+fn redirectable() -> (Rig, frame::Login) {
+    let follows = Config {
+        kind: Kind::Requester,
+        follow_redirects: true,
+        ..Config::default()
+    };
+    let (mut r, login) = Rig::up_as(follows);
+    demanding(&mut r);
+    (r, login)
+}
+
+fn node7() -> Redirect {
+    Redirect {
+        address: crate::ident::NodeAddress::new("10.0.0.7:7835").unwrap(),
+        fingerprint: [7; 32],
+    }
+}
+
+fn redirect() -> Frame {
+    Frame::DemandResult(DemandResult::Redirect(node7()))
+}
+
+/// `H0`'s demand, redirected: the terminal moves the handle to node 7, which it reaches
+/// and logs in to with the token as a requester that does not follow redirects, its
+/// DEMAND right behind the LOGIN (no round trip of its own).
+fn detoured() -> Rig {
+    let (mut r, _) = redirectable();
+    r.feed(H0, redirect());
+    assert_eq!(
+        r.events(),
+        [Event::Redirected {
+            handle: H0,
+            to: node7()
+        }]
+    );
+    r.t.connected(H0, r.now);
+    let sent = r.sent(H0);
+    let [Frame::Login(login), Frame::Demand(d)] = &sent[..] else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(d.target.as_str(), "cam");
+    assert_eq!(login.hello.caps, frame::caps::ALL | frame::caps::REQUESTER);
+    assert_eq!(
+        login.credential,
+        frame::Credential::Resume(ResumeToken::from_slice(b"token").unwrap())
+    );
+    r
+}
+
+fn login_ok_there() -> Frame {
+    Frame::LoginOk(LoginOk {
+        caps: frame::caps::ALL | frame::caps::REQUESTER,
+        keepalive_ms: 20_000,
+        max_payload: 4096,
+        token: ResumeToken::from_slice(b"other").unwrap(),
+    })
+}
+
+#[test]
+fn a_terminal_that_follows_redirects_announces_it() {
+    let (_, login) = redirectable();
+    assert_eq!(
+        login.hello.caps,
+        frame::caps::ALL | frame::caps::REQUESTER | frame::caps::REDIRECT
+    );
+}
+
+#[test]
+fn a_redirected_demand_is_made_again_at_the_other_node_on_the_same_handle() {
+    let mut r = detoured();
+    r.feed(H0, login_ok_there());
+    // The detour's LOGIN_OK is its own: no event, our relay's caps and token stay.
+    assert_eq!(r.events(), []);
+    assert_eq!(r.t.caps(), frame::caps::ALL);
+    assert_eq!(r.sent(H0), [], "the DEMAND went with the LOGIN");
+    r.feed(
+        H0,
+        Frame::DemandResult(DemandResult::Accepted { session: 3 }),
+    );
+    assert!(matches!(
+        r.events()[..],
+        [Event::Accepted {
+            handle: H0,
+            session: 3,
+            ..
+        }]
+    ));
+    // The session's end closes the detour: it never idles at a relay not ours.
+    r.feed(
+        H0,
+        Frame::Release {
+            reason: ReleaseReason::Normal,
+        },
+    );
+    assert_eq!(
+        r.events(),
+        [
+            Event::SessionEnded {
+                handle: H0,
+                reason: ReleaseReason::Normal
+            },
+            Event::Closed {
+                handle: H0,
+                cause: Cause::Local
+            }
+        ]
+    );
+    assert!(r.t.is_up(), "our own relay's login is untouched");
+}
+
+/// At most one redirect per demand: a second one (a relay should not send it, the
+/// detour did not announce REDIRECT) fails the demand as `TargetOffline`.
+#[test]
+fn a_second_redirect_fails_the_demand() {
+    let mut r = detoured();
+    r.feed(H0, login_ok_there());
+    r.sent(H0);
+    r.feed(H0, redirect());
+    assert_eq!(
+        r.events(),
+        [
+            Event::DemandFailed {
+                handle: H0,
+                error: DemandError::TargetOffline,
+                text: Text::display(&DemandError::TargetOffline),
+            },
+            Event::Closed {
+                handle: H0,
+                cause: Cause::Local
+            }
+        ]
+    );
+}
+
+/// A refused login at the other node, even a fatal `Replaced`, ends that demand only:
+/// the terminal neither stops nor backs off nor falls back to its password there.
+#[test]
+fn a_refused_login_at_the_other_node_fails_the_demand_only() {
+    for code in [ErrorCode::ResumeRejected, ErrorCode::Replaced] {
+        let mut r = detoured();
+        r.feed(
+            H0,
+            Frame::Error {
+                code,
+                text: Text::lossy(code.describe()),
+                retry_after: None,
+            },
+        );
+        let events = r.events();
+        assert!(
+            matches!(
+                &events[..],
+                [
+                    Event::DemandFailed {
+                        handle: H0,
+                        error: DemandError::TargetOffline,
+                        text,
+                    },
+                    Event::Closed { handle: H0, .. },
+                ] if text.as_str() == code.describe()
+            ),
+            "{code:?}: {events:?}"
+        );
+        assert!(r.t.is_up(), "{code:?}");
+        // The next demand goes out on our relay's connection at once.
+        r.t.connected(Handle(1), r.now);
+        r.sent(Handle(1));
+        r.feed(Handle(1), login_ok_there());
+        assert_eq!(
+            r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now),
+            Ok(Handle(1))
+        );
+    }
+}
+
+/// A detour whose transport fails ends its demand with the handle; it is not opened
+/// again, neither there nor at our relay.
+#[test]
+fn a_detour_that_cannot_connect_ends_its_demand() {
+    let (mut r, _) = redirectable();
+    r.feed(H0, redirect());
+    r.events();
+    r.t.connect_failed(H0, r.now);
+    assert_eq!(
+        r.events(),
+        [Event::Closed {
+            handle: H0,
+            cause: Cause::Transport
+        }]
+    );
+    r.now = r.now + Duration::from_secs(30);
+    r.t.handle_timeout(r.now);
+    assert!(!r.events().contains(&Event::Open(H0)));
+}
+
+#[test]
+fn a_terminal_that_does_not_follow_takes_a_redirect_as_target_offline() {
+    let (mut r, login) = Rig::up_as(Config::default());
+    assert_eq!(login.hello.caps & frame::caps::REDIRECT, 0);
+    demanding(&mut r);
+    r.feed(H0, redirect());
+    assert_eq!(
+        r.events(),
+        [Event::DemandFailed {
+            handle: H0,
+            error: DemandError::TargetOffline,
+            text: Text::display(&DemandError::TargetOffline),
+        }]
+    );
+    assert_eq!(r.t.idle_connections(), 1);
 }
 
 /// Several relay addresses (a cluster): the terminal moves to the next one when it loses

@@ -12,9 +12,10 @@
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
 use crate::frame::{
-    DemandResult, FrameType, HEADER_LEN, LIST_PAGE, ListAnswer, MAGIC, MAX_CONTROL, VERSION,
+    DemandResult, FrameType, HEADER_LEN, LIST_PAGE, ListAnswer, MAGIC, MAX_CONTROL, Redirect,
+    VERSION,
 };
-use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
+use crate::ident::{NodeAddress, Password, ResumeToken, ServiceName, Text, UserId};
 
 /// A frame the relay sends to a terminal, decoded.
 // No allocator, so no boxing: a decoded frame lives on the stack once and is moved out.
@@ -116,6 +117,10 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Inbound, usize)>, Malformed>
                 error: r.demand_error()?,
                 text: r.text()?,
             },
+            2 => DemandResult::Redirect(Redirect {
+                address: NodeAddress::new(r.str()?).map_err(|_| Malformed)?,
+                fingerprint: r.array()?,
+            }),
             _ => return Err(Malformed),
         }),
         FrameType::Terminate => Inbound::Terminate,
@@ -190,6 +195,13 @@ impl<'a> Reader<'a> {
         let (b, rest) = self.0.split_at(n);
         self.0 = rest;
         Ok(b)
+    }
+
+    /// `N` raw bytes (a fixed-size array: no length prefix).
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(Malformed)?;
+        self.0 = rest;
+        Ok(*head)
     }
 
     fn str(&mut self) -> Result<&'a str, Malformed> {
@@ -565,6 +577,12 @@ mod tests {
             (demand_error_s(), text()).prop_map(|(error, text)| Frame::DemandResult(
                 DemandResult::Failed { error, text }
             )),
+            ("[a-z0-9.:\\[\\]-]{1,64}", any::<[u8; 32]>()).prop_map(|(a, fingerprint)| {
+                Frame::DemandResult(DemandResult::Redirect(Redirect {
+                    address: NodeAddress::new(&a).unwrap(),
+                    fingerprint,
+                }))
+            }),
             Just(Frame::Terminate),
             (0u32..5).prop_map(|i| Frame::Release {
                 reason: release_reason(i).unwrap()
