@@ -21,7 +21,7 @@ use relay_proto::ident::NodeAddress;
 use relay_proto::relay::Node;
 
 use crate::store::StoreError;
-use crate::store::postgres::{PRESENCE, listen};
+use crate::store::postgres::{PRESENCE, listen, pool_error};
 use crate::tls::Fingerprint;
 
 /// A node whose heartbeat is older than this is dead to the others (docs/CLUSTER.md).
@@ -219,7 +219,7 @@ pub async fn follow(
 /// Reads the rows whole, again every [`REREAD_AFTER`] until that succeeds.
 async fn reread_rows(pool: Pool, target: String, presence: Arc<Presence>) {
     let mut healthy = true;
-    while let Err(e) = read_rows(&pool, &presence).await {
+    while let Err(e) = read_rows(&pool, &target, &presence).await {
         if healthy {
             tracing::warn!(database = %target, "cannot read the presence rows: {e}");
         }
@@ -229,11 +229,8 @@ async fn reread_rows(pool: Pool, target: String, presence: Arc<Presence>) {
 }
 
 /// Every presence row, read whole.
-async fn read_rows(pool: &Pool, presence: &Presence) -> Result<(), StoreError> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| StoreError::Database(e.to_string()))?;
+async fn read_rows(pool: &Pool, target: &str, presence: &Presence) -> Result<(), StoreError> {
+    let client = pool.get().await.map_err(|e| pool_error(target, e))?;
     let rows = client
         .query(
             "SELECT account, CASE WHEN instance IS NULL THEN NULL ELSE node END, epoch
@@ -260,10 +257,7 @@ async fn read_nodes(pool: Pool, target: String, presence: Arc<Presence>) {
     loop {
         tick.tick().await;
         let read = async {
-            let client = pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Database(e.to_string()))?;
+            let client = pool.get().await.map_err(|e| pool_error(&target, e))?;
             let rows = client
                 .query(
                     "SELECT id, address, fingerprint,

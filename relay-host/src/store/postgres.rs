@@ -401,7 +401,7 @@ pub(super) fn detail(e: &tokio_postgres::Error) -> String {
 }
 
 /// A pool failure as a store error: PostgreSQL's own errors keep their detail.
-fn pool_error(target: &str, e: deadpool_postgres::PoolError) -> StoreError {
+pub(crate) fn pool_error(target: &str, e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => e.into(),
         other => StoreError::Database(format!("{target}: {other}")),
