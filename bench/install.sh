@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the benchmark's peers. Idempotent: skips whatever is already there.
-#   apt (Debian): socat iperf3 wrk openssh-server openssh-client
+#   apt (Debian): socat iperf3 wrk openssh-server openssh-client strace
 #   crates.io:    rathole, bore-cli  -> bench/out/tools/bin (cargo install --locked --root)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -9,7 +9,7 @@ tools="${RELAY_BENCH_TOOLS:-$here/out/tools}"
 mkdir -p "$tools"
 
 need_apt=()
-for pair in socat:socat iperf3:iperf3 wrk:wrk sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client; do
+for pair in socat:socat iperf3:iperf3 wrk:wrk sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client strace:strace; do
     bin="${pair%%:*}"; pkg="${pair#*:}"
     if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
         need_apt+=("$pkg")

@@ -3,6 +3,7 @@
 //! path in the same run. See `bench --help` and docs/BENCHMARKS.md.
 
 pub mod chart;
+pub mod cost;
 pub mod fleet;
 pub mod load;
 pub mod procs;

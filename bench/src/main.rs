@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use relay_bench::chart::{self, Panel};
+use relay_bench::cost;
 use relay_bench::fleet::{self, Fleet};
 use relay_bench::load;
 use relay_bench::procs::{self, Proc, free_port, wait_port};
@@ -283,6 +284,9 @@ fn run(cli: Cli) -> Result<bool> {
     if cfg.figures.iter().any(|f| f == "http") && !tools.wrk.is_file() {
         bail!("wrk not found: run bench/install.sh");
     }
+    if cfg.figures.iter().any(|f| f == "http") && !tools.strace.is_file() {
+        bail!("strace not found (figure 3c): run bench/install.sh");
+    }
 
     // The services behind every path, in a child process of their own.
     let (echo, http) = (free_port()?, free_port()?);
@@ -323,7 +327,7 @@ fn run(cli: Cli) -> Result<bool> {
         for fig in FIGS {
             let wanted = match fig.id {
                 "lat_low" | "lat_high" => "latency",
-                "rss" => "http",
+                "rss" | "cost" => "http",
                 "idle_scale" => "idle",
                 other => other,
             };
@@ -664,49 +668,22 @@ fn fig_http(
     let path = systems::start(sys, http, ctx)?;
     let port = path.port;
     rt.block_on(load::probe_http(port, Duration::from_secs(15)))?;
-    let mut c = Command::new(&ctx.tools.wrk);
-    c.args([
-        "-t1",
-        "-c32",
-        &format!("-d{}s", secs(cfg.dur)),
-        "--timeout",
-        "3s",
-        &format!("http://127.0.0.1:{port}/"),
-    ]);
     let cpu0 = procs::cpu_seconds(&path.server);
-    let out = run_with_deadline("wrk", c, cfg.dur + Duration::from_secs(20))?;
+    let use0 = cost::Usage::of(&path.server);
+    let w = wrk(ctx, port, cfg.dur)?;
     let server_cpu = procs::cpu_seconds(&path.server) - cpu0;
-    let rps: f64 = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .with_context(|| format!("wrk printed no Requests/sec: {out}"))?;
-    let mut errors = 0f64;
-    for l in out.lines() {
-        let l = l.trim();
-        if let Some(rest) = l.strip_prefix("Non-2xx or 3xx responses:") {
-            errors += rest.trim().parse::<f64>().unwrap_or(0.0);
-        }
-        if let Some(rest) = l.strip_prefix("Socket errors:") {
-            // "connect 0, read 0, write 0, timeout 0"
-            errors += rest
-                .split(',')
-                .filter_map(|p| p.split_whitespace().nth(1)?.parse::<f64>().ok())
-                .sum::<f64>();
-        }
-    }
-    res.add("http.rps", sys, rps);
-    res.add("http.errors", sys, errors);
-    println!("    http (wrk -c32): {rps:.0} req/s, {errors} errors");
+    let use1 = cost::Usage::of(&path.server);
+    res.add("http.rps", sys, w.rps);
+    res.add("http.errors", sys, w.errors);
+    println!(
+        "    http (wrk -c32): {:.0} req/s, {} errors",
+        w.rps, w.errors
+    );
     if sys != System::Direct {
-        let requests: f64 = out
-            .lines()
-            .find(|l| l.contains(" requests in "))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .with_context(|| format!("wrk printed no request count: {out}"))?;
-        let us = server_cpu * 1e6 / requests.max(1.0);
+        let us = server_cpu * 1e6 / w.requests.max(1.0);
         res.add("http.server_cpu_us_per_req", sys, us);
         println!("    relay-role CPU {us:.1} µs per request");
+        http_cost(sys, ctx, cfg, &path, (&use0, &use1, w.requests), res);
     }
     if sys != System::Direct {
         let server = path.server.clone();
@@ -728,6 +705,108 @@ fn fig_http(
     }
     drop(path);
     Ok(())
+}
+
+/// What one wrk run printed.
+struct Wrk {
+    rps: f64,
+    requests: f64,
+    /// Non-2xx answers and socket errors.
+    errors: f64,
+}
+
+/// `wrk -t1 -c32` for `dur` against 127.0.0.1:`port`.
+fn wrk(ctx: &Ctx, port: u16, dur: Duration) -> Result<Wrk> {
+    let mut c = Command::new(&ctx.tools.wrk);
+    c.args([
+        "-t1",
+        "-c32",
+        &format!("-d{}s", secs(dur)),
+        "--timeout",
+        "3s",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    let out = run_with_deadline("wrk", c, dur + Duration::from_secs(20))?;
+    let first = |prefix: &str| -> Option<f64> {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    };
+    let rps =
+        first("Requests/sec:").with_context(|| format!("wrk printed no Requests/sec: {out}"))?;
+    let requests: f64 = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("wrk printed no request count: {out}"))?;
+    let mut errors = 0f64;
+    for l in out.lines() {
+        let l = l.trim();
+        if let Some(rest) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<f64>().unwrap_or(0.0);
+        }
+        if let Some(rest) = l.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    Ok(Wrk {
+        rps,
+        requests,
+        errors,
+    })
+}
+
+/// Figure 3c: the relay role's user and system CPU and context switches per request of
+/// the timed wrk run (`usage`: before, after, requests), then its system calls per
+/// request by kind over a second, strace-counted wrk run (shorter: strace slows it).
+fn http_cost(
+    sys: System,
+    ctx: &Ctx,
+    cfg: &Cfg,
+    path: &PathUp,
+    usage: (&cost::Usage, &cost::Usage, f64),
+    res: &mut Results,
+) {
+    let (before, after, requests) = usage;
+    let (user, system, switches) = after.per(before, requests);
+    res.add("cost.user_us", sys, user);
+    res.add("cost.system_us", sys, system);
+    res.add("cost.switches", sys, switches);
+    let out = std::env::temp_dir().join(format!("relay-bench-{}-strace", std::process::id()));
+    let dur = cfg.dur.min(Duration::from_secs(2));
+    let counted = cost::count_syscalls(&ctx.tools.strace, &path.server, &out, || {
+        wrk(ctx, path.port, dur)
+    });
+    let _ = fs::remove_file(&out);
+    match counted {
+        Ok((calls, w)) => {
+            let n = w.requests.max(1.0);
+            let per = |names: &[&str]| calls.of(names) as f64 / n;
+            res.add("cost.syscalls", sys, calls.total() as f64 / n);
+            res.add("cost.reads", sys, per(cost::READS));
+            res.add("cost.writes", sys, per(cost::WRITES));
+            res.add("cost.waits", sys, per(cost::WAITS));
+            res.add("cost.futex", sys, per(cost::FUTEX));
+            println!(
+                "    per request: user {user:.1} µs, system {system:.1} µs, {switches:.2} switches, {:.2} syscalls ({:.2} reads, {:.2} writes, {:.2} waits, {:.2} futex)",
+                calls.total() as f64 / n,
+                per(cost::READS),
+                per(cost::WRITES),
+                per(cost::WAITS),
+                per(cost::FUTEX)
+            );
+        }
+        Err(e) => {
+            println!(
+                "    per request: user {user:.1} µs, system {system:.1} µs, {switches:.2} switches; syscalls not counted: {e:#}"
+            );
+            res.note(sys, "cost", format!("system calls not counted: {e:#}"));
+        }
+    }
 }
 
 /// Waits until the fds of `roots` grew by `want` (or the deadline passes); returns growth.

@@ -103,22 +103,31 @@ pub fn port_is_free(port: u16) -> bool {
         .is_err()
 }
 
-fn clk_tck() -> f64 {
+/// Clock ticks per second of /proc/PID/stat's times.
+pub fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// (ppid, utime+stime+cutime+cstime in ticks) of one process.
-fn stat(pid: u32) -> Option<(u32, u64)> {
+/// (ppid, [utime, stime, cutime, cstime] in ticks) of one process.
+fn stat(pid: u32) -> Option<(u32, [u64; 4])> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; fields after the last ')' are plain.
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); ppid = field 4; utime..cstime = fields 14..17.
     let ppid = f.get(1)?.parse().ok()?;
-    let t: u64 = (11..15).filter_map(|i| f.get(i)?.parse::<u64>().ok()).sum();
+    let mut t = [0u64; 4];
+    for (i, v) in t.iter_mut().enumerate() {
+        *v = f.get(11 + i)?.parse().ok()?;
+    }
     Some((ppid, t))
+}
+
+/// (user, system) ticks of one process, its reaped children's included.
+pub fn user_system_ticks(pid: u32) -> Option<(u64, u64)> {
+    stat(pid).map(|(_, [u, s, cu, cs])| (u + cu, s + cs))
 }
 
 /// The given processes and all their live descendants.
@@ -152,7 +161,7 @@ pub fn cpu_seconds(roots: &[u32]) -> f64 {
     let ticks: u64 = tree(roots)
         .iter()
         .filter_map(|&p| stat(p))
-        .map(|s| s.1)
+        .map(|(_, t)| t.iter().sum::<u64>())
         .sum();
     ticks as f64 / clk_tck()
 }

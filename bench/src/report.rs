@@ -146,6 +146,28 @@ pub const FIGS: &[Fig] = &[
         required: "http.rps",
     },
     Fig {
+        id: "cost",
+        title: "3c. Where the relay role's time goes per HTTP request",
+        method: "The profile behind 3a. User and system CPU and context switches (voluntary and \
+                 involuntary, every thread: each is a sleep in epoll_wait or a futex and a \
+                 wake-up) of the relay-role process tree over 3a's wrk run, per request; then \
+                 its system calls by kind per request, counted by `strace -c -f` over a second \
+                 wrk run of at most 2 s (strace slows the process, so only counts are used). \
+                 reads: read, readv, recvfrom, recvmsg; writes: write, writev, sendto, sendmsg, \
+                 splice; waits: epoll_wait, poll, select.",
+        cols: &[
+            col("cost.user_us", "user µs/req", true),
+            col("cost.system_us", "system µs/req", true),
+            col("cost.switches", "switches/req", true),
+            col("cost.syscalls", "syscalls/req", true),
+            col("cost.reads", "reads/req", false),
+            col("cost.writes", "writes/req", false),
+            col("cost.waits", "waits/req", false),
+            col("cost.futex", "futex/req", false),
+        ],
+        required: "cost.switches",
+    },
+    Fig {
         id: "rss",
         title: "3b. Relay memory at 1,000 HTTP requests/s",
         method: "10 keep-alive connections, 100 GET/s each, for D s; the highest VmRSS seen \
@@ -255,7 +277,7 @@ pub fn applies(fig: &str, sys: System) -> bool {
             System::Direct | System::Socat | System::SshChain | System::RelayPublished
         ),
         "idle_scale" | "recovery" => sys.is_relay() && sys != System::RelayPublished,
-        "rss" => sys != System::Direct,
+        "rss" | "cost" => sys != System::Direct,
         "splice" => false,
         _ => true,
     }

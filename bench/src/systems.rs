@@ -110,6 +110,8 @@ pub struct Tools {
     pub socat: PathBuf,
     pub iperf3: PathBuf,
     pub wrk: PathBuf,
+    /// Counts the relay roles' system calls (figure 3c).
+    pub strace: PathBuf,
     pub sshd: PathBuf,
     pub ssh: PathBuf,
     pub ssh_keygen: PathBuf,
@@ -169,6 +171,7 @@ impl Tools {
             socat: which("socat", &[]),
             iperf3: which("iperf3", &[]),
             wrk: which("wrk", &[]),
+            strace: which("strace", &[]),
             sshd: which("sshd", &[Path::new("/usr/sbin")]),
             ssh: which("ssh", &[]),
             ssh_keygen: which("ssh-keygen", &[]),
