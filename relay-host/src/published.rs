@@ -242,20 +242,29 @@ impl PublishedStream {
                 "published port: read buffer too small",
             )));
         }
-        let space = buf.initialize_unfilled();
+        // The payload is read straight behind the header's place, into memory that is not
+        // zeroed first: `ReadBuf::uninit` tracks what the socket wrote.
+        // SAFETY: nothing below de-initializes bytes of `buf`.
+        let space = unsafe { buf.unfilled_mut() };
         let end = space.len().min(HEADER_LEN + self.max_payload);
-        let mut rb = ReadBuf::new(&mut space[HEADER_LEN..end]);
+        let mut rb = ReadBuf::uninit(&mut space[HEADER_LEN..end]);
         ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut rb))?;
         let n = rb.filled().len();
-        if n == 0 {
-            space[..HEADER_LEN].copy_from_slice(&TERMINATE);
+        let header = if n == 0 {
             self.stage = Stage::ClientDone;
-            buf.advance(HEADER_LEN);
-            return Poll::Ready(Ok(()));
+            TERMINATE
+        } else {
+            let [hi, lo] = (n as u16).to_be_bytes();
+            [DATA, hi, lo]
+        };
+        for (slot, b) in space.iter_mut().zip(header) {
+            slot.write(b);
         }
-        let [hi, lo] = (n as u16).to_be_bytes();
-        space[..HEADER_LEN].copy_from_slice(&[DATA, hi, lo]);
-        buf.advance(HEADER_LEN + n);
+        let len = HEADER_LEN + n;
+        // SAFETY: the header was written just above and the read filled the `n` bytes after
+        // it (`rb` is a view of `space[HEADER_LEN..]`).
+        unsafe { buf.assume_init(len) };
+        buf.advance(len);
         Poll::Ready(Ok(()))
     }
 
