@@ -30,6 +30,7 @@ pub mod fifo;
 mod hashing;
 pub mod listen;
 pub mod metrics;
+pub mod plain;
 pub mod presence;
 pub mod published;
 pub mod relays;

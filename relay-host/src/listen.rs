@@ -28,12 +28,13 @@ use tokio_util::either::Either;
 
 use crate::channel::{ChannelKeys, NoiseStream, TLS_FIRST_BYTE};
 use crate::metrics::Metrics;
+use crate::plain::PlainTcp;
 use crate::store::{AccountStore, AccountsSnapshot, StoreError};
 
 /// A client connection: encrypted (boxed: the TLS or Noise state is large, plain
 /// connections should not pay for it), or plain TCP on the explicitly allowed plain
-/// listener.
-pub type ClientStream = Either<Box<Encrypted>, TcpStream>;
+/// listener (its write side shareable: [`PlainTcp`]).
+pub type ClientStream = Either<Box<Encrypted>, PlainTcp>;
 
 /// An encrypted connection: TLS, or the device channel.
 pub type Encrypted = Either<TlsStream<TcpStream>, NoiseStream<TcpStream>>;
@@ -174,7 +175,7 @@ impl Acceptor {
             let handle = handle.clone();
             tokio::spawn(async move {
                 let stream = match tls {
-                    None => Either::Right(tcp),
+                    None => Either::Right(PlainTcp::new(tcp)),
                     Some(tls) => {
                         // Boxed: the handshake's state (over a kilobyte) would otherwise be
                         // part of every connection task for its whole life, plain TCP too.

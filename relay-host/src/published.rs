@@ -18,6 +18,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ use relay_proto::{ServiceName, UserId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::plain::PlainTcp;
 
 /// The user ID the relay requests published ports' sessions as. The access rule lets it
 /// reach exactly the targets of the configured published ports (see
@@ -150,7 +154,8 @@ enum Stage {
 /// (DATA payload goes to the client, the end of the session ends the stream).
 #[derive(Debug)]
 pub struct PublishedStream {
-    tcp: TcpStream,
+    /// The client's socket; its write side is shared ([`PublishedStream::writer`]).
+    tcp: PlainTcp,
     stage: Stage,
     /// Payload bytes of the DATA frame being written to the client.
     payload: usize,
@@ -171,7 +176,7 @@ impl PublishedStream {
         let mut keepalive = tokio::time::interval_at(start, keepalive);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         PublishedStream {
-            tcp,
+            tcp: PlainTcp::new(tcp),
             stage: Stage::Demanding,
             payload: 0,
             control: Vec::new(),
@@ -180,6 +185,12 @@ impl PublishedStream {
             seq: 0,
             max_payload: usize::from(max_payload).max(1),
         }
+    }
+
+    /// The client socket's write side, for the connection's FIFO to write DATA payload
+    /// to directly ([`crate::fifo::Direct::Payload`]).
+    pub fn writer(&self) -> Arc<OwnedWriteHalf> {
+        self.tcp.writer()
     }
 
     /// A complete control frame from the core. A change of stage concerns the reading

@@ -89,7 +89,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use crate::admin::{AdminRequest, Board};
 use crate::auth::{Auth, Login};
 use crate::config::{Limits, ServeConfig};
-use crate::fifo::{Chunk, Fifo, Next};
+use crate::fifo::{Chunk, Direct, Fifo, Next};
 use crate::listen::{Accepted, Acceptor, ClientStream, ConnectionSlot, watch_accounts_with};
 use crate::metrics::Metrics;
 use crate::published::{Published, PublishedStream};
@@ -913,9 +913,10 @@ impl ConnIo {
         id: ConnId,
         me: &Arc<Conn>,
     ) -> Option<Poll<bool>> {
-        let Either::Left(Either::Right(tcp)) = &self.stream else {
+        let Either::Left(Either::Right(plain)) = &self.stream else {
             return None;
         };
+        let tcp = plain.tcp();
         let (to, remaining, dest) = {
             let core = srv.lock();
             let (to, remaining) = core.relay.forward_target(id)?;
@@ -1010,11 +1011,12 @@ impl ConnIo {
 
     /// Writes the pipe chunk under way to this socket, giving back credit as it goes.
     fn poll_splice_out(&mut self, cx: &mut Context<'_>, me: &Arc<Conn>) -> Poll<Result<(), End>> {
-        let (Some((pipe, left)), Either::Left(Either::Right(tcp))) =
+        let (Some((pipe, left)), Either::Left(Either::Right(plain))) =
             (&mut self.splicing, &self.stream)
         else {
             return Poll::Ready(Err(End::Gone));
         };
+        let tcp = plain.tcp();
         let fd = tcp.as_raw_fd();
         while *left > 0 {
             if ready!(tcp.poll_write_ready(cx)).is_err() {
@@ -1156,6 +1158,11 @@ fn run_connection(
             }
         }
     };
+    match &stream {
+        Either::Left(Either::Right(plain)) => me.out.attach(Direct::Frames(plain.writer())),
+        Either::Right(published) => me.out.attach(Direct::Payload(published.writer())),
+        Either::Left(Either::Left(_)) => {}
+    }
     let mut io = id.map(|_| ConnIo::new(stream));
     async move {
         if let (Some(id), Some(io)) = (id, &mut io) {
@@ -1396,20 +1403,34 @@ fn offer_paired(
             break ViaPair::Done(Step::Stalled);
         };
         let credit = credit.unwrap_or(0);
-        // The receiver's DATA header first (see `offer_router`).
+        // The receiver's DATA header first (see `offer_router`): taken before the input,
+        // queued with the payload when it goes to the same receiver (usually written to
+        // its socket with it, [`Fifo::push_frame`]), or alone before anything else.
         let mut out = [0u8; MIN_TRANSMIT_BUF];
-        if let Ok(n @ 1..) = pair.poll_transmit(to, &mut out) {
-            dest.out
-                .push(Chunk::Bytes(Bytes::copy_from_slice(&out[..n]), 0));
+        let head = match pair.poll_transmit(to, &mut out) {
+            Ok(n @ 1..) => Bytes::copy_from_slice(&out[..n]),
+            _ => Bytes::new(),
+        };
+        let offered = pair.handle_input(now, id, &buf[..m]);
+        if let PairOffer::Forward { to: t, n } = offered
+            && t == to
+        {
+            let used = credit.min(n as u32);
+            dest.out.release(credit - used);
+            relayed += n as u64;
+            dest.out.push_frame(head, chunk_of(buf, n), used);
+            continue;
         }
-        match pair.handle_input(now, id, &buf[..m]) {
+        if !head.is_empty() {
+            dest.out.push(Chunk::Bytes(head, 0));
+        }
+        match offered {
             PairOffer::Forward { to: t, n } => {
                 let chunk = chunk_of(buf, n);
-                let used = if t == to { credit.min(n as u32) } else { 0 };
-                dest.out.release(credit - used);
+                dest.out.release(credit);
                 relayed += n as u64;
                 if let Some(c) = link.end(t) {
-                    c.out.push(Chunk::Bytes(chunk, used));
+                    c.out.push(Chunk::Bytes(chunk, 0));
                 }
             }
             PairOffer::Consumed(n) => {
