@@ -144,6 +144,7 @@ pub(crate) enum Change {
     },
     /// The relay redirected our demand to another node; the demand waits in `queued`
     /// until the terminal moves the connection there ([`Connection::detour`]) or drops it.
+    #[cfg(feature = "redirect")]
     Redirected(Redirect),
     PeerTerminated,
     Released {
@@ -194,6 +195,7 @@ pub(crate) struct Connection {
     /// logs in there as a requester with the token, never falls back to the password,
     /// carries that demand and its session only, and closes when they end. It is not one
     /// of the terminal's connections to its relay.
+    #[cfg(feature = "redirect")]
     detour: bool,
     /// The relay address it was opened to ([`super::Terminal::relay`] when announced).
     pub(crate) relay: u32,
@@ -237,6 +239,7 @@ impl Connection {
             close_after_flush: false,
             login_attempts: 0,
             queued: None,
+            #[cfg(feature = "redirect")]
             detour: false,
             relay: 0,
         }
@@ -245,6 +248,7 @@ impl Connection {
     /// Moves this connection, whose demand was just redirected ([`Change::Redirected`]),
     /// to the other node: the host drops its transport and opens one there
     /// ([`super::Event::Redirected`] announces it), and the demand is made once it logs in.
+    #[cfg(feature = "redirect")]
     pub(crate) fn detour(&mut self, now: Instant) {
         *self = Connection {
             queued: self.queued.take(),
@@ -260,12 +264,19 @@ impl Connection {
 
     /// A redirected demand the terminal cannot follow (no token to log in there with):
     /// the connection stays idle here, the demand is over.
+    #[cfg(feature = "redirect")]
     pub(crate) fn drop_redirect(&mut self) {
         self.queued = None;
     }
 
+    /// Whether this is a detour ([`Connection::detour`]). Never, without the `redirect`
+    /// feature: the constant lets the compiler drop every detour branch from a device
+    /// build.
     pub(crate) fn is_detour(&self) -> bool {
-        self.detour
+        #[cfg(feature = "redirect")]
+        return self.detour;
+        #[cfg(not(feature = "redirect"))]
+        false
     }
 
     /// The back-off is over: a held connection opens now.
@@ -301,7 +312,7 @@ impl Connection {
             self.state = State::LoggingIn {
                 since: now,
                 with_token,
-                fallback: fallback && !self.detour,
+                fallback: fallback && !self.is_detour(),
                 sent: false,
             };
             self.last_rx = now;
@@ -426,7 +437,7 @@ impl Connection {
     /// the password, so the relay answers that DEMAND in the state the token's verdict
     /// leads to (logged in), or the refused login ends the demand anyway.
     fn pipelines(&self) -> bool {
-        self.detour && self.queued.as_ref().is_some_and(|q| !q.sent)
+        self.is_detour() && self.queued.as_ref().is_some_and(|q| !q.sent)
     }
 
     /// The frame [`Connection::encode_owed`] encoded is written.
@@ -668,16 +679,20 @@ impl Connection {
     /// move it ([`Change::Redirected`]), if we follow redirects and this is not already a
     /// detour (at most one redirect per demand: a detour's LOGIN does not announce
     /// `REDIRECT`, so a relay does not send it one); else it fails as `TargetOffline`,
-    /// what the relay says to a terminal that does not follow.
+    /// what the relay says to a terminal that does not follow. Without the `redirect`
+    /// feature (device builds) the terminal never follows: a redirect, which a relay
+    /// sends only to a LOGIN that announced `REDIRECT`, always fails the demand so.
+    #[cfg_attr(not(feature = "redirect"), allow(unused_variables))]
     fn redirected(&mut self, cfg: &Config, to: Redirect) -> Change {
         let demand = core::mem::replace(&mut self.state, State::Idle);
         match demand {
+            #[cfg(feature = "redirect")]
             State::Demanding {
                 target,
                 service,
                 give_up,
                 ..
-            } if cfg.follow_redirects && !self.detour => {
+            } if cfg.follow_redirects && !self.is_detour() => {
                 self.queued = Some(Queued {
                     target,
                     service,
@@ -688,7 +703,7 @@ impl Connection {
             }
             _ => Change::DemandFailed {
                 error: DemandError::TargetOffline,
-                text: Text::display(&DemandError::TargetOffline),
+                text: Text::lossy(DemandError::TargetOffline.describe()),
             },
         }
     }
@@ -878,7 +893,7 @@ impl Connection {
     /// terminal's own login is not concerned), and it closes once its demand or session
     /// is over instead of idling at a relay that is not the terminal's.
     fn after_frame(&mut self, change: Change) -> Change {
-        if !self.detour {
+        if !self.is_detour() {
             return change;
         }
         match change {
