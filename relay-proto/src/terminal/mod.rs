@@ -27,6 +27,8 @@ use crate::rng::Jitter;
 use crate::time::{Duration, Instant, earliest};
 
 pub use connection::Cause;
+#[cfg(feature = "redirect")]
+use connection::Queued;
 use connection::{Change, Connection, State};
 
 /// A `poll_transmit` buffer must hold this much: a control frame and a keep-alive.
@@ -387,7 +389,7 @@ impl<const N: usize> Terminal<N> {
         }
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Some(Connection {
-                state: State::Closed(cause),
+                state: State::Closed(cause, _),
                 ..
             }) = slot
             {
@@ -500,7 +502,7 @@ impl<const N: usize> Terminal<N> {
     /// failure, stop on a cause that retrying cannot fix, and track whether we are up.
     fn settle(&mut self, h: Handle, now: Instant) {
         let Some(Connection {
-            state: State::Closed(cause),
+            state: State::Closed(cause, _),
             relay,
             ..
         }) = self.slots.get(usize::from(h.0)).and_then(Option::as_ref)
@@ -644,7 +646,7 @@ impl<const N: usize> Terminal<N> {
                 text,
             }),
             #[cfg(feature = "redirect")]
-            Change::Redirected(to) => Some(self.follow(h, to, now)),
+            Change::Redirected { to, demand } => Some(self.follow(h, to, demand, now)),
             Change::PeerTerminated => Some(Event::PeerTerminated { handle: h }),
             Change::Released { reason } => Some(Event::SessionEnded { handle: h, reason }),
             Change::ListPage(page) => {
@@ -667,9 +669,10 @@ impl<const N: usize> Terminal<N> {
     }
 
     /// A demand on `h` was redirected: it moves there with the token, or, with no token
-    /// to log in there (a relay without `RESUME`), ends as `TargetOffline`.
+    /// to log in there (a relay without `RESUME`), ends as `TargetOffline` (the
+    /// connection is idle here).
     #[cfg(feature = "redirect")]
-    fn follow(&mut self, h: Handle, to: Redirect, now: Instant) -> Event {
+    fn follow(&mut self, h: Handle, to: Redirect, demand: Queued, now: Instant) -> Event {
         let token = self.token.is_some();
         let Ok(c) = self.conn_mut(h) else {
             return Event::Closed {
@@ -678,10 +681,9 @@ impl<const N: usize> Terminal<N> {
             };
         };
         if token {
-            c.detour(now);
+            c.detour(now, demand);
             return Event::Redirected { handle: h, to };
         }
-        c.drop_redirect();
         Event::DemandFailed {
             handle: h,
             error: DemandError::TargetOffline,
