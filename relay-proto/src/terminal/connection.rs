@@ -784,7 +784,7 @@ impl Connection {
             (
                 State::LoggingIn {
                     since,
-                    with_token: token_refused,
+                    with_token: by_token,
                     fallback,
                     sent,
                     ..
@@ -798,10 +798,10 @@ impl Connection {
                 // A refused resumption falls back to the password on the same connection,
                 // once, if allowed (a waiting demand still waits); a refused password is
                 // final.
-                let with_token = *token_refused;
+                let with_token = *by_token;
                 if with_token && *fallback && self.login_attempts < 2 {
                     self.login_attempts += 1;
-                    (*since, *token_refused, *fallback, *sent) = (now, false, false, false);
+                    (*since, *by_token, *fallback, *sent) = (now, false, false, false);
                     Change::None
                 } else {
                     self.close(Cause::Relay(code));
