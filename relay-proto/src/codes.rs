@@ -148,16 +148,28 @@ pub enum DemandError {
     TargetGone,
 }
 
+impl DemandError {
+    /// Its words, without `Rejected`'s reason ([`fmt::Display`] adds it): a static string,
+    /// so a terminal that reports a demand error itself (a redirect it does not follow)
+    /// links no formatting code.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            DemandError::TargetOffline => "target is not logged in",
+            DemandError::NoIdleConnection => "target has no idle connection",
+            DemandError::Forbidden => "the relay's access rule forbids this target",
+            DemandError::Rejected(_) => "target rejected the demand",
+            DemandError::Timeout => "target did not answer in time",
+            DemandError::TooManySessions => "too many sessions",
+            DemandError::TargetGone => "target went away",
+        }
+    }
+}
+
 impl fmt::Display for DemandError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DemandError::TargetOffline => f.write_str("target is not logged in"),
-            DemandError::NoIdleConnection => f.write_str("target has no idle connection"),
-            DemandError::Forbidden => f.write_str("the relay's access rule forbids this target"),
-            DemandError::Rejected(r) => write!(f, "target rejected the demand: {r}"),
-            DemandError::Timeout => f.write_str("target did not answer in time"),
-            DemandError::TooManySessions => f.write_str("too many sessions"),
-            DemandError::TargetGone => f.write_str("target went away"),
+            DemandError::Rejected(r) => write!(f, "{}: {r}", self.describe()),
+            _ => f.write_str(self.describe()),
         }
     }
 }

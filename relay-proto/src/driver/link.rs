@@ -55,7 +55,7 @@ pub trait Link {
     /// does. The default serves a stack with one relay address and no redirects: it opens
     /// that relay with [`Link::open`] and cannot reach another node (the demand then ends
     /// with its connection; such a terminal should not set
-    /// [`Config::follow_redirects`](crate::terminal::Config::follow_redirects)).
+    /// `Config::follow_redirects`, which the `redirect` feature brings).
     fn open_to(&mut self, slot: usize, to: Target<'_>) -> Result<(), LinkError> {
         match to {
             Target::Relay(_) => self.open(slot),

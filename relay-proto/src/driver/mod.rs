@@ -581,6 +581,7 @@ impl<const N: usize, const B: usize> Driver<N, B> {
             match event {
                 Event::Open(h) => self.open(h, Target::Relay(self.terminal.relay()), now, t),
                 // The demand's record stays on the slot: it goes on at the other node.
+                #[cfg(feature = "redirect")]
                 Event::Redirected { handle, to } => self.open(handle, Target::Node(&to), now, t),
                 Event::Closed { handle, cause } => {
                     let slot = usize::from(handle.0);
@@ -882,6 +883,7 @@ mod tests {
     /// A redirected demand: the driver opens the same slot at the other node (the
     /// demand's record stays), logs in there with the token and demands again; the
     /// session that follows is the service's as any other.
+    #[cfg(feature = "redirect")]
     #[test]
     fn a_redirect_reopens_the_slot_at_the_other_node() {
         let now = Instant::from_secs(1);

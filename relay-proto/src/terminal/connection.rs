@@ -51,20 +51,26 @@ const OWED: usize = 4;
 pub(crate) enum State {
     /// The host is opening the TCP connection; `announced`: [`super::Event::Open`] was
     /// reported. `held`: not yet, a demand made while the terminal was down keeps this
-    /// slot until the back-off ends.
+    /// slot until the back-off ends. `queued`: a demand made once it logs in.
+    ///
+    /// The waiting demand lives in the states that can have one (coming up, and closed
+    /// until [`Connection::requeue`] decides), not beside the state: those variants are
+    /// no larger than `Demanding`, so it costs no RAM (80 bytes per connection beside it).
     Connecting {
         since: Instant,
         announced: bool,
         held: bool,
+        queued: Option<Queued>,
     },
     /// LOGIN owed (`sent` false) or sent, no answer yet. `fallback`: a refused token may
     /// be followed by the password (only when no other connection is up: else we were
-    /// replaced).
+    /// replaced). `queued`: a demand made once it logs in.
     LoggingIn {
         since: Instant,
         with_token: bool,
         fallback: bool,
         sent: bool,
+        queued: Option<Queued>,
     },
     Idle,
     /// Our demand: DEMAND owed, sent, or to be sent again. The relay's answer
@@ -88,8 +94,9 @@ pub(crate) enum State {
         sent_end: bool,
         got_end: bool,
     },
-    /// Finished; the slot is freed once [`super::Event::Closed`] is reported.
-    Closed(Cause),
+    /// Finished; the slot is freed once [`super::Event::Closed`] is reported. The demand
+    /// that waited for its login, if any, until [`Connection::requeue`] holds it again.
+    Closed(Cause, Option<Queued>),
 }
 
 /// Where a demand stands.
@@ -142,9 +149,13 @@ pub(crate) enum Change {
         error: DemandError,
         text: Text,
     },
-    /// The relay redirected our demand to another node; the demand waits in `queued`
-    /// until the terminal moves the connection there ([`Connection::detour`]) or drops it.
-    Redirected(Redirect),
+    /// The relay redirected our demand to another node; the connection is idle here, and
+    /// `demand` goes there if the terminal moves the connection ([`Connection::detour`]).
+    #[cfg(feature = "redirect")]
+    Redirected {
+        to: Redirect,
+        demand: Queued,
+    },
     PeerTerminated,
     Released {
         reason: ReleaseReason,
@@ -188,20 +199,19 @@ pub(crate) struct Connection {
     /// Close once the pending output is flushed (after LOGOUT).
     close_after_flush: bool,
     login_attempts: u8,
-    /// A demand made while this connection was coming up: made once it logs in.
-    queued: Option<Queued>,
     /// Opened to another node for one redirected demand (docs/PROTOCOL.md §10.6): it
     /// logs in there as a requester with the token, never falls back to the password,
     /// carries that demand and its session only, and closes when they end. It is not one
     /// of the terminal's connections to its relay.
+    #[cfg(feature = "redirect")]
     detour: bool,
     /// The relay address it was opened to ([`super::Terminal::relay`] when announced).
     pub(crate) relay: u32,
 }
 
 /// A demand waiting for its connection's login.
-#[derive(Debug, Clone)]
-struct Queued {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Queued {
     target: UserId,
     service: ServiceName,
     give_up: Instant,
@@ -227,6 +237,7 @@ impl Connection {
                 since: now,
                 announced: false,
                 held,
+                queued: None,
             },
             owed: Deque::new(),
             ka_seq: 0,
@@ -236,7 +247,7 @@ impl Connection {
             rx_payload: 0,
             close_after_flush: false,
             login_attempts: 0,
-            queued: None,
+            #[cfg(feature = "redirect")]
             detour: false,
             relay: 0,
         }
@@ -245,27 +256,48 @@ impl Connection {
     /// Moves this connection, whose demand was just redirected ([`Change::Redirected`]),
     /// to the other node: the host drops its transport and opens one there
     /// ([`super::Event::Redirected`] announces it), and the demand is made once it logs in.
-    pub(crate) fn detour(&mut self, now: Instant) {
+    #[cfg(feature = "redirect")]
+    pub(crate) fn detour(&mut self, now: Instant, demand: Queued) {
         *self = Connection {
-            queued: self.queued.take(),
             detour: true,
             state: State::Connecting {
                 since: now,
                 announced: true,
                 held: false,
+                queued: Some(demand),
             },
             ..Connection::new(now)
         };
     }
 
-    /// A redirected demand the terminal cannot follow (no token to log in there with):
-    /// the connection stays idle here, the demand is over.
-    pub(crate) fn drop_redirect(&mut self) {
-        self.queued = None;
+    /// The demand waiting for this connection's login.
+    fn queued(&self) -> Option<&Queued> {
+        match &self.state {
+            State::Connecting { queued, .. }
+            | State::LoggingIn { queued, .. }
+            | State::Closed(_, queued) => queued.as_ref(),
+            _ => None,
+        }
     }
 
+    /// Where a waiting demand is kept: `None` in the states that cannot have one.
+    fn queued_mut(&mut self) -> Option<&mut Option<Queued>> {
+        match &mut self.state {
+            State::Connecting { queued, .. }
+            | State::LoggingIn { queued, .. }
+            | State::Closed(_, queued) => Some(queued),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a detour ([`Connection::detour`]). Never, without the `redirect`
+    /// feature: the constant lets the compiler drop every detour branch from a device
+    /// build.
     pub(crate) fn is_detour(&self) -> bool {
-        self.detour
+        #[cfg(feature = "redirect")]
+        return self.detour;
+        #[cfg(not(feature = "redirect"))]
+        false
     }
 
     /// The back-off is over: a held connection opens now.
@@ -281,13 +313,13 @@ impl Connection {
     /// Failed before its login while a demand waits on it: held again for the next
     /// attempt (after the back-off), until the demand's patience runs out.
     pub(crate) fn requeue(&mut self, now: Instant) {
-        let waiting = self.queued.as_ref().is_some_and(|q| now < q.give_up);
-        if waiting && self.is_closed() {
-            let queued = self.queued.take();
-            *self = Connection {
-                queued,
-                ..Connection::held(now)
-            };
+        let waiting = self.queued().is_some_and(|q| now < q.give_up);
+        if let (true, State::Closed(_, queued)) = (waiting, &mut self.state) {
+            let queued = queued.take();
+            *self = Connection::held(now);
+            if let Some(slot) = self.queued_mut() {
+                *slot = queued;
+            }
         }
     }
 
@@ -297,12 +329,19 @@ impl Connection {
 
     /// The TCP connection is up: log in with the token if there is one.
     pub(crate) fn connected(&mut self, now: Instant, with_token: bool, fallback: bool) {
-        if matches!(self.state, State::Connecting { held: false, .. }) {
+        if let State::Connecting {
+            held: false,
+            queued,
+            ..
+        } = &mut self.state
+        {
+            let queued = queued.take();
             self.state = State::LoggingIn {
                 since: now,
                 with_token,
-                fallback: fallback && !self.detour,
+                fallback: fallback && !self.is_detour(),
                 sent: false,
+                queued,
             };
             self.last_rx = now;
             self.login_attempts = 1;
@@ -316,12 +355,12 @@ impl Connection {
     pub(crate) fn is_logged_in(&self) -> bool {
         !matches!(
             self.state,
-            State::Connecting { .. } | State::LoggingIn { .. } | State::Closed(_)
+            State::Connecting { .. } | State::LoggingIn { .. } | State::Closed(..)
         )
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        matches!(self.state, State::Closed(_))
+        matches!(self.state, State::Closed(..))
     }
 
     /// Whether this connection is on its way to being logged in.
@@ -334,12 +373,14 @@ impl Connection {
 
     /// Whether it will be idle once logged in (no demand waits for it).
     pub(crate) fn is_spare_coming_up(&self) -> bool {
-        self.is_coming_up() && self.queued.is_none()
+        self.is_coming_up() && self.queued().is_none()
     }
 
-    /// Ends the connection; the terminal sees the state and does the rest.
+    /// Ends the connection; the terminal sees the state and does the rest (a waiting
+    /// demand stays for [`Connection::requeue`]).
     pub(crate) fn close(&mut self, cause: Cause) -> Change {
-        self.state = State::Closed(cause);
+        let queued = self.queued_mut().and_then(Option::take);
+        self.state = State::Closed(cause, queued);
         self.owed.clear();
         Change::None
     }
@@ -404,13 +445,14 @@ impl Connection {
                 step: Step::Owed,
                 ..
             } => Outbound::Demand { target, service },
-            State::LoggingIn { sent: true, .. } if self.pipelines() => {
-                let q = self.queued.as_ref()?;
-                Outbound::Demand {
-                    target: &q.target,
-                    service: &q.service,
-                }
-            }
+            State::LoggingIn {
+                sent: true,
+                queued: Some(q),
+                ..
+            } if self.pipelines() => Outbound::Demand {
+                target: &q.target,
+                service: &q.service,
+            },
             _ => match *self.owed.front()? {
                 Owed::Accept(session) => Outbound::Accept(session),
                 Owed::Reject { session, reason } => Outbound::Reject { session, reason },
@@ -426,18 +468,18 @@ impl Connection {
     /// the password, so the relay answers that DEMAND in the state the token's verdict
     /// leads to (logged in), or the refused login ends the demand anyway.
     fn pipelines(&self) -> bool {
-        self.detour && self.queued.as_ref().is_some_and(|q| !q.sent)
+        self.is_detour() && self.queued().is_some_and(|q| !q.sent)
     }
 
     /// The frame [`Connection::encode_owed`] encoded is written.
     fn mark_sent(&mut self) {
-        if matches!(self.state, State::LoggingIn { sent: true, .. }) && self.pipelines() {
-            if let Some(q) = &mut self.queued {
-                q.sent = true;
-            }
-            return;
-        }
+        let pipelined = self.pipelines();
         match &mut self.state {
+            State::LoggingIn {
+                sent: true,
+                queued: Some(q),
+                ..
+            } if pipelined => q.sent = true,
             State::LoggingIn { sent, .. } if !*sent => *sent = true,
             State::Demanding { step, .. } if *step == Step::Owed => *step = Step::Sent,
             _ => {
@@ -493,8 +535,8 @@ impl Connection {
     /// Only on an idle connection (see [`Connection::is_idle`]): nothing else is owed;
     /// or on a spare coming up ([`Connection::is_spare_coming_up`]): made at its login.
     pub(crate) fn demand(&mut self, target: UserId, service: ServiceName, give_up: Instant) {
-        if self.is_coming_up() {
-            self.queued = Some(Queued {
+        if let (true, Some(queued)) = (self.is_coming_up(), self.queued_mut()) {
+            *queued = Some(Queued {
                 target,
                 service,
                 give_up,
@@ -569,7 +611,7 @@ impl Connection {
     pub(crate) fn poll_timeout(&self, cfg: &Config, keepalive: Duration) -> Option<Instant> {
         match self.state {
             // The terminal releases it at its back-off instant.
-            State::Connecting { held: true, .. } | State::Closed(_) => None,
+            State::Connecting { held: true, .. } | State::Closed(..) => None,
             State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 Some(since + cfg.handshake_timeout)
             }
@@ -605,7 +647,7 @@ impl Connection {
         jitter: &mut Jitter,
     ) {
         match self.state {
-            State::Connecting { held: true, .. } | State::Closed(_) => {}
+            State::Connecting { held: true, .. } | State::Closed(..) => {}
             State::Connecting { since, .. } | State::LoggingIn { since, .. } => {
                 if now >= since + cfg.handshake_timeout {
                     self.close(Cause::HandshakeTimeout);
@@ -668,27 +710,31 @@ impl Connection {
     /// move it ([`Change::Redirected`]), if we follow redirects and this is not already a
     /// detour (at most one redirect per demand: a detour's LOGIN does not announce
     /// `REDIRECT`, so a relay does not send it one); else it fails as `TargetOffline`,
-    /// what the relay says to a terminal that does not follow.
+    /// what the relay says to a terminal that does not follow. Without the `redirect`
+    /// feature (device builds) the terminal never follows: a redirect, which a relay
+    /// sends only to a LOGIN that announced `REDIRECT`, always fails the demand so.
+    #[cfg_attr(not(feature = "redirect"), allow(unused_variables))]
     fn redirected(&mut self, cfg: &Config, to: Redirect) -> Change {
         let demand = core::mem::replace(&mut self.state, State::Idle);
         match demand {
+            #[cfg(feature = "redirect")]
             State::Demanding {
                 target,
                 service,
                 give_up,
                 ..
-            } if cfg.follow_redirects && !self.detour => {
-                self.queued = Some(Queued {
+            } if cfg.follow_redirects && !self.is_detour() => Change::Redirected {
+                to,
+                demand: Queued {
                     target,
                     service,
                     give_up,
                     sent: false,
-                });
-                Change::Redirected(to)
-            }
+                },
+            },
             _ => Change::DemandFailed {
                 error: DemandError::TargetOffline,
-                text: Text::display(&DemandError::TargetOffline),
+                text: Text::lossy(DemandError::TargetOffline.describe()),
             },
         }
     }
@@ -704,7 +750,7 @@ impl Connection {
         }
         match (&mut self.state, f) {
             (
-                State::LoggingIn { .. },
+                State::LoggingIn { queued, .. },
                 Inbound::LoginOk {
                     caps,
                     keepalive_ms,
@@ -712,7 +758,7 @@ impl Connection {
                     token,
                 },
             ) => {
-                self.state = match self.queued.take() {
+                self.state = match queued.take() {
                     Some(Queued {
                         target,
                         service,
@@ -737,8 +783,10 @@ impl Connection {
             }
             (
                 State::LoggingIn {
-                    with_token,
+                    since,
+                    with_token: by_token,
                     fallback,
+                    sent,
                     ..
                 },
                 Inbound::Error {
@@ -748,16 +796,12 @@ impl Connection {
                 },
             ) if !code.is_fatal() => {
                 // A refused resumption falls back to the password on the same connection,
-                // once, if allowed; a refused password is final.
-                let with_token = *with_token;
+                // once, if allowed (a waiting demand still waits); a refused password is
+                // final.
+                let with_token = *by_token;
                 if with_token && *fallback && self.login_attempts < 2 {
                     self.login_attempts += 1;
-                    self.state = State::LoggingIn {
-                        since: now,
-                        with_token: false,
-                        fallback: false,
-                        sent: false,
-                    };
+                    (*since, *by_token, *fallback, *sent) = (now, false, false, false);
                     Change::None
                 } else {
                     self.close(Cause::Relay(code));
@@ -878,7 +922,7 @@ impl Connection {
     /// terminal's own login is not concerned), and it closes once its demand or session
     /// is over instead of idling at a relay that is not the terminal's.
     fn after_frame(&mut self, change: Change) -> Change {
-        if !self.detour {
+        if !self.is_detour() {
             return change;
         }
         match change {

@@ -19,12 +19,16 @@ mod wire;
 pub use admission::admit;
 
 use crate::codes::{DemandError, ErrorCode, RejectReason, ReleaseReason};
-use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD, Redirect, caps};
+#[cfg(feature = "redirect")]
+use crate::frame::Redirect;
+use crate::frame::{ListAnswer, MAX_CONTROL_FRAME, MAX_PAYLOAD, caps};
 use crate::ident::{Password, ResumeToken, ServiceName, Text, UserId};
 use crate::rng::Jitter;
 use crate::time::{Duration, Instant, earliest};
 
 pub use connection::Cause;
+#[cfg(feature = "redirect")]
+use connection::Queued;
 use connection::{Change, Connection, State};
 
 /// A `poll_transmit` buffer must hold this much: a control frame and a keep-alive.
@@ -84,7 +88,9 @@ pub struct Config {
     /// Follow DEMAND_RESULT `Redirect` (announce [`caps::REDIRECT`]): the host can open a
     /// connection to another node ([`Event::Redirected`]; the driver's
     /// [`Link::open_to`](crate::driver::Link::open_to)). Off, such a target is
-    /// `TargetOffline`.
+    /// `TargetOffline`. Only with the `redirect` feature: a device, which cannot open a
+    /// TLS connection to another node, leaves the code out (about 2 KB of flash).
+    #[cfg(feature = "redirect")]
     pub follow_redirects: bool,
     /// First reconnect delay; doubles per failure up to `backoff_max`, ±25% jitter.
     pub backoff_min: Duration,
@@ -101,6 +107,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             demand_patience: Duration::from_secs(15),
             demand_retry: Duration::from_millis(150),
+            #[cfg(feature = "redirect")]
             follow_redirects: false,
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
@@ -152,7 +159,8 @@ pub enum Event {
     /// on the same handle: it logs in with the token as a requester and demands again;
     /// its answer ([`Event::Accepted`], [`Event::DemandFailed`]) comes on this handle,
     /// and the handle closes when the demand fails or its session ends. At most one per
-    /// demand.
+    /// demand. Only with the `redirect` feature ([`Config::follow_redirects`]).
+    #[cfg(feature = "redirect")]
     Redirected { handle: Handle, to: Redirect },
     /// Our demand failed; the handle is idle again.
     DemandFailed {
@@ -381,7 +389,7 @@ impl<const N: usize> Terminal<N> {
         }
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Some(Connection {
-                state: State::Closed(cause),
+                state: State::Closed(cause, _),
                 ..
             }) = slot
             {
@@ -494,7 +502,7 @@ impl<const N: usize> Terminal<N> {
     /// failure, stop on a cause that retrying cannot fix, and track whether we are up.
     fn settle(&mut self, h: Handle, now: Instant) {
         let Some(Connection {
-            state: State::Closed(cause),
+            state: State::Closed(cause, _),
             relay,
             ..
         }) = self.slots.get(usize::from(h.0)).and_then(Option::as_ref)
@@ -637,7 +645,8 @@ impl<const N: usize> Terminal<N> {
                 error,
                 text,
             }),
-            Change::Redirected(to) => Some(self.follow(h, to, now)),
+            #[cfg(feature = "redirect")]
+            Change::Redirected { to, demand } => Some(self.follow(h, to, demand, now)),
             Change::PeerTerminated => Some(Event::PeerTerminated { handle: h }),
             Change::Released { reason } => Some(Event::SessionEnded { handle: h, reason }),
             Change::ListPage(page) => {
@@ -660,8 +669,10 @@ impl<const N: usize> Terminal<N> {
     }
 
     /// A demand on `h` was redirected: it moves there with the token, or, with no token
-    /// to log in there (a relay without `RESUME`), ends as `TargetOffline`.
-    fn follow(&mut self, h: Handle, to: Redirect, now: Instant) -> Event {
+    /// to log in there (a relay without `RESUME`), ends as `TargetOffline` (the
+    /// connection is idle here).
+    #[cfg(feature = "redirect")]
+    fn follow(&mut self, h: Handle, to: Redirect, demand: Queued, now: Instant) -> Event {
         let token = self.token.is_some();
         let Ok(c) = self.conn_mut(h) else {
             return Event::Closed {
@@ -670,14 +681,13 @@ impl<const N: usize> Terminal<N> {
             };
         };
         if token {
-            c.detour(now);
+            c.detour(now, demand);
             return Event::Redirected { handle: h, to };
         }
-        c.drop_redirect();
         Event::DemandFailed {
             handle: h,
             error: DemandError::TargetOffline,
-            text: Text::display(&DemandError::TargetOffline),
+            text: Text::lossy(DemandError::TargetOffline.describe()),
         }
     }
 
@@ -719,6 +729,7 @@ impl<const N: usize> Terminal<N> {
         let caps = match c.is_detour() {
             // A detour never replaces the device it reaches, nor is redirected again.
             true => Kind::Requester.caps(),
+            #[cfg(feature = "redirect")]
             false if self.config.follow_redirects => self.config.kind.caps() | caps::REDIRECT,
             false => self.config.kind.caps(),
         };

@@ -757,6 +757,7 @@ fn a_waiting_demand_outlives_failed_reconnects_until_its_patience() {
     assert!(attempts >= 3, "{attempts}");
 }
 
+#[cfg(feature = "redirect")]
 /// Redirects (docs/PROTOCOL.md §10.6): a requester that follows them, with a demand for
 /// `cam` written on `H0` and the pool's spare `H1` opening.
 fn redirectable() -> (Rig, frame::Login) {
@@ -781,6 +782,7 @@ fn redirect() -> Frame {
     Frame::DemandResult(DemandResult::Redirect(node7()))
 }
 
+#[cfg(feature = "redirect")]
 /// `H0`'s demand, redirected: the terminal moves the handle to node 7, which it reaches
 /// and logs in to with the token as a requester that does not follow redirects, its
 /// DEMAND right behind the LOGIN (no round trip of its own).
@@ -808,6 +810,7 @@ fn detoured() -> Rig {
     r
 }
 
+#[cfg(feature = "redirect")]
 fn login_ok_there() -> Frame {
     Frame::LoginOk(LoginOk {
         caps: frame::caps::ALL | frame::caps::REQUESTER,
@@ -817,6 +820,7 @@ fn login_ok_there() -> Frame {
     })
 }
 
+#[cfg(feature = "redirect")]
 #[test]
 fn a_terminal_that_follows_redirects_announces_it() {
     let (_, login) = redirectable();
@@ -826,6 +830,7 @@ fn a_terminal_that_follows_redirects_announces_it() {
     );
 }
 
+#[cfg(feature = "redirect")]
 #[test]
 fn a_redirected_demand_is_made_again_at_the_other_node_on_the_same_handle() {
     let mut r = detoured();
@@ -871,6 +876,7 @@ fn a_redirected_demand_is_made_again_at_the_other_node_on_the_same_handle() {
 
 /// At most one redirect per demand: a second one (a relay should not send it, the
 /// detour did not announce REDIRECT) fails the demand as `TargetOffline`.
+#[cfg(feature = "redirect")]
 #[test]
 fn a_second_redirect_fails_the_demand() {
     let mut r = detoured();
@@ -895,6 +901,7 @@ fn a_second_redirect_fails_the_demand() {
 
 /// A refused login at the other node, even a fatal `Replaced`, ends that demand only:
 /// the terminal neither stops nor backs off nor falls back to its password there.
+#[cfg(feature = "redirect")]
 #[test]
 fn a_refused_login_at_the_other_node_fails_the_demand_only() {
     for code in [ErrorCode::ResumeRejected, ErrorCode::Replaced] {
@@ -936,6 +943,7 @@ fn a_refused_login_at_the_other_node_fails_the_demand_only() {
 
 /// A detour whose transport fails ends its demand with the handle; it is not opened
 /// again, neither there nor at our relay.
+#[cfg(feature = "redirect")]
 #[test]
 fn a_detour_that_cannot_connect_ends_its_demand() {
     let (mut r, _) = redirectable();
@@ -954,21 +962,36 @@ fn a_detour_that_cannot_connect_ends_its_demand() {
     assert!(!r.events().contains(&Event::Open(H0)));
 }
 
+/// A terminal that does not follow redirects (every terminal without the `redirect`
+/// feature: a device) never announces `REDIRECT`, whatever its kind; a redirect a relay
+/// sends it anyway fails that demand as `TargetOffline`, and the connection stays idle
+/// for the next demand.
 #[test]
 fn a_terminal_that_does_not_follow_takes_a_redirect_as_target_offline() {
-    let (mut r, login) = Rig::up_as(Config::default());
-    assert_eq!(login.hello.caps & frame::caps::REDIRECT, 0);
-    demanding(&mut r);
-    r.feed(H0, redirect());
-    assert_eq!(
-        r.events(),
-        [Event::DemandFailed {
-            handle: H0,
-            error: DemandError::TargetOffline,
-            text: Text::display(&DemandError::TargetOffline),
-        }]
-    );
-    assert_eq!(r.t.idle_connections(), 1);
+    for kind in [Kind::Reachable, Kind::Requester] {
+        let config = Config {
+            kind,
+            ..Config::default()
+        };
+        let (mut r, login) = Rig::up_as(config);
+        assert_eq!(login.hello.caps & frame::caps::REDIRECT, 0, "{kind:?}");
+        demanding(&mut r);
+        r.feed(H0, redirect());
+        assert_eq!(
+            r.events(),
+            [Event::DemandFailed {
+                handle: H0,
+                error: DemandError::TargetOffline,
+                text: Text::display(&DemandError::TargetOffline),
+            }],
+            "{kind:?}"
+        );
+        assert_eq!(r.t.idle_connections(), 1, "{kind:?}");
+        let again =
+            r.t.demand(UserId::new("cam").unwrap(), ServiceName::default(), r.now);
+        assert_eq!(again, Ok(H0), "{kind:?}");
+        assert!(matches!(r.sent(H0)[..], [Frame::Demand(_)]), "{kind:?}");
+    }
 }
 
 /// Several relay addresses (a cluster): the terminal moves to the next one when it loses
