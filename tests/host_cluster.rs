@@ -1149,3 +1149,41 @@ fn a_device_resuming_on_another_node_takes_its_presence_along() {
     assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
     drop(moved);
 }
+
+/// `relay online` on one node lists the devices logged in to the others too, under the
+/// same access rule as its own (before, node 1 listed only its own terminals); once a
+/// killed node is dead to the others (its heartbeat 3 s stale), its devices leave their
+/// lists.
+#[test]
+fn relay_online_lists_the_whole_cluster_and_forgets_a_dead_node() {
+    let mut c = Cluster::start(2);
+    for u in ["cam", "dev", "secret", "alice"] {
+        c.add(0, u);
+    }
+    c.user(0, &["allow", "alice", "--targets", "cam,dev"]);
+    let echo = echo_service();
+    let service = format!("echo=127.0.0.1:{echo}");
+    let _cam = c.node(0).expose("cam", &["--service", &service]);
+    let _secret = c.node(0).expose("secret", &["--service", &service]);
+    let _dev = c.node(1).expose("dev", &["--service", &service]);
+    let mut seen = Vec::new();
+    let took = wait_until(Duration::from_secs(10), "node 1 lists cam", || {
+        seen = c.node(1).online_list("alice");
+        seen.contains(&"cam".to_owned())
+    });
+    eprintln!("cam on node 0 listed by node 1 after {took:?}");
+    assert_eq!(seen, ["cam", "dev"], "once each, not secret");
+    assert_eq!(c.node(0).online_list("alice"), ["cam", "dev"]);
+
+    drop(c.nodes[0].0.proc.take()); // SIGKILL
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(10), "node 1 forgets cam", || {
+        c.node(1).online_list("alice") == ["dev"]
+    });
+    let after = killed.elapsed();
+    eprintln!("node 0 killed: its devices left node 1's list after {after:?}");
+    assert!(
+        after >= Duration::from_secs(1),
+        "only once its heartbeat is stale"
+    );
+}

@@ -142,6 +142,10 @@ impl Policy for SnapshotPolicy {
     fn node(&self, node: Node) -> Option<Redirect> {
         self.2.as_ref()?.node(node)
     }
+
+    fn remote(&self, from: u32) -> Option<(u32, UserId)> {
+        self.2.as_ref()?.remote(from)
+    }
 }
 
 /// The targets of the published ports: whom the relay itself may reach.
