@@ -165,6 +165,8 @@ impl Cluster {
 const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const PASSWORD_OK: &str = "relay_logins_total{method=\"password\",outcome=\"ok\"}";
 const TOKEN_OK: &str = "relay_logins_total{method=\"resumption\",outcome=\"ok\"}";
+const REPLACED_ELSEWHERE: &str = "relay_replaced_from_other_nodes_total";
+const ALIVE: &str = "relay_cluster_nodes_alive";
 
 /// One echo round trip through a `relay connect --listen` port: whether the demand was
 /// accepted and the bytes came back.
@@ -405,9 +407,27 @@ fn nodes_register_and_beat_and_a_killed_one_goes_stale() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // Each node's /metrics says which node it is, where terminals reach it, and how
+    // many nodes it sees alive.
+    for i in 0..2 {
+        let fp = &c.node(i).fingerprint;
+        let id = c.pg.psql(
+            "relay",
+            &format!("SELECT id FROM relay.nodes WHERE fingerprint = '{fp}'"),
+        );
+        let port = c.node(i).tls_port;
+        let info = format!(
+            "relay_node_info{{node=\"{}\",address=\"127.0.0.1:{port}\"}}",
+            id.trim()
+        );
+        assert_eq!(c.metric(i, &info), 1.0, "node {i}: {info}");
+        c.wait_metric(i, ALIVE, |v| v == 2.0);
+    }
+
     drop(c.nodes[1].0.proc.take()); // SIGKILL
     let killed = Instant::now();
     c.wait_sql(live, "1");
+    c.wait_metric(0, ALIVE, |v| v == 1.0);
     eprintln!(
         "node 1 killed: dead to the others after {:?}",
         killed.elapsed()
@@ -693,6 +713,12 @@ fn newest_wins_across_nodes() {
     assert!(e1 > e0, "epochs: {e0} then {e1}");
     c.wait_metric(0, "relay_logged_in_terminals", |v| v == 0.0);
     assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
+    assert_eq!(
+        c.metric(0, REPLACED_ELSEWHERE),
+        1.0,
+        "counted where it ended"
+    );
+    assert_eq!(c.metric(1, REPLACED_ELSEWHERE), 0.0);
     // The replaced instance stops: its token is refused with Replaced on either node.
     for node in 0..2 {
         let again = Client::connect(c.node(node), LOCAL).login("cam", token(&t0));

@@ -931,7 +931,7 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
     // With a database, this relay is a node of the cluster while it runs (relay.nodes).
     let node = NodeInfo {
-        address: config.listen.to_string(),
+        address: config.advertised(),
         fingerprint: identity.fingerprint().to_string(),
     };
     let _membership = database.as_ref().map(|pg| pg.join(node)).transpose()?;

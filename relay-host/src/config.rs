@@ -158,6 +158,12 @@ pub enum ConfigError {
 }
 
 impl ServeConfig {
+    /// The address the other nodes of a cluster give terminals for this one (its
+    /// `relay.nodes` row, redirects, `relay_node_info`).
+    pub fn advertised(&self) -> String {
+        self.listen.to_string()
+    }
+
     /// Reads and validates a TOML file. Relative `db`, `cert` and `key` paths in it are
     /// taken relative to the file's directory (so the file means the same whatever the
     /// current directory); the default `db` stays relative to the current directory.

@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use prometheus_client::metrics::gauge::Gauge;
 use relay_proto::UserId;
 use relay_proto::frame::Redirect;
 use relay_proto::ident::NodeAddress;
@@ -39,6 +40,9 @@ pub struct Presence {
     /// This node's id in `relay.nodes`: a user ID homed here is never redirected.
     me: String,
     state: RwLock<State>,
+    /// How many nodes (this one included) the last read of the table found alive: the
+    /// `relay_cluster_nodes_alive` gauge ([`crate::metrics::Metrics::cluster_node`]).
+    alive: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -109,7 +113,18 @@ impl Presence {
         Self {
             me,
             state: RwLock::default(),
+            alive: Gauge::default(),
         }
+    }
+
+    /// This node's id in `relay.nodes`.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The gauge of live nodes, which [`Presence::set_nodes`] keeps.
+    pub fn alive_gauge(&self) -> Gauge {
+        self.alive.clone()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -168,6 +183,8 @@ impl Presence {
 
     /// The nodes' table as read now: known nodes not in it are dead.
     pub fn set_nodes(&self, rows: Vec<NodeRow>) {
+        let alive = rows.iter().filter(|r| r.alive).count();
+        self.alive.set(i64::try_from(alive).unwrap_or(i64::MAX));
         let mut st = self.write();
         for entry in &mut st.nodes {
             entry.alive = false;
@@ -465,6 +482,16 @@ mod tests {
         );
         p.apply(row("dev", Some("me"), 8));
         assert_eq!(p.remote(3), None, "homed here now");
+    }
+
+    #[test]
+    fn the_gauge_counts_the_live_nodes_of_the_last_read() {
+        let p = Presence::new("me".into());
+        let alive = p.alive_gauge();
+        p.set_nodes(vec![node("me", true), node("b", true), node("dead", false)]);
+        assert_eq!(alive.get(), 2);
+        p.set_nodes(Vec::new());
+        assert_eq!(alive.get(), 0, "a table that cannot be read: none alive");
     }
 
     #[test]

@@ -1596,6 +1596,7 @@ fn replace_from_elsewhere(
             }
             let mut core = srv.lock();
             if core.relay.replace_user(&user, p.instance) {
+                srv.metrics.replaced_from_elsewhere.inc();
                 tracing::info!(%user, instance = p.instance, epoch = p.epoch, "reachable on another relay now: its instance here ended");
             }
             core.drain(&srv);
@@ -1661,7 +1662,11 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(p) = &presence {
+        metrics.cluster_node(p.me(), &config.advertised(), p.alive_gauge());
+    }
+    let metrics = Arc::new(metrics);
     let refresh_accounts = Arc::new(tokio::sync::Notify::new());
     let accounts = watch_accounts_with(
         store.clone(),
