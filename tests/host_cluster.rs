@@ -1213,3 +1213,57 @@ fn relay_online_lists_the_whole_cluster_and_forgets_a_dead_node() {
         "only once its heartbeat is stale"
     );
 }
+
+/// A node listening on every interface (`0.0.0.0`) must say where terminals reach it:
+/// without `--advertise`, `relay serve` refuses to start (before, it registered
+/// `0.0.0.0:PORT`, and the other nodes redirected terminals there); with it, its
+/// `relay.nodes` row, which redirects carry, holds the advertised address.
+#[test]
+fn a_node_listening_everywhere_must_advertise_where_terminals_reach_it() {
+    let c = Cluster::start(1);
+    let url = c
+        .node(0)
+        .config
+        .split("database = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the database URL in node 0's config")
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let serve = |extra: &[&str]| {
+        let mut cmd = Command::new(relay_bin());
+        cmd.args([
+            "serve",
+            "--database",
+            &url,
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+        ])
+        .arg("--db")
+        .arg(dir.path().join("relay.db"))
+        .args(extra)
+        .env_remove("RELAY_CONFIG");
+        cmd
+    };
+    let refused = serve(&[]).stderr(Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "started: {err}");
+    assert!(err.contains("advertise = \"HOST:PORT\""), "{err}");
+
+    let advertised = format!("127.0.0.1:{port}");
+    let node = Proc::spawn("relay", serve(&["--advertise", &advertised]));
+    node.wait_for_n("listening", 1, Duration::from_secs(20));
+    c.wait_sql(
+        &format!("SELECT count(*) FROM relay.nodes WHERE address = '{advertised}'"),
+        "1",
+    );
+    assert_eq!(
+        c.pg.psql(
+            "relay",
+            "SELECT count(*) FROM relay.nodes WHERE address LIKE '0.0.0.0:%'"
+        )
+        .trim(),
+        "0"
+    );
+}
