@@ -1267,3 +1267,59 @@ fn a_node_listening_everywhere_must_advertise_where_terminals_reach_it() {
         "0"
     );
 }
+
+/// A draining node is no target for redirects: from its SIGTERM on, the others answer a
+/// demand for a device still homed on it `TargetOffline` while it drains (before, they
+/// sent requesters to the leaving node until its row went, up to its 5 s grace later).
+/// The drain is held open by a session through node 0 whose requester reads nothing.
+#[test]
+fn a_draining_node_is_no_redirect_target() {
+    use relay_proto::frame::{DemandResult, caps};
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let echo = echo_service();
+    let _cam = c
+        .node(0)
+        .expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    redirect_from(&c, 1, "cam");
+    let (_alice, port) = c.node(0).forward("alice", "cam/echo");
+    let mut stuck = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stuck
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let chunk = vec![0u8; 1 << 16];
+    while stuck.write_all(&chunk).is_ok() {}
+
+    let mut client = Client::connect(c.node(1), LOCAL);
+    let follows = caps::ALL | caps::REQUESTER | caps::REDIRECT;
+    assert!(matches!(
+        client.login_with(follows, "alice", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    let fp0 = c.node(0).fingerprint.clone();
+    let row = format!("SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp0}'");
+    c.nodes[0].0.proc().signal("-TERM");
+    let sigterm = Instant::now();
+    loop {
+        let answer = client.demand("cam");
+        // Rows only go: present now, present at the answer.
+        let present = c.pg.psql("relay", &row).trim() == "1";
+        match answer {
+            DemandResult::Redirect(_) => assert!(
+                sigterm.elapsed() < Duration::from_secs(10),
+                "node 1 still redirects to the draining node 0"
+            ),
+            DemandResult::Failed { .. } => {
+                assert!(present, "node 0 had left: this was no drain");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "node 0 draining: node 1 stopped redirecting to it {:?} after SIGTERM",
+        sigterm.elapsed()
+    );
+}

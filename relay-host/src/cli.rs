@@ -961,7 +961,10 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         address: config.advertised(),
         fingerprint: identity.fingerprint().to_string(),
     };
-    let _membership = database.as_ref().map(|pg| pg.join(node)).transpose()?;
+    let membership = database
+        .as_ref()
+        .map(|pg| pg.join(node).map(Arc::new))
+        .transpose()?;
     let presence = database.as_ref().map(|pg| pg.follow_presence());
     let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
     tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
@@ -971,7 +974,9 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let again = args.clone();
     let reloader =
         crate::reload::Reloader::new(config.clone(), &identity, Box::new(move || again.resolve()))?;
-    crate::server::run(config, store, reloader, presence)
+    let draining = membership.clone();
+    let on_stop = Box::new(move || draining.iter().for_each(|m| m.drain()));
+    crate::server::run(config, store, reloader, presence, on_stop)
 }
 
 #[cfg(test)]

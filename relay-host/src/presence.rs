@@ -313,7 +313,8 @@ async fn read_rows(pool: &Pool, target: &str, presence: &Presence) -> Result<(),
     Ok(())
 }
 
-/// Reads `relay.nodes` every [`NODES_EVERY`], judging heartbeats by the database's clock.
+/// Reads `relay.nodes` every [`NODES_EVERY`], judging heartbeats by the database's clock;
+/// a draining node (SIGTERM, migration 6) is not alive either: no redirect to it.
 async fn read_nodes(pool: Pool, target: String, presence: Arc<Presence>) {
     let mut tick = tokio::time::interval(NODES_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -326,7 +327,7 @@ async fn read_nodes(pool: Pool, target: String, presence: Arc<Presence>) {
             let rows = client
                 .query(
                     "SELECT id, address, fingerprint,
-                            heartbeat > now() - $1::text::interval
+                            heartbeat > now() - $1::text::interval AND NOT draining
                      FROM relay.nodes",
                     &[&dead_after],
                 )

@@ -1628,12 +1628,15 @@ async fn fence(srv: Weak<Server>, mut fencing: watch::Receiver<bool>) {
     }
 }
 
-/// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread.
+/// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread. `on_stop` runs (on a
+/// blocking thread) when the signal arrives, before the drain: a cluster node marks
+/// itself draining there.
 pub fn run(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
     reloader: Reloader,
     presence: Option<Arc<Presence>>,
+    on_stop: Box<dyn FnOnce() + Send>,
 ) -> anyhow::Result<()> {
     // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
     // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
@@ -1648,6 +1651,9 @@ pub fn run(
         if let Err(e) = crate::listen::shutdown_signal().await {
             tracing::warn!("cannot watch for signals: {e}");
             std::future::pending::<()>().await;
+        }
+        if let Err(e) = tokio::task::spawn_blocking(on_stop).await {
+            tracing::warn!("marking the drain failed: {e}");
         }
     }))
 }
