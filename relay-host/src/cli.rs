@@ -112,10 +112,10 @@ pub struct ServeArgs {
     /// [default: 0.0.0.0:7835].
     #[arg(long, value_name = "ADDR", value_parser = any_interface)]
     pub listen: Option<SocketAddr>,
-    /// With --database: the address terminals reach this relay at, which the other nodes
-    /// name in their redirects (config key `advertise`) [default: the --listen address;
+    /// With --database: HOST:PORT where terminals reach this relay, which the other nodes
+    /// name in their redirects (config key `advertise`) [default: the listen address;
     /// required when that is 0.0.0.0 or [::]].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "ADDR")]
     pub advertise: Option<ServerAddr>,
     /// Account store, relative to the current directory (config key `db`) [default:
     /// relay.db].
