@@ -165,6 +165,8 @@ impl Cluster {
 const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const PASSWORD_OK: &str = "relay_logins_total{method=\"password\",outcome=\"ok\"}";
 const TOKEN_OK: &str = "relay_logins_total{method=\"resumption\",outcome=\"ok\"}";
+const REPLACED_ELSEWHERE: &str = "relay_replaced_from_other_nodes_total";
+const ALIVE: &str = "relay_cluster_nodes_alive";
 
 /// One echo round trip through a `relay connect --listen` port: whether the demand was
 /// accepted and the bytes came back.
@@ -405,9 +407,27 @@ fn nodes_register_and_beat_and_a_killed_one_goes_stale() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // Each node's /metrics says which node it is, where terminals reach it, and how
+    // many nodes it sees alive.
+    for i in 0..2 {
+        let fp = &c.node(i).fingerprint;
+        let id = c.pg.psql(
+            "relay",
+            &format!("SELECT id FROM relay.nodes WHERE fingerprint = '{fp}'"),
+        );
+        let port = c.node(i).tls_port;
+        let info = format!(
+            "relay_node_info{{node=\"{}\",address=\"127.0.0.1:{port}\"}}",
+            id.trim()
+        );
+        assert_eq!(c.metric(i, &info), 1.0, "node {i}: {info}");
+        c.wait_metric(i, ALIVE, |v| v == 2.0);
+    }
+
     drop(c.nodes[1].0.proc.take()); // SIGKILL
     let killed = Instant::now();
     c.wait_sql(live, "1");
+    c.wait_metric(0, ALIVE, |v| v == 1.0);
     eprintln!(
         "node 1 killed: dead to the others after {:?}",
         killed.elapsed()
@@ -693,6 +713,12 @@ fn newest_wins_across_nodes() {
     assert!(e1 > e0, "epochs: {e0} then {e1}");
     c.wait_metric(0, "relay_logged_in_terminals", |v| v == 0.0);
     assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
+    assert_eq!(
+        c.metric(0, REPLACED_ELSEWHERE),
+        1.0,
+        "counted where it ended"
+    );
+    assert_eq!(c.metric(1, REPLACED_ELSEWHERE), 0.0);
     // The replaced instance stops: its token is refused with Replaced on either node.
     for node in 0..2 {
         let again = Client::connect(c.node(node), LOCAL).login("cam", token(&t0));
@@ -1148,4 +1174,152 @@ fn a_device_resuming_on_another_node_takes_its_presence_along() {
     c.wait_metric(0, "relay_logged_in_terminals", |v| v == 0.0);
     assert_eq!(c.metric(1, "relay_logged_in_terminals"), 1.0);
     drop(moved);
+}
+
+/// `relay online` on one node lists the devices logged in to the others too, under the
+/// same access rule as its own (before, node 1 listed only its own terminals); once a
+/// killed node is dead to the others (its heartbeat 3 s stale), its devices leave their
+/// lists.
+#[test]
+fn relay_online_lists_the_whole_cluster_and_forgets_a_dead_node() {
+    let mut c = Cluster::start(2);
+    for u in ["cam", "dev", "secret", "alice"] {
+        c.add(0, u);
+    }
+    c.user(0, &["allow", "alice", "--targets", "cam,dev"]);
+    let echo = echo_service();
+    let service = format!("echo=127.0.0.1:{echo}");
+    let _cam = c.node(0).expose("cam", &["--service", &service]);
+    let _secret = c.node(0).expose("secret", &["--service", &service]);
+    let _dev = c.node(1).expose("dev", &["--service", &service]);
+    let mut seen = Vec::new();
+    let took = wait_until(Duration::from_secs(10), "node 1 lists cam", || {
+        seen = c.node(1).online_list("alice");
+        seen.contains(&"cam".to_owned())
+    });
+    eprintln!("cam on node 0 listed by node 1 after {took:?}");
+    assert_eq!(seen, ["cam", "dev"], "once each, not secret");
+    assert_eq!(c.node(0).online_list("alice"), ["cam", "dev"]);
+
+    drop(c.nodes[0].0.proc.take()); // SIGKILL
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(10), "node 1 forgets cam", || {
+        c.node(1).online_list("alice") == ["dev"]
+    });
+    let after = killed.elapsed();
+    eprintln!("node 0 killed: its devices left node 1's list after {after:?}");
+    assert!(
+        after >= Duration::from_secs(1),
+        "only once its heartbeat is stale"
+    );
+}
+
+/// A node listening on every interface (`0.0.0.0`) must say where terminals reach it:
+/// without `--advertise`, `relay serve` refuses to start (before, it registered
+/// `0.0.0.0:PORT`, and the other nodes redirected terminals there); with it, its
+/// `relay.nodes` row, which redirects carry, holds the advertised address.
+#[test]
+fn a_node_listening_everywhere_must_advertise_where_terminals_reach_it() {
+    let c = Cluster::start(1);
+    let url = c
+        .node(0)
+        .config
+        .split("database = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the database URL in node 0's config")
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let serve = |extra: &[&str]| {
+        let mut cmd = Command::new(relay_bin());
+        cmd.args([
+            "serve",
+            "--database",
+            &url,
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+        ])
+        .arg("--db")
+        .arg(dir.path().join("relay.db"))
+        .args(extra)
+        .env_remove("RELAY_CONFIG");
+        cmd
+    };
+    let refused = serve(&[]).stderr(Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "started: {err}");
+    assert!(err.contains("advertise = \"HOST:PORT\""), "{err}");
+
+    let advertised = format!("127.0.0.1:{port}");
+    let node = Proc::spawn("relay", serve(&["--advertise", &advertised]));
+    node.wait_for_n("listening", 1, Duration::from_secs(20));
+    c.wait_sql(
+        &format!("SELECT count(*) FROM relay.nodes WHERE address = '{advertised}'"),
+        "1",
+    );
+    assert_eq!(
+        c.pg.psql(
+            "relay",
+            "SELECT count(*) FROM relay.nodes WHERE address LIKE '0.0.0.0:%'"
+        )
+        .trim(),
+        "0"
+    );
+}
+
+/// A draining node is no target for redirects: from its SIGTERM on, the others answer a
+/// demand for a device still homed on it `TargetOffline` while it drains (before, they
+/// sent requesters to the leaving node until its row went, up to its 5 s grace later).
+/// The drain is held open by a session through node 0 whose requester reads nothing.
+#[test]
+fn a_draining_node_is_no_redirect_target() {
+    use relay_proto::frame::{DemandResult, caps};
+    let c = Cluster::start(2);
+    c.add(0, "cam");
+    c.add(0, "alice");
+    let echo = echo_service();
+    let _cam = c
+        .node(0)
+        .expose("cam", &["--service", &format!("echo=127.0.0.1:{echo}")]);
+    redirect_from(&c, 1, "cam");
+    let (_alice, port) = c.node(0).forward("alice", "cam/echo");
+    let mut stuck = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stuck
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let chunk = vec![0u8; 1 << 16];
+    while stuck.write_all(&chunk).is_ok() {}
+
+    let mut client = Client::connect(c.node(1), LOCAL);
+    let follows = caps::ALL | caps::REQUESTER | caps::REDIRECT;
+    assert!(matches!(
+        client.login_with(follows, "alice", password(PASSWORD)),
+        Answer::Ok(_)
+    ));
+    let fp0 = c.node(0).fingerprint.clone();
+    let row = format!("SELECT count(*) FROM relay.nodes WHERE fingerprint = '{fp0}'");
+    c.nodes[0].0.proc().signal("-TERM");
+    let sigterm = Instant::now();
+    loop {
+        let answer = client.demand("cam");
+        // Rows only go: present now, present at the answer.
+        let present = c.pg.psql("relay", &row).trim() == "1";
+        match answer {
+            DemandResult::Redirect(_) => assert!(
+                sigterm.elapsed() < Duration::from_secs(10),
+                "node 1 still redirects to the draining node 0"
+            ),
+            DemandResult::Failed { .. } => {
+                assert!(present, "node 0 had left: this was no drain");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "node 0 draining: node 1 stopped redirecting to it {:?} after SIGTERM",
+        sigterm.elapsed()
+    );
 }

@@ -112,6 +112,11 @@ pub struct ServeArgs {
     /// [default: 0.0.0.0:7835].
     #[arg(long, value_name = "ADDR", value_parser = any_interface)]
     pub listen: Option<SocketAddr>,
+    /// With --database: HOST:PORT where terminals reach this relay, which the other nodes
+    /// name in their redirects (config key `advertise`) [default: the listen address;
+    /// required when that is 0.0.0.0 or [::]].
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<ServerAddr>,
     /// Account store, relative to the current directory (config key `db`) [default:
     /// relay.db].
     #[arg(long, env = "RELAY_DB", value_name = "PATH")]
@@ -154,6 +159,9 @@ impl ServeArgs {
         };
         if let Some(listen) = self.listen {
             config.listen = listen;
+        }
+        if self.advertise.is_some() {
+            config.advertise.clone_from(&self.advertise);
         }
         if let Some(db) = &self.db {
             config.db.clone_from(db);
@@ -515,6 +523,21 @@ impl FromStr for ServerAddr {
             host: host.to_owned(),
             port,
         })
+    }
+}
+
+/// Written as it is typed (the config file's `advertise`).
+impl<'de> serde::Deserialize<'de> for ServerAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for ServerAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -911,6 +934,10 @@ fn run_user(args: UserArgs) -> anyhow::Result<()> {
 /// store, certificate, listeners' warnings.
 fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
+    if config.database.is_some() {
+        // Before anything is opened: the other nodes would redirect terminals there.
+        config.check_advertised()?;
+    }
     let (store, database): (Arc<dyn AccountStore>, _) = match &config.database {
         Some(url) => {
             let pg = Arc::new(open_database(url)?);
@@ -931,10 +958,13 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     tracing::info!(fingerprint = %identity.fingerprint(), "relay certificate (terminals pin it with --fingerprint)");
     // With a database, this relay is a node of the cluster while it runs (relay.nodes).
     let node = NodeInfo {
-        address: config.listen.to_string(),
+        address: config.advertised(),
         fingerprint: identity.fingerprint().to_string(),
     };
-    let _membership = database.as_ref().map(|pg| pg.join(node)).transpose()?;
+    let membership = database
+        .as_ref()
+        .map(|pg| pg.join(node).map(Arc::new))
+        .transpose()?;
     let presence = database.as_ref().map(|pg| pg.follow_presence());
     let channel = crate::channel::ChannelKeys::load_or_generate(&config.db)?;
     tracing::info!(channel_key = %channel.current(), channel_next = %channel.next(), "relay channel keys (devices and terminals pin one with --relay-key)");
@@ -944,7 +974,9 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let again = args.clone();
     let reloader =
         crate::reload::Reloader::new(config.clone(), &identity, Box::new(move || again.resolve()))?;
-    crate::server::run(config, store, reloader, presence)
+    let draining = membership.clone();
+    let on_stop = Box::new(move || draining.iter().for_each(|m| m.drain()));
+    crate::server::run(config, store, reloader, presence, on_stop)
 }
 
 #[cfg(test)]

@@ -17,8 +17,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use relay_proto::NodeAddress;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::cli::ServerAddr;
 
 /// The relay's fixed, documented TCP port (TLS).
 pub const DEFAULT_PORT: u16 = 7835;
@@ -36,6 +39,10 @@ pub const DEFAULT_DB: &str = "relay.db";
 pub struct ServeConfig {
     /// TLS listen address.
     pub listen: SocketAddr,
+    /// In a cluster, the address terminals reach this relay at (its `relay.nodes` row,
+    /// which other nodes' redirects name); none: `listen`, which then must not be an
+    /// every-interface address (0.0.0.0, [::]), as no terminal can be sent there.
+    pub advertise: Option<ServerAddr>,
     /// Account store path (SQLite). With `database`, only where the generated certificate
     /// and channel keys go (beside it): no SQLite file is made.
     pub db: PathBuf,
@@ -70,6 +77,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN,
+            advertise: None,
             db: PathBuf::from(DEFAULT_DB),
             database: None,
             cert: None,
@@ -158,6 +166,15 @@ pub enum ConfigError {
 }
 
 impl ServeConfig {
+    /// The address the other nodes of a cluster give terminals for this one (its
+    /// `relay.nodes` row, redirects, `relay_node_info`).
+    pub fn advertised(&self) -> String {
+        match &self.advertise {
+            Some(a) => a.to_string(),
+            None => self.listen.to_string(),
+        }
+    }
+
     /// Reads and validates a TOML file. Relative `db`, `cert` and `key` paths in it are
     /// taken relative to the file's directory (so the file means the same whatever the
     /// current directory); the default `db` stays relative to the current directory.
@@ -285,6 +302,35 @@ impl ServeConfig {
     }
 }
 
+impl ServeConfig {
+    /// A cluster node's [`Self::advertised`] address must be one a terminal can be sent
+    /// to (a redirect carries it, docs/CLUSTER.md part 5): not an every-interface address,
+    /// and short enough for the redirect frame. Checked when `relay serve` joins a
+    /// cluster, not by [`Self::validate`]: `relay user --config` of the same file only
+    /// needs its `database`.
+    pub fn check_advertised(&self) -> Result<(), ConfigError> {
+        let unspecified = match &self.advertise {
+            Some(a) => a.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified()),
+            None => self.listen.ip().is_unspecified(),
+        };
+        if unspecified {
+            return Err(ConfigError::Invalid(format!(
+                "a relay with a database tells the other relays where terminals reach it, and \
+                 {} is every interface, not an address to reach: set advertise = \"HOST:PORT\" \
+                 (or --advertise HOST:PORT) to this relay's public name or address",
+                self.advertised()
+            )));
+        }
+        NodeAddress::new(&self.advertised()).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "advertise {}: not usable in a redirect ({e}; at most 64 bytes)",
+                self.advertised()
+            ))
+        })?;
+        Ok(())
+    }
+}
+
 /// `url` must name a PostgreSQL database; the message never repeats it (it may hold a
 /// password).
 pub fn check_database_url(url: &str) -> Result<(), ConfigError> {
@@ -312,6 +358,35 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DB: &str = "database = \"postgres://relay@db.example/relay\"\n";
+
+    /// `text` parsed, and whether a cluster node may start with it.
+    fn advertised(text: &str) -> Result<String, ConfigError> {
+        let c = ServeConfig::from_toml(&format!("{DB}{text}"))?;
+        c.check_advertised()?;
+        Ok(c.advertised())
+    }
+
+    /// A cluster node must advertise an address terminals can be sent to: accepted
+    /// before with every-interface listeners (the others then redirected to 0.0.0.0).
+    #[test]
+    fn a_cluster_node_listening_everywhere_must_advertise() {
+        for listen in ["", "listen = \"[::]:7835\"\n"] {
+            let err = advertised(listen).unwrap_err();
+            assert!(err.to_string().contains("advertise"), "{err}");
+        }
+        let everywhere = advertised("advertise = \"0.0.0.0:7835\"\n");
+        assert!(everywhere.is_err(), "advertising every interface");
+        let a = advertised("advertise = \"relay.example\"\n").unwrap();
+        assert_eq!(a, "relay.example:7835", "the default port");
+        let a = advertised("listen = \"10.0.0.5:443\"\n").unwrap();
+        assert_eq!(a, "10.0.0.5:443", "the listen address by default");
+        let long = format!("advertise = \"{}.example:1\"\n", "a".repeat(60));
+        assert!(advertised(&long).is_err(), "too long for a redirect");
+        // A single relay advertises nothing: every interface is fine.
+        ServeConfig::default().validate().unwrap();
+    }
 
     #[test]
     fn empty_file_gives_the_defaults() {

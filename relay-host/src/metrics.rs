@@ -55,6 +55,13 @@ struct DemandLabels {
     outcome: &'static str,
 }
 
+/// Which cluster node a /metrics page is (`relay_node_info`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+    address: String,
+}
+
 /// The relay's metrics. Share it as `Arc<Metrics>`; every update is an atomic operation.
 #[derive(Debug)]
 pub struct Metrics {
@@ -68,6 +75,9 @@ pub struct Metrics {
     /// 1 while this relay is fenced: a node of a cluster that cannot write its heartbeat
     /// serves no terminal (docs/CLUSTER.md, part 6).
     pub fenced: Gauge,
+    /// Reachable instances ended here because another node recorded a newer one of the
+    /// same user ID (newest wins across nodes, docs/CLUSTER.md part 4).
+    pub replaced_from_elsewhere: Counter,
     /// Payload bytes relayed, both directions added.
     pub bytes_relayed: Counter,
     /// Clients of published ports closed at once: their source is outside the port's
@@ -95,6 +105,7 @@ impl Metrics {
         let logged_in_terminals = Gauge::default();
         let active_sessions = Gauge::default();
         let fenced = Gauge::default();
+        let replaced_from_elsewhere = Counter::default();
         let bytes_relayed = Counter::default();
         let published_refused = Counter::default();
         let router_locks = Counter::default();
@@ -121,6 +132,11 @@ impl Metrics {
             fenced.clone(),
         );
         registry.register(
+            "replaced_from_other_nodes",
+            "Instances ended here because another cluster node recorded a newer one",
+            replaced_from_elsewhere.clone(),
+        );
+        registry.register(
             "relayed_bytes",
             "Payload bytes relayed, both directions",
             bytes_relayed.clone(),
@@ -143,12 +159,35 @@ impl Metrics {
             logged_in_terminals,
             active_sessions,
             fenced,
+            replaced_from_elsewhere,
             bytes_relayed,
             published_refused,
             router_locks,
             logins,
             demands,
         }
+    }
+
+    /// Says which cluster node this is (`relay_node_info{node, address} 1`) and adds
+    /// `relay_cluster_nodes_alive`, read from `alive` (kept by the presence copy): every
+    /// node's /metrics then tells which node it is and how much of the cluster it sees.
+    pub fn cluster_node(&mut self, node: &str, address: &str, alive: Gauge) {
+        let info = Family::<NodeLabels, Gauge>::default();
+        info.get_or_create(&NodeLabels {
+            node: node.to_owned(),
+            address: address.to_owned(),
+        })
+        .set(1);
+        self.registry.register(
+            "node_info",
+            "This cluster node: its id in relay.nodes and the address it advertises",
+            info,
+        );
+        self.registry.register(
+            "cluster_nodes_alive",
+            "Cluster nodes (this one included) whose heartbeat this node last saw fresh",
+            alive,
+        );
     }
 
     /// Counts one login.

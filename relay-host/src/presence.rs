@@ -10,15 +10,16 @@
 //! every second, and a node whose heartbeat is more than [`DEAD_AFTER`] old is ignored
 //! (its rows say nothing: the device is reconnecting elsewhere).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use prometheus_client::metrics::gauge::Gauge;
 use relay_proto::UserId;
 use relay_proto::frame::Redirect;
 use relay_proto::ident::NodeAddress;
-use relay_proto::relay::Node;
+use relay_proto::relay::{Node, REMOTE_POSITIONS};
 
 use crate::store::StoreError;
 use crate::store::postgres::{PRESENCE, listen, pool_error};
@@ -39,6 +40,9 @@ pub struct Presence {
     /// This node's id in `relay.nodes`: a user ID homed here is never redirected.
     me: String,
     state: RwLock<State>,
+    /// How many nodes (this one included) the last read of the table found alive: the
+    /// `relay_cluster_nodes_alive` gauge ([`crate::metrics::Metrics::cluster_node`]).
+    alive: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +51,12 @@ struct State {
     /// logged out), and the row's epoch, so an older notification never undoes a newer
     /// row read meanwhile.
     homes: HashMap<String, (Option<String>, i64)>,
+    /// Every account seen since start, by its position in the online list's part for the
+    /// other nodes ([`Presence::remote`]): stable, so a cursor keeps pointing at it.
+    accounts: Vec<String>,
+    positions: HashMap<String, u32>,
+    /// The positions of the accounts whose latest row names another node (alive or not).
+    away: BTreeSet<u32>,
     /// Every node seen since start, by [`Node`] number (its index: stable, so a redirect
     /// queued in the core names the same node when it is written).
     nodes: Vec<NodeEntry>,
@@ -103,7 +113,18 @@ impl Presence {
         Self {
             me,
             state: RwLock::default(),
+            alive: Gauge::default(),
         }
+    }
+
+    /// This node's id in `relay.nodes`.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The gauge of live nodes, which [`Presence::set_nodes`] keeps.
+    pub fn alive_gauge(&self) -> Gauge {
+        self.alive.clone()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -116,16 +137,19 @@ impl Presence {
 
     /// The live node other than this one where `user`'s reachable instance is.
     pub fn locate(&self, user: &UserId) -> Option<Node> {
+        self.read().located(&self.me, user.as_str())
+    }
+
+    /// The first user ID at or after position `from` that [`Presence::locate`] finds on
+    /// another live node, with its position: the other nodes' part of the online list
+    /// ([`relay_proto::relay::Policy::remote`]).
+    pub fn remote(&self, from: u32) -> Option<(u32, UserId)> {
         let st = self.read();
-        let (Some(node), _) = st.homes.get(user.as_str())? else {
-            return None;
-        };
-        if *node == self.me {
-            return None;
-        }
-        let n = *st.by_id.get(node)?;
-        let entry = st.nodes.get(n as usize)?;
-        (entry.alive && entry.redirect.is_some()).then_some(Node(n))
+        st.away.range(from..).find_map(|&pos| {
+            let account = st.accounts.get(pos as usize)?;
+            st.located(&self.me, account)?;
+            Some((pos, UserId::new(account).ok()?))
+        })
     }
 
     /// Where `node` is, while it is alive.
@@ -143,13 +167,24 @@ impl Presence {
             .homes
             .get(&row.account)
             .is_none_or(|(_, epoch)| row.epoch >= *epoch);
-        if newer {
-            st.homes.insert(row.account, (row.node, row.epoch));
+        if !newer {
+            return;
         }
+        let away = row.node.as_ref().is_some_and(|node| *node != self.me);
+        if let Some(pos) = st.position(&row.account) {
+            if away {
+                st.away.insert(pos);
+            } else {
+                st.away.remove(&pos);
+            }
+        }
+        st.homes.insert(row.account, (row.node, row.epoch));
     }
 
     /// The nodes' table as read now: known nodes not in it are dead.
     pub fn set_nodes(&self, rows: Vec<NodeRow>) {
+        let alive = rows.iter().filter(|r| r.alive).count();
+        self.alive.set(i64::try_from(alive).unwrap_or(i64::MAX));
         let mut st = self.write();
         for entry in &mut st.nodes {
             entry.alive = false;
@@ -175,6 +210,36 @@ impl Presence {
                 };
             }
         }
+    }
+}
+
+impl State {
+    /// The live node other than `me` where `account`'s reachable instance is, if a
+    /// redirect can name it.
+    fn located(&self, me: &str, account: &str) -> Option<Node> {
+        let (Some(node), _) = self.homes.get(account)? else {
+            return None;
+        };
+        if node == me {
+            return None;
+        }
+        let n = *self.by_id.get(node)?;
+        let entry = self.nodes.get(n as usize)?;
+        (entry.alive && entry.redirect.is_some()).then_some(Node(n))
+    }
+
+    /// `account`'s position in the online list, given at its first row; `None` once
+    /// [`REMOTE_POSITIONS`] accounts have one (the list then leaves the newer ones out).
+    fn position(&mut self, account: &str) -> Option<u32> {
+        if let Some(&pos) = self.positions.get(account) {
+            return Some(pos);
+        }
+        let pos = u32::try_from(self.accounts.len())
+            .ok()
+            .filter(|p| *p < REMOTE_POSITIONS)?;
+        self.accounts.push(account.to_owned());
+        self.positions.insert(account.to_owned(), pos);
+        Some(pos)
     }
 }
 
@@ -248,7 +313,8 @@ async fn read_rows(pool: &Pool, target: &str, presence: &Presence) -> Result<(),
     Ok(())
 }
 
-/// Reads `relay.nodes` every [`NODES_EVERY`], judging heartbeats by the database's clock.
+/// Reads `relay.nodes` every [`NODES_EVERY`], judging heartbeats by the database's clock;
+/// a draining node (SIGTERM, migration 6) is not alive either: no redirect to it.
 async fn read_nodes(pool: Pool, target: String, presence: Arc<Presence>) {
     let mut tick = tokio::time::interval(NODES_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -261,7 +327,7 @@ async fn read_nodes(pool: Pool, target: String, presence: Arc<Presence>) {
             let rows = client
                 .query(
                     "SELECT id, address, fingerprint,
-                            heartbeat > now() - $1::text::interval
+                            heartbeat > now() - $1::text::interval AND NOT draining
                      FROM relay.nodes",
                     &[&dead_after],
                 )
@@ -382,6 +448,51 @@ mod tests {
         p.set_nodes(vec![bad]);
         p.apply(row("cam", Some("b"), 1));
         assert_eq!(p.locate(&cam()), None);
+    }
+
+    fn listed(p: &Presence) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        while let Some((pos, user)) = p.remote(from) {
+            out.push((pos, user.as_str().to_owned()));
+            from = pos + 1;
+        }
+        out
+    }
+
+    /// The other nodes' part of the online list: user IDs on live nodes other than this
+    /// one, each at the position it got first, which a move or a logout does not change.
+    #[test]
+    fn the_online_list_names_users_on_other_live_nodes_at_stable_positions() {
+        let p = Presence::new("me".into());
+        p.set_nodes(vec![node("me", true), node("b", true), node("dead", false)]);
+        p.apply(row("cam", Some("b"), 1));
+        p.apply(row("here", Some("me"), 2));
+        p.apply(row("gone", Some("dead"), 3));
+        p.apply(row("out", None, 4));
+        p.apply(row("dev", Some("b"), 5));
+        assert_eq!(listed(&p), [(0, "cam".into()), (4, "dev".into())]);
+        p.apply(row("cam", None, 6));
+        assert_eq!(listed(&p), [(4, "dev".into())], "logged out");
+        p.apply(row("cam", Some("b"), 7));
+        p.set_nodes(vec![node("me", true), node("b", true), node("dead", true)]);
+        assert_eq!(
+            listed(&p),
+            [(0, "cam".into()), (2, "gone".into()), (4, "dev".into())],
+            "back at its position; a node alive again counts"
+        );
+        p.apply(row("dev", Some("me"), 8));
+        assert_eq!(p.remote(3), None, "homed here now");
+    }
+
+    #[test]
+    fn the_gauge_counts_the_live_nodes_of_the_last_read() {
+        let p = Presence::new("me".into());
+        let alive = p.alive_gauge();
+        p.set_nodes(vec![node("me", true), node("b", true), node("dead", false)]);
+        assert_eq!(alive.get(), 2);
+        p.set_nodes(Vec::new());
+        assert_eq!(alive.get(), 0, "a table that cannot be read: none alive");
     }
 
     #[test]

@@ -142,6 +142,10 @@ impl Policy for SnapshotPolicy {
     fn node(&self, node: Node) -> Option<Redirect> {
         self.2.as_ref()?.node(node)
     }
+
+    fn remote(&self, from: u32) -> Option<(u32, UserId)> {
+        self.2.as_ref()?.remote(from)
+    }
 }
 
 /// The targets of the published ports: whom the relay itself may reach.
@@ -1613,6 +1617,7 @@ fn replace_from_elsewhere(
             }
             let mut core = srv.lock();
             if core.relay.replace_user(&user, p.instance) {
+                srv.metrics.replaced_from_elsewhere.inc();
                 tracing::info!(%user, instance = p.instance, epoch = p.epoch, "reachable on another relay now: its instance here ended");
             }
             core.drain(&srv);
@@ -1644,12 +1649,15 @@ async fn fence(srv: Weak<Server>, mut fencing: watch::Receiver<bool>) {
     }
 }
 
-/// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread.
+/// Runs the relay until SIGTERM/SIGINT. Blocks the calling thread. `on_stop` runs (on a
+/// blocking thread) when the signal arrives, before the drain: a cluster node marks
+/// itself draining there.
 pub fn run(
     config: ServeConfig,
     store: Arc<dyn AccountStore>,
     reloader: Reloader,
     presence: Option<Arc<Presence>>,
+    on_stop: Box<dyn FnOnce() + Send>,
 ) -> anyhow::Result<()> {
     // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
     // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
@@ -1665,6 +1673,9 @@ pub fn run(
             tracing::warn!("cannot watch for signals: {e}");
             std::future::pending::<()>().await;
         }
+        if let Err(e) = tokio::task::spawn_blocking(on_stop).await {
+            tracing::warn!("marking the drain failed: {e}");
+        }
     }))
 }
 
@@ -1678,7 +1689,11 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(p) = &presence {
+        metrics.cluster_node(p.me(), &config.advertised(), p.alive_gauge());
+    }
+    let metrics = Arc::new(metrics);
     let refresh_accounts = Arc::new(tokio::sync::Notify::new());
     let accounts = watch_accounts_with(
         store.clone(),

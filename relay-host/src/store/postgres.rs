@@ -159,6 +159,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER presence_deleted AFTER DELETE ON relay.instances
         FOR EACH ROW EXECUTE FUNCTION relay.presence_changed();
     ",
+    // 6: a node that received SIGTERM says so, and the others stop counting it alive
+    // (no redirects to it) while it drains (docs/CLUSTER.md, part 7).
+    "ALTER TABLE relay.nodes ADD COLUMN draining boolean NOT NULL DEFAULT false;",
 ];
 
 /// The channel the presence trigger notifies on (migration 4).
@@ -197,6 +200,28 @@ pub struct Membership {
     store: Arc<PgStore>,
     id: String,
     heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Membership {
+    /// Marks this node draining (SIGTERM): the others' next read of `relay.nodes`
+    /// counts it not alive, so they stop redirecting demands to it while its terminals
+    /// move. Its row goes when the membership is dropped.
+    pub fn drain(&self) {
+        let id = self.id.clone();
+        let marked = self.store.run(move |client| async move {
+            client
+                .execute(
+                    "UPDATE relay.nodes SET draining = true WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            Ok(())
+        });
+        match marked {
+            Ok(()) => tracing::info!(node = %self.id, "marked draining in relay.nodes"),
+            Err(e) => tracing::warn!("cannot mark this node draining in relay.nodes: {e}"),
+        }
+    }
 }
 
 impl Drop for Membership {

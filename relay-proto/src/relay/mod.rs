@@ -74,8 +74,9 @@ use crate::frame::{
 use crate::ident::{ResumeToken, ServiceName, Text, UserId};
 use crate::time::{Duration, Instant, earliest};
 
-/// Terminals one LIST_ANSWER page looks at, at most (the access rule filters them).
-const LIST_SCAN: usize = 256;
+/// Terminals and other nodes' user IDs one LIST_ANSWER page looks at, at most (the access
+/// rule filters them).
+pub const LIST_SCAN: usize = 256;
 /// "No entry" in the intrusive lists below (a terminal's connections, its waiting demands).
 const NIL: u32 = u32::MAX;
 /// A `poll_transmit` buffer must hold this much: the largest burst of control frames.
@@ -155,7 +156,26 @@ pub trait Policy {
         let _ = node;
         None
     }
+
+    /// The first user ID reachable on another live node of the service at or after
+    /// position `from` of the host's list of them, with its position, so that the online
+    /// list (LIST_ANSWER) covers the whole service, not only this relay. A position must
+    /// stay the user ID's while it is listed (a cursor points at it) and be below
+    /// [`REMOTE_POSITIONS`]. The core applies the access rule and lists a user ID that is
+    /// also reachable here once; it asks at most [`LIST_SCAN`] times per page, from
+    /// memory (the core is synchronous). A single relay has no other node.
+    fn remote(&self, from: u32) -> Option<(u32, UserId)> {
+        let _ = from;
+        None
+    }
 }
+
+/// Positions of [`Policy::remote`] are below this. A LIST cursor at or above
+/// [`REMOTE_CURSOR`] points into them, one below it at a terminal of this relay: one
+/// `u32` on the wire, the local terminals first.
+pub const REMOTE_POSITIONS: u32 = 1 << 31;
+/// The first cursor of the other nodes' user IDs (docs/PROTOCOL.md §3.4).
+pub const REMOTE_CURSOR: u32 = REMOTE_POSITIONS;
 
 /// Another node of the relay service, as the host names it ([`Policy::locate`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1539,33 +1559,62 @@ impl<S: Storage, P: Policy, H: Handback> Relay<S, P, H> {
         }
     }
 
-    /// Page of the online list for connection `key`, starting at terminal key `cursor`:
-    /// the asker itself and the user IDs the access rule lets it reach, so the list tells
-    /// an account nothing about the others. At most [`LIST_SCAN`] terminals are looked at
-    /// per page (a page may come back short, with a cursor to go on).
+    /// Page of the online list for connection `key`, starting at `cursor`: the terminals
+    /// of this relay by key, then the user IDs reachable on other nodes
+    /// ([`Policy::remote`], at [`REMOTE_CURSOR`] and above). Listed: the asker itself and
+    /// the user IDs the access rule lets it reach, so the list tells an account nothing
+    /// about the others; a user ID reachable here is listed once, as a local one. At most
+    /// [`LIST_SCAN`] candidates are looked at per page (a page may come back short, with a
+    /// cursor to go on).
     fn list_page(&self, key: u32, cursor: u32) -> ListAnswer {
         let mut users = Vec::new();
-        let mut from = cursor;
-        let me = self.user_of(key);
-        let mut scanned = 0;
-        while let Some(k) = self.terms.next_key(from) {
+        let Some(me) = self.user_of(key) else {
+            return ListAnswer { users, next: None };
+        };
+        let candidates = self.local_listed(cursor).chain(self.remote_listed(cursor));
+        for (scanned, (at, user)) in candidates.enumerate() {
             if users.is_full() || scanned == LIST_SCAN {
                 return ListAnswer {
                     users,
-                    next: Some(k),
+                    next: Some(at),
                 };
             }
-            scanned += 1;
-            if let (Some(t), Some(me)) = (self.terms.get(k), me)
-                && t.kind == Kind::Reachable
-                && (t.user == *me || self.policy.may_reach(me, &t.user))
-            {
+            if let Some(user) = user.filter(|u| u == me || self.policy.may_reach(me, u)) {
                 // Cannot fail: the page is not full (checked above).
-                let _ = users.push(t.user.clone());
+                let _ = users.push(user);
             }
-            from = k + 1;
         }
         ListAnswer { users, next: None }
+    }
+
+    /// The terminals from `cursor` on, by key: each key with its user ID if it is listed
+    /// (a reachable instance; requester instances are not).
+    fn local_listed(&self, cursor: u32) -> impl Iterator<Item = (u32, Option<UserId>)> + '_ {
+        let first = self.terms.next_key(cursor);
+        core::iter::successors(first, |k| self.terms.next_key(k.checked_add(1)?))
+            .take_while(|k| *k < REMOTE_CURSOR)
+            .map(|k| {
+                let t = self.terms.get(k);
+                let user = t
+                    .filter(|t| t.kind == Kind::Reachable)
+                    .map(|t| t.user.clone());
+                (k, user)
+            })
+    }
+
+    /// The other nodes' user IDs from `cursor` on (from the first if `cursor` is a local
+    /// one), by cursor: each with its user ID unless it is reachable here too (then it
+    /// was listed among the terminals).
+    fn remote_listed(&self, cursor: u32) -> impl Iterator<Item = (u32, Option<UserId>)> + '_ {
+        let first = self.policy.remote(cursor.saturating_sub(REMOTE_CURSOR));
+        core::iter::successors(first, |(pos, _)| self.policy.remote(pos.checked_add(1)?))
+            .take_while(|(pos, _)| *pos < REMOTE_POSITIONS)
+            .map(|(pos, user)| {
+                (
+                    REMOTE_CURSOR + pos,
+                    (!self.is_online(&user)).then_some(user),
+                )
+            })
     }
 
     fn notice_for(&self, key: u32) -> Option<Notice> {
@@ -1885,16 +1934,24 @@ mod tests {
     }
 
     /// A cluster as the host sees it: `cam` is homed on node 7, which is alive unless
-    /// `dead`; `alice` may reach no one when `closed`.
+    /// `dead`; `alice` may reach no one when `closed`, and no one may reach `secret`.
+    /// `away` are the user IDs reachable on other nodes ([`Policy::remote`]), each at
+    /// twice its index (positions need not be dense).
     #[derive(Default)]
     struct Cluster {
         dead: bool,
         closed: bool,
+        away: &'static [&'static str],
     }
 
     impl Policy for Cluster {
-        fn may_reach(&self, _: &UserId, _: &UserId) -> bool {
-            !self.closed
+        fn may_reach(&self, _: &UserId, to: &UserId) -> bool {
+            !self.closed && to.as_str() != "secret"
+        }
+        fn remote(&self, from: u32) -> Option<(u32, UserId)> {
+            let i = from.div_ceil(2) as usize;
+            let user = self.away.get(i)?;
+            Some((2 * i as u32, UserId::new(user).unwrap()))
         }
         fn locate(&self, user: &UserId) -> Option<Node> {
             (user.as_str() == "cam").then_some(Node(7))
@@ -2051,6 +2108,102 @@ mod tests {
         r.handle_input(T, alice, &buf[..n]);
         r.policy_mut().dead = true;
         assert_eq!(&frames(&mut r, alice)[..], [offline()]);
+    }
+
+    /// `c` asks for the online list page at `cursor`.
+    fn page(r: &mut Clustered, c: ConnId, cursor: u32) -> ListAnswer {
+        let mut buf = [0u8; frame::MAX_CONTROL_FRAME];
+        let n = Frame::List { cursor }.encode(&mut buf).unwrap();
+        r.handle_input(T, c, &buf[..n]);
+        match &frames(r, c)[..] {
+            [Frame::ListAnswer(page)] => page.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every page from the first: the user IDs, in order, and the cursors given.
+    fn whole_list(
+        r: &mut Clustered,
+        c: ConnId,
+    ) -> (std::vec::Vec<std::string::String>, std::vec::Vec<u32>) {
+        let (mut users, mut cursors) = (std::vec::Vec::new(), std::vec::Vec::new());
+        let mut cursor = 0;
+        loop {
+            let p = page(r, c, cursor);
+            users.extend(
+                p.users
+                    .iter()
+                    .map(|u| std::string::String::from(u.as_str())),
+            );
+            match p.next {
+                Some(next) => cursors.push(next),
+                None => return (users, cursors),
+            }
+            cursor = *cursors.last().unwrap();
+        }
+    }
+
+    const AWAY: &[&str] = &[
+        "r0", "r1", "cam", "r2", "secret", "r3", "r4", "r5", "r6", "r7", "r8",
+    ];
+
+    /// The online list covers the other nodes: this relay's terminals, then the user IDs
+    /// reachable elsewhere, paged by one cursor across both (before, only the terminals).
+    #[test]
+    fn the_online_list_pages_across_this_relay_and_the_other_nodes() {
+        let away = Cluster {
+            away: AWAY,
+            ..Cluster::default()
+        };
+        let mut r = Clustered::new(Config::default(), away);
+        let (alice, _) = up(&mut r, "alice", caps::ALL);
+        up(&mut r, "cam", caps::ALL);
+        up(&mut r, "dev", caps::ALL);
+        let (users, cursors) = whole_list(&mut r, alice);
+        let remote: std::vec::Vec<&str> = AWAY
+            .iter()
+            .copied()
+            .filter(|u| !["cam", "secret"].contains(u))
+            .collect();
+        let mut want = std::vec!["alice", "cam", "dev"];
+        want.extend(&remote);
+        assert_eq!(users, want, "once each, `secret` not at all");
+        // One full page, then the rest; the cursor points among the other nodes'.
+        assert_eq!(cursors.len(), 1, "{cursors:?}");
+        assert!(cursors[0] >= REMOTE_CURSOR, "{cursors:?}");
+        assert_eq!(page(&mut r, alice, cursors[0]).users.len(), 12 - 8);
+        // A cursor past the end: an empty last page.
+        let past = page(&mut r, alice, REMOTE_CURSOR + 1000);
+        assert!(past.users.is_empty() && past.next.is_none());
+    }
+
+    /// The access rule holds for the other nodes' user IDs as for this relay's: an
+    /// account that may reach no one sees only itself, wherever the others are.
+    #[test]
+    fn the_other_nodes_user_ids_follow_the_access_rule() {
+        let closed = Cluster {
+            away: AWAY,
+            closed: true,
+            ..Cluster::default()
+        };
+        let mut r = Clustered::new(Config::default(), closed);
+        let (alice, _) = up(&mut r, "alice", caps::ALL);
+        up(&mut r, "cam", caps::ALL);
+        assert_eq!(whole_list(&mut r, alice).0, ["alice"]);
+    }
+
+    /// A requester of an account whose device is on another node sees its own user ID
+    /// there (the asker itself is always listed); a requester is never listed itself.
+    #[test]
+    fn a_requester_sees_its_own_device_on_another_node() {
+        let away = Cluster {
+            away: &["alice"],
+            closed: true,
+            ..Cluster::default()
+        };
+        let mut r = Clustered::new(Config::default(), away);
+        let (alice, _) = up(&mut r, "alice", FOLLOWS);
+        assert_eq!(whole_list(&mut r, alice).0, ["alice"]);
     }
 
     /// A target logged in here is served here, whatever the presence rows say.
