@@ -1630,21 +1630,37 @@ pub fn run(
     reloader: Reloader,
     presence: Option<Arc<Presence>>,
 ) -> anyhow::Result<()> {
-    // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
-    // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
-    // of threads, each with its stack and malloc arena, that outlive the burst.
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads((2 * cores).max(4))
-        .build()
-        .context("starting the async runtime")?;
+    let rt = runtime(config.worker_threads)?;
     rt.block_on(serve(config, store, reloader, presence, async {
         if let Err(e) = crate::listen::shutdown_signal().await {
             tracing::warn!("cannot watch for signals: {e}");
             std::future::pending::<()>().await;
         }
     }))
+}
+
+/// The runtime of `relay serve`: `workers` threads run the connections (none: one per core).
+///
+/// One worker is tokio's current-thread scheduler on the main thread rather than a
+/// multi-thread runtime with one worker (measured below).
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
+    // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
+    // of threads, each with its stack and malloc arena, that outlive the burst.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut builder = match workers.unwrap_or(cores) {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder
+        .enable_all()
+        .max_blocking_threads((2 * cores).max(4))
+        .build()
+        .context("starting the async runtime")
 }
 
 /// The relay server until `stop` resolves; then a clean shutdown. SIGHUP reloads the
