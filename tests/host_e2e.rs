@@ -78,7 +78,17 @@ fn transfer_200_mb_with_matching_checksums() {
 
 #[test]
 fn fifty_concurrent_sessions() {
-    let relay = Relay::start(FAST);
+    fifty_sessions(Relay::start(FAST));
+}
+
+/// `worker_threads = 1`: the whole relay on tokio's current-thread scheduler (issue 13).
+#[test]
+fn fifty_concurrent_sessions_on_one_worker_thread() {
+    fifty_sessions(Relay::start_with("worker_threads = 1", FAST));
+}
+
+/// 50 sessions at once through `relay`, to two exposing terminals from four requesters.
+fn fifty_sessions(relay: Relay) {
     let echo = echo_service();
     let svc = format!("echo=127.0.0.1:{echo}");
     let mut procs = Vec::new();

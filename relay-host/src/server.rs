@@ -1641,8 +1641,15 @@ pub fn run(
 
 /// The runtime of `relay serve`: `workers` threads run the connections (none: one per core).
 ///
-/// One worker is tokio's current-thread scheduler on the main thread rather than a
-/// multi-thread runtime with one worker (measured below).
+/// One worker is tokio's current-thread scheduler on the main thread, not a multi-thread
+/// runtime with one worker: the current-thread scheduler has no worker to hand a woken task
+/// to (no cross-thread wake-up, no idle worker parked and unparked around each event, no
+/// work-stealing queues), and the main thread that would only wait in `block_on` does the
+/// work. Measured on the two-hop published path (bench, 3 × 3 s, a loaded 2-core machine,
+/// each against one worker per core in the same run): the current-thread runtime did 1.31×
+/// the HTTP requests/s and 1.23× the 1-stream throughput at 0.74× the relay CPU per
+/// request; the one-worker multi-thread runtime 0.89×, 0.98× and 0.81×
+/// (docs/BENCHMARKS.md, "relay serve's threads and memory").
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
     // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
