@@ -1230,12 +1230,12 @@ fn relative(target: &Path, md: &Path) -> String {
 }
 
 /// Hand-written sections of the report, carried over from the report being replaced:
-/// relay-host's in-process data path (`relay-host/benches/datapath.rs`) and where relay
-/// serve's memory goes (a reading of /proc/PID/smaps, not a figure the bench takes).
+/// relay-host's in-process data path (`relay-host/benches/datapath.rs`) and relay serve's
+/// worker threads and memory (two builds compared, /proc/PID/smaps read by hand).
 fn kept_sections(md_path: &Path) -> String {
     const KEPT: [&str; 2] = [
         "\n## In-process data path",
-        "\n## Where relay serve's memory goes",
+        "\n## relay serve's threads and memory",
     ];
     let Ok(old) = fs::read_to_string(md_path) else {
         return String::new();
@@ -1248,7 +1248,30 @@ fn kept_sections(md_path: &Path) -> String {
         let rest = &old[start + 1..];
         let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 4);
         kept.push('\n');
-        kept.push_str(&rest[..end]);
+        kept.push_str(rest[..end].trim_end());
+        kept.push('\n');
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_written_sections_are_kept_and_generated_ones_are_not() {
+        let md = std::env::temp_dir().join(format!("bench-kept-{}.md", std::process::id()));
+        fs::write(
+            &md,
+            "# Benchmarks\n\n## Figures\n\ngenerated\n\n## In-process data path\n\nA\n\n\
+             ## relay serve's threads and memory\n\nB\n",
+        )
+        .unwrap();
+        let kept = kept_sections(&md);
+        let _ = fs::remove_file(&md);
+        assert_eq!(
+            kept,
+            "\n## In-process data path\n\nA\n\n## relay serve's threads and memory\n\nB\n"
+        );
+    }
 }
