@@ -61,7 +61,7 @@ pub struct ServeConfig {
     pub splice: bool,
     /// Threads that run the relay's connections (tokio workers); none: one per core. With
     /// 1 the runtime is tokio's current-thread scheduler on the main thread (see
-    /// `server::run` for why, and the measurement).
+    /// `server::runtime` for why, and the measurement).
     pub worker_threads: Option<usize>,
     /// Published ports (`[[published]]` tables): a port of the relay mapped to a device's
     /// service for plain TCP clients from the listed networks. None by default.
