@@ -34,7 +34,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,socat,rathole,bore,ssh,ssh-chain,relay,relay-published"
+        default_value = "direct,socat,rathole,bore,ssh,ssh-chain,relay,relay-published,relay-published-1t"
     )]
     systems: Vec<System>,
     /// Systems that must be available (otherwise they are reported as "not available").
@@ -1087,6 +1087,7 @@ fn fig_idle(sys: System, ctx: &mut Ctx, cfg: &Cfg, echo: u16, res: &mut Results)
         | System::SshChain
         | System::Relay
         | System::RelayPublished
+        | System::RelayPublished1t
         | System::RelaySplice => {
             return Ok(());
         }
@@ -1307,17 +1308,49 @@ fn relative(target: &Path, md: &Path) -> String {
     r.display().to_string()
 }
 
-/// Sections of the report that other benchmarks write (relay-host's in-process data path,
-/// `relay-host/benches/datapath.rs`), carried over from the report being replaced.
+/// Hand-written sections of the report, carried over from the report being replaced:
+/// relay-host's in-process data path (`relay-host/benches/datapath.rs`) and relay serve's
+/// worker threads and memory (two builds compared, /proc/PID/smaps read by hand).
 fn kept_sections(md_path: &Path) -> String {
-    const KEPT: &str = "\n## In-process data path";
+    const KEPT: [&str; 2] = [
+        "\n## In-process data path",
+        "\n## relay serve's threads and memory",
+    ];
     let Ok(old) = fs::read_to_string(md_path) else {
         return String::new();
     };
-    let Some(start) = old.find(KEPT) else {
-        return String::new();
-    };
-    let rest = &old[start + 1..];
-    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 4);
-    format!("\n{}", &rest[..end])
+    let mut kept = String::new();
+    for heading in KEPT {
+        let Some(start) = old.find(heading) else {
+            continue;
+        };
+        let rest = &old[start + 1..];
+        let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 4);
+        kept.push('\n');
+        kept.push_str(rest[..end].trim_end());
+        kept.push('\n');
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_written_sections_are_kept_and_generated_ones_are_not() {
+        let md = std::env::temp_dir().join(format!("bench-kept-{}.md", std::process::id()));
+        fs::write(
+            &md,
+            "# Benchmarks\n\n## Figures\n\ngenerated\n\n## In-process data path\n\nA\n\n\
+             ## relay serve's threads and memory\n\nB\n",
+        )
+        .unwrap();
+        let kept = kept_sections(&md);
+        let _ = fs::remove_file(&md);
+        assert_eq!(
+            kept,
+            "\n## In-process data path\n\nA\n\n## relay serve's threads and memory\n\nB\n"
+        );
+    }
 }

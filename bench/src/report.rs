@@ -78,6 +78,9 @@ pub struct Fig {
     pub cols: &'static [Col],
     /// The metric that must be present for every system the figure applies to.
     pub required: &'static str,
+    /// A figure that sets two of our relay's systems side by side on the data-path
+    /// figures (first ÷ second) instead of one row per system.
+    pub pair: Option<(System, System)>,
 }
 
 pub const FIGS: &[Fig] = &[
@@ -106,6 +109,7 @@ pub const FIGS: &[Fig] = &[
             ),
         ],
         required: "tput1.gbps",
+        pair: None,
     },
     Fig {
         id: "lat_low",
@@ -118,6 +122,7 @@ pub const FIGS: &[Fig] = &[
             col("lat_low.p999_us", "p99.9 µs", false),
         ],
         required: "lat_low.p99_us",
+        pair: None,
     },
     Fig {
         id: "lat_high",
@@ -131,6 +136,7 @@ pub const FIGS: &[Fig] = &[
             col("lat_high.per_s", "req/s", false),
         ],
         required: "lat_high.p99_us",
+        pair: None,
     },
     Fig {
         id: "http",
@@ -144,6 +150,7 @@ pub const FIGS: &[Fig] = &[
             col("http.server_cpu_us_per_req", "relay-role CPU µs/req", true),
         ],
         required: "http.rps",
+        pair: None,
     },
     Fig {
         id: "cost",
@@ -166,6 +173,7 @@ pub const FIGS: &[Fig] = &[
             col("cost.futex", "futex/req", false),
         ],
         required: "cost.switches",
+        pair: None,
     },
     Fig {
         id: "rss",
@@ -180,6 +188,7 @@ pub const FIGS: &[Fig] = &[
             col("rss.per_s", "achieved req/s", false),
         ],
         required: "rss.server_mib",
+        pair: None,
     },
     Fig {
         id: "sessions",
@@ -190,6 +199,7 @@ pub const FIGS: &[Fig] = &[
             col("sessions.failed", "failed", false),
         ],
         required: "sessions.per_s",
+        pair: None,
     },
     Fig {
         id: "idle",
@@ -207,6 +217,7 @@ pub const FIGS: &[Fig] = &[
             col("idle.sock_kib_per", "kernel TCP KiB/client", false),
         ],
         required: "idle.pss_kib_per",
+        pair: None,
     },
     Fig {
         id: "idle_scale",
@@ -223,6 +234,7 @@ pub const FIGS: &[Fig] = &[
                  memory per idle terminal; Tailscale's DERP reports ≈ 63 KB per connection.",
         cols: &[],
         required: "",
+        pair: None,
     },
     Fig {
         id: "recovery",
@@ -242,6 +254,7 @@ pub const FIGS: &[Fig] = &[
             col("recovery.password", "password logins", false),
         ],
         required: "recovery.relogin_s",
+        pair: None,
     },
     Fig {
         id: "splice",
@@ -250,6 +263,18 @@ pub const FIGS: &[Fig] = &[
                  (relay-splice starts `relay serve` with --relay-splice-args, default --splice).",
         cols: &[],
         required: "",
+        pair: Some((System::RelaySplice, System::Relay)),
+    },
+    Fig {
+        id: "workers",
+        title: "8. relay serve with one worker thread and with one per core",
+        method: "the relay-published-1t (`relay serve --worker-threads 1`: tokio's \
+                 current-thread scheduler on the main thread) and relay-published (the default: \
+                 one worker per core) rows of figures 1–4, the same two-hop path. On a shared \
+                 machine the rates are ratios within this run only.",
+        cols: &[],
+        required: "",
+        pair: Some((System::RelayPublished1t, System::RelayPublished)),
     },
 ];
 
@@ -272,13 +297,12 @@ pub fn fmt_num(v: f64) -> String {
 pub fn applies(fig: &str, sys: System) -> bool {
     match fig {
         // The published path is the same relay as `relay`: its fleet figures are that row's.
-        "idle" => !matches!(
-            sys,
-            System::Direct | System::Socat | System::SshChain | System::RelayPublished
-        ),
-        "idle_scale" | "recovery" => sys.is_relay() && sys != System::RelayPublished,
+        "idle" => {
+            !matches!(sys, System::Direct | System::Socat | System::SshChain) && !sys.is_published()
+        }
+        "idle_scale" | "recovery" => sys.is_relay() && !sys.is_published(),
         "rss" | "cost" => sys != System::Direct,
-        "splice" => false,
+        "splice" | "workers" => false,
         _ => true,
     }
 }
@@ -308,8 +332,8 @@ pub fn tables(res: &Results, systems: &[System]) -> String {
             s.push_str(&idle_scale_table(res, systems));
             continue;
         }
-        if fig.cols.is_empty() {
-            s.push_str(&splice_table(res));
+        if let Some((a, b)) = fig.pair {
+            s.push_str(&pair_table(res, a, b));
             continue;
         }
         let mut head = String::from("| system |");
@@ -438,34 +462,32 @@ fn idle_scale_table(res: &Results, systems: &[System]) -> String {
     s
 }
 
-/// Figure 7: relay and relay-splice side by side on the figures of the data path.
-fn splice_table(res: &Results) -> String {
-    let (on, off) = (System::RelaySplice, System::Relay);
+/// Figures 7 and 8: two of our relay's systems side by side on the figures of the data
+/// path, `a` ÷ `b`.
+fn pair_table(res: &Results, a: System, b: System) -> String {
     let rows: Vec<(&str, &str)> = VERDICT
         .iter()
         .map(|(k, h, _)| (*k, *h))
-        .chain([("tput8.cpu_s_per_gb", "8 streams CPU s/GB")])
-        .filter(|(k, _)| res.median(k, on).is_some() && res.median(k, off).is_some())
+        .chain([
+            ("tput8.cpu_s_per_gb", "8 streams CPU s/GB"),
+            (
+                "http.server_cpu_us_per_req",
+                "relay-role CPU µs per HTTP request",
+            ),
+        ])
+        .filter(|(k, _)| res.median(k, a).is_some() && res.median(k, b).is_some())
         .collect();
     if rows.is_empty() {
-        return "Not measured in this run: it needs `--systems ...,relay,relay-splice` and a \
-                relay whose `serve` has the splice switch.\n\n"
-            .into();
+        return format!("Not measured in this run: it needs `--systems ...,{b},{a}`.\n\n");
     }
-    let mut s = String::from(
-        "| figure | relay-splice | relay (copy) | splice ÷ copy |\n|---|---:|---:|---:|\n",
-    );
+    let mut s = format!("| figure | {a} | {b} | {a} ÷ {b} |\n|---|---:|---:|---:|\n");
     for (k, h) in rows {
-        let (a, b) = (
-            res.median(k, on).unwrap_or(0.0),
-            res.median(k, off).unwrap_or(0.0),
-        );
-        let r = if b != 0.0 {
-            format!("{:.2}", a / b)
-        } else {
-            "—".into()
-        };
-        let _ = writeln!(s, "| {h} | {} | {} | {r} |", fmt_num(a), fmt_num(b));
+        let (x, y) = (res.median(k, a), res.median(k, b));
+        let r = ratio_of(x, y)
+            .map(|r| format!("{r:.2}"))
+            .unwrap_or_else(|| "—".into());
+        let f = |v: Option<f64>| v.map(fmt_num).unwrap_or_else(|| "—".into());
+        let _ = writeln!(s, "| {h} | {} | {} | {r} |", f(x), f(y));
     }
     s.push('\n');
     s
@@ -627,10 +649,12 @@ pub fn verdict(res: &Results, systems: &[System]) -> String {
     let ours = |k: &str| res.median(k, us);
     let rathole = |k: &str| res.median(k, System::Rathole);
     let f = |v: Option<f64>| v.map(fmt_num).unwrap_or_else(|| "—".into());
+    // The default relay-published when it ran (relay-published-1t is its one-thread variant).
     let two_hop = systems
         .iter()
         .copied()
-        .find(|s| s.is_relay() && !s.three_hops());
+        .filter(|s| s.is_relay() && !s.three_hops())
+        .min_by_key(|s| *s != System::RelayPublished);
     s.push_str("### Two hops: a published port of our relay against rathole (issue 13)\n\n");
     match two_hop {
         Some(sys) => s.push_str(&target_rows(res, &two_hop_targets(sys))),

@@ -24,6 +24,10 @@ pub enum System {
     /// Our relay's two-hop path: a published port of `relay serve` (`[[published]]` in its
     /// config) straight to `relay expose`, the shape of rathole, bore and `ssh -R`.
     RelayPublished,
+    /// The same two-hop path with `relay serve --worker-threads 1` (issue 13 item 5: the
+    /// server's figures with one worker thread next to one per core).
+    #[value(name = "relay-published-1t")]
+    RelayPublished1t,
     /// Our relay with its splice(2) data path switched on (figure 7; the default copies).
     RelaySplice,
 }
@@ -48,6 +52,7 @@ impl System {
             System::SshChain => "ssh-chain",
             System::Relay => "relay",
             System::RelayPublished => "relay-published",
+            System::RelayPublished1t => "relay-published-1t",
             System::RelaySplice => "relay-splice",
         }
     }
@@ -55,8 +60,13 @@ impl System {
     pub fn is_relay(self) -> bool {
         matches!(
             self,
-            System::Relay | System::RelayPublished | System::RelaySplice
+            System::Relay | System::RelayPublished | System::RelayPublished1t | System::RelaySplice
         )
+    }
+
+    /// Our relay's two-hop paths: a published port of `relay serve`.
+    pub fn is_published(self) -> bool {
+        matches!(self, System::RelayPublished | System::RelayPublished1t)
     }
 
     /// The path, hop by hop, and the number of forwarding processes on it.
@@ -84,7 +94,7 @@ impl System {
                 "client → relay connect --listen → relay serve → relay expose → service",
                 3,
             ),
-            System::RelayPublished => (
+            System::RelayPublished | System::RelayPublished1t => (
                 "client → relay serve (published port) → relay expose → service",
                 2,
             ),
@@ -189,7 +199,10 @@ impl Tools {
             System::Rathole => vec![&self.rathole],
             System::Bore => vec![&self.bore],
             System::Ssh | System::SshChain => vec![&self.sshd, &self.ssh, &self.ssh_keygen],
-            System::Relay | System::RelayPublished | System::RelaySplice => match &self.relay {
+            System::Relay
+            | System::RelayPublished
+            | System::RelayPublished1t
+            | System::RelaySplice => match &self.relay {
                 Some(p) => vec![p.as_path()],
                 None => {
                     return Some(
@@ -376,7 +389,7 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             up.procs.push(ssh_local(&t, &dir, p, &[(l, public)], &log)?);
             up.port = l;
         }
-        System::Relay | System::RelayPublished | System::RelaySplice => {
+        System::Relay | System::RelayPublished | System::RelayPublished1t | System::RelaySplice => {
             let relay = t
                 .relay
                 .clone()
@@ -384,9 +397,9 @@ pub fn start(sys: System, target: u16, ctx: &mut Ctx) -> Result<PathUp> {
             let p = free_port()?;
             let db = dir.join("relay.db");
             relay_users(&relay, &db, &dir)?;
-            let published = match sys {
-                System::RelayPublished => Some(free_port()?),
-                _ => None,
+            let published = match sys.is_published() {
+                true => Some(free_port()?),
+                false => None,
             };
             let extra = match published {
                 Some(port) => {
@@ -506,8 +519,10 @@ pub fn relay_serve(
             listen = addr;
         }
     }
-    if sys == System::RelaySplice {
-        args.extend(ctx.relay.splice_args.iter().cloned());
+    match sys {
+        System::RelaySplice => args.extend(ctx.relay.splice_args.iter().cloned()),
+        System::RelayPublished1t => args.extend(["--worker-threads".into(), "1".into()]),
+        _ => {}
     }
     args.extend(extra.iter().cloned());
     Ok(RelayServe { args, tls, listen })

@@ -148,6 +148,10 @@ pub struct ServeArgs {
     /// Copy payload through user space (the default; overrides `splice = true`).
     #[arg(long)]
     pub no_splice: bool,
+    /// Threads that run connections (config key `worker_threads`) [default: one per core].
+    /// 1 runs everything on the main thread (tokio's current-thread scheduler).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 }
 
 impl ServeArgs {
@@ -184,6 +188,9 @@ impl ServeArgs {
         }
         if self.no_splice {
             config.splice = false;
+        }
+        if let Some(n) = self.worker_threads {
+            config.worker_threads = Some(usize::from(n));
         }
         config.validate()?;
         Ok(config)
@@ -1041,7 +1048,8 @@ mod tests {
         let file = dir.path().join("relay.toml");
         std::fs::write(
             &file,
-            "listen = \"0.0.0.0:1000\"\ndb = \"a.db\"\n[limits]\nmax_sessions_per_account = 3\n",
+            "listen = \"0.0.0.0:1000\"\ndb = \"a.db\"\nworker_threads = 4\n\
+             [limits]\nmax_sessions_per_account = 3\n",
         )
         .unwrap();
         let cli = Cli::try_parse_from([
@@ -1051,6 +1059,8 @@ mod tests {
             file.to_str().unwrap(),
             "--listen",
             "127.0.0.1:2000",
+            "--worker-threads",
+            "1",
         ])
         .unwrap();
         let Command::Serve(args) = cli.command else {
@@ -1058,6 +1068,8 @@ mod tests {
         };
         let c = args.resolve().unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:2000");
+        assert_eq!(c.worker_threads, Some(1));
+        assert!(Cli::try_parse_from(["relay", "serve", "--worker-threads", "0"]).is_err());
         // A relative path in the file is beside the file.
         assert_eq!(c.db, dir.path().join("a.db"));
         assert_eq!(c.limits.max_sessions_per_account, 3);

@@ -66,6 +66,10 @@ pub struct ServeConfig {
     /// Off by default: measured on loopback with iperf3 it was slower than the one copy
     /// through user space (see docs/relay-host-config.md), so the copy is the default.
     pub splice: bool,
+    /// Threads that run the relay's connections (tokio workers); none: one per core. With
+    /// 1 the runtime is tokio's current-thread scheduler on the main thread (see
+    /// `server::runtime` for why, and the measurement).
+    pub worker_threads: Option<usize>,
     /// Published ports (`[[published]]` tables): a port of the relay mapped to a device's
     /// service for plain TCP clients from the listed networks. None by default.
     pub published: Vec<crate::published::Published>,
@@ -86,6 +90,7 @@ impl Default for ServeConfig {
             admin_token: None,
             allow_plain: None,
             splice: false,
+            worker_threads: None,
             published: Vec::new(),
             limits: Limits::default(),
         }
@@ -231,6 +236,9 @@ impl ServeConfig {
         }
         if self.allow_plain == Some(self.listen) {
             return invalid("allow_plain must be a different address from listen");
+        }
+        if self.worker_threads == Some(0) {
+            return invalid("worker_threads must be at least 1");
         }
         for (i, p) in self.published.iter().enumerate() {
             if p.allow.is_empty() {
@@ -410,6 +418,7 @@ mod tests {
             metrics = "127.0.0.1:9835"
             allow_plain = "0.0.0.0:7836"
             splice = true
+            worker_threads = 1
 
             [limits]
             max_frame_payload = 16384
@@ -430,6 +439,8 @@ mod tests {
         assert_eq!(c.allow_plain, Some("0.0.0.0:7836".parse().unwrap()));
         assert!(c.splice);
         assert!(!ServeConfig::default().splice);
+        assert_eq!(c.worker_threads, Some(1));
+        assert_eq!(ServeConfig::default().worker_threads, None);
         assert_eq!(c.limits.keepalive_timeout, Duration::from_secs(60));
         assert_eq!(c.limits.demand_timeout, Duration::from_millis(2500));
         assert_eq!(c.limits.max_sessions_per_account, 2);
@@ -465,6 +476,7 @@ mod tests {
                 "max_sessions_per_account",
             ),
             ("allow_plain = \"0.0.0.0:7835\"", "allow_plain"),
+            ("worker_threads = 0", "worker_threads must be at least 1"),
             (
                 "[limits]\nmax_frame_payload = 65536",
                 "expected u16 (line 2",

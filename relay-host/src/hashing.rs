@@ -12,7 +12,11 @@
 //! ([`forget_idle`]): a relay whose logins came in a burst does not keep 19 MiB per
 //! check for good (seen as 48 MiB of RSS at 1,000 requests per second, issue 13). After a
 //! quiet spell the next checks start cold, known and unknown user IDs alike, so the
-//! answer time still tells them apart no better than before.
+//! answer time still tells them apart no better than before. The spell is short: the pool
+//! is for checks that follow each other (a burst of logins, an attack), and a relay that
+//! forwards data without logins should not hold a login's memory (with a minute, one
+//! terminal's login was 19 of relay serve's 30 MiB of RSS in the bench's 1,000 req/s
+//! figure, docs/BENCHMARKS.md).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,8 +30,9 @@ use argon2::{Algorithm, Argon2, Block, Params, Version};
 static SPARE: Mutex<Vec<(Vec<Block>, Instant)>> = Mutex::new(Vec::new());
 const MAX_SPARE: usize = 8;
 
-/// How long spare memory waits for the next check before [`forget_idle`] frees it.
-pub const SPARE_IDLE: Duration = Duration::from_secs(60);
+/// How long spare memory waits for the next check before [`forget_idle`] frees it: far
+/// longer than the 20 ms a check takes, so the checks of a burst keep it warm.
+pub const SPARE_IDLE: Duration = Duration::from_secs(2);
 
 /// Whether `password` hashes to `hash` (argon2, with the parameters the PHC string
 /// names). The digests are compared in constant time ([`Output`]'s `==`).

@@ -1659,15 +1659,7 @@ pub fn run(
     presence: Option<Arc<Presence>>,
     on_stop: Box<dyn FnOnce() + Send>,
 ) -> anyhow::Result<()> {
-    // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
-    // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
-    // of threads, each with its stack and malloc arena, that outlive the burst.
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads((2 * cores).max(4))
-        .build()
-        .context("starting the async runtime")?;
+    let rt = runtime(config.worker_threads)?;
     rt.block_on(serve(config, store, reloader, presence, async {
         if let Err(e) = crate::listen::shutdown_signal().await {
             tracing::warn!("cannot watch for signals: {e}");
@@ -1677,6 +1669,37 @@ pub fn run(
             tracing::warn!("marking the drain failed: {e}");
         }
     }))
+}
+
+/// The runtime of `relay serve`: `workers` threads run the connections (none: one per core).
+///
+/// One worker is tokio's current-thread scheduler on the main thread, not a multi-thread
+/// runtime with one worker: the current-thread scheduler has no worker to hand a woken task
+/// to (no cross-thread wake-up, no idle worker parked and unparked around each event, no
+/// work-stealing queues), and the main thread that would only wait in `block_on` does the
+/// work. Measured on the two-hop published path (bench, 3 × 3 s, a loaded 2-core machine,
+/// each against one worker per core in the same run): the current-thread runtime did 1.31×
+/// the HTTP requests/s and 1.23× the 1-stream throughput at 0.74× the relay CPU per
+/// request; the one-worker multi-thread runtime 0.89×, 0.98× and 0.81×
+/// (docs/BENCHMARKS.md, "relay serve's threads and memory").
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
+    // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
+    // of threads, each with its stack and malloc arena, that outlive the burst.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut builder = match workers.unwrap_or(cores) {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder
+        .enable_all()
+        .max_blocking_threads((2 * cores).max(4))
+        .build()
+        .context("starting the async runtime")
 }
 
 /// The relay server until `stop` resolves; then a clean shutdown. SIGHUP reloads the
