@@ -1309,10 +1309,12 @@ fn relative(target: &Path, md: &Path) -> String {
 }
 
 /// Hand-written sections of the report, carried over from the report being replaced:
+/// why the missed targets are missed (read from this run's figures and profiles),
 /// relay-host's in-process data path (`relay-host/benches/datapath.rs`) and relay serve's
 /// worker threads and memory (two builds compared, /proc/PID/smaps read by hand).
 fn kept_sections(md_path: &Path) -> String {
-    const KEPT: [&str; 2] = [
+    const KEPT: [&str; 3] = [
+        "\n## Why the missed targets are missed",
         "\n## In-process data path",
         "\n## relay serve's threads and memory",
     ];
@@ -1343,14 +1345,15 @@ mod tests {
         fs::write(
             &md,
             "# Benchmarks\n\n## Figures\n\ngenerated\n\n## In-process data path\n\nA\n\n\
-             ## relay serve's threads and memory\n\nB\n",
+             ## relay serve's threads and memory\n\nB\n\n## Why the missed targets are missed\n\nW\n",
         )
         .unwrap();
         let kept = kept_sections(&md);
         let _ = fs::remove_file(&md);
         assert_eq!(
             kept,
-            "\n## In-process data path\n\nA\n\n## relay serve's threads and memory\n\nB\n"
+            "\n## Why the missed targets are missed\n\nW\n\n## In-process data path\n\nA\n\n\
+             ## relay serve's threads and memory\n\nB\n"
         );
     }
 }
