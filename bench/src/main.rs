@@ -1148,7 +1148,8 @@ fn render_report(
     let _ = writeln!(s, "![throughput and latency per system]({png_rel})\n");
     let _ = writeln!(
         s,
-        "## Verdict\n\nThe issue's targets, then every figure where a peer beats us.\n\n{}",
+        "## Verdict\n\nThe issue's targets, then every figure where a peer beats us. Each missed target is \
+         explained, from figure 3c's profile, in \"Why the missed targets are missed\" below.\n\n{}",
         report::verdict(res, systems)
     );
     let _ = writeln!(
