@@ -55,22 +55,40 @@ impl Usage {
     }
 }
 
-/// Context switches of every thread of `pid` (/proc/PID/task/*/status). Threads that
-/// ended since are not counted: the relay roles keep their threads for the whole run.
+/// The status file of every live thread of `pid` (/proc/PID/task/*/status); `None` once
+/// the process is gone.
+fn thread_statuses(pid: u32) -> Option<impl Iterator<Item = String>> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|t| fs::read_to_string(t.path().join("status")).ok()),
+    )
+}
+
+/// The first number after `key` in a status file.
+fn status_field(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Context switches of every thread of `pid`. Threads that ended since are not counted:
+/// the relay roles keep their threads for the whole run.
 fn thread_switches(pid: u32) -> u64 {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    thread_statuses(pid).map_or(0, |all| {
+        all.map(|s| {
+            ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+                .iter()
+                .filter_map(|k| status_field(&s, k))
                 .sum::<u64>()
         })
         .sum()
+    })
 }
 
 /// System calls by kind (strace's names), counted over one phase.
@@ -166,19 +184,9 @@ fn wait_traced(pids: &[u32], strace: &mut Child, deadline: Duration) -> Result<(
 }
 
 fn all_traced(pid: u32) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return true; // gone: nothing left to trace
-    };
-    tasks.flatten().all(|t| {
-        fs::read_to_string(t.path().join("status"))
-            .map(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("TracerPid:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .is_some_and(|v| v != "0")
-            })
-            .unwrap_or(true)
-    })
+    // A process that is gone has nothing left to trace.
+    thread_statuses(pid)
+        .is_none_or(|mut all| all.all(|s| status_field(&s, "TracerPid:").is_some_and(|t| t != 0)))
 }
 
 /// Parses `strace -c`'s table: after the dashes, `% time  seconds  usecs/call  calls
