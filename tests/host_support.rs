@@ -41,10 +41,16 @@ pub fn relay_bin() -> PathBuf {
 
 /// A free port on 127.0.0.1 (bound and released: good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback ports: each listener is held until all are picked, so the
+/// kernel cannot hand the same port out twice (two `free_port` calls in a row can).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("free port").port())
 }
 
 /// A child process whose standard error is collected; killed when dropped.
@@ -182,10 +188,11 @@ impl Relay {
     pub fn start_with(top: &str, limits: &str) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = format!("{top}\n[limits]\n{limits}\n");
+        let [tls_port, plain_port] = free_ports();
         let mut r = Relay {
             dir,
-            tls_port: free_port(),
-            plain_port: free_port(),
+            tls_port,
+            plain_port,
             fingerprint: String::new(),
             channel_keys: Default::default(),
             proc: None,
