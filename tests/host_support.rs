@@ -39,18 +39,19 @@ pub fn relay_bin() -> PathBuf {
     .clone()
 }
 
-/// A free port on 127.0.0.1 (bound and released: good enough for tests).
+#[path = "ports.rs"]
+#[allow(clippy::duplicate_mod)]
+// host_cluster also loads it through postgres_support.rs: the lanes keep the copies apart
+mod ports;
+
+/// A loopback port no other test server in this process is given (see tests/ports.rs).
 pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
+    ports::free_port(ports::Lane::Services)
 }
 
-/// `N` distinct free loopback ports: each listener is held until all are picked, so the
-/// kernel cannot hand the same port out twice (two `free_port` calls in a row can).
+/// `N` distinct free loopback ports.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("free port"))
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().expect("free port").port())
+    std::array::from_fn(|_| free_port())
 }
 
 /// A child process whose standard error is collected; killed when dropped.

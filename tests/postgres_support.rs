@@ -13,7 +13,6 @@
 //! end-to-end tests here, so there is one harness; it uses std and tempfile only.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -258,9 +257,11 @@ fn postgres_user() -> (u32, u32) {
         )
 }
 
+#[path = "ports.rs"]
+#[allow(clippy::duplicate_mod)]
+// host_cluster also loads it through host_support.rs: the lanes keep the copies apart
+mod ports;
+
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    ports::free_port(ports::Lane::Postgres)
 }

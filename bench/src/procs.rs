@@ -69,10 +69,13 @@ impl Drop for Proc {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
+#[path = "../../tests/ports.rs"]
+mod ports;
+
+/// A free TCP port on 127.0.0.1, never one this run handed out before (bound and
+/// released ports from `bind(0)` come back at once: see tests/ports.rs).
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    Ok(ports::free_port(ports::Lane::Services))
 }
 
 /// Polls until something accepts TCP connections on 127.0.0.1:port.
