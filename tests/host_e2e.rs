@@ -87,6 +87,27 @@ fn fifty_concurrent_sessions_on_one_worker_thread() {
     fifty_sessions(Relay::start_with("worker_threads = 1", FAST));
 }
 
+/// `worker_threads = 3`: connections dealt to three current-thread runtimes (the main
+/// thread and `relay-worker-1`, `-2`), so most sessions join connections on different
+/// threads (relay-host/src/workers.rs).
+#[test]
+fn fifty_concurrent_sessions_across_three_worker_threads() {
+    let relay = Relay::start_with("worker_threads = 3", FAST);
+    let pid = relay.proc().child.id();
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    for worker in ["relay-worker-1", "relay-worker-2"] {
+        assert!(
+            names.iter().any(|n| n == worker),
+            "no {worker} in {names:?}"
+        );
+    }
+    fifty_sessions(relay);
+}
+
 /// RssAnon of process `pid`, KiB (/proc/PID/status).
 fn rss_anon_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -66,9 +66,9 @@ pub struct ServeConfig {
     /// Off by default: measured on loopback with iperf3 it was slower than the one copy
     /// through user space (see docs/relay-host-config.md), so the copy is the default.
     pub splice: bool,
-    /// Threads that run the relay's connections (tokio workers); none: one per core. With
-    /// 1 the runtime is tokio's current-thread scheduler on the main thread (see
-    /// `server::runtime` for why, and the measurement).
+    /// Threads that run the relay's connections, each a tokio current-thread runtime that
+    /// connections are dealt to in turn; none: one per core. 1 runs everything on the main
+    /// thread (see `crate::workers` for why, and the measurement).
     pub worker_threads: Option<usize>,
     /// Published ports (`[[published]]` tables): a port of the relay mapped to a device's
     /// service for plain TCP clients from the listed networks. None by default.

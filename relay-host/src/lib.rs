@@ -43,6 +43,7 @@ pub mod store;
 pub mod throttle;
 pub mod tls;
 pub mod token;
+pub mod workers;
 
 /// A real PostgreSQL for the store's tests, shared with the end-to-end tests.
 #[cfg(test)]

@@ -30,6 +30,7 @@ use crate::channel::{ChannelKeys, NoiseStream, TLS_FIRST_BYTE};
 use crate::metrics::Metrics;
 use crate::plain::PlainTcp;
 use crate::store::{AccountStore, AccountsSnapshot, StoreError};
+use crate::workers::Workers;
 
 /// A client connection: encrypted (boxed: the TLS or Noise state is large, plain
 /// connections should not pay for it), or plain TCP on the explicitly allowed plain
@@ -85,6 +86,8 @@ pub struct Acceptor {
     slots: Arc<Semaphore>,
     handshake_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// The runtimes accepted connections are dealt to; `None`: the acceptor's own.
+    workers: Option<Arc<Workers>>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -125,7 +128,14 @@ impl Acceptor {
             slots,
             handshake_timeout,
             metrics,
+            workers: None,
         }
+    }
+
+    /// Runs each accepted connection on the next of `workers`' runtimes in turn.
+    pub fn spread_over(mut self, workers: Arc<Workers>) -> Self {
+        self.workers = Some(workers);
+        self
     }
 
     /// Also accepts the device channel with `keys` (on a TLS listener only).
@@ -173,7 +183,7 @@ impl Acceptor {
             let tls = self.tls.clone();
             let channel = self.channel.clone();
             let handle = handle.clone();
-            tokio::spawn(async move {
+            let task = move |tcp| async move {
                 let stream = match tls {
                     None => Either::Right(PlainTcp::new(tcp)),
                     Some(tls) => {
@@ -203,7 +213,11 @@ impl Acceptor {
                     slot,
                 })
                 .await;
-            });
+            };
+            match &self.workers {
+                Some(workers) => workers.spawn_with(tcp, task),
+                None => drop(tokio::spawn(task(tcp))),
+            }
         }
     }
 }

@@ -95,6 +95,7 @@ use crate::metrics::Metrics;
 use crate::published::{Published, PublishedStream};
 use crate::reload::Reloader;
 use crate::store::{AccountStore, AccountsSnapshot};
+use crate::workers::{self, Workers};
 
 /// Bytes read from a socket at once. Payload chunks are split off this buffer.
 const READ_BUF: usize = 32 * 1024;
@@ -1106,7 +1107,7 @@ fn published_connection(
     peer: SocketAddr,
     slot: ConnectionSlot,
     limits: &Limits,
-) -> impl Future<Output = ()> + Send + 'static {
+) -> impl Future<Output = ()> + Send + 'static + use<> {
     let _ = tcp.set_nodelay(true);
     let stream = PublishedStream::new(tcp, limits.keepalive_interval, limits.max_frame_payload);
     let demand = Demand {
@@ -1186,6 +1187,7 @@ struct PublishedPorts {
     /// The limits at start: the core's keep-alive interval and payload bound.
     limits: Limits,
     stop: watch::Receiver<bool>,
+    workers: Arc<Workers>,
 }
 
 impl PublishedPorts {
@@ -1244,6 +1246,7 @@ impl PublishedPorts {
             self.slots.clone(),
             self.limits.clone(),
             self.stop.clone(),
+            self.workers.clone(),
         ));
         Ok(tx)
     }
@@ -1271,6 +1274,7 @@ async fn run_published(
     slots: Arc<Semaphore>,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
+    workers: Arc<Workers>,
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -1301,14 +1305,10 @@ async fn run_published(
             tracing::debug!(%peer, "connection refused: max_total_connections reached");
             continue;
         };
-        tokio::spawn(published_connection(
-            srv.clone(),
-            &port,
-            tcp,
-            peer,
-            slot,
-            &limits,
-        ));
+        let (srv, limits) = (srv.clone(), limits.clone());
+        workers.spawn_with(tcp, move |tcp| {
+            published_connection(srv, &port, tcp, peer, slot, &limits)
+        });
     }
 }
 
@@ -1659,47 +1659,37 @@ pub fn run(
     presence: Option<Arc<Presence>>,
     on_stop: Box<dyn FnOnce() + Send>,
 ) -> anyhow::Result<()> {
-    let rt = runtime(config.worker_threads)?;
-    rt.block_on(serve(config, store, reloader, presence, async {
-        if let Err(e) = crate::listen::shutdown_signal().await {
-            tracing::warn!("cannot watch for signals: {e}");
-            std::future::pending::<()>().await;
-        }
-        if let Err(e) = tokio::task::spawn_blocking(on_stop).await {
-            tracing::warn!("marking the drain failed: {e}");
-        }
-    }))
-}
-
-/// The runtime of `relay serve`: `workers` threads run the connections (none: one per core).
-///
-/// One worker is tokio's current-thread scheduler on the main thread, not a multi-thread
-/// runtime with one worker: the current-thread scheduler has no worker to hand a woken task
-/// to (no cross-thread wake-up, no idle worker parked and unparked around each event, no
-/// work-stealing queues), and the main thread that would only wait in `block_on` does the
-/// work. Measured on the two-hop published path (bench, 3 × 3 s, a loaded 2-core machine,
-/// each against one worker per core in the same run): the current-thread runtime did 1.31×
-/// the HTTP requests/s and 1.23× the 1-stream throughput at 0.74× the relay CPU per
-/// request; the one-worker multi-thread runtime 0.89×, 0.98× and 0.81×
-/// (docs/BENCHMARKS.md, "relay serve's threads and memory").
-fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    // Blocking work is argon2 (CPU and 19 MiB each) and short store queries: more threads
-    // than cores buys nothing, and tokio's default (512) lets a login burst start hundreds
-    // of threads, each with its stack and malloc arena, that outlive the burst.
+    // Blocking work is argon2 (CPU and 19 MiB each, at most one per core at a time) and
+    // short store queries: more threads than cores buys nothing, and tokio's default
+    // (512 per runtime) lets a login burst start hundreds of threads, each with its stack
+    // and malloc arena, that outlive the burst.
+    // Each runtime has its own pool: the bound is split between them.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut builder = match workers.unwrap_or(cores) {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-    };
-    builder
-        .enable_all()
-        .max_blocking_threads((2 * cores).max(4))
-        .build()
-        .context("starting the async runtime")
+    let threads = config.worker_threads.unwrap_or(cores);
+    let blocking = (2 * cores).max(4).div_ceil(threads).max(2);
+    let rt = workers::runtime(blocking)?;
+    let workers = Arc::new(Workers::start(rt.handle().clone(), threads, blocking)?);
+    let served = rt.block_on(serve(
+        config,
+        store,
+        reloader,
+        presence,
+        workers.clone(),
+        async {
+            if let Err(e) = crate::listen::shutdown_signal().await {
+                tracing::warn!("cannot watch for signals: {e}");
+                std::future::pending::<()>().await;
+            }
+            if let Err(e) = tokio::task::spawn_blocking(on_stop).await {
+                tracing::warn!("marking the drain failed: {e}");
+            }
+        },
+    ));
+    drop(rt);
+    if let Some(workers) = Arc::into_inner(workers) {
+        workers.stop();
+    }
+    served
 }
 
 /// The relay server until `stop` resolves; then a clean shutdown. SIGHUP reloads the
@@ -1709,6 +1699,7 @@ pub async fn serve(
     store: Arc<dyn AccountStore>,
     reloader: Reloader,
     presence: Option<Arc<Presence>>,
+    workers: Arc<Workers>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = config.limits.clone();
@@ -1813,6 +1804,7 @@ pub async fn serve(
         slots: slots.clone(),
         limits: limits.clone(),
         stop: stop_rx.clone(),
+        workers: workers.clone(),
     });
     published.set(&srv, &config.published)?;
     let mut acceptors = Vec::new();
@@ -1839,20 +1831,24 @@ pub async fn serve(
             limits.handshake_timeout,
             metrics.clone(),
         )
-        .with_channel(Arc::new(channel)),
+        .with_channel(Arc::new(channel))
+        .spread_over(workers.clone()),
     );
     if let Some(plain) = config.allow_plain {
         let listener = TcpListener::bind(plain)
             .await
             .with_context(|| format!("listening on {plain}"))?;
         tracing::warn!(%plain, "PLAIN TCP listener: passwords and data on it are NOT encrypted");
-        acceptors.push(Acceptor::new(
-            listener,
-            None,
-            slots.clone(),
-            limits.handshake_timeout,
-            metrics.clone(),
-        ));
+        acceptors.push(
+            Acceptor::new(
+                listener,
+                None,
+                slots.clone(),
+                limits.handshake_timeout,
+                metrics.clone(),
+            )
+            .spread_over(workers.clone()),
+        );
     }
     let mut tasks = Vec::new();
     for a in acceptors {

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)] // Each includer uses part of it.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use relay_host::config::ServeConfig;
 use relay_host::store::{AccountName, AccountStore, SqliteStore};
+use relay_host::workers::Workers;
 use relay_proto::frame::{self, Credential, Demand, Frame, Hello, Login, Parsed, caps};
 use relay_proto::ident::{Password, ServiceName, UserId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,8 +20,12 @@ use tokio::net::TcpStream;
 
 pub const PASSWORD: &str = "datapath-bench";
 
+#[path = "../../../tests/ports.rs"]
+mod ports;
+
+/// A loopback address no other server of this process was given (see tests/ports.rs).
 pub fn free_port() -> Result<SocketAddr> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(([127, 0, 0, 1], ports::free_port(ports::Lane::Services)).into())
 }
 
 /// A fresh store with accounts `r<i>` and `t<i>`. One cheap argon2id hash (8 KiB, one
@@ -90,6 +95,8 @@ impl Relay {
             Arc::new(store),
             reloader,
             None,
+            // One runtime: the test's own.
+            Arc::new(Workers::start(tokio::runtime::Handle::current(), 1, 4)?),
             async {
                 let _ = stopped.await;
             },
