@@ -144,6 +144,11 @@ impl Acceptor {
         self
     }
 
+    /// Whether it takes TLS (and the device channel) rather than plain TCP.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The address it listens on.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()

@@ -1853,7 +1853,7 @@ pub async fn serve(
     let mut tasks = Vec::new();
     for a in acceptors {
         let addr = a.local_addr()?;
-        tracing::info!(%addr, tls = !format!("{a:?}").contains("tls: false"), "listening");
+        tracing::info!(%addr, tls = a.is_tls(), "listening");
         let srv = srv.clone();
         let handshake = limits.handshake_timeout;
         tasks.push(tokio::spawn(a.run(stop_rx.clone(), move |acc| {

@@ -85,11 +85,11 @@ impl Workers {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let n = self.handles.len();
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
         if n == 1 {
             self.handles[0].spawn(task(tcp));
             return;
         }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let tcp = match tcp.into_std() {
             Ok(tcp) => tcp,
             Err(e) => return tracing::warn!("handing a connection to a worker: {e}"),
